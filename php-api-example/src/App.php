@@ -1,0 +1,283 @@
+<?php
+// The example API: the four calls ws2http makes, a login for the demo page, and the
+// demo page's static files. Independent of the server that runs it: router.php adapts
+// PHP's built-in server, worker.php adapts RoadRunner (PSR-7).
+//
+//   GET    /<ClientId>?token=…  connect: "ok" lets the websocket open, anything else
+//                               refuses it (ws2http answers the client with an error)
+//   POST   /<ClientId>          a websocket message; the response body is the reply
+//   DELETE /<ClientId>          the websocket closed; body = close reason
+//   POST   /auth/login          demo login: {name, clientId} -> {token, clientId, name}
+//   GET    /  and /static/…     the demo page
+//
+// A ClientId is one path segment of [A-Za-z0-9_-]{1,64}, so it never collides with the
+// page's own paths.
+
+declare(strict_types=1);
+
+namespace Ws2httpExample;
+
+final class App
+{
+    public const COOKIE = 'ws2http_token';
+    private const CLIENT_ID = '/^[A-Za-z0-9_-]{1,64}$/';
+
+    private ?Store $store = null;
+
+    /**
+     * @param string        $dbPath         SQLite file for membership and the token secret
+     * @param list<string>  $allowedOrigins extra origins allowed to use the cookie
+     */
+    public function __construct(
+        private string $dbPath,
+        private Gateway $gateway,
+        private string $publicDir,
+        private ?string $secret = null,
+        private array $allowedOrigins = [],
+    ) {
+    }
+
+    /** Builds the app from WS2HTTP_* environment variables (see README.md). */
+    public static function fromEnv(): self
+    {
+        $env = static fn (string $k, string $d = ''): string => (string) (getenv($k) ?: $d);
+        $origins = array_values(array_filter(array_map('trim', explode(',', $env('WS2HTTP_ALLOWED_ORIGINS')))));
+        return new self(
+            $env('WS2HTTP_DB', sys_get_temp_dir() . '/ws2http-chat.sqlite'),
+            new Gateway(
+                $env('WS2HTTP_PUSH_URL', 'http://127.0.0.1:7002/'),
+                $env('WS2HTTP_CONTROL_TOKEN') ?: null,
+            ),
+            dirname(__DIR__) . '/public',
+            $env('WS2HTTP_SECRET') ?: null,
+            $origins,
+        );
+    }
+
+    public function handle(Request $req): Response
+    {
+        try {
+            return $this->route($req);
+        } catch (\Throwable $e) {
+            error_log('ws2http example: ' . $e);
+            return new Response(500, 'internal error');
+        }
+    }
+
+    private function route(Request $req): Response
+    {
+        $path = $req->path;
+        if ($path === '/auth/login') {
+            return $req->method === 'POST' ? $this->login($req) : new Response(405, 'use POST');
+        }
+        if ($path === '/' || $path === '/index.html' || str_starts_with($path, '/static/')) {
+            return $this->staticFile($path);
+        }
+        if ($path === '/healthz') {
+            return new Response(200, 'ok');
+        }
+        $clientId = rawurldecode(substr($path, 1));
+        if (preg_match(self::CLIENT_ID, $clientId) !== 1) {
+            return new Response(404, 'not found');
+        }
+        return match ($req->method) {
+            'GET' => $this->connect($req, $clientId),
+            'POST' => $this->message($req, $clientId),
+            'DELETE' => $this->disconnect($req, $clientId),
+            default => new Response(405, 'method not allowed'),
+        };
+    }
+
+    // ---- the four calls -------------------------------------------------------
+
+    /**
+     * Connect. ws2http forwards the client's query string and its Cookie, Origin,
+     * Authorization and User-Agent headers. The token comes from ?token= or, failing
+     * that, from the ws2http_token cookie. A cookie is sent by the browser on its own,
+     * so then the Origin must be the page that logged in (or listed in
+     * WS2HTTP_ALLOWED_ORIGINS): that stops another site from opening a websocket with
+     * the user's cookie (cross-site websocket hijacking).
+     */
+    private function connect(Request $req, string $clientId): Response
+    {
+        $fromCookie = false;
+        $token = (string) ($req->query['token'] ?? '');
+        if ($token === '') {
+            $token = (string) ($req->cookies[self::COOKIE] ?? '');
+            $fromCookie = $token !== '';
+        }
+        if ($token === '') {
+            return new Response(401, 'unauthorized: no token (use ?token= or the ' . self::COOKIE . ' cookie)');
+        }
+        $claims = $this->tokens()->verify($token, $clientId);
+        if (is_string($claims)) {
+            return new Response(401, 'unauthorized: ' . $claims);
+        }
+        $origin = $req->header('origin');
+        if ($fromCookie && $origin !== '' && $origin !== $claims['o'] && !in_array($origin, $this->allowedOrigins, true)) {
+            return new Response(403, 'forbidden: origin ' . $origin . ' may not use the cookie');
+        }
+
+        $store = $this->store();
+        $store->join($clientId, $claims['n'], $req->header('x-connection-id'));
+        // The new socket opens only after this response, so pushes to it would miss;
+        // the others are connected already and hear about the newcomer now.
+        $this->broadcast($clientId, ['type' => 'joined', 'name' => $claims['n']]);
+        return new Response(200, 'ok');
+    }
+
+    /**
+     * A message from the websocket of $clientId. JSON {"type":"say","text":…} (or
+     * plain text) is pushed to every other member; {"type":"who"} lists the members.
+     * The response body goes back to the sender as a websocket message.
+     */
+    private function message(Request $req, string $clientId): Response
+    {
+        $me = $this->store()->member($clientId);
+        if ($me === null) {
+            return self::json(['type' => 'error', 'text' => 'not in the chat: reconnect']);
+        }
+        $msg = json_decode($req->body, true);
+        if (!is_array($msg)) {
+            $msg = ['type' => 'say', 'text' => $req->body];
+        }
+        switch ($msg['type'] ?? '') {
+            case 'say':
+                $text = self::clean((string) ($msg['text'] ?? ''), 2000);
+                if ($text === '') {
+                    return self::json(['type' => 'error', 'text' => 'empty message']);
+                }
+                $delivered = $this->broadcast($clientId, [
+                    'type' => 'message',
+                    'from' => $me['name'],
+                    'text' => $text,
+                    'time' => time(),
+                ]);
+                return self::json(['type' => 'sent', 'text' => $text, 'delivered' => $delivered, 'time' => time()]);
+            case 'who':
+                return self::json([
+                    'type' => 'members',
+                    'you' => $me['name'],
+                    'members' => array_map(static fn (array $m): string => $m['name'], $this->store()->others($clientId)),
+                ]);
+            default:
+                return self::json(['type' => 'error', 'text' => 'unknown message type']);
+        }
+    }
+
+    /**
+     * The websocket of $clientId closed (body = close reason, X-Close-Code = code;
+     * reason "EOF" when the TCP connection dropped). Tells the others.
+     */
+    private function disconnect(Request $req, string $clientId): Response
+    {
+        $gone = $this->store()->leave($clientId, $req->header('x-connection-id'));
+        if ($gone !== null) {
+            $this->broadcast($clientId, [
+                'type' => 'left',
+                'name' => $gone['name'],
+                'reason' => self::clean($req->body, 200),
+                'code' => (int) $req->header('x-close-code'),
+            ]);
+        }
+        return new Response(200, '');
+    }
+
+    /**
+     * Pushes $event to every member but $except through the gateway's control API and
+     * returns how many took it. A member the gateway does not know (404) has gone
+     * without us hearing of it yet, so it is dropped from the room.
+     *
+     * @param array<string,mixed> $event
+     */
+    private function broadcast(string $except, array $event): int
+    {
+        $body = json_encode($event, JSON_THROW_ON_ERROR | JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE);
+        $delivered = 0;
+        foreach ($this->store()->others($except) as $member) {
+            $status = $this->gateway->push($member['client_id'], $body);
+            if ($status === 200) {
+                $delivered++;
+            } elseif ($status === 404) {
+                $this->store()->leave($member['client_id']);
+            } else {
+                error_log("ws2http example: push to {$member['client_id']} failed with status $status");
+            }
+        }
+        return $delivered;
+    }
+
+    // ---- the demo page ----------------------------------------------------------
+
+    /** POST /auth/login {"name":…, "clientId":…} (JSON or form): a token for the page. */
+    private function login(Request $req): Response
+    {
+        $in = json_decode($req->body, true);
+        if (!is_array($in)) {
+            parse_str($req->body, $in);
+        }
+        $name = self::clean((string) ($in['name'] ?? ''), 32);
+        if ($name === '') {
+            return self::json(['error' => 'pick a name'], 400);
+        }
+        $clientId = (string) ($in['clientId'] ?? '');
+        if ($clientId === '') {
+            $clientId = bin2hex(random_bytes(12));
+        } elseif (preg_match(self::CLIENT_ID, $clientId) !== 1) {
+            return self::json(['error' => 'clientId must be 1-64 of A-Z a-z 0-9 _ -'], 400);
+        }
+        $scheme = $req->header('x-forwarded-proto') ?: 'http';
+        $origin = $req->header('origin') ?: $scheme . '://' . $req->header('host');
+        $token = $this->tokens()->issue($clientId, $name, $origin);
+        $cookie = self::COOKIE . '=' . $token . '; Path=/; Max-Age=86400; HttpOnly; SameSite=Strict';
+        return self::json(['clientId' => $clientId, 'name' => $name, 'token' => $token], 200, ['Set-Cookie' => $cookie]);
+    }
+
+    private function staticFile(string $path): Response
+    {
+        $file = $path === '/' || $path === '/index.html' ? 'index.html' : substr($path, strlen('/static/'));
+        if (preg_match('/^[A-Za-z0-9_-]+\.(html|js|css|svg)$/', $file, $m) !== 1
+            || !is_file($this->publicDir . '/' . $file)) {
+            return new Response(404, 'not found');
+        }
+        $types = ['html' => 'text/html', 'js' => 'text/javascript', 'css' => 'text/css', 'svg' => 'image/svg+xml'];
+        return new Response(200, (string) file_get_contents($this->publicDir . '/' . $file), [
+            'Content-Type' => $types[$m[1]] . '; charset=utf-8',
+            'Cache-Control' => 'no-cache',
+        ]);
+    }
+
+    // ---- helpers ----------------------------------------------------------------
+
+    private function store(): Store
+    {
+        return $this->store ??= new Store($this->dbPath);
+    }
+
+    private function tokens(): Tokens
+    {
+        return new Tokens($this->secret ?? $this->store()->secret());
+    }
+
+    /** Trims, drops control characters and invalid UTF-8, caps the length. */
+    private static function clean(string $text, int $max): string
+    {
+        if (preg_match('//u', $text) !== 1) {
+            // invalid bytes become U+FFFD
+            $text = htmlspecialchars_decode(htmlspecialchars($text, ENT_SUBSTITUTE | ENT_NOQUOTES, 'UTF-8'), ENT_NOQUOTES);
+        }
+        $text = trim((string) preg_replace('/[\x00-\x1F\x7F]+/u', ' ', $text));
+        preg_match('/^.{0,' . $max . '}/us', $text, $m);
+        return $m[0] ?? '';
+    }
+
+    /**
+     * @param array<string,mixed>  $data
+     * @param array<string,string> $headers
+     */
+    private static function json(array $data, int $status = 200, array $headers = []): Response
+    {
+        $body = json_encode($data, JSON_THROW_ON_ERROR | JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE);
+        return new Response($status, $body, ['Content-Type' => 'application/json'] + $headers);
+    }
+}

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs what the demo and the test suite need, only where it is missing.
+#
+#   scripts/install-deps.sh demo   php-cli, php-sqlite3
+#   scripts/install-deps.sh test   the above + haproxy, nginx, chromium, node/npm,
+#                                  and playwright-core in tests/browser/node_modules
+#
+# Idempotent: a package already installed is not touched, `apt-get update` runs at
+# most once and only if something has to be installed. Needs root (or sudo) for
+# apt-get; CI runs as root on a clean Debian with no standard input.
+set -euo pipefail
+
+what="${1:-test}"
+root_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Each need is "check command|Debian package"; the package is installed only when the
+# check fails (so a node/npm that came from elsewhere is left alone).
+needs=(
+  "command -v php|php-cli"
+  "php -m 2>/dev/null | grep -qi '^pdo_sqlite\$'|php-sqlite3"
+  "command -v curl|curl"
+)
+case "$what" in
+  demo) ;;
+  test) needs+=(
+          "command -v haproxy|haproxy"
+          "command -v nginx|nginx"
+          "test -x /usr/bin/chromium|chromium"
+          "command -v node|nodejs"
+          "command -v npm|npm"
+        ) ;;
+  *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
+esac
+
+missing=()
+for n in "${needs[@]}"; do
+  check="${n%|*}" pkg="${n##*|}"
+  if ! bash -c "$check" >/dev/null 2>&1; then missing+=("$pkg"); fi
+done
+
+if ((${#missing[@]})); then
+  sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null; then sudo=(sudo); else
+      echo "install-deps: need root to install: ${missing[*]}" >&2; exit 1
+    fi
+  fi
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -q
+  "${sudo[@]}" apt-get -y -q install --no-install-recommends "${missing[@]}"
+else
+  echo "install-deps: all present"
+fi
+
+if [ "$what" = test ]; then
+  # node itself may come from elsewhere (a non-Debian node counts as present).
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "install-deps: node/npm still missing" >&2; exit 1
+  fi
+  browser_dir="$root_dir/tests/browser"
+  if [ ! -d "$browser_dir/node_modules/playwright-core" ]; then
+    echo "install-deps: npm install in tests/browser"
+    if [ -f "$browser_dir/package-lock.json" ]; then
+      (cd "$browser_dir" && npm ci --no-audit --no-fund)
+    else
+      (cd "$browser_dir" && npm install --no-audit --no-fund)
+    fi
+  fi
+fi

@@ -1,0 +1,117 @@
+// Drives the ws2http chat demo page in Debian's headless Chromium with playwright-core:
+// two tabs join under different names, one sends a message, the other must show it,
+// and the reply goes back the other way. Saves a screenshot of each tab.
+//
+//   node tests/browser/demo.mjs <page url> <screenshot.png>
+//
+// Exit code 0 when every check passed; otherwise the failure is printed and it is 1.
+// CHROMIUM overrides the browser path (default /usr/bin/chromium).
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const [pageUrl, shotPath] = process.argv.slice(2);
+if (!pageUrl || !shotPath) {
+  console.error('usage: node demo.mjs <page url> <screenshot.png>');
+  process.exit(2);
+}
+
+const TIMEOUT = 15000;
+const profile = mkdtempSync(join(tmpdir(), 'ws2http-chromium-'));
+const problems = [];
+let context;
+
+function log(...args) {
+  console.log('[demo.mjs]', ...args);
+}
+
+async function openTab(name) {
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  page.on('pageerror', (err) => problems.push(`${name}: page error: ${err.message}`));
+  page.on('console', (msg) => {
+    if (msg.type() === 'error') problems.push(`${name}: console error: ${msg.text()}`);
+  });
+  await page.goto(pageUrl);
+  await page.fill('#name', name);
+  await page.click('#join');
+  await page.waitForSelector('#status[data-state="connected"]');
+  log(`${name} connected`);
+  return page;
+}
+
+async function send(page, text) {
+  await page.fill('#text', text);
+  await page.press('#text', 'Enter');
+}
+
+async function expectMessage(page, kind, from, text) {
+  const sel = `#messages li.msg.${kind}`;
+  await page.waitForFunction(
+    ({ sel, from, text }) =>
+      Array.from(document.querySelectorAll(sel)).some(
+        (li) => li.dataset.from === from && li.querySelector('.text')?.textContent === text,
+      ),
+    { sel, from, text },
+    { timeout: TIMEOUT },
+  );
+}
+
+try {
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    viewport: { width: 900, height: 640 },
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+
+  const alice = await openTab('Alice');
+  const bob = await openTab('Bob');
+
+  // Alice hears that Bob joined, and Bob's member list has Alice.
+  await alice.waitForFunction(() =>
+    Array.from(document.querySelectorAll('#messages li.system')).some((li) => li.textContent === 'Bob joined'),
+  );
+  await bob.waitForFunction(() => document.querySelector('#members').textContent.includes('Alice'));
+
+  const hello = 'Hello Bob, this is Alice. Ça va ?';
+  await send(alice, hello);
+  await expectMessage(alice, 'mine', 'Alice', hello);
+  await expectMessage(bob, 'other', 'Alice', hello);
+  log('Bob got Alice\'s message');
+
+  const reply = 'Hi Alice! Bob here, loud and clear.';
+  await send(bob, reply);
+  await expectMessage(bob, 'mine', 'Bob', reply);
+  await expectMessage(alice, 'other', 'Bob', reply);
+  log('Alice got Bob\'s reply');
+
+  // Nothing of one's own comes back as someone else's message.
+  const echoed = await alice.$$eval('#messages li.msg.other', (lis) => lis.filter((li) => li.dataset.from === 'Alice').length);
+  if (echoed !== 0) problems.push(`Alice saw her own message as another's ${echoed} time(s)`);
+
+  await bob.screenshot({ path: shotPath });
+  await alice.screenshot({ path: shotPath.replace(/\.png$/, '-alice.png') });
+  log(`screenshots: ${shotPath}`);
+} catch (err) {
+  problems.push(String(err && err.stack ? err.stack : err));
+} finally {
+  if (context) await context.close().catch(() => {});
+  rmSync(profile, { recursive: true, force: true });
+}
+
+if (problems.length) {
+  console.error('[demo.mjs] FAILED:\n' + problems.join('\n'));
+  process.exit(1);
+}
+log('all checks passed');
