@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the demo and the test suite need, only where it is missing.
 #
-#   scripts/install-deps.sh demo   php-cli, php-sqlite3
-#   scripts/install-deps.sh test   the above + haproxy, nginx, chromium, node/npm,
-#                                  and playwright-core in tests/browser/node_modules
+#   scripts/install-deps.sh demo     php-cli, php-sqlite3, curl
+#   scripts/install-deps.sh cluster  the above + haproxy, nginx
+#   scripts/install-deps.sh test     the above + chromium, node/npm,
+#                                    and playwright-core in tests/browser/node_modules
 #
 # Idempotent: a package already installed is not touched, `apt-get update` runs at
 # most once and only if something has to be installed. Needs root (or sudo) for
@@ -22,14 +23,18 @@ needs=(
 )
 case "$what" in
   demo) ;;
+  cluster) needs+=(
+          "command -v haproxy || test -x /usr/sbin/haproxy|haproxy"
+          "command -v nginx || test -x /usr/sbin/nginx|nginx"
+        ) ;;
   test) needs+=(
-          "command -v haproxy|haproxy"
-          "command -v nginx|nginx"
+          "command -v haproxy || test -x /usr/sbin/haproxy|haproxy"
+          "command -v nginx || test -x /usr/sbin/nginx|nginx"
           "test -x /usr/bin/chromium|chromium"
           "command -v node|nodejs"
           "command -v npm|npm"
         ) ;;
-  *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
+  *) echo "usage: $0 [demo|cluster|test]" >&2; exit 2 ;;
 esac
 
 missing=()

@@ -1,0 +1,239 @@
+//! The PHP example API (`php-api-example/`, served by `php -S`) behind a real `ws2http`
+//! gateway process: token and cookie authentication on connect, message round trips,
+//! chat fan-out through the gateway's control API, and disconnect notifications.
+//!
+//! Needs `php` with pdo_sqlite (Debian: php-cli, php-sqlite3); `make test` installs them.
+
+mod stack;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use stack::{
+    assert_silent, json_int, json_str, next_text, send_text, ws_connect, Gateway, PhpExample, Ws,
+};
+use tokio_websockets::{CloseCode, Message};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A PHP example with a gateway in front of it. PHP must know the gateway's control
+/// address (it pushes there) and the gateway PHP's address (its --api), so the
+/// control port is chosen first.
+struct Stack {
+    php: PhpExample,
+    gateway: Gateway,
+}
+
+impl Stack {
+    fn start() -> Self {
+        let control_port = stack::free_port();
+        let php = PhpExample::start(&format!("http://127.0.0.1:{control_port}/"));
+        let gateway = Gateway::start_with_ports(
+            env!("CARGO_BIN_EXE_ws2http"),
+            &php.base_url(),
+            stack::free_port(),
+            control_port,
+            &[],
+        );
+        Stack { php, gateway }
+    }
+
+    /// Logs `name` in as `client_id` and connects with `?token=`.
+    async fn join(&self, name: &str, client_id: &str) -> Ws {
+        let token = self.php.login(name, client_id);
+        let url = format!("{}{client_id}?token={token}", self.gateway.ws_url());
+        ws_connect(&url, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{name} could not connect: {e:?}"))
+    }
+}
+
+/// The next event must be of `kind`; returns its JSON text.
+async fn expect_event(ws: &mut Ws, kind: &str) -> String {
+    let text = next_text(ws, WAIT).await;
+    assert_eq!(
+        json_str(&text, "type").as_deref(),
+        Some(kind),
+        "expected a {kind:?} event, got {text}"
+    );
+    text
+}
+
+#[tokio::test]
+async fn connect_is_accepted_with_a_valid_token_and_refused_without_one() {
+    let s = Stack::start();
+    let base = s.gateway.ws_url();
+
+    // No token at all: the API answers 401, so the gateway must not switch protocols.
+    let refused = ws_connect(&format!("{base}nobody"), &[]).await;
+    let status = refused.expect_err("connect without a token must be refused");
+    assert!(
+        matches!(status, Some(s) if s != 101 && s >= 400),
+        "refusal status {status:?}"
+    );
+
+    // A token issued for another ClientId is refused too.
+    let token = s.php.login("alice", "alice-1");
+    let status = ws_connect(&format!("{base}mallory?token={token}"), &[])
+        .await
+        .expect_err("a token for another client id must be refused");
+    assert!(matches!(status, Some(s) if s >= 400), "status {status:?}");
+
+    // A token whose signature was tampered with is refused.
+    let forged = format!("{}x", &token[..token.len() - 1]);
+    let status = ws_connect(&format!("{base}alice-1?token={forged}"), &[])
+        .await
+        .expect_err("a forged token must be refused");
+    assert!(matches!(status, Some(s) if s >= 400), "status {status:?}");
+
+    // The right token opens the socket, and the API knows who it is.
+    let mut alice = ws_connect(&format!("{base}alice-1?token={token}"), &[])
+        .await
+        .expect("connect with a valid token");
+    send_text(&mut alice, r#"{"type":"who"}"#).await;
+    let reply = expect_event(&mut alice, "members").await;
+    assert_eq!(json_str(&reply, "you").as_deref(), Some("alice"));
+}
+
+#[tokio::test]
+async fn connect_accepts_the_cookie_only_from_the_page_origin() {
+    let s = Stack::start();
+    let base = s.gateway.ws_url();
+    let token = s.php.login("carol", "carol-1");
+    let cookie = format!("ws2http_token={token}");
+
+    // The cookie from another site's page: cross-site websocket hijacking, refused.
+    let status = ws_connect(
+        &format!("{base}carol-1"),
+        &[("Cookie", &cookie), ("Origin", "http://evil.example")],
+    )
+    .await
+    .expect_err("cookie from a foreign origin must be refused");
+    assert!(matches!(status, Some(s) if s >= 400), "status {status:?}");
+
+    // The same cookie from the page that logged in is accepted.
+    let origin = s.php.origin();
+    let mut carol = ws_connect(
+        &format!("{base}carol-1"),
+        &[("Cookie", &cookie), ("Origin", &origin)],
+    )
+    .await
+    .expect("cookie from the page origin is accepted");
+    send_text(&mut carol, r#"{"type":"who"}"#).await;
+    let reply = expect_event(&mut carol, "members").await;
+    assert_eq!(json_str(&reply, "you").as_deref(), Some("carol"));
+}
+
+#[tokio::test]
+async fn a_message_gets_the_api_reply_back_on_the_same_socket() {
+    let s = Stack::start();
+    let mut alice = s.join("alice", "alice-1").await;
+
+    send_text(&mut alice, r#"{"type":"say","text":"anyone here?"}"#).await;
+    let reply = expect_event(&mut alice, "sent").await;
+    assert_eq!(json_str(&reply, "text").as_deref(), Some("anyone here?"));
+    assert_eq!(
+        json_int(&reply, "delivered"),
+        Some(0),
+        "nobody else: {reply}"
+    );
+
+    // Plain text (not JSON) is taken as something to say.
+    send_text(&mut alice, "plain words").await;
+    let reply = expect_event(&mut alice, "sent").await;
+    assert_eq!(json_str(&reply, "text").as_deref(), Some("plain words"));
+
+    send_text(&mut alice, r#"{"type":"dance"}"#).await;
+    let reply = expect_event(&mut alice, "error").await;
+    assert!(reply.contains("unknown message type"), "{reply}");
+}
+
+#[tokio::test]
+async fn a_chat_message_is_pushed_to_every_other_member_and_not_to_the_sender() {
+    let s = Stack::start();
+    let names = ["alice", "bob", "carol", "dave"];
+    let mut sockets = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let ws = s.join(name, &format!("{name}-{i}")).await;
+        // Everyone already in the room hears about the newcomer, in join order.
+        for (earlier, sock) in sockets.iter_mut().enumerate() {
+            let ev = expect_event(sock, "joined").await;
+            assert_eq!(
+                json_str(&ev, "name").as_deref(),
+                Some(*name),
+                "{} saw the wrong join",
+                names[earlier]
+            );
+        }
+        sockets.push(ws);
+    }
+
+    // alice speaks: her reply says 3 pushes were taken; bob, carol and dave get it.
+    send_text(
+        &mut sockets[0],
+        r#"{"type":"say","text":"hello from alice"}"#,
+    )
+    .await;
+    let reply = expect_event(&mut sockets[0], "sent").await;
+    assert_eq!(json_int(&reply, "delivered"), Some(3), "{reply}");
+    for (i, sock) in sockets.iter_mut().enumerate().skip(1) {
+        let ev = expect_event(sock, "message").await;
+        assert_eq!(
+            json_str(&ev, "from").as_deref(),
+            Some("alice"),
+            "to {}",
+            names[i]
+        );
+        assert_eq!(json_str(&ev, "text").as_deref(), Some("hello from alice"));
+    }
+    assert_silent(&mut sockets[0], Duration::from_millis(300)).await;
+
+    // carol answers: the other three get it, carol gets only her own reply.
+    send_text(&mut sockets[2], "hi alice").await;
+    let reply = expect_event(&mut sockets[2], "sent").await;
+    assert_eq!(json_int(&reply, "delivered"), Some(3), "{reply}");
+    for i in [0, 1, 3] {
+        let ev = expect_event(&mut sockets[i], "message").await;
+        assert_eq!(json_str(&ev, "from").as_deref(), Some("carol"));
+        assert_eq!(json_str(&ev, "text").as_deref(), Some("hi alice"));
+    }
+    for sock in sockets.iter_mut() {
+        assert_silent(sock, Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_closed_socket_is_reported_to_the_api_and_the_others_hear_who_left() {
+    let s = Stack::start();
+    let mut alice = s.join("alice", "alice-1").await;
+    let mut bob = s.join("bob", "bob-1").await;
+    expect_event(&mut alice, "joined").await;
+    let mut carol = s.join("carol", "carol-1").await;
+    expect_event(&mut alice, "joined").await;
+    expect_event(&mut bob, "joined").await;
+
+    // bob closes cleanly with a reason: the gateway DELETEs with that reason and code.
+    bob.send(Message::close(Some(CloseCode::NORMAL_CLOSURE), "bye all"))
+        .await
+        .expect("send close");
+    for sock in [&mut alice, &mut carol] {
+        let ev = expect_event(sock, "left").await;
+        assert_eq!(json_str(&ev, "name").as_deref(), Some("bob"));
+        assert_eq!(json_str(&ev, "reason").as_deref(), Some("bye all"));
+        assert_eq!(json_int(&ev, "code"), Some(1000));
+    }
+
+    // carol's TCP connection just drops: reported with the reason "EOF".
+    drop(carol);
+    let ev = expect_event(&mut alice, "left").await;
+    assert_eq!(json_str(&ev, "name").as_deref(), Some("carol"));
+    assert_eq!(json_str(&ev, "reason").as_deref(), Some("EOF"));
+
+    // The API's membership has neither of them any more.
+    send_text(&mut alice, r#"{"type":"who"}"#).await;
+    let reply = expect_event(&mut alice, "members").await;
+    assert!(reply.contains(r#""members":[]"#), "{reply}");
+    send_text(&mut alice, "still there?").await;
+    let reply = expect_event(&mut alice, "sent").await;
+    assert_eq!(json_int(&reply, "delivered"), Some(0), "{reply}");
+}
