@@ -101,9 +101,9 @@ final class App
     private function connect(Request $req, string $clientId): Response
     {
         $fromCookie = false;
-        $token = (string) ($req->query['token'] ?? '');
+        $token = self::str($req->query['token'] ?? '');
         if ($token === '') {
-            $token = (string) ($req->cookies[self::COOKIE] ?? '');
+            $token = self::str($req->cookies[self::COOKIE] ?? '');
             $fromCookie = $token !== '';
         }
         if ($token === '') {
@@ -141,9 +141,9 @@ final class App
         if (!is_array($msg)) {
             $msg = ['type' => 'say', 'text' => $req->body];
         }
-        switch ($msg['type'] ?? '') {
+        switch (self::str($msg['type'] ?? '')) {
             case 'say':
-                $text = self::clean((string) ($msg['text'] ?? ''), 2000);
+                $text = self::clean(self::str($msg['text'] ?? ''), 2000);
                 if ($text === '') {
                     return self::json(['type' => 'error', 'text' => 'empty message']);
                 }
@@ -216,11 +216,11 @@ final class App
         if (!is_array($in)) {
             parse_str($req->body, $in);
         }
-        $name = self::clean((string) ($in['name'] ?? ''), 32);
+        $name = self::clean(self::str($in['name'] ?? ''), 32);
         if ($name === '') {
             return self::json(['error' => 'pick a name'], 400);
         }
-        $clientId = (string) ($in['clientId'] ?? '');
+        $clientId = self::str($in['clientId'] ?? '');
         if ($clientId === '') {
             $clientId = bin2hex(random_bytes(12));
         } elseif (preg_match(self::CLIENT_ID, $clientId) !== 1) {
@@ -257,6 +257,12 @@ final class App
     private function tokens(): Tokens
     {
         return new Tokens($this->secret ?? $this->store()->secret());
+    }
+
+    /** A request value as a string; arrays and objects (e.g. `?token[]=`) become "". */
+    private static function str(mixed $value): string
+    {
+        return is_scalar($value) ? (string) $value : '';
     }
 
     /** Trims, drops control characters and invalid UTF-8, caps the length. */
