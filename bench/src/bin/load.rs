@@ -1,0 +1,1026 @@
+//! `load`: a websocket load generator for ws2http.
+//!
+//! The process given on the command line is the *parent*: it splits the connections over
+//! `--processes` worker children (itself, re-run with `--worker-first`), steps them through the
+//! phases connect → go → stop → close over their stdin, reads their progress and final reports
+//! as JSON lines on their stdout, samples the gateway's RSS and CPU time from `/proc` at each
+//! phase boundary and once a second, and prints one JSON line (stdout) and a table (stderr).
+//!
+//! Each connection is one task. Replies are checked against the request they answer (see
+//! `ws2http_bench::proto`): a reply naming another connection is cross-talk, one that skips the
+//! oldest request in flight is out of order. Pushed messages (`push:<ns>`) are timed on arrival.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio_websockets::{ClientBuilder, Message, WebSocketStream};
+use ws2http_bench::proto::{self, InFlight, Reply, Verdict};
+use ws2http_bench::{net, procstat, stats};
+
+/// Open files one worker may use; connections per worker are kept below it.
+const FD_BUDGET_PER_PROCESS: u64 = 19_000;
+
+#[derive(FromArgs, Clone)]
+/// Websocket load generator: N connections in idle, rate or flood mode against ws2http.
+struct Args {
+    /// gateway websocket base URL; the client id is appended (default ws://127.0.0.1:7001/)
+    #[argh(option, default = "String::from(\"ws://127.0.0.1:7001/\")")]
+    url: String,
+    /// number of connections (default 100)
+    #[argh(option, default = "100")]
+    conns: u64,
+    /// connections opened per second over all processes; 0 = as fast as possible (default 0)
+    #[argh(option, default = "0.0")]
+    ramp: f64,
+    /// handshakes in flight at once per process (default 256)
+    #[argh(option, default = "256")]
+    connect_concurrency: usize,
+    /// idle | rate | flood (default idle)
+    #[argh(option, default = "String::from(\"idle\")")]
+    mode: String,
+    /// rate mode: milliseconds between two messages of one connection (default 1000)
+    #[argh(option, default = "1000")]
+    interval_ms: u64,
+    /// flood mode: messages in flight per connection (default 1)
+    #[argh(option, default = "1")]
+    in_flight: usize,
+    /// message size in bytes (default 64)
+    #[argh(option, default = "64")]
+    payload: usize,
+    /// send binary messages instead of text
+    #[argh(switch)]
+    binary: bool,
+    /// spread client sockets over 127.0.0.1..=N as source addresses; 0 = kernel's choice (default 16)
+    #[argh(option, default = "16")]
+    source_ips: u32,
+    /// worker processes to split the connections over (default 1)
+    #[argh(option, default = "1")]
+    processes: u64,
+    /// reconnect dropped or failed connections with exponential backoff
+    #[argh(switch)]
+    reconnect: bool,
+    /// seconds of the message phase (idle: how long to hold) (default 10)
+    #[argh(option, default = "10.0")]
+    duration: f64,
+    /// give up waiting for the connect phase after this many seconds (default 120)
+    #[argh(option, default = "120.0")]
+    connect_timeout: f64,
+    /// per-connection handshake timeout in milliseconds (default 10000)
+    #[argh(option, default = "10000")]
+    handshake_timeout_ms: u64,
+    /// after the message phase, wait at most this long for replies still in flight (default 5000)
+    #[argh(option, default = "5000")]
+    drain_ms: u64,
+    /// client id prefix; connection i uses <prefix><i> (default b)
+    #[argh(option, default = "String::from(\"b\")")]
+    id_prefix: String,
+    /// index of the first connection (default 0)
+    #[argh(option, default = "0")]
+    first: u64,
+    /// pid of the gateway, to report its RSS and CPU time per connection and per message
+    #[argh(option)]
+    gateway_pid: Option<u32>,
+    /// file written (with the JSON of the connect phase) once all connections are up
+    #[argh(option)]
+    ready_file: Option<PathBuf>,
+    /// do not print the table on stderr
+    #[argh(switch)]
+    quiet: bool,
+    /// internal: run as a worker owning connections from this index
+    #[argh(option)]
+    worker_first: Option<u64>,
+    /// internal: number of connections of this worker
+    #[argh(option)]
+    worker_count: Option<u64>,
+}
+
+/// Message-sending behaviour of the connections.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Idle,
+    Rate,
+    Flood,
+}
+
+/// Phases, as the parent announces them to workers.
+const CONNECT: u8 = 0;
+const GO: u8 = 1;
+const STOP: u8 = 2;
+const CLOSE: u8 = 3;
+/// Names of the phases, indexed by phase.
+const PHASE_NAMES: [&str; 4] = ["connect", "go", "stop", "close"];
+
+fn main() {
+    let args: Args = argh::from_env();
+    let mode = match args.mode.as_str() {
+        "idle" => Mode::Idle,
+        "rate" => Mode::Rate,
+        "flood" => Mode::Flood,
+        m => {
+            eprintln!("load: unknown --mode {m} (idle | rate | flood)");
+            std::process::exit(2);
+        }
+    };
+    if let (Some(first), Some(count)) = (args.worker_first, args.worker_count) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(worker(args, mode, first, count));
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let code = rt.block_on(parent(args));
+    std::process::exit(code);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker
+// ---------------------------------------------------------------------------------------------
+
+/// State shared by the connection tasks of one worker.
+struct Shared {
+    args: Args,
+    mode: Mode,
+    dst: SocketAddr,
+    base_url: String,
+    phase: watch::Receiver<u8>,
+    open: AtomicU64,
+    connects: AtomicU64,
+    connect_failures: AtomicU64,
+    reconnects: AtomicU64,
+    sent: AtomicU64,
+    replies: AtomicU64,
+    pushes: AtomicU64,
+    errors_total: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    latency: Mutex<Histogram<u64>>,
+    connect_latency: Mutex<Histogram<u64>>,
+    push_latency: Mutex<Histogram<u64>>,
+    settled: AtomicU64,
+    drained: AtomicU64,
+    progress: Notify,
+}
+
+impl Shared {
+    fn error(&self, kind: &str) {
+        self.errors_total.fetch_add(1, Relaxed);
+        *self
+            .errors
+            .lock()
+            .unwrap()
+            .entry(kind.to_string())
+            .or_default() += 1;
+    }
+
+    fn phase(&self) -> u8 {
+        *self.phase.borrow()
+    }
+}
+
+/// Marks a task's connect-phase outcome and message-phase drain exactly once each.
+struct Marks<'a> {
+    sh: &'a Shared,
+    settled: bool,
+    drained: bool,
+}
+
+impl Marks<'_> {
+    fn settle(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            self.sh.settled.fetch_add(1, Relaxed);
+            self.sh.progress.notify_waiters();
+        }
+    }
+    fn drain(&mut self) {
+        if !self.drained {
+            self.drained = true;
+            self.sh.drained.fetch_add(1, Relaxed);
+            self.sh.progress.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Marks<'_> {
+    fn drop(&mut self) {
+        self.settle();
+        self.drain();
+    }
+}
+
+fn ws_error_kind(e: &tokio_websockets::Error) -> String {
+    use tokio_websockets::Error as E;
+    match e {
+        E::Io(io) => format!("io_{:?}", io.kind()),
+        E::Upgrade(tokio_websockets::upgrade::Error::DidNotSwitchProtocols(code)) => {
+            format!("handshake_status_{code}")
+        }
+        E::Upgrade(_) => "handshake_invalid".into(),
+        E::Protocol(_) => "ws_protocol".into(),
+        E::PayloadTooLong { .. } => "ws_payload_too_long".into(),
+        E::AlreadyClosed => "ws_already_closed".into(),
+        _ => "ws_other".into(),
+    }
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+async fn connect_one(sh: &Shared, idx: u64) -> Result<Ws, String> {
+    let started = Instant::now();
+    let src = net::source_addr(idx, sh.args.source_ips);
+    let uri = format!("{}{}{}", sh.base_url, sh.args.id_prefix, idx);
+    let fut = async {
+        let tcp = net::connect_from(src, sh.dst)
+            .await
+            .map_err(|e| format!("connect_{:?}", e.kind()))?;
+        let builder = ClientBuilder::new()
+            .uri(&uri)
+            .map_err(|_| "bad_uri".to_string())?;
+        builder
+            .connect_on(tcp)
+            .await
+            .map(|(ws, _)| ws)
+            .map_err(|e| ws_error_kind(&e))
+    };
+    match tokio::time::timeout(Duration::from_millis(sh.args.handshake_timeout_ms), fut).await {
+        Ok(Ok(ws)) => {
+            stats::record(&mut sh.connect_latency.lock().unwrap(), started.elapsed());
+            Ok(ws)
+        }
+        Ok(Err(k)) => Err(k),
+        Err(_) => Err("handshake_timeout".into()),
+    }
+}
+
+/// How a connection's session ended.
+enum End {
+    /// We closed it at the end of the run.
+    Finished,
+    /// It was lost (server close, I/O error); the kind was recorded.
+    Lost,
+}
+
+fn make_msg(sh: &Shared, idx: u64, seq: u64) -> Message {
+    let p = proto::request_payload(idx, seq, sh.args.payload);
+    if sh.args.binary {
+        Message::binary(p)
+    } else {
+        // The payload is ASCII.
+        Message::text(String::from_utf8(p).expect("ascii payload"))
+    }
+}
+
+async fn send_next(sh: &Shared, ws: &mut Ws, idx: u64, flight: &mut InFlight) -> bool {
+    let seq = flight.next_seq();
+    let msg = make_msg(sh, idx, seq);
+    flight.sent(Instant::now());
+    sh.sent.fetch_add(1, Relaxed);
+    match ws.send(msg).await {
+        Ok(()) => true,
+        Err(e) => {
+            sh.error(&format!("send_{}", ws_error_kind(&e)));
+            false
+        }
+    }
+}
+
+/// Runs one established connection through the phases until close or loss.
+async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> End {
+    let mut phase_rx = sh.phase.clone();
+    let mut flight = InFlight::new(idx);
+    let interval = Duration::from_millis(sh.args.interval_ms.max(1));
+    // Spread the first tick of each connection evenly over one interval.
+    let offset =
+        interval.mul_f64((idx % sh.args.conns.max(1)) as f64 / sh.args.conns.max(1) as f64);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut started = false;
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+    loop {
+        let phase = *phase_rx.borrow_and_update();
+        if phase == GO && !started {
+            started = true;
+            ticker.reset_after(offset);
+            if sh.mode == Mode::Flood {
+                for _ in 0..sh.args.in_flight.max(1) {
+                    if !send_next(sh, &mut ws, idx, &mut flight).await {
+                        return End::Lost;
+                    }
+                }
+            }
+        }
+        if phase >= STOP && drain_deadline.is_none() && !marks.drained {
+            if flight.is_empty() {
+                marks.drain();
+            } else {
+                drain_deadline =
+                    Some(tokio::time::Instant::now() + Duration::from_millis(sh.args.drain_ms));
+            }
+        }
+        if phase >= CLOSE {
+            if !flight.is_empty() {
+                for _ in 0..flight.len() {
+                    sh.error("reply_missing");
+                }
+            }
+            marks.drain();
+            let _ = SinkExt::close(&mut ws).await;
+            // Wait briefly for the server's close frame so the close is clean on both sides.
+            let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                while let Some(Ok(_)) = ws.next().await {}
+            })
+            .await;
+            return End::Finished;
+        }
+        let ticking = phase == GO && sh.mode == Mode::Rate;
+        tokio::select! {
+            r = phase_rx.changed() => {
+                if r.is_err() {
+                    // The worker is going away.
+                    return End::Finished;
+                }
+            }
+            _ = ticker.tick(), if ticking => {
+                if !send_next(sh, &mut ws, idx, &mut flight).await {
+                    return End::Lost;
+                }
+            }
+            _ = tokio::time::sleep_until(drain_deadline.unwrap_or(far)), if drain_deadline.is_some() && !marks.drained => {
+                for _ in 0..flight.len() {
+                    sh.error("reply_missing");
+                }
+                marks.drain();
+            }
+            m = ws.next() => {
+                let m = match m {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        sh.error(&format!("recv_{}", ws_error_kind(&e)));
+                        return End::Lost;
+                    }
+                    None => {
+                        sh.error("closed_eof");
+                        return End::Lost;
+                    }
+                };
+                if let Some((code, _)) = m.as_close() {
+                    sh.error(&format!("closed_by_server_{}", u16::from(code)));
+                    return End::Lost;
+                }
+                if !(m.is_text() || m.is_binary()) {
+                    continue;
+                }
+                let now = Instant::now();
+                match proto::parse_reply(m.as_payload()) {
+                    Reply::Push { sent_ns } => {
+                        let lat_ns = proto::now_ns().saturating_sub(sent_ns);
+                        stats::record_us(&mut sh.push_latency.lock().unwrap(), (lat_ns / 1000) as u64);
+                        sh.pushes.fetch_add(1, Relaxed);
+                    }
+                    Reply::Echo { conn, seq } => match flight.check(conn, seq, now) {
+                        Verdict::Ok(rtt) => {
+                            stats::record(&mut sh.latency.lock().unwrap(), rtt);
+                            sh.replies.fetch_add(1, Relaxed);
+                            if sh.mode == Mode::Flood && phase == GO && !send_next(sh, &mut ws, idx, &mut flight).await {
+                                return End::Lost;
+                            }
+                            if phase >= STOP && flight.is_empty() {
+                                marks.drain();
+                            }
+                        }
+                        v => sh.error(v.error_kind().unwrap_or("reply_unexpected")),
+                    },
+                    Reply::Unknown => {
+                        if m.as_payload().is_empty() {
+                            sh.error("reply_empty");
+                        } else {
+                            sh.error("reply_unknown");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn conn_task(
+    sh: Arc<Shared>,
+    idx: u64,
+    mut permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let mut marks = Marks {
+        sh: &sh,
+        settled: false,
+        drained: false,
+    };
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    let mut attempt = 0u64;
+    loop {
+        if sh.phase() >= STOP {
+            return;
+        }
+        if !first {
+            sh.reconnects.fetch_add(1, Relaxed);
+        }
+        first = false;
+        let res = connect_one(&sh, idx).await;
+        drop(permit.take());
+        match res {
+            Ok(ws) => {
+                sh.connects.fetch_add(1, Relaxed);
+                sh.open.fetch_add(1, Relaxed);
+                marks.settle();
+                backoff = Duration::from_millis(100);
+                let end = session(&sh, idx, ws, &mut marks).await;
+                sh.open.fetch_sub(1, Relaxed);
+                if matches!(end, End::Finished) || !sh.args.reconnect {
+                    return;
+                }
+            }
+            Err(kind) => {
+                sh.connect_failures.fetch_add(1, Relaxed);
+                sh.error(&kind);
+                marks.settle();
+                if !sh.args.reconnect {
+                    return;
+                }
+            }
+        }
+        // Backoff with jitter before the next attempt; give up when the run stops.
+        // Up to +50% jitter, varied by connection and attempt, so reconnects do not stampede.
+        attempt += 1;
+        let spread = (idx ^ attempt).wrapping_mul(2_654_435_761) % 1000;
+        let wait = backoff + backoff.mul_f64(spread as f64 / 2000.0);
+        let mut rx = sh.phase.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = rx.wait_for(|p| *p >= STOP) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn emit(v: Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+async fn resolve(url: &str) -> (SocketAddr, String) {
+    let rest = url
+        .strip_prefix("ws://")
+        .unwrap_or_else(|| panic!("--url must start with ws:// (got {url})"));
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let dst = tokio::net::lookup_host(hostport)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("cannot resolve {hostport}"));
+    let base = if url.ends_with('/') {
+        url.to_string()
+    } else {
+        format!("{url}/")
+    };
+    (dst, base)
+}
+
+async fn worker(args: Args, mode: Mode, first: u64, count: u64) {
+    net::raise_nofile_limit();
+    let (dst, base_url) = resolve(&args.url).await;
+    let (phase_tx, phase_rx) = watch::channel(CONNECT);
+    let sh = Arc::new(Shared {
+        args: args.clone(),
+        mode,
+        dst,
+        base_url,
+        phase: phase_rx,
+        open: AtomicU64::new(0),
+        connects: AtomicU64::new(0),
+        connect_failures: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+        replies: AtomicU64::new(0),
+        pushes: AtomicU64::new(0),
+        errors_total: AtomicU64::new(0),
+        errors: Mutex::new(BTreeMap::new()),
+        latency: Mutex::new(stats::new_hist()),
+        connect_latency: Mutex::new(stats::new_hist()),
+        push_latency: Mutex::new(stats::new_hist()),
+        settled: AtomicU64::new(0),
+        drained: AtomicU64::new(0),
+        progress: Notify::new(),
+    });
+
+    // Commands from the parent: go, stop, close (EOF means close).
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        loop {
+            let cmd = lines.next_line().await.ok().flatten();
+            let p = match cmd.as_deref() {
+                Some("go") => GO,
+                Some("stop") => STOP,
+                Some("close") | None => CLOSE,
+                Some(_) => continue,
+            };
+            phase_tx.send_modify(|cur| *cur = (*cur).max(p));
+            if p == CLOSE {
+                // Keep the sender alive so tasks see CLOSE rather than a dropped channel.
+                std::future::pending::<()>().await;
+            }
+        }
+    });
+
+    // Progress ticks, once a second.
+    let tick_sh = sh.clone();
+    tokio::spawn(async move {
+        let mut iv = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            iv.tick().await;
+            emit(json!({
+                "ev": "tick",
+                "open": tick_sh.open.load(Relaxed),
+                "connects": tick_sh.connects.load(Relaxed),
+                "sent": tick_sh.sent.load(Relaxed),
+                "replies": tick_sh.replies.load(Relaxed),
+                "pushes": tick_sh.pushes.load(Relaxed),
+                "errors": tick_sh.errors_total.load(Relaxed),
+            }));
+        }
+    });
+
+    // Connect phase: paced spawning, a bounded number of handshakes at once.
+    let t0 = Instant::now();
+    let sem = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let per_proc_rate = if args.ramp > 0.0 {
+        args.ramp / args.processes.max(1) as f64
+    } else {
+        0.0
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let spawner_sh = sh.clone();
+    let spawner = tokio::spawn(async move {
+        for i in 0..count {
+            if spawner_sh.phase() >= STOP {
+                break;
+            }
+            if per_proc_rate > 0.0 {
+                let at = t0 + Duration::from_secs_f64(i as f64 / per_proc_rate);
+                tokio::time::sleep_until(at.into()).await;
+            }
+            let permit = sem.clone().acquire_owned().await.ok();
+            tasks.spawn(conn_task(spawner_sh.clone(), first + i, permit));
+        }
+        tasks
+    });
+    wait_until(&sh, |s| {
+        s.settled.load(Relaxed) >= count || s.phase() >= STOP
+    })
+    .await;
+    let connect_elapsed = t0.elapsed().as_secs_f64();
+    emit(json!({
+        "ev": "connected",
+        "connect_elapsed_s": connect_elapsed,
+        "established": sh.connects.load(Relaxed),
+        "open": sh.open.load(Relaxed),
+    }));
+
+    // Message phase until the parent says stop; then drain.
+    let mut rx = sh.phase.clone();
+    let _ = rx.wait_for(|p| *p >= STOP).await;
+    let mut tasks = spawner.await.unwrap_or_default();
+    let spawned = tasks.len() as u64;
+    wait_until(&sh, |s| s.drained.load(Relaxed) >= spawned).await;
+    emit(json!({"ev": "drained"}));
+    let _ = rx.wait_for(|p| *p >= CLOSE).await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    let errors = sh.errors.lock().unwrap().clone();
+    emit(json!({
+        "ev": "report",
+        "connect_elapsed_s": connect_elapsed,
+        "connects": sh.connects.load(Relaxed),
+        "connect_failures": sh.connect_failures.load(Relaxed),
+        "reconnects": sh.reconnects.load(Relaxed),
+        "sent": sh.sent.load(Relaxed),
+        "replies": sh.replies.load(Relaxed),
+        "pushes": sh.pushes.load(Relaxed),
+        "errors": errors,
+        "latency": stats::to_pairs(&sh.latency.lock().unwrap()),
+        "connect_latency": stats::to_pairs(&sh.connect_latency.lock().unwrap()),
+        "push_latency": stats::to_pairs(&sh.push_latency.lock().unwrap()),
+    }));
+    std::process::exit(0);
+}
+
+async fn wait_until(sh: &Shared, cond: impl Fn(&Shared) -> bool) {
+    loop {
+        let notified = sh.progress.notified();
+        if cond(sh) {
+            return;
+        }
+        // Re-check periodically as well: phase changes do not notify `progress`.
+        let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parent
+// ---------------------------------------------------------------------------------------------
+
+/// What the parent knows about one worker.
+#[derive(Default)]
+struct Child {
+    last_tick: Value,
+    connected: Option<Value>,
+    drained: bool,
+    report: Option<Value>,
+    gone: bool,
+}
+
+fn sum_field(children: &[Child], f: impl Fn(&Child) -> Option<&Value>, key: &str) -> u64 {
+    children
+        .iter()
+        .filter_map(|c| f(c).and_then(|v| v.get(key)).and_then(Value::as_u64))
+        .sum()
+}
+
+fn gw_sample(pid: Option<u32>) -> Option<procstat::Sample> {
+    pid.and_then(procstat::sample)
+}
+
+async fn parent(args: Args) -> i32 {
+    let p = args.processes.max(1);
+    let per = args.conns.div_ceil(p);
+    if per + 200 > FD_BUDGET_PER_PROCESS {
+        eprintln!(
+            "load: {} connections over {p} process(es) is {per} per process; use --processes {} or more",
+            args.conns,
+            args.conns.div_ceil(FD_BUDGET_PER_PROCESS - 200)
+        );
+        return 2;
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let before = gw_sample(args.gateway_pid);
+    let t_start = Instant::now();
+
+    let (line_tx, mut line_rx) = mpsc::unbounded_channel::<(usize, Option<String>)>();
+    let mut stdins = Vec::new();
+    let mut procs = Vec::new();
+    let mut first = args.first;
+    let mut remaining = args.conns;
+    for i in 0..p as usize {
+        let n = per.min(remaining);
+        remaining -= n;
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(std::env::args().skip(1))
+            .arg("--worker-first")
+            .arg(first.to_string())
+            .arg("--worker-count")
+            .arg(n.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        first += n;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("load: cannot start worker: {e}");
+                return 2;
+            }
+        };
+        stdins.push(child.stdin.take());
+        let out = child.stdout.take().expect("piped stdout");
+        let tx = line_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let _ = tx.send((i, Some(l)));
+            }
+            let _ = tx.send((i, None));
+        });
+        procs.push(child);
+    }
+    drop(line_tx);
+
+    let mut children: Vec<Child> = (0..p).map(|_| Child::default()).collect();
+    let mut timeline: Vec<Value> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prev_replies = 0u64;
+    let mut prev_pushes = 0u64;
+    let mut prev_cpu: Option<u64> = before.map(|s| s.cpu_us);
+    let mut prev_t = 0.0f64;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+
+    let mut phase = CONNECT;
+    let mut connected_sample = None;
+    let mut end_sample = None;
+    let mut t_go: Option<Instant> = None;
+    let mut t_drained: Option<Instant> = None;
+    let mut stop_at: Option<tokio::time::Instant> = None;
+    let connect_deadline =
+        tokio::time::Instant::now() + Duration::from_secs_f64(args.connect_timeout.max(1.0));
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let mut interrupted = false;
+    let mut close_deadline: Option<tokio::time::Instant> = None;
+
+    async fn tell(stdins: &mut [Option<tokio::process::ChildStdin>], cmd: &str) {
+        for s in stdins.iter_mut().flatten() {
+            let _ = s.write_all(format!("{cmd}\n").as_bytes()).await;
+            let _ = s.flush().await;
+        }
+    }
+
+    loop {
+        // Phase transitions.
+        if phase == CONNECT
+            && (children.iter().all(|c| c.connected.is_some() || c.gone)
+                || tokio::time::Instant::now() >= connect_deadline
+                || interrupted)
+        {
+            connected_sample = gw_sample(args.gateway_pid);
+            phase = GO;
+            t_go = Some(Instant::now());
+            let established = sum_field(&children, |c| c.connected.as_ref(), "established");
+            if let Some(path) = &args.ready_file {
+                let _ = std::fs::write(path, json!({"established": established}).to_string());
+            }
+            tell(&mut stdins, "go").await;
+            stop_at = Some(if interrupted {
+                tokio::time::Instant::now()
+            } else {
+                tokio::time::Instant::now() + Duration::from_secs_f64(args.duration.max(0.0))
+            });
+        }
+        if phase == GO && stop_at.is_some_and(|s| tokio::time::Instant::now() >= s) {
+            phase = STOP;
+            tell(&mut stdins, "stop").await;
+        }
+        if phase == STOP && children.iter().all(|c| c.drained || c.gone) {
+            end_sample = gw_sample(args.gateway_pid);
+            t_drained = Some(Instant::now());
+            phase = CLOSE;
+            tell(&mut stdins, "close").await;
+            close_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(30));
+        }
+        if phase == CLOSE
+            && (children.iter().all(|c| c.report.is_some() || c.gone)
+                || close_deadline.is_some_and(|d| tokio::time::Instant::now() >= d))
+        {
+            break;
+        }
+
+        let wake = match phase {
+            CONNECT => connect_deadline,
+            GO => stop_at.unwrap_or(far),
+            CLOSE => close_deadline.unwrap_or(far),
+            _ => far,
+        };
+        tokio::select! {
+            msg = line_rx.recv() => {
+                let Some((i, line)) = msg else { break };
+                let Some(line) = line else {
+                    children[i].gone = true;
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+                match v.get("ev").and_then(Value::as_str) {
+                    Some("tick") => children[i].last_tick = v,
+                    Some("connected") => children[i].connected = Some(v),
+                    Some("drained") => children[i].drained = true,
+                    Some("report") => children[i].report = Some(v),
+                    _ => {}
+                }
+            }
+            _ = tick.tick() => {
+                let t = t_start.elapsed().as_secs_f64();
+                let replies = sum_field(&children, |c| Some(&c.last_tick), "replies");
+                let pushes = sum_field(&children, |c| Some(&c.last_tick), "pushes");
+                let dt = (t - prev_t).max(1e-3);
+                let gw = gw_sample(args.gateway_pid);
+                let cpu_pct = match (gw, prev_cpu) {
+                    (Some(g), Some(pc)) => Some(((g.cpu_us.saturating_sub(pc)) as f64 / 1e4 / dt * 10.0).round() / 10.0),
+                    _ => None,
+                };
+                prev_cpu = gw.map(|g| g.cpu_us);
+                timeline.push(json!({
+                    "t": (t * 10.0).round() / 10.0,
+                    "phase": PHASE_NAMES[phase as usize],
+                    "open": sum_field(&children, |c| Some(&c.last_tick), "open"),
+                    "replies_per_s": ((replies.saturating_sub(prev_replies)) as f64 / dt).round(),
+                    "pushes_per_s": ((pushes.saturating_sub(prev_pushes)) as f64 / dt).round(),
+                    "errors": sum_field(&children, |c| Some(&c.last_tick), "errors"),
+                    "gw_rss_kib": gw.map(|g| g.rss_kib),
+                    "gw_cpu_pct": cpu_pct,
+                }));
+                prev_replies = replies;
+                prev_pushes = pushes;
+                prev_t = t;
+            }
+            _ = term.recv() => { interrupted = true; stop_at = Some(tokio::time::Instant::now()); }
+            _ = tokio::signal::ctrl_c() => { interrupted = true; stop_at = Some(tokio::time::Instant::now()); }
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+    for mut c in procs {
+        let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+        let _ = c.start_kill();
+    }
+
+    // Aggregate.
+    let mut latency = stats::new_hist();
+    let mut connect_latency = stats::new_hist();
+    let mut push_latency = stats::new_hist();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut connect_elapsed = 0.0f64;
+    for c in &children {
+        let Some(r) = &c.report else {
+            *errors.entry("worker_lost".into()).or_default() += 1;
+            continue;
+        };
+        stats::add_pairs(&mut latency, &r["latency"]);
+        stats::add_pairs(&mut connect_latency, &r["connect_latency"]);
+        stats::add_pairs(&mut push_latency, &r["push_latency"]);
+        if let Some(m) = r["errors"].as_object() {
+            for (k, v) in m {
+                *errors.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+            }
+        }
+        connect_elapsed = connect_elapsed.max(r["connect_elapsed_s"].as_f64().unwrap_or(0.0));
+    }
+    let rep = |k: &str| sum_field(&children, |c| c.report.as_ref(), k);
+    let established = sum_field(&children, |c| c.connected.as_ref(), "established");
+    let replies = rep("replies");
+    let pushes = rep("pushes");
+    let message_phase_s = match (t_go, t_drained) {
+        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let errors_total: u64 = errors.values().sum();
+    let per_s = |n: u64, s: f64| if s > 0.0 { (n as f64 / s).round() } else { 0.0 };
+    let gateway = args.gateway_pid.map(|pid| {
+        let b = before.unwrap_or_default();
+        let c = connected_sample.unwrap_or_default();
+        let e = end_sample.unwrap_or_default();
+        let msgs = replies + pushes;
+        let peak = timeline
+            .iter()
+            .filter_map(|t| t["gw_rss_kib"].as_u64())
+            .chain([b.rss_kib, c.rss_kib, e.rss_kib])
+            .max()
+            .unwrap_or(0);
+        let r2 = |x: f64| (x * 100.0).round() / 100.0;
+        json!({
+            "pid": pid,
+            "before": b.to_json(),
+            "connected": c.to_json(),
+            "end": e.to_json(),
+            "rss_peak_kib": peak,
+            "kib_per_conn": if established > 0 { r2(c.rss_kib.saturating_sub(b.rss_kib) as f64 / established as f64) } else { 0.0 },
+            "cpu_us_per_conn": if established > 0 { r2(c.cpu_us.saturating_sub(b.cpu_us) as f64 / established as f64) } else { 0.0 },
+            "cpu_us_per_msg": if msgs > 0 { r2(e.cpu_us.saturating_sub(c.cpu_us) as f64 / msgs as f64) } else { 0.0 },
+            "cpu_pct_message_phase": if message_phase_s > 0.0 { r2(e.cpu_us.saturating_sub(c.cpu_us) as f64 / 1e4 / message_phase_s) } else { 0.0 },
+        })
+    });
+    let report = json!({
+        "tool": "load",
+        "mode": args.mode,
+        "conns": args.conns,
+        "processes": p,
+        "payload": args.payload,
+        "binary": args.binary,
+        "in_flight": args.in_flight,
+        "interval_ms": args.interval_ms,
+        "ramp": args.ramp,
+        "duration_s": args.duration,
+        "interrupted": interrupted,
+        "established": established,
+        "connect_failures": rep("connect_failures"),
+        "reconnects": rep("reconnects"),
+        "connect_elapsed_s": (connect_elapsed * 1000.0).round() / 1000.0,
+        "connects_per_s": per_s(established, connect_elapsed),
+        "message_phase_s": (message_phase_s * 1000.0).round() / 1000.0,
+        "sent": rep("sent"),
+        "replies": replies,
+        "replies_per_s": per_s(replies, message_phase_s),
+        "pushes": pushes,
+        "latency": stats::summary(&latency),
+        "connect_latency": stats::summary(&connect_latency),
+        "push_latency": stats::summary(&push_latency),
+        "errors_total": errors_total,
+        "errors": errors,
+        "gateway": gateway,
+        "timeline": timeline,
+    });
+    println!("{report}");
+    if !args.quiet {
+        eprintln!("{}", table(&report));
+    }
+    if children.iter().all(|c| c.report.is_some()) {
+        0
+    } else {
+        1
+    }
+}
+
+/// A readable summary of a report.
+fn table(r: &Value) -> String {
+    let mut s = String::new();
+    let mut row = |k: &str, v: String| s.push_str(&format!("  {k:<28} {v}\n"));
+    let f = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(x) => x.clone(),
+        x => x.to_string(),
+    };
+    row(
+        "run",
+        format!(
+            "mode={} conns={} processes={} payload={}{}",
+            f(&r["mode"]),
+            f(&r["conns"]),
+            f(&r["processes"]),
+            f(&r["payload"]),
+            if r["binary"] == true { " binary" } else { "" }
+        ),
+    );
+    row(
+        "connected",
+        format!(
+            "{} in {} s = {} conn/s",
+            f(&r["established"]),
+            f(&r["connect_elapsed_s"]),
+            f(&r["connects_per_s"])
+        ),
+    );
+    let lat = |l: &Value| {
+        format!(
+            "p50 {} p90 {} p99 {} p99.9 {} max {} ms (n={})",
+            f(&l["p50_ms"]),
+            f(&l["p90_ms"]),
+            f(&l["p99_ms"]),
+            f(&l["p999_ms"]),
+            f(&l["max_ms"]),
+            f(&l["count"])
+        )
+    };
+    row("handshake latency", lat(&r["connect_latency"]));
+    row(
+        "messages",
+        format!(
+            "sent {} replies {} in {} s = {} replies/s",
+            f(&r["sent"]),
+            f(&r["replies"]),
+            f(&r["message_phase_s"]),
+            f(&r["replies_per_s"])
+        ),
+    );
+    row("reply latency", lat(&r["latency"]));
+    row("pushes received", f(&r["pushes"]));
+    row("push delivery latency", lat(&r["push_latency"]));
+    row(
+        "errors",
+        format!("{} {}", f(&r["errors_total"]), f(&r["errors"])),
+    );
+    let g = &r["gateway"];
+    if !g.is_null() {
+        row(
+            "gateway RSS KiB",
+            format!(
+                "before {} connected {} end {} peak {}",
+                f(&g["before"]["rss_kib"]),
+                f(&g["connected"]["rss_kib"]),
+                f(&g["end"]["rss_kib"]),
+                f(&g["rss_peak_kib"])
+            ),
+        );
+        row("gateway KiB/conn", f(&g["kib_per_conn"]));
+        row("gateway CPU µs/conn", f(&g["cpu_us_per_conn"]));
+        row("gateway CPU µs/msg", f(&g["cpu_us_per_msg"]));
+        row("gateway CPU % (msg phase)", f(&g["cpu_pct_message_phase"]));
+    }
+    s
+}

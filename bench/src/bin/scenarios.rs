@@ -1,0 +1,784 @@
+//! `scenarios`: runs the standard benchmark set S1–S5 against a freshly built release gateway.
+//!
+//! For every scenario it starts a new `mock-api` and a new `ws2http` on free loopback ports,
+//! runs `load` (and `push` for S5) with the gateway's pid, stops both servers with SIGTERM, and
+//! collects the reports. At the end it writes `bench/results/<date>[-quick].json`, a Markdown
+//! table (`.md`) and two SVG plots (`-timeline.svg`: open connections, replies or pushes per
+//! second and gateway RSS over time; `-latency.svg`: latency percentiles per scenario).
+//!
+//! `cargo run --release -p ws2http-bench --bin scenarios -- [--quick] [--only S1,S3]`
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use argh::FromArgs;
+use serde_json::{json, Value};
+use ws2http_bench::procstat;
+
+#[derive(FromArgs)]
+/// Run the standard ws2http benchmark scenarios S1–S5 and write results and plots.
+struct Args {
+    /// small numbers (hundreds of connections, seconds) for a smoke check
+    #[argh(switch)]
+    quick: bool,
+    /// comma-separated subset of scenarios to run, e.g. S1,S3 (default all)
+    #[argh(option)]
+    only: Option<String>,
+    /// output directory (default <workspace>/bench/results)
+    #[argh(option)]
+    out: Option<PathBuf>,
+    /// gateway binary to test (default: built with `cargo build --release -p ws2http`)
+    #[argh(option)]
+    gateway_bin: Option<PathBuf>,
+    /// extra argument passed to the gateway (repeatable), e.g. --gateway-arg=--pipeline=4
+    #[argh(option)]
+    gateway_arg: Vec<String>,
+    /// do not run `cargo build --release -p ws2http` first
+    #[argh(switch)]
+    no_build: bool,
+    /// worker threads of the mock API (default 1)
+    #[argh(option, default = "1")]
+    mock_threads: usize,
+    /// label stored with the results (e.g. the allocator or a flag under test)
+    #[argh(option, default = "String::new()")]
+    label: String,
+}
+
+/// One scenario of the standard set.
+struct Scenario {
+    id: &'static str,
+    title: String,
+    /// Arguments for `load` (without --url / --gateway-pid).
+    load_args: Vec<String>,
+    /// S5: number of client ids to push to.
+    push_count: Option<u64>,
+    /// What the issue asks of the gateway here.
+    target: &'static str,
+    /// ws2api's figure on a machine like ours (from shared/ANCHORS.md).
+    ws2api: &'static str,
+}
+
+fn a(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn scenarios(quick: bool) -> Vec<Scenario> {
+    let (s1, s2, s3a, s3b, s3d, s4, s4d, s5) = if quick {
+        (500, 500, 20, 100, 5, 500, 5, 500)
+    } else {
+        (15_000, 10_000, 100, 1_000, 20, 15_000, 60, 15_000)
+    };
+    let n = |x: u64| x.to_string();
+    vec![
+        Scenario {
+            id: "S1",
+            title: format!("idle: hold {s1} connections"),
+            load_args: [
+                a(&["--mode", "idle", "--processes", "2", "--duration"]),
+                a(&[if quick { "3" } else { "10" }]),
+                a(&["--conns"]),
+                vec![n(s1)],
+            ]
+            .concat(),
+            push_count: None,
+            target: "≤ 4 KiB RSS/conn; RSS back within 10% of baseline after they leave",
+            ws2api: "25.1–26.3 KiB/conn",
+        },
+        Scenario {
+            id: "S2",
+            title: format!("connect storm: {s2} as fast as possible"),
+            load_args: [
+                a(&[
+                    "--mode",
+                    "idle",
+                    "--processes",
+                    "2",
+                    "--duration",
+                    "1",
+                    "--conns",
+                ]),
+                vec![n(s2)],
+            ]
+            .concat(),
+            push_count: None,
+            target: "≤ 40 µs gateway CPU/conn",
+            ws2api: "7.6k–8.1k conn/s; 172–180 µs CPU/conn; handshake p99 78–86 ms",
+        },
+        Scenario {
+            id: "S3a",
+            title: format!("flood: {s3a} connections, closed loop, {s3d} s"),
+            load_args: [
+                a(&[
+                    "--mode",
+                    "flood",
+                    "--in-flight",
+                    "1",
+                    "--processes",
+                    "1",
+                    "--conns",
+                ]),
+                vec![n(s3a), "--duration".into(), n(s3d)],
+            ]
+            .concat(),
+            push_count: None,
+            target: "≤ 12 µs CPU/msg; ≥ 2.5× ws2api replies/s (≥ 47k/s)",
+            ws2api: "18.9k–20.4k replies/s; p99 12.5–17.7 ms; 71–74 µs CPU/msg",
+        },
+        Scenario {
+            id: "S3b",
+            title: format!("flood: {s3b} connections, closed loop, {s3d} s"),
+            load_args: [
+                a(&[
+                    "--mode",
+                    "flood",
+                    "--in-flight",
+                    "1",
+                    "--processes",
+                    "1",
+                    "--conns",
+                ]),
+                vec![n(s3b), "--duration".into(), n(s3d)],
+            ]
+            .concat(),
+            push_count: None,
+            target: "≤ 12 µs CPU/msg; ≥ 2.5× ws2api replies/s (≥ 42k/s)",
+            ws2api: "16.8k–19.9k replies/s; p99 120–141 ms; 74–88 µs CPU/msg",
+        },
+        Scenario {
+            id: "S4",
+            title: format!("{s4} connections × 1 msg/s, {s4d} s"),
+            load_args: [
+                a(&[
+                    "--mode",
+                    "rate",
+                    "--interval-ms",
+                    "1000",
+                    "--processes",
+                    "2",
+                    "--conns",
+                ]),
+                vec![n(s4), "--duration".into(), n(s4d)],
+            ]
+            .concat(),
+            push_count: None,
+            target: "0 errors, p99 ≤ 10 ms",
+            ws2api: "fails at 15k (fds run out); at 10k: p99 223–295 ms",
+        },
+        Scenario {
+            id: "S5",
+            title: format!("push: one POST per connection to {s5} connections"),
+            load_args: [
+                a(&[
+                    "--mode",
+                    "idle",
+                    "--processes",
+                    "2",
+                    "--duration",
+                    "120",
+                    "--conns",
+                ]),
+                vec![n(s5)],
+            ]
+            .concat(),
+            push_count: Some(s5),
+            target: "≥ 50k pushes/s, p99 delivery ≤ 20 ms",
+            ws2api: "—",
+        },
+    ]
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// GET `path` on 127.0.0.1:`port`; returns the status code.
+fn http_get(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let line = String::from_utf8_lossy(&buf[..n]);
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn wait_healthy(port: u16, path: &str, child: &mut Child, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("{what} exited early: {st}"));
+        }
+        if http_get(port, path).is_some_and(|s| s < 500) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("{what} not answering on port {port}"))
+}
+
+fn sigterm(child: &Child) {
+    // SAFETY: sending a signal to our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+/// SIGTERM, then wait up to `grace`; kill if still alive. Returns (exit code, stdout).
+fn stop(mut child: Child, grace: Duration) -> (Option<i32>, String) {
+    sigterm(&child);
+    let deadline = Instant::now() + grace;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    match child.wait_with_output() {
+        Ok(o) => (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        ),
+        Err(_) => (None, String::new()),
+    }
+}
+
+fn last_json(s: &str) -> Value {
+    s.lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// UTC date-time as `YYYY-MM-DDTHHMMZ`.
+fn utc_stamp() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+struct Bins {
+    gateway: PathBuf,
+    mock: PathBuf,
+    load: PathBuf,
+    push: PathBuf,
+}
+
+fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
+    eprintln!("\n=== {} — {}", sc.id, sc.title);
+    let mport = free_port();
+    let mut mock = match Command::new(&bins.mock)
+        .args(["--listen", &format!("127.0.0.1:{mport}")])
+        .args(["--threads", &args.mock_threads.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return json!({"id": sc.id, "error": format!("mock-api: {e}")}),
+    };
+    if let Err(e) = wait_healthy(mport, "/__mock/stats", &mut mock, "mock-api") {
+        stop(mock, Duration::from_secs(2));
+        return json!({"id": sc.id, "error": e});
+    }
+    let (gport, cport) = (free_port(), free_port());
+    let mut gw = match Command::new(&bins.gateway)
+        .args(["--listen", &format!("127.0.0.1:{gport}")])
+        .args(["--control-listen", &format!("127.0.0.1:{cport}")])
+        .args(["--api", &format!("http://127.0.0.1:{mport}/")])
+        .args(&args.gateway_arg)
+        .stdout(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            stop(mock, Duration::from_secs(2));
+            return json!({"id": sc.id, "error": format!("gateway: {e}")});
+        }
+    };
+    if let Err(e) = wait_healthy(cport, "/healthz", &mut gw, "gateway") {
+        stop(gw, Duration::from_secs(2));
+        stop(mock, Duration::from_secs(2));
+        return json!({"id": sc.id, "error": e});
+    }
+    let gpid = gw.id();
+    std::thread::sleep(Duration::from_millis(500));
+    let baseline = procstat::sample(gpid);
+
+    let mut load_cmd = Command::new(&bins.load);
+    load_cmd
+        .args(&sc.load_args)
+        .args(["--url", &format!("ws://127.0.0.1:{gport}/")])
+        .args(["--gateway-pid", &gpid.to_string()])
+        .stdout(Stdio::piped());
+    let mut push_report = Value::Null;
+    let load_out = if let Some(count) = sc.push_count {
+        let ready =
+            std::env::temp_dir().join(format!("ws2http-bench-ready-{}", std::process::id()));
+        let _ = std::fs::remove_file(&ready);
+        load_cmd.arg("--ready-file").arg(&ready);
+        match load_cmd.spawn() {
+            Ok(load) => {
+                let deadline = Instant::now() + Duration::from_secs(150);
+                while !ready.exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                eprintln!("--- push to {count} client ids");
+                let out = Command::new(&bins.push)
+                    .args(["--control", &format!("http://127.0.0.1:{cport}/")])
+                    .args(["--count", &count.to_string(), "--concurrency", "64"])
+                    .stdout(Stdio::piped())
+                    .output();
+                push_report = out
+                    .map(|o| last_json(&String::from_utf8_lossy(&o.stdout)))
+                    .unwrap_or(Value::Null);
+                // Let the last deliveries land, then end the hold.
+                std::thread::sleep(Duration::from_secs(1));
+                let _ = std::fs::remove_file(&ready);
+                stop(load, Duration::from_secs(60)).1
+            }
+            Err(e) => format!("{{\"error\":\"load: {e}\"}}"),
+        }
+    } else {
+        load_cmd
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let load_report = last_json(&load_out);
+
+    // After the clients have left: give the allocator a moment, then sample.
+    std::thread::sleep(Duration::from_secs(if args.quick { 2 } else { 5 }));
+    let after_leave = procstat::sample(gpid);
+    let (gw_exit, _) = stop(gw, Duration::from_secs(20));
+    let (_, mock_out) = stop(mock, Duration::from_secs(5));
+    let mut load_slim = load_report.clone();
+    let timeline = load_slim
+        .as_object_mut()
+        .and_then(|o| o.remove("timeline"))
+        .unwrap_or(Value::Null);
+    json!({
+        "id": sc.id,
+        "title": sc.title,
+        "target": sc.target,
+        "ws2api": sc.ws2api,
+        "load_args": sc.load_args,
+        "gateway_baseline": baseline.map(procstat::Sample::to_json),
+        "gateway_after_leave": after_leave.map(procstat::Sample::to_json),
+        "gateway_exit_code": gw_exit,
+        "mock_counters": last_json(&mock_out),
+        "load": load_slim,
+        "push": push_report,
+        "timeline": timeline,
+    })
+}
+
+fn f(v: &Value) -> String {
+    match v {
+        Value::Null => "—".into(),
+        Value::Number(n) => {
+            let x = n.as_f64().unwrap_or(0.0);
+            if x.fract() == 0.0 {
+                format!("{}", x as i64)
+            } else {
+                format!("{x:.2}")
+            }
+        }
+        Value::String(s) => s.clone(),
+        x => x.to_string(),
+    }
+}
+
+/// The figures that matter for a scenario, as one Markdown cell.
+fn measured(r: &Value) -> String {
+    let l = &r["load"];
+    let g = &l["gateway"];
+    let lat = |h: &Value| {
+        format!(
+            "p50 {} / p99 {} / p99.9 {} / max {} ms",
+            f(&h["p50_ms"]),
+            f(&h["p99_ms"]),
+            f(&h["p999_ms"]),
+            f(&h["max_ms"])
+        )
+    };
+    let errs = format!("errors {}", f(&l["errors_total"]));
+    match r["id"].as_str().unwrap_or("") {
+        "S1" => {
+            let base = r["gateway_baseline"]["rss_kib"].as_f64().unwrap_or(0.0);
+            let after = r["gateway_after_leave"]["rss_kib"].as_f64().unwrap_or(0.0);
+            format!(
+                "{} conns; **{} KiB/conn**; RSS {} → {} → {} MiB (baseline → held → after leave, {:+.0}%); {}",
+                f(&l["established"]),
+                f(&g["kib_per_conn"]),
+                mib(&r["gateway_baseline"]["rss_kib"]),
+                mib(&g["connected"]["rss_kib"]),
+                mib(&r["gateway_after_leave"]["rss_kib"]),
+                if base > 0.0 { (after - base) / base * 100.0 } else { 0.0 },
+                errs
+            )
+        }
+        "S2" => format!(
+            "{} conns at **{} conn/s**; **{} µs CPU/conn**; handshake {}; {}",
+            f(&l["established"]),
+            f(&l["connects_per_s"]),
+            f(&g["cpu_us_per_conn"]),
+            lat(&l["connect_latency"]),
+            errs
+        ),
+        "S3a" | "S3b" | "S4" => format!(
+            "**{} replies/s**; {}; **{} µs CPU/msg** ({}% CPU); {}",
+            f(&l["replies_per_s"]),
+            lat(&l["latency"]),
+            f(&g["cpu_us_per_msg"]),
+            f(&g["cpu_pct_message_phase"]),
+            errs
+        ),
+        "S5" => format!(
+            "**{} pushes/s** ({} of {} delivered); delivery {}; {} KiB/conn; {}",
+            f(&r["push"]["pushes_per_s"]),
+            f(&l["pushes"]),
+            f(&r["push"]["count"]),
+            lat(&l["push_latency"]),
+            f(&g["kib_per_conn"]),
+            errs
+        ),
+        _ => String::new(),
+    }
+}
+
+fn mib(v: &Value) -> String {
+    v.as_f64()
+        .map(|k| format!("{:.1}", k / 1024.0))
+        .unwrap_or_else(|| "—".into())
+}
+
+/// Whether the scenario met its target (`None` when it could not be judged).
+fn verdict(r: &Value, quick: bool) -> Option<bool> {
+    let l = &r["load"];
+    let g = &l["gateway"];
+    let num = |v: &Value| v.as_f64();
+    Some(match r["id"].as_str()? {
+        "S1" => {
+            let base = num(&r["gateway_baseline"]["rss_kib"])?;
+            let after = num(&r["gateway_after_leave"]["rss_kib"])?;
+            num(&g["kib_per_conn"])? <= 4.0 && after <= base * 1.10
+        }
+        "S2" => num(&g["cpu_us_per_conn"])? <= 40.0,
+        "S3a" => {
+            num(&g["cpu_us_per_msg"])? <= 12.0 && (quick || num(&l["replies_per_s"])? >= 47_250.0)
+        }
+        "S3b" => {
+            num(&g["cpu_us_per_msg"])? <= 12.0 && (quick || num(&l["replies_per_s"])? >= 42_000.0)
+        }
+        "S4" => num(&l["errors_total"])? == 0.0 && num(&l["latency"]["p99_ms"])? <= 10.0,
+        "S5" => {
+            num(&r["push"]["pushes_per_s"])? >= 50_000.0
+                && num(&l["push_latency"]["p99_ms"])? <= 20.0
+        }
+        _ => return None,
+    })
+}
+
+fn markdown(results: &[Value], quick: bool) -> String {
+    let mut s = String::from(
+        "| scenario | measured (ws2http) | target | ws2api |\n| --- | --- | --- | --- |\n",
+    );
+    for r in results {
+        let v = match verdict(r, quick) {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not judged",
+        };
+        let m = if r["error"].is_null() {
+            measured(r)
+        } else {
+            format!("error: {}", f(&r["error"]))
+        };
+        let _ = writeln!(
+            s,
+            "| {} {} | {} | {} ({}) | {} |",
+            f(&r["id"]),
+            f(&r["title"]),
+            m,
+            f(&r["target"]),
+            v,
+            f(&r["ws2api"])
+        );
+    }
+    s
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// One panel per scenario: open connections, messages/s and gateway RSS over time.
+fn timeline_svg(results: &[Value]) -> String {
+    let (w, ph, ml, mr, mt) = (900.0, 170.0, 70.0, 80.0, 30.0);
+    let rows: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["timeline"].as_array().is_some_and(|t| !t.is_empty()))
+        .collect();
+    let h = mt + rows.len() as f64 * (ph + 40.0) + 20.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{ml}\" y=\"18\" font-size=\"14\">ws2http bench: open connections (blue), replies+pushes/s (orange), gateway RSS (grey, own scale)</text>\n"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let tl = r["timeline"].as_array().unwrap();
+        let y0 = mt + i as f64 * (ph + 40.0) + 20.0;
+        let pw = w - ml - mr;
+        let tmax = tl
+            .iter()
+            .filter_map(|p| p["t"].as_f64())
+            .fold(1.0, f64::max);
+        let get = |p: &Value, k: &str| p[k].as_f64().unwrap_or(0.0);
+        let omax = tl.iter().map(|p| get(p, "open")).fold(1.0, f64::max);
+        let rmax = tl
+            .iter()
+            .map(|p| get(p, "replies_per_s") + get(p, "pushes_per_s"))
+            .fold(1.0, f64::max);
+        let mmax = tl.iter().map(|p| get(p, "gw_rss_kib")).fold(1.0, f64::max);
+        let x = |t: f64| ml + t / tmax * pw;
+        let y = |v: f64, max: f64| y0 + ph - v / max * ph;
+        let _ = writeln!(
+            s,
+            "<text x=\"{ml}\" y=\"{}\" font-size=\"12\" font-weight=\"bold\">{} — {}</text>",
+            y0 - 5.0,
+            esc(&f(&r["id"])),
+            esc(&f(&r["title"]))
+        );
+        let _ = writeln!(
+            s,
+            "<rect x=\"{ml}\" y=\"{y0}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>"
+        );
+        for (frac, _) in [(0.0, ()), (0.5, ()), (1.0, ())] {
+            let yy = y0 + ph - frac * ph;
+            let _ = writeln!(
+                s,
+                "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" fill=\"#1f77b4\">{:.0}</text><text x=\"{}\" y=\"{}\" fill=\"#ff7f0e\">{:.0}/s</text>",
+                ml - 4.0, yy + 4.0, omax * frac, ml + pw + 4.0, yy + 4.0, rmax * frac
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0} s</text><text x=\"{}\" y=\"{}\" fill=\"#777\">RSS max {:.1} MiB</text>",
+            ml + pw, y0 + ph + 14.0, tmax, ml, y0 + ph + 14.0, mmax / 1024.0
+        );
+        let line = |key: &dyn Fn(&Value) -> f64, max: f64, color: &str, dash: &str| {
+            let pts: Vec<String> = tl
+                .iter()
+                .map(|p| format!("{:.1},{:.1}", x(get(p, "t")), y(key(p), max)))
+                .collect();
+            format!(
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" stroke-dasharray=\"{dash}\" points=\"{}\"/>\n",
+                pts.join(" ")
+            )
+        };
+        s += &line(&|p| get(p, "gw_rss_kib"), mmax, "#999", "4 3");
+        s += &line(&|p| get(p, "open"), omax, "#1f77b4", "none");
+        s += &line(
+            &|p| get(p, "replies_per_s") + get(p, "pushes_per_s"),
+            rmax,
+            "#ff7f0e",
+            "none",
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The latency histogram that characterises a scenario, with its name.
+fn key_latency(r: &Value) -> (&'static str, &Value) {
+    let l = &r["load"];
+    match r["id"].as_str().unwrap_or("") {
+        "S1" | "S2" => ("handshake", &l["connect_latency"]),
+        "S5" => ("push delivery", &l["push_latency"]),
+        _ => ("reply", &l["latency"]),
+    }
+}
+
+/// Grouped bars of p50/p90/p99/p99.9/max per scenario on a log scale.
+fn latency_svg(results: &[Value]) -> String {
+    let keys = [
+        ("p50_ms", "#c6dbef"),
+        ("p90_ms", "#9ecae1"),
+        ("p99_ms", "#6baed6"),
+        ("p999_ms", "#3182bd"),
+        ("max_ms", "#08519c"),
+    ];
+    let (ml, mt, row, bh, pw) = (200.0, 40.0, 70.0, 11.0, 620.0);
+    let h = mt + results.len() as f64 * row + 40.0;
+    let (lo, hi) = (0.01f64.log10(), 10_000f64.log10());
+    let x = |ms: f64| ml + (ms.max(0.01).log10() - lo) / (hi - lo) * pw;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-size=\"14\">ws2http bench: latency percentiles (ms, log scale): p50, p90, p99, p99.9, max</text>\n",
+        ml + pw + 60.0
+    );
+    for d in [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10_000.0] {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0:.1}\" y1=\"{mt}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#ddd\"/><text x=\"{0:.1}\" y=\"{2}\" text-anchor=\"middle\">{d}</text>",
+            x(d),
+            h - 30.0,
+            h - 16.0
+        );
+    }
+    for (i, r) in results.iter().enumerate() {
+        let y0 = mt + i as f64 * row;
+        let (what, hist) = key_latency(r);
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} {} ({})</text>",
+            ml - 6.0,
+            y0 + 30.0,
+            esc(&f(&r["id"])),
+            what,
+            f(&hist["count"])
+        );
+        for (j, (k, color)) in keys.iter().enumerate() {
+            if let Some(v) = hist[*k].as_f64() {
+                let yy = y0 + 4.0 + j as f64 * bh;
+                let _ = writeln!(
+                    s,
+                    "<rect x=\"{ml}\" y=\"{yy:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{:.1}\" font-size=\"9\">{}</text>",
+                    (x(v) - ml).max(1.0),
+                    bh - 1.0,
+                    x(v) + 3.0,
+                    yy + bh - 2.0,
+                    v
+                );
+            }
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn build_gateway(root: &Path) -> Result<(), String> {
+    eprintln!("building: cargo build --release -p ws2http -p ws2http-bench");
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "-p", "ws2http", "-p", "ws2http-bench"])
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("cargo: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo build failed: {st}"))
+    }
+}
+
+fn main() {
+    let args: Args = argh::from_env();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    if !args.no_build && args.gateway_bin.is_none() {
+        if let Err(e) = build_gateway(&root) {
+            eprintln!("scenarios: {e}");
+            std::process::exit(2);
+        }
+    }
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| root.join("target/release"));
+    let bins = Bins {
+        gateway: args
+            .gateway_bin
+            .clone()
+            .unwrap_or_else(|| dir.join("ws2http")),
+        mock: dir.join("mock-api"),
+        load: dir.join("load"),
+        push: dir.join("push"),
+    };
+    for b in [&bins.gateway, &bins.mock, &bins.load, &bins.push] {
+        if !b.exists() {
+            eprintln!("scenarios: missing binary {}", b.display());
+            std::process::exit(2);
+        }
+    }
+    let only: Option<Vec<String>> = args
+        .only
+        .as_ref()
+        .map(|o| o.split(',').map(|s| s.trim().to_uppercase()).collect());
+    let started = utc_stamp();
+    let t0 = Instant::now();
+    let mut results = Vec::new();
+    for sc in scenarios(args.quick) {
+        if let Some(o) = &only {
+            if !o.iter().any(|x| sc.id.starts_with(x.as_str())) {
+                continue;
+            }
+        }
+        results.push(run_scenario(&sc, &bins, &args));
+    }
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("bench/results"));
+    let _ = std::fs::create_dir_all(&out_dir);
+    let stem = format!("{started}{}", if args.quick { "-quick" } else { "" });
+    let table = markdown(&results, args.quick);
+    let doc = json!({
+        "started_utc": started,
+        "elapsed_s": t0.elapsed().as_secs(),
+        "quick": args.quick,
+        "label": args.label,
+        "gateway_bin": bins.gateway.display().to_string(),
+        "gateway_args": args.gateway_arg,
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "scenarios": results,
+    });
+    let write = |ext: &str, body: &str| {
+        let p = out_dir.join(format!("{stem}{ext}"));
+        match std::fs::write(&p, body) {
+            Ok(()) => eprintln!("wrote {}", p.display()),
+            Err(e) => eprintln!("cannot write {}: {e}", p.display()),
+        }
+    };
+    write(
+        ".json",
+        &serde_json::to_string_pretty(&doc).unwrap_or_default(),
+    );
+    write(".md", &table);
+    write("-timeline.svg", &timeline_svg(&results));
+    write("-latency.svg", &latency_svg(&results));
+    println!("{table}");
+}

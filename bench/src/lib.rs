@@ -1,0 +1,18 @@
+//! Shared pieces of the ws2http benchmark tools.
+//!
+//! The binaries (`mock-api`, `load`, `push`, `scenarios`) agree on one small wire format so that
+//! every reply can be checked against the request it answers:
+//!
+//! * a request message sent by `load` starts with `c<conn>:<seq>;` and is padded to the payload
+//!   size; `mock-api` echoes the POST body, so the reply carries the same prefix;
+//! * a pushed message sent by `push` through the control API is `push:<ns since the epoch>` and
+//!   is recognised by `load` as a delivery, whose latency is measured on arrival.
+//!
+//! The modules here hold that format ([`proto`]), the latency histograms ([`stats`]), the
+//! reading of another process's RSS and CPU time ([`procstat`]) and the source-address-spreading
+//! connect ([`net`]).
+
+pub mod net;
+pub mod procstat;
+pub mod proto;
+pub mod stats;

@@ -1,0 +1,89 @@
+//! Reading another process's resident memory and CPU time from `/proc`.
+
+use std::fs;
+
+use serde_json::{json, Value};
+
+/// One sample of a process's resources.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// Resident set size in KiB (`VmRSS` of `/proc/PID/status`).
+    pub rss_kib: u64,
+    /// User plus system CPU time in microseconds (`utime + stime` of `/proc/PID/stat`).
+    pub cpu_us: u64,
+    /// Open file descriptors (entries of `/proc/PID/fd`), 0 when unreadable.
+    pub fds: u64,
+}
+
+impl Sample {
+    /// The sample as a JSON object.
+    pub fn to_json(self) -> Value {
+        json!({"rss_kib": self.rss_kib, "cpu_us": self.cpu_us, "fds": self.fds})
+    }
+}
+
+/// Clock ticks per second used by `/proc/PID/stat`.
+fn ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Parses `VmRSS` (KiB) out of the text of `/proc/PID/status`.
+pub fn parse_vmrss_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// Parses `utime + stime` (clock ticks) out of the text of `/proc/PID/stat`.
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name may contain spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ')' come field 3 (state) onwards: utime is field 14, stime field 15.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Samples process `pid`; `None` when it does not exist or cannot be read.
+pub fn sample(pid: u32) -> Option<Sample> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count() as u64)
+        .unwrap_or(0);
+    Some(Sample {
+        rss_kib: parse_vmrss_kib(&status)?,
+        cpu_us: parse_cpu_ticks(&stat)? * 1_000_000 / ticks_per_sec(),
+        fds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_and_stat_lines() {
+        let status = "Name:\tws2http\nVmPeak:\t  9000 kB\nVmRSS:\t    6123 kB\nThreads:\t3\n";
+        assert_eq!(parse_vmrss_kib(status), Some(6123));
+        let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn samples_our_own_process() {
+        let s = sample(std::process::id()).expect("own process readable");
+        assert!(s.rss_kib > 0);
+        assert!(s.fds > 0);
+    }
+}

@@ -1,0 +1,256 @@
+//! The bench's message format and the per-connection reply checker.
+//!
+//! A request is `c<conn>:<seq>;` followed by padding; the echoed reply must carry the prefix of
+//! the oldest request still in flight on the same connection. Anything else is classified as
+//! cross-talk (another connection's reply), out of order (a later request of ours answered
+//! first), or unexpected (no such request, or not our format at all).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Prefix of a pushed message: `push:<ns since the epoch>`.
+pub const PUSH_PREFIX: &[u8] = b"push:";
+
+/// Builds a request payload for connection `conn`, sequence `seq`, padded with `x` to `size`
+/// bytes (never shorter than the prefix itself).
+pub fn request_payload(conn: u64, seq: u64, size: usize) -> Vec<u8> {
+    let mut v = format!("c{conn}:{seq};").into_bytes();
+    if v.len() < size {
+        v.resize(size, b'x');
+    }
+    v
+}
+
+/// Builds a push body carrying the current wall-clock time.
+pub fn push_payload() -> String {
+    format!("push:{}", now_ns())
+}
+
+/// Nanoseconds since the Unix epoch (wall clock, shared by all processes of the machine).
+pub fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// What a received message is, judged by its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// An echo of a request: the connection index and sequence number it names.
+    Echo {
+        /// Connection index named in the reply.
+        conn: u64,
+        /// Sequence number named in the reply.
+        seq: u64,
+    },
+    /// A pushed message with its send time in ns since the epoch.
+    Push {
+        /// When `push` sent it.
+        sent_ns: u128,
+    },
+    /// Anything else (for example an empty error reply).
+    Unknown,
+}
+
+/// Parses a received payload into a [`Reply`].
+pub fn parse_reply(b: &[u8]) -> Reply {
+    if let Some(rest) = b.strip_prefix(PUSH_PREFIX) {
+        return match parse_u128(rest) {
+            Some(sent_ns) => Reply::Push { sent_ns },
+            None => Reply::Unknown,
+        };
+    }
+    let Some(rest) = b.strip_prefix(b"c") else {
+        return Reply::Unknown;
+    };
+    let Some(colon) = rest.iter().position(|&c| c == b':') else {
+        return Reply::Unknown;
+    };
+    let Some(semi) = rest.iter().position(|&c| c == b';') else {
+        return Reply::Unknown;
+    };
+    if semi < colon {
+        return Reply::Unknown;
+    }
+    match (
+        parse_u128(&rest[..colon]),
+        parse_u128(&rest[colon + 1..semi]),
+    ) {
+        (Some(conn), Some(seq)) => Reply::Echo {
+            conn: conn as u64,
+            seq: seq as u64,
+        },
+        _ => Reply::Unknown,
+    }
+}
+
+fn parse_u128(b: &[u8]) -> Option<u128> {
+    if b.is_empty() || b.len() > 38 {
+        return None;
+    }
+    let mut n: u128 = 0;
+    for &c in b {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u128::from(c - b'0');
+    }
+    Some(n)
+}
+
+/// The outcome of checking one echo reply against the requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The reply answers the oldest request in flight; the round-trip time is given.
+    Ok(Duration),
+    /// The reply names another connection.
+    CrossTalk,
+    /// The reply answers one of our requests, but not the oldest one in flight.
+    OutOfOrder,
+    /// The reply names a sequence number that is not in flight (duplicate or invented).
+    Unexpected,
+}
+
+impl Verdict {
+    /// A short label used as the error kind in reports (`None` for [`Verdict::Ok`]).
+    pub fn error_kind(self) -> Option<&'static str> {
+        match self {
+            Verdict::Ok(_) => None,
+            Verdict::CrossTalk => Some("reply_crosstalk"),
+            Verdict::OutOfOrder => Some("reply_out_of_order"),
+            Verdict::Unexpected => Some("reply_unexpected"),
+        }
+    }
+}
+
+/// The requests one connection has sent and not yet seen answered, oldest first.
+#[derive(Debug)]
+pub struct InFlight {
+    conn: u64,
+    next_seq: u64,
+    queue: VecDeque<(u64, Instant)>,
+}
+
+impl InFlight {
+    /// An empty tracker for connection `conn`.
+    pub fn new(conn: u64) -> Self {
+        Self {
+            conn,
+            next_seq: 0,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// Registers a request sent at `at` and returns its sequence number.
+    pub fn sent(&mut self, at: Instant) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push_back((seq, at));
+        seq
+    }
+
+    /// The sequence number the next [`InFlight::sent`] will hand out.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// How many requests are awaiting a reply.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// True when no request awaits a reply.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Checks an echo reply naming (`conn`, `seq`) received at `now`.
+    ///
+    /// An out-of-order reply removes the request it answers, so that the rest of the stream
+    /// is still judged against what is truly outstanding.
+    pub fn check(&mut self, conn: u64, seq: u64, now: Instant) -> Verdict {
+        if conn != self.conn {
+            return Verdict::CrossTalk;
+        }
+        match self.queue.front() {
+            Some(&(s, at)) if s == seq => {
+                self.queue.pop_front();
+                Verdict::Ok(now.saturating_duration_since(at))
+            }
+            _ => match self.queue.iter().position(|&(s, _)| s == seq) {
+                Some(i) => {
+                    self.queue.remove(i);
+                    Verdict::OutOfOrder
+                }
+                None => Verdict::Unexpected,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_payload_is_padded_and_parses_back() {
+        let p = request_payload(42, 7, 64);
+        assert_eq!(p.len(), 64);
+        assert!(p.starts_with(b"c42:7;x"));
+        assert_eq!(parse_reply(&p), Reply::Echo { conn: 42, seq: 7 });
+        // Never truncated below the prefix.
+        let short = request_payload(123456, 999, 4);
+        assert_eq!(short, b"c123456:999;");
+    }
+
+    #[test]
+    fn push_and_garbage_are_told_apart() {
+        assert_eq!(
+            parse_reply(b"push:1700000000123456789"),
+            Reply::Push {
+                sent_ns: 1_700_000_000_123_456_789
+            }
+        );
+        assert_eq!(parse_reply(b""), Reply::Unknown);
+        assert_eq!(parse_reply(b"push:abc"), Reply::Unknown);
+        assert_eq!(parse_reply(b"c1;2:"), Reply::Unknown);
+        assert_eq!(parse_reply(b"{\"received\":1}"), Reply::Unknown);
+    }
+
+    #[test]
+    fn in_order_replies_give_round_trip_times() {
+        let t0 = Instant::now();
+        let mut f = InFlight::new(3);
+        let a = f.sent(t0);
+        let b = f.sent(t0 + Duration::from_millis(1));
+        assert_eq!((a, b), (0, 1));
+        assert_eq!(
+            f.check(3, 0, t0 + Duration::from_millis(5)),
+            Verdict::Ok(Duration::from_millis(5))
+        );
+        assert_eq!(
+            f.check(3, 1, t0 + Duration::from_millis(5)),
+            Verdict::Ok(Duration::from_millis(4))
+        );
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn crosstalk_reordering_and_duplicates_are_caught() {
+        let t0 = Instant::now();
+        let mut f = InFlight::new(1);
+        f.sent(t0);
+        f.sent(t0);
+        f.sent(t0);
+        assert_eq!(f.check(2, 0, t0), Verdict::CrossTalk);
+        assert_eq!(f.len(), 3, "cross-talk must not consume our request");
+        assert_eq!(f.check(1, 1, t0), Verdict::OutOfOrder);
+        assert_eq!(f.len(), 2);
+        assert!(matches!(f.check(1, 0, t0), Verdict::Ok(_)));
+        assert_eq!(f.check(1, 0, t0), Verdict::Unexpected, "duplicate reply");
+        assert!(matches!(f.check(1, 2, t0), Verdict::Ok(_)));
+        assert_eq!(f.check(1, 9, t0), Verdict::Unexpected);
+        assert_eq!(Verdict::CrossTalk.error_kind(), Some("reply_crosstalk"));
+    }
+}

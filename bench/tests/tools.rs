@@ -1,0 +1,282 @@
+//! End-to-end checks of the bench tools against small websocket servers written here:
+//! `load` must count clean echoes as replies, and must catch cross-talk, reordering and
+//! pushes; `mock-api` must answer GET/POST/DELETE as the gateway expects and report counters.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_websockets::{Message, ServerBuilder};
+
+/// How the test server answers each message.
+#[derive(Clone, Copy)]
+enum Behaviour {
+    /// Echo unchanged.
+    Echo,
+    /// Echo with the connection index in the prefix increased by one.
+    WrongConnection,
+    /// Hold a message and answer the next one first, then the held one.
+    SwapPairs,
+    /// Send one `push:<ns>` message right after the handshake, echo nothing.
+    PushOnce,
+}
+
+/// Starts a websocket server with the given behaviour; returns its port.
+async fn server(b: Behaviour) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let Ok((_req, mut ws)) = ServerBuilder::new().accept(s).await else {
+                    return;
+                };
+                if let Behaviour::PushOnce = b {
+                    let _ = ws
+                        .send(Message::text(ws2http_bench::proto::push_payload()))
+                        .await;
+                }
+                let mut held: Option<Message> = None;
+                while let Some(Ok(m)) = ws.next().await {
+                    if !(m.is_text() || m.is_binary()) {
+                        continue;
+                    }
+                    let reply = match b {
+                        Behaviour::Echo => Some(m),
+                        Behaviour::PushOnce => None,
+                        Behaviour::WrongConnection => {
+                            let text = String::from_utf8_lossy(m.as_payload()).to_string();
+                            let (conn, rest) = text[1..].split_once(':').unwrap();
+                            let conn: u64 = conn.parse().unwrap();
+                            Some(Message::text(format!("c{}:{rest}", conn + 1)))
+                        }
+                        Behaviour::SwapPairs => match held.take() {
+                            None => {
+                                held = Some(m);
+                                None
+                            }
+                            Some(first) => {
+                                if ws.send(m).await.is_err() {
+                                    return;
+                                }
+                                Some(first)
+                            }
+                        },
+                    };
+                    if let Some(r) = reply {
+                        if ws.send(r).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Runs the `load` binary with `extra` arguments against `port`; returns its JSON report.
+async fn run_load(port: u16, extra: &[&str]) -> Value {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_load"))
+        .args(["--url", &format!("ws://127.0.0.1:{port}/"), "--quiet"])
+        .args(extra)
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .expect("load runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().expect("a report line")).expect("JSON report")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_over_two_processes_counts_clean_echoes_as_replies() {
+    let port = server(Behaviour::Echo).await;
+    let r = run_load(
+        port,
+        &[
+            "--conns",
+            "20",
+            "--mode",
+            "flood",
+            "--in-flight",
+            "3",
+            "--processes",
+            "2",
+            "--duration",
+            "1",
+            "--source-ips",
+            "4",
+            "--payload",
+            "100",
+        ],
+    )
+    .await;
+    assert_eq!(r["established"], 20, "{r}");
+    assert_eq!(r["errors_total"], 0, "{r}");
+    let replies = r["replies"].as_u64().unwrap();
+    assert!(replies > 100, "{r}");
+    assert_eq!(
+        r["sent"].as_u64().unwrap(),
+        replies,
+        "every sent message answered"
+    );
+    assert_eq!(r["latency"]["count"].as_u64().unwrap(), replies);
+    assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_mode_sends_about_one_message_per_interval() {
+    let port = server(Behaviour::Echo).await;
+    let r = run_load(
+        port,
+        &[
+            "--conns",
+            "10",
+            "--mode",
+            "rate",
+            "--interval-ms",
+            "100",
+            "--duration",
+            "1",
+            "--binary",
+        ],
+    )
+    .await;
+    assert_eq!(r["errors_total"], 0, "{r}");
+    let replies = r["replies"].as_u64().unwrap();
+    // 10 connections × ~10 ticks in one second (first tick within the first interval).
+    assert!((80..=120).contains(&replies), "{replies} replies: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_naming_another_connection_are_reported_as_crosstalk() {
+    let port = server(Behaviour::WrongConnection).await;
+    let r = run_load(
+        port,
+        &[
+            "--conns",
+            "4",
+            "--mode",
+            "flood",
+            "--duration",
+            "0.5",
+            "--drain-ms",
+            "200",
+        ],
+    )
+    .await;
+    assert_eq!(r["replies"], 0, "{r}");
+    assert!(r["errors"]["reply_crosstalk"].as_u64().unwrap() >= 4, "{r}");
+    assert!(r["errors"]["reply_missing"].as_u64().unwrap() >= 4, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapped_replies_are_reported_as_out_of_order() {
+    let port = server(Behaviour::SwapPairs).await;
+    let r = run_load(
+        port,
+        &[
+            "--conns",
+            "2",
+            "--mode",
+            "flood",
+            "--in-flight",
+            "2",
+            "--duration",
+            "0.5",
+        ],
+    )
+    .await;
+    assert!(
+        r["errors"]["reply_out_of_order"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_time_pushed_messages() {
+    let port = server(Behaviour::PushOnce).await;
+    let r = run_load(
+        port,
+        &["--conns", "8", "--mode", "idle", "--duration", "0.5"],
+    )
+    .await;
+    assert_eq!(r["pushes"], 8, "{r}");
+    assert_eq!(r["push_latency"]["count"], 8, "{r}");
+    assert_eq!(r["errors_total"], 0, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_counted_by_kind() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let r = run_load(port, &["--conns", "3", "--duration", "0"]).await;
+    assert_eq!(r["established"], 0, "{r}");
+    assert_eq!(r["errors"]["connect_ConnectionRefused"], 3, "{r}");
+}
+
+fn http(port: u16, req: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn mock_api_answers_like_the_gateway_expects_and_counts() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_mock-api"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(up, "mock-api listening");
+    let get = http(
+        port,
+        "GET /b1?x=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        get.starts_with("HTTP/1.1 200") && get.ends_with("\r\n\r\nok"),
+        "{get}"
+    );
+    let post = http(
+        port,
+        "POST /b1 HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\nConnection: close\r\n\r\nc1:2;xxxx",
+    );
+    assert!(post.ends_with("\r\n\r\nc1:2;xxxx"), "{post}");
+    let del = http(
+        port,
+        "DELETE /b1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\nEOF",
+    );
+    assert!(del.ends_with("\r\n\r\nok"), "{del}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["get"].as_u64(), v["post"].as_u64(), v["delete"].as_u64()),
+        (Some(1), Some(1), Some(1)),
+        "{v}"
+    );
+}
