@@ -1,0 +1,919 @@
+//! Shared harness for `tests/haproxy_cluster.rs` and `tests/nginx_cluster.rs`: three
+//! real `ws2http` gateway processes behind a real HAProxy or nginx process started from
+//! the shipped configuration (`haproxy/haproxy.cfg`, `nginx/nginx.conf`) on free ports,
+//! an in-process mock API that records which node saw which ClientId, websocket clients
+//! that reconnect by themselves, and the scenario both proxies must pass
+//! ([`run_failover_scenario`]).
+//!
+//! Each gateway node gets its own `--api` base URL (`http://127.0.0.1:<port>/gw<n>/`),
+//! so the path of every call the mock API receives names the node that made it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::task::JoinHandle;
+use tokio_websockets::{ClientBuilder, Message};
+
+/// Number of websocket clients in the scenario.
+pub const CLIENTS: usize = 300;
+/// Number of gateway nodes behind the proxy.
+pub const NODES: usize = 3;
+
+/// Which proxy sits in front of the gateways.
+// Each test crate that includes this module constructs only its own variant.
+#[allow(dead_code)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// `haproxy/haproxy.cfg`, run unchanged with addresses from environment variables.
+    Haproxy,
+    /// `nginx/nginx.conf`, with its addresses rewritten to free ports.
+    Nginx,
+}
+
+/// Root of the repository (where `haproxy/` and `nginx/` live).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A free loopback port: bind port 0, read it, close it.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A fresh scratch directory under Cargo's per-target temp dir, removed on drop.
+pub struct ScratchDir(pub PathBuf);
+
+impl ScratchDir {
+    /// Creates `<CARGO_TARGET_TMPDIR>/<name>-<pid>-<nanos>`.
+    pub fn new(name: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{name}-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&dir).expect("create scratch dir");
+        ScratchDir(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A child process that is stopped when dropped: SIGTERM first (nginx's master must
+/// take its workers down with it), SIGKILL if it is still there after 5 s.
+pub struct Proc {
+    /// What it is, for messages.
+    pub name: String,
+    child: Option<Child>,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Self {
+        let out = fs::File::create(log).expect("create log file");
+        let err = out.try_clone().expect("clone log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {name} ({cmd:?}): {e}; is it installed? `make test` installs it"
+                )
+            });
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Panics with the log's tail if the process has already exited.
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{} exited early with {status}; log {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    log_tail(&self.log)
+                );
+            }
+        }
+    }
+
+    /// SIGKILL, the way a crashed or OOM-killed node goes away, and reap it.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on the pid of a child we own and have not reaped.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The last 40 lines of a log file, for failure messages.
+pub fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// Waits until a TCP connect to `addr` succeeds.
+pub fn wait_for_port(addr: SocketAddr, proc_: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        proc_.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "{} does not listen on {addr}; log {}:\n{}",
+            proc_.name,
+            proc_.log.display(),
+            log_tail(&proc_.log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Mock API
+// ---------------------------------------------------------------------------
+
+/// Everything the mock API saw, by node (0-based) and ClientId.
+#[derive(Default, Debug)]
+pub struct ApiLog {
+    /// Connect calls (`GET /gw<n>/<id>?<query>`): (node, id, query).
+    pub connects: Vec<(usize, String, String)>,
+    /// Message calls (`POST /gw<n>/<id>`): (node, id).
+    pub messages: Vec<(usize, String)>,
+    /// Disconnect calls (`DELETE /gw<n>/<id>`): (node, id).
+    pub disconnects: Vec<(usize, String)>,
+}
+
+/// The mock API: GET → `ok`, POST → echo of the body, DELETE → `ok`, all recorded.
+pub struct MockApi {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// What it saw.
+    pub log: Arc<Mutex<ApiLog>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for MockApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl MockApi {
+    /// Starts the server on a free loopback port.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind mock API");
+        let addr = listener.local_addr().expect("mock API address");
+        let log = Arc::new(Mutex::new(ApiLog::default()));
+        let task_log = log.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = task_log.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle_api(req, log.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        MockApi { addr, log, task }
+    }
+
+    /// The `--api` base URL for node `node` (0-based).
+    pub fn base_url(&self, node: usize) -> String {
+        format!("http://{}/gw{}/", self.addr, node + 1)
+    }
+}
+
+async fn handle_api(
+    req: Request<Incoming>,
+    log: Arc<Mutex<ApiLog>>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let parsed = path.strip_prefix("/gw").and_then(|rest| {
+        let (n, id) = rest.split_once('/')?;
+        Some((n.parse::<usize>().ok()?.checked_sub(1)?, id.to_string()))
+    });
+    let Some((node, id)) = parsed else {
+        return Ok(reply(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(b"no such path"),
+        ));
+    };
+    let method = req.method().clone();
+    let body = req.into_body().collect().await?.to_bytes();
+    let mut log = log.lock().unwrap();
+    Ok(match method {
+        Method::GET => {
+            log.connects.push((node, id, query));
+            reply(StatusCode::OK, Bytes::from_static(b"ok"))
+        }
+        Method::POST => {
+            log.messages.push((node, id));
+            reply(StatusCode::OK, body)
+        }
+        Method::DELETE => {
+            log.disconnects.push((node, id));
+            reply(StatusCode::OK, Bytes::from_static(b"ok"))
+        }
+        _ => reply(StatusCode::METHOD_NOT_ALLOWED, Bytes::new()),
+    })
+}
+
+fn reply(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(body));
+    *res.status_mut() = status;
+    res
+}
+
+// ---------------------------------------------------------------------------
+// Gateways and proxies
+// ---------------------------------------------------------------------------
+
+/// One `ws2http` process.
+pub struct GatewayNode {
+    /// Its `--listen` address.
+    pub public: SocketAddr,
+    /// Its `--control-listen` address.
+    pub control: SocketAddr,
+    /// The process.
+    pub proc_: Proc,
+}
+
+impl GatewayNode {
+    /// Starts node `node` (0-based) with explicit free ports, calling `api_base`.
+    pub fn start(node: usize, api_base: &str, dir: &Path) -> Self {
+        let public = loopback(free_port());
+        let control = loopback(free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ws2http"));
+        cmd.arg("--listen")
+            .arg(public.to_string())
+            .arg("--control-listen")
+            .arg(control.to_string())
+            .arg("--api")
+            .arg(api_base);
+        let name = format!("gateway gw{}", node + 1);
+        let mut proc_ = Proc::spawn(&name, cmd, &dir.join(format!("gw{}.log", node + 1)));
+        wait_for_port(public, &mut proc_);
+        wait_for_port(control, &mut proc_);
+        GatewayNode {
+            public,
+            control,
+            proc_,
+        }
+    }
+}
+
+/// A running HAProxy or nginx.
+pub struct ProxyProcess {
+    /// The public (websocket) entry point.
+    pub public: SocketAddr,
+    /// The internal (push) entry point.
+    pub push: SocketAddr,
+    /// HAProxy's stats page (HAProxy only).
+    pub stats: Option<SocketAddr>,
+    /// The process.
+    pub proc_: Proc,
+}
+
+/// Starts the shipped `haproxy/haproxy.cfg` unchanged; addresses and the (short) health
+/// check interval come from the environment variables the file reads.
+pub fn start_haproxy(nodes: &[GatewayNode], dir: &Path) -> ProxyProcess {
+    let public = loopback(free_port());
+    let push = loopback(free_port());
+    let stats = loopback(free_port());
+    let cfg = repo_root().join("haproxy/haproxy.cfg");
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db").arg("-f").arg(&cfg);
+    cmd.env("WS2HTTP_PUBLIC_BIND", public.to_string())
+        .env("WS2HTTP_PUSH_BIND", push.to_string())
+        .env("WS2HTTP_STATS_BIND", stats.to_string())
+        .env("WS2HTTP_CHECK_INTER", "200ms")
+        .env("WS2HTTP_CHECK_FALL", "1");
+    for (i, node) in nodes.iter().enumerate() {
+        cmd.env(
+            format!("WS2HTTP_GW{}_PUBLIC", i + 1),
+            node.public.to_string(),
+        )
+        .env(
+            format!("WS2HTTP_GW{}_CONTROL", i + 1),
+            node.control.to_string(),
+        );
+    }
+    let mut proc_ = Proc::spawn("haproxy", cmd, &dir.join("haproxy.log"));
+    wait_for_port(public, &mut proc_);
+    wait_for_port(push, &mut proc_);
+    wait_for_port(stats, &mut proc_);
+    ProxyProcess {
+        public,
+        push,
+        stats: Some(stats),
+        proc_,
+    }
+}
+
+/// Rewrites the addresses of the shipped `nginx/nginx.conf` (every other line, the
+/// hashing and failure directives included, stays as shipped) into `dir` and starts
+/// nginx with `dir` as its prefix.
+pub fn start_nginx(nodes: &[GatewayNode], dir: &Path) -> ProxyProcess {
+    let public = loopback(free_port());
+    let push = loopback(free_port());
+    let shipped =
+        fs::read_to_string(repo_root().join("nginx/nginx.conf")).expect("read nginx.conf");
+    let mut replacements: Vec<(String, String)> = vec![
+        ("listen 8080;".into(), format!("listen {public};")),
+        ("listen 127.0.0.1:8081;".into(), format!("listen {push};")),
+    ];
+    for (i, node) in nodes.iter().enumerate() {
+        let n = i + 1;
+        let forwarder = loopback(free_port());
+        replacements.push((format!("127.0.0.1:7{n}01;"), format!("{};", node.public)));
+        replacements.push((format!("127.0.0.1:7{n}02;"), format!("{};", node.control)));
+        replacements.push((format!("127.0.0.1:719{n} "), format!("{forwarder} ")));
+        replacements.push((format!("127.0.0.1:719{n};"), format!("{forwarder};")));
+    }
+    let conf = rewrite(&shipped, &replacements);
+    let prefix = dir.join("nginx");
+    fs::create_dir_all(&prefix).expect("create nginx prefix");
+    fs::write(prefix.join("nginx.conf"), conf).expect("write nginx.conf");
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p")
+        .arg(format!("{}/", prefix.display()))
+        .arg("-c")
+        .arg("nginx.conf")
+        .arg("-e")
+        .arg("stderr")
+        .arg("-g")
+        .arg("daemon off;");
+    let mut proc_ = Proc::spawn("nginx", cmd, &dir.join("nginx.log"));
+    wait_for_port(public, &mut proc_);
+    wait_for_port(push, &mut proc_);
+    ProxyProcess {
+        public,
+        push,
+        stats: None,
+        proc_,
+    }
+}
+
+/// Replaces every `(from, to)` pair in one pass (through placeholders, so a new port can
+/// never be hit by a later pattern); panics if a pattern does not occur, so a changed
+/// shipped file breaks the test instead of silently keeping its fixed ports.
+pub fn rewrite(text: &str, replacements: &[(String, String)]) -> String {
+    let mut out = text.to_string();
+    for (i, (from, _)) in replacements.iter().enumerate() {
+        assert!(
+            out.contains(from.as_str()),
+            "shipped config no longer contains {from:?}; update tests/cluster/mod.rs"
+        );
+        out = out.replace(from.as_str(), &format!("\u{0}{i}\u{0}"));
+    }
+    for (i, (_, to)) in replacements.iter().enumerate() {
+        out = out.replace(&format!("\u{0}{i}\u{0}"), to);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// HTTP and websocket clients
+// ---------------------------------------------------------------------------
+
+/// Plain HTTP/1.1 client with connection reuse.
+pub type Http = Client<HttpConnector, Full<Bytes>>;
+
+/// A new HTTP client.
+pub fn http_client() -> Http {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a request and returns status and body.
+pub async fn http_call(http: &Http, method: Method, url: &str, body: &str) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    let res = tokio::time::timeout(Duration::from_secs(10), http.request(req))
+        .await
+        .unwrap_or_else(|_| panic!("{url}: no answer in 10 s"))
+        .unwrap_or_else(|e| panic!("{url}: {e:?}"));
+    let status = res.status();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// HAProxy's view of its servers from the stats CSV: (backend, server) → status.
+pub async fn haproxy_status(http: &Http, stats: SocketAddr) -> HashMap<(String, String), String> {
+    let (status, csv) = http_call(http, Method::GET, &format!("http://{stats}/;csv"), "").await;
+    assert_eq!(status, StatusCode::OK, "stats page: {csv}");
+    csv.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f.len() > 17).then(|| ((f[0].to_string(), f[1].to_string()), f[17].to_string()))
+        })
+        .collect()
+}
+
+/// What one simulated browser has seen so far.
+#[derive(Default, Debug, Clone)]
+pub struct ClientState {
+    /// Successful websocket handshakes.
+    pub connects: u32,
+    /// Connections that ended (closed or dropped) after a successful handshake.
+    pub disconnects: u32,
+    /// Handshakes that failed (proxy refused, 5xx, ...).
+    pub failed_attempts: u32,
+    /// Whether a connection is open now.
+    pub open: bool,
+    /// Pushes received (`push:<round>:<id>`), in order, over all connections.
+    pub pushes: Vec<String>,
+    /// Echoes received for the message each connection sends after its handshake.
+    pub echoes: Vec<String>,
+    /// Anything else received.
+    pub other: Vec<String>,
+}
+
+/// A websocket client task that connects to `/<id>?token=...` through the proxy and
+/// reconnects (with a different query string) whenever its connection ends.
+pub struct SimClient {
+    /// Its ClientId.
+    pub id: String,
+    /// Its observations.
+    pub state: Arc<Mutex<ClientState>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for SimClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SimClient {
+    /// Spawns the client task.
+    pub fn spawn(id: String, public: SocketAddr, stop: Arc<AtomicBool>) -> Self {
+        let state = Arc::new(Mutex::new(ClientState::default()));
+        let task_state = state.clone();
+        let task_id = id.clone();
+        let task = tokio::spawn(async move {
+            let mut attempt = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                attempt += 1;
+                let url =
+                    format!("ws://{public}/{task_id}?token=secret-{task_id}&attempt={attempt}");
+                let uri: http::Uri = url.parse().expect("ws url");
+                let connected = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    ClientBuilder::from_uri(uri).connect(),
+                )
+                .await;
+                let mut ws = match connected {
+                    Ok(Ok((ws, _))) => ws,
+                    _ => {
+                        task_state.lock().unwrap().failed_attempts += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let n = {
+                    let mut s = task_state.lock().unwrap();
+                    s.connects += 1;
+                    s.open = true;
+                    s.connects
+                };
+                let hello = format!("echo:{task_id}:{n}");
+                if ws.send(Message::text(hello)).await.is_ok() {
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if let Some(text) = msg.as_text() {
+                            let mut s = task_state.lock().unwrap();
+                            if text.starts_with("push:") {
+                                s.pushes.push(text.to_string());
+                            } else if text.starts_with("echo:") {
+                                s.echoes.push(text.to_string());
+                            } else {
+                                s.other.push(text.to_string());
+                            }
+                        }
+                    }
+                }
+                let mut s = task_state.lock().unwrap();
+                s.open = false;
+                s.disconnects += 1;
+            }
+        });
+        SimClient { id, state, task }
+    }
+
+    /// A copy of its observations.
+    pub fn snapshot(&self) -> ClientState {
+        self.state.lock().unwrap().clone()
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds or `limit` passes; returns whether it held.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Pushes `push:<round>:<id>` to every client through the proxy's internal entry point
+/// (50 at a time) and returns the ids whose push did not get `200 ok`, with the answer.
+pub async fn push_round(
+    http: &Http,
+    push: SocketAddr,
+    ids: &[String],
+    round: u32,
+) -> Vec<(String, StatusCode, String)> {
+    futures_util::stream::iter(ids.iter().cloned())
+        .map(|id| async move {
+            let url = format!("http://{push}/{id}");
+            let (status, body) =
+                http_call(http, Method::POST, &url, &format!("push:{round}:{id}")).await;
+            (id, status, body)
+        })
+        .buffer_unordered(50)
+        .filter(|(_, status, _)| std::future::ready(*status != StatusCode::OK))
+        .collect()
+        .await
+}
+
+// ---------------------------------------------------------------------------
+// The scenario
+// ---------------------------------------------------------------------------
+
+/// Node (0-based) of each ClientId's connects, in order, from the API log.
+fn connect_nodes(log: &ApiLog) -> BTreeMap<String, Vec<usize>> {
+    let mut map: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (node, id, _) in &log.connects {
+        map.entry(id.clone()).or_default().push(*node);
+    }
+    map
+}
+
+/// The whole test, for either proxy:
+///
+/// 1. 3 gateways, the proxy, [`CLIENTS`] clients connecting with query strings;
+/// 2. each client lands on exactly one node, the spread is roughly even, the query
+///    string reached the API, and each client's message went through the node holding
+///    its socket;
+/// 3. a push to every ClientId through the internal entry point reaches exactly that
+///    client;
+/// 4. one node is SIGKILLed: only its clients are disconnected, they reconnect through
+///    the proxy onto the other nodes, and nobody else is touched;
+/// 5. a second push round reaches every client again, the other nodes' clients on the
+///    same sockets as before.
+pub async fn run_failover_scenario(kind: ProxyKind) {
+    let scratch = ScratchDir::new(match kind {
+        ProxyKind::Haproxy => "haproxy-cluster",
+        ProxyKind::Nginx => "nginx-cluster",
+    });
+    let dir = scratch.0.clone();
+    let api = MockApi::start().await;
+    let mut nodes: Vec<GatewayNode> = (0..NODES)
+        .map(|i| GatewayNode::start(i, &api.base_url(i), &dir))
+        .collect();
+    let mut proxy = match kind {
+        ProxyKind::Haproxy => start_haproxy(&nodes, &dir),
+        ProxyKind::Nginx => start_nginx(&nodes, &dir),
+    };
+    let http = http_client();
+    let logs = format!("logs in {}", dir.display());
+
+    // Both entry points route to a live gateway before any client starts.
+    for entry in [proxy.public, proxy.push] {
+        let url = format!("http://{entry}/healthz");
+        let ok = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(entry).is_ok()
+        })
+        .await;
+        assert!(ok, "{kind:?} entry {entry} not reachable; {logs}");
+        let (status, body) = http_call(&http, Method::GET, &url, "").await;
+        assert_eq!(status, StatusCode::OK, "{url}: {body}; {logs}");
+    }
+    if let Some(stats) = proxy.stats {
+        let mut all_up = false;
+        for _ in 0..100 {
+            let st = haproxy_status(&http, stats).await;
+            all_up = (1..=NODES).all(|n| {
+                ["ws2http_public", "ws2http_push"].iter().all(|px| {
+                    st.get(&(px.to_string(), format!("gw{n}")))
+                        .map(String::as_str)
+                        == Some("UP")
+                })
+            });
+            if all_up {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(all_up, "haproxy does not see all nodes UP; {logs}");
+    }
+
+    // 1. Connect every client.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ids: Vec<String> = (0..CLIENTS)
+        .map(|i| format!("client-{i:03}-{}", i * 7919 % 1000))
+        .collect();
+    let clients: Vec<SimClient> = ids
+        .iter()
+        .map(|id| SimClient::spawn(id.clone(), proxy.public, stop.clone()))
+        .collect();
+    let all_connected = wait_until(Duration::from_secs(30), || {
+        clients.iter().all(|c| {
+            let s = c.snapshot();
+            s.open && s.echoes.len() == 1
+        })
+    })
+    .await;
+    let not_ready: Vec<_> = clients
+        .iter()
+        .filter(|c| !c.snapshot().open || c.snapshot().echoes.len() != 1)
+        .map(|c| (c.id.clone(), c.snapshot()))
+        .take(5)
+        .collect();
+    assert!(
+        all_connected,
+        "clients not connected and echoed: {not_ready:?}; {logs}"
+    );
+
+    // 2. One connect per client, on one node; spread; query strings; echoes.
+    let first_node: BTreeMap<String, usize> = {
+        let log = api.log.lock().unwrap();
+        let by_id = connect_nodes(&log);
+        assert_eq!(
+            by_id.len(),
+            CLIENTS,
+            "API saw connects for other ids than the clients'"
+        );
+        for (id, nodes_seen) in &by_id {
+            assert_eq!(
+                nodes_seen.len(),
+                1,
+                "{id} connected more than once: {nodes_seen:?}"
+            );
+        }
+        for (_, id, query) in &log.connects {
+            assert!(
+                query.contains(&format!("token=secret-{id}")),
+                "query string of {id} did not reach the API: {query:?}"
+            );
+        }
+        for (node, id) in &log.messages {
+            assert_eq!(
+                Some(*node),
+                by_id.get(id).map(|v| v[0]),
+                "message of {id} came from another node than its socket's"
+            );
+        }
+        assert_eq!(log.messages.len(), CLIENTS);
+        by_id.into_iter().map(|(id, v)| (id, v[0])).collect()
+    };
+    let mut per_node = [0usize; NODES];
+    for node in first_node.values() {
+        per_node[*node] += 1;
+    }
+    for (n, count) in per_node.iter().enumerate() {
+        let share = *count as f64 / CLIENTS as f64;
+        assert!(
+            (0.15..=0.55).contains(&share),
+            "uneven spread over nodes {per_node:?}: gw{} has {:.0}%",
+            n + 1,
+            share * 100.0
+        );
+    }
+    eprintln!("{kind:?}: clients per node {per_node:?}");
+
+    // 3. First push round: every push answered 200 and delivered to its own socket only.
+    let failed = push_round(&http, proxy.push, &ids, 1).await;
+    assert!(
+        failed.is_empty(),
+        "round 1 pushes not accepted: {:?}; {logs}",
+        &failed[..failed.len().min(5)]
+    );
+    let delivered = wait_until(Duration::from_secs(10), || {
+        clients.iter().all(|c| !c.snapshot().pushes.is_empty())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // let strays arrive, if any
+    for c in &clients {
+        let s = c.snapshot();
+        assert_eq!(
+            s.pushes,
+            vec![format!("push:1:{}", c.id)],
+            "{}: wrong pushes (delivered to all: {delivered})",
+            c.id
+        );
+        assert!(
+            s.other.is_empty(),
+            "{}: unexpected messages {:?}",
+            c.id,
+            s.other
+        );
+    }
+
+    // 4. Kill the node with the most clients.
+    let victim_node = (0..NODES).max_by_key(|n| per_node[*n]).expect("a node");
+    let victims: BTreeSet<String> = first_node
+        .iter()
+        .filter(|(_, n)| **n == victim_node)
+        .map(|(id, _)| id.clone())
+        .collect();
+    nodes[victim_node].proc_.kill_hard();
+    eprintln!(
+        "{kind:?}: killed gw{} holding {} clients",
+        victim_node + 1,
+        victims.len()
+    );
+
+    let reconnected = wait_until(Duration::from_secs(30), || {
+        clients.iter().filter(|c| victims.contains(&c.id)).all(|c| {
+            let s = c.snapshot();
+            s.open && s.connects == 2 && s.echoes.len() == 2
+        })
+    })
+    .await;
+    let stragglers: Vec<_> = clients
+        .iter()
+        .filter(|c| victims.contains(&c.id))
+        .map(|c| (c.id.clone(), c.snapshot()))
+        .filter(|(_, s)| !(s.open && s.connects == 2 && s.echoes.len() == 2))
+        .take(5)
+        .collect();
+    assert!(
+        reconnected,
+        "victims did not reconnect: {stragglers:?}; {logs}"
+    );
+
+    if let Some(stats) = proxy.stats {
+        let st = haproxy_status(&http, stats).await;
+        for px in ["ws2http_public", "ws2http_push"] {
+            let key = (px.to_string(), format!("gw{}", victim_node + 1));
+            assert_eq!(
+                st.get(&key).map(String::as_str),
+                Some("DOWN"),
+                "haproxy health checks did not mark the killed node down in {px}"
+            );
+        }
+    }
+
+    {
+        let log = api.log.lock().unwrap();
+        let by_id = connect_nodes(&log);
+        for (id, seen) in &by_id {
+            if victims.contains(id) {
+                assert_eq!(seen.len(), 2, "{id}: connects {seen:?}");
+                assert_ne!(seen[1], victim_node, "{id} reconnected to the dead node");
+            } else {
+                assert_eq!(
+                    seen.len(),
+                    1,
+                    "{id} (not on the killed node) connected again: {seen:?}"
+                );
+            }
+        }
+        let touched: Vec<_> = log
+            .disconnects
+            .iter()
+            .filter(|(_, id)| !victims.contains(id))
+            .collect();
+        assert!(
+            touched.is_empty(),
+            "clients of live nodes were disconnected: {touched:?}"
+        );
+    }
+
+    // 5. Second push round reaches everyone, the survivors on their first socket.
+    let failed = push_round(&http, proxy.push, &ids, 2).await;
+    assert!(
+        failed.is_empty(),
+        "round 2 pushes not accepted: {:?}; {logs}",
+        &failed[..failed.len().min(5)]
+    );
+    let delivered = wait_until(Duration::from_secs(10), || {
+        clients.iter().all(|c| c.snapshot().pushes.len() >= 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for c in &clients {
+        let s = c.snapshot();
+        assert_eq!(
+            s.pushes,
+            vec![format!("push:1:{}", c.id), format!("push:2:{}", c.id)],
+            "{}: wrong pushes after failover (delivered to all: {delivered})",
+            c.id
+        );
+        assert!(
+            s.other.is_empty(),
+            "{}: unexpected messages {:?}",
+            c.id,
+            s.other
+        );
+        if victims.contains(&c.id) {
+            assert_eq!((s.connects, s.disconnects), (2, 1), "{}: {s:?}", c.id);
+        } else {
+            assert_eq!(
+                (s.connects, s.disconnects, s.open),
+                (1, 0, true),
+                "{} was touched: {s:?}",
+                c.id
+            );
+        }
+    }
+    let moved: BTreeMap<usize, usize> = {
+        let log = api.log.lock().unwrap();
+        let mut m = BTreeMap::new();
+        for (id, seen) in connect_nodes(&log) {
+            if victims.contains(&id) {
+                *m.entry(seen[1] + 1).or_insert(0) += 1;
+            }
+        }
+        m
+    };
+    eprintln!("{kind:?}: the killed node's clients now on gw(n) -> count: {moved:?}");
+
+    stop.store(true, Ordering::SeqCst);
+    drop(clients);
+    for node in nodes.iter_mut() {
+        node.proc_.assert_running();
+    }
+    proxy.proc_.assert_running();
+}

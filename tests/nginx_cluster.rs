@@ -1,0 +1,40 @@
+//! nginx (`nginx/nginx.conf` with its addresses rewritten to free ports) in front of
+//! three real `ws2http` nodes: pushes through the internal entry point reach the node
+//! that holds each client's socket, and when a node dies only its clients move.
+//!
+//! Needs `nginx` on the PATH (Debian package `nginx`; `make test` installs it). The test
+//! fails, not skips, without it.
+
+mod cluster;
+
+use std::process::Command;
+
+use cluster::{run_failover_scenario, ProxyKind, ScratchDir};
+
+#[test]
+fn shipped_nginx_conf_passes_nginx_test() {
+    let conf = cluster::repo_root().join("nginx/nginx.conf");
+    let prefix = ScratchDir::new("nginx-t");
+    let out = Command::new("nginx")
+        .arg("-t")
+        .arg("-p")
+        .arg(format!("{}/", prefix.0.display()))
+        .arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg("stderr")
+        .output()
+        .expect("run nginx -t (is nginx installed? `make test` installs it)");
+    assert!(
+        out.status.success(),
+        "nginx -t rejected {}:\n{}{}",
+        conf.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_routes_every_push_to_its_socket_and_moves_only_a_dead_nodes_clients() {
+    run_failover_scenario(ProxyKind::Nginx).await;
+}
