@@ -505,6 +505,8 @@ async fn resolve(url: &str) -> (SocketAddr, String) {
 
 async fn worker(args: Args, mode: Mode, first: u64, count: u64) {
     net::raise_nofile_limit();
+    // Ctrl-C in a terminal reaches the whole process group: the parent decides, workers ignore it.
+    tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
     let (dst, base_url) = resolve(&args.url).await;
     let (phase_tx, phase_rx) = watch::channel(CONNECT);
     let sh = Arc::new(Shared {
@@ -901,6 +903,7 @@ async fn parent(args: Args) -> i32 {
             "end": e.to_json(),
             "rss_peak_kib": peak,
             "kib_per_conn": if established > 0 { r2(c.rss_kib.saturating_sub(b.rss_kib) as f64 / established as f64) } else { 0.0 },
+            "kib_per_conn_end": if established > 0 { r2(e.rss_kib.saturating_sub(b.rss_kib) as f64 / established as f64) } else { 0.0 },
             "cpu_us_per_conn": if established > 0 { r2(c.cpu_us.saturating_sub(b.cpu_us) as f64 / established as f64) } else { 0.0 },
             "cpu_us_per_msg": if msgs > 0 { r2(e.cpu_us.saturating_sub(c.cpu_us) as f64 / msgs as f64) } else { 0.0 },
             "cpu_pct_message_phase": if message_phase_s > 0.0 { r2(e.cpu_us.saturating_sub(c.cpu_us) as f64 / 1e4 / message_phase_s) } else { 0.0 },
@@ -1017,7 +1020,14 @@ fn table(r: &Value) -> String {
                 f(&g["rss_peak_kib"])
             ),
         );
-        row("gateway KiB/conn", f(&g["kib_per_conn"]));
+        row(
+            "gateway KiB/conn",
+            format!(
+                "{} when connected, {} at end",
+                f(&g["kib_per_conn"]),
+                f(&g["kib_per_conn_end"])
+            ),
+        );
         row("gateway CPU µs/conn", f(&g["cpu_us_per_conn"]));
         row("gateway CPU µs/msg", f(&g["cpu_us_per_msg"]));
         row("gateway CPU % (msg phase)", f(&g["cpu_pct_message_phase"]));

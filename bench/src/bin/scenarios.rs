@@ -440,11 +440,12 @@ fn measured(r: &Value) -> String {
             let base = r["gateway_baseline"]["rss_kib"].as_f64().unwrap_or(0.0);
             let after = r["gateway_after_leave"]["rss_kib"].as_f64().unwrap_or(0.0);
             format!(
-                "{} conns; **{} KiB/conn**; RSS {} → {} → {} MiB (baseline → held → after leave, {:+.0}%); {}",
+                "{} conns; **{} KiB/conn** after the hold ({} right after connecting); RSS {} → {} → {} MiB (baseline → held → after leave, {:+.0}%); {}",
                 f(&l["established"]),
+                f(&g["kib_per_conn_end"]),
                 f(&g["kib_per_conn"]),
                 mib(&r["gateway_baseline"]["rss_kib"]),
-                mib(&g["connected"]["rss_kib"]),
+                mib(&g["end"]["rss_kib"]),
                 mib(&r["gateway_after_leave"]["rss_kib"]),
                 if base > 0.0 { (after - base) / base * 100.0 } else { 0.0 },
                 errs
@@ -494,7 +495,7 @@ fn verdict(r: &Value, quick: bool) -> Option<bool> {
         "S1" => {
             let base = num(&r["gateway_baseline"]["rss_kib"])?;
             let after = num(&r["gateway_after_leave"]["rss_kib"])?;
-            num(&g["kib_per_conn"])? <= 4.0 && after <= base * 1.10
+            num(&g["kib_per_conn_end"])? <= 4.0 && after <= base * 1.10
         }
         "S2" => num(&g["cpu_us_per_conn"])? <= 40.0,
         "S3a" => {
