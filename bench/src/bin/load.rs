@@ -668,6 +668,17 @@ fn sum_field(children: &[Child], f: impl Fn(&Child) -> Option<&Value>, key: &str
         .sum()
 }
 
+/// CPU time (user + system, µs) of this process's waited-for children: the workers.
+fn children_cpu_us() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return 0;
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    us(ru.ru_utime) + us(ru.ru_stime)
+}
+
 fn gw_sample(pid: Option<u32>) -> Option<procstat::Sample> {
     pid.and_then(procstat::sample)
 }
@@ -849,9 +860,15 @@ async fn parent(args: Args) -> i32 {
         }
     }
     for mut c in procs {
-        let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
-        let _ = c.start_kill();
+        if tokio::time::timeout(Duration::from_secs(5), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
     }
+    let own_cpu_us = children_cpu_us();
 
     // Aggregate.
     let mut latency = stats::new_hist();
@@ -937,6 +954,8 @@ async fn parent(args: Args) -> i32 {
         "errors_total": errors_total,
         "errors": errors,
         "gateway": gateway,
+        "load_cpu_us": own_cpu_us,
+        "load_cpu_us_per_msg": if replies + pushes > 0 { ((own_cpu_us as f64 / (replies + pushes) as f64) * 100.0).round() / 100.0 } else { 0.0 },
         "timeline": timeline,
     });
     println!("{report}");
@@ -1004,6 +1023,14 @@ fn table(r: &Value) -> String {
     row("reply latency", lat(&r["latency"]));
     row("pushes received", f(&r["pushes"]));
     row("push delivery latency", lat(&r["push_latency"]));
+    row(
+        "load generator CPU",
+        format!(
+            "{} µs total, {} µs/msg",
+            f(&r["load_cpu_us"]),
+            f(&r["load_cpu_us_per_msg"])
+        ),
+    );
     row(
         "errors",
         format!("{} {}", f(&r["errors_total"]), f(&r["errors"])),

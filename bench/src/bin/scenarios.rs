@@ -341,7 +341,8 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         .args(&sc.load_args)
         .args(["--url", &format!("ws://127.0.0.1:{gport}/")])
         .args(["--gateway-pid", &gpid.to_string()])
-        .stdout(Stdio::piped());
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     let mut push_report = Value::Null;
     let load_out = if let Some(count) = sc.push_count {
         let ready =
@@ -360,6 +361,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
                     .args(["--control", &format!("http://127.0.0.1:{cport}/")])
                     .args(["--count", &count.to_string(), "--concurrency", "64"])
                     .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
                     .output();
                 push_report = out
                     .map(|o| last_json(&String::from_utf8_lossy(&o.stdout)))
