@@ -15,7 +15,7 @@ use cluster::{run_failover_scenario, ProxyKind};
 #[test]
 fn shipped_haproxy_cfg_passes_haproxy_check() {
     let cfg = cluster::repo_root().join("haproxy/haproxy.cfg");
-    let out = Command::new("haproxy")
+    let out = Command::new(cluster::tool("haproxy"))
         .arg("-c")
         .arg("-f")
         .arg(&cfg)

@@ -15,7 +15,7 @@ use cluster::{run_failover_scenario, ProxyKind, ScratchDir};
 fn shipped_nginx_conf_passes_nginx_test() {
     let conf = cluster::repo_root().join("nginx/nginx.conf");
     let prefix = ScratchDir::new("nginx-t");
-    let out = Command::new("nginx")
+    let out = Command::new(cluster::tool("nginx"))
         .arg("-t")
         .arg("-p")
         .arg(format!("{}/", prefix.0.display()))

@@ -49,6 +49,18 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Path of a system tool such as `haproxy` or `nginx`: from `PATH`, else from the sbin
+/// directories Debian installs them to (often not on a normal user's `PATH`). A missing
+/// tool gives its bare name, so starting it fails with a clear message.
+pub fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
 /// A free loopback port: bind port 0, read it, close it.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -144,10 +156,15 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: plain kill(2) on the pid of a child we own and have not reaped.
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
             }
+            // kill(1): std only sends SIGKILL, and the crate has no libc dependency.
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .stderr(Stdio::null())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -348,7 +365,7 @@ pub fn start_haproxy(nodes: &[GatewayNode], dir: &Path) -> ProxyProcess {
     let push = loopback(free_port());
     let stats = loopback(free_port());
     let cfg = repo_root().join("haproxy/haproxy.cfg");
-    let mut cmd = Command::new("haproxy");
+    let mut cmd = Command::new(tool("haproxy"));
     cmd.arg("-db").arg("-f").arg(&cfg);
     cmd.env("WS2HTTP_PUBLIC_BIND", public.to_string())
         .env("WS2HTTP_PUSH_BIND", push.to_string())
@@ -401,7 +418,7 @@ pub fn start_nginx(nodes: &[GatewayNode], dir: &Path) -> ProxyProcess {
     let prefix = dir.join("nginx");
     fs::create_dir_all(&prefix).expect("create nginx prefix");
     fs::write(prefix.join("nginx.conf"), conf).expect("write nginx.conf");
-    let mut cmd = Command::new("nginx");
+    let mut cmd = Command::new(tool("nginx"));
     cmd.arg("-p")
         .arg(format!("{}/", prefix.display()))
         .arg("-c")
