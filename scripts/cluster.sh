@@ -5,6 +5,7 @@
 #   scripts/cluster.sh                 HAProxy + PHP example        (make cluster)
 #   scripts/cluster.sh --nginx         nginx instead of HAProxy
 #   scripts/cluster.sh --release       use target/release/ws2http
+#   WS2HTTP_BIN=/usr/local/bin/ws2http scripts/cluster.sh   that binary, no cargo build
 #   WS2HTTP_API_URL=http://127.0.0.1:9000/ scripts/cluster.sh
 #                                      your API instead of the PHP example; it pushes
 #                                      through the proxy's internal entry (printed below)
@@ -30,7 +31,7 @@ for arg in "$@"; do
     --nginx) proxy=nginx ;;
     --haproxy) proxy=haproxy ;;
     --release) profile=release ;;
-    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "cluster.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -53,13 +54,17 @@ if [ -z "${WS2HTTP_API_URL:-}" ]; then
   php_bin="$(find_tool php)"
 fi
 
-echo "cluster.sh: building ws2http ($profile)"
-if [ "$profile" = release ]; then
-  (cd "$root_dir" && cargo build --release -p ws2http)
+if [ -n "${WS2HTTP_BIN:-}" ]; then
+  gateway_bin="$WS2HTTP_BIN"
 else
-  (cd "$root_dir" && cargo build -p ws2http)
+  echo "cluster.sh: building ws2http ($profile)"
+  if [ "$profile" = release ]; then
+    (cd "$root_dir" && cargo build --release -p ws2http)
+  else
+    (cd "$root_dir" && cargo build -p ws2http)
+  fi
+  gateway_bin="$root_dir/target/$profile/ws2http"
 fi
-gateway_bin="$root_dir/target/$profile/ws2http"
 
 pids=()
 names=()
