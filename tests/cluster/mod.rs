@@ -925,7 +925,15 @@ pub async fn run_failover_scenario(kind: ProxyKind) {
         }
         m
     };
-    eprintln!("{kind:?}: the killed node's clients now on gw(n) -> count: {moved:?}");
+    let refused: u32 = clients
+        .iter()
+        .filter(|c| victims.contains(&c.id))
+        .map(|c| c.snapshot().failed_attempts)
+        .sum();
+    eprintln!(
+        "{kind:?}: the killed node's clients now on gw(n) -> count: {moved:?}; \
+         their failed reconnect attempts in total: {refused}"
+    );
 
     stop.store(true, Ordering::SeqCst);
     drop(clients);
