@@ -1,0 +1,287 @@
+//! Gateway settings: the validated values every other module reads, and the parsers for the
+//! human-friendly forms the command line accepts (`64KiB`, `30s`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Uri;
+
+/// Everything a running gateway needs to know; built by the CLI or by tests.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Public websocket listener.
+    pub listen: SocketAddr,
+    /// Control listener for the API (push, disconnect, info, metrics).
+    pub control_listen: SocketAddr,
+    /// Base URL of the API; the percent-encoded ClientId is appended to it.
+    pub api: ApiBase,
+    /// Messages of one connection in flight to the API at once.
+    pub pipeline: usize,
+    /// Largest message accepted from a client, from the API, or in a push (bytes).
+    pub max_message_size: usize,
+    /// Websocket connections held at once; `None` derives it from the open-file limit.
+    pub max_connections: Option<usize>,
+    /// Sockets accepted but not yet upgraded (handshakes in progress) at once.
+    pub max_pending_handshakes: usize,
+    /// Deadline for one API request, from asking for a pooled connection to the last body byte.
+    pub upstream_timeout: Duration,
+    /// Concurrent API requests (and so pooled API connections); `None` derives it.
+    pub upstream_max_connections: Option<usize>,
+    /// Speak HTTP/2 without TLS (h2c, prior knowledge) to the API.
+    pub upstream_http2: bool,
+    /// Extra CA certificate (PEM) trusted for an `https://` API, on top of the system roots.
+    pub api_ca: Option<PathBuf>,
+    /// Pushes queued for one socket before further pushes get `503`.
+    pub max_queued_messages: usize,
+    /// Bytes queued for one socket before further pushes get `503`.
+    pub max_queued_bytes: usize,
+    /// A socket whose writes make no progress for this long is closed (`1008 slow consumer`).
+    pub write_timeout: Duration,
+    /// A client must complete its upgrade request within this time.
+    pub handshake_timeout: Duration,
+    /// Send a ping when nothing was received for this long; `None` disables pings.
+    pub ping_interval: Option<Duration>,
+    /// Close a connection when nothing at all was received for this long.
+    pub ping_timeout: Duration,
+    /// Close a connection with no data message in either direction for this long.
+    pub idle_timeout: Option<Duration>,
+    /// On shutdown, how long in-flight API requests may take before sockets are closed.
+    pub shutdown_timeout: Duration,
+    /// API requests at once for the DELETEs sent while shutting down.
+    pub shutdown_delete_concurrency: usize,
+    /// Bearer token required on the control listener (all but `/healthz`).
+    pub control_token: Option<String>,
+    /// Origins allowed to open a websocket; `None` forwards Origin for the API to judge.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Certificate chain and key (PEM) to serve `wss://` on the public listener.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for the public listener's TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// The API's base URL, checked to be `http://` or `https://` with a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiBase(String);
+
+impl ApiBase {
+    /// The base as given; a ClientId is appended to it as is.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the API is reached over TLS.
+    pub fn is_https(&self) -> bool {
+        self.0.starts_with("https://")
+    }
+}
+
+impl std::str::FromStr for ApiBase {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let uri: Uri = s
+            .parse()
+            .map_err(|_| format!("`{s}` is not a URL; expected e.g. http://127.0.0.1:8000/"))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => return Err(format!("`{s}` must start with http:// or https://")),
+        }
+        if uri.host().is_none() {
+            return Err(format!("`{s}` has no host"));
+        }
+        if uri.query().is_some() {
+            return Err(format!("`{s}` must not have a query string"));
+        }
+        Ok(ApiBase(s.to_owned()))
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: ([0, 0, 0, 0], 7001).into(),
+            control_listen: ([127, 0, 0, 1], 7002).into(),
+            api: ApiBase("http://127.0.0.1:8000/".to_owned()),
+            pipeline: 1,
+            max_message_size: 1024 * 1024,
+            max_connections: None,
+            max_pending_handshakes: 512,
+            upstream_timeout: Duration::from_secs(30),
+            upstream_max_connections: None,
+            upstream_http2: false,
+            api_ca: None,
+            max_queued_messages: 64,
+            max_queued_bytes: 1024 * 1024,
+            write_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Some(Duration::from_secs(30)),
+            ping_timeout: Duration::from_secs(60),
+            idle_timeout: None,
+            shutdown_timeout: Duration::from_secs(10),
+            shutdown_delete_concurrency: 64,
+            control_token: None,
+            allowed_origins: None,
+            tls: None,
+        }
+    }
+}
+
+/// Descriptors kept free for listeners, logs, profiles and the like.
+pub const RESERVED_DESCRIPTORS: usize = 64;
+
+/// How the open-file limit is split between websockets and API connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DescriptorBudget {
+    /// The process's open-file limit (soft).
+    pub open_file_limit: usize,
+    /// Websocket connections allowed at once.
+    pub max_connections: usize,
+    /// Concurrent API requests / pooled API connections.
+    pub upstream_max_connections: usize,
+    /// Sockets in the middle of a handshake.
+    pub pending_handshakes: usize,
+}
+
+impl DescriptorBudget {
+    /// Splits `open_file_limit` for `config`, or says which flag asks for more than there is.
+    pub fn plan(config: &Config, open_file_limit: usize) -> Result<Self, String> {
+        let upstream = config
+            .upstream_max_connections
+            .unwrap_or_else(|| (open_file_limit / 16).clamp(16, 1024));
+        let fixed = upstream + config.max_pending_handshakes + RESERVED_DESCRIPTORS;
+        let room = open_file_limit.saturating_sub(fixed);
+        let max_connections = match config.max_connections {
+            Some(n) if n > room => {
+                return Err(format!(
+                    "--max-connections {n} does not fit the open-file limit {open_file_limit}: \
+                     at most {room} with --upstream-max-connections {upstream} and \
+                     {} pending handshakes",
+                    config.max_pending_handshakes
+                ))
+            }
+            Some(n) => n,
+            None if room == 0 => {
+                return Err(format!(
+                    "the open-file limit {open_file_limit} leaves no room for websockets next to \
+                     --upstream-max-connections {upstream}"
+                ))
+            }
+            None => room,
+        };
+        Ok(DescriptorBudget {
+            open_file_limit,
+            max_connections,
+            upstream_max_connections: upstream,
+            pending_handshakes: config.max_pending_handshakes,
+        })
+    }
+}
+
+/// Parses a byte size: `1048576`, `64KiB`, `1MiB`, `2GiB`, `64kB`, `1MB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let number: usize = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; use e.g. 65536, 64KiB or 1MiB"))?;
+    let factor: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" | "m" => 1 << 20,
+        "GiB" | "G" | "g" => 1 << 30,
+        "kB" | "KB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(format!("`{s}` has an unknown unit; use B, KiB, MiB or GiB")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Parses a duration: `30s`, `500ms`, `2m`, `1h`, or plain seconds (`30`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration; use e.g. 500ms, 30s, 2m"))?;
+    let millis = match unit {
+        "ms" => Some(number),
+        "" | "s" => number.checked_mul(1000),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        _ => return Err(format!("`{s}` has an unknown unit; use ms, s, m or h")),
+    };
+    millis
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{s}` is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_binary_and_decimal_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("1MB"), Ok(1_000_000));
+        assert!(parse_size("1.5MiB").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn durations_accept_common_units() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn api_base_must_be_http_with_host() {
+        assert!("http://127.0.0.1:8000/".parse::<ApiBase>().is_ok());
+        assert!("https://api.example/ws/"
+            .parse::<ApiBase>()
+            .unwrap()
+            .is_https());
+        assert!("ftp://x/".parse::<ApiBase>().is_err());
+        assert!("127.0.0.1:8000".parse::<ApiBase>().is_err());
+        assert!("http://x/?a=b".parse::<ApiBase>().is_err());
+    }
+
+    #[test]
+    fn budget_derives_connections_from_the_open_file_limit() {
+        let budget = DescriptorBudget::plan(&Config::default(), 20_000).unwrap();
+        assert_eq!(budget.upstream_max_connections, 1024);
+        assert_eq!(
+            budget.max_connections,
+            20_000 - 1024 - 512 - RESERVED_DESCRIPTORS
+        );
+    }
+
+    #[test]
+    fn budget_refuses_more_connections_than_descriptors() {
+        let config = Config {
+            max_connections: Some(30_000),
+            ..Config::default()
+        };
+        let err = DescriptorBudget::plan(&config, 20_000).unwrap_err();
+        assert!(err.contains("--max-connections"), "{err}");
+    }
+}

@@ -1,0 +1,365 @@
+//! The control listener the API talks to: push a message to a client, close a client, look a
+//! client up, read metrics. Guarded by an optional bearer token.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::handshake::{text_response, RESERVED_NAMES};
+use crate::identity::ClientId;
+use crate::session::{Command, Outbound, PushError};
+use crate::Shared;
+
+/// Answers one request on the control listener.
+pub(crate) async fn handle(
+    request: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path();
+    if path == "/healthz" {
+        return Ok(text_response(StatusCode::OK, "ok\n"));
+    }
+    if !authorized(&request, shared.config.control_token.as_deref()) {
+        let mut response =
+            text_response(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        return Ok(response);
+    }
+    if path == "/metrics" {
+        if request.method() != Method::GET {
+            return Ok(method_not_allowed("GET"));
+        }
+        let mut response = text_response(StatusCode::OK, shared.metrics.render());
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return Ok(response);
+    }
+    if path == "/debug/pprof/heap" {
+        return Ok(heap_profile().await);
+    }
+    let client_id = match ClientId::from_path(path) {
+        Ok(id) if !RESERVED_NAMES.contains(&id.as_str()) => id,
+        Ok(_) => return Ok(text_response(StatusCode::NOT_FOUND, "no such endpoint\n")),
+        Err(e) => return Ok(text_response(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+    };
+    Ok(match *request.method() {
+        Method::POST => push(request, client_id, &shared).await,
+        Method::DELETE => disconnect(&request, &client_id, &shared),
+        Method::GET => info(&client_id, &shared),
+        _ => method_not_allowed("GET, POST, DELETE"),
+    })
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = text_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared in constant time.
+fn authorized<B>(request: &Request<B>, token: Option<&str>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let Some(given) = request.headers().get(AUTHORIZATION) else {
+        return false;
+    };
+    let given = given.as_bytes();
+    let Some(given) = given.strip_prefix(b"Bearer ") else {
+        return false;
+    };
+    constant_time_eq(given, token.as_bytes())
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+async fn push(
+    request: Request<Incoming>,
+    client_id: ClientId,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
+    let binary = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/octet-stream"))
+        });
+    let refused = || {
+        shared
+            .metrics
+            .pushes_refused
+            .fetch_add(1, Ordering::Relaxed);
+    };
+    let max = shared.config.max_message_size;
+    let body = match Limited::new(request.into_body(), max).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            refused();
+            return text_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("message larger than --max-message-size ({max} bytes)\n"),
+            );
+        }
+        Err(_) => {
+            refused();
+            return text_response(StatusCode::BAD_REQUEST, "could not read the body\n");
+        }
+    };
+    if !binary && std::str::from_utf8(&body).is_err() {
+        refused();
+        return text_response(
+            StatusCode::BAD_REQUEST,
+            "a text push must be UTF-8; send binary as application/octet-stream\n",
+        );
+    }
+    let Some(session) = shared.registry.get(&client_id) else {
+        refused();
+        return text_response(StatusCode::NOT_FOUND, "client not connected\n");
+    };
+    let message = Outbound {
+        payload: body,
+        binary,
+    };
+    let config = &shared.config;
+    match session.push(message, config.max_queued_messages, config.max_queued_bytes) {
+        Ok(()) => {
+            shared
+                .metrics
+                .pushes_accepted
+                .fetch_add(1, Ordering::Relaxed);
+            text_response(StatusCode::OK, "ok")
+        }
+        Err(PushError::QueueFull) => {
+            refused();
+            tracing::debug!(%client_id, "push refused: outbound queue full; API told 503");
+            let mut response = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the client's outbound queue is full\n",
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+        Err(PushError::Closed) => {
+            refused();
+            text_response(StatusCode::NOT_FOUND, "client is disconnecting\n")
+        }
+    }
+}
+
+fn query_param(query: &str, name: &str) -> Option<Result<String, ()>> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| {
+            let value = value.replace('+', " ");
+            crate::identity::percent_decode(value.as_bytes())
+                .ok()
+                .and_then(|raw| String::from_utf8(raw).ok())
+                .ok_or(())
+        })
+    })
+}
+
+fn disconnect<B>(
+    request: &Request<B>,
+    client_id: &ClientId,
+    shared: &Shared,
+) -> Response<Full<Bytes>> {
+    let query = request.uri().query().unwrap_or("");
+    let code = match query_param(query, "code") {
+        None => 1000,
+        Some(Ok(text)) => match text.parse::<u16>() {
+            Ok(code @ (1000 | 1001 | 1008 | 1011 | 1012 | 1013 | 3000..=4999)) => code,
+            _ => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    "code must be 1000, 1001, 1008, 1011, 1012, 1013 or 3000-4999\n",
+                )
+            }
+        },
+        Some(Err(())) => return text_response(StatusCode::BAD_REQUEST, "malformed code\n"),
+    };
+    let reason = match query_param(query, "reason") {
+        None => String::new(),
+        Some(Ok(reason)) if reason.len() <= 123 => reason,
+        Some(Ok(_)) => {
+            return text_response(StatusCode::BAD_REQUEST, "reason is longer than 123 bytes\n")
+        }
+        Some(Err(())) => {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                "reason is not valid percent-encoded UTF-8\n",
+            )
+        }
+    };
+    match shared.registry.get(client_id) {
+        Some(session) => {
+            session.command(Command::Close { code, reason });
+            text_response(StatusCode::OK, "ok")
+        }
+        None => text_response(StatusCode::NOT_FOUND, "client not connected\n"),
+    }
+}
+
+fn info(client_id: &ClientId, shared: &Shared) -> Response<Full<Bytes>> {
+    let Some(session) = shared.registry.get(client_id) else {
+        return text_response(StatusCode::NOT_FOUND, "client not connected\n");
+    };
+    let info = session.info();
+    let mut json = String::with_capacity(256);
+    json.push_str("{\"client_id\":");
+    json_string(&mut json, session.client_id.as_str());
+    let _ = write!(
+        json,
+        ",\"connection_id\":\"{}\",\"remote_addr\":\"{}\",\"connected_at\":\"{}\",\
+         \"messages_in\":{},\"messages_out\":{},\"queued\":{},\"queued_bytes\":{}}}",
+        session.connection_id,
+        session.remote,
+        rfc3339(session.connected_at),
+        info.messages_in,
+        info.messages_out,
+        info.queued,
+        info.queued_bytes
+    );
+    let mut response = text_response(StatusCode::OK, json);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+async fn heap_profile() -> Response<Full<Bytes>> {
+    match crate::profile::heap_profile().await {
+        Ok(profile) => {
+            let mut response = Response::new(Full::new(Bytes::from(profile)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        Err(error) => text_response(StatusCode::NOT_FOUND, format!("{error}\n")),
+    }
+}
+
+/// Appends `text` as a JSON string literal.
+fn json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Formats a time as `2026-11-23T08:09:15.123Z`.
+fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn tokens_compare_equal_only_when_identical() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn bearer_token_is_required_when_configured() {
+        let with = |value: &'static str| {
+            Request::builder()
+                .header(AUTHORIZATION, value)
+                .body(())
+                .unwrap()
+        };
+        assert!(authorized(&with("Bearer s3cret"), Some("s3cret")));
+        assert!(!authorized(&with("Bearer nope"), Some("s3cret")));
+        assert!(!authorized(&with("s3cret"), Some("s3cret")));
+        assert!(!authorized(&Request::new(()), Some("s3cret")));
+        assert!(authorized(&Request::new(()), None));
+    }
+
+    #[test]
+    fn times_format_as_rfc3339_utc() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_421_355_123);
+        assert_eq!(rfc3339(t), "2026-11-23T08:09:15.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn json_strings_escape_quotes_and_controls() {
+        let mut out = String::new();
+        json_string(&mut out, "a\"b\\c\u{1}");
+        assert_eq!(out, "\"a\\\"b\\\\c\\u0001\"");
+    }
+
+    #[test]
+    fn query_params_are_percent_decoded() {
+        assert_eq!(
+            query_param("code=4001&reason=bye%20now", "reason"),
+            Some(Ok("bye now".to_owned()))
+        );
+        assert_eq!(query_param("code=4001", "reason"), None);
+        assert_eq!(query_param("reason=%ZZ", "reason"), Some(Err(())));
+    }
+}

@@ -1,0 +1,418 @@
+//! The public listener's HTTP side: checks an upgrade request, asks the API whether this client
+//! may connect, answers `101` (or the refusal), and hands the upgraded socket to a session.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, ORIGIN, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT,
+    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_websockets::{Config as WsConfig, Limits, ServerBuilder};
+
+use crate::identity::{ClientId, ConnectionId};
+use crate::metrics::RefusalReason;
+use crate::server::Io;
+use crate::session::{self, Command, SessionHandle};
+use crate::upstream::{ConnectHeaders, ConnectionContext, UpstreamError};
+use crate::Shared;
+
+const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+/// Request headers passed on to the API's connect GET as they are.
+const FORWARDED_HEADERS: [HeaderName; 5] = [
+    http::header::COOKIE,
+    http::header::AUTHORIZATION,
+    http::header::ORIGIN,
+    http::header::USER_AGENT,
+    http::header::SEC_WEBSOCKET_PROTOCOL,
+];
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// Paths the public and control listeners keep for themselves; never a ClientId.
+pub const RESERVED_NAMES: [&str; 3] = ["healthz", "metrics", "debug"];
+
+/// A response with a short text body.
+pub(crate) fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The connection facts the public listener hands to each request.
+#[derive(Clone)]
+pub(crate) struct Peer {
+    pub remote: SocketAddr,
+    pub tls: bool,
+}
+
+/// Answers one request on the public listener.
+pub(crate) async fn handle(
+    request: Request<Incoming>,
+    peer: Peer,
+    shared: Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(match route(request, peer, &shared).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            shared.metrics.handshake_refused(refusal.reason);
+            refusal.into_response()
+        }
+    })
+}
+
+/// Why a handshake was refused, and what the client gets.
+struct Refusal {
+    status: StatusCode,
+    reason: RefusalReason,
+    body: Bytes,
+    headers: HeaderMap,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: RefusalReason, body: &'static str) -> Refusal {
+        Refusal {
+            status,
+            reason,
+            body: Bytes::from_static(body.as_bytes()),
+            headers: HeaderMap::new(),
+        }
+    }
+
+    fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Refusal {
+        self.headers.insert(name, value);
+        self
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut response = text_response(self.status, self.body);
+        response.headers_mut().extend(self.headers);
+        response
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|part| part.trim().eq_ignore_ascii_case(token))
+        })
+    })
+}
+
+/// `Sec-WebSocket-Accept` for a client's key (RFC 6455, 4.2.2).
+pub fn accept_key(key: &[u8]) -> String {
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key);
+    sha.update(WEBSOCKET_GUID);
+    base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
+}
+
+fn valid_key(key: &HeaderValue) -> bool {
+    base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .is_ok_and(|raw| raw.len() == 16)
+}
+
+async fn route(
+    mut request: Request<Incoming>,
+    peer: Peer,
+    shared: &Arc<Shared>,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let path = request.uri().path();
+    if request.method() != Method::GET {
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            RefusalReason::BadRequest,
+            "only websocket upgrades (GET) are served here\n",
+        )
+        .with_header(http::header::ALLOW, HeaderValue::from_static("GET")));
+    }
+    if path == "/healthz" {
+        return Ok(text_response(StatusCode::OK, "ok\n"));
+    }
+    let headers = request.headers();
+    if !header_has_token(headers, UPGRADE, "websocket")
+        || !header_has_token(headers, CONNECTION, "upgrade")
+    {
+        return Err(Refusal::new(
+            StatusCode::UPGRADE_REQUIRED,
+            RefusalReason::BadRequest,
+            "this endpoint only speaks websocket\n",
+        )
+        .with_header(UPGRADE, HeaderValue::from_static("websocket"))
+        .with_header(CONNECTION, HeaderValue::from_static("Upgrade")));
+    }
+    if request.version() != http::Version::HTTP_11 {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalReason::BadRequest,
+            "websocket upgrades need HTTP/1.1\n",
+        ));
+    }
+    if headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return Err(Refusal::new(
+            StatusCode::UPGRADE_REQUIRED,
+            RefusalReason::BadRequest,
+            "unsupported Sec-WebSocket-Version; use 13\n",
+        )
+        .with_header(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13")));
+    }
+    let key = match headers.get(SEC_WEBSOCKET_KEY) {
+        Some(key) if valid_key(key) => key.clone(),
+        _ => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                RefusalReason::BadRequest,
+                "missing or malformed Sec-WebSocket-Key\n",
+            ))
+        }
+    };
+    let client_id = ClientId::from_path(path).map_err(|e| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        reason: RefusalReason::BadRequest,
+        body: Bytes::from(format!("{e}\n")),
+        headers: HeaderMap::new(),
+    })?;
+    if RESERVED_NAMES.contains(&client_id.as_str()) {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalReason::BadRequest,
+            "this ClientId is reserved\n",
+        ));
+    }
+    if let Some(allowed) = &shared.config.allowed_origins {
+        if let Some(origin) = headers.get(ORIGIN) {
+            let ok = origin
+                .to_str()
+                .is_ok_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)));
+            if !ok {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    RefusalReason::Origin,
+                    "origin not allowed\n",
+                ));
+            }
+        }
+    }
+    if shared.is_draining() {
+        return Err(overloaded("the gateway is shutting down\n"));
+    }
+    let permit = Arc::clone(&shared.connection_permits)
+        .try_acquire_owned()
+        .map_err(|_| overloaded("too many connections\n"))?;
+
+    let connection_id = ConnectionId::next();
+    let context = shared
+        .upstream
+        .context(connection_id, client_id.clone(), headers)
+        .map_err(|e| api_failure(&client_id, connection_id, &e))?;
+    let answer = shared
+        .upstream
+        .connect(&context, connect_headers(headers, &request, &peer))
+        .await
+        .map_err(|e| api_failure(&client_id, connection_id, &e))?;
+
+    if answer.status.is_server_error() {
+        tracing::warn!(
+            %client_id, %connection_id, status = %answer.status,
+            "API failed the connect request; client told 502"
+        );
+        return Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            RefusalReason::ApiFailure,
+            "the API failed\n",
+        ));
+    }
+    if !answer.status.is_success() || answer.body.as_ref() != b"ok" {
+        let status = if answer.status.is_client_error() {
+            answer.status
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        tracing::debug!(%client_id, %connection_id, %status, "API refused the connection");
+        let mut refusal = Refusal {
+            status,
+            reason: RefusalReason::Api,
+            body: answer.body.clone(),
+            headers: HeaderMap::new(),
+        };
+        if let Some(retry) = answer.headers.get(RETRY_AFTER) {
+            refusal = refusal.with_header(RETRY_AFTER, retry.clone());
+        }
+        return Err(refusal);
+    }
+
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let out = response.headers_mut();
+    out.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    out.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = HeaderValue::try_from(accept_key(key.as_bytes()))
+        .map_err(|_| overloaded("internal error\n"))?;
+    out.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(protocol) = answer.headers.get(SEC_WEBSOCKET_PROTOCOL) {
+        out.insert(SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+    }
+
+    let handle = Arc::new(SessionHandle::new(connection_id, client_id, peer.remote));
+    shared
+        .metrics
+        .connections_opened
+        .fetch_add(1, Ordering::Relaxed);
+    if let Some(older) = shared.registry.insert(Arc::clone(&handle)) {
+        tracing::debug!(
+            client_id = %handle.client_id,
+            older = %older.connection_id,
+            newer = %connection_id,
+            "same ClientId connected again; closing the older connection with 4000"
+        );
+        older.command(Command::Replaced);
+    }
+    if shared.is_draining() {
+        handle.command(Command::Shutdown);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    drop(request);
+    let session_shared = Arc::clone(shared);
+    shared.tasks.spawn(start_session(
+        on_upgrade,
+        handle,
+        Arc::new(context),
+        session_shared,
+        permit,
+    ));
+    Ok(response)
+}
+
+fn overloaded(body: &'static str) -> Refusal {
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        RefusalReason::Overloaded,
+        body,
+    )
+    .with_header(RETRY_AFTER, HeaderValue::from_static("1"))
+}
+
+fn api_failure(
+    client_id: &ClientId,
+    connection_id: ConnectionId,
+    error: &UpstreamError,
+) -> Refusal {
+    let (status, body) = match error {
+        UpstreamError::Timeout(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "the API did not answer in time\n",
+        ),
+        UpstreamError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "the API is overloaded\n"),
+        _ => (StatusCode::BAD_GATEWAY, "the API could not be reached\n"),
+    };
+    tracing::warn!(%client_id, %connection_id, %error, "connect request failed; client told {status}");
+    let refusal = Refusal::new(status, RefusalReason::ApiFailure, body);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        refusal.with_header(RETRY_AFTER, HeaderValue::from_static("1"))
+    } else {
+        refusal
+    }
+}
+
+fn connect_headers(
+    headers: &HeaderMap,
+    request: &Request<Incoming>,
+    peer: &Peer,
+) -> ConnectHeaders {
+    let mut forwarded = HeaderMap::with_capacity(8);
+    for name in &FORWARDED_HEADERS {
+        for value in headers.get_all(name) {
+            forwarded.append(name.clone(), value.clone());
+        }
+    }
+    let ip = peer.remote.ip().to_string();
+    let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(value) = HeaderValue::try_from(chain) {
+        forwarded.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    forwarded.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if peer.tls { "https" } else { "http" }),
+    );
+    ConnectHeaders {
+        forwarded,
+        query: request.uri().query().map(str::to_owned),
+    }
+}
+
+async fn start_session(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    handle: Arc<SessionHandle>,
+    context: Arc<ConnectionContext>,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) {
+    let upgraded = tokio::time::timeout(shared.config.handshake_timeout, on_upgrade).await;
+    let io = match upgraded {
+        Ok(Ok(upgraded)) => Io::from_upgraded(upgraded)
+            .map_err(|error| tracing::error!(%error, "cannot take over the upgraded connection"))
+            .ok(),
+        _ => None,
+    };
+    let io = match io {
+        Some(io) => io,
+        None => {
+            tracing::debug!(client_id = %handle.client_id, "upgrade never completed");
+            session::abandoned(handle, context, shared).await;
+            drop(permit);
+            return;
+        }
+    };
+    let socket = ServerBuilder::new()
+        .config(WsConfig::default())
+        .limits(Limits::default().max_payload_len(Some(shared.config.max_message_size)))
+        .serve(io);
+    session::run(socket, handle, context, shared).await;
+    drop(permit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_the_rfc_example() {
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn keys_must_be_sixteen_bytes_of_base64() {
+        assert!(valid_key(&HeaderValue::from_static(
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        )));
+        assert!(!valid_key(&HeaderValue::from_static("dGhlIHNhbXBsZQ==")));
+        assert!(!valid_key(&HeaderValue::from_static("not base64!")));
+    }
+
+    #[test]
+    fn connection_tokens_are_matched_in_lists() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(header_has_token(&headers, CONNECTION, "upgrade"));
+        assert!(!header_has_token(&headers, CONNECTION, "close"));
+    }
+}

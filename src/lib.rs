@@ -1,0 +1,300 @@
+//! ws2http: a gateway that holds websocket connections and turns everything that happens on them
+//! into plain HTTP requests to a stateless API, and the API's pushes back into websocket messages.
+//!
+//! [`Gateway::bind`] opens both listeners (port 0 works, for tests); [`Gateway::serve`] runs
+//! until the given shutdown future resolves, then drains: in-flight requests finish, every
+//! websocket gets `1001`, and the API gets one DELETE per connection.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod control;
+pub mod handshake;
+pub mod identity;
+pub mod metrics;
+pub mod profile;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, DescriptorBudget};
+use metrics::Metrics;
+use registry::Registry;
+use session::Command;
+use upstream::Upstream;
+
+/// State shared by every task of one gateway.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) budget: DescriptorBudget,
+    pub(crate) upstream: Upstream,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) connection_permits: Arc<Semaphore>,
+    pub(crate) shutdown_deletes: Semaphore,
+    pub(crate) tasks: TaskTracker,
+    draining: AtomicBool,
+    shutdown_deadline: OnceLock<Instant>,
+}
+
+impl Shared {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn shutdown_deadline(&self) -> Option<Instant> {
+        self.shutdown_deadline.get().copied()
+    }
+
+    /// Stops new websockets and asks every session to finish its work and close.
+    fn begin_drain(&self) {
+        let _ = self
+            .shutdown_deadline
+            .set(Instant::now() + self.config.shutdown_timeout);
+        self.draining.store(true, Ordering::SeqCst);
+        for session in self.registry.all() {
+            session.command(Command::Shutdown);
+        }
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// A listener could not be bound.
+    Bind {
+        /// Which flag named the address.
+        flag: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        error: std::io::Error,
+    },
+    /// A setting does not work (names the flag).
+    Config(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Bind { flag, addr, error } => {
+                write!(f, "{flag} {addr}: cannot listen: {error}")
+            }
+            StartError::Config(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// What a finished gateway did while draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Connections open when the drain started.
+    pub sessions_at_shutdown: usize,
+    /// Whether every session finished (and sent its DELETE) before the grace period ran out.
+    pub completed: bool,
+}
+
+/// A gateway with its listeners bound, ready to serve.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    public: TcpListener,
+    control: TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
+/// The process's open-file limit (soft), raised to the hard limit where allowed.
+pub fn open_file_limit() -> usize {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, hard)) => {
+            let raised = if soft < hard {
+                rlimit::increase_nofile_limit(hard).unwrap_or(soft)
+            } else {
+                soft
+            };
+            usize::try_from(raised).unwrap_or(usize::MAX)
+        }
+        Err(_) => 1024,
+    }
+}
+
+impl Gateway {
+    /// Binds both listeners and prepares the API client, with the descriptor budget derived from
+    /// this process's open-file limit.
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let budget =
+            DescriptorBudget::plan(&config, open_file_limit()).map_err(StartError::Config)?;
+        Gateway::bind_with_budget(config, budget).await
+    }
+
+    /// Like [`Gateway::bind`], with an explicit budget.
+    pub async fn bind_with_budget(
+        config: Config,
+        budget: DescriptorBudget,
+    ) -> Result<Gateway, StartError> {
+        validate(&config)?;
+        let tls = match &config.tls {
+            Some(files) => Some(server::tls_acceptor(files).map_err(StartError::Config)?),
+            None => None,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let upstream = Upstream::new(
+            &config,
+            budget.upstream_max_connections,
+            Arc::clone(&metrics),
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?;
+        let public = TcpListener::bind(config.listen)
+            .await
+            .map_err(|error| StartError::Bind {
+                flag: "--listen",
+                addr: config.listen,
+                error,
+            })?;
+        let control = TcpListener::bind(config.control_listen)
+            .await
+            .map_err(|error| StartError::Bind {
+                flag: "--control-listen",
+                addr: config.control_listen,
+                error,
+            })?;
+        let shared = Arc::new(Shared {
+            connection_permits: Arc::new(Semaphore::new(budget.max_connections)),
+            shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency.max(1)),
+            config,
+            budget,
+            upstream,
+            registry: Registry::default(),
+            metrics,
+            tasks: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            shutdown_deadline: OnceLock::new(),
+        });
+        Ok(Gateway {
+            shared,
+            public,
+            control,
+            tls,
+        })
+    }
+
+    /// Where websocket clients connect.
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public
+            .local_addr()
+            .unwrap_or(self.shared.config.listen)
+    }
+
+    /// Where the API pushes.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control
+            .local_addr()
+            .unwrap_or(self.shared.config.control_listen)
+    }
+
+    /// How descriptors are split between websockets and API connections.
+    pub fn budget(&self) -> DescriptorBudget {
+        self.shared.budget
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> DrainReport {
+        let Gateway {
+            shared,
+            public,
+            control,
+            tls,
+        } = self;
+        let stop_public = CancellationToken::new();
+        let stop_control = CancellationToken::new();
+        let public_task = tokio::spawn(server::accept_public(
+            public,
+            tls,
+            Arc::clone(&shared),
+            stop_public.clone(),
+        ));
+        let control_task = tokio::spawn(server::accept_control(
+            control,
+            Arc::clone(&shared),
+            stop_control.clone(),
+        ));
+        shutdown.await;
+        stop_public.cancel();
+        let _ = public_task.await;
+        let sessions_at_shutdown = shared.registry.len();
+        tracing::info!(
+            sessions = sessions_at_shutdown,
+            "shutting down: finishing in-flight requests, closing websockets with 1001"
+        );
+        shared.begin_drain();
+        shared.tasks.close();
+        let config = &shared.config;
+        let grace = config.shutdown_timeout + config.upstream_timeout * 2 + Duration::from_secs(5);
+        let completed = server::finishes_within(grace, shared.tasks.wait()).await;
+        if !completed {
+            tracing::warn!(
+                remaining = shared.tasks.len(),
+                "shutdown grace period over; some sessions did not finish"
+            );
+        }
+        stop_control.cancel();
+        let _ = control_task.await;
+        DrainReport {
+            sessions_at_shutdown,
+            completed,
+        }
+    }
+}
+
+fn validate(config: &Config) -> Result<(), StartError> {
+    let fail = |m: &str| Err(StartError::Config(m.to_owned()));
+    if config.pipeline == 0 {
+        return fail("--pipeline must be at least 1");
+    }
+    if config.max_message_size == 0 {
+        return fail("--max-message-size must be at least 1 byte");
+    }
+    if config.max_queued_messages == 0 {
+        return fail("--max-queued-messages must be at least 1");
+    }
+    if let Some(interval) = config.ping_interval {
+        if config.ping_timeout <= interval {
+            return fail("--ping-timeout must be longer than --ping-interval");
+        }
+    }
+    if config.upstream_timeout.is_zero() {
+        return fail("--upstream-timeout must be more than 0");
+    }
+    if config.handshake_timeout.is_zero() {
+        return fail("--handshake-timeout must be more than 0");
+    }
+    if config.write_timeout.is_zero() {
+        return fail("--write-timeout must be more than 0");
+    }
+    Ok(())
+}
+
+/// Binds and serves `config` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<DrainReport, StartError> {
+    let gateway = Gateway::bind(config).await?;
+    Ok(gateway.serve(shutdown).await)
+}

@@ -1,0 +1,349 @@
+//! The `ws2http` command: flags, logging, signals and profiles around [`ws2http::Gateway`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use argh::FromArgs;
+use ws2http::config::{parse_duration, parse_size, ApiBase, Config, TlsFiles};
+use ws2http::{profile, Gateway};
+
+/// ws2http: holds websocket connections and turns their traffic into plain HTTP requests to
+/// an API (GET on connect, POST per message, DELETE on close); the API pushes back with a POST
+/// to the control listener.
+#[derive(FromArgs)]
+struct Args {
+    /// public websocket listener (default 0.0.0.0:7001)
+    #[argh(option, default = "SocketAddr::from(([0, 0, 0, 0], 7001))")]
+    listen: SocketAddr,
+
+    /// control listener for the API: push, disconnect, info, metrics (default 127.0.0.1:7002)
+    #[argh(option, default = "SocketAddr::from(([127, 0, 0, 1], 7002))")]
+    control_listen: SocketAddr,
+
+    /// base URL of the API; the ClientId is appended (default http://127.0.0.1:8000/)
+    #[argh(option, default = "\"http://127.0.0.1:8000/\".parse().unwrap()")]
+    api: ApiBase,
+
+    /// messages of one connection in flight to the API at once, replies kept in order (default 1)
+    #[argh(option, default = "1")]
+    pipeline: usize,
+
+    /// largest message from a client, the API or a push, e.g. 64KiB (default 1MiB)
+    #[argh(option, default = "1 << 20", from_str_fn(parse_size))]
+    max_message_size: usize,
+
+    /// websocket connections held at once (default: what the open-file limit leaves after the
+    /// API connections and pending handshakes)
+    #[argh(option)]
+    max_connections: Option<usize>,
+
+    /// sockets accepted but not yet upgraded, at once (default 512)
+    #[argh(option, default = "512")]
+    max_pending_handshakes: usize,
+
+    /// deadline of one API request, e.g. 500ms, 30s (default 30s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(30)",
+        from_str_fn(parse_duration)
+    )]
+    upstream_timeout: Duration,
+
+    /// concurrent API requests and pooled API connections (default: open-file limit / 16, at
+    /// most 1024)
+    #[argh(option)]
+    upstream_max_connections: Option<usize>,
+
+    /// speak HTTP/2 without TLS (h2c) to the API
+    #[argh(switch)]
+    upstream_http2: bool,
+
+    /// extra CA certificate (PEM) trusted for an https:// API, besides the system roots
+    #[argh(option)]
+    api_ca: Option<PathBuf>,
+
+    /// pushes queued for one socket before pushes get 503 (default 64)
+    #[argh(option, default = "64")]
+    max_queued_messages: usize,
+
+    /// bytes queued for one socket before pushes get 503 (default 1MiB)
+    #[argh(option, default = "1 << 20", from_str_fn(parse_size))]
+    max_queued_bytes: usize,
+
+    /// close a socket whose writes make no progress for this long with 1008 (default 30s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(30)",
+        from_str_fn(parse_duration)
+    )]
+    write_timeout: Duration,
+
+    /// time a client has to complete its upgrade request (default 10s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(10)",
+        from_str_fn(parse_duration)
+    )]
+    handshake_timeout: Duration,
+
+    /// ping a client after this long without a frame from it; 0 disables (default 30s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(30)",
+        from_str_fn(parse_duration)
+    )]
+    ping_interval: Duration,
+
+    /// close a client that sent nothing at all for this long (default 60s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(60)",
+        from_str_fn(parse_duration)
+    )]
+    ping_timeout: Duration,
+
+    /// close a connection without a data message either way for this long (default: never)
+    #[argh(option, from_str_fn(parse_duration))]
+    idle_timeout: Option<Duration>,
+
+    /// on SIGTERM/SIGINT, how long in-flight requests may take before sockets close (default 10s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(10)",
+        from_str_fn(parse_duration)
+    )]
+    shutdown_timeout: Duration,
+
+    /// DELETEs sent to the API at once while shutting down (default 64)
+    #[argh(option, default = "64")]
+    shutdown_delete_concurrency: usize,
+
+    /// bearer token the control listener requires (also from WS2HTTP_CONTROL_TOKEN)
+    #[argh(option)]
+    control_token: Option<String>,
+
+    /// origins allowed to open a websocket, comma-separated or repeated (default: any; the
+    /// API judges the forwarded Origin)
+    #[argh(option)]
+    allowed_origins: Vec<String>,
+
+    /// certificate chain (PEM) to serve wss:// on the public listener
+    #[argh(option)]
+    tls_cert: Option<PathBuf>,
+
+    /// private key (PEM) for --tls-cert
+    #[argh(option)]
+    tls_key: Option<PathBuf>,
+
+    /// runtime worker threads (default: one per CPU)
+    #[argh(option)]
+    worker_threads: Option<usize>,
+
+    /// write a CPU profile (pprof protobuf; flame graph SVG if FILE ends in .svg) at shutdown
+    #[argh(option)]
+    cpuprofile: Option<PathBuf>,
+
+    /// write a heap profile (pprof protobuf, gzipped) at shutdown; also enables
+    /// GET /debug/pprof/heap on the control listener
+    #[argh(option)]
+    memprofile: Option<PathBuf>,
+
+    /// print the version and exit
+    #[argh(switch)]
+    version: bool,
+}
+
+/// Turns the flags into a [`Config`], or a one-line error naming the flag.
+fn config_from(args: &Args) -> Result<Config, String> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".to_owned()),
+    };
+    let token = match &args.control_token {
+        Some(token) => Some(token.clone()),
+        None => std::env::var("WS2HTTP_CONTROL_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    if token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty() || t.contains(char::is_whitespace))
+    {
+        return Err("--control-token must be non-empty and without spaces".to_owned());
+    }
+    let origins: Vec<String> = args
+        .allowed_origins
+        .iter()
+        .flat_map(|list| list.split(','))
+        .map(|o| o.trim().to_owned())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if args.worker_threads == Some(0) {
+        return Err("--worker-threads must be at least 1".to_owned());
+    }
+    Ok(Config {
+        listen: args.listen,
+        control_listen: args.control_listen,
+        api: args.api.clone(),
+        pipeline: args.pipeline,
+        max_message_size: args.max_message_size,
+        max_connections: args.max_connections,
+        max_pending_handshakes: args.max_pending_handshakes,
+        upstream_timeout: args.upstream_timeout,
+        upstream_max_connections: args.upstream_max_connections,
+        upstream_http2: args.upstream_http2,
+        api_ca: args.api_ca.clone(),
+        max_queued_messages: args.max_queued_messages,
+        max_queued_bytes: args.max_queued_bytes,
+        write_timeout: args.write_timeout,
+        handshake_timeout: args.handshake_timeout,
+        ping_interval: (!args.ping_interval.is_zero()).then_some(args.ping_interval),
+        ping_timeout: args.ping_timeout,
+        idle_timeout: args.idle_timeout,
+        shutdown_timeout: args.shutdown_timeout,
+        shutdown_delete_concurrency: args.shutdown_delete_concurrency,
+        control_token: token,
+        allowed_origins: (!origins.is_empty()).then_some(origins),
+        tls,
+    })
+}
+
+fn main() -> ExitCode {
+    let raw: Vec<String> = std::env::args().collect();
+    let strings: Vec<&str> = raw.iter().map(String::as_str).collect();
+    let args = match Args::from_args(&["ws2http"], strings.get(1..).unwrap_or(&[])) {
+        Ok(args) => args,
+        Err(early) => {
+            return match early.status {
+                Ok(()) => {
+                    print!("{}", early.output);
+                    ExitCode::SUCCESS
+                }
+                Err(()) => {
+                    let first = early.output.lines().next().unwrap_or("bad arguments");
+                    eprintln!("ws2http: {first}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+    };
+    if args.version {
+        println!("ws2http {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let config = match config_from(&args) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("ws2http: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = args.worker_threads.unwrap_or(cpus);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("ws2http: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let profiles = match profile::start(args.cpuprofile.clone(), args.memprofile.clone()) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("ws2http: --cpuprofile/--memprofile: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = runtime.block_on(serve(config, workers, cpus));
+    if let Err(error) = profiles.finish() {
+        tracing::error!(%error, "profile not written");
+    }
+    code
+}
+
+async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
+    let gateway = match Gateway::bind(config.clone()).await {
+        Ok(gateway) => gateway,
+        Err(error) => {
+            eprintln!("ws2http: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let budget = gateway.budget();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        public = %gateway.public_addr(),
+        control = %gateway.control_addr(),
+        api = config.api.as_str(),
+        tls = config.tls.is_some(),
+        open_file_limit = budget.open_file_limit,
+        max_connections = budget.max_connections,
+        upstream_max_connections = budget.upstream_max_connections,
+        pending_handshakes = budget.pending_handshakes,
+        worker_threads = workers,
+        cpus,
+        "ws2http started"
+    );
+    tracing::info!(
+        "ws2http listening: public={} control={}",
+        gateway.public_addr(),
+        gateway.control_addr()
+    );
+    if !gateway.control_addr().ip().is_loopback() && config.control_token.is_none() {
+        tracing::warn!(
+            control = %gateway.control_addr(),
+            "the control listener is not on loopback and has no --control-token: anyone who \
+             reaches it can push to and disconnect every client"
+        );
+    }
+    let report = gateway.serve(shutdown_signal()).await;
+    tracing::info!(
+        sessions = report.sessions_at_shutdown,
+        completed = report.completed,
+        "ws2http stopped"
+    );
+    ExitCode::SUCCESS
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one ends the process at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("ws2http: second signal, exiting without draining");
+        std::process::exit(1);
+    });
+}

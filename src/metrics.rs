@@ -1,0 +1,320 @@
+//! Process-wide counters and the upstream latency histogram, rendered as Prometheus text.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the upstream latency histogram's buckets.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Why a websocket ended, as counted in `connections_closed_by_reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a close frame.
+    Client,
+    /// The TCP connection dropped without a close frame.
+    Eof,
+    /// The API asked for it through the control listener.
+    Control,
+    /// A newer connection took the same ClientId.
+    Replaced,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// No frame within the ping timeout.
+    PingTimeout,
+    /// No data message within the idle timeout.
+    IdleTimeout,
+    /// The client did not read its messages.
+    SlowConsumer,
+    /// A message over the size limit.
+    TooBig,
+    /// A protocol violation (bad frame, invalid UTF-8 ...).
+    ProtocolError,
+    /// The API could not be reached for a message.
+    UpstreamFailure,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 11] = [
+        CloseReason::Client,
+        CloseReason::Eof,
+        CloseReason::Control,
+        CloseReason::Replaced,
+        CloseReason::Shutdown,
+        CloseReason::PingTimeout,
+        CloseReason::IdleTimeout,
+        CloseReason::SlowConsumer,
+        CloseReason::TooBig,
+        CloseReason::ProtocolError,
+        CloseReason::UpstreamFailure,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::Eof => "eof",
+            CloseReason::Control => "control",
+            CloseReason::Replaced => "replaced",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::PingTimeout => "ping_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::TooBig => "too_big",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::UpstreamFailure => "upstream_failure",
+        }
+    }
+}
+
+/// Why a handshake did not become a websocket, as counted in `handshakes_refused`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// Malformed request, bad ClientId, bad websocket key or version.
+    BadRequest,
+    /// Origin not in `--allowed-origins`.
+    Origin,
+    /// Connection or handshake cap reached, or shutting down.
+    Overloaded,
+    /// The API answered something other than `ok`.
+    Api,
+    /// The API failed (5xx, unreachable, timeout).
+    ApiFailure,
+}
+
+impl RefusalReason {
+    const ALL: [RefusalReason; 5] = [
+        RefusalReason::BadRequest,
+        RefusalReason::Origin,
+        RefusalReason::Overloaded,
+        RefusalReason::Api,
+        RefusalReason::ApiFailure,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RefusalReason::BadRequest => "bad_request",
+            RefusalReason::Origin => "origin",
+            RefusalReason::Overloaded => "overloaded",
+            RefusalReason::Api => "api",
+            RefusalReason::ApiFailure => "api_failure",
+        }
+    }
+}
+
+/// All counters of one gateway.
+#[derive(Default)]
+pub struct Metrics {
+    /// Websockets accepted (101 sent).
+    pub connections_opened: AtomicU64,
+    /// Websockets ended, for any reason.
+    pub connections_closed: AtomicU64,
+    closed_by_reason: [AtomicU64; CloseReason::ALL.len()],
+    refused_by_reason: [AtomicU64; RefusalReason::ALL.len()],
+    /// API requests started (GET, POST, DELETE).
+    pub requests_started: AtomicU64,
+    /// API requests that failed: transport error, timeout, or a non-2xx answer.
+    pub requests_failed: AtomicU64,
+    /// API requests answered 2xx.
+    pub requests_succeeded: AtomicU64,
+    /// Data messages received from clients.
+    pub messages_received: AtomicU64,
+    /// Data messages sent to clients (replies and pushes).
+    pub messages_sent: AtomicU64,
+    /// Pushes queued on a socket.
+    pub pushes_accepted: AtomicU64,
+    /// Pushes refused (unknown client, full queue, too large).
+    pub pushes_refused: AtomicU64,
+    /// DELETEs that reached the API.
+    pub disconnects_notified: AtomicU64,
+    /// DELETEs that could not be delivered.
+    pub disconnects_failed: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Counts a websocket's end.
+    pub fn connection_closed(&self, reason: CloseReason) {
+        bump(&self.connections_closed);
+        let index = CloseReason::ALL.iter().position(|r| *r == reason);
+        if let Some(i) = index {
+            bump(&self.closed_by_reason[i]);
+        }
+    }
+
+    /// Counts a refused handshake.
+    pub fn handshake_refused(&self, reason: RefusalReason) {
+        let index = RefusalReason::ALL.iter().position(|r| *r == reason);
+        if let Some(i) = index {
+            bump(&self.refused_by_reason[i]);
+        }
+    }
+
+    /// Records how long one API request took.
+    pub fn observe_upstream_latency(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            if seconds <= *bound {
+                bump(bucket);
+                break;
+            }
+        }
+        bump(&self.latency_count);
+        self.latency_sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Websockets open now.
+    pub fn connections_active(&self) -> u64 {
+        let opened = self.connections_opened.load(Ordering::Relaxed);
+        let closed = self.connections_closed.load(Ordering::Relaxed);
+        opened.saturating_sub(closed)
+    }
+
+    /// Prometheus text exposition (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let plain: [(&str, &str, &AtomicU64); 11] = [
+            (
+                "connections_opened",
+                "Websockets accepted.",
+                &self.connections_opened,
+            ),
+            (
+                "connections_closed",
+                "Websockets ended.",
+                &self.connections_closed,
+            ),
+            (
+                "requests_started",
+                "API requests started.",
+                &self.requests_started,
+            ),
+            (
+                "requests_failed",
+                "API requests failed (transport error, timeout or non-2xx).",
+                &self.requests_failed,
+            ),
+            (
+                "requests_succeeded",
+                "API requests answered 2xx.",
+                &self.requests_succeeded,
+            ),
+            (
+                "messages_received",
+                "Data messages received from clients.",
+                &self.messages_received,
+            ),
+            (
+                "messages_sent",
+                "Data messages sent to clients.",
+                &self.messages_sent,
+            ),
+            (
+                "pushes_accepted",
+                "Pushes queued on a socket.",
+                &self.pushes_accepted,
+            ),
+            ("pushes_refused", "Pushes refused.", &self.pushes_refused),
+            (
+                "disconnects_notified",
+                "DELETEs delivered to the API.",
+                &self.disconnects_notified,
+            ),
+            (
+                "disconnects_failed",
+                "DELETEs that could not be delivered.",
+                &self.disconnects_failed,
+            ),
+        ];
+        for (name, help, value) in plain {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP connections_active Websockets open now.\n# TYPE connections_active gauge\nconnections_active {}",
+            self.connections_active()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP connections_closed_by_reason Websockets ended, by reason.\n# TYPE connections_closed_by_reason counter"
+        );
+        for (reason, value) in CloseReason::ALL.iter().zip(&self.closed_by_reason) {
+            let _ = writeln!(
+                out,
+                "connections_closed_by_reason{{reason=\"{}\"}} {}",
+                reason.label(),
+                value.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP handshakes_refused Upgrade requests refused, by reason.\n# TYPE handshakes_refused counter"
+        );
+        for (reason, value) in RefusalReason::ALL.iter().zip(&self.refused_by_reason) {
+            let _ = writeln!(
+                out,
+                "handshakes_refused{{reason=\"{}\"}} {}",
+                reason.label(),
+                value.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP upstream_latency_seconds API request latency.\n# TYPE upstream_latency_seconds histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "upstream_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "upstream_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let sum = self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "upstream_latency_seconds_sum {sum}");
+        let _ = writeln!(out, "upstream_latency_seconds_count {count}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_lists_ws2api_counters_and_the_histogram() {
+        let metrics = Metrics::default();
+        bump(&metrics.connections_opened);
+        bump(&metrics.connections_opened);
+        metrics.connection_closed(CloseReason::Eof);
+        metrics.observe_upstream_latency(Duration::from_micros(700));
+        metrics.observe_upstream_latency(Duration::from_secs(20));
+        let text = metrics.render();
+        assert!(text.contains("\nconnections_opened 2\n"), "{text}");
+        assert!(text.contains("\nconnections_closed 1\n"));
+        assert!(text.contains("\nconnections_active 1\n"));
+        assert!(text.contains("connections_closed_by_reason{reason=\"eof\"} 1"));
+        assert!(text.contains("upstream_latency_seconds_bucket{le=\"0.0005\"} 0"));
+        assert!(text.contains("upstream_latency_seconds_bucket{le=\"0.001\"} 1"));
+        assert!(text.contains("upstream_latency_seconds_bucket{le=\"10\"} 1"));
+        assert!(text.contains("upstream_latency_seconds_bucket{le=\"+Inf\"} 2"));
+        for name in ["requests_started", "requests_failed", "requests_succeeded"] {
+            assert!(text.contains(&format!("\n{name} 0\n")), "{name}");
+        }
+    }
+}

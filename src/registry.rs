@@ -1,0 +1,130 @@
+//! ClientId → session handle: who is connected here, so pushes and disconnects find their socket.
+//! Sharded so that thousands of connects and pushes a second do not queue on one lock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::identity::{ClientId, ConnectionId};
+use crate::session::SessionHandle;
+
+const SHARDS: usize = 16;
+
+/// The connected clients of this gateway.
+pub struct Registry {
+    shards: [Mutex<HashMap<ClientId, Arc<SessionHandle>>>; SHARDS],
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl Registry {
+    fn shard(&self, client_id: &ClientId) -> MutexGuard<'_, HashMap<ClientId, Arc<SessionHandle>>> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        client_id.hash(&mut hasher);
+        let index = (hasher.finish() as usize) % SHARDS;
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `handle` the session of its ClientId; returns the session it replaces, if any.
+    pub fn insert(&self, handle: Arc<SessionHandle>) -> Option<Arc<SessionHandle>> {
+        self.shard(&handle.client_id)
+            .insert(handle.client_id.clone(), handle)
+    }
+
+    /// The current session of `client_id`.
+    pub fn get(&self, client_id: &ClientId) -> Option<Arc<SessionHandle>> {
+        self.shard(client_id).get(client_id).cloned()
+    }
+
+    /// Removes `client_id` only while it still maps to `connection_id`, so an older
+    /// connection's close never unmaps a newer one.
+    pub fn remove(&self, client_id: &ClientId, connection_id: ConnectionId) -> bool {
+        let mut shard = self.shard(client_id);
+        match shard.get(client_id) {
+            Some(current) if current.connection_id == connection_id => {
+                shard.remove(client_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every current session (for shutdown).
+    pub fn all(&self) -> Vec<Arc<SessionHandle>> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(shard.values().cloned());
+        }
+        all
+    }
+
+    /// How many ClientIds are mapped.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    /// Whether no ClientId is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle(name: &str) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle::new(
+            ConnectionId::next(),
+            ClientId::from_path(&format!("/{name}")).unwrap(),
+            ([127, 0, 0, 1], 9).into(),
+        ))
+    }
+
+    #[test]
+    fn a_newer_connection_replaces_the_older_one() {
+        let registry = Registry::default();
+        let old = handle("a");
+        let new = handle("a");
+        assert!(registry.insert(old.clone()).is_none());
+        let replaced = registry.insert(new.clone()).unwrap();
+        assert_eq!(replaced.connection_id, old.connection_id);
+        assert_eq!(
+            registry.get(&new.client_id).unwrap().connection_id,
+            new.connection_id
+        );
+    }
+
+    #[test]
+    fn the_older_connection_closing_leaves_the_newer_one_mapped() {
+        let registry = Registry::default();
+        let old = handle("a");
+        let new = handle("a");
+        registry.insert(old.clone());
+        registry.insert(new.clone());
+        assert!(!registry.remove(&old.client_id, old.connection_id));
+        assert!(registry.get(&new.client_id).is_some());
+        assert!(registry.remove(&new.client_id, new.connection_id));
+        assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn all_lists_every_shard() {
+        let registry = Registry::default();
+        for i in 0..100 {
+            registry.insert(handle(&format!("c{i}")));
+        }
+        assert_eq!(registry.all().len(), 100);
+        assert_eq!(registry.len(), 100);
+    }
+}

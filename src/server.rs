@@ -1,0 +1,317 @@
+//! Listeners and connection plumbing: binds both ports, terminates TLS, caps sockets that have
+//! not finished their handshake, serves HTTP/1.1 on each, and turns upgraded connections back
+//! into plain sockets for the sessions.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TlsFiles;
+use crate::handshake::{self, Peer};
+use crate::metrics::RefusalReason;
+use crate::{control, Shared};
+
+/// Largest request head (request line + headers) accepted; larger gets `431`.
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// Control connections served at once.
+const MAX_CONTROL_CONNECTIONS: usize = 1024;
+/// Pause after an accept error such as EMFILE, so a full descriptor table is not spun on.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A websocket's byte stream once hyper has let go of it.
+pub(crate) struct Io {
+    transport: Transport,
+    /// Bytes the client sent after its upgrade request, read by hyper before the upgrade.
+    prefix: Bytes,
+}
+
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Io {
+    /// Takes the socket back out of hyper's upgrade wrapper.
+    pub(crate) fn from_upgraded(upgraded: hyper::upgrade::Upgraded) -> io::Result<Io> {
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                return Ok(Io {
+                    transport: Transport::Plain(parts.io.into_inner()),
+                    prefix: parts.read_buf,
+                })
+            }
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            Ok(parts) => Ok(Io {
+                transport: Transport::Tls(Box::new(parts.io.into_inner())),
+                prefix: parts.read_buf,
+            }),
+            Err(_) => Err(io::Error::other("upgraded connection of an unknown type")),
+        }
+    }
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.transport {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.transport {
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Builds the TLS acceptor for `--tls-cert`/`--tls-key`.
+pub(crate) fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+    let cert_pem = std::fs::read(&files.cert)
+        .map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;
+    let key_pem =
+        std::fs::read(&files.key).map_err(|e| format!("--tls-key {}: {e}", files.key.display()))?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "--tls-cert {}: no PEM certificate in the file",
+            files.cert.display()
+        ));
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| format!("--tls-key {}: {e}", files.key.display()))?
+        .ok_or_else(|| {
+            format!(
+                "--tls-key {}: no PEM private key in the file",
+                files.key.display()
+            )
+        })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts websocket clients until `stop` fires.
+pub(crate) async fn accept_public(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let pending = Arc::new(Semaphore::new(shared.budget.pending_handshakes));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, remote) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                accept_failed("public", &error).await;
+                continue;
+            }
+        };
+        match Arc::clone(&pending).try_acquire_owned() {
+            Ok(permit) => {
+                let task = serve_public(stream, remote, tls.clone(), Arc::clone(&shared), permit);
+                shared.tasks.spawn(task);
+            }
+            Err(_) => {
+                shared.metrics.handshake_refused(RefusalReason::Overloaded);
+                shared.tasks.spawn(refuse_busy(stream));
+            }
+        }
+    }
+}
+
+async fn accept_failed(which: &str, error: &io::Error) {
+    tracing::warn!(%error, "accept on the {which} listener failed; backing off");
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
+/// Answers a socket over the pending-handshake cap without parsing anything.
+async fn refuse_busy(mut stream: TcpStream) {
+    let reply = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply)).await;
+}
+
+async fn serve_public(
+    stream: TcpStream,
+    remote: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    _pending: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let handshake_timeout = shared.config.handshake_timeout;
+    let limit = handshake_timeout + shared.config.upstream_timeout;
+    let peer = Peer {
+        remote,
+        tls: tls.is_some(),
+    };
+    let served = async {
+        match tls {
+            None => serve_http(TokioIo::new(stream), peer, shared).await,
+            Some(acceptor) => {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_http(TokioIo::new(stream), peer, shared).await,
+                    Ok(Err(error)) => tracing::debug!(%remote, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(limit, served).await.is_err() {
+        tracing::debug!(%remote, "handshake did not finish in time; connection dropped");
+    }
+}
+
+async fn serve_http<S>(io: TokioIo<S>, peer: Peer, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake_timeout = shared.config.handshake_timeout;
+    let service =
+        service_fn(move |request| handshake::handle(request, peer.clone(), Arc::clone(&shared)));
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(handshake_timeout)
+        .keep_alive(false)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .serve_connection(io, service)
+        .with_upgrades();
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "public connection ended with an error");
+    }
+}
+
+/// Serves the control API until `stop` fires.
+pub(crate) async fn accept_control(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, _) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                accept_failed("control", &error).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            connections.spawn(refuse_busy(stream));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let service_shared = Arc::clone(&shared);
+            let service =
+                service_fn(move |request| control::handle(request, Arc::clone(&service_shared)));
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(shared.config.handshake_timeout)
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+                }
+            }
+            drop(slot);
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// Runs `future`, giving up after `limit`; says whether it finished.
+pub(crate) async fn finishes_within<F: Future>(limit: Duration, future: F) -> bool {
+    tokio::time::timeout(limit, future).await.is_ok()
+}

@@ -1,0 +1,746 @@
+//! One websocket's life, in one task: read frames and turn each message into an API request,
+//! write the API's answers back in order, deliver pushes from the connection's bounded mailbox,
+//! keep the connection alive with pings, and end it with exactly one DELETE to the API.
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::stream::FuturesOrdered;
+use futures_util::task::AtomicWaker;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+use tokio_websockets::proto::ProtocolError;
+use tokio_websockets::{CloseCode, Message, WebSocketStream};
+
+use crate::identity::{ClientId, ConnectionId};
+use crate::metrics::CloseReason;
+use crate::upstream::{ApiAnswer, ConnectionContext, UpstreamError};
+use crate::Shared;
+
+/// Close code sent to a connection replaced by a newer one with the same ClientId.
+pub const CLOSE_REPLACED: u16 = 4000;
+/// How long a closing handshake may take once our close frame is out.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A message waiting in a connection's mailbox.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The message body.
+    pub payload: Bytes,
+    /// Sent as a binary frame when true, text otherwise.
+    pub binary: bool,
+}
+
+/// Something the gateway asks a session to do, besides delivering messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Close with this code and reason (from the control API).
+    Close {
+        /// Close code sent to the client.
+        code: u16,
+        /// Close reason sent to the client and given to the API.
+        reason: String,
+    },
+    /// A newer connection took this ClientId.
+    Replaced,
+    /// The gateway is shutting down: finish in-flight work, then close with 1001.
+    Shutdown,
+}
+
+/// Why a push was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The mailbox holds `--max-queued-messages` or `--max-queued-bytes` already.
+    QueueFull,
+    /// The connection is closing or closed.
+    Closed,
+}
+
+impl std::fmt::Display for PushError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PushError::QueueFull => "the connection's outbound queue is full",
+            PushError::Closed => "the connection is closing",
+        })
+    }
+}
+
+impl std::error::Error for PushError {}
+
+#[derive(Default)]
+struct Mailbox {
+    queue: VecDeque<Outbound>,
+    queued_bytes: usize,
+    command: Option<Command>,
+    closed: bool,
+}
+
+/// The shared side of a session: what the registry holds and the control API talks to.
+pub struct SessionHandle {
+    /// The gateway's id of this websocket.
+    pub connection_id: ConnectionId,
+    /// The client's chosen id.
+    pub client_id: ClientId,
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// When the API accepted the connection.
+    pub connected_at: SystemTime,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    mailbox: Mutex<Mailbox>,
+    waker: AtomicWaker,
+}
+
+/// A snapshot of a session for `GET /<ClientId>` on the control listener.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// Messages received from the client.
+    pub messages_in: u64,
+    /// Messages sent to the client.
+    pub messages_out: u64,
+    /// Pushes waiting in the mailbox.
+    pub queued: usize,
+    /// Bytes waiting in the mailbox.
+    pub queued_bytes: usize,
+}
+
+impl SessionHandle {
+    /// A handle for a connection the API has just accepted.
+    pub fn new(connection_id: ConnectionId, client_id: ClientId, remote: SocketAddr) -> Self {
+        SessionHandle {
+            connection_id,
+            client_id,
+            remote,
+            connected_at: SystemTime::now(),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            mailbox: Mutex::new(Mailbox::default()),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    fn mailbox(&self) -> std::sync::MutexGuard<'_, Mailbox> {
+        // A panic while holding this lock cannot leave the mailbox half-updated.
+        self.mailbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a message for the socket, within the given bounds.
+    pub fn push(
+        &self,
+        message: Outbound,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<(), PushError> {
+        let mut mailbox = self.mailbox();
+        if mailbox.closed || mailbox.command.is_some() {
+            return Err(PushError::Closed);
+        }
+        let bytes = mailbox.queued_bytes + message.payload.len();
+        if mailbox.queue.len() >= max_messages || (bytes > max_bytes && !mailbox.queue.is_empty()) {
+            return Err(PushError::QueueFull);
+        }
+        mailbox.queued_bytes = bytes;
+        mailbox.queue.push_back(message);
+        drop(mailbox);
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// Asks the session to end; the first command given wins.
+    pub fn command(&self, command: Command) {
+        let mut mailbox = self.mailbox();
+        if mailbox.closed || mailbox.command.is_some() {
+            return;
+        }
+        mailbox.command = Some(command);
+        drop(mailbox);
+        self.waker.wake();
+    }
+
+    /// Counters and queue depth right now.
+    pub fn info(&self) -> SessionInfo {
+        let mailbox = self.mailbox();
+        SessionInfo {
+            messages_in: self.messages_in.load(Ordering::Relaxed),
+            messages_out: self.messages_out.load(Ordering::Relaxed),
+            queued: mailbox.queue.len(),
+            queued_bytes: mailbox.queued_bytes,
+        }
+    }
+
+    fn poll_mailbox(&self, cx: &mut Context<'_>, take_message: bool) -> MailboxEvent {
+        self.waker.register(cx.waker());
+        let mut mailbox = self.mailbox();
+        if let Some(command) = mailbox.command.take() {
+            // Keep a marker so later pushes and commands are refused.
+            mailbox.command = Some(command.clone());
+            if command != Command::Shutdown {
+                return MailboxEvent::Command(command);
+            }
+            if !mailbox.closed {
+                mailbox.closed = true;
+                return MailboxEvent::Command(command);
+            }
+        }
+        if take_message {
+            if let Some(message) = mailbox.queue.pop_front() {
+                mailbox.queued_bytes -= message.payload.len();
+                return MailboxEvent::Message(message);
+            }
+        }
+        MailboxEvent::Empty
+    }
+
+    fn close_mailbox(&self) -> usize {
+        let mut mailbox = self.mailbox();
+        mailbox.closed = true;
+        mailbox.queued_bytes = 0;
+        let dropped = mailbox.queue.len();
+        mailbox.queue = VecDeque::new();
+        dropped
+    }
+}
+
+enum MailboxEvent {
+    Command(Command),
+    Message(Outbound),
+    Empty,
+}
+
+type AnswerFuture = Pin<Box<dyn Future<Output = Result<ApiAnswer, UpstreamError>> + Send>>;
+
+enum Event {
+    Frame(Option<Result<Message, tokio_websockets::Error>>),
+    Answer(Result<ApiAnswer, UpstreamError>),
+    Push(Outbound),
+    Command(Command),
+    WriteFailed(tokio_websockets::Error),
+    Timer,
+}
+
+/// How a session ends: what the client is told, what the API is told, and how it is counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ending {
+    why: CloseReason,
+    /// Close frame we send, if the socket can still take one.
+    send_close: Option<(u16, String)>,
+    /// Body of the DELETE.
+    api_reason: String,
+    /// `X-Close-Code` of the DELETE.
+    api_code: Option<u16>,
+}
+
+impl Ending {
+    fn ours(why: CloseReason, code: u16, reason: &str) -> Ending {
+        Ending {
+            why,
+            send_close: Some((code, reason.to_owned())),
+            api_reason: reason.to_owned(),
+            api_code: Some(code),
+        }
+    }
+
+    fn eof() -> Ending {
+        Ending {
+            why: CloseReason::Eof,
+            send_close: None,
+            api_reason: "EOF".to_owned(),
+            api_code: None,
+        }
+    }
+}
+
+/// Runs an accepted connection until it ends; then sends its DELETE.
+pub(crate) async fn run<S>(
+    socket: WebSocketStream<S>,
+    handle: Arc<SessionHandle>,
+    context: Arc<ConnectionContext>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let now = Instant::now();
+    let mut session = Session {
+        socket,
+        in_flight: FuturesOrdered::new(),
+        handle,
+        context,
+        timer: Box::pin(tokio::time::sleep_until(now)),
+        timer_at: now,
+        last_received: now,
+        last_data: now,
+        last_ping: now,
+        write_stalled_since: None,
+        unflushed: false,
+        reading: true,
+        drain_deadline: None,
+        peer_close: None,
+        shared,
+    };
+    session.schedule_timer(now);
+    let ending = session.run_loop().await;
+    session.finish(ending).await;
+}
+
+/// Sends the DELETE for a connection the API accepted but whose upgrade never completed.
+pub(crate) async fn abandoned(
+    handle: Arc<SessionHandle>,
+    context: Arc<ConnectionContext>,
+    shared: Arc<Shared>,
+) {
+    shared
+        .registry
+        .remove(&handle.client_id, handle.connection_id);
+    handle.close_mailbox();
+    shared.metrics.connection_closed(CloseReason::Eof);
+    notify_api(&shared, &context, Ending::eof()).await;
+}
+
+struct Session<S> {
+    socket: WebSocketStream<S>,
+    in_flight: FuturesOrdered<AnswerFuture>,
+    handle: Arc<SessionHandle>,
+    context: Arc<ConnectionContext>,
+    shared: Arc<Shared>,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Instant,
+    last_received: Instant,
+    last_data: Instant,
+    last_ping: Instant,
+    write_stalled_since: Option<Instant>,
+    unflushed: bool,
+    reading: bool,
+    drain_deadline: Option<Instant>,
+    peer_close: Option<(u16, String)>,
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn run_loop(&mut self) -> Ending {
+        loop {
+            if let Some(deadline) = self.drain_deadline {
+                if self.in_flight.is_empty() || Instant::now() >= deadline {
+                    return Ending::ours(CloseReason::Shutdown, 1001, "going away");
+                }
+            }
+            let event = poll_fn(|cx| self.poll_event(cx)).await;
+            if let Some(ending) = self.handle_event(event) {
+                return ending;
+            }
+        }
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let writable = match self.socket.poll_ready_unpin(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed(e)),
+            Poll::Pending => false,
+        };
+        match self.handle.poll_mailbox(cx, writable) {
+            MailboxEvent::Command(command) => return Poll::Ready(Event::Command(command)),
+            MailboxEvent::Message(message) => return Poll::Ready(Event::Push(message)),
+            MailboxEvent::Empty => {}
+        }
+        if writable {
+            if let Poll::Ready(Some(answer)) = self.in_flight.poll_next_unpin(cx) {
+                return Poll::Ready(Event::Answer(answer));
+            }
+        }
+        let mut write_pending = !writable;
+        if writable && self.unflushed {
+            match self.socket.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed(e)),
+                Poll::Pending => write_pending = true,
+            }
+        }
+        if write_pending {
+            if self.write_stalled_since.is_none() {
+                let now = Instant::now();
+                self.write_stalled_since = Some(now);
+                self.schedule_timer(now);
+            }
+        } else {
+            self.write_stalled_since = None;
+        }
+        if self.reading && self.in_flight.len() < self.shared.config.pipeline {
+            if let Poll::Ready(frame) = self.socket.poll_next_unpin(cx) {
+                return Poll::Ready(Event::Frame(frame));
+            }
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
+        Poll::Pending
+    }
+
+    fn handle_event(&mut self, event: Event) -> Option<Ending> {
+        match event {
+            Event::Frame(Some(Ok(message))) => self.on_message(message),
+            Event::Frame(Some(Err(error))) => Some(self.on_read_error(error)),
+            Event::Frame(None) => Some(match self.peer_close.take() {
+                Some((code, reason)) => Ending {
+                    why: CloseReason::Client,
+                    send_close: None,
+                    api_reason: reason,
+                    api_code: Some(code),
+                },
+                None => Ending::eof(),
+            }),
+            Event::Answer(Ok(answer)) => {
+                self.on_answer(answer);
+                None
+            }
+            Event::Answer(Err(error)) => {
+                tracing::warn!(
+                    client_id = %self.handle.client_id,
+                    connection_id = %self.handle.connection_id,
+                    %error,
+                    "message not handled; closing the websocket with 1011 `{}`",
+                    error.close_reason()
+                );
+                let code = if error == UpstreamError::Overloaded {
+                    1013
+                } else {
+                    1011
+                };
+                Some(Ending::ours(
+                    CloseReason::UpstreamFailure,
+                    code,
+                    error.close_reason(),
+                ))
+            }
+            Event::Push(message) => {
+                self.send(message.payload, message.binary);
+                None
+            }
+            Event::Command(Command::Close { code, reason }) => {
+                Some(Ending::ours(CloseReason::Control, code, &reason))
+            }
+            Event::Command(Command::Replaced) => Some(Ending::ours(
+                CloseReason::Replaced,
+                CLOSE_REPLACED,
+                "replaced",
+            )),
+            Event::Command(Command::Shutdown) => {
+                self.reading = false;
+                let deadline = self
+                    .shared
+                    .shutdown_deadline()
+                    .unwrap_or_else(|| Instant::now() + self.shared.config.shutdown_timeout);
+                self.drain_deadline = Some(deadline);
+                if deadline < self.timer_at {
+                    self.timer_at = deadline;
+                    self.timer.as_mut().reset(deadline);
+                }
+                None
+            }
+            Event::WriteFailed(error) => {
+                tracing::debug!(
+                    client_id = %self.handle.client_id,
+                    connection_id = %self.handle.connection_id,
+                    %error,
+                    "write to websocket failed"
+                );
+                Some(Ending::eof())
+            }
+            Event::Timer => self.on_timer(),
+        }
+    }
+
+    fn on_message(&mut self, message: Message) -> Option<Ending> {
+        let now = Instant::now();
+        self.last_received = now;
+        if message.is_text() || message.is_binary() {
+            self.last_data = now;
+            let binary = message.is_binary();
+            let payload = Bytes::from(message.into_payload());
+            self.handle.messages_in.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .messages_received
+                .fetch_add(1, Ordering::Relaxed);
+            let shared = Arc::clone(&self.shared);
+            let context = Arc::clone(&self.context);
+            self.in_flight.push_back(Box::pin(async move {
+                shared.upstream.message(&context, payload, binary).await
+            }));
+        } else if let Some((code, reason)) = message.as_close() {
+            self.peer_close = Some((u16::from(code), reason.to_owned()));
+        } else if message.is_close() {
+            // A close frame without a code.
+            self.peer_close = Some((1005, String::new()));
+        }
+        None
+    }
+
+    fn on_read_error(&mut self, error: tokio_websockets::Error) -> Ending {
+        let (why, code, reason) = match &error {
+            tokio_websockets::Error::PayloadTooLong { .. } => {
+                (CloseReason::TooBig, 1009, "message too big".to_owned())
+            }
+            tokio_websockets::Error::Protocol(ProtocolError::InvalidUtf8) => {
+                (CloseReason::ProtocolError, 1007, "invalid utf-8".to_owned())
+            }
+            tokio_websockets::Error::Protocol(e) => {
+                (CloseReason::ProtocolError, 1002, e.to_string())
+            }
+            _ => return Ending::eof(),
+        };
+        tracing::debug!(
+            client_id = %self.handle.client_id,
+            connection_id = %self.handle.connection_id,
+            %error,
+            "closing the websocket with {code}"
+        );
+        // The library has already queued its own close frame for most errors; for a message
+        // that grew too big over several fragments it has not, so ours goes out.
+        Ending::ours(why, code, &reason)
+    }
+
+    fn on_answer(&mut self, answer: ApiAnswer) {
+        if answer.body.is_empty() || answer.status == http::StatusCode::NO_CONTENT {
+            return;
+        }
+        let binary = answer.is_binary() || std::str::from_utf8(&answer.body).is_err();
+        self.send(answer.body, binary);
+    }
+
+    fn send(&mut self, payload: Bytes, binary: bool) {
+        let message = if binary {
+            Message::binary(payload)
+        } else {
+            Message::text(payload)
+        };
+        // poll_event only yields pushes and answers when the sink was ready.
+        if self.socket.start_send_unpin(message).is_ok() {
+            self.unflushed = true;
+            self.last_data = Instant::now();
+            self.handle.messages_out.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .messages_sent
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_timer(&mut self) -> Option<Ending> {
+        let now = Instant::now();
+        let config = &self.shared.config;
+        if let Some(since) = self.write_stalled_since {
+            if now >= since + config.write_timeout {
+                return Some(Ending {
+                    why: CloseReason::SlowConsumer,
+                    send_close: Some((1008, "slow consumer".to_owned())),
+                    api_reason: "slow consumer".to_owned(),
+                    api_code: Some(1008),
+                });
+            }
+        }
+        if config.ping_interval.is_some() && now >= self.last_received + config.ping_timeout {
+            return Some(Ending::ours(CloseReason::PingTimeout, 1001, "ping timeout"));
+        }
+        if let Some(idle) = config.idle_timeout {
+            if now >= self.last_data + idle {
+                return Some(Ending::ours(CloseReason::IdleTimeout, 1000, "idle timeout"));
+            }
+        }
+        if let Some(interval) = config.ping_interval {
+            if now >= self.last_received.max(self.last_ping) + interval {
+                self.last_ping = now;
+                if self
+                    .socket
+                    .start_send_unpin(Message::ping(Bytes::new()))
+                    .is_ok()
+                {
+                    self.unflushed = true;
+                }
+            }
+        }
+        self.schedule_timer(now);
+        None
+    }
+
+    /// Points the timer at the earliest moment something may be due; firing early is harmless.
+    fn schedule_timer(&mut self, now: Instant) {
+        let config = &self.shared.config;
+        let far = now + Duration::from_secs(3600);
+        let mut at = far;
+        if let Some(interval) = config.ping_interval {
+            at = at.min(self.last_received.max(self.last_ping) + interval);
+            at = at.min(self.last_received + config.ping_timeout);
+        }
+        if let Some(idle) = config.idle_timeout {
+            at = at.min(self.last_data + idle);
+        }
+        if let Some(since) = self.write_stalled_since {
+            at = at.min(since + config.write_timeout);
+        }
+        if let Some(deadline) = self.drain_deadline {
+            at = at.min(deadline);
+        }
+        let at = at.max(now + Duration::from_millis(1));
+        if at != self.timer_at {
+            self.timer_at = at;
+            self.timer.as_mut().reset(at);
+        }
+    }
+
+    async fn finish(self, ending: Ending) {
+        let Session {
+            mut socket,
+            mut in_flight,
+            handle,
+            context,
+            shared,
+            ..
+        } = self;
+        shared
+            .registry
+            .remove(&handle.client_id, handle.connection_id);
+        let dropped = handle.close_mailbox();
+        if dropped > 0 {
+            tracing::debug!(
+                client_id = %handle.client_id,
+                connection_id = %handle.connection_id,
+                dropped,
+                "pushes still queued when the websocket closed were not delivered"
+            );
+        }
+        if let Some((code, reason)) = &ending.send_close {
+            let code = CloseCode::try_from(*code).unwrap_or(CloseCode::NORMAL_CLOSURE);
+            let close = Message::close(Some(code), reason);
+            let handshake = async {
+                // Errors here mean the peer is gone already; the DELETE still goes out.
+                let _ = socket.send(close).await;
+                while let Some(Ok(_)) = socket.next().await {}
+            };
+            let limit = if ending.why == CloseReason::SlowConsumer {
+                Duration::from_millis(100)
+            } else {
+                CLOSE_HANDSHAKE_TIMEOUT
+            };
+            let _ = tokio::time::timeout(limit, handshake).await;
+        } else {
+            // Flush a close acknowledgement the library may have queued.
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
+        }
+        drop(socket);
+        shared.metrics.connection_closed(ending.why);
+        tracing::debug!(
+            client_id = %handle.client_id,
+            connection_id = %handle.connection_id,
+            reason = ending.why.label(),
+            "websocket closed"
+        );
+        // The API hears of the close only after it has answered every earlier message.
+        while in_flight.next().await.is_some() {}
+        notify_api(&shared, &context, ending).await;
+    }
+}
+
+async fn notify_api(shared: &Shared, context: &ConnectionContext, ending: Ending) {
+    let _permit = if shared.is_draining() {
+        shared.shutdown_deletes.acquire().await.ok()
+    } else {
+        None
+    };
+    let reason = Bytes::from(ending.api_reason);
+    match shared
+        .upstream
+        .disconnect(context, reason, ending.api_code)
+        .await
+    {
+        Ok(answer) if answer.status.is_success() => {
+            shared
+                .metrics
+                .disconnects_notified
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(answer) => {
+            shared
+                .metrics
+                .disconnects_notified
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                client_id = %context.client_id,
+                connection_id = %context.connection_id,
+                status = %answer.status,
+                "API answered the DELETE with an error status"
+            );
+        }
+        Err(error) => {
+            shared
+                .metrics
+                .disconnects_failed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                client_id = %context.client_id,
+                connection_id = %context.connection_id,
+                %error,
+                "the API was not told of this disconnect"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handle() -> SessionHandle {
+        SessionHandle::new(
+            ConnectionId::next(),
+            ClientId::from_path("/a").unwrap(),
+            ([127, 0, 0, 1], 1).into(),
+        )
+    }
+
+    fn message(len: usize) -> Outbound {
+        Outbound {
+            payload: Bytes::from(vec![b'x'; len]),
+            binary: false,
+        }
+    }
+
+    #[test]
+    fn mailbox_refuses_pushes_over_its_message_bound() {
+        let h = handle();
+        assert_eq!(h.push(message(1), 2, 100), Ok(()));
+        assert_eq!(h.push(message(1), 2, 100), Ok(()));
+        assert_eq!(h.push(message(1), 2, 100), Err(PushError::QueueFull));
+        assert_eq!(h.info().queued, 2);
+        assert_eq!(h.info().queued_bytes, 2);
+    }
+
+    #[test]
+    fn mailbox_refuses_pushes_over_its_byte_bound_but_takes_one_large_message() {
+        let h = handle();
+        assert_eq!(h.push(message(150), 10, 100), Ok(()));
+        assert_eq!(h.push(message(1), 10, 100), Err(PushError::QueueFull));
+    }
+
+    #[test]
+    fn mailbox_refuses_pushes_once_a_close_was_asked() {
+        let h = handle();
+        h.command(Command::Replaced);
+        h.command(Command::Shutdown);
+        assert_eq!(h.push(message(1), 10, 100), Err(PushError::Closed));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        match h.poll_mailbox(&mut cx, true) {
+            MailboxEvent::Command(Command::Replaced) => {}
+            _ => panic!("the first command should win"),
+        }
+    }
+}

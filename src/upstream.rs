@@ -1,0 +1,436 @@
+//! The API client: one pooled HTTP client for every connection's GET, POSTs and DELETE, with a
+//! cap on concurrent requests, a deadline per request, the headers the API relies on, and the
+//! error classes the rest of the gateway maps to status and close codes.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, COOKIE};
+use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use crate::config::Config;
+use crate::identity::{ClientId, ConnectionId};
+use crate::metrics::Metrics;
+
+/// Header carrying the gateway's id of the websocket connection.
+pub static X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
+/// Header carrying the websocket close code on a DELETE.
+pub static X_CLOSE_CODE: HeaderName = HeaderName::from_static("x-close-code");
+const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-stream");
+
+/// Why an API request did not produce an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    /// No complete answer within `--upstream-timeout`.
+    Timeout(Duration),
+    /// No connection to the API could be made.
+    Unreachable(String),
+    /// The connection broke or the API spoke bad HTTP.
+    Broken(String),
+    /// Too many requests were already waiting for an API connection.
+    Overloaded,
+    /// The answer's body was larger than `--max-message-size`.
+    ResponseTooLarge(usize),
+}
+
+impl UpstreamError {
+    /// A short text fit for a websocket close reason (at most 123 bytes).
+    pub fn close_reason(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout(_) => "upstream timeout",
+            UpstreamError::Unreachable(_) => "upstream unreachable",
+            UpstreamError::Broken(_) => "upstream error",
+            UpstreamError::Overloaded => "upstream overloaded",
+            UpstreamError::ResponseTooLarge(_) => "upstream reply too large",
+        }
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Timeout(d) => write!(f, "API did not answer within {d:?}"),
+            UpstreamError::Unreachable(e) => write!(f, "API unreachable: {e}"),
+            UpstreamError::Broken(e) => write!(f, "API request failed: {e}"),
+            UpstreamError::Overloaded => f.write_str("too many requests waiting for the API"),
+            UpstreamError::ResponseTooLarge(max) => {
+                write!(f, "API answer larger than {max} bytes")
+            }
+        }
+    }
+}
+
+impl StdError for UpstreamError {}
+
+/// The request-independent facts of one websocket connection that its API requests carry.
+pub struct ConnectionContext {
+    /// The gateway's id of this websocket.
+    pub connection_id: ConnectionId,
+    /// The client's chosen id.
+    pub client_id: ClientId,
+    uri: Uri,
+    connection_id_header: HeaderValue,
+    cookie: Option<HeaderValue>,
+    authorization: Option<HeaderValue>,
+}
+
+/// The API's answer to a message or connect request.
+#[derive(Debug)]
+pub struct ApiAnswer {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its headers.
+    pub headers: HeaderMap,
+    /// Its body, read in full.
+    pub body: Bytes,
+}
+
+impl ApiAnswer {
+    /// Whether the body is meant as binary: `Content-Type: application/octet-stream`.
+    pub fn is_binary(&self) -> bool {
+        self.headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/octet-stream"))
+            })
+    }
+}
+
+/// The client-side request facts forwarded on the connect GET.
+#[derive(Default)]
+pub struct ConnectHeaders {
+    /// Headers copied from the upgrade request (Cookie, Authorization, Origin, ...).
+    pub forwarded: HeaderMap,
+    /// The raw query string, without `?`.
+    pub query: Option<String>,
+}
+
+/// The pooled API client shared by all connections.
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    base: String,
+    permits: Semaphore,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+    timeout: Duration,
+    max_body: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// Why the API client could not be built.
+#[derive(Debug)]
+pub struct UpstreamSetupError(pub String);
+
+impl fmt::Display for UpstreamSetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl StdError for UpstreamSetupError {}
+
+impl Upstream {
+    /// Builds the client for `config`, allowing `max_connections` requests at once.
+    pub fn new(
+        config: &Config,
+        max_connections: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Upstream, UpstreamSetupError> {
+        let tls = client_tls_config(config)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.upstream_timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(max_connections)
+            .http2_only(config.upstream_http2)
+            .build(connector);
+        Ok(Upstream {
+            client,
+            base: config.api.as_str().to_owned(),
+            permits: Semaphore::new(max_connections),
+            waiting: AtomicUsize::new(0),
+            max_waiting: (max_connections * 4).max(4096),
+            timeout: config.upstream_timeout,
+            max_body: config.max_message_size,
+            metrics,
+        })
+    }
+
+    /// Prepares the per-connection facts; fails only if the ClientId makes no valid URL.
+    pub fn context(
+        &self,
+        connection_id: ConnectionId,
+        client_id: ClientId,
+        upgrade_headers: &HeaderMap,
+    ) -> Result<ConnectionContext, UpstreamError> {
+        let uri = self.uri(&client_id, None)?;
+        let connection_id_header = HeaderValue::try_from(connection_id.to_string())
+            .map_err(|e| UpstreamError::Broken(e.to_string()))?;
+        Ok(ConnectionContext {
+            connection_id,
+            client_id,
+            uri,
+            connection_id_header,
+            cookie: upgrade_headers.get(COOKIE).cloned(),
+            authorization: upgrade_headers.get(AUTHORIZATION).cloned(),
+        })
+    }
+
+    fn uri(&self, client_id: &ClientId, query: Option<&str>) -> Result<Uri, UpstreamError> {
+        let mut url = String::with_capacity(self.base.len() + client_id.as_str().len() + 8);
+        url.push_str(&self.base);
+        url.push_str(&client_id.encoded());
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(q);
+        }
+        url.parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::Broken(e.to_string()))
+    }
+
+    /// `GET {api}<ClientId>?<query>`: may this client connect?
+    pub async fn connect(
+        &self,
+        context: &ConnectionContext,
+        headers: ConnectHeaders,
+    ) -> Result<ApiAnswer, UpstreamError> {
+        let uri = self.uri(&context.client_id, headers.query.as_deref())?;
+        let mut request = Request::new(Full::new(Bytes::new()));
+        *request.method_mut() = Method::GET;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers.forwarded;
+        request.headers_mut().insert(
+            X_CONNECTION_ID.clone(),
+            context.connection_id_header.clone(),
+        );
+        self.send(request).await
+    }
+
+    /// `POST {api}<ClientId>` with one message as the body.
+    pub async fn message(
+        &self,
+        context: &ConnectionContext,
+        payload: Bytes,
+        binary: bool,
+    ) -> Result<ApiAnswer, UpstreamError> {
+        let mut request = self.request(context, Method::POST, payload);
+        request
+            .headers_mut()
+            .insert(CONTENT_TYPE, if binary { OCTET_STREAM } else { TEXT_PLAIN });
+        self.send(request).await
+    }
+
+    /// `DELETE {api}<ClientId>` with the close reason as the body.
+    pub async fn disconnect(
+        &self,
+        context: &ConnectionContext,
+        reason: Bytes,
+        code: Option<u16>,
+    ) -> Result<ApiAnswer, UpstreamError> {
+        let mut request = self.request(context, Method::DELETE, reason);
+        request.headers_mut().insert(CONTENT_TYPE, TEXT_PLAIN);
+        if let Some(code) = code {
+            request
+                .headers_mut()
+                .insert(X_CLOSE_CODE.clone(), HeaderValue::from(code));
+        }
+        self.send(request).await
+    }
+
+    fn request(
+        &self,
+        context: &ConnectionContext,
+        method: Method,
+        body: Bytes,
+    ) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = context.uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(
+            X_CONNECTION_ID.clone(),
+            context.connection_id_header.clone(),
+        );
+        if let Some(cookie) = &context.cookie {
+            headers.insert(COOKIE, cookie.clone());
+        }
+        if let Some(authorization) = &context.authorization {
+            headers.insert(AUTHORIZATION, authorization.clone());
+        }
+        request
+    }
+
+    async fn send(&self, request: Request<Full<Bytes>>) -> Result<ApiAnswer, UpstreamError> {
+        let started = Instant::now();
+        self.metrics
+            .requests_started
+            .fetch_add(1, Ordering::Relaxed);
+        let result = match tokio::time::timeout(self.timeout, self.exchange(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout(self.timeout)),
+        };
+        self.metrics.observe_upstream_latency(started.elapsed());
+        let succeeded = matches!(&result, Ok(answer) if answer.status.is_success());
+        let counter = if succeeded {
+            &self.metrics.requests_succeeded
+        } else {
+            &self.metrics.requests_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<ApiAnswer, UpstreamError> {
+        let _permit = self.permit().await?;
+        let response = self.client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                UpstreamError::Unreachable(error_chain(&e))
+            } else {
+                UpstreamError::Broken(error_chain(&e))
+            }
+        })?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, self.max_body)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    UpstreamError::ResponseTooLarge(self.max_body)
+                } else {
+                    UpstreamError::Broken(error_chain(&*e))
+                }
+            })?
+            .to_bytes();
+        Ok(ApiAnswer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    async fn permit(&self) -> Result<SemaphorePermit<'_>, UpstreamError> {
+        if let Ok(permit) = self.permits.try_acquire() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(UpstreamError::Overloaded);
+        }
+        let permit = self.permits.acquire().await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        permit.map_err(|_| UpstreamError::Overloaded)
+    }
+}
+
+/// Joins an error and its sources into one line: `client error (Connect): connection refused`.
+pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn client_tls_config(config: &Config) -> Result<rustls::ClientConfig, UpstreamSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if config.api.is_https() {
+        let native = rustls_native_certs::load_native_certs();
+        for cert in native.certs {
+            let _ = roots.add(cert);
+        }
+    }
+    if let Some(path) = &config.api_ca {
+        let pem = std::fs::read(path)
+            .map_err(|e| UpstreamSetupError(format!("--api-ca {}: {e}", path.display())))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert =
+                cert.map_err(|e| UpstreamSetupError(format!("--api-ca {}: {e}", path.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| UpstreamSetupError(format!("--api-ca {}: {e}", path.display())))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(UpstreamSetupError(format!(
+                "--api-ca {}: no PEM certificate in the file",
+                path.display()
+            )));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamSetupError(format!("TLS setup: {e}")))?;
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer_with(content_type: Option<&'static str>) -> ApiAnswer {
+        let mut headers = HeaderMap::new();
+        if let Some(ct) = content_type {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+        }
+        ApiAnswer {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn only_octet_stream_answers_are_binary() {
+        assert!(answer_with(Some("application/octet-stream")).is_binary());
+        assert!(answer_with(Some("Application/Octet-Stream; x=1")).is_binary());
+        assert!(!answer_with(Some("text/plain")).is_binary());
+        assert!(!answer_with(Some("application/json")).is_binary());
+        assert!(!answer_with(None).is_binary());
+    }
+
+    #[test]
+    fn close_reasons_fit_a_close_frame() {
+        let all = [
+            UpstreamError::Timeout(Duration::from_secs(1)),
+            UpstreamError::Unreachable(String::new()),
+            UpstreamError::Broken(String::new()),
+            UpstreamError::Overloaded,
+            UpstreamError::ResponseTooLarge(1),
+        ];
+        for e in all {
+            assert!(e.close_reason().len() <= 123);
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! Test support for the behaviour tests: a scriptable mock API (hyper) that records every
+//! request, an in-process gateway on port 0, websocket clients, and a raw HTTP client for
+//! handshakes and the control listener.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
+use ws2http::{Config, DrainReport, Gateway};
+
+/// A websocket client connection.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// One request as the mock API saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query, as sent.
+    pub uri: String,
+    pub headers: HashMap<String, String>,
+    pub body: Bytes,
+    /// When the request arrived.
+    pub at: tokio::time::Instant,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// What the mock API answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Bytes,
+    pub headers: Vec<(String, String)>,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn ok(body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status: 200,
+            body: body.into(),
+            headers: Vec::new(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn status(status: u16, body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status,
+            ..Reply::ok(body)
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn after(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+}
+
+type Script = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
+
+/// A scriptable API on 127.0.0.1:0 that records every request.
+pub struct MockApi {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    script: Arc<Mutex<Script>>,
+    task: JoinHandle<()>,
+}
+
+/// The default script: GET → `ok`, POST → `echo:<body>`, DELETE → `ok`.
+pub fn echo_script(seen: &Seen) -> Reply {
+    match seen.method.as_str() {
+        "GET" => Reply::ok("ok"),
+        "POST" => {
+            let mut body = b"echo:".to_vec();
+            body.extend_from_slice(&seen.body);
+            let reply = Reply::ok(body);
+            match seen.header("content-type") {
+                Some(ct) if ct.starts_with("application/octet-stream") => {
+                    reply.header("content-type", "application/octet-stream")
+                }
+                _ => reply,
+            }
+        }
+        _ => Reply::ok("ok"),
+    }
+}
+
+impl MockApi {
+    pub async fn start() -> MockApi {
+        MockApi::with_script(echo_script).await
+    }
+
+    pub async fn with_script(script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> MockApi {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        MockApi::on_listener(listener, Arc::new(script)).await
+    }
+
+    async fn on_listener(listener: TcpListener, script: Script) -> MockApi {
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(script));
+        let (seen2, script2) = (seen.clone(), script.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (seen, script) = (seen2.clone(), script2.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (seen, script) = (seen.clone(), script.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let headers = parts
+                                .headers
+                                .iter()
+                                .map(|(k, v)| {
+                                    (
+                                        k.as_str().to_owned(),
+                                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                    )
+                                })
+                                .collect();
+                            let record = Seen {
+                                at: tokio::time::Instant::now(),
+                                method: parts.method.to_string(),
+                                uri: parts.uri.to_string(),
+                                headers,
+                                body,
+                            };
+                            let reply = {
+                                let script = script.lock().unwrap().clone();
+                                script(&record)
+                            };
+                            seen.lock().unwrap().push(record);
+                            if !reply.delay.is_zero() {
+                                tokio::time::sleep(reply.delay).await;
+                            }
+                            let mut response = Response::new(Full::new(reply.body));
+                            *response.status_mut() = StatusCode::from_u16(reply.status).unwrap();
+                            for (k, v) in reply.headers {
+                                response.headers_mut().append(
+                                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                                    v.parse().unwrap(),
+                                );
+                            }
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        MockApi {
+            addr,
+            seen,
+            script,
+            task,
+        }
+    }
+
+    /// Replaces the script.
+    pub fn set_script(&self, script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) {
+        *self.script.lock().unwrap() = Arc::new(script);
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn seen_with(&self, method: &str) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.method == method)
+            .collect()
+    }
+
+    /// Waits until `count` requests of `method` were seen; returns them.
+    pub async fn wait_for(&self, method: &str, count: usize) -> Vec<Seen> {
+        let limit = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let found = self.seen_with(method);
+            if found.len() >= count {
+                return found;
+            }
+            if tokio::time::Instant::now() > limit {
+                panic!(
+                    "waited 15s for {count} {method} requests; saw {}: {:?}",
+                    found.len(),
+                    found.iter().map(|s| &s.uri).collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops accepting and drops open connections.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for MockApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    pub public: SocketAddr,
+    pub control: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<DrainReport>>,
+}
+
+/// A config for tests: loopback, port 0, short timeouts, the given API.
+pub fn test_config(api: &MockApi) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        control_listen: "127.0.0.1:0".parse().unwrap(),
+        api: api.base().parse().unwrap(),
+        upstream_timeout: Duration::from_secs(5),
+        shutdown_timeout: Duration::from_secs(5),
+        ..Config::default()
+    }
+}
+
+impl TestGateway {
+    pub async fn start(config: Config) -> TestGateway {
+        let gateway = Gateway::bind(config).await.expect("gateway binds");
+        let (public, control) = (gateway.public_addr(), gateway.control_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.serve(async {
+            let _ = stopped.await;
+        }));
+        TestGateway {
+            public,
+            control,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Starts the graceful shutdown and waits for it.
+    pub async fn shutdown(&mut self) -> DrainReport {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task
+            .take()
+            .expect("running")
+            .await
+            .expect("serve task")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.public, path)
+    }
+
+    /// Connects a websocket client to `path` (e.g. `/alice?x=1`).
+    pub async fn connect(&self, path: &str) -> Ws {
+        self.try_connect(path, &[])
+            .await
+            .expect("websocket connects")
+    }
+
+    pub async fn try_connect(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, tokio_websockets::Error> {
+        let mut builder = ClientBuilder::new().uri(&self.url(path)).unwrap();
+        for (k, v) in headers {
+            builder = builder
+                .add_header(
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                )
+                .unwrap();
+        }
+        builder.connect().await.map(|(ws, _)| ws)
+    }
+
+    /// A control request.
+    pub async fn control(&self, method: &str, path: &str, body: &[u8]) -> RawResponse {
+        raw_http(self.control, method, path, &[], body).await
+    }
+
+    /// Reads `/metrics` into name → value (labels kept in the name).
+    pub async fn metrics(&self) -> HashMap<String, f64> {
+        let response = self.control("GET", "/metrics", b"").await;
+        assert_eq!(response.status, 200);
+        parse_metrics(&response.text())
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// An HTTP response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// Sends one HTTP/1.1 request with `Connection: close` and reads the whole response.
+pub async fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body);
+    raw_exchange(addr, &bytes).await
+}
+
+/// Writes raw bytes and parses the response (read to EOF, 10 s at most).
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write request");
+    let mut data = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => data.extend_from_slice(&chunk[..n]),
+            }
+            // A 101 keeps the socket open: its head is the whole answer.
+            if let Some(response) = parse_response(&data) {
+                if response.status == 101 {
+                    break;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    parse_response(&data)
+        .unwrap_or_else(|| panic!("no HTTP response in {:?}", String::from_utf8_lossy(&data)))
+}
+
+pub fn parse_response(data: &[u8]) -> Option<RawResponse> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&data[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = data[end + 4..].to_vec();
+    if let Some(len) = headers
+        .get("content-length")
+        .and_then(|l| l.parse::<usize>().ok())
+    {
+        body.truncate(len);
+    }
+    Some(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// A websocket upgrade request for `path`, as raw bytes, with extra header lines.
+pub fn upgrade_request(path: &str, extra: &[&str]) -> Vec<u8> {
+    let mut text = format!(
+        "GET {path} HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for line in extra {
+        text.push_str(line);
+        text.push_str("\r\n");
+    }
+    text.push_str("\r\n");
+    text.into_bytes()
+}
+
+/// Sends a text message and returns the next data message's text (5 s at most).
+pub async fn round_trip(ws: &mut Ws, text: &str) -> String {
+    ws.send(Message::text(text.to_owned())).await.expect("send");
+    next_text(ws).await
+}
+
+/// The next text message (5 s at most).
+pub async fn next_text(ws: &mut Ws) -> String {
+    let message = next_data(ws).await;
+    message.as_text().expect("a text message").to_owned()
+}
+
+/// The next text or binary message (5 s at most).
+pub async fn next_data(ws: &mut Ws) -> Message {
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message within 5s")
+            .expect("the socket is open")
+            .expect("no websocket error");
+        if item.is_text() || item.is_binary() {
+            return item;
+        }
+    }
+}
+
+/// Reads until the server's close frame; returns its code and reason (5 s at most).
+pub async fn close_frame(ws: &mut Ws) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let item = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a close frame within 5s");
+        match item {
+            Some(Ok(message)) if message.is_close() => {
+                let (code, reason) = message
+                    .as_close()
+                    .map(|(c, r)| (u16::from(c), r.to_owned()))
+                    .unwrap_or((1005, String::new()));
+                return (code, reason);
+            }
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+/// Boxed future helper for scripts that need async.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Checks the accounting invariant: opened = closed + active, and one DELETE per opened.
+pub async fn assert_accounting(gateway: &TestGateway, api: &MockApi) {
+    let metrics = gateway.metrics().await;
+    let opened = metrics["connections_opened"];
+    let closed = metrics["connections_closed"];
+    let active = metrics["connections_active"];
+    assert_eq!(
+        opened,
+        closed + active,
+        "opened = closed + active: {metrics:?}"
+    );
+    let deletes = api.wait_for("DELETE", closed as usize).await;
+    let mut ids: Vec<_> = deletes
+        .iter()
+        .map(|d| d.header("x-connection-id").unwrap().to_owned())
+        .collect();
+    ids.sort();
+    let total = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "one DELETE per connection id");
+}

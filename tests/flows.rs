@@ -1,0 +1,590 @@
+//! The ws2api flows, as the API and the client see them: connect, message, close, identity,
+//! the same ClientId twice, and ws2api's own seven test scenarios.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_websockets::{CloseCode, Message};
+
+async fn setup() -> (MockApi, TestGateway) {
+    let api = MockApi::start().await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    (api, gateway)
+}
+
+// ---- ws2api's seven scenarios ----
+
+#[tokio::test]
+async fn api_ok_accepts_the_connection_with_101() {
+    let (api, gateway) = setup().await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 101);
+    assert_eq!(
+        response.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    let gets = api.wait_for("GET", 1).await;
+    assert_eq!(gets[0].uri, "/alice");
+}
+
+#[tokio::test]
+async fn api_ko_refuses_the_handshake_with_403_and_its_body() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "GET" => Reply::ok("ko"),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 403);
+    assert_eq!(response.text(), "ko");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        api.seen_with("DELETE").is_empty(),
+        "a refused client gets no DELETE"
+    );
+}
+
+#[tokio::test]
+async fn api_503_on_connect_gives_the_client_502() {
+    let api = MockApi::with_script(|_| Reply::status(503, "down")).await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 502);
+}
+
+#[tokio::test]
+async fn a_message_round_trips_through_the_api() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    assert_eq!(round_trip(&mut ws, "hello").await, "echo:hello");
+    let posts = api.wait_for("POST", 1).await;
+    assert_eq!(posts[0].uri, "/alice");
+    assert_eq!(posts[0].body, Bytes::from_static(b"hello"));
+    assert_eq!(
+        posts[0].header("content-type"),
+        Some("text/plain; charset=utf-8")
+    );
+}
+
+#[tokio::test]
+async fn a_push_from_the_api_reaches_the_client() {
+    let (_api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    let response = gateway.control("POST", "/alice", b"news").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.text(), "ok");
+    assert_eq!(next_text(&mut ws).await, "news");
+}
+
+#[tokio::test]
+async fn a_client_close_reason_reaches_the_api_in_the_delete() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    ws.send(Message::close(Some(CloseCode::NORMAL_CLOSURE), "bye now"))
+        .await
+        .unwrap();
+    let deletes = api.wait_for("DELETE", 1).await;
+    assert_eq!(deletes[0].uri, "/alice");
+    assert_eq!(deletes[0].body, Bytes::from_static(b"bye now"));
+    assert_eq!(deletes[0].header("x-close-code"), Some("1000"));
+}
+
+#[tokio::test]
+async fn an_unexpected_disconnect_is_reported_as_eof() {
+    let (api, gateway) = setup().await;
+    let ws = gateway.connect("/alice").await;
+    drop(ws);
+    let deletes = api.wait_for("DELETE", 1).await;
+    assert_eq!(deletes[0].body, Bytes::from_static(b"EOF"));
+    assert_eq!(deletes[0].header("x-close-code"), None);
+}
+
+// ---- connect ----
+
+#[tokio::test]
+async fn connect_forwards_query_and_client_headers() {
+    let (api, gateway) = setup().await;
+    let response = raw_exchange(
+        gateway.public,
+        &upgrade_request(
+            "/alice?token=abc&x=1",
+            &[
+                "Cookie: session=s1",
+                "Authorization: Bearer t0k",
+                "Origin: https://app.example",
+                "User-Agent: test-agent/1",
+                "Sec-WebSocket-Protocol: chat",
+                "X-Forwarded-For: 203.0.113.9",
+                "X-Secret-Internal: not forwarded",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(response.status, 101);
+    let get = &api.wait_for("GET", 1).await[0];
+    assert_eq!(get.uri, "/alice?token=abc&x=1");
+    assert_eq!(get.header("cookie"), Some("session=s1"));
+    assert_eq!(get.header("authorization"), Some("Bearer t0k"));
+    assert_eq!(get.header("origin"), Some("https://app.example"));
+    assert_eq!(get.header("user-agent"), Some("test-agent/1"));
+    assert_eq!(get.header("sec-websocket-protocol"), Some("chat"));
+    assert_eq!(
+        get.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(get.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(get.header("x-secret-internal"), None);
+    assert_eq!(get.header("x-connection-id").map(str::len), Some(16));
+}
+
+#[tokio::test]
+async fn the_api_chosen_subprotocol_is_echoed_to_the_client() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "GET" => Reply::ok("ok").header("sec-websocket-protocol", "chat.v2"),
+        _ => Reply::ok(""),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let response = raw_exchange(
+        gateway.public,
+        &upgrade_request("/a", &["Sec-WebSocket-Protocol: chat.v1, chat.v2"]),
+    )
+    .await;
+    assert_eq!(response.status, 101);
+    assert_eq!(response.header("sec-websocket-protocol"), Some("chat.v2"));
+}
+
+#[tokio::test]
+async fn api_4xx_is_relayed_with_retry_after() {
+    let api =
+        MockApi::with_script(|_| Reply::status(429, "slow down").header("retry-after", "7")).await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 429);
+    assert_eq!(response.header("retry-after"), Some("7"));
+    assert_eq!(response.text(), "slow down");
+}
+
+#[tokio::test]
+async fn api_200_with_another_body_is_403_and_401_stays_401() {
+    let api = MockApi::with_script(|s| {
+        if s.uri.starts_with("/nope") {
+            Reply::status(401, "who are you")
+        } else {
+            Reply::ok("okay")
+        }
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let almost = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(almost.status, 403);
+    let unauthorized = raw_exchange(gateway.public, &upgrade_request("/nope", &[])).await;
+    assert_eq!(unauthorized.status, 401);
+}
+
+#[tokio::test]
+async fn an_unreachable_api_gives_502_and_a_slow_one_504() {
+    let unreachable = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.api = format!("http://{unreachable}/").parse().unwrap();
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 502);
+
+    let slow = MockApi::with_script(|_| Reply::ok("ok").after(Duration::from_secs(3))).await;
+    let mut config = test_config(&slow);
+    config.upstream_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 504);
+}
+
+#[tokio::test]
+async fn plain_gets_get_426_and_healthz_200_without_asking_the_api() {
+    let (api, gateway) = setup().await;
+    let plain = raw_http(gateway.public, "GET", "/alice", &[], b"").await;
+    assert_eq!(plain.status, 426);
+    let health = raw_http(gateway.public, "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        api.seen().is_empty(),
+        "nothing reaches the API: {:?}",
+        api.seen()
+    );
+}
+
+#[tokio::test]
+async fn the_public_listener_refuses_pushes_with_405() {
+    let (api, gateway) = setup().await;
+    let _ws = gateway.connect("/alice").await;
+    let response = raw_http(gateway.public, "POST", "/alice", &[], b"spoofed").await;
+    assert_eq!(response.status, 405);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(api.seen_with("POST").is_empty());
+}
+
+// ---- ClientId ----
+
+#[tokio::test]
+async fn malformed_client_ids_get_400_without_an_upstream_call() {
+    let (api, gateway) = setup().await;
+    let long = format!("/{}", "x".repeat(257));
+    let huge = format!("/{}", "%41".repeat(3000));
+    for path in [
+        "/",
+        "/a/b",
+        "/%2F",
+        "/a%2",
+        "/%FF%FE",
+        "/%0D%0AX-Injected:%201",
+        "/..",
+        "/%2e",
+        long.as_str(),
+        huge.as_str(),
+    ] {
+        let response = raw_exchange(gateway.public, &upgrade_request(path, &[])).await;
+        assert!(
+            response.status == 400 || response.status == 431,
+            "{path}: {}",
+            response.status
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+}
+
+#[tokio::test]
+async fn client_ids_are_percent_encoded_again_upstream() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/%C3%A9t%C3%A9%20x").await;
+    round_trip(&mut ws, "hi").await;
+    let get = &api.wait_for("GET", 1).await[0];
+    assert_eq!(get.uri, "/%C3%A9t%C3%A9%20x");
+    let post = &api.wait_for("POST", 1).await[0];
+    assert_eq!(post.uri, "/%C3%A9t%C3%A9%20x");
+    let pushed = gateway.control("POST", "/%C3%A9t%C3%A9%20x", b"p").await;
+    assert_eq!(pushed.status, 200);
+}
+
+// ---- messages ----
+
+#[tokio::test]
+async fn binary_messages_travel_both_ways() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/bin").await;
+    let payload: Vec<u8> = vec![0, 159, 146, 150, 255];
+    ws.send(Message::binary(Bytes::from(payload.clone())))
+        .await
+        .unwrap();
+    let reply = next_data(&mut ws).await;
+    assert!(reply.is_binary());
+    let mut want = b"echo:".to_vec();
+    want.extend_from_slice(&payload);
+    assert_eq!(reply.into_payload().to_vec(), want);
+    let post = &api.wait_for("POST", 1).await[0];
+    assert_eq!(
+        post.header("content-type"),
+        Some("application/octet-stream")
+    );
+
+    let response = raw_http(
+        gateway.control,
+        "POST",
+        "/bin",
+        &[("Content-Type", "application/octet-stream")],
+        &[1, 2, 3, 255],
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let pushed = next_data(&mut ws).await;
+    assert!(pushed.is_binary());
+    assert_eq!(pushed.into_payload().to_vec(), vec![1, 2, 3, 255]);
+}
+
+#[tokio::test]
+async fn a_reply_that_is_not_utf8_is_sent_as_binary() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok(vec![0xff, 0xfe]).header("content-type", "text/plain"),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut ws = gateway.connect("/a").await;
+    ws.send(Message::text("x")).await.unwrap();
+    let reply = next_data(&mut ws).await;
+    assert!(reply.is_binary());
+}
+
+#[tokio::test]
+async fn empty_and_204_answers_send_nothing_back() {
+    let api = MockApi::with_script(|s| match (s.method.as_str(), &s.body[..]) {
+        ("POST", b"empty") => Reply::ok(""),
+        ("POST", b"nocontent") => Reply::status(204, ""),
+        ("POST", _) => Reply::ok("last"),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut ws = gateway.connect("/a").await;
+    ws.send(Message::text("empty")).await.unwrap();
+    ws.send(Message::text("nocontent")).await.unwrap();
+    ws.send(Message::text("final")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "last");
+}
+
+#[tokio::test]
+async fn a_non_2xx_answer_is_relayed_and_counted_as_failed() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::status(422, "bad input"),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut ws = gateway.connect("/a").await;
+    assert_eq!(round_trip(&mut ws, "x").await, "bad input");
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["requests_failed"], 1.0);
+    assert_eq!(metrics["requests_succeeded"], 1.0, "the GET succeeded");
+}
+
+#[tokio::test]
+async fn an_api_transport_failure_closes_the_socket_with_1011() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok("late").after(Duration::from_secs(30)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.upstream_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/b").await;
+    ws.send(Message::text("x")).await.unwrap();
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!(code, 1011);
+    assert_eq!(reason, "upstream timeout");
+    let delete = &api.wait_for("DELETE", 1).await[0];
+    assert_eq!(delete.uri, "/b");
+    assert_eq!(delete.header("x-close-code"), Some("1011"));
+    assert_eq!(delete.body, Bytes::from_static(b"upstream timeout"));
+}
+
+#[tokio::test]
+async fn cookie_and_authorization_are_sent_again_with_every_message() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway
+        .try_connect(
+            "/a",
+            &[("cookie", "sid=42"), ("authorization", "Bearer abc")],
+        )
+        .await
+        .unwrap();
+    round_trip(&mut ws, "one").await;
+    round_trip(&mut ws, "two").await;
+    for post in api.wait_for("POST", 2).await {
+        assert_eq!(post.header("cookie"), Some("sid=42"));
+        assert_eq!(post.header("authorization"), Some("Bearer abc"));
+    }
+}
+
+#[tokio::test]
+async fn one_connection_id_marks_the_get_posts_and_delete_of_a_connection() {
+    let (api, gateway) = setup().await;
+    let mut first = gateway.connect("/a").await;
+    let mut second = gateway.connect("/b").await;
+    round_trip(&mut first, "1").await;
+    round_trip(&mut second, "2").await;
+    first.close().await.unwrap();
+    second.close().await.unwrap();
+    api.wait_for("DELETE", 2).await;
+    let ids_for = |path: &str| {
+        let mut ids: Vec<String> = api
+            .seen()
+            .into_iter()
+            .filter(|s| s.uri == path)
+            .map(|s| s.header("x-connection-id").unwrap().to_owned())
+            .collect();
+        ids.dedup();
+        ids
+    };
+    let a = ids_for("/a");
+    let b = ids_for("/b");
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_ne!(a, b);
+}
+
+#[tokio::test]
+async fn the_delete_comes_after_the_answers_to_earlier_messages() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok("done").after(Duration::from_millis(400)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut ws = gateway.connect("/a").await;
+    ws.send(Message::text("work")).await.unwrap();
+    let post = api.wait_for("POST", 1).await[0].clone();
+    drop(ws);
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert!(
+        delete.at >= post.at + Duration::from_millis(400),
+        "DELETE arrived {:?} after the POST, before its answer",
+        delete.at - post.at
+    );
+}
+
+#[tokio::test]
+async fn pipelined_replies_come_back_in_message_order() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => {
+            let n: u64 = std::str::from_utf8(&s.body).unwrap().parse().unwrap();
+            // Later messages answer sooner, so only the gateway keeps the order.
+            Reply::ok(format!("r{n}")).after(Duration::from_millis(10 * (40 - n % 40)))
+        }
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.pipeline = 8;
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/p").await;
+    for i in 0..40 {
+        ws.send(Message::text(i.to_string())).await.unwrap();
+    }
+    for i in 0..40 {
+        assert_eq!(next_text(&mut ws).await, format!("r{i}"));
+    }
+    // Measure how many POSTs overlapped: arrivals within one answer's delay of each other.
+    let posts = api.wait_for("POST", 40).await;
+    let overlap = posts
+        .windows(2)
+        .filter(|w| w[1].at - w[0].at < Duration::from_millis(10))
+        .count();
+    assert!(overlap > 0, "pipelining should overlap requests");
+}
+
+#[tokio::test]
+async fn pipeline_never_has_more_than_n_requests_in_flight_per_connection() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.pipeline = 3;
+    // Each POST waits 100 ms; arrivals are counted against completions by time windows.
+    api.set_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok(s.body.clone()).after(Duration::from_millis(100)),
+        _ => Reply::ok("ok"),
+    });
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/p").await;
+    for i in 0..12 {
+        ws.send(Message::text(i.to_string())).await.unwrap();
+    }
+    for i in 0..12 {
+        assert_eq!(next_text(&mut ws).await, i.to_string());
+    }
+    let posts = api.wait_for("POST", 12).await;
+    // With 3 in flight and 100 ms each, no 100 ms window may hold more than 3 arrivals.
+    for (i, first) in posts.iter().enumerate() {
+        let within = posts[i..]
+            .iter()
+            .take_while(|p| p.at - first.at < Duration::from_millis(90))
+            .count();
+        assert!(within <= 3, "{within} POSTs within 90 ms of each other");
+    }
+}
+
+#[tokio::test]
+async fn two_hundred_connections_each_get_their_own_twenty_replies() {
+    let (api, gateway) = setup().await;
+    let mut tasks = Vec::new();
+    for c in 0..200 {
+        let url = gateway.url(&format!("/client{c}"));
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, _) = tokio_websockets::ClientBuilder::new()
+                .uri(&url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            for m in 0..20 {
+                let text = format!("c{c}m{m}");
+                ws.send(Message::text(text.clone())).await.unwrap();
+                let reply = loop {
+                    let item = ws.next().await.unwrap().unwrap();
+                    if item.is_text() {
+                        break item.as_text().unwrap().to_owned();
+                    }
+                };
+                assert_eq!(reply, format!("echo:{text}"));
+            }
+            ws.close().await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    api.wait_for("DELETE", 200).await;
+    assert_eq!(api.seen_with("POST").len(), 4000);
+    assert_accounting(&gateway, &api).await;
+}
+
+// ---- the same ClientId twice ----
+
+#[tokio::test]
+async fn a_second_connection_with_the_same_client_id_replaces_the_first() {
+    let (api, gateway) = setup().await;
+    let mut older = gateway.connect("/dup").await;
+    let mut newer = gateway.connect("/dup").await;
+    let (code, reason) = close_frame(&mut older).await;
+    assert_eq!((code, reason.as_str()), (4000, "replaced"));
+    let deletes = api.wait_for("DELETE", 1).await;
+    assert_eq!(deletes[0].body, Bytes::from_static(b"replaced"));
+    let gets = api.seen_with("GET");
+    assert_eq!(
+        deletes[0].header("x-connection-id"),
+        gets[0].header("x-connection-id"),
+        "the DELETE carries the older connection's id"
+    );
+    // Pushes reach the newer one, even after the older one is gone.
+    let response = gateway.control("POST", "/dup", b"to the newer").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(next_text(&mut newer).await, "to the newer");
+    assert_eq!(
+        round_trip(&mut newer, "still here").await,
+        "echo:still here"
+    );
+}
+
+// ---- accounting ----
+
+#[tokio::test]
+async fn metrics_keep_ws2api_names_and_balance() {
+    let (api, gateway) = setup().await;
+    let mut a = gateway.connect("/a").await;
+    let _b = gateway.connect("/b").await;
+    round_trip(&mut a, "x").await;
+    a.close().await.unwrap();
+    api.wait_for("DELETE", 1).await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["connections_opened"], 2.0);
+    assert_eq!(metrics["connections_closed"], 1.0);
+    assert_eq!(metrics["connections_active"], 1.0);
+    assert_eq!(
+        metrics["requests_started"], 4.0,
+        "2 GET + 1 POST + 1 DELETE"
+    );
+    assert_eq!(metrics["requests_succeeded"], 4.0);
+    assert_eq!(metrics["messages_received"], 1.0);
+    assert_eq!(metrics["messages_sent"], 1.0);
+    assert_eq!(metrics["upstream_latency_seconds_count"], 4.0);
+    assert_accounting(&gateway, &api).await;
+}

@@ -1,0 +1,738 @@
+//! Frame aggregating abstraction over the low-level [`super::codec`]
+//! implementation that provides [`futures_sink::Sink`] and
+//! [`futures_core::Stream`] implementations that take [`Message`] as a
+//! parameter.
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice},
+    mem::{replace, take},
+    pin::Pin,
+    task::{Context, Poll, Waker, ready},
+};
+
+use bytes::{Buf, BytesMut};
+use futures_core::Stream;
+use futures_sink::Sink;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::{codec::FramedRead, io::poll_write_buf};
+
+#[cfg(any(feature = "client", feature = "server"))]
+use super::types::Role;
+use super::{
+    Config, Limits,
+    codec::WebSocketProtocol,
+    types::{Frame, Message, OpCode, Payload, StreamState},
+};
+use crate::{CloseCode, Error};
+
+/// Helper struct for storing a frame header, the header size and payload.
+#[derive(Debug)]
+struct EncodedFrame {
+    /// Encoded frame header and mask.
+    header: [u8; 14],
+    /// Potentially masked message payload, ready for writing to the I/O.
+    payload: Payload,
+}
+
+impl EncodedFrame {
+    /// Whether or not this frame is masked.
+    #[inline]
+    fn is_masked(&self) -> bool {
+        self.header[1] >> 7 != 0
+    }
+
+    /// Returns the length of the combined header and mask in bytes.
+    #[inline]
+    fn header_len(&self) -> usize {
+        let mask_bytes = if self.is_masked() { 4 } else { 0 };
+        match self.header[1] & 127 {
+            127 => 10 + mask_bytes,
+            126 => 4 + mask_bytes,
+            _ => 2 + mask_bytes,
+        }
+    }
+
+    /// Total length of the frame.
+    fn len(&self) -> usize {
+        self.header_len() + self.payload.len()
+    }
+}
+
+/// Queued up frames that are being sent.
+#[derive(Debug)]
+struct FrameQueue {
+    /// Queue of outgoing frames to send. Some parts of the first item may have
+    /// been sent already.
+    queue: VecDeque<EncodedFrame>,
+    /// Amount of partial bytes written of the first frame in the queue.
+    bytes_written: usize,
+    /// Total amount of bytes remaining to be sent in the frame queue.
+    pending_bytes: usize,
+}
+
+impl FrameQueue {
+    /// Creates a new, empty [`FrameQueue`].
+    #[cfg(any(feature = "client", feature = "server"))]
+    fn new() -> Self {
+        Self {
+            queue: VecDeque::with_capacity(1),
+            bytes_written: 0,
+            pending_bytes: 0,
+        }
+    }
+
+    /// Queue a frame to be sent.
+    fn push(&mut self, item: EncodedFrame) {
+        self.pending_bytes += item.len();
+        self.queue.push_back(item);
+    }
+}
+
+impl Buf for FrameQueue {
+    fn remaining(&self) -> usize {
+        self.pending_bytes
+    }
+
+    fn chunk(&self) -> &[u8] {
+        if let Some(frame) = self.queue.front() {
+            if self.bytes_written >= frame.header_len() {
+                unsafe {
+                    frame
+                        .payload
+                        .get_unchecked(self.bytes_written - frame.header_len()..)
+                }
+            } else {
+                &frame.header[self.bytes_written..frame.header_len()]
+            }
+        } else {
+            &[]
+        }
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        self.pending_bytes -= cnt;
+        cnt += self.bytes_written;
+
+        while cnt > 0 {
+            let item = self
+                .queue
+                .front()
+                .expect("advance called with too long count");
+            let item_len = item.len();
+
+            if cnt >= item_len {
+                self.queue.pop_front();
+                self.bytes_written = 0;
+                cnt -= item_len;
+            } else {
+                self.bytes_written = cnt;
+                return;
+            }
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (idx, frame) in self.queue.iter().enumerate() {
+            if n >= dst.len() {
+                break;
+            }
+
+            if idx == 0 {
+                if frame.header_len() > self.bytes_written {
+                    dst[n] = IoSlice::new(&frame.header[self.bytes_written..frame.header_len()]);
+                    n += 1;
+                }
+
+                if !frame.payload.is_empty() && n < dst.len() {
+                    dst[n] = IoSlice::new(unsafe {
+                        frame
+                            .payload
+                            .get_unchecked(self.bytes_written.saturating_sub(frame.header_len())..)
+                    });
+                    n += 1;
+                }
+            } else {
+                dst[n] = IoSlice::new(&frame.header[..frame.header_len()]);
+                n += 1;
+                if !frame.payload.is_empty() && n < dst.len() {
+                    dst[n] = IoSlice::new(&frame.payload);
+                    n += 1;
+                }
+            }
+        }
+
+        n
+    }
+}
+
+/// A WebSocket stream that full messages can be read from and written to.
+///
+/// The stream implements [`futures_sink::Sink`] and [`futures_core::Stream`].
+///
+/// You must use a [`ClientBuilder`] or [`ServerBuilder`] to
+/// obtain a WebSocket stream.
+///
+/// For usage examples, see the top level crate documentation, which showcases a
+/// simple echo server and client.
+///
+/// [`ClientBuilder`]: crate::ClientBuilder
+/// [`ServerBuilder`]: crate::ServerBuilder
+#[allow(clippy::module_name_repetitions)]
+#[derive(Debug)]
+pub struct WebSocketStream<T> {
+    /// The underlying stream using the [`WebSocketProtocol`] to read and write
+    /// full frames.
+    inner: FramedRead<T, WebSocketProtocol>,
+
+    /// Configuration for the stream.
+    config: Config,
+
+    /// The [`StreamState`] of the current stream.
+    state: StreamState,
+
+    /// Payload of the full message that is being assembled.
+    partial_payload: BytesMut,
+    /// Opcode of the full message that is being assembled.
+    partial_opcode: OpCode,
+
+    /// Buffer that outgoing frame headers are formatted into.
+    header_buf: [u8; 14],
+
+    /// Queue of outgoing frames to send.
+    frame_queue: FrameQueue,
+
+    /// Waker used for currently actively polling
+    /// [`WebSocketStream::poll_flush`] until completion.
+    flushing_waker: Option<Waker>,
+
+    /// Whether a frame larger than half of [`Config::read_buffer_size`] was
+    /// read, so
+    /// the read buffer's allocation may have grown beyond the configured size
+    /// (possibly hidden behind a small view of it) and should be replaced
+    /// once the stream is idle.
+    read_buffer_grown: bool,
+}
+
+impl<T> WebSocketStream<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Create a new [`WebSocketStream`] from a raw stream.
+    #[cfg(any(feature = "client", feature = "server"))]
+    pub(crate) fn from_raw_stream(stream: T, role: Role, config: Config, limits: Limits) -> Self {
+        Self {
+            inner: FramedRead::with_capacity(
+                stream,
+                WebSocketProtocol::new(role, limits),
+                config.read_buffer_size,
+            ),
+            config,
+            state: StreamState::Active,
+            partial_payload: BytesMut::new(),
+            partial_opcode: OpCode::Continuation,
+            header_buf: [0; 14],
+            frame_queue: FrameQueue::new(),
+            flushing_waker: None,
+            read_buffer_grown: false,
+        }
+    }
+
+    /// Create a new [`WebSocketStream`] from an existing [`FramedRead`]. This
+    /// allows for reusing the internal buffer of the [`FramedRead`] object.
+    #[cfg(any(feature = "client", feature = "server"))]
+    pub(crate) fn from_framed<U>(
+        framed: FramedRead<T, U>,
+        role: Role,
+        config: Config,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            inner: framed.map_decoder(|_| WebSocketProtocol::new(role, limits)),
+            config,
+            state: StreamState::Active,
+            partial_payload: BytesMut::new(),
+            partial_opcode: OpCode::Continuation,
+            header_buf: [0; 14],
+            frame_queue: FrameQueue::new(),
+            flushing_waker: None,
+            read_buffer_grown: false,
+        }
+    }
+
+    /// Returns a reference to the underlying I/O stream wrapped by this stream.
+    ///
+    /// Care should be taken not to tamper with the stream of data to avoid
+    /// corrupting the stream of frames.
+    pub fn get_ref(&self) -> &T {
+        self.inner.get_ref()
+    }
+
+    /// Returns a mutable reference to the underlying I/O stream wrapped by this
+    /// stream.
+    ///
+    /// Care should be taken not to tamper with the stream of data to avoid
+    /// corrupting the stream of frames.
+    pub fn get_mut(&mut self) -> &mut T {
+        self.inner.get_mut()
+    }
+
+    /// Returns a reference to the inner websocket limits.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.decoder().limits
+    }
+
+    /// Returns a mutable reference to the inner websocket limits.
+    pub fn limits_mut(&mut self) -> &mut Limits {
+        &mut self.inner.decoder_mut().limits
+    }
+
+    /// Consumes the `WebSocketStream`, returning its underlying I/O stream.
+    pub fn into_inner(self) -> T {
+        self.inner.into_inner()
+    }
+
+    /// Attempt to pull out the next frame from the [`Framed`] this stream and
+    /// from that update the stream's internal state.
+    ///
+    /// # Errors
+    ///
+    /// This method returns an [`Error`] if reading from the stream fails or a
+    /// protocol violation is encountered.
+    fn poll_next_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame, Error>>> {
+        // In the case of Active or ClosedByUs, we want to receive more messages from
+        // the remote. In the case of ClosedByPeer, we have to flush to make sure our
+        // close acknowledge goes through.
+        if self.state == StreamState::CloseAcknowledged {
+            return Poll::Ready(None);
+        } else if self.state == StreamState::ClosedByPeer {
+            ready!(self.as_mut().poll_flush(cx))?;
+            self.state = StreamState::CloseAcknowledged;
+            return Poll::Ready(None);
+        }
+
+        // If there are pending items, try to flush the sink.
+        // Futures only store a single waker. If we use poll_flush(cx) here, the stored
+        // waker (i.e. usually that of the write task) is replaced with our waker (i.e.
+        // that of the read task) and our write task may never get woken up again. We
+        // circumvent this by not calling poll_flush at all if poll_flush is polled by
+        // another task at the moment.
+        if self.frame_queue.has_remaining() {
+            let waker = self.flushing_waker.clone();
+            _ = self.as_mut().poll_flush(&mut Context::from_waker(
+                waker.as_ref().unwrap_or(cx.waker()),
+            ))?;
+        }
+
+        let Poll::Ready(next) = Pin::new(&mut self.inner).poll_next(cx) else {
+            // Nothing more to read for now: give back memory held by a read buffer
+            // that grew for a large frame.
+            self.shrink_idle_read_buffer();
+            return Poll::Pending;
+        };
+
+        let frame = match next {
+            Some(Ok(frame)) => {
+                // A frame larger than the buffer made it grow; one larger than half
+                // of it may have, when it arrived split across the buffer's end.
+                if frame.payload.len() > self.config.read_buffer_size / 2 {
+                    self.read_buffer_grown = true;
+                }
+                frame
+            }
+            Some(Err(e)) => {
+                if matches!(e, Error::Io(_)) || self.state == StreamState::ClosedByUs {
+                    self.state = StreamState::CloseAcknowledged;
+                } else {
+                    self.state = StreamState::ClosedByPeer;
+
+                    match &e {
+                        Error::Protocol(e) => self.queue_frame(Frame::from(e)),
+                        Error::PayloadTooLong { max_len, .. } => self.queue_frame(
+                            Message::close(
+                                Some(CloseCode::MESSAGE_TOO_BIG),
+                                &format!("max length: {max_len}"),
+                            )
+                            .into(),
+                        ),
+                        _ => {}
+                    }
+                }
+                return Poll::Ready(Some(Err(e)));
+            }
+            None => return Poll::Ready(None),
+        };
+
+        match frame.opcode {
+            OpCode::Close => match self.state {
+                StreamState::Active => {
+                    self.state = StreamState::ClosedByPeer;
+
+                    let mut frame = frame.clone();
+                    frame.payload.truncate(2);
+
+                    self.queue_frame(frame);
+                }
+                StreamState::ClosedByPeer | StreamState::CloseAcknowledged => {
+                    debug_assert!(false, "unexpected StreamState");
+                }
+                StreamState::ClosedByUs => {
+                    self.state = StreamState::CloseAcknowledged;
+                }
+            },
+            OpCode::Ping if self.state == StreamState::Active => {
+                let mut frame = frame.clone();
+                frame.opcode = OpCode::Pong;
+
+                self.queue_frame(frame);
+            }
+            _ => {}
+        }
+
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    /// Masks and queues a frame for sending when [`poll_flush`] gets called.
+    fn queue_frame(
+        &mut self,
+        #[cfg_attr(not(feature = "client"), allow(unused_mut))] mut frame: Frame,
+    ) {
+        if frame.opcode == OpCode::Close && self.state != StreamState::ClosedByPeer {
+            self.state = StreamState::ClosedByUs;
+        }
+
+        #[cfg_attr(not(feature = "client"), allow(unused_variables))]
+        let mask = frame.encode(&mut self.header_buf);
+
+        #[cfg(feature = "client")]
+        {
+            if self.inner.decoder().role == Role::Client {
+                let mut payload = BytesMut::from(frame.payload);
+                crate::rand::get_mask(mask);
+                // mask::frame will mutate the mask in-place, but we want to send the original
+                // mask. This is essentially a u32, so copying it is cheap and easier than
+                // special-casing this in the masking implementation.
+                // &mut *mask won't work, the compiler will optimize the deref/copy away
+                let mut mask_copy = *mask;
+                crate::mask::frame(&mut mask_copy, &mut payload);
+                frame.payload = Payload::from(payload);
+                self.header_buf[1] |= 1 << 7;
+            }
+        }
+
+        let item = EncodedFrame {
+            header: self.header_buf,
+            payload: frame.payload,
+        };
+        self.frame_queue.push(item);
+    }
+
+    /// Replaces an empty read buffer by a new one of the configured size if it
+    /// had to grow beyond that size.
+    ///
+    /// Only called when the underlying I/O returned [`Poll::Pending`], so no
+    /// partial frame is lost and a burst of large frames does not reallocate
+    /// for each of them.
+    fn shrink_idle_read_buffer(&mut self) {
+        let size = self.config.read_buffer_size;
+        let buffer = self.inner.read_buffer();
+        if buffer.is_empty() && (self.read_buffer_grown || buffer.capacity() > size) {
+            *self.inner.read_buffer_mut() = BytesMut::with_capacity(size);
+            self.read_buffer_grown = false;
+        }
+    }
+
+    /// Sets the waker that is currently flushing to a new one and does nothing
+    /// if the waker is the same.
+    fn set_flushing_waker(&mut self, waker: &Waker) {
+        if !self
+            .flushing_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(waker))
+        {
+            self.flushing_waker = Some(waker.clone());
+        }
+    }
+}
+
+impl<T> Stream for WebSocketStream<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    type Item = Result<Message, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let max_len = self.inner.decoder().limits.max_payload_len;
+
+        loop {
+            let (opcode, payload, fin) = match ready!(self.as_mut().poll_next_frame(cx)?) {
+                Some(frame) => (frame.opcode, frame.payload, frame.is_final),
+                None => return Poll::Ready(None),
+            };
+            let len = self.partial_payload.len() + payload.len();
+
+            if opcode != OpCode::Continuation {
+                if fin {
+                    return Poll::Ready(Some(Ok(Message { opcode, payload })));
+                }
+                self.partial_opcode = opcode;
+                self.partial_payload = BytesMut::from(payload);
+            } else if len > max_len {
+                return Poll::Ready(Some(Err(Error::PayloadTooLong { len, max_len })));
+            } else {
+                self.partial_payload.extend_from_slice(&payload);
+            }
+
+            if fin {
+                break;
+            }
+        }
+
+        let opcode = replace(&mut self.partial_opcode, OpCode::Continuation);
+        let mut payload = Payload::from(take(&mut self.partial_payload));
+        payload.set_utf8_validated(opcode == OpCode::Text);
+
+        Poll::Ready(Some(Ok(Message { opcode, payload })))
+    }
+}
+
+// The tokio-util implementation of a sink uses a buffer which start_send
+// appends to and poll_flush tries to write from. This makes sense, but comes
+// with a hefty performance penalty when sending large payloads, since this adds
+// a memmove from the payload to the buffer. We completely avoid that overhead
+// by storing messages in a deque.
+impl<T> Sink<Message> for WebSocketStream<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    type Error = Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // tokio-util calls poll_flush when more than 8096 bytes are pending, otherwise
+        // it returns Ready. We will just replicate that behavior
+        if self.frame_queue.remaining() >= self.config.flush_threshold {
+            self.as_mut().poll_flush(cx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+        if self.state != StreamState::Active {
+            return Err(Error::AlreadyClosed);
+        }
+
+        if item.opcode.is_control() || item.payload.len() <= self.config.frame_size {
+            let frame: Frame = item.into();
+            self.queue_frame(frame);
+        } else {
+            // Chunk the message into frames
+            for frame in item.into_frames(self.config.frame_size) {
+                self.queue_frame(frame);
+            }
+        }
+
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Borrow checker hacks... It needs this to understand that we can separately
+        // borrow the fields of the struct mutably
+        let this = self.get_mut();
+        let frame_queue = &mut this.frame_queue;
+        let io = this.inner.get_mut();
+        let flushing_waker = &mut this.flushing_waker;
+
+        while frame_queue.has_remaining() {
+            let n = match poll_write_buf(Pin::new(io), cx, frame_queue) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => {
+                    *flushing_waker = None;
+                    this.state = StreamState::CloseAcknowledged;
+                    return Poll::Ready(Err(Error::Io(e)));
+                }
+                Poll::Pending => {
+                    this.set_flushing_waker(cx.waker());
+                    return Poll::Pending;
+                }
+            };
+
+            if n == 0 {
+                *flushing_waker = None;
+                this.state = StreamState::CloseAcknowledged;
+                return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())));
+            }
+        }
+
+        match Pin::new(io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                *flushing_waker = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                *flushing_waker = None;
+                this.state = StreamState::CloseAcknowledged;
+                Poll::Ready(Err(Error::Io(e)))
+            }
+            Poll::Pending => {
+                this.set_flushing_waker(cx.waker());
+                Poll::Pending
+            }
+        }
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.state == StreamState::Active {
+            self.queue_frame(Frame::DEFAULT_CLOSE);
+        }
+        while ready!(self.as_mut().poll_next(cx)).is_some() {}
+
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(self.inner.get_mut())
+            .poll_shutdown(cx)
+            .map_err(Error::Io)
+    }
+}
+
+#[cfg(all(test, feature = "server"))]
+mod read_buffer_tests {
+    //! Tests for [`Config::read_buffer_size`].
+    use std::{
+        future::poll_fn,
+        pin::Pin,
+        task::{Context, Poll, Waker},
+    };
+
+    use futures_core::Stream;
+    use tokio::io::{AsyncWriteExt, DuplexStream, duplex};
+
+    use super::WebSocketStream;
+    use crate::{Config, Message, ServerBuilder};
+
+    /// Encodes a final, masked binary frame as a client sends it.
+    fn client_frame(payload: &[u8]) -> Vec<u8> {
+        let mask = [0x1f, 0x2e, 0x3d, 0x4c];
+        let mut frame = vec![0x82];
+        if payload.len() < 126 {
+            frame.push(0x80 | u8::try_from(payload.len()).unwrap());
+        } else if let Ok(len) = u16::try_from(payload.len()) {
+            frame.push(0xfe);
+            frame.extend_from_slice(&len.to_be_bytes());
+        } else {
+            frame.push(0xff);
+            frame.extend_from_slice(&u64::try_from(payload.len()).unwrap().to_be_bytes());
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        frame
+    }
+
+    /// A server stream over an in-memory pipe, and the client end of it.
+    fn server(config: Config) -> (WebSocketStream<DuplexStream>, DuplexStream) {
+        let (client, server) = duplex(1 << 20);
+        (ServerBuilder::new().config(config).serve(server), client)
+    }
+
+    /// Polls for the next message once, without waiting.
+    fn poll_once(ws: &mut WebSocketStream<DuplexStream>) -> Poll<Option<Message>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(ws)
+            .poll_next(&mut cx)
+            .map(|item| item.map(|message| message.unwrap()))
+    }
+
+    /// Waits for the next message.
+    async fn next(ws: &mut WebSocketStream<DuplexStream>) -> Message {
+        poll_fn(|cx| Pin::new(&mut *ws).poll_next(cx))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn read_buffer_starts_at_configured_capacity() {
+        let (ws, _client) = server(Config::default().read_buffer_size(1024));
+        assert_eq!(ws.inner.read_buffer().capacity(), 1024);
+
+        let (ws, _client) = server(Config::default());
+        assert_eq!(ws.inner.read_buffer().capacity(), 8 * 1024);
+    }
+
+    #[test]
+    #[should_panic(expected = "read_buffer_size must be non-zero")]
+    fn zero_read_buffer_size_panics() {
+        let _ = Config::default().read_buffer_size(0);
+    }
+
+    #[tokio::test]
+    async fn grown_read_buffer_is_released_when_idle() {
+        let (mut ws, mut client) = server(Config::default().read_buffer_size(1024));
+        let large: Vec<u8> = (0..64 * 1024u32)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+
+        // Once the message is dropped the buffer could reclaim its whole grown
+        // allocation; idle, it must be back at the configured size instead.
+        client.write_all(&client_frame(&large)).await.unwrap();
+        assert_eq!(&next(&mut ws).await.as_payload()[..], large.as_slice());
+        assert!(poll_once(&mut ws).is_pending());
+        let buffer = ws.inner.read_buffer();
+        assert!(buffer.is_empty());
+        assert_eq!(buffer.capacity(), 1024);
+
+        // Large and small messages keep working after the shrink.
+        client.write_all(&client_frame(&large)).await.unwrap();
+        client.write_all(&client_frame(b"small")).await.unwrap();
+        assert_eq!(&next(&mut ws).await.as_payload()[..], large.as_slice());
+        assert_eq!(&next(&mut ws).await.as_payload()[..], b"small");
+        assert!(poll_once(&mut ws).is_pending());
+        assert_eq!(ws.inner.read_buffer().capacity(), 1024);
+    }
+
+    #[tokio::test]
+    async fn buffer_is_not_left_as_a_view_into_a_grown_allocation() {
+        let (mut ws, mut client) = server(Config::default().read_buffer_size(1024));
+        // Larger than the buffer: it grows to twice its size, and after the frame
+        // is split off, the rest of that allocation stays behind as a small view.
+        let medium = vec![3u8; 1500];
+        client.write_all(&client_frame(&medium)).await.unwrap();
+
+        let message = next(&mut ws).await;
+        assert_eq!(&message.as_payload()[..], medium.as_slice());
+        let message_end = message.as_payload().as_ptr().wrapping_add(medium.len());
+        assert!(poll_once(&mut ws).is_pending());
+
+        let buffer = ws.inner.read_buffer();
+        assert_eq!(buffer.capacity(), 1024);
+        assert_ne!(buffer.as_ptr(), message_end);
+    }
+
+    #[tokio::test]
+    async fn partial_frame_survives_idle_polls() {
+        let (mut ws, mut client) = server(Config::default().read_buffer_size(1024));
+        let large = vec![7u8; 10_000];
+        let frame = client_frame(&large);
+        let (head, tail) = frame.split_at(frame.len() / 2);
+
+        client.write_all(head).await.unwrap();
+        assert!(poll_once(&mut ws).is_pending());
+        assert_eq!(ws.inner.read_buffer().len(), head.len());
+
+        client.write_all(tail).await.unwrap();
+        assert_eq!(&next(&mut ws).await.as_payload()[..], large.as_slice());
+    }
+
+    #[tokio::test]
+    async fn small_messages_keep_the_configured_buffer() {
+        let (mut ws, mut client) = server(Config::default().read_buffer_size(1024));
+        for i in 0..100u8 {
+            client.write_all(&client_frame(&[i; 100])).await.unwrap();
+            assert_eq!(&next(&mut ws).await.as_payload()[..], &[i; 100]);
+        }
+        assert!(poll_once(&mut ws).is_pending());
+        assert!(ws.inner.read_buffer().capacity() <= 1024);
+    }
+}
