@@ -201,7 +201,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "kB" | "KB" => 1000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        _ => return Err(format!("`{s}` has an unknown unit; use B, KiB, MiB or GiB")),
+        _ => {
+            return Err(format!(
+                "`{s}` is not a size; use a whole number with B, KiB, MiB or GiB (e.g. 64KiB)"
+            ))
+        }
     };
     number
         .checked_mul(factor)
@@ -221,7 +225,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => number.checked_mul(1000),
         "m" => number.checked_mul(60_000),
         "h" => number.checked_mul(3_600_000),
-        _ => return Err(format!("`{s}` has an unknown unit; use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "`{s}` is not a duration; use a whole number with ms, s, m or h (e.g. 500ms)"
+            ))
+        }
     };
     millis
         .map(Duration::from_millis)
