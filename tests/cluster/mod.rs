@@ -284,7 +284,7 @@ async fn handle_api(
     };
     let method = req.method().clone();
     let body = req.into_body().collect().await?.to_bytes();
-    let mut log = log.lock().unwrap();
+    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
     Ok(match method {
         Method::GET => {
             log.connects.push((node, id, query));
@@ -558,13 +558,16 @@ impl SimClient {
                 let mut ws = match connected {
                     Ok(Ok((ws, _))) => ws,
                     _ => {
-                        task_state.lock().unwrap().failed_attempts += 1;
+                        task_state
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .failed_attempts += 1;
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
                 let n = {
-                    let mut s = task_state.lock().unwrap();
+                    let mut s = task_state.lock().unwrap_or_else(|e| e.into_inner());
                     s.connects += 1;
                     s.open = true;
                     s.connects
@@ -573,7 +576,7 @@ impl SimClient {
                 if ws.send(Message::text(hello)).await.is_ok() {
                     while let Some(Ok(msg)) = ws.next().await {
                         if let Some(text) = msg.as_text() {
-                            let mut s = task_state.lock().unwrap();
+                            let mut s = task_state.lock().unwrap_or_else(|e| e.into_inner());
                             if text.starts_with("push:") {
                                 s.pushes.push(text.to_string());
                             } else if text.starts_with("echo:") {
@@ -584,7 +587,7 @@ impl SimClient {
                         }
                     }
                 }
-                let mut s = task_state.lock().unwrap();
+                let mut s = task_state.lock().unwrap_or_else(|e| e.into_inner());
                 s.open = false;
                 s.disconnects += 1;
             }
@@ -594,7 +597,7 @@ impl SimClient {
 
     /// A copy of its observations.
     pub fn snapshot(&self) -> ClientState {
-        self.state.lock().unwrap().clone()
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -734,7 +737,7 @@ pub async fn run_failover_scenario(kind: ProxyKind) {
 
     // 2. One connect per client, on one node; spread; query strings; echoes.
     let first_node: BTreeMap<String, usize> = {
-        let log = api.log.lock().unwrap();
+        let log = api.log.lock().unwrap_or_else(|e| e.into_inner());
         let by_id = connect_nodes(&log);
         assert_eq!(
             by_id.len(),
@@ -853,7 +856,7 @@ pub async fn run_failover_scenario(kind: ProxyKind) {
     }
 
     {
-        let log = api.log.lock().unwrap();
+        let log = api.log.lock().unwrap_or_else(|e| e.into_inner());
         let by_id = connect_nodes(&log);
         for (id, seen) in &by_id {
             if victims.contains(id) {
@@ -916,7 +919,7 @@ pub async fn run_failover_scenario(kind: ProxyKind) {
         }
     }
     let moved: BTreeMap<usize, usize> = {
-        let log = api.log.lock().unwrap();
+        let log = api.log.lock().unwrap_or_else(|e| e.into_inner());
         let mut m = BTreeMap::new();
         for (id, seen) in connect_nodes(&log) {
             if victims.contains(&id) {
