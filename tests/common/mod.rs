@@ -3,6 +3,9 @@
 //! handshakes and the control listener.
 #![allow(dead_code)]
 
+pub mod binary;
+pub mod raw_ws;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;

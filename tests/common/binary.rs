@@ -1,0 +1,146 @@
+//! The real `ws2http` binary as a child process: free loopback ports, start-up log capture,
+//! readiness, and signals.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::raw_http;
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().unwrap().port()
+}
+
+/// A running `ws2http` process whose stderr is collected.
+pub struct Binary {
+    pub child: Child,
+    pub public: SocketAddr,
+    pub control: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Binary {
+    /// Starts the binary with `--listen`/`--control-listen` on free loopback ports (unless
+    /// `args` names `--control-listen` itself), `--api api`, then `args`, with `envs` added.
+    pub fn start(api: &str, args: &[&str], envs: &[(&str, &str)]) -> Binary {
+        let public: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut control: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ws2http"));
+        command.arg("--listen").arg(public.to_string());
+        if let Some(i) = args.iter().position(|a| *a == "--control-listen") {
+            control = args[i + 1].parse().expect("--control-listen ADDR");
+            // Where the test reaches it: loopback on the same port.
+            control.set_ip([127, 0, 0, 1].into());
+        } else {
+            command.arg("--control-listen").arg(control.to_string());
+        }
+        command.arg("--api").arg(api).args(args);
+        command.env_remove("WS2HTTP_CONTROL_TOKEN");
+        command.env("RUST_LOG", "info");
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ws2http");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut all = sink.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        Binary {
+            child,
+            public,
+            control,
+            stderr,
+        }
+    }
+
+    /// Waits until the public listener answers `/healthz` (10 s at most).
+    pub async fn ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if tokio::net::TcpStream::connect(self.public).await.is_ok() {
+                let health = raw_http(self.public, "GET", "/healthz", &[], b"").await;
+                if health.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "ws2http did not come up; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr contains `text` (10 s at most); returns all of stderr.
+    pub async fn wait_for_log(&self, text: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.stderr();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no `{text}` in stderr:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) with a pid we spawned and still own; no memory is involved.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal})");
+    }
+
+    /// Waits for the process to exit (at most `within`), killing it if it does not.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "ws2http did not exit within {within:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! Limits and slow peers: the message size limit (whole and fragmented messages, pushes), the
+//! bounded outbound queue and the slow-consumer close, the connection cap and the budget the
+//! binary logs, the handshake deadline, and the cap on concurrent API requests.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::binary::Binary;
+use common::raw_ws::{RawWs, CONTINUATION, TEXT};
+use common::*;
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_websockets::Message;
+
+/// An API that accepts every connection and answers each message with its length.
+async fn length_api() -> MockApi {
+    MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok(format!("got {}", s.body.len())),
+        _ => Reply::ok("ok"),
+    })
+    .await
+}
+
+fn closed_by(metrics: &std::collections::HashMap<String, f64>, reason: &str) -> f64 {
+    metrics[&format!("connections_closed_by_reason{{reason=\"{reason}\"}}")]
+}
+
+fn refused_by(metrics: &std::collections::HashMap<String, f64>, reason: &str) -> f64 {
+    metrics[&format!("handshakes_refused{{reason=\"{reason}\"}}")]
+}
+
+// ---- --max-message-size ----
+
+#[tokio::test]
+async fn a_message_over_max_message_size_closes_the_socket_with_1009() {
+    let api = length_api().await;
+    let mut config = test_config(&api);
+    config.max_message_size = 1000;
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/big").await;
+    assert_eq!(round_trip(&mut ws, &"a".repeat(1000)).await, "got 1000");
+    ws.send(Message::text("b".repeat(1001))).await.unwrap();
+    let (code, _) = close_frame(&mut ws).await;
+    assert_eq!(code, 1009);
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.header("x-close-code"), Some("1009"));
+    assert_eq!(delete.body, Bytes::from_static(b"message too big"));
+    assert_eq!(
+        api.seen_with("POST").len(),
+        1,
+        "the oversized message never reaches the API"
+    );
+    assert_eq!(closed_by(&gateway.metrics().await, "too_big"), 1.0);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn a_fragmented_message_over_max_message_size_closes_the_socket_with_1009() {
+    let api = length_api().await;
+    let mut config = test_config(&api);
+    config.max_message_size = 1000;
+    let gateway = TestGateway::start(config).await;
+    let mut raw = RawWs::connect(gateway.public, "/frag").await;
+
+    // Fragments that add up to exactly the limit are reassembled into one POST.
+    raw.send_frame(false, TEXT, &[b'a'; 400]).await;
+    raw.send_frame(false, CONTINUATION, &[b'b'; 400]).await;
+    raw.send_frame(true, CONTINUATION, &[b'c'; 200]).await;
+    let reply = raw.read_frame(Duration::from_secs(5)).await.expect("reply");
+    assert_eq!(
+        (reply.opcode, reply.payload.as_slice()),
+        (TEXT, &b"got 1000"[..])
+    );
+    let post = api.wait_for("POST", 1).await[0].clone();
+    let mut want = vec![b'a'; 400];
+    want.extend_from_slice(&[b'b'; 400]);
+    want.extend_from_slice(&[b'c'; 200]);
+    assert_eq!(post.body.to_vec(), want);
+
+    // Two fragments, each under the limit, that add up over it.
+    raw.send_frame(false, TEXT, &[b'x'; 600]).await;
+    raw.send_frame(true, CONTINUATION, &[b'y'; 600]).await;
+    let close = raw
+        .until_close(Duration::from_secs(5))
+        .await
+        .expect("a close frame");
+    assert_eq!(close.close_code(), Some(1009), "{:?}", close.close_reason());
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.header("x-close-code"), Some("1009"));
+    assert_eq!(api.seen_with("POST").len(), 1);
+    assert_eq!(closed_by(&gateway.metrics().await, "too_big"), 1.0);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn a_push_over_max_message_size_gets_413_and_one_at_the_limit_is_delivered() {
+    let api = length_api().await;
+    let mut config = test_config(&api);
+    config.max_message_size = 1000;
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/p").await;
+    let too_big = gateway.control("POST", "/p", &[b'x'; 1001]).await;
+    assert_eq!(too_big.status, 413);
+    let fits = gateway.control("POST", "/p", &[b'y'; 1000]).await;
+    assert_eq!(fits.status, 200);
+    assert_eq!(next_text(&mut ws).await, "y".repeat(1000));
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["pushes_refused"], 1.0);
+    assert_eq!(metrics["pushes_accepted"], 1.0);
+    assert_accounting(&gateway, &api).await;
+}
+
+// ---- bounded outbound queue, slow consumers ----
+
+#[tokio::test]
+async fn a_client_that_does_not_read_gets_pushes_refused_with_503_then_is_closed_as_slow_consumer()
+{
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.max_queued_messages = 4;
+    config.max_queued_bytes = 256 * 1024;
+    config.write_timeout = Duration::from_millis(1500);
+    let gateway = TestGateway::start(config).await;
+    // A 4 KiB receive buffer that we never read: the gateway's writes stall quickly.
+    let mut raw = RawWs::connect_with_recv_buffer(gateway.public, "/slow", Some(4096)).await;
+
+    let chunk = vec![b'x'; 128 * 1024];
+    let mut accepted = 0;
+    let refused = loop {
+        let response = gateway.control("POST", "/slow", &chunk).await;
+        match response.status {
+            200 => accepted += 1,
+            503 => break response,
+            other => panic!("push {accepted}: unexpected {other} {}", response.text()),
+        }
+        assert!(
+            accepted < 400,
+            "50 MiB accepted for a client that never reads"
+        );
+    };
+    let refused_at = Instant::now();
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // The mailbox holds at most its bounds while the socket is stalled.
+    let info = gateway.control("GET", "/slow", b"").await.text();
+    let queued: usize = json_number(&info, "queued");
+    let queued_bytes: usize = json_number(&info, "queued_bytes");
+    assert!(queued <= 4, "{info}");
+    assert!(queued_bytes <= 256 * 1024, "{info}");
+
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert!(
+        refused_at.elapsed() < Duration::from_millis(1500) + Duration::from_secs(2),
+        "closed {:?} after the first 503",
+        refused_at.elapsed()
+    );
+    assert_eq!(delete.body, Bytes::from_static(b"slow consumer"));
+    assert_eq!(delete.header("x-close-code"), Some("1008"));
+    let after = gateway.control("POST", "/slow", b"late").await;
+    assert_eq!(after.status, 404, "pushes to a closed client are refused");
+
+    // Once the client reads again it finds its data and then the end: a close frame if one
+    // still fit into the buffers (then it says 1008), else just the end of the stream.
+    if let Some(close) = raw.until_close(Duration::from_secs(10)).await {
+        assert_eq!(close.close_code(), Some(1008));
+        assert_eq!(close.close_reason(), "slow consumer");
+    }
+    let metrics = gateway.metrics().await;
+    assert_eq!(closed_by(&metrics, "slow_consumer"), 1.0);
+    assert!(metrics["pushes_refused"] >= 1.0);
+    assert_eq!(metrics["pushes_accepted"], accepted as f64);
+    assert_accounting(&gateway, &api).await;
+}
+
+/// Reads `"name":<number>` out of a flat JSON object.
+fn json_number(json: &str, name: &str) -> usize {
+    let key = format!("\"{name}\":");
+    let start = json
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} in {json}"))
+        + key.len();
+    json[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+// ---- --max-connections ----
+
+#[tokio::test]
+async fn over_max_connections_the_handshake_gets_503_without_asking_the_api() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.max_connections = Some(2);
+    let gateway = TestGateway::start(config).await;
+    let a = gateway.connect("/a").await;
+    let _b = gateway.connect("/b").await;
+    let refused = raw_exchange(gateway.public, &upgrade_request("/c", &[])).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(api.seen_with("GET").len(), 2);
+    assert!(
+        api.seen().iter().all(|s| s.uri != "/c"),
+        "the refused client never reaches the API"
+    );
+    assert_eq!(
+        refused_by(&gateway.metrics().await, "overloaded"),
+        1.0,
+        "counted as refused: overloaded"
+    );
+
+    // A freed slot is usable again.
+    drop(a);
+    api.wait_for("DELETE", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = raw_exchange(gateway.public, &upgrade_request("/c", &[])).await;
+        if response.status == 101 {
+            break;
+        }
+        assert_eq!(response.status, 503);
+        assert!(Instant::now() < deadline, "the slot never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_accounting(&gateway, &api).await;
+}
+
+/// `key=value` out of a log line, ANSI colours or not.
+fn log_field(log: &str, key: &str) -> usize {
+    let plain = strip_ansi(log);
+    let needle = format!(" {key}=");
+    let start = plain
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no {key}= in the log:\n{plain}"))
+        + needle.len();
+    plain[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_limit() {
+    let api = MockApi::start().await;
+    let binary = Binary::start(&api.base(), &[], &[]);
+    let log = binary.wait_for_log("ws2http started").await;
+    let open_files = log_field(&log, "open_file_limit");
+    let max_connections = log_field(&log, "max_connections");
+    let upstream = log_field(&log, "upstream_max_connections");
+    let pending = log_field(&log, "pending_handshakes");
+    assert_eq!(upstream, (open_files / 16).clamp(16, 1024));
+    assert_eq!(
+        max_connections,
+        open_files - upstream - pending - ws2http::config::RESERVED_DESCRIPTORS,
+        "{log}"
+    );
+    assert!(max_connections > 0);
+
+    // An explicit --max-connections is what the log says.
+    let api = MockApi::start().await;
+    let binary = Binary::start(
+        &api.base(),
+        &[
+            "--max-connections",
+            "123",
+            "--upstream-max-connections",
+            "7",
+        ],
+        &[],
+    );
+    let log = binary.wait_for_log("ws2http started").await;
+    assert_eq!(log_field(&log, "max_connections"), 123);
+    assert_eq!(log_field(&log, "upstream_max_connections"), 7);
+}
+
+// ---- handshake deadline ----
+
+/// Reads from `stream` until the gateway closes it; returns how long that took after `since`.
+async fn time_until_dropped(stream: &mut TcpStream, since: Instant) -> Duration {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return since.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the connection was still open after 10s"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(gateway.public).await.unwrap();
+    let took = time_until_dropped(&mut stream, started).await;
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "dropped after {took:?}"
+    );
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    assert_eq!(gateway.metrics().await["connections_opened"], 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_dropped_after_the_handshake_timeout() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(gateway.public).await.unwrap();
+    // A complete upgrade request but for its final blank line, one byte every 20 ms.
+    let request = upgrade_request("/slowloris", &["X-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaa"]);
+    let request = &request[..request.len() - 2];
+    let mut dropped = None;
+    for byte in request.iter().cycle().take(500) {
+        if stream.write_all(&[*byte]).await.is_err() {
+            dropped = Some(started.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(20), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                dropped = Some(started.elapsed());
+                break;
+            }
+            Ok(Ok(n)) => panic!(
+                "the gateway answered a request it never fully got: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(_) => {}
+        }
+    }
+    let took = dropped.expect("still connected after 500 bytes over 10 s");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "dropped after {took:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    assert_eq!(gateway.metrics().await["connections_opened"], 0.0);
+}
+
+// ---- upstream caps ----
+
+#[tokio::test]
+async fn upstream_max_connections_caps_concurrent_api_requests() {
+    let delay = Duration::from_millis(300);
+    let api = MockApi::with_script(move |s| match s.method.as_str() {
+        "POST" => Reply::ok(s.body.clone()).after(delay),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.upstream_max_connections = Some(2);
+    let gateway = TestGateway::start(config).await;
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        clients.push(gateway.connect(&format!("/c{i}")).await);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut ws)| {
+            tokio::spawn(async move {
+                let text = format!("m{i}");
+                assert_eq!(round_trip(&mut ws, &text).await, text);
+                ws
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await.unwrap());
+    }
+    let took = started.elapsed();
+    let mut posts = api.wait_for("POST", 6).await;
+    posts.sort_by_key(|p| p.at);
+    // A request holds its slot until its answer (≥ delay after arrival), so any window
+    // shorter than the delay can hold at most the cap's worth of arrivals.
+    let most = (0..posts.len())
+        .map(|i| {
+            posts[i..]
+                .iter()
+                .take_while(|p| p.at - posts[i].at < delay - Duration::from_millis(20))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= 2, "{most} API requests at once with a cap of 2");
+    assert!(
+        took >= delay * 3 - Duration::from_millis(50),
+        "6 requests of {delay:?} through 2 slots took only {took:?}"
+    );
+    drop(clients);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn requests_waiting_for_an_api_slot_time_out_within_the_upstream_timeout() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok("late").after(Duration::from_secs(5)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let timeout = Duration::from_millis(500);
+    let mut config = test_config(&api);
+    config.upstream_max_connections = Some(1);
+    config.upstream_timeout = timeout;
+    let gateway = TestGateway::start(config).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(gateway.connect(&format!("/w{i}")).await);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                ws.send(Message::text("x")).await.unwrap();
+                let close = close_frame(&mut ws).await;
+                (close, sent.elapsed())
+            })
+        })
+        .collect();
+    for task in tasks {
+        let ((code, reason), took) = task.await.unwrap();
+        assert_eq!((code, reason.as_str()), (1011, "upstream timeout"));
+        // Waiting for the one slot counts against the deadline: nobody waits for the others.
+        assert!(
+            took < timeout + Duration::from_millis(400),
+            "closed {took:?} after sending"
+        );
+    }
+    let deletes = api.wait_for("DELETE", 3).await;
+    assert!(deletes
+        .iter()
+        .all(|d| d.header("x-close-code") == Some("1011")));
+    assert_accounting(&gateway, &api).await;
+}
