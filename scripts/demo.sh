@@ -27,6 +27,10 @@ for port in "$php_port" "$ws_port" "$control_port"; do
 done
 
 state="$(mktemp -d -t ws2http-demo.XXXXXX)"
+# Job control puts php and the gateway in process groups of their own: Ctrl-C then
+# reaches only this script, whose cleanup sends each of them one SIGTERM (a second
+# signal would make the gateway skip its drain).
+set -m
 php_pid="" gw_pid=""
 cleanup() {
   trap - INT TERM EXIT
@@ -35,8 +39,7 @@ cleanup() {
   # The gateway drains on SIGTERM: every socket gets close 1001 and the API its DELETE.
   [ -n "$gw_pid" ] && kill -TERM "$gw_pid" 2>/dev/null && wait "$gw_pid" 2>/dev/null || true
   if [ -n "$php_pid" ]; then
-    pkill -TERM -P "$php_pid" 2>/dev/null || true # php -S worker processes
-    kill -TERM "$php_pid" 2>/dev/null || true
+    kill -TERM -- "-$php_pid" 2>/dev/null || true # php -S and its worker processes
     wait "$php_pid" 2>/dev/null || true
   fi
   rm -rf "$state"
