@@ -165,6 +165,11 @@ impl SessionHandle {
         self.waker.wake();
     }
 
+    /// Pushes waiting in the mailbox.
+    pub fn queued(&self) -> usize {
+        self.mailbox().queue.len()
+    }
+
     /// Counters and queue depth right now.
     pub fn info(&self) -> SessionInfo {
         let mailbox = self.mailbox();
@@ -319,7 +324,8 @@ struct Session<S> {
     unflushed: bool,
     reading: bool,
     drain_deadline: Option<Instant>,
-    peer_close: Option<(u16, String)>,
+    /// Code (absent in a bare close frame) and reason of the client's close frame.
+    peer_close: Option<(Option<u16>, String)>,
 }
 
 impl<S> Session<S>
@@ -329,7 +335,8 @@ where
     async fn run_loop(&mut self) -> Ending {
         loop {
             if let Some(deadline) = self.drain_deadline {
-                if self.in_flight.is_empty() || Instant::now() >= deadline {
+                let done = self.in_flight.is_empty() && self.handle.queued() == 0;
+                if done || Instant::now() >= deadline {
                     return Ending::ours(CloseReason::Shutdown, 1001, "going away");
                 }
             }
@@ -393,7 +400,7 @@ where
                     why: CloseReason::Client,
                     send_close: None,
                     api_reason: reason,
-                    api_code: Some(code),
+                    api_code: code,
                 },
                 None => Ending::eof(),
             }),
@@ -476,10 +483,11 @@ where
                 shared.upstream.message(&context, payload, binary).await
             }));
         } else if let Some((code, reason)) = message.as_close() {
-            self.peer_close = Some((u16::from(code), reason.to_owned()));
+            // 1005 stands for "the frame had no code"; the API then gets no X-Close-Code.
+            let code = Some(u16::from(code)).filter(|c| *c != 1005);
+            self.peer_close = Some((code, reason.to_owned()));
         } else if message.is_close() {
-            // A close frame without a code.
-            self.peer_close = Some((1005, String::new()));
+            self.peer_close = Some((None, String::new()));
         }
         None
     }

@@ -95,6 +95,16 @@ async fn a_client_close_reason_reaches_the_api_in_the_delete() {
 }
 
 #[tokio::test]
+async fn a_close_frame_without_a_code_gives_a_delete_without_x_close_code() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    ws.send(Message::close(None, "")).await.unwrap();
+    let deletes = api.wait_for("DELETE", 1).await;
+    assert_eq!(deletes[0].body, Bytes::new());
+    assert_eq!(deletes[0].header("x-close-code"), None);
+}
+
+#[tokio::test]
 async fn an_unexpected_disconnect_is_reported_as_eof() {
     let (api, gateway) = setup().await;
     let ws = gateway.connect("/alice").await;
