@@ -336,13 +336,31 @@ impl Upstream {
         if let Ok(permit) = self.permits.try_acquire() {
             return Ok(permit);
         }
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        // Counted until this future ends, also when a timeout drops it while it waits.
+        let _waiting = Waiting::enter(&self.waiting);
+        if self.waiting.load(Ordering::Relaxed) > self.max_waiting {
             return Err(UpstreamError::Overloaded);
         }
-        let permit = self.permits.acquire().await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        permit.map_err(|_| UpstreamError::Overloaded)
+        self.permits
+            .acquire()
+            .await
+            .map_err(|_| UpstreamError::Overloaded)
+    }
+}
+
+/// One request waiting for an API slot; uncounted when dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Waiting(counter)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -418,6 +436,20 @@ mod tests {
         assert!(!answer_with(Some("text/plain")).is_binary());
         assert!(!answer_with(Some("application/json")).is_binary());
         assert!(!answer_with(None).is_binary());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_is_no_longer_counted_as_waiting() {
+        let config = Config::default();
+        let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
+        let held = upstream.permit().await.unwrap();
+        for _ in 0..3 {
+            let wait = tokio::time::timeout(Duration::from_millis(5), upstream.permit()).await;
+            assert!(wait.is_err(), "the only slot is taken");
+        }
+        assert_eq!(upstream.waiting.load(Ordering::Relaxed), 0);
+        drop(held);
+        assert!(upstream.permit().await.is_ok());
     }
 
     #[test]
