@@ -498,7 +498,7 @@ where
                 (CloseReason::TooBig, 1009, "message too big".to_owned())
             }
             tokio_websockets::Error::Protocol(ProtocolError::InvalidUtf8) => {
-                (CloseReason::ProtocolError, 1007, "invalid utf-8".to_owned())
+                (CloseReason::ProtocolError, 1007, "invalid utf8".to_owned())
             }
             tokio_websockets::Error::Protocol(e) => {
                 (CloseReason::ProtocolError, 1002, e.to_string())
