@@ -1,0 +1,137 @@
+//! Liveness: the gateway pings quiet clients, closes those that answer nothing within the ping
+//! timeout and those without data messages within the idle timeout, answers client pings, and
+//! never passes control frames to the API.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::raw_ws::{RawWs, CLOSE, PING};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_websockets::Message;
+
+fn closed_by(metrics: &HashMap<String, f64>, reason: &str) -> f64 {
+    metrics[&format!("connections_closed_by_reason{{reason=\"{reason}\"}}")]
+}
+
+#[tokio::test]
+async fn pings_go_out_at_the_ping_interval_and_a_client_that_answers_stays_connected() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.ping_interval = Some(Duration::from_millis(150));
+    config.ping_timeout = Duration::from_millis(600);
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/quiet").await;
+    // Read (which also sends the library's automatic pongs) for twice the ping timeout.
+    let mut pings = 0;
+    let until = Instant::now() + Duration::from_millis(1200);
+    while let Ok(item) = tokio::time::timeout_at(until, ws.next()).await {
+        let message = item.expect("open").expect("no error");
+        assert!(message.is_ping(), "only pings arrive: {message:?}");
+        pings += 1;
+    }
+    // One ping per 150 ms of silence, the pong resetting the clock: about 7 in 1.2 s.
+    assert!((3..=9).contains(&pings), "{pings} pings in 1.2 s");
+    assert_eq!(round_trip(&mut ws, "still here").await, "echo:still here");
+    assert!(api.seen_with("DELETE").is_empty());
+    assert_eq!(gateway.metrics().await["connections_active"], 1.0);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_closed_with_ping_timeout() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.ping_interval = Some(Duration::from_millis(100));
+    config.ping_timeout = Duration::from_millis(400);
+    let gateway = TestGateway::start(config).await;
+    let connected = Instant::now();
+    let mut raw = RawWs::connect(gateway.public, "/mute").await;
+    let mut pings = 0;
+    let close = loop {
+        let frame = raw
+            .read_frame(Duration::from_secs(3))
+            .await
+            .expect("a close frame before the end");
+        match frame.opcode {
+            PING => pings += 1,
+            CLOSE => break frame,
+            other => panic!("unexpected opcode {other}"),
+        }
+    };
+    let took = connected.elapsed();
+    assert!(pings >= 1, "pinged before being given up on");
+    assert_eq!(close.close_code(), Some(1001));
+    assert_eq!(close.close_reason(), "ping timeout");
+    assert!(
+        took >= Duration::from_millis(380) && took < Duration::from_millis(1500),
+        "closed after {took:?}"
+    );
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.body, Bytes::from_static(b"ping timeout"));
+    assert_eq!(delete.header("x-close-code"), Some("1001"));
+    assert_eq!(closed_by(&gateway.metrics().await, "ping_timeout"), 1.0);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_a_connection_without_data_messages() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.ping_interval = Some(Duration::from_millis(100));
+    config.ping_timeout = Duration::from_secs(5);
+    config.idle_timeout = Some(Duration::from_millis(500));
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/idle").await;
+    // Data every 200 ms keeps it open well past the idle timeout.
+    for i in 0..6 {
+        let text = format!("m{i}");
+        assert_eq!(round_trip(&mut ws, &text).await, format!("echo:{text}"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(api.seen_with("DELETE").is_empty(), "closed while busy");
+    // Then only pings and pongs: closed once the idle timeout passes.
+    let quiet_since = Instant::now();
+    let (code, reason) = close_frame(&mut ws).await;
+    let took = quiet_since.elapsed();
+    assert_eq!((code, reason.as_str()), (1000, "idle timeout"));
+    assert!(took < Duration::from_millis(1500), "closed {took:?} after");
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.body, Bytes::from_static(b"idle timeout"));
+    assert_eq!(delete.header("x-close-code"), Some("1000"));
+    assert_eq!(closed_by(&gateway.metrics().await, "idle_timeout"), 1.0);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn client_pings_are_answered_with_pongs_and_control_frames_never_reach_the_api() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.ping_interval = None;
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/pinger").await;
+    for payload in ["one", "two"] {
+        ws.send(Message::ping(payload)).await.unwrap();
+        let pong = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a pong within 5s")
+            .expect("open")
+            .expect("no error");
+        assert!(pong.is_pong(), "{pong:?}");
+        assert_eq!(&pong.as_payload()[..], payload.as_bytes());
+    }
+    // An unsolicited pong is allowed and ignored.
+    ws.send(Message::pong("unasked")).await.unwrap();
+    assert_eq!(round_trip(&mut ws, "data").await, "echo:data");
+    ws.close().await.unwrap();
+    api.wait_for("DELETE", 1).await;
+    let methods: Vec<_> = api.seen().iter().map(|s| s.method.clone()).collect();
+    assert_eq!(methods, ["GET", "POST", "DELETE"]);
+    assert_eq!(api.seen_with("POST")[0].body, Bytes::from_static(b"data"));
+    assert_eq!(gateway.metrics().await["messages_received"], 1.0);
+    assert_accounting(&gateway, &api).await;
+}
