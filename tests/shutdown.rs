@@ -1,0 +1,319 @@
+//! Shutdown: the drain that SIGTERM/SIGINT start (`TestGateway::shutdown` takes the same path
+//! in-process). New websockets are refused at once, in-flight POSTs finish and their replies
+//! are delivered (up to the shutdown timeout), every websocket gets `1001 going away`, and the
+//! API gets exactly one DELETE per connection, sent a few at a time.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::binary::Binary;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+use tokio_websockets::{ClientBuilder, Message};
+
+/// Reads until the server's close frame, however long the shutdown takes to reach this
+/// client (60 s at most), then finishes the closing handshake; returns code and reason.
+async fn await_close(mut ws: Ws) -> (u16, String) {
+    let read = async {
+        while let Some(item) = ws.next().await {
+            let message = item.expect("no websocket error before the close frame");
+            if let Some((code, reason)) = message.as_close() {
+                return (u16::from(code), reason.to_owned());
+            }
+        }
+        panic!("the connection ended without a close frame");
+    };
+    let close = tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("a close frame within 60s");
+    // Lets the library send its close reply, so the gateway need not wait for it.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while ws.next().await.is_some() {}
+    })
+    .await;
+    close
+}
+
+/// Accounting from the API's side, for when the control listener is gone: every connection
+/// the API accepted (one GET each here) got exactly one DELETE, with its own connection id.
+fn assert_one_delete_per_connection(api: &MockApi) {
+    let ids = |method: &str| -> Vec<String> {
+        api.seen_with(method)
+            .iter()
+            .map(|s| s.header("x-connection-id").unwrap().to_owned())
+            .collect()
+    };
+    let gets = ids("GET");
+    let deletes = ids("DELETE");
+    let unique: BTreeSet<_> = deletes.iter().cloned().collect();
+    assert_eq!(unique.len(), deletes.len(), "a connection got two DELETEs");
+    assert_eq!(
+        unique,
+        gets.into_iter().collect::<BTreeSet<_>>(),
+        "every accepted connection, and only those, got a DELETE"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_post_finish_and_delivers_its_reply_before_the_1001() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok(format!("done:{}", String::from_utf8_lossy(&s.body)))
+            .after(Duration::from_millis(600)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut gateway = TestGateway::start(test_config(&api)).await;
+    let mut busy = gateway.connect("/busy").await;
+    let idle = gateway.connect("/idle").await;
+    busy.send(Message::text("work")).await.unwrap();
+    let post = api.wait_for("POST", 1).await[0].clone();
+    let busy_client = tokio::spawn(async move {
+        let reply = next_text(&mut busy).await;
+        (reply, await_close(busy).await)
+    });
+    let idle_client = tokio::spawn(await_close(idle));
+
+    let report = gateway.shutdown().await;
+    assert_eq!(report.sessions_at_shutdown, 2);
+    assert!(report.completed);
+    let (reply, close) = busy_client.await.unwrap();
+    assert_eq!(reply, "done:work", "the reply arrives before the close");
+    assert_eq!(close, (1001, "going away".to_owned()));
+    assert_eq!(idle_client.await.unwrap(), (1001, "going away".to_owned()));
+
+    let deletes = api.seen_with("DELETE");
+    assert_eq!(deletes.len(), 2);
+    for delete in &deletes {
+        assert_eq!(delete.body, Bytes::from_static(b"going away"));
+        assert_eq!(delete.header("x-close-code"), Some("1001"));
+    }
+    let busy_delete = deletes.iter().find(|d| d.uri == "/busy").unwrap();
+    assert!(busy_delete.at >= post.at + Duration::from_millis(600));
+    assert_one_delete_per_connection(&api);
+}
+
+#[tokio::test]
+async fn shutdown_refuses_new_websockets_at_once() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok("done").after(Duration::from_millis(1000)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut gateway = TestGateway::start(test_config(&api)).await;
+    let mut busy = gateway.connect("/busy").await;
+    busy.send(Message::text("work")).await.unwrap();
+    api.wait_for("POST", 1).await;
+    let url = gateway.url("/latecomer");
+    let latecomer = tokio::spawn(async move {
+        // While the drain waits for the POST, a new client is turned away.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ClientBuilder::new()
+            .uri(&url)
+            .unwrap()
+            .connect()
+            .await
+            .map(|_| ())
+    });
+    let client = tokio::spawn(async move {
+        let reply = next_text(&mut busy).await;
+        (reply, await_close(busy).await)
+    });
+    gateway.shutdown().await;
+    assert!(
+        latecomer.await.unwrap().is_err(),
+        "a websocket opened while draining"
+    );
+    let (reply, close) = client.await.unwrap();
+    assert_eq!(reply, "done");
+    assert_eq!(close.0, 1001);
+    assert!(
+        api.seen().iter().all(|s| s.uri != "/latecomer"),
+        "the latecomer never reached the API"
+    );
+    assert_one_delete_per_connection(&api);
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_at_the_shutdown_timeout_when_a_post_takes_longer() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok("too late").after(Duration::from_millis(2000)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.shutdown_timeout = Duration::from_millis(300);
+    let mut gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/slow").await;
+    ws.send(Message::text("work")).await.unwrap();
+    api.wait_for("POST", 1).await;
+    let started = Instant::now();
+    let client = tokio::spawn(async move {
+        let close = await_close(ws).await;
+        (close, started.elapsed())
+    });
+    let report = gateway.shutdown().await;
+    assert!(report.completed);
+    let (close, took) = client.await.unwrap();
+    assert_eq!(close, (1001, "going away".to_owned()));
+    assert!(
+        took < Duration::from_millis(1500),
+        "closed {took:?} after shutdown began, not at the 300ms shutdown timeout"
+    );
+    // The API still hears of the close, after its answer to the message.
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.header("x-close-code"), Some("1001"));
+    assert_one_delete_per_connection(&api);
+}
+
+#[tokio::test]
+async fn shutdown_with_500_connections_closes_each_with_1001_and_sends_exactly_500_deletes() {
+    const CLIENTS: usize = 500;
+    const DELETE_CONCURRENCY: usize = 16;
+    let delete_delay = Duration::from_millis(20);
+    let api = MockApi::with_script(move |s| match s.method.as_str() {
+        "DELETE" => Reply::ok("ok").after(delete_delay),
+        _ => echo_script(s),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.shutdown_delete_concurrency = DELETE_CONCURRENCY;
+    config.shutdown_timeout = Duration::from_secs(10);
+    let mut gateway = TestGateway::start(config).await;
+
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for batch in 0..CLIENTS / 50 {
+        let connecting: Vec<_> = (0..50)
+            .map(|i| {
+                let url = gateway.url(&format!("/c{}", batch * 50 + i));
+                tokio::spawn(async move {
+                    let (ws, _) = ClientBuilder::new()
+                        .uri(&url)
+                        .unwrap()
+                        .connect()
+                        .await
+                        .expect("connects");
+                    ws
+                })
+            })
+            .collect();
+        for task in connecting {
+            clients.push(tokio::spawn(await_close(task.await.unwrap())));
+        }
+    }
+    assert_eq!(
+        gateway.metrics().await["connections_active"],
+        CLIENTS as f64
+    );
+
+    let report = gateway.shutdown().await;
+    assert_eq!(report.sessions_at_shutdown, CLIENTS);
+    assert!(report.completed, "every session finished within the grace");
+    for client in clients {
+        assert_eq!(client.await.unwrap(), (1001, "going away".to_owned()));
+    }
+    let mut deletes = api.seen_with("DELETE");
+    assert_eq!(deletes.len(), CLIENTS, "exactly one DELETE per connection");
+    assert!(deletes
+        .iter()
+        .all(|d| d.body.as_ref() == b"going away" && d.header("x-close-code") == Some("1001")));
+    assert_one_delete_per_connection(&api);
+
+    // Sent a few at a time: a DELETE holds its slot until answered (≥ delay after arrival), so
+    // no window shorter than the delay holds more arrivals than the concurrency cap.
+    deletes.sort_by_key(|d| d.at);
+    let most = (0..deletes.len())
+        .map(|i| {
+            deletes[i..]
+                .iter()
+                .take_while(|d| d.at - deletes[i].at < delete_delay - Duration::from_millis(2))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        most <= DELETE_CONCURRENCY,
+        "{most} DELETEs at once with a cap of {DELETE_CONCURRENCY}"
+    );
+}
+
+/// Starts the real binary against `api`, connects `n` clients, and checks one round trip each.
+async fn binary_with_clients(api: &MockApi, n: usize) -> (Binary, Vec<Ws>) {
+    let binary = Binary::start(&api.base(), &["--shutdown-timeout", "3s"], &[]);
+    binary.ready().await;
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let url = format!("ws://{}/b{i}", binary.public);
+        let (mut ws, _) = ClientBuilder::new()
+            .uri(&url)
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the binary");
+        assert_eq!(round_trip(&mut ws, "hi").await, "echo:hi");
+        clients.push(ws);
+    }
+    (binary, clients)
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_binary_every_client_gets_1001_the_api_every_delete_and_it_exits_0() {
+    let api = MockApi::with_script(|s| match (s.method.as_str(), &s.body[..]) {
+        ("POST", b"slow") => Reply::ok("slow done").after(Duration::from_millis(500)),
+        _ => echo_script(s),
+    })
+    .await;
+    let (mut binary, mut clients) = binary_with_clients(&api, 5).await;
+    let mut busy = clients.remove(0);
+    busy.send(Message::text("slow")).await.unwrap();
+    api.wait_for("POST", 6).await;
+    let busy = tokio::spawn(async move {
+        let reply = next_text(&mut busy).await;
+        (reply, await_close(busy).await)
+    });
+    let others: Vec<_> = clients
+        .into_iter()
+        .map(|ws| tokio::spawn(await_close(ws)))
+        .collect();
+
+    binary.signal(libc::SIGTERM);
+    let status = binary.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", binary.stderr());
+    let (reply, close) = busy.await.unwrap();
+    assert_eq!(
+        reply, "slow done",
+        "the in-flight reply comes before the close"
+    );
+    assert_eq!(close, (1001, "going away".to_owned()));
+    for client in others {
+        assert_eq!(client.await.unwrap(), (1001, "going away".to_owned()));
+    }
+    let deletes = api.seen_with("DELETE");
+    assert_eq!(deletes.len(), 5);
+    assert!(deletes
+        .iter()
+        .all(|d| d.header("x-close-code") == Some("1001")));
+    assert_one_delete_per_connection(&api);
+    assert!(binary.stderr().contains("ws2http stopped"));
+}
+
+#[tokio::test]
+async fn sigint_drains_the_binary_like_sigterm() {
+    let api = MockApi::start().await;
+    let (mut binary, clients) = binary_with_clients(&api, 2).await;
+    let waiting: Vec<_> = clients
+        .into_iter()
+        .map(|ws| tokio::spawn(await_close(ws)))
+        .collect();
+    binary.signal(libc::SIGINT);
+    let status = binary.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", binary.stderr());
+    for client in waiting {
+        assert_eq!(client.await.unwrap().0, 1001);
+    }
+    assert_eq!(api.seen_with("DELETE").len(), 2);
+    assert_one_delete_per_connection(&api);
+}
