@@ -371,7 +371,9 @@ pub fn start_haproxy(nodes: &[GatewayNode], dir: &Path) -> ProxyProcess {
         .env("WS2HTTP_PUSH_BIND", push.to_string())
         .env("WS2HTTP_STATS_BIND", stats.to_string())
         .env("WS2HTTP_CHECK_INTER", "200ms")
-        .env("WS2HTTP_CHECK_FALL", "1");
+        // Two failed checks, not one: a single slow answer on a loaded CI machine must
+        // not take a live node (and, through shutdown-sessions, its sockets) out.
+        .env("WS2HTTP_CHECK_FALL", "2");
     for (i, node) in nodes.iter().enumerate() {
         cmd.env(
             format!("WS2HTTP_GW{}_PUBLIC", i + 1),
