@@ -48,6 +48,28 @@ impl Stack {
     }
 }
 
+/// Waits until the gateway's `/metrics` counter whose name ends with `name` reaches `at_least`.
+async fn wait_for_counter(gateway: &Gateway, name: &str, at_least: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let metrics = stack::http_request(gateway.control, "GET", "/metrics", &[], b"").text();
+        let value = metrics
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once(' '))
+            .find(|(n, _)| n.ends_with(name))
+            .and_then(|(_, v)| v.trim().parse::<u64>().ok());
+        if value.is_some_and(|v| v >= at_least) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stayed at {value:?} (want {at_least})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The next event must be of `kind`; returns its JSON text.
 async fn expect_event(ws: &mut Ws, kind: &str) -> String {
     let text = next_text(ws, WAIT).await;
@@ -236,4 +258,39 @@ async fn a_closed_socket_is_reported_to_the_api_and_the_others_hear_who_left() {
     send_text(&mut alice, "still there?").await;
     let reply = expect_event(&mut alice, "sent").await;
     assert_eq!(json_int(&reply, "delivered"), Some(0), "{reply}");
+}
+
+#[tokio::test]
+async fn a_replaced_connection_closing_late_does_not_remove_the_member() {
+    let s = Stack::start();
+    let mut old_alice = s.join("alice", "alice-1").await;
+    let mut bob = s.join("bob", "bob-1").await;
+    expect_event(&mut old_alice, "joined").await;
+
+    // alice connects again with the same ClientId (a reload, or a reconnect after a
+    // node died): the gateway closes the older socket (4000) and DELETEs it, but the API
+    // keeps the member because that DELETE carries the older X-Connection-Id.
+    let mut alice = s.join("alice", "alice-1").await;
+    let ev = expect_event(&mut bob, "joined").await;
+    assert_eq!(json_str(&ev, "name").as_deref(), Some("alice"));
+    let mut close = None;
+    // Read to the end so the close handshake completes and the gateway sends the DELETE.
+    while let Some(msg) = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut old_alice))
+        .await
+        .expect("the older socket is closed")
+    {
+        if let Some((code, reason)) = msg.ok().as_ref().and_then(Message::as_close) {
+            close = Some((u16::from(code), reason.to_string()));
+        }
+    }
+    assert_eq!(close.map(|c| c.0), Some(4000), "older socket's close");
+
+    // The gateway counts a DELETE once the API answered it, after its pushes.
+    wait_for_counter(&s.gateway, "disconnects_notified", 1).await;
+    assert_silent(&mut bob, Duration::from_millis(300)).await;
+    send_text(&mut bob, "are you back?").await;
+    let reply = expect_event(&mut bob, "sent").await;
+    assert_eq!(json_int(&reply, "delivered"), Some(1), "{reply}");
+    let ev = expect_event(&mut alice, "message").await;
+    assert_eq!(json_str(&ev, "text").as_deref(), Some("are you back?"));
 }
