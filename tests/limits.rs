@@ -231,37 +231,19 @@ async fn over_max_connections_the_handshake_gets_503_without_asking_the_api() {
     assert_accounting(&gateway, &api).await;
 }
 
-/// `key=value` out of a log line, ANSI colours or not.
+/// `key=value` out of a log line.
 fn log_field(log: &str, key: &str) -> usize {
-    let plain = strip_ansi(log);
     let needle = format!(" {key}=");
-    let start = plain
+    let start = log
         .find(&needle)
-        .unwrap_or_else(|| panic!("no {key}= in the log:\n{plain}"))
+        .unwrap_or_else(|| panic!("no {key}= in the log:\n{log}"))
         + needle.len();
-    plain[start..]
+    log[start..]
         .chars()
         .take_while(char::is_ascii_digit)
         .collect::<String>()
         .parse()
         .unwrap()
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[tokio::test]

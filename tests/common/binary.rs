@@ -15,6 +15,24 @@ pub fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// `text` without ANSI colour sequences (`ESC [ ... letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A running `ws2http` process whose stderr is collected.
 pub struct Binary {
     pub child: Child,
@@ -57,7 +75,7 @@ impl Binary {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 let mut all = sink.lock().unwrap();
-                all.push_str(&line);
+                all.push_str(&strip_ansi(&line));
                 all.push('\n');
             }
         });
@@ -88,7 +106,7 @@ impl Binary {
         }
     }
 
-    /// What the process wrote to stderr so far.
+    /// What the process wrote to stderr so far, without colours.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }

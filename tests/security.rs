@@ -1,0 +1,519 @@
+//! Security: the control listener's bearer token (flag, environment, start-up warning), the
+//! Origin allow-list against cross-site websocket hijacking, `wss://` on the public listener,
+//! and an `https://` API trusted through `--api-ca`. Certificates are made at test time.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::binary::Binary;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_websockets::{ClientBuilder, Message, WebSocketStream};
+use ws2http::config::TlsFiles;
+
+// ---- control token ----
+
+const TOKEN: &str = "s3cret-t0ken";
+
+/// Accounting through a token-protected control listener.
+async fn assert_accounting_with_token(gateway: &TestGateway, api: &MockApi) {
+    let auth = format!("Bearer {TOKEN}");
+    let response = raw_http(
+        gateway.control,
+        "GET",
+        "/metrics",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let metrics = parse_metrics(&response.text());
+    let (opened, closed, active) = (
+        metrics["connections_opened"],
+        metrics["connections_closed"],
+        metrics["connections_active"],
+    );
+    assert_eq!(opened, closed + active, "{metrics:?}");
+    let deletes = api.wait_for("DELETE", closed as usize).await;
+    let mut ids: Vec<_> = deletes
+        .iter()
+        .map(|d| d.header("x-connection-id").unwrap().to_owned())
+        .collect();
+    let total = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "one DELETE per connection id");
+}
+
+#[tokio::test]
+async fn every_control_request_but_healthz_needs_the_bearer_token() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.control_token = Some(TOKEN.to_owned());
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/alice").await;
+    let wrong = format!("Bearer {TOKEN}x");
+    let short = format!("Bearer {}", &TOKEN[..TOKEN.len() - 1]);
+    let bare = TOKEN.to_owned();
+    let requests: [(&str, &str, &[u8]); 6] = [
+        ("POST", "/alice", b"forged push"),
+        ("DELETE", "/alice?code=4001&reason=forged", b""),
+        ("GET", "/alice", b""),
+        ("GET", "/metrics", b""),
+        ("POST", "/nobody", b"x"),
+        ("GET", "/debug/pprof/heap", b""),
+    ];
+    for (method, path, body) in requests {
+        let headers: [&[(&str, &str)]; 4] = [
+            &[],
+            &[("Authorization", &wrong)],
+            &[("Authorization", &short)],
+            &[("Authorization", &bare)],
+        ];
+        for headers in headers {
+            let response = raw_http(gateway.control, method, path, headers, body).await;
+            assert_eq!(response.status, 401, "{method} {path} with {headers:?}");
+            assert_eq!(response.header("www-authenticate"), Some("Bearer"));
+        }
+    }
+    let health = raw_http(gateway.control, "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200, "/healthz needs no token");
+
+    // Nothing the refused requests asked for happened: the socket is open and got no push.
+    assert_eq!(round_trip(&mut ws, "still open").await, "echo:still open");
+    let auth = format!("Bearer {TOKEN}");
+    let pushed = raw_http(
+        gateway.control,
+        "POST",
+        "/alice",
+        &[("Authorization", &auth)],
+        b"real push",
+    )
+    .await;
+    assert_eq!(pushed.status, 200);
+    assert_eq!(next_text(&mut ws).await, "real push");
+    let info = raw_http(
+        gateway.control,
+        "GET",
+        "/alice",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(info.status, 200);
+    assert!(info.text().contains("\"client_id\":\"alice\""));
+    assert_accounting_with_token(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_matched_without_regard_to_case() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.control_token = Some(TOKEN.to_owned());
+    let gateway = TestGateway::start(config).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let auth = format!("{scheme} {TOKEN}");
+        let response = raw_http(
+            gateway.control,
+            "GET",
+            "/metrics",
+            &[("Authorization", &auth)],
+            b"",
+        )
+        .await;
+        assert_eq!(response.status, 200, "{auth}");
+    }
+    // The token itself is case-sensitive.
+    let auth = format!("Bearer {}", TOKEN.to_uppercase());
+    let response = raw_http(
+        gateway.control,
+        "GET",
+        "/metrics",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(response.status, 401);
+}
+
+async fn metrics_status(control: SocketAddr, auth: Option<&str>) -> u16 {
+    let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+    raw_http(control, "GET", "/metrics", &headers, b"")
+        .await
+        .status
+}
+
+#[tokio::test]
+async fn the_binary_takes_the_control_token_from_the_environment_or_the_flag() {
+    let api = MockApi::start().await;
+    let from_env = Binary::start(&api.base(), &[], &[("WS2HTTP_CONTROL_TOKEN", "env-token")]);
+    from_env.ready().await;
+    assert_eq!(metrics_status(from_env.control, None).await, 401);
+    assert_eq!(
+        metrics_status(from_env.control, Some("Bearer wrong")).await,
+        401
+    );
+    assert_eq!(
+        metrics_status(from_env.control, Some("Bearer env-token")).await,
+        200
+    );
+
+    let from_flag = Binary::start(&api.base(), &["--control-token", "flag-token"], &[]);
+    from_flag.ready().await;
+    assert_eq!(metrics_status(from_flag.control, None).await, 401);
+    assert_eq!(
+        metrics_status(from_flag.control, Some("Bearer flag-token")).await,
+        200
+    );
+
+    let open = Binary::start(&api.base(), &[], &[]);
+    open.ready().await;
+    assert_eq!(metrics_status(open.control, None).await, 200);
+}
+
+const EXPOSED_WARNING: &str = "not on loopback and has no --control-token";
+
+/// Runs the binary with `args` until it is up, stops it, and returns everything it logged.
+async fn startup_log(args: &[&str]) -> String {
+    let api = MockApi::start().await;
+    let mut binary = Binary::start(&api.base(), args, &[]);
+    binary.ready().await;
+    binary.wait_for_log("ws2http listening").await;
+    binary.signal(libc::SIGTERM);
+    let status = binary.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+    binary.stderr()
+}
+
+#[tokio::test]
+async fn the_binary_warns_when_the_control_listener_is_exposed_without_a_token() {
+    let anywhere = format!("0.0.0.0:{}", binary::free_port());
+    let log = startup_log(&["--control-listen", &anywhere]).await;
+    assert!(log.contains(EXPOSED_WARNING), "{log}");
+    assert!(log.contains(" WARN "), "logged as a warning: {log}");
+
+    let anywhere = format!("0.0.0.0:{}", binary::free_port());
+    let log = startup_log(&["--control-listen", &anywhere, "--control-token", "t"]).await;
+    assert!(!log.contains(EXPOSED_WARNING), "{log}");
+
+    let log = startup_log(&[]).await;
+    assert!(
+        !log.contains(EXPOSED_WARNING),
+        "loopback needs no token: {log}"
+    );
+}
+
+// ---- allowed origins ----
+
+#[tokio::test]
+async fn an_origin_not_listed_gets_403_before_any_upstream_call() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.allowed_origins = Some(vec![
+        "https://app.example".to_owned(),
+        "https://admin.example".to_owned(),
+    ]);
+    let gateway = TestGateway::start(config).await;
+    for origin in [
+        "https://evil.example",
+        "https://app.example.evil.example",
+        "http://app.example",
+        "null",
+    ] {
+        let line = format!("Origin: {origin}");
+        let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[&line])).await;
+        assert_eq!(response.status, 403, "{origin}");
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"origin\"}"], 4.0);
+
+    for origin in ["https://app.example", "https://admin.example"] {
+        let line = format!("Origin: {origin}");
+        let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[&line])).await;
+        assert_eq!(response.status, 101, "{origin}");
+    }
+    let gets = api.wait_for("GET", 2).await;
+    assert_eq!(gets[0].header("origin"), Some("https://app.example"));
+    // Clients that send no Origin at all (not browsers, so not a hijacking risk) pass.
+    let response = raw_exchange(gateway.public, &upgrade_request("/bot", &[])).await;
+    assert_eq!(response.status, 101);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn without_an_origin_list_any_origin_is_forwarded_for_the_api_to_judge() {
+    let api = MockApi::with_script(|s| match (s.method.as_str(), s.header("origin")) {
+        ("GET", Some("https://trusted.example")) => Reply::ok("ok"),
+        ("GET", _) => Reply::status(403, "bad origin"),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let refused = raw_exchange(
+        gateway.public,
+        &upgrade_request("/a", &["Origin: https://evil.example"]),
+    )
+    .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.text(), "bad origin");
+    let accepted = raw_exchange(
+        gateway.public,
+        &upgrade_request("/a", &["Origin: https://trusted.example"]),
+    )
+    .await;
+    assert_eq!(accepted.status, 101);
+    let gets = api.wait_for("GET", 2).await;
+    assert_eq!(gets[0].header("origin"), Some("https://evil.example"));
+    assert_accounting(&gateway, &api).await;
+}
+
+// ---- TLS ----
+
+/// A self-signed certificate for 127.0.0.1 and localhost, written as PEM files.
+struct TestCert {
+    cert_der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+    cert_pem: PathBuf,
+    key_pem: PathBuf,
+}
+
+impl TestCert {
+    fn new() -> TestCert {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let generated = rcgen::generate_simple_self_signed(vec![
+            "127.0.0.1".to_owned(),
+            "localhost".to_owned(),
+        ])
+        .expect("rcgen");
+        let dir = std::env::temp_dir().join(format!(
+            "ws2http-security-{}-{}",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert_pem = dir.join("cert.pem");
+        let key_pem = dir.join("key.pem");
+        std::fs::write(&cert_pem, generated.cert.pem()).unwrap();
+        std::fs::write(&key_pem, generated.signing_key.serialize_pem()).unwrap();
+        TestCert {
+            cert_der: CertificateDer::from(generated.cert.der().to_vec()),
+            key_der: generated.signing_key.serialize_der(),
+            cert_pem,
+            key_pem,
+        }
+    }
+
+    fn files(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.cert_pem.clone(),
+            key: self.key_pem.clone(),
+        }
+    }
+
+    /// A TLS client that trusts only this certificate.
+    fn connector(&self) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert_der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    /// A TLS server with this certificate, speaking HTTP/1.1.
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let key = PrivateKeyDer::try_from(self.key_der.clone()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![self.cert_der.clone()], key)
+        .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+impl Drop for TestCert {
+    fn drop(&mut self) {
+        if let Some(dir) = self.cert_pem.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+type TlsWs = WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+async fn connect_wss(cert: &TestCert, addr: SocketAddr, path: &str) -> TlsWs {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let tls = cert
+        .connector()
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the gateway");
+    let (ws, _) = ClientBuilder::new()
+        .uri(&format!("wss://{addr}{path}"))
+        .unwrap()
+        .connect_on(tls)
+        .await
+        .expect("websocket upgrade over TLS");
+    ws
+}
+
+#[tokio::test]
+async fn a_wss_client_connects_over_tls_and_round_trips() {
+    let cert = TestCert::new();
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.tls = Some(cert.files());
+    let gateway = TestGateway::start(config).await;
+    let mut ws = connect_wss(&cert, gateway.public, "/secure").await;
+    ws.send(Message::text("over tls")).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.as_text(), Some("echo:over tls"));
+    let push = gateway.control("POST", "/secure", b"pushed").await;
+    assert_eq!(push.status, 200);
+    let pushed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(pushed.as_text(), Some("pushed"));
+    let get = &api.wait_for("GET", 1).await[0];
+    assert_eq!(get.header("x-forwarded-proto"), Some("https"));
+    ws.close().await.unwrap();
+    let delete = &api.wait_for("DELETE", 1).await[0];
+    assert_eq!(delete.header("x-close-code"), Some("1000"));
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
+    let cert = TestCert::new();
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.tls = Some(cert.files());
+    config.handshake_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+
+    // A plain upgrade request is not answered as HTTP.
+    let mut plain = TcpStream::connect(gateway.public).await.unwrap();
+    plain
+        .write_all(&upgrade_request("/alice", &[]))
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut answer)).await;
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // A client that never starts its TLS handshake is dropped at the handshake timeout.
+    let started = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(gateway.public).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "still open: {read:?}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+}
+
+/// A TLS front for the mock API: terminates TLS with `cert` and relays bytes to the API.
+async fn tls_front(api: &MockApi, cert: &TestCert) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = cert.acceptor();
+    let backend = api.addr;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_https_api_with_its_private_ca_given_round_trips() {
+    let cert = TestCert::new();
+    let api = MockApi::start().await;
+    let front = tls_front(&api, &cert).await;
+    let mut config = test_config(&api);
+    config.api = format!("https://{front}/").parse().unwrap();
+    config.api_ca = Some(cert.cert_pem.clone());
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/over-https").await;
+    assert_eq!(round_trip(&mut ws, "hello").await, "echo:hello");
+    ws.close().await.unwrap();
+    let delete = &api.wait_for("DELETE", 1).await[0];
+    assert_eq!(delete.uri, "/over-https");
+    let post = &api.wait_for("POST", 1).await[0];
+    assert_eq!(post.body, Bytes::from_static(b"hello"));
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn an_https_api_with_an_untrusted_certificate_gives_502() {
+    let cert = TestCert::new();
+    let api = MockApi::start().await;
+    let front = tls_front(&api, &cert).await;
+    let mut config = test_config(&api);
+    config.api = format!("https://{front}/").parse().unwrap();
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 502);
+    assert!(
+        api.seen().is_empty(),
+        "nothing got through the TLS front: {:?}",
+        api.seen()
+    );
+
+    // A different CA does not help either.
+    let other = TestCert::new();
+    let mut config = test_config(&api);
+    config.api = format!("https://{front}/").parse().unwrap();
+    config.api_ca = Some(other.cert_pem.clone());
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 502);
+    assert!(api.seen().is_empty());
+}
