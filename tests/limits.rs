@@ -231,6 +231,46 @@ async fn over_max_connections_the_handshake_gets_503_without_asking_the_api() {
     assert_accounting(&gateway, &api).await;
 }
 
+#[tokio::test]
+async fn over_the_pending_handshake_cap_a_socket_gets_503_at_once() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.max_pending_handshakes = 2;
+    config.handshake_timeout = Duration::from_secs(3);
+    let gateway = TestGateway::start(config).await;
+    // Two sockets that never finish their request hold both handshake slots.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(gateway.public).await.unwrap();
+        stream.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
+        holders.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let refused = raw_exchange(gateway.public, &upgrade_request("/third", &[])).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "answered at once"
+    );
+    assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 1.0);
+    // Once the holders leave, handshakes are served again.
+    drop(holders);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = raw_exchange(gateway.public, &upgrade_request("/third", &[])).await;
+        if response.status == 101 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let gets = api.wait_for("GET", 1).await;
+    assert!(gets.iter().all(|g| g.uri == "/third"), "{gets:?}");
+    assert_accounting(&gateway, &api).await;
+}
+
 /// `key=value` out of a log line.
 fn log_field(log: &str, key: &str) -> usize {
     let needle = format!(" {key}=");
