@@ -66,20 +66,35 @@ else
   gateway_bin="$root_dir/target/$profile/ws2http"
 fi
 
+# Job control gives every process started below a process group of its own: Ctrl-C
+# reaches only this script, which then sends each group exactly one SIGTERM (a second
+# signal would make a gateway skip its drain; php -S has worker processes).
+set -m
 pids=()
 names=()
+stop_group() { # index
+  kill -TERM -- "-${pids[$1]}" 2>/dev/null || true
+  wait "${pids[$1]}" 2>/dev/null || true
+}
 stop_all() {
   trap - INT TERM EXIT
   echo
   echo "cluster.sh: stopping"
+  # Gateways first (they drain: close 1001 to every socket, DELETE to the API, which
+  # must still be up), then the proxy, then the API.
   for i in "${!pids[@]}"; do
-    kill -TERM "${pids[$i]}" 2>/dev/null || true
+    case "${names[$i]}" in gw*) kill -TERM -- "-${pids[$i]}" 2>/dev/null || true ;; esac
   done
   for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" 2>/dev/null || true
+    case "${names[$i]}" in gw*) wait "${pids[$i]}" 2>/dev/null || true ;; esac
+  done
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    case "${names[$i]}" in gw*) ;; *) stop_group "$i" ;; esac
   done
 }
-trap stop_all INT TERM EXIT
+trap 'stop_all; exit 130' INT
+trap 'stop_all; exit 143' TERM
+trap stop_all EXIT
 
 start() { # name logfile command...
   local name="$1" log="$2"
