@@ -140,6 +140,22 @@ async fn serve(listener: tokio::net::TcpListener, st: Arc<State>) {
     }
 }
 
+/// Binds with a deep accept queue (4096, as far as `somaxconn` allows): a burst of upstream
+/// connections from the gateway must not overflow it and wait a second for a SYN retransmit.
+fn listen(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
+}
+
 fn main() {
     let args: Args = argh::from_env();
     ws2http_bench::net::raise_nofile_limit();
@@ -149,12 +165,10 @@ fn main() {
         .build()
         .expect("tokio runtime");
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .unwrap_or_else(|e| {
-                eprintln!("mock-api: cannot listen on {}: {e}", args.listen);
-                std::process::exit(2)
-            });
+        let listener = listen(&args.listen).unwrap_or_else(|e| {
+            eprintln!("mock-api: cannot listen on {}: {e}", args.listen);
+            std::process::exit(2)
+        });
         eprintln!("mock-api: listening on {}", listener.local_addr().unwrap());
         let st = Arc::new(State {
             counters: Counters::default(),

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use argh::FromArgs;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
 use hyper::Request;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use serde_json::json;
+use tokio::net::TcpStream;
 use ws2http_bench::{proto, stats};
 
 #[derive(FromArgs)]
@@ -61,11 +61,20 @@ async fn main() {
     } else {
         format!("{}/", args.control)
     };
-    let mut conn = HttpConnector::new();
-    conn.set_nodelay(true);
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(args.concurrency)
-        .build(conn);
+    let authority = base
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("--control must be an http:// URL (got {base})"))
+        .to_string();
+    let path_base = format!(
+        "/{}",
+        base.strip_prefix("http://").unwrap_or("")[authority.len()..].trim_start_matches('/')
+    );
+    let dst = tokio::net::lookup_host(&authority)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("cannot resolve {authority}"));
     let total = args.count * args.rounds;
     let next = Arc::new(AtomicU64::new(0));
     let hist = Arc::new(Mutex::new(stats::new_hist()));
@@ -73,30 +82,44 @@ async fn main() {
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..args.concurrency.max(1) {
-        let (client, next, hist, statuses) =
-            (client.clone(), next.clone(), hist.clone(), statuses.clone());
-        let (base, prefix, token) = (base.clone(), args.id_prefix.clone(), args.token.clone());
+        let (next, hist, statuses) = (next.clone(), hist.clone(), statuses.clone());
+        let (authority, path_base) = (authority.clone(), path_base.clone());
+        let (prefix, token) = (args.id_prefix.clone(), args.token.clone());
         let (first, count, timeout) = (args.first, args.count.max(1), args.timeout_ms);
         tasks.spawn(async move {
+            // One keep-alive connection per task, reopened after an error.
+            let mut sender: Option<SendRequest<Full<Bytes>>> = None;
             loop {
                 let i = next.fetch_add(1, Relaxed);
                 if i >= total {
                     break;
                 }
                 let id = first + i % count;
-                let mut req = Request::post(format!("{base}{prefix}{id}"));
-                if let Some(t) = &token {
-                    req = req.header("authorization", format!("Bearer {t}"));
-                }
-                let req = req
-                    .body(Full::new(Bytes::from(proto::push_payload())))
-                    .expect("valid request");
                 let started = Instant::now();
                 let outcome = tokio::time::timeout(Duration::from_millis(timeout), async {
-                    let resp = client.request(req).await?;
+                    if sender.as_ref().is_none_or(|s| s.is_closed()) {
+                        let tcp = TcpStream::connect(dst).await.map_err(|_| "connect_error")?;
+                        let _ = tcp.set_nodelay(true);
+                        let (s, conn) = http1::handshake(TokioIo::new(tcp))
+                            .await
+                            .map_err(|_| "http_error")?;
+                        tokio::spawn(conn);
+                        sender = Some(s);
+                    }
+                    let s = sender.as_mut().expect("connected");
+                    s.ready().await.map_err(|_| "http_error")?;
+                    let mut req = Request::post(format!("{path_base}{prefix}{id}"))
+                        .header("host", authority.as_str());
+                    if let Some(t) = &token {
+                        req = req.header("authorization", format!("Bearer {t}"));
+                    }
+                    let req = req
+                        .body(Full::new(Bytes::from(proto::push_payload())))
+                        .expect("valid request");
+                    let resp = s.send_request(req).await.map_err(|_| "http_error")?;
                     let status = resp.status().as_u16();
                     let _ = resp.into_body().collect().await;
-                    Ok::<u16, hyper_util::client::legacy::Error>(status)
+                    Ok::<u16, &'static str>(status)
                 })
                 .await;
                 let key = match outcome {
@@ -104,8 +127,14 @@ async fn main() {
                         stats::record(&mut hist.lock().unwrap(), started.elapsed());
                         status.to_string()
                     }
-                    Ok(Err(_)) => "http_error".to_string(),
-                    Err(_) => "timeout".to_string(),
+                    Ok(Err(kind)) => {
+                        sender = None;
+                        kind.to_string()
+                    }
+                    Err(_) => {
+                        sender = None;
+                        "timeout".to_string()
+                    }
                 };
                 *statuses.lock().unwrap().entry(key).or_default() += 1;
             }

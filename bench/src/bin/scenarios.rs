@@ -191,6 +191,13 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
     ]
 }
 
+/// The 1-, 5- and 15-minute load averages: how busy the shared machine was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -298,6 +305,7 @@ struct Bins {
 
 fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
     eprintln!("\n=== {} — {}", sc.id, sc.title);
+    let loadavg_before = loadavg();
     let mport = free_port();
     let mut mock = match Command::new(&bins.mock)
         .args(["--listen", &format!("127.0.0.1:{mport}")])
@@ -400,6 +408,8 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         "gateway_baseline": baseline.map(procstat::Sample::to_json),
         "gateway_after_leave": after_leave.map(procstat::Sample::to_json),
         "gateway_exit_code": gw_exit,
+        "loadavg_before": loadavg_before,
+        "loadavg_after": loadavg(),
         "mock_counters": last_json(&mock_out),
         "load": load_slim,
         "push": push_report,
@@ -517,7 +527,7 @@ fn verdict(r: &Value, quick: bool) -> Option<bool> {
 
 fn markdown(results: &[Value], quick: bool) -> String {
     let mut s = String::from(
-        "| scenario | measured (ws2http) | target | ws2api |\n| --- | --- | --- | --- |\n",
+        "| scenario | measured (ws2http) | target | ws2api | load avg before |\n| --- | --- | --- | --- | --- |\n",
     );
     for r in results {
         let v = match verdict(r, quick) {
@@ -532,13 +542,14 @@ fn markdown(results: &[Value], quick: bool) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} {} | {} | {} ({}) | {} |",
+            "| {} {} | {} | {} ({}) | {} | {} |",
             f(&r["id"]),
             f(&r["title"]),
             m,
             f(&r["target"]),
             v,
-            f(&r["ws2api"])
+            f(&r["ws2api"]),
+            f(&r["loadavg_before"])
         );
     }
     s
