@@ -54,6 +54,18 @@ if [ -z "${WS2HTTP_API_URL:-}" ]; then
   php_bin="$(find_tool php)"
 fi
 
+# Every port this stack listens on must be free (a port already taken would look
+# "ready" below while our process failed to bind it).
+ports=(7101 7102 7201 7202 7301 7302 8080 8081)
+if [ "$proxy" = haproxy ]; then ports+=(8404); else ports+=(7191 7192 7193); fi
+[ -z "${WS2HTTP_API_URL:-}" ] && ports+=("$php_port")
+for port in "${ports[@]}"; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "cluster.sh: port $port is already in use (another cluster.sh or make demo?)" >&2
+    exit 1
+  fi
+done
+
 if [ -n "${WS2HTTP_BIN:-}" ]; then
   gateway_bin="$WS2HTTP_BIN"
 else
