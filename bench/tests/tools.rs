@@ -23,6 +23,8 @@ enum Behaviour {
     SwapPairs,
     /// Send one `push:<ns>` message right after the handshake, echo nothing.
     PushOnce,
+    /// Close every connection with 1001 right after the handshake.
+    CloseAtOnce,
 }
 
 /// Starts a websocket server with the given behaviour; returns its port.
@@ -36,6 +38,16 @@ async fn server(b: Behaviour) -> u16 {
                 let Ok((_req, mut ws)) = ServerBuilder::new().accept(s).await else {
                     return;
                 };
+                if let Behaviour::CloseAtOnce = b {
+                    let _ = ws
+                        .send(Message::close(
+                            Some(tokio_websockets::CloseCode::GOING_AWAY),
+                            "bye",
+                        ))
+                        .await;
+                    while let Some(Ok(_)) = ws.next().await {}
+                    return;
+                }
                 if let Behaviour::PushOnce = b {
                     let _ = ws
                         .send(Message::text(ws2http_bench::proto::push_payload()))
@@ -48,7 +60,7 @@ async fn server(b: Behaviour) -> u16 {
                     }
                     let reply = match b {
                         Behaviour::Echo => Some(m),
-                        Behaviour::PushOnce => None,
+                        Behaviour::PushOnce | Behaviour::CloseAtOnce => None,
                         Behaviour::WrongConnection => {
                             let text = String::from_utf8_lossy(m.as_payload()).to_string();
                             let (conn, rest) = text[1..].split_once(':').unwrap();
@@ -220,6 +232,20 @@ async fn refused_connections_are_counted_by_kind() {
     let r = run_load(port, &["--conns", "3", "--duration", "0"]).await;
     assert_eq!(r["established"], 0, "{r}");
     assert_eq!(r["errors"]["connect_ConnectionRefused"], 3, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_retried_with_backoff_only_when_asked() {
+    let port = server(Behaviour::CloseAtOnce).await;
+    let once = run_load(port, &["--conns", "3", "--duration", "1"]).await;
+    assert_eq!(once["reconnects"], 0, "{once}");
+    assert_eq!(once["errors"]["closed_by_server_1001"], 3, "{once}");
+    let again = run_load(port, &["--conns", "3", "--duration", "1", "--reconnect"]).await;
+    // Backoff starts at 100 ms and doubles: within about a second each connection retries
+    // a few times, not hundreds.
+    let r = again["reconnects"].as_u64().unwrap();
+    assert!((6..=30).contains(&r), "{r} reconnects: {again}");
+    assert!(again["connects_per_s"].as_f64().is_some());
 }
 
 fn http(port: u16, req: &str) -> String {

@@ -796,3 +796,55 @@ fn main() {
     write("-latency.svg", &latency_svg(&results));
     println!("{table}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamp_has_the_file_name_shape() {
+        let s = utc_stamp();
+        assert_eq!(s.len(), "2026-11-23T0858Z".len(), "{s}");
+        assert!(
+            s.starts_with("20") && s.ends_with('Z') && s.as_bytes()[10] == b'T',
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn verdicts_follow_the_issue_targets() {
+        let s4 = |errors: u64, p99: f64| json!({"id": "S4", "load": {"errors_total": errors, "latency": {"p99_ms": p99}}});
+        assert_eq!(verdict(&s4(0, 9.5), false), Some(true));
+        assert_eq!(
+            verdict(&s4(1, 9.5), false),
+            Some(false),
+            "one error fails S4"
+        );
+        assert_eq!(verdict(&s4(0, 10.5), false), Some(false));
+        let s1 = |kib: f64, base: u64, after: u64| {
+            json!({"id": "S1", "load": {"gateway": {"kib_per_conn_end": kib}},
+                   "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}})
+        };
+        assert_eq!(verdict(&s1(3.9, 1000, 1100), false), Some(true));
+        assert_eq!(
+            verdict(&s1(3.9, 1000, 1101), false),
+            Some(false),
+            "RSS not given back"
+        );
+        assert_eq!(verdict(&s1(4.1, 1000, 1000), false), Some(false));
+        // Missing figures are not judged rather than passed.
+        assert_eq!(verdict(&json!({"id": "S2", "load": {}}), false), None);
+    }
+
+    #[test]
+    fn markdown_has_one_row_per_scenario() {
+        let rows =
+            [json!({"id": "S2", "title": "storm", "load": {"gateway": {"cpu_us_per_conn": 30.0}}})];
+        let md = markdown(&rows, false);
+        assert_eq!(md.lines().count(), 3, "{md}");
+        assert!(
+            md.contains("30 µs CPU/conn") && md.contains("(met)"),
+            "{md}"
+        );
+    }
+}
