@@ -26,16 +26,12 @@ pub const CPU_SAMPLE_HZ: i32 = 99;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's compiled-in options (tikv-jemallocator prefixes jemalloc's symbols with `_rjem_`).
-///
-/// `prof:true` must be set before the first allocation for heap profiling to be possible at all;
-/// `prof_active:false` keeps it switched off (no sampling, no backtraces) until [`start`] is
-/// given a `--memprofile` file. `lg_prof_sample:19` samples on average once every 512 KiB
-/// allocated. The environment variable `_RJEM_MALLOC_CONF` is read after this and overrides it.
+/// jemalloc's compiled-in options: heap profiling possible but off until [`start`] is given a
+/// `--memprofile` file. They are exported from the `ws2http-jemalloc-conf` crate (an exported
+/// symbol counts as unsafe code, which this crate forbids); naming the crate here keeps its
+/// symbol in the link. `_RJEM_MALLOC_CONF` in the environment overrides them.
 #[cfg(feature = "jemalloc")]
-#[allow(non_upper_case_globals, unsafe_code)]
-#[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8] = b"prof:true,prof_active:false,lg_prof_sample:19\0";
+pub const JEMALLOC_OPTIONS: &std::ffi::CStr = ws2http_jemalloc_conf::OPTIONS;
 
 /// Why a profile could not be started, taken or written.
 #[derive(Debug)]
@@ -297,5 +293,182 @@ mod heap {
     /// Always fails.
     pub(super) async fn dump() -> Result<Vec<u8>, ProfileError> {
         Err(ProfileError::HeapUnavailable(WHY))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use pprof::protos::{Message, Profile};
+
+    use super::*;
+
+    /// pprof-rs's CPU profiler and jemalloc's heap profiler are process-wide.
+    static PROFILERS: Mutex<()> = Mutex::new(());
+
+    /// A fresh path in the temporary directory.
+    fn temp_path(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("ws2http-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    /// Burns CPU for `duration` in a frame with a recognisable name.
+    #[inline(never)]
+    fn busy_loop_for_profile(duration: Duration) -> u64 {
+        let start = Instant::now();
+        let mut x = 1u64;
+        while start.elapsed() < duration {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+            }
+        }
+        x
+    }
+
+    /// The names of all functions in a decoded pprof profile.
+    fn function_names(profile: &Profile) -> Vec<&str> {
+        profile
+            .function
+            .iter()
+            .filter_map(|f| usize::try_from(f.name).ok())
+            .filter_map(|i| profile.string_table.get(i))
+            .map(String::as_str)
+            .collect()
+    }
+
+    #[test]
+    fn cpu_profile_of_a_busy_loop_decodes_with_its_samples() {
+        let _serial = PROFILERS.lock().unwrap_or_else(|e| e.into_inner());
+        let path = temp_path("cpu.pb");
+        let guard = start(Some(path.clone()), None).unwrap();
+        busy_loop_for_profile(Duration::from_millis(400));
+        guard.finish().unwrap();
+
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let profile = Profile::decode(bytes.as_slice()).unwrap();
+        assert!(!profile.sample.is_empty(), "no samples in the profile");
+        let sample_types: Vec<&str> = profile
+            .sample_type
+            .iter()
+            .map(|t| profile.string_table[usize::try_from(t.ty).unwrap()].as_str())
+            .collect();
+        assert_eq!(sample_types, ["samples", "cpu"]);
+        let names = function_names(&profile);
+        assert!(
+            names.iter().any(|n| n.contains("busy_loop_for_profile")),
+            "busy loop not among the profiled functions: {names:?}"
+        );
+    }
+
+    #[test]
+    fn cpu_profile_named_svg_is_a_flame_graph() {
+        let _serial = PROFILERS.lock().unwrap_or_else(|e| e.into_inner());
+        let path = temp_path("cpu.svg");
+        let guard = start(Some(path.clone()), None).unwrap();
+        busy_loop_for_profile(Duration::from_millis(200));
+        guard.finish().unwrap();
+
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            svg.contains("<svg"),
+            "not an SVG: {}",
+            &svg[..svg.len().min(200)]
+        );
+        assert!(svg.contains("busy_loop_for_profile"));
+    }
+
+    #[test]
+    fn unwritable_profile_file_is_an_error_naming_it() {
+        let _serial = PROFILERS.lock().unwrap_or_else(|e| e.into_inner());
+        let path = temp_path("no-such-dir").join("cpu.pb");
+        let guard = start(Some(path.clone()), None).unwrap();
+        let error = guard.finish().unwrap_err();
+        assert!(matches!(error, ProfileError::Write { .. }), "{error:?}");
+        assert!(
+            error.to_string().contains(&path.display().to_string()),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn no_profiles_asked_for_writes_nothing() {
+        let guard = start(None, None).unwrap();
+        assert!(guard.cpu.is_none() && guard.heap.is_none());
+        guard.finish().unwrap();
+    }
+
+    /// Allocates `bytes` in a frame with a recognisable name.
+    #[cfg(feature = "jemalloc")]
+    #[inline(never)]
+    fn allocate_for_heap_profile(bytes: usize) -> Vec<u8> {
+        std::hint::black_box(vec![1u8; bytes])
+    }
+
+    /// Decodes a gzipped pprof profile.
+    #[cfg(feature = "jemalloc")]
+    fn decode_gzipped(bytes: &[u8]) -> Profile {
+        use std::io::Read;
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut raw)
+            .unwrap();
+        Profile::decode(raw.as_slice()).unwrap()
+    }
+
+    #[cfg(feature = "jemalloc")]
+    #[test]
+    fn heap_profile_is_available_only_with_memprofile_and_shows_live_allocations() {
+        let _serial = PROFILERS.lock().unwrap_or_else(|e| e.into_inner());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(heap_profile_scenario());
+    }
+
+    /// The body of the heap profile test, in the async context the control listener calls from.
+    #[cfg(feature = "jemalloc")]
+    async fn heap_profile_scenario() {
+        let before = heap_profile().await.unwrap_err();
+        assert!(
+            matches!(before, ProfileError::HeapUnavailable(_)),
+            "{before}"
+        );
+
+        let path = temp_path("heap.pb.gz");
+        let guard = start(None, Some(path.clone())).unwrap();
+        const SIZE: usize = 32 << 20;
+        let kept = allocate_for_heap_profile(SIZE);
+
+        let profile = decode_gzipped(&heap_profile().await.unwrap());
+        let total: i64 = profile.sample.iter().map(|s| s.value[0]).sum();
+        assert!(total >= SIZE as i64, "in-use bytes {total} < {SIZE}");
+        let names = function_names(&profile);
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("allocate_for_heap_profile")),
+            "allocation site not symbolized: {names:?}"
+        );
+
+        guard.finish().unwrap();
+        drop(kept);
+        let written = decode_gzipped(&std::fs::read(&path).unwrap());
+        let _ = std::fs::remove_file(&path);
+        assert!(!written.sample.is_empty());
+        // finish() switched the profiler off again.
+        assert!(heap_profile().await.is_err());
+    }
+
+    #[cfg(not(feature = "jemalloc"))]
+    #[test]
+    fn memprofile_without_jemalloc_is_an_error() {
+        let error = start(None, Some(temp_path("heap"))).unwrap_err();
+        assert!(matches!(error, ProfileError::HeapUnavailable(_)), "{error}");
     }
 }
