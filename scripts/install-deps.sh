@@ -51,9 +51,9 @@ if ((${#missing[@]})); then
     fi
   fi
   echo "install-deps: installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  "${sudo[@]}" apt-get update -q
-  "${sudo[@]}" apt-get -y -q install --no-install-recommends "${missing[@]}"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get -y -q install --no-install-recommends "${missing[@]}"
 else
   echo "install-deps: all present"
 fi
