@@ -446,7 +446,14 @@ fn measured(r: &Value) -> String {
             f(&h["max_ms"])
         )
     };
-    let errs = format!("errors {}", f(&l["errors_total"]));
+    let m = &r["mock_counters"];
+    let errs = format!(
+        "errors {}; API saw GET/POST/DELETE {}/{}/{}",
+        f(&l["errors_total"]),
+        f(&m["get"]),
+        f(&m["post"]),
+        f(&m["delete"])
+    );
     match r["id"].as_str().unwrap_or("") {
         "S1" => {
             let base = r["gateway_baseline"]["rss_kib"].as_f64().unwrap_or(0.0);
