@@ -10,7 +10,7 @@ mod cluster;
 
 use std::process::Command;
 
-use cluster::{run_failover_scenario, ProxyKind};
+use cluster::{run_failover_scenario, Failure, ProxyKind};
 
 #[test]
 fn shipped_haproxy_cfg_passes_haproxy_check() {
@@ -32,5 +32,14 @@ fn shipped_haproxy_cfg_passes_haproxy_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_routes_every_push_to_its_socket_and_moves_only_a_dead_nodes_clients() {
-    run_failover_scenario(ProxyKind::Haproxy).await;
+    run_failover_scenario(ProxyKind::Haproxy, Failure::Crash).await;
+}
+
+/// A hung node keeps its TCP connections open; HAProxy's health check times out
+/// (`timeout check`), marks it down and closes its websockets
+/// (`on-marked-down shutdown-sessions`), so its clients move to the node their pushes
+/// now go to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_closes_a_hung_nodes_sockets_so_its_clients_move_with_their_pushes() {
+    run_failover_scenario(ProxyKind::Haproxy, Failure::Hang).await;
 }

@@ -9,7 +9,7 @@ mod cluster;
 
 use std::process::Command;
 
-use cluster::{run_failover_scenario, ProxyKind, ScratchDir};
+use cluster::{run_failover_scenario, Failure, ProxyKind, ScratchDir};
 
 #[test]
 fn shipped_nginx_conf_passes_nginx_test() {
@@ -36,5 +36,5 @@ fn shipped_nginx_conf_passes_nginx_test() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_routes_every_push_to_its_socket_and_moves_only_a_dead_nodes_clients() {
-    run_failover_scenario(ProxyKind::Nginx).await;
+    run_failover_scenario(ProxyKind::Nginx, Failure::Crash).await;
 }

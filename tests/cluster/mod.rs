@@ -44,6 +44,18 @@ pub enum ProxyKind {
     Nginx,
 }
 
+/// How the node with the most clients fails in [`run_failover_scenario`].
+// Each test crate that includes this module uses only some variants.
+#[allow(dead_code)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// SIGKILL: the process and its sockets are gone at once.
+    Crash,
+    /// SIGSTOP: the process keeps its sockets open but answers nothing, like a hung
+    /// node; only a proxy with active health checks notices.
+    Hang,
+}
+
 /// Root of the repository (where `haproxy/` and `nginx/` live).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -141,6 +153,18 @@ impl Proc {
                     log_tail(&self.log)
                 );
             }
+        }
+    }
+
+    /// Sends a signal by name (`STOP`, `TERM`, ...) with kill(1).
+    pub fn signal(&self, name: &str) {
+        if let Some(child) = self.child.as_ref() {
+            let status = Command::new("kill")
+                .arg(format!("-{name}"))
+                .arg(child.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{name} {} failed", self.name);
         }
     }
 
@@ -659,11 +683,12 @@ fn connect_nodes(log: &ApiLog) -> BTreeMap<String, Vec<usize>> {
 ///    its socket;
 /// 3. a push to every ClientId through the internal entry point reaches exactly that
 ///    client;
-/// 4. one node is SIGKILLed: only its clients are disconnected, they reconnect through
-///    the proxy onto the other nodes, and nobody else is touched;
+/// 4. the node with the most clients fails (`failure`: SIGKILL, or SIGSTOP for a hung
+///    node): only its clients are disconnected, they reconnect through the proxy onto
+///    the other nodes, and nobody else is touched;
 /// 5. a second push round reaches every client again, the other nodes' clients on the
 ///    same sockets as before.
-pub async fn run_failover_scenario(kind: ProxyKind) {
+pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
     let scratch = ScratchDir::new(match kind {
         ProxyKind::Haproxy => "haproxy-cluster",
         ProxyKind::Nginx => "nginx-cluster",
@@ -814,9 +839,12 @@ pub async fn run_failover_scenario(kind: ProxyKind) {
         .filter(|(_, n)| **n == victim_node)
         .map(|(id, _)| id.clone())
         .collect();
-    nodes[victim_node].proc_.kill_hard();
+    match failure {
+        Failure::Crash => nodes[victim_node].proc_.kill_hard(),
+        Failure::Hang => nodes[victim_node].proc_.signal("STOP"),
+    }
     eprintln!(
-        "{kind:?}: killed gw{} holding {} clients",
+        "{kind:?}: {failure:?} of gw{} holding {} clients",
         victim_node + 1,
         victims.len()
     );
@@ -931,12 +959,14 @@ pub async fn run_failover_scenario(kind: ProxyKind) {
         .map(|c| c.snapshot().failed_attempts)
         .sum();
     eprintln!(
-        "{kind:?}: the killed node's clients now on gw(n) -> count: {moved:?}; \
+        "{kind:?}: the failed node's clients now on gw(n) -> count: {moved:?}; \
          their failed reconnect attempts in total: {refused}"
     );
 
     stop.store(true, Ordering::SeqCst);
     drop(clients);
+    // A stopped process would sit out its SIGTERM; SIGKILL works on it at once.
+    nodes[victim_node].proc_.kill_hard();
     for node in nodes.iter_mut() {
         node.proc_.assert_running();
     }
