@@ -67,6 +67,55 @@ pub fn sample(pid: u32) -> Option<Sample> {
     })
 }
 
+/// Machine-wide TCP counters that explain slow handshakes: `ListenOverflows` and
+/// `ListenDrops` (a listener's accept queue was full) and `TCPSynRetrans` (SYNs sent again, 1 s
+/// later the first time), from the `TcpExt` lines of `/proc/net/netstat`.
+pub const TCP_COUNTERS: [&str; 3] = ["ListenOverflows", "ListenDrops", "TCPSynRetrans"];
+
+/// Parses the [`TCP_COUNTERS`] out of the text of `/proc/net/netstat` (header line, value line).
+pub fn parse_tcp_counters(netstat: &str) -> Vec<(&'static str, u64)> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return Vec::new();
+    };
+    let pairs: Vec<(&str, &str)> = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .collect();
+    TCP_COUNTERS
+        .iter()
+        .filter_map(|&k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .and_then(|(_, v)| v.parse().ok())
+                .map(|v| (k, v))
+        })
+        .collect()
+}
+
+/// The [`TCP_COUNTERS`] of this machine now, as a JSON object (empty when unreadable).
+pub fn tcp_counters() -> Value {
+    let text = fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let m: serde_json::Map<String, Value> = parse_tcp_counters(&text)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect();
+    Value::Object(m)
+}
+
+/// `after − before` for each counter present in both.
+pub fn counters_delta(before: &Value, after: &Value) -> Value {
+    let mut m = serde_json::Map::new();
+    for k in TCP_COUNTERS {
+        if let (Some(a), Some(b)) = (before[k].as_u64(), after[k].as_u64()) {
+            m.insert(k.to_string(), json!(b.saturating_sub(a)));
+        }
+    }
+    Value::Object(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +127,27 @@ mod tests {
         let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
         assert_eq!(parse_cpu_ticks(stat), Some(325));
         assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn picks_listen_overflow_and_syn_retransmit_counters() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPSynRetrans\n\
+                    TcpExt: 1 22 23 40\n\
+                    IpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(
+            parse_tcp_counters(text),
+            vec![
+                ("ListenOverflows", 22),
+                ("ListenDrops", 23),
+                ("TCPSynRetrans", 40)
+            ]
+        );
+        let d = counters_delta(
+            &json!({"ListenOverflows": 20, "TCPSynRetrans": 1}),
+            &json!({"ListenOverflows": 25, "TCPSynRetrans": 4, "ListenDrops": 9}),
+        );
+        assert_eq!(d, json!({"ListenOverflows": 5, "TCPSynRetrans": 3}));
+        assert!(tcp_counters().get("ListenOverflows").is_some());
     }
 
     #[test]

@@ -696,6 +696,7 @@ async fn parent(args: Args) -> i32 {
     }
     let exe = std::env::current_exe().expect("current exe");
     let before = gw_sample(args.gateway_pid);
+    let tcp_before = procstat::tcp_counters();
     let t_start = Instant::now();
 
     let (line_tx, mut line_rx) = mpsc::unbounded_channel::<(usize, Option<String>)>();
@@ -751,6 +752,7 @@ async fn parent(args: Args) -> i32 {
 
     let mut phase = CONNECT;
     let mut connected_sample = None;
+    let mut tcp_connected = Value::Null;
     let mut end_sample = None;
     let mut t_go: Option<Instant> = None;
     let mut t_drained: Option<Instant> = None;
@@ -776,6 +778,7 @@ async fn parent(args: Args) -> i32 {
                 || interrupted)
         {
             connected_sample = gw_sample(args.gateway_pid);
+            tcp_connected = procstat::tcp_counters();
             phase = GO;
             t_go = Some(Instant::now());
             let established = sum_field(&children, |c| c.connected.as_ref(), "established");
@@ -953,6 +956,8 @@ async fn parent(args: Args) -> i32 {
         "push_latency": stats::summary(&push_latency),
         "errors_total": errors_total,
         "errors": errors,
+        "tcp_connect_phase": procstat::counters_delta(&tcp_before, &tcp_connected),
+        "tcp_whole_run": procstat::counters_delta(&tcp_before, &procstat::tcp_counters()),
         "gateway": gateway,
         "load_cpu_us": own_cpu_us,
         "load_cpu_us_per_msg": if replies + pushes > 0 { ((own_cpu_us as f64 / (replies + pushes) as f64) * 100.0).round() / 100.0 } else { 0.0 },
@@ -1023,6 +1028,7 @@ fn table(r: &Value) -> String {
     row("reply latency", lat(&r["latency"]));
     row("pushes received", f(&r["pushes"]));
     row("push delivery latency", lat(&r["push_latency"]));
+    row("machine TCP, connect phase", f(&r["tcp_connect_phase"]));
     row(
         "load generator CPU",
         format!(

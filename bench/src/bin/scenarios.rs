@@ -471,11 +471,13 @@ fn measured(r: &Value) -> String {
             )
         }
         "S2" => format!(
-            "{} conns at **{} conn/s**; **{} µs CPU/conn**; handshake {}; {}",
+            "{} conns at **{} conn/s**; **{} µs CPU/conn**; handshake {}; listen-queue overflows {}, SYN retransmits {} (machine-wide); {}",
             f(&l["established"]),
             f(&l["connects_per_s"]),
             f(&g["cpu_us_per_conn"]),
             lat(&l["connect_latency"]),
+            f(&l["tcp_connect_phase"]["ListenOverflows"]),
+            f(&l["tcp_connect_phase"]["TCPSynRetrans"]),
             errs
         ),
         "S3a" | "S3b" | "S4" => format!(
