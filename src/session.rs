@@ -263,6 +263,13 @@ impl Ending {
     }
 }
 
+/// A socket that counts the bytes written to it, so a session whose writes are stalled can tell
+/// a client that reads slowly (still progressing) from one that stopped reading.
+pub(crate) trait WriteProgress {
+    /// Bytes written to the socket so far.
+    fn bytes_written(&self) -> u64;
+}
+
 /// Runs an accepted connection until it ends; then sends its DELETE.
 pub(crate) async fn run<S>(
     socket: WebSocketStream<S>,
@@ -270,7 +277,7 @@ pub(crate) async fn run<S>(
     context: Arc<ConnectionContext>,
     shared: Arc<Shared>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + WriteProgress,
 {
     let now = Instant::now();
     let mut session = Session {
@@ -284,6 +291,7 @@ pub(crate) async fn run<S>(
         last_data: now,
         last_ping: now,
         write_stalled_since: None,
+        written_at_stall: 0,
         unflushed: false,
         reading: true,
         drain_deadline: None,
@@ -292,7 +300,8 @@ pub(crate) async fn run<S>(
     };
     session.schedule_timer(now);
     let ending = session.run_loop().await;
-    session.finish(ending).await;
+    // Boxed so that the closing steps' state does not enlarge every idle connection's task.
+    Box::pin(session.finish(ending)).await;
 }
 
 /// Sends the DELETE for a connection the API accepted but whose upgrade never completed.
@@ -321,6 +330,8 @@ struct Session<S> {
     last_data: Instant,
     last_ping: Instant,
     write_stalled_since: Option<Instant>,
+    /// Bytes the socket had taken when the stall (or its last progress) was noticed.
+    written_at_stall: u64,
     unflushed: bool,
     reading: bool,
     drain_deadline: Option<Instant>,
@@ -330,7 +341,7 @@ struct Session<S> {
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + WriteProgress,
 {
     async fn run_loop(&mut self) -> Ending {
         loop {
@@ -375,6 +386,7 @@ where
             if self.write_stalled_since.is_none() {
                 let now = Instant::now();
                 self.write_stalled_since = Some(now);
+                self.written_at_stall = self.socket.get_ref().bytes_written();
                 self.schedule_timer(now);
             }
         } else {
@@ -546,7 +558,12 @@ where
         let now = Instant::now();
         let config = &self.shared.config;
         if let Some(since) = self.write_stalled_since {
-            if now >= since + config.write_timeout {
+            let written = self.socket.get_ref().bytes_written();
+            if written != self.written_at_stall {
+                // Slow, but the client is reading: the write timeout counts from here.
+                self.written_at_stall = written;
+                self.write_stalled_since = Some(now);
+            } else if now >= since + config.write_timeout {
                 return Some(Ending {
                     why: CloseReason::SlowConsumer,
                     send_close: Some((1008, "slow consumer".to_owned())),
@@ -752,3 +769,4 @@ mod tests {
         }
     }
 }
+
