@@ -839,6 +839,7 @@ pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
         .filter(|(_, n)| **n == victim_node)
         .map(|(id, _)| id.clone())
         .collect();
+    let failed_at = Instant::now();
     match failure {
         Failure::Crash => nodes[victim_node].proc_.kill_hard(),
         Failure::Hang => nodes[victim_node].proc_.signal("STOP"),
@@ -866,6 +867,10 @@ pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
     assert!(
         reconnected,
         "victims did not reconnect: {stragglers:?}; {logs}"
+    );
+    eprintln!(
+        "{kind:?}: all of them reconnected {:.1} s after the {failure:?}",
+        failed_at.elapsed().as_secs_f64()
     );
 
     if let Some(stats) = proxy.stats {
