@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TlsFiles;
 use crate::handshake::{self, Peer};
 use crate::metrics::RefusalReason;
+use crate::session::WriteProgress;
 use crate::{control, Shared};
 
 /// Largest request head (request line + headers) accepted; larger gets `431`.
@@ -33,11 +34,29 @@ const MAX_CONTROL_CONNECTIONS: usize = 1024;
 /// Pause after an accept error such as EMFILE, so a full descriptor table is not spun on.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Connections the kernel may hold ready for `accept` (capped by `net.core.somaxconn`): deep
+/// enough that a connect storm is queued rather than dropped into SYN retries.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener with [`LISTEN_BACKLOG`] and `SO_REUSEADDR`.
+pub(crate) fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// A websocket's byte stream once hyper has let go of it.
 pub(crate) struct Io {
     transport: Transport,
     /// Bytes the client sent after its upgrade request, read by hyper before the upgrade.
     prefix: Bytes,
+    /// Bytes written so far (see [`WriteProgress`]).
+    written: u64,
 }
 
 enum Transport {
@@ -53,6 +72,7 @@ impl Io {
                 return Ok(Io {
                     transport: Transport::Plain(parts.io.into_inner()),
                     prefix: parts.read_buf,
+                    written: 0,
                 })
             }
             Err(upgraded) => upgraded,
@@ -61,6 +81,7 @@ impl Io {
             Ok(parts) => Ok(Io {
                 transport: Transport::Tls(Box::new(parts.io.into_inner())),
                 prefix: parts.read_buf,
+                written: 0,
             }),
             Err(_) => Err(io::Error::other("upgraded connection of an unknown type")),
         }
@@ -93,10 +114,15 @@ impl AsyncWrite for Io {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().transport {
+        let this = self.get_mut();
+        let result = match &mut this.transport {
             Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        };
+        if let Poll::Ready(Ok(n)) = result {
+            this.written += n as u64;
         }
+        result
     }
 
     fn poll_write_vectored(
@@ -104,10 +130,15 @@ impl AsyncWrite for Io {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().transport {
+        let this = self.get_mut();
+        let result = match &mut this.transport {
             Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        };
+        if let Poll::Ready(Ok(n)) = result {
+            this.written += n as u64;
         }
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -129,6 +160,12 @@ impl AsyncWrite for Io {
             Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+impl WriteProgress for Io {
+    fn bytes_written(&self) -> u64 {
+        self.written
     }
 }
 

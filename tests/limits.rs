@@ -175,6 +175,59 @@ async fn a_client_that_does_not_read_gets_pushes_refused_with_503_then_is_closed
     assert_accounting(&gateway, &api).await;
 }
 
+#[tokio::test]
+async fn a_client_that_reads_slowly_but_steadily_is_not_closed_as_slow_consumer() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    // Messages larger than the kernel's send buffer (at most 4 MiB here), so one message
+    // keeps the gateway's writes pending across many partial writes.
+    config.max_message_size = 8 << 20;
+    config.max_queued_bytes = 8 << 20;
+    config.write_timeout = Duration::from_secs(1);
+    let gateway = TestGateway::start(config).await;
+    let mut raw =
+        RawWs::connect_with_recv_buffer(gateway.public, "/trickle", Some(64 * 1024)).await;
+    // Keep one message queued behind the one being written, for the whole test.
+    let control = gateway.control;
+    let pusher = tokio::spawn(async move {
+        let chunk = vec![b'x'; 8 << 20];
+        loop {
+            let info = raw_http(control, "GET", "/trickle", &[], b"").await;
+            if info.status == 404 {
+                break;
+            }
+            if json_number(&info.text(), "queued") == 0 {
+                raw_http(control, "POST", "/trickle", &[], &chunk).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // Read at most 64 KiB per 20 ms (about 3 MB/s) for 3 s: slower than the gateway could
+    // write, so its writes stay pending the whole time, but never stopping. (The kernel wakes
+    // a writer once a third of its send buffer has drained; this rate does that within the
+    // write timeout.)
+    let mut read = 0usize;
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut buf = vec![0u8; 64 * 1024];
+    while Instant::now() < until {
+        let n = raw.stream.read(&mut buf).await.expect("still connected");
+        assert!(n > 0, "the gateway closed a client that was reading");
+        read += n;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(read > 2 << 20, "read only {read} bytes");
+    assert!(
+        api.seen_with("DELETE").is_empty(),
+        "closed while making progress: {:?}",
+        api.seen_with("DELETE")[0].body
+    );
+    // When it stops reading altogether, it is closed.
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.body, Bytes::from_static(b"slow consumer"));
+    pusher.await.unwrap();
+    assert_accounting(&gateway, &api).await;
+}
+
 /// Reads `"name":<number>` out of a flat JSON object.
 fn json_number(json: &str, name: &str) -> usize {
     let key = format!("\"{name}\":");
