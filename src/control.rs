@@ -79,10 +79,14 @@ fn authorized<B>(request: &Request<B>, token: Option<&str>) -> bool {
     let Some(given) = request.headers().get(AUTHORIZATION) else {
         return false;
     };
+    // The scheme is case-insensitive (RFC 9110, 11.1); the token is not.
     let given = given.as_bytes();
-    let Some(given) = given.strip_prefix(b"Bearer ") else {
+    let Some((scheme, given)) = given.split_at_checked(7) else {
         return false;
     };
+    if !scheme.eq_ignore_ascii_case(b"Bearer ") {
+        return false;
+    }
     constant_time_eq(given, token.as_bytes())
 }
 
@@ -334,6 +338,9 @@ mod tests {
         };
         assert!(authorized(&with("Bearer s3cret"), Some("s3cret")));
         assert!(!authorized(&with("Bearer nope"), Some("s3cret")));
+        assert!(authorized(&with("bearer s3cret"), Some("s3cret")));
+        assert!(!authorized(&with("Bearer S3CRET"), Some("s3cret")));
+        assert!(!authorized(&with("Bearers3cret"), Some("s3cret")));
         assert!(!authorized(&with("s3cret"), Some("s3cret")));
         assert!(!authorized(&Request::new(()), Some("s3cret")));
         assert!(authorized(&Request::new(()), None));
