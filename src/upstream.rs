@@ -452,6 +452,25 @@ mod tests {
         assert!(upstream.permit().await.is_ok());
     }
 
+    #[tokio::test]
+    async fn waiters_beyond_the_bound_are_refused_as_overloaded() {
+        use futures_util::FutureExt;
+        let config = Config::default();
+        let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
+        let held = upstream.permit().await.unwrap();
+        let mut waiters: Vec<_> = (0..upstream.max_waiting)
+            .map(|_| Box::pin(upstream.permit()))
+            .collect();
+        for waiter in &mut waiters {
+            assert!(waiter.as_mut().now_or_never().is_none(), "waits for the slot");
+        }
+        let refused = upstream.permit().await;
+        assert!(matches!(refused, Err(UpstreamError::Overloaded)));
+        drop(waiters);
+        drop(held);
+        assert!(upstream.permit().await.is_ok());
+    }
+
     #[test]
     fn close_reasons_fit_a_close_frame() {
         let all = [
