@@ -462,7 +462,10 @@ mod tests {
             .map(|_| Box::pin(upstream.permit()))
             .collect();
         for waiter in &mut waiters {
-            assert!(waiter.as_mut().now_or_never().is_none(), "waits for the slot");
+            assert!(
+                waiter.as_mut().now_or_never().is_none(),
+                "waits for the slot"
+            );
         }
         let refused = upstream.permit().await;
         assert!(matches!(refused, Err(UpstreamError::Overloaded)));
