@@ -4,7 +4,7 @@
 //! `--processes` worker children (itself, re-run with `--worker-first`), steps them through the
 //! phases connect → go → stop → close over their stdin, reads their progress and final reports
 //! as JSON lines on their stdout, samples the gateway's RSS and CPU time from `/proc` at each
-//! phase boundary and once a second, and prints one JSON line (stdout) and a table (stderr).
+//! phase boundary and every 250 ms, and prints one JSON line (stdout) and a table (stderr).
 //!
 //! Each connection is one task. Replies are checked against the request they answer (see
 //! `ws2http_bench::proto`): a reply naming another connection is cross-talk, one that skips the
@@ -551,10 +551,10 @@ async fn worker(args: Args, mode: Mode, first: u64, count: u64) {
         }
     });
 
-    // Progress ticks, once a second.
+    // Progress ticks, every 100 ms.
     let tick_sh = sh.clone();
     tokio::spawn(async move {
-        let mut iv = tokio::time::interval(Duration::from_secs(1));
+        let mut iv = tokio::time::interval(Duration::from_millis(100));
         loop {
             iv.tick().await;
             emit(json!({
@@ -741,7 +741,7 @@ async fn parent(args: Args) -> i32 {
 
     let mut children: Vec<Child> = (0..p).map(|_| Child::default()).collect();
     let mut timeline: Vec<Value> = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prev_replies = 0u64;
     let mut prev_pushes = 0u64;
