@@ -507,31 +507,114 @@ fn mib(v: &Value) -> String {
         .unwrap_or_else(|| "—".into())
 }
 
-/// Whether the scenario met its target (`None` when it could not be judged).
-fn verdict(r: &Value, quick: bool) -> Option<bool> {
+/// One criterion of a target: a measured value against a limit.
+struct Check {
+    what: &'static str,
+    value: f64,
+    limit: f64,
+    /// True when the value must be at most the limit, false when at least.
+    at_most: bool,
+}
+
+impl Check {
+    fn ok(&self) -> bool {
+        if self.at_most {
+            self.value <= self.limit
+        } else {
+            self.value >= self.limit
+        }
+    }
+
+    /// How far off a missed criterion is, e.g. `30.4 KiB/conn vs ≤ 4 (7.6×)`.
+    fn shortfall(&self) -> String {
+        let ratio = if self.at_most {
+            self.value / self.limit.max(f64::MIN_POSITIVE)
+        } else {
+            self.limit / self.value.max(f64::MIN_POSITIVE)
+        };
+        let ratio = if ratio.is_finite() && self.limit > 0.0 {
+            format!(" ({ratio:.1}× off)")
+        } else {
+            String::new()
+        };
+        format!(
+            "{} {} vs {} {}{ratio}",
+            self.what,
+            trim(self.value),
+            if self.at_most { "≤" } else { "≥" },
+            trim(self.limit)
+        )
+    }
+}
+
+fn trim(x: f64) -> String {
+    if x.fract() == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// The criteria of a scenario's target with the measured values (`None` when a figure is
+/// missing, so the scenario cannot be judged).
+fn checks(r: &Value, quick: bool) -> Option<Vec<Check>> {
     let l = &r["load"];
     let g = &l["gateway"];
     let num = |v: &Value| v.as_f64();
+    let c = |what, value, limit, at_most| Check {
+        what,
+        value,
+        limit,
+        at_most,
+    };
     Some(match r["id"].as_str()? {
         "S1" => {
             let base = num(&r["gateway_baseline"]["rss_kib"])?;
             let after = num(&r["gateway_after_leave"]["rss_kib"])?;
-            num(&g["kib_per_conn_end"])? <= 4.0 && after <= base * 1.10
+            vec![
+                c("KiB/conn", num(&g["kib_per_conn_end"])?, 4.0, true),
+                c(
+                    "RSS after leave, MiB",
+                    after / 1024.0,
+                    base * 1.10 / 1024.0,
+                    true,
+                ),
+            ]
         }
-        "S2" => num(&g["cpu_us_per_conn"])? <= 40.0,
-        "S3a" => {
-            num(&g["cpu_us_per_msg"])? <= 12.0 && (quick || num(&l["replies_per_s"])? >= 47_250.0)
+        "S2" => vec![c("µs CPU/conn", num(&g["cpu_us_per_conn"])?, 40.0, true)],
+        "S3a" | "S3b" => {
+            let mut v = vec![c("µs CPU/msg", num(&g["cpu_us_per_msg"])?, 12.0, true)];
+            if !quick {
+                let floor = if r["id"] == "S3a" { 47_250.0 } else { 42_000.0 };
+                v.push(c("replies/s", num(&l["replies_per_s"])?, floor, false));
+            }
+            v
         }
-        "S3b" => {
-            num(&g["cpu_us_per_msg"])? <= 12.0 && (quick || num(&l["replies_per_s"])? >= 42_000.0)
-        }
-        "S4" => num(&l["errors_total"])? == 0.0 && num(&l["latency"]["p99_ms"])? <= 10.0,
-        "S5" => {
-            num(&r["push"]["pushes_per_s"])? >= 50_000.0
-                && num(&l["push_latency"]["p99_ms"])? <= 20.0
-        }
+        "S4" => vec![
+            c("errors", num(&l["errors_total"])?, 0.0, true),
+            c("p99 ms", num(&l["latency"]["p99_ms"])?, 10.0, true),
+        ],
+        "S5" => vec![
+            c(
+                "pushes/s",
+                num(&r["push"]["pushes_per_s"])?,
+                50_000.0,
+                false,
+            ),
+            c(
+                "p99 delivery ms",
+                num(&l["push_latency"]["p99_ms"])?,
+                20.0,
+                true,
+            ),
+        ],
         _ => return None,
     })
+}
+
+/// Whether the scenario met its target (`None` when it could not be judged).
+fn verdict(r: &Value, quick: bool) -> Option<bool> {
+    checks(r, quick).map(|cs| cs.iter().all(Check::ok))
 }
 
 fn markdown(results: &[Value], quick: bool) -> String {
@@ -539,10 +622,17 @@ fn markdown(results: &[Value], quick: bool) -> String {
         "| scenario | measured (ws2http) | target | ws2api | load avg before |\n| --- | --- | --- | --- | --- |\n",
     );
     for r in results {
-        let v = match verdict(r, quick) {
-            Some(true) => "met",
-            Some(false) => "**missed**",
-            None => "not judged",
+        let v = match checks(r, quick) {
+            Some(cs) if cs.iter().all(Check::ok) => "met".to_string(),
+            Some(cs) => format!(
+                "**missed**: {}",
+                cs.iter()
+                    .filter(|c| !c.ok())
+                    .map(Check::shortfall)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            None => "not judged".to_string(),
         };
         let m = if r["error"].is_null() {
             measured(r)
@@ -778,6 +868,12 @@ fn main() {
         .unwrap_or_else(|| root.join("bench/results"));
     let _ = std::fs::create_dir_all(&out_dir);
     let stem = format!("{started}{}", if args.quick { "-quick" } else { "" });
+    for r in &mut results {
+        let met = verdict(r, args.quick);
+        if let Some(o) = r.as_object_mut() {
+            o.insert("target_met".into(), json!(met));
+        }
+    }
     let table = markdown(&results, args.quick);
     let doc = json!({
         "started_utc": started,
@@ -835,6 +931,8 @@ mod tests {
                    "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}})
         };
         assert_eq!(verdict(&s1(3.9, 1000, 1100), false), Some(true));
+        let missed = markdown(&[s1(8.0, 1000, 1000)], false);
+        assert!(missed.contains("KiB/conn 8 vs ≤ 4 (2.0× off)"), "{missed}");
         assert_eq!(
             verdict(&s1(3.9, 1000, 1101), false),
             Some(false),
