@@ -802,6 +802,18 @@ fn latency_svg(results: &[Value]) -> String {
     s
 }
 
+/// Output of a git command in the workspace, trimmed (`None` if git fails).
+fn git(root: &Path, args: &[&str]) -> Option<String> {
+    let o = Command::new("git")
+        .args(args)
+        .current_dir(root)
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
 fn build_gateway(root: &Path) -> Result<(), String> {
     eprintln!("building: cargo build --release -p ws2http -p ws2http-bench");
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -881,6 +893,9 @@ fn main() {
         "quick": args.quick,
         "label": args.label,
         "gateway_bin": bins.gateway.display().to_string(),
+        "git_head": git(&root, &["rev-parse", "--short", "HEAD"]),
+        "git_uncommitted_in_src": git(&root, &["status", "--porcelain", "--", "src", "Cargo.toml"])
+            .map(|s| s.lines().count()),
         "gateway_args": args.gateway_arg,
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "scenarios": results,
