@@ -160,15 +160,13 @@ impl Gateway {
             Arc::clone(&metrics),
         )
         .map_err(|e| StartError::Config(e.to_string()))?;
-        let public = TcpListener::bind(config.listen)
-            .await
+        let public = server::listen(config.listen)
             .map_err(|error| StartError::Bind {
                 flag: "--listen",
                 addr: config.listen,
                 error,
             })?;
-        let control = TcpListener::bind(config.control_listen)
-            .await
+        let control = server::listen(config.control_listen)
             .map_err(|error| StartError::Bind {
                 flag: "--control-listen",
                 addr: config.control_listen,

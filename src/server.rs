@@ -71,7 +71,7 @@ impl Io {
             Ok(parts) => {
                 return Ok(Io {
                     transport: Transport::Plain(parts.io.into_inner()),
-                    prefix: parts.read_buf,
+                    prefix: detach(parts.read_buf),
                     written: 0,
                 })
             }
@@ -80,11 +80,22 @@ impl Io {
         match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
             Ok(parts) => Ok(Io {
                 transport: Transport::Tls(Box::new(parts.io.into_inner())),
-                prefix: parts.read_buf,
+                prefix: detach(parts.read_buf),
                 written: 0,
             }),
             Err(_) => Err(io::Error::other("upgraded connection of an unknown type")),
         }
+    }
+}
+
+/// hyper's leftover bytes are a view into its whole read buffer (8 KiB or more): keeping that
+/// view would keep the buffer alive for the life of the socket, so copy what is there (usually
+/// nothing) and let the buffer go.
+fn detach(leftover: Bytes) -> Bytes {
+    if leftover.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&leftover)
     }
 }
 
