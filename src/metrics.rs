@@ -82,15 +82,18 @@ pub enum RefusalReason {
     Api,
     /// The API failed (5xx, unreachable, timeout).
     ApiFailure,
+    /// The request (or TLS handshake) did not arrive within `--handshake-timeout`.
+    Timeout,
 }
 
 impl RefusalReason {
-    const ALL: [RefusalReason; 5] = [
+    const ALL: [RefusalReason; 6] = [
         RefusalReason::BadRequest,
         RefusalReason::Origin,
         RefusalReason::Overloaded,
         RefusalReason::Api,
         RefusalReason::ApiFailure,
+        RefusalReason::Timeout,
     ];
 
     fn label(self) -> &'static str {
@@ -100,6 +103,7 @@ impl RefusalReason {
             RefusalReason::Overloaded => "overloaded",
             RefusalReason::Api => "api",
             RefusalReason::ApiFailure => "api_failure",
+            RefusalReason::Timeout => "timeout",
         }
     }
 }

@@ -272,19 +272,27 @@ async fn serve_public(
         remote,
         tls: tls.is_some(),
     };
+    let metrics = Arc::clone(&shared.metrics);
     let served = async {
         match tls {
             None => serve_http(TokioIo::new(stream), peer, shared).await,
             Some(acceptor) => {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => serve_http(TokioIo::new(stream), peer, shared).await,
-                    Ok(Err(error)) => tracing::debug!(%remote, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                    Ok(Err(error)) => {
+                        metrics.handshake_refused(RefusalReason::BadRequest);
+                        tracing::debug!(%remote, %error, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics.handshake_refused(RefusalReason::Timeout);
+                        tracing::debug!(%remote, "TLS handshake timed out");
+                    }
                 }
             }
         }
     };
     if tokio::time::timeout(limit, served).await.is_err() {
+        metrics.handshake_refused(RefusalReason::Timeout);
         tracing::debug!(%remote, "handshake did not finish in time; connection dropped");
     }
 }
@@ -294,6 +302,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let handshake_timeout = shared.config.handshake_timeout;
+    let metrics = Arc::clone(&shared.metrics);
     let service =
         service_fn(move |request| handshake::handle(request, peer.clone(), Arc::clone(&shared)));
     let connection = http1::Builder::new()
@@ -304,6 +313,10 @@ where
         .serve_connection(io, service)
         .with_upgrades();
     if let Err(error) = connection.await {
+        if error.is_timeout() {
+            // The request head did not arrive within --handshake-timeout.
+            metrics.handshake_refused(RefusalReason::Timeout);
+        }
         tracing::debug!(%error, "public connection ended with an error");
     }
 }

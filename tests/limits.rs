@@ -401,7 +401,9 @@ async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
         "dropped after {took:?}"
     );
     assert!(api.seen().is_empty(), "{:?}", api.seen());
-    assert_eq!(gateway.metrics().await["connections_opened"], 0.0);
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["connections_opened"], 0.0);
+    assert_eq!(refused_by(&metrics, "timeout"), 1.0, "counted as a timeout");
 }
 
 #[tokio::test]
@@ -441,7 +443,9 @@ async fn a_client_that_trickles_its_headers_is_dropped_after_the_handshake_timeo
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(api.seen().is_empty(), "{:?}", api.seen());
-    assert_eq!(gateway.metrics().await["connections_opened"], 0.0);
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["connections_opened"], 0.0);
+    assert_eq!(refused_by(&metrics, "timeout"), 1.0, "counted as a timeout");
 }
 
 // ---- upstream caps ----

@@ -444,6 +444,9 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
     );
     assert!(started.elapsed() < Duration::from_millis(1500));
     assert!(api.seen().is_empty(), "{:?}", api.seen());
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"bad_request\"}"], 1.0);
+    assert_eq!(metrics["handshakes_refused{reason=\"timeout\"}"], 1.0);
 }
 
 /// A TLS front for the mock API: terminates TLS with `cert` and relays bytes to the API.
