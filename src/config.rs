@@ -77,9 +77,11 @@ impl ApiBase {
         &self.0
     }
 
-    /// Whether the API is reached over TLS.
+    /// Whether the API is reached over TLS (the scheme is case-insensitive: `HTTPS://` too).
     pub fn is_https(&self) -> bool {
-        self.0.starts_with("https://")
+        self.0
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
     }
 }
 
@@ -271,6 +273,16 @@ mod tests {
         assert!("ftp://x/".parse::<ApiBase>().is_err());
         assert!("127.0.0.1:8000".parse::<ApiBase>().is_err());
         assert!("http://x/?a=b".parse::<ApiBase>().is_err());
+    }
+
+    #[test]
+    fn api_base_scheme_is_case_insensitive() {
+        // Found by fuzz/config_values: `HTTPS://` parsed as https but was not treated as TLS,
+        // so the system roots were not loaded and every API request failed.
+        let base = "HTTPS://api.example/".parse::<ApiBase>().unwrap();
+        assert!(base.is_https());
+        assert!("httpS://api.example/".parse::<ApiBase>().unwrap().is_https());
+        assert!(!"HTTP://api.example/".parse::<ApiBase>().unwrap().is_https());
     }
 
     #[test]
