@@ -248,6 +248,19 @@ fn handshake_cases() -> Vec<Refused> {
             "GET /al\rice HTTP/1.1\r\nHost: g\r\n\r\n",
             400,
         ),
+        // Header injection by line folding, and control bytes in a forwarded header.
+        refused(
+            "obsolete line folding smuggling a header",
+            "GET /folded HTTP/1.1\r\nHost: g\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Cookie: a=1\r\n X-Injected: yes\r\n\r\n",
+            400,
+        ),
+        refused(
+            "control byte in X-Forwarded-For",
+            upgrade_request("/xff", &["X-Forwarded-For: \u{1}10.0.0.1"]),
+            400,
+        ),
         // HTTP/1.0 cannot upgrade.
         refused(
             "HTTP/1.0 upgrade",
