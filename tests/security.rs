@@ -509,6 +509,9 @@ async fn an_https_api_with_an_untrusted_certificate_gives_502() {
         "nothing got through the TLS front: {:?}",
         api.seen()
     );
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0);
+    assert_eq!(metrics["requests_failed"], 1.0);
 
     // A different CA does not help either.
     let other = TestCert::new();

@@ -77,13 +77,26 @@ async fn shutdown_lets_an_in_flight_post_finish_and_delivers_its_reply_before_th
     });
     let idle_client = tokio::spawn(await_close(idle));
 
-    let report = gateway.shutdown().await;
+    let control = gateway.control;
+    let shutdown = tokio::spawn(async move { gateway.shutdown().await });
+    // The idle socket closes at once; the busy one waits for its POST, and meanwhile the
+    // control listener still answers.
+    assert_eq!(idle_client.await.unwrap(), (1001, "going away".to_owned()));
+    let metrics = parse_metrics(&raw_http(control, "GET", "/metrics", &[], b"").await.text());
+    assert_eq!(
+        metrics["connections_closed_by_reason{reason=\"shutdown\"}"],
+        1.0
+    );
+    assert_eq!(
+        metrics["connections_active"], 1.0,
+        "the busy one is still open"
+    );
+    let report = shutdown.await.unwrap();
     assert_eq!(report.sessions_at_shutdown, 2);
     assert!(report.completed);
     let (reply, close) = busy_client.await.unwrap();
     assert_eq!(reply, "done:work", "the reply arrives before the close");
     assert_eq!(close, (1001, "going away".to_owned()));
-    assert_eq!(idle_client.await.unwrap(), (1001, "going away".to_owned()));
 
     let deletes = api.seen_with("DELETE");
     assert_eq!(deletes.len(), 2);
