@@ -506,8 +506,9 @@ where
 
     fn on_read_error(&mut self, error: tokio_websockets::Error) -> Ending {
         let (why, code, reason) = match &error {
-            tokio_websockets::Error::PayloadTooLong { .. } => {
-                (CloseReason::TooBig, 1009, "message too big".to_owned())
+            // The same text as the library's own close frame for a single oversized frame.
+            tokio_websockets::Error::PayloadTooLong { max_len, .. } => {
+                (CloseReason::TooBig, 1009, format!("max length: {max_len}"))
             }
             tokio_websockets::Error::Protocol(ProtocolError::InvalidUtf8) => {
                 (CloseReason::ProtocolError, 1007, "invalid utf8".to_owned())
@@ -769,4 +770,3 @@ mod tests {
         }
     }
 }
-

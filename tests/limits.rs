@@ -44,11 +44,15 @@ async fn a_message_over_max_message_size_closes_the_socket_with_1009() {
     let mut ws = gateway.connect("/big").await;
     assert_eq!(round_trip(&mut ws, &"a".repeat(1000)).await, "got 1000");
     ws.send(Message::text("b".repeat(1001))).await.unwrap();
-    let (code, _) = close_frame(&mut ws).await;
-    assert_eq!(code, 1009);
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (1009, "max length: 1000"));
     let delete = api.wait_for("DELETE", 1).await[0].clone();
     assert_eq!(delete.header("x-close-code"), Some("1009"));
-    assert_eq!(delete.body, Bytes::from_static(b"message too big"));
+    assert_eq!(
+        delete.body,
+        Bytes::from(reason),
+        "the API hears what the client saw"
+    );
     assert_eq!(
         api.seen_with("POST").len(),
         1,
@@ -89,8 +93,10 @@ async fn a_fragmented_message_over_max_message_size_closes_the_socket_with_1009(
         .await
         .expect("a close frame");
     assert_eq!(close.close_code(), Some(1009), "{:?}", close.close_reason());
+    assert_eq!(close.close_reason(), "max length: 1000");
     let delete = api.wait_for("DELETE", 1).await[0].clone();
     assert_eq!(delete.header("x-close-code"), Some("1009"));
+    assert_eq!(delete.body, Bytes::from(close.close_reason()));
     assert_eq!(api.seen_with("POST").len(), 1);
     assert_eq!(closed_by(&gateway.metrics().await, "too_big"), 1.0);
     assert_accounting(&gateway, &api).await;
