@@ -179,6 +179,12 @@ async fn shutdown_closes_sockets_at_the_shutdown_timeout_when_a_post_takes_longe
     // The API still hears of the close, after its answer to the message.
     let delete = api.wait_for("DELETE", 1).await[0].clone();
     assert_eq!(delete.header("x-close-code"), Some("1001"));
+    let post = api.seen_with("POST")[0].clone();
+    assert!(
+        delete.at >= post.at + Duration::from_millis(2000),
+        "the DELETE came {:?} after the POST, before its answer",
+        delete.at - post.at
+    );
     assert_one_delete_per_connection(&api);
 }
 
