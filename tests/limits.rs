@@ -348,7 +348,7 @@ fn log_field(log: &str, key: &str) -> usize {
 #[tokio::test]
 async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_limit() {
     let api = MockApi::start().await;
-    let binary = Binary::start(&api.base(), &[], &[]);
+    let binary = Binary::start_ready(&api.base(), &[], &[]).await;
     let log = binary.wait_for_log("ws2http started").await;
     let open_files = log_field(&log, "open_file_limit");
     let max_connections = log_field(&log, "max_connections");
@@ -364,7 +364,7 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
 
     // An explicit --max-connections is what the log says.
     let api = MockApi::start().await;
-    let binary = Binary::start(
+    let binary = Binary::start_ready(
         &api.base(),
         &[
             "--max-connections",
@@ -373,7 +373,8 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
             "7",
         ],
         &[],
-    );
+    )
+    .await;
     let log = binary.wait_for_log("ws2http started").await;
     assert_eq!(log_field(&log, "max_connections"), 123);
     assert_eq!(log_field(&log, "upstream_max_connections"), 7);

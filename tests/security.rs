@@ -156,8 +156,8 @@ async fn metrics_status(control: SocketAddr, auth: Option<&str>) -> u16 {
 #[tokio::test]
 async fn the_binary_takes_the_control_token_from_the_environment_or_the_flag() {
     let api = MockApi::start().await;
-    let from_env = Binary::start(&api.base(), &[], &[("WS2HTTP_CONTROL_TOKEN", "env-token")]);
-    from_env.ready().await;
+    let from_env =
+        Binary::start_ready(&api.base(), &[], &[("WS2HTTP_CONTROL_TOKEN", "env-token")]).await;
     assert_eq!(metrics_status(from_env.control, None).await, 401);
     assert_eq!(
         metrics_status(from_env.control, Some("Bearer wrong")).await,
@@ -168,16 +168,14 @@ async fn the_binary_takes_the_control_token_from_the_environment_or_the_flag() {
         200
     );
 
-    let from_flag = Binary::start(&api.base(), &["--control-token", "flag-token"], &[]);
-    from_flag.ready().await;
+    let from_flag = Binary::start_ready(&api.base(), &["--control-token", "flag-token"], &[]).await;
     assert_eq!(metrics_status(from_flag.control, None).await, 401);
     assert_eq!(
         metrics_status(from_flag.control, Some("Bearer flag-token")).await,
         200
     );
 
-    let open = Binary::start(&api.base(), &[], &[]);
-    open.ready().await;
+    let open = Binary::start_ready(&api.base(), &[], &[]).await;
     assert_eq!(metrics_status(open.control, None).await, 200);
 }
 
@@ -186,8 +184,7 @@ const EXPOSED_WARNING: &str = "not on loopback and has no --control-token";
 /// Runs the binary with `args` until it is up, stops it, and returns everything it logged.
 async fn startup_log(args: &[&str]) -> String {
     let api = MockApi::start().await;
-    let mut binary = Binary::start(&api.base(), args, &[]);
-    binary.ready().await;
+    let mut binary = Binary::start_ready(&api.base(), args, &[]).await;
     binary.wait_for_log("ws2http listening").await;
     binary.signal(libc::SIGTERM);
     let status = binary.wait_exit(Duration::from_secs(15)).await;
@@ -197,13 +194,11 @@ async fn startup_log(args: &[&str]) -> String {
 
 #[tokio::test]
 async fn the_binary_warns_when_the_control_listener_is_exposed_without_a_token() {
-    let anywhere = format!("0.0.0.0:{}", binary::free_port());
-    let log = startup_log(&["--control-listen", &anywhere]).await;
+    let log = startup_log(&["--control-listen", "0.0.0.0:{port}"]).await;
     assert!(log.contains(EXPOSED_WARNING), "{log}");
     assert!(log.contains(" WARN "), "logged as a warning: {log}");
 
-    let anywhere = format!("0.0.0.0:{}", binary::free_port());
-    let log = startup_log(&["--control-listen", &anywhere, "--control-token", "t"]).await;
+    let log = startup_log(&["--control-listen", "0.0.0.0:{port}", "--control-token", "t"]).await;
     assert!(!log.contains(EXPOSED_WARNING), "{log}");
 
     let log = startup_log(&[]).await;

@@ -261,8 +261,7 @@ async fn shutdown_with_500_connections_closes_each_with_1001_and_sends_exactly_5
 
 /// Starts the real binary against `api`, connects `n` clients, and checks one round trip each.
 async fn binary_with_clients(api: &MockApi, n: usize) -> (Binary, Vec<Ws>) {
-    let binary = Binary::start(&api.base(), &["--shutdown-timeout", "3s"], &[]);
-    binary.ready().await;
+    let binary = Binary::start_ready(&api.base(), &["--shutdown-timeout", "3s"], &[]).await;
     let mut clients = Vec::new();
     for i in 0..n {
         let url = format!("ws://{}/b{i}", binary.public);

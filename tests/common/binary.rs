@@ -87,21 +87,52 @@ impl Binary {
         }
     }
 
+    /// Starts the binary like [`Binary::start`] and waits until it serves. `{port}` in `args`
+    /// becomes a free port. A port taken between choosing and binding (other tests open
+    /// many client sockets) makes the binary exit; it is then started again on new ports.
+    pub async fn start_ready(api: &str, args: &[&str], envs: &[(&str, &str)]) -> Binary {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| a.replace("{port}", &free_port().to_string()))
+                .collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut binary = Binary::start(api, &args, envs);
+            match binary.try_ready().await {
+                Ok(()) => return binary,
+                Err(log) if log.contains("cannot listen") && attempt < 5 => continue,
+                Err(log) => panic!("ws2http did not come up; stderr:\n{log}"),
+            }
+        }
+    }
+
     /// Waits until the public listener answers `/healthz` (10 s at most).
-    pub async fn ready(&self) {
+    pub async fn ready(&mut self) {
+        if let Err(log) = self.try_ready().await {
+            panic!("ws2http did not come up; stderr:\n{log}");
+        }
+    }
+
+    /// Waits until the public listener answers `/healthz`; on exit or after 10 s, the log.
+    pub async fn try_ready(&mut self) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             if tokio::net::TcpStream::connect(self.public).await.is_ok() {
                 let health = raw_http(self.public, "GET", "/healthz", &[], b"").await;
                 if health.status == 200 {
-                    return;
+                    return Ok(());
                 }
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "ws2http did not come up; stderr:\n{}",
-                self.stderr()
-            );
+            if let Ok(Some(_)) = self.child.try_wait() {
+                // Let the stderr reader catch up with the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(self.stderr());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self.stderr());
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
