@@ -518,7 +518,7 @@ async fn requests_waiting_for_an_api_slot_time_out_within_the_upstream_timeout()
         _ => Reply::ok("ok"),
     })
     .await;
-    let timeout = Duration::from_millis(500);
+    let timeout = Duration::from_millis(1000);
     let mut config = test_config(&api);
     config.upstream_max_connections = Some(1);
     config.upstream_timeout = timeout;
