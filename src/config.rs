@@ -281,7 +281,10 @@ mod tests {
         // so the system roots were not loaded and every API request failed.
         let base = "HTTPS://api.example/".parse::<ApiBase>().unwrap();
         assert!(base.is_https());
-        assert!("httpS://api.example/".parse::<ApiBase>().unwrap().is_https());
+        assert!("httpS://api.example/"
+            .parse::<ApiBase>()
+            .unwrap()
+            .is_https());
         assert!(!"HTTP://api.example/".parse::<ApiBase>().unwrap().is_https());
     }
 
