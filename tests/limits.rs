@@ -120,6 +120,30 @@ async fn a_push_over_max_message_size_gets_413_and_one_at_the_limit_is_delivered
     assert_accounting(&gateway, &api).await;
 }
 
+#[tokio::test]
+async fn an_api_reply_over_max_message_size_closes_the_socket_with_1011() {
+    let api = MockApi::with_script(|s| match (s.method.as_str(), &s.body[..]) {
+        ("POST", b"fits") => Reply::ok(vec![b'r'; 1000]),
+        ("POST", _) => Reply::ok(vec![b'r'; 1001]),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.max_message_size = 1000;
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/reply").await;
+    assert_eq!(round_trip(&mut ws, "fits").await, "r".repeat(1000));
+    ws.send(Message::text("too much")).await.unwrap();
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (1011, "upstream reply too large"));
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.header("x-close-code"), Some("1011"));
+    assert_eq!(delete.body, Bytes::from_static(b"upstream reply too large"));
+    let metrics = gateway.metrics().await;
+    assert_eq!(closed_by(&metrics, "upstream_failure"), 1.0);
+    assert_accounting(&gateway, &api).await;
+}
+
 // ---- bounded outbound queue, slow consumers ----
 
 #[tokio::test]
