@@ -141,6 +141,7 @@ async fn an_api_reply_over_max_message_size_closes_the_socket_with_1011() {
     assert_eq!(delete.body, Bytes::from_static(b"upstream reply too large"));
     let metrics = gateway.metrics().await;
     assert_eq!(closed_by(&metrics, "upstream_failure"), 1.0);
+    assert_eq!(metrics["requests_failed"], 1.0);
     assert_accounting(&gateway, &api).await;
 }
 
