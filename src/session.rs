@@ -392,7 +392,9 @@ where
         } else {
             self.write_stalled_since = None;
         }
-        if self.reading && self.in_flight.len() < self.shared.config.pipeline {
+        // Read only while writes flow: each ping read queues a pong, so a client that sends
+        // pings but never reads would otherwise grow our write queue without bound.
+        if self.reading && writable && self.in_flight.len() < self.shared.config.pipeline {
             if let Poll::Ready(frame) = self.socket.poll_next_unpin(cx) {
                 return Poll::Ready(Event::Frame(frame));
             }
