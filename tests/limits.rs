@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::binary::Binary;
-use common::raw_ws::{RawWs, CONTINUATION, TEXT};
+use common::raw_ws::{encode_client_frame, RawWs, CONTINUATION, PING, TEXT};
 use common::*;
 use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -256,6 +256,35 @@ async fn a_client_that_reads_slowly_but_steadily_is_not_closed_as_slow_consumer(
     let delete = api.wait_for("DELETE", 1).await[0].clone();
     assert_eq!(delete.body, Bytes::from_static(b"slow consumer"));
     pusher.await.unwrap();
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn a_client_that_floods_pings_without_reading_is_not_read_further() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.ping_interval = None;
+    config.write_timeout = Duration::from_secs(2);
+    let gateway = TestGateway::start(config).await;
+    let mut raw = RawWs::connect_with_recv_buffer(gateway.public, "/flood", Some(4096)).await;
+    // Every ping asks for a pong the client never reads: if the gateway kept reading, the
+    // pongs would pile up in its memory until the write timeout.
+    let batch = encode_client_frame(true, PING, &[b'p'; 125]).repeat(1000);
+    let mut sent = 0usize;
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while sent < 64 << 20 {
+        match tokio::time::timeout_at(deadline, raw.stream.write_all(&batch)).await {
+            Ok(Ok(())) => sent += batch.len(),
+            _ => break,
+        }
+    }
+    assert!(
+        sent < 16 << 20,
+        "the gateway read {sent} bytes of pings while their pongs could not be sent"
+    );
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.body, Bytes::from_static(b"slow consumer"));
+    assert!(api.seen_with("POST").is_empty());
     assert_accounting(&gateway, &api).await;
 }
 
