@@ -151,6 +151,33 @@ async fn shutdown_refuses_new_websockets_at_once() {
 }
 
 #[tokio::test]
+async fn a_handshake_the_api_is_still_judging_at_shutdown_ends_with_1001_and_its_delete() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "GET" => Reply::ok("ok").after(Duration::from_millis(500)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut gateway = TestGateway::start(test_config(&api)).await;
+    let url = gateway.url("/midway");
+    let client = tokio::spawn(async move {
+        let (ws, _) = ClientBuilder::new()
+            .uri(&url)
+            .unwrap()
+            .connect()
+            .await
+            .expect("the API accepted it, so the upgrade completes");
+        await_close(ws).await
+    });
+    api.wait_for("GET", 1).await;
+    let report = gateway.shutdown().await;
+    assert!(report.completed);
+    assert_eq!(client.await.unwrap(), (1001, "going away".to_owned()));
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.header("x-close-code"), Some("1001"));
+    assert_one_delete_per_connection(&api);
+}
+
+#[tokio::test]
 async fn shutdown_closes_sockets_at_the_shutdown_timeout_when_a_post_takes_longer() {
     let api = MockApi::with_script(|s| match s.method.as_str() {
         "POST" => Reply::ok("too late").after(Duration::from_millis(2000)),
