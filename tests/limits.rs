@@ -465,6 +465,7 @@ async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["connections_opened"], 0.0);
     assert_eq!(refused_by(&metrics, "timeout"), 1.0, "counted as a timeout");
+    assert_accounting(&gateway, &api).await;
 }
 
 #[tokio::test]
@@ -507,6 +508,7 @@ async fn a_client_that_trickles_its_headers_is_dropped_after_the_handshake_timeo
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["connections_opened"], 0.0);
     assert_eq!(refused_by(&metrics, "timeout"), 1.0, "counted as a timeout");
+    assert_accounting(&gateway, &api).await;
 }
 
 // ---- upstream caps ----

@@ -442,6 +442,7 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["handshakes_refused{reason=\"bad_request\"}"], 1.0);
     assert_eq!(metrics["handshakes_refused{reason=\"timeout\"}"], 1.0);
+    assert_accounting(&gateway, &api).await;
 }
 
 /// A TLS front for the mock API: terminates TLS with `cert` and relays bytes to the API.
@@ -517,4 +518,5 @@ async fn an_https_api_with_an_untrusted_certificate_gives_502() {
     let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
     assert_eq!(response.status, 502);
     assert!(api.seen().is_empty());
+    assert_accounting(&gateway, &api).await;
 }
