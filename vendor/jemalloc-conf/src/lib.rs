@@ -2,13 +2,21 @@
 //! (as built by tikv-jemalloc-sys, with its `_rjem_` symbol prefix) reads when it starts.
 //!
 //! This lives in its own crate because defining an exported symbol counts as unsafe code, which
-//! the ws2http crate forbids. The crate must be named somewhere in code that is linked (ws2http's
+//! the ws2http crate denies. The crate must be named somewhere in code that is linked (ws2http's
 //! `profile` module reads [`OPTIONS`]): rustc then keeps the exported symbol in the final link.
 //!
 //! - `prof:true` makes heap profiling possible; jemalloc only honours it at start-up.
 //! - `prof_active:false` keeps the profiler off (no sampling, no backtraces) until ws2http is
 //!   given `--memprofile FILE` and switches it on through `mallctl("prof.active")`.
 //! - `lg_prof_sample:19` samples on average once every 2^19 bytes (512 KiB) allocated.
+//! - `background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0`: a jemalloc thread purges
+//!   freed pages about a second after they are freed, straight back to the OS (`muzzy` pages,
+//!   released with `MADV_FREE`, would still count in RSS), so resident memory falls after
+//!   connections leave. Release gateway, 5,000 idle websockets held and then closed, RSS 15 s
+//!   later (baseline 7.2 MiB): 63.7 MiB with jemalloc's defaults, 53.5 MiB with only
+//!   `background_thread:true`, 11.6 and 13.0 MiB with these. A 100-connection flood showed no CPU cost
+//!   (19.9 and 23.5 µs of gateway CPU per message with these, 21.7 and 19.9 without; two noisy
+//!   runs each on a shared 2-core machine).
 //!
 //! The environment variable `_RJEM_MALLOC_CONF` is read after these and overrides them.
 #![no_std]
@@ -16,7 +24,8 @@
 use core::ffi::{c_char, CStr};
 
 /// The options, in jemalloc's `malloc_conf` syntax.
-pub const OPTIONS: &CStr = c"prof:true,prof_active:false,lg_prof_sample:19";
+pub const OPTIONS: &CStr =
+    c"prof:true,prof_active:false,lg_prof_sample:19,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0";
 
 /// A C string pointer that can live in a `static`.
 #[repr(transparent)]
