@@ -445,6 +445,31 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
     assert_accounting(&gateway, &api).await;
 }
 
+#[tokio::test]
+async fn the_binary_serves_wss_with_tls_cert_and_key() {
+    let cert = TestCert::new();
+    let api = MockApi::start().await;
+    let cert_path = cert.cert_pem.to_string_lossy().into_owned();
+    let key_path = cert.key_pem.to_string_lossy().into_owned();
+    let binary = Binary::start_ready(
+        &api.base(),
+        &["--tls-cert", &cert_path, "--tls-key", &key_path],
+        &[],
+    )
+    .await;
+    assert!(binary.stderr().contains("tls=true"), "{}", binary.stderr());
+    let mut ws = connect_wss(&cert, binary.public, "/bin-tls").await;
+    ws.send(Message::text("hello")).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.as_text(), Some("echo:hello"));
+    let get = &api.wait_for("GET", 1).await[0];
+    assert_eq!(get.header("x-forwarded-proto"), Some("https"));
+}
+
 /// A TLS front for the mock API: terminates TLS with `cert` and relays bytes to the API.
 async fn tls_front(api: &MockApi, cert: &TestCert) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -108,19 +108,20 @@ impl Binary {
         }
     }
 
-    /// Waits until the public listener answers `/healthz` (10 s at most).
+    /// Waits until the gateway answers `/healthz` (10 s at most).
     pub async fn ready(&mut self) {
         if let Err(log) = self.try_ready().await {
             panic!("ws2http did not come up; stderr:\n{log}");
         }
     }
 
-    /// Waits until the public listener answers `/healthz`; on exit or after 10 s, the log.
+    /// Waits until the gateway answers `/healthz`; on exit or after 10 s, the log.
     pub async fn try_ready(&mut self) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if tokio::net::TcpStream::connect(self.public).await.is_ok() {
-                let health = raw_http(self.public, "GET", "/healthz", &[], b"").await;
+            // The control listener: plain HTTP even when the public one speaks TLS.
+            if tokio::net::TcpStream::connect(self.control).await.is_ok() {
+                let health = raw_http(self.control, "GET", "/healthz", &[], b"").await;
                 if health.status == 200 {
                     return Ok(());
                 }
