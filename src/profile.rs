@@ -30,10 +30,10 @@ pub const CPU_SAMPLE_HZ: i32 = 99;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's compiled-in options: heap profiling possible but off until [`start`] is given a
-/// `--memprofile` file, and freed pages handed back to the OS after about a second (see the
-/// `ws2http-jemalloc-conf` crate for the measurements). They are exported from the `ws2http-jemalloc-conf` crate (an exported
-/// symbol counts as unsafe code, which this crate forbids); naming the crate here keeps its
-/// symbol in the link. `_RJEM_MALLOC_CONF` in the environment overrides them.
+/// `--memprofile` file, and freed pages handed back to the OS after about a second. They are
+/// exported from the `ws2http-jemalloc-conf` crate, which also has the measurements (an exported
+/// symbol counts as unsafe code, which this crate denies); naming the crate here keeps its symbol
+/// in the link. `_RJEM_MALLOC_CONF` in the environment overrides them.
 #[cfg(feature = "jemalloc")]
 pub const JEMALLOC_OPTIONS: &std::ffi::CStr = ws2http_jemalloc_conf::OPTIONS;
 
