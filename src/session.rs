@@ -29,6 +29,10 @@ use crate::Shared;
 pub const CLOSE_REPLACED: u16 = 4000;
 /// How long a closing handshake may take once our close frame is out.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Further tries of a DELETE that could not be sent, waiting 250 ms, 500 ms, ... 8 s before each.
+const DELETE_RETRIES: usize = 6;
+/// Wait before the first retry of a DELETE; doubled for each next one.
+const DELETE_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
 /// A message waiting in a connection's mailbox.
 #[derive(Debug, Clone)]
@@ -684,11 +688,26 @@ async fn notify_api(shared: &Shared, context: &ConnectionContext, ending: Ending
         None
     };
     let reason = Bytes::from(ending.api_reason);
-    match shared
+    let mut backoff = DELETE_RETRY_BACKOFF;
+    let mut result = shared
         .upstream
-        .disconnect(context, reason, ending.api_code)
-        .await
-    {
+        .disconnect(context, reason.clone(), ending.api_code)
+        .await;
+    // A DELETE refused before it was sent (no API slot free, API not reachable) is sent again
+    // a few times: the API must hear of every disconnect, and cannot have heard of this one.
+    for _ in 0..DELETE_RETRIES {
+        match &result {
+            Err(UpstreamError::Overloaded | UpstreamError::Unreachable(_)) => {}
+            _ => break,
+        }
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+        result = shared
+            .upstream
+            .disconnect(context, reason.clone(), ending.api_code)
+            .await;
+    }
+    match result {
         Ok(answer) if answer.status.is_success() => {
             shared
                 .metrics
