@@ -288,6 +288,139 @@ async fn a_client_that_floods_pings_without_reading_is_not_read_further() {
     assert_accounting(&gateway, &api).await;
 }
 
+#[tokio::test]
+async fn a_request_beyond_the_waiter_bound_closes_the_socket_with_1013() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok("late").after(Duration::from_secs(5)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    // One API slot, so the waiter bound is 4096: 64 clients × 64 pipelined messages fill the
+    // slot and 4095 waiting places, one more message takes the last place.
+    config.upstream_max_connections = Some(1);
+    config.pipeline = 64;
+    config.upstream_timeout = Duration::from_secs(4);
+    let gateway = TestGateway::start(config).await;
+    let mut fillers = Vec::new();
+    for i in 0..64 {
+        fillers.push(gateway.connect(&format!("/f{i}")).await);
+    }
+    let mut last_place = gateway.connect("/last-place").await;
+    let mut refused = gateway.connect("/refused").await;
+    let gets = 66.0;
+    for ws in &mut fillers {
+        for m in 0..64 {
+            ws.send(Message::text(m.to_string())).await.unwrap();
+        }
+    }
+    wait_for_requests(&gateway, gets + 4096.0).await;
+    last_place.send(Message::text("last")).await.unwrap();
+    wait_for_requests(&gateway, gets + 4097.0).await;
+    assert_eq!(gateway.metrics().await["requests_failed"], 0.0);
+
+    refused.send(Message::text("one too many")).await.unwrap();
+    let (code, reason) = close_frame(&mut refused).await;
+    assert_eq!((code, reason.as_str()), (1013, "upstream overloaded"));
+    // Its DELETE finds no free place either; it is sent again until the waiters are gone
+    // (they time out), so the API still hears of the disconnect, once.
+    let deletes = api.wait_for("DELETE", 1).await;
+    let refused_delete = deletes
+        .iter()
+        .find(|d| d.uri == "/refused")
+        .unwrap_or_else(|| panic!("no DELETE for /refused: {deletes:?}"));
+    assert_eq!(refused_delete.header("x-close-code"), Some("1013"));
+    assert_eq!(
+        refused_delete.body,
+        Bytes::from_static(b"upstream overloaded")
+    );
+    drop((fillers, last_place));
+    api.wait_for("DELETE", 66).await;
+    assert!(closed_by(&gateway.metrics().await, "upstream_failure") >= 1.0);
+    assert_eq!(gateway.metrics().await["disconnects_failed"], 0.0);
+    assert_accounting(&gateway, &api).await;
+    assert!(
+        api.seen_with("POST").iter().all(|p| p.uri != "/refused"),
+        "the refused message never reached the API"
+    );
+}
+
+/// A TCP relay to the mock API that can be cut (listener closed, open relays dropped) and
+/// brought back on the same port: the API "down" from the gateway's side.
+struct Relay {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(port: u16, backend: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut relays = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                relays.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(backend).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Relay { addr, task }
+    }
+
+    /// Closes the listener and every relayed connection.
+    fn cut(self) -> u16 {
+        self.task.abort();
+        self.addr.port()
+    }
+}
+
+#[tokio::test]
+async fn a_delete_that_finds_the_api_unreachable_is_sent_once_it_is_back() {
+    let api = MockApi::start().await;
+    let relay = Relay::start(0, api.addr).await;
+    let mut config = test_config(&api);
+    config.api = format!("http://{}/", relay.addr).parse().unwrap();
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/flaky").await;
+    assert_eq!(round_trip(&mut ws, "before").await, "echo:before");
+
+    let port = relay.cut();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ws.close().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(api.seen_with("DELETE").is_empty(), "the API is down");
+    let _relay = Relay::start(port, api.addr).await;
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.uri, "/flaky");
+    assert_eq!(delete.header("x-close-code"), Some("1000"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(api.seen_with("DELETE").len(), 1, "sent once");
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["disconnects_failed"], 0.0);
+    assert_eq!(metrics["disconnects_notified"], 1.0);
+    assert_accounting(&gateway, &api).await;
+}
+
+/// Waits until the gateway has started `n` API requests (5 s at most).
+async fn wait_for_requests(gateway: &TestGateway, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let started = gateway.metrics().await["requests_started"];
+        if started >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{started} API requests, not {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Reads `"name":<number>` out of a flat JSON object.
 fn json_number(json: &str, name: &str) -> usize {
     let key = format!("\"{name}\":");
