@@ -470,6 +470,38 @@ async fn the_binary_serves_wss_with_tls_cert_and_key() {
     assert_eq!(get.header("x-forwarded-proto"), Some("https"));
 }
 
+#[tokio::test]
+async fn bad_tls_settings_stop_the_binary_at_start_naming_the_flag() {
+    let api = MockApi::start().await;
+    let cert = TestCert::new();
+    let cert_path = cert.cert_pem.to_string_lossy().into_owned();
+    let missing = cert
+        .cert_pem
+        .with_file_name("missing.pem")
+        .to_string_lossy()
+        .into_owned();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--tls-cert", &cert_path], "--tls-cert and --tls-key"),
+        (
+            &["--tls-cert", &cert_path, "--tls-key", &missing],
+            "--tls-key",
+        ),
+        // A certificate is not a key.
+        (
+            &["--tls-cert", &cert_path, "--tls-key", &cert_path],
+            "--tls-key",
+        ),
+        (&["--api-ca", &missing], "--api-ca"),
+    ];
+    for (args, flag) in cases {
+        let mut binary = Binary::start(&api.base(), args, &[]);
+        let status = binary.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(2), "{args:?}: {}", binary.stderr());
+        let log = binary.stderr();
+        assert!(log.contains(flag), "{args:?}: no `{flag}` in {log}");
+    }
+}
+
 /// A TLS front for the mock API: terminates TLS with `cert` and relays bytes to the API.
 async fn tls_front(api: &MockApi, cert: &TestCert) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -39,6 +39,7 @@ pub struct Binary {
     pub public: SocketAddr,
     pub control: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Binary {
@@ -71,7 +72,7 @@ impl Binary {
         let stderr = Arc::new(Mutex::new(String::new()));
         let pipe = child.stderr.take().unwrap();
         let sink = Arc::clone(&stderr);
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 let mut all = sink.lock().unwrap();
@@ -84,6 +85,7 @@ impl Binary {
             public,
             control,
             stderr,
+            reader: Some(reader),
         }
     }
 
@@ -172,6 +174,10 @@ impl Binary {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // All of stderr is in once the reader sees the pipe close.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
                 return status;
             }
             if tokio::time::Instant::now() >= deadline {
