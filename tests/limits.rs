@@ -210,18 +210,18 @@ async fn a_client_that_does_not_read_gets_pushes_refused_with_503_then_is_closed
 async fn a_client_that_reads_slowly_but_steadily_is_not_closed_as_slow_consumer() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
-    // Messages larger than the kernel's send buffer (at most 4 MiB here), so one message
-    // keeps the gateway's writes pending across many partial writes.
-    config.max_message_size = 8 << 20;
-    config.max_queued_bytes = 8 << 20;
-    config.write_timeout = Duration::from_secs(1);
+    // Messages much larger than the kernel's send buffer, so one message keeps the gateway's
+    // writes pending across many partial writes, for longer than the write timeout.
+    config.max_message_size = 16 << 20;
+    config.max_queued_bytes = 16 << 20;
+    config.write_timeout = Duration::from_millis(1500);
     let gateway = TestGateway::start(config).await;
     let mut raw =
         RawWs::connect_with_recv_buffer(gateway.public, "/trickle", Some(64 * 1024)).await;
     // Keep one message queued behind the one being written, for the whole test.
     let control = gateway.control;
     let pusher = tokio::spawn(async move {
-        let chunk = vec![b'x'; 8 << 20];
+        let chunk = vec![b'x'; 16 << 20];
         loop {
             let info = raw_http(control, "GET", "/trickle", &[], b"").await;
             if info.status == 404 {
@@ -233,20 +233,20 @@ async fn a_client_that_reads_slowly_but_steadily_is_not_closed_as_slow_consumer(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     });
-    // Read at most 64 KiB per 20 ms (about 3 MB/s) for 3 s: slower than the gateway could
-    // write, so its writes stay pending the whole time, but never stopping. (The kernel wakes
-    // a writer once a third of its send buffer has drained; this rate does that within the
-    // write timeout.)
+    // Read at most 64 KiB per 10 ms (about 6 MB/s) for 3.5 s: slower than the gateway could
+    // write, so one message takes longer than the write timeout to go out, but never
+    // stopping. (The kernel wakes a writer once a third of its send buffer has drained; this
+    // rate does that within the write timeout for send buffers up to about 27 MB.)
     let mut read = 0usize;
-    let until = Instant::now() + Duration::from_secs(3);
+    let until = Instant::now() + Duration::from_millis(3500);
     let mut buf = vec![0u8; 64 * 1024];
     while Instant::now() < until {
         let n = raw.stream.read(&mut buf).await.expect("still connected");
         assert!(n > 0, "the gateway closed a client that was reading");
         read += n;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(read > 2 << 20, "read only {read} bytes");
+    assert!(read > 4 << 20, "read only {read} bytes");
     assert!(
         api.seen_with("DELETE").is_empty(),
         "closed while making progress: {:?}",
