@@ -377,7 +377,8 @@ async fn start_session(
         Some(io) => io,
         None => {
             tracing::debug!(client_id = %handle.client_id, "upgrade never completed");
-            session::abandoned(handle, context, shared).await;
+            // Boxed: its DELETE request is a large future that idle sessions should not carry.
+            Box::pin(session::abandoned(handle, context, shared)).await;
             drop(permit);
             return;
         }
