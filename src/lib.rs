@@ -160,18 +160,16 @@ impl Gateway {
             Arc::clone(&metrics),
         )
         .map_err(|e| StartError::Config(e.to_string()))?;
-        let public = server::listen(config.listen)
-            .map_err(|error| StartError::Bind {
-                flag: "--listen",
-                addr: config.listen,
-                error,
-            })?;
-        let control = server::listen(config.control_listen)
-            .map_err(|error| StartError::Bind {
-                flag: "--control-listen",
-                addr: config.control_listen,
-                error,
-            })?;
+        let public = server::listen(config.listen).map_err(|error| StartError::Bind {
+            flag: "--listen",
+            addr: config.listen,
+            error,
+        })?;
+        let control = server::listen(config.control_listen).map_err(|error| StartError::Bind {
+            flag: "--control-listen",
+            addr: config.control_listen,
+            error,
+        })?;
         let shared = Arc::new(Shared {
             connection_permits: Arc::new(Semaphore::new(budget.max_connections)),
             shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency.max(1)),

@@ -11,14 +11,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, COOKIE};
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::Config;
+
+mod pool;
+use pool::Pool;
+
+/// How long an unused API connection is kept open.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 use crate::identity::{ClientId, ConnectionId};
 use crate::metrics::Metrics;
 
@@ -121,7 +124,7 @@ pub struct ConnectHeaders {
 
 /// The pooled API client shared by all connections.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pool: Arc<Pool>,
     base: String,
     permits: Semaphore,
     waiting: AtomicUsize,
@@ -157,19 +160,28 @@ impl Upstream {
         http.set_connect_timeout(Some(config.upstream_timeout));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(max_connections)
-            .http2_only(config.upstream_http2)
-            .build(connector);
+            .https_or_http();
+        // ALPN offers only the protocol the pool will speak.
+        let connector = if config.upstream_http2 {
+            connector.enable_http2().wrap_connector(http)
+        } else {
+            connector.enable_http1().wrap_connector(http)
+        };
+        let origin: Uri = config
+            .api
+            .as_str()
+            .parse()
+            .map_err(|e| UpstreamSetupError(format!("--api {}: {e}", config.api.as_str())))?;
+        let pool = Pool::new(
+            connector,
+            &origin,
+            config.upstream_http2,
+            max_connections,
+            POOL_IDLE_TIMEOUT,
+        )
+        .map_err(|e| UpstreamSetupError(format!("--api {}: {e}", config.api.as_str())))?;
         Ok(Upstream {
-            client,
+            pool,
             base: config.api.as_str().to_owned(),
             permits: Semaphore::new(max_connections),
             waiting: AtomicUsize::new(0),
@@ -305,26 +317,11 @@ impl Upstream {
     }
 
     async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<ApiAnswer, UpstreamError> {
-        let _permit = self.permit().await?;
-        let response = self.client.request(request).await.map_err(|e| {
-            if e.is_connect() {
-                UpstreamError::Unreachable(error_chain(&e))
-            } else {
-                UpstreamError::Broken(error_chain(&e))
-            }
-        })?;
-        let (parts, body) = response.into_parts();
-        let body = Limited::new(body, self.max_body)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    UpstreamError::ResponseTooLarge(self.max_body)
-                } else {
-                    UpstreamError::Broken(error_chain(&*e))
-                }
-            })?
-            .to_bytes();
+        // A DELETE is never refused as overload: it is the API's only news of a close, and
+        // there is at most one per connection, so its waiting is bounded already.
+        let bounded = request.method() != Method::DELETE;
+        let _permit = self.permit(bounded).await?;
+        let (parts, body) = self.pool.exchange(request, self.max_body).await?;
         Ok(ApiAnswer {
             status: parts.status,
             headers: parts.headers,
@@ -332,13 +329,18 @@ impl Upstream {
         })
     }
 
-    async fn permit(&self) -> Result<SemaphorePermit<'_>, UpstreamError> {
+    /// API connections open now (for tests and metrics).
+    pub fn open_connections(&self) -> usize {
+        self.pool.open()
+    }
+
+    async fn permit(&self, bounded: bool) -> Result<SemaphorePermit<'_>, UpstreamError> {
         if let Ok(permit) = self.permits.try_acquire() {
             return Ok(permit);
         }
         // Counted until this future ends, also when a timeout drops it while it waits.
         let _waiting = Waiting::enter(&self.waiting);
-        if self.waiting.load(Ordering::Relaxed) > self.max_waiting {
+        if bounded && self.waiting.load(Ordering::Relaxed) > self.max_waiting {
             return Err(UpstreamError::Overloaded);
         }
         self.permits
@@ -442,14 +444,14 @@ mod tests {
     async fn a_waiter_that_gives_up_is_no_longer_counted_as_waiting() {
         let config = Config::default();
         let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
-        let held = upstream.permit().await.unwrap();
+        let held = upstream.permit(true).await.unwrap();
         for _ in 0..3 {
-            let wait = tokio::time::timeout(Duration::from_millis(5), upstream.permit()).await;
+            let wait = tokio::time::timeout(Duration::from_millis(5), upstream.permit(true)).await;
             assert!(wait.is_err(), "the only slot is taken");
         }
         assert_eq!(upstream.waiting.load(Ordering::Relaxed), 0);
         drop(held);
-        assert!(upstream.permit().await.is_ok());
+        assert!(upstream.permit(true).await.is_ok());
     }
 
     #[tokio::test]
@@ -457,9 +459,9 @@ mod tests {
         use futures_util::FutureExt;
         let config = Config::default();
         let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
-        let held = upstream.permit().await.unwrap();
+        let held = upstream.permit(true).await.unwrap();
         let mut waiters: Vec<_> = (0..upstream.max_waiting)
-            .map(|_| Box::pin(upstream.permit()))
+            .map(|_| Box::pin(upstream.permit(true)))
             .collect();
         for waiter in &mut waiters {
             assert!(
@@ -467,11 +469,33 @@ mod tests {
                 "waits for the slot"
             );
         }
-        let refused = upstream.permit().await;
+        let refused = upstream.permit(true).await;
         assert!(matches!(refused, Err(UpstreamError::Overloaded)));
         drop(waiters);
         drop(held);
-        assert!(upstream.permit().await.is_ok());
+        assert!(upstream.permit(true).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn unbounded_waiters_are_not_refused_when_the_bound_is_reached() {
+        use futures_util::FutureExt;
+        let config = Config::default();
+        let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
+        let held = upstream.permit(true).await.unwrap();
+        let mut waiters: Vec<_> = (0..upstream.max_waiting)
+            .map(|_| Box::pin(upstream.permit(true)))
+            .collect();
+        for waiter in &mut waiters {
+            assert!(waiter.as_mut().now_or_never().is_none());
+        }
+        let mut delete = Box::pin(upstream.permit(false));
+        assert!(
+            delete.as_mut().now_or_never().is_none(),
+            "a DELETE waits instead of being refused"
+        );
+        drop(waiters);
+        drop(held);
+        assert!(delete.await.is_ok());
     }
 
     #[test]

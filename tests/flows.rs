@@ -598,3 +598,27 @@ async fn metrics_keep_ws2api_names_and_balance() {
     assert_eq!(metrics["upstream_latency_seconds_count"], 4.0);
     assert_accounting(&gateway, &api).await;
 }
+
+#[tokio::test]
+async fn an_api_that_closes_every_connection_loses_no_message() {
+    let api = MockApi::with_script(|s| {
+        let reply = match s.method.as_str() {
+            "POST" => Reply::ok(s.body.clone()),
+            _ => Reply::ok("ok"),
+        };
+        reply.header("connection", "close")
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut clients = Vec::new();
+    for c in 0..5 {
+        clients.push(gateway.connect(&format!("/c{c}")).await);
+    }
+    for round in 0..40 {
+        for (c, ws) in clients.iter_mut().enumerate() {
+            let text = format!("{c}:{round}");
+            assert_eq!(round_trip(ws, &text).await, text);
+        }
+    }
+    assert_eq!(gateway.metrics().await["requests_failed"], 0.0);
+}

@@ -1,0 +1,415 @@
+//! Keep-alive connections to the API, at most `max_open` of them: a request takes an idle
+//! connection, or opens one (a few at a time, so a connect storm does not open a connection per
+//! waiting request), or waits for one to come back. HTTP/2 (`--upstream-http2`) shares one
+//! multiplexed connection instead.
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, HOST};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::{error_chain, UpstreamError};
+
+/// Connections being opened at once; further requests wait for one of them or an idle one.
+const MAX_CONNECTING: usize = 32;
+
+type Body = Full<Bytes>;
+
+/// The pooled connections to one API origin.
+pub(super) struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    origin: Uri,
+    scheme: Scheme,
+    host: HeaderValue,
+    http2: bool,
+    max_open: usize,
+    idle_timeout: Duration,
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    idle: Vec<Idle>,
+    open: usize,
+    connecting: usize,
+    shared: Option<http2::SendRequest<Body>>,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: Instant,
+}
+
+enum Next {
+    Reuse(http1::SendRequest<Body>),
+    Connect,
+    Wait,
+}
+
+impl Pool {
+    /// A pool for `origin` (scheme and authority of the API).
+    pub(super) fn new(
+        connector: HttpsConnector<HttpConnector>,
+        origin: &Uri,
+        http2: bool,
+        max_open: usize,
+        idle_timeout: Duration,
+    ) -> Result<Arc<Pool>, String> {
+        let authority = origin
+            .authority()
+            .ok_or_else(|| format!("{origin} has no host"))?
+            .clone();
+        let scheme = origin.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority)
+            .path_and_query("/")
+            .build()
+            .map_err(|e| e.to_string())?;
+        let pool = Arc::new(Pool {
+            connector,
+            origin,
+            scheme,
+            host,
+            http2,
+            max_open: max_open.max(1),
+            idle_timeout,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(close_expired(Arc::downgrade(&pool)));
+        }
+        Ok(pool)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connections open now (idle, busy or being opened).
+    pub(super) fn open(&self) -> usize {
+        let state = self.state();
+        state.open + usize::from(state.shared.is_some())
+    }
+
+    /// Sends `request` and reads its whole answer, at most `max_body` bytes of body.
+    pub(super) async fn exchange(
+        &self,
+        mut request: Request<Body>,
+        max_body: usize,
+    ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+        if self.http2 {
+            return self.exchange_h2(request, max_body).await;
+        }
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(path);
+        request
+            .headers_mut()
+            .entry(HOST)
+            .or_insert_with(|| self.host.clone());
+        let mut retried = false;
+        loop {
+            let mut lease = self.checkout().await?;
+            let Some(sender) = lease.sender.as_mut() else {
+                return Err(UpstreamError::Broken("no connection".to_owned()));
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    let keep_alive = keeps_alive(&response);
+                    let answer = collect(response, max_body).await?;
+                    if keep_alive {
+                        lease.checkin();
+                    }
+                    return Ok(answer);
+                }
+                Err(mut error) => match error.take_message() {
+                    // A kept-alive connection the API had closed: the request was never
+                    // sent, so it is safe to send it once more on a fresh connection.
+                    Some(unsent) if lease.reused && !retried => {
+                        request = unsent;
+                        retried = true;
+                    }
+                    _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
+                },
+            }
+        }
+    }
+
+    async fn checkout(&self) -> Result<Lease<'_>, UpstreamError> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let next = {
+                let mut state = self.state();
+                let mut found = None;
+                while let Some(idle) = state.idle.pop() {
+                    if idle.sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
+                        state.open -= 1;
+                        continue;
+                    }
+                    found = Some(idle.sender);
+                    break;
+                }
+                match found {
+                    Some(sender) => Next::Reuse(sender),
+                    None if state.open < self.max_open && state.connecting < MAX_CONNECTING => {
+                        state.open += 1;
+                        state.connecting += 1;
+                        Next::Connect
+                    }
+                    None => Next::Wait,
+                }
+            };
+            match next {
+                Next::Reuse(sender) => {
+                    let mut lease = Lease {
+                        pool: self,
+                        sender: Some(sender),
+                        reused: true,
+                    };
+                    if let Some(sender) = lease.sender.as_mut() {
+                        if sender.ready().await.is_ok() {
+                            return Ok(lease);
+                        }
+                    }
+                    // Dropping the lease frees the dead connection's slot.
+                }
+                Next::Connect => {
+                    // Both guards give their counts back if this future is dropped mid-way.
+                    let mut lease = Lease {
+                        pool: self,
+                        sender: None,
+                        reused: false,
+                    };
+                    let opening = Opening { pool: self };
+                    let sender = self.connect_h1().await;
+                    drop(opening);
+                    lease.sender = Some(sender?);
+                    return Ok(lease);
+                }
+                Next::Wait => changed.await,
+            }
+        }
+    }
+
+    async fn connect_io(
+        &self,
+    ) -> Result<
+        hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
+        UpstreamError,
+    > {
+        let mut connector = self.connector.clone();
+        connector
+            .call(self.origin.clone())
+            .await
+            .map_err(|e| UpstreamError::Unreachable(error_chain(&*e)))
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, UpstreamError> {
+        let io = self.connect_io().await?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "API connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn exchange_h2(
+        &self,
+        mut request: Request<Body>,
+        max_body: usize,
+    ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+        let mut parts = request.uri().clone().into_parts();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = self.origin.authority().cloned();
+        *request.uri_mut() =
+            Uri::from_parts(parts).map_err(|e| UpstreamError::Broken(e.to_string()))?;
+        let mut sender = self.shared_h2().await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| UpstreamError::Broken(error_chain(&e)))?;
+        collect(response, max_body).await
+    }
+
+    async fn shared_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let connect = {
+                let mut state = self.state();
+                match &state.shared {
+                    Some(sender) if !sender.is_closed() => Some(sender.clone()),
+                    _ => {
+                        state.shared = None;
+                        None
+                    }
+                }
+                .map(Ok)
+                .unwrap_or_else(|| {
+                    if state.connecting == 0 {
+                        state.connecting = 1;
+                        Err(true)
+                    } else {
+                        Err(false)
+                    }
+                })
+            };
+            match connect {
+                Ok(mut sender) => {
+                    if sender.ready().await.is_ok() {
+                        return Ok(sender);
+                    }
+                    self.state().shared = None;
+                }
+                Err(true) => {
+                    let opening = Opening { pool: self };
+                    let opened = self.connect_h2().await;
+                    if let Ok(sender) = &opened {
+                        self.state().shared = Some(sender.clone());
+                    }
+                    drop(opening);
+                    return opened;
+                }
+                Err(false) => changed.await,
+            }
+        }
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
+        let io = self.connect_io().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "API connection (HTTP/2) ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// A connection being opened: gives the "opening" count back however the attempt ends.
+struct Opening<'a> {
+    pool: &'a Pool,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.pool.state().connecting -= 1;
+        self.pool.changed.notify_waiters();
+    }
+}
+
+/// A connection (or, while it is being opened, its slot) held by one request. Unless checked
+/// in, dropping it — request failed, timed out or cancelled — closes it and frees its slot.
+struct Lease<'a> {
+    pool: &'a Pool,
+    sender: Option<http1::SendRequest<Body>>,
+    reused: bool,
+}
+
+impl Lease<'_> {
+    /// Gives a connection whose answer was read in full back to the pool.
+    fn checkin(mut self) {
+        if let Some(sender) = self.sender.take() {
+            if !sender.is_closed() {
+                self.pool.state().idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+                self.pool.changed.notify_one();
+                std::mem::forget(self);
+            }
+        }
+        // A closed connection: the drop below frees its slot.
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        self.pool.state().open -= 1;
+        self.pool.changed.notify_one();
+    }
+}
+
+/// Whether the API will take another request on this connection: not after
+/// `Connection: close` (PHP's built-in server says so every time) or an HTTP/1.0 answer.
+/// Reusing such a connection would race the API's close and could lose a request.
+fn keeps_alive(response: &Response<Incoming>) -> bool {
+    let close = response.headers().get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+    });
+    !close && response.version() == http::Version::HTTP_11
+}
+
+async fn collect(
+    response: Response<Incoming>,
+    max_body: usize,
+) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, max_body)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                UpstreamError::ResponseTooLarge(max_body)
+            } else {
+                UpstreamError::Broken(error_chain(&*e))
+            }
+        })?
+        .to_bytes();
+    Ok((parts, body))
+}
+
+/// Closes connections idle for longer than the idle timeout, until the pool is gone.
+async fn close_expired(pool: Weak<Pool>) {
+    let period = match pool.upgrade() {
+        Some(pool) => (pool.idle_timeout / 2).max(Duration::from_millis(100)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut state = pool.state();
+        let timeout = pool.idle_timeout;
+        let before = state.idle.len();
+        state
+            .idle
+            .retain(|idle| !idle.sender.is_closed() && idle.since.elapsed() < timeout);
+        let closed = before - state.idle.len();
+        state.open -= closed;
+    }
+}
