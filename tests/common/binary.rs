@@ -35,8 +35,11 @@ pub fn strip_ansi(text: &str) -> String {
 
 /// A running `ws2http` process whose stderr is collected.
 pub struct Binary {
+    /// The process.
     pub child: Child,
+    /// Its public (websocket) listener.
     pub public: SocketAddr,
+    /// Its control listener, as reached from this host.
     pub control: SocketAddr,
     stderr: Arc<Mutex<String>>,
     reader: Option<std::thread::JoinHandle<()>>,

@@ -26,8 +26,11 @@ pub const PONG: u8 = 0xA;
 /// One frame as the server sent it.
 #[derive(Debug, Clone)]
 pub struct RawFrame {
+    /// The FIN bit: the last frame of its message.
     pub fin: bool,
+    /// The opcode ([`TEXT`], [`PING`], ...).
     pub opcode: u8,
+    /// The (unmasked) payload.
     pub payload: Vec<u8>,
 }
 
@@ -50,6 +53,7 @@ impl RawFrame {
 
 /// A raw websocket connection after a successful upgrade.
 pub struct RawWs {
+    /// The socket, for reading or writing raw bytes directly.
     pub stream: TcpStream,
     /// The upgrade response.
     pub response: RawResponse,
