@@ -105,7 +105,11 @@ async fn connect_is_accepted_with_a_valid_token_and_refused_without_one() {
     // Change a character in the middle: the last base64url character of a MAC carries only
     // a few bits, so changing it can decode to the same MAC.
     let mid = token.len() / 2;
-    let flipped = if token.as_bytes()[mid] == b'A' { 'B' } else { 'A' };
+    let flipped = if token.as_bytes()[mid] == b'A' {
+        'B'
+    } else {
+        'A'
+    };
     let forged = format!("{}{flipped}{}", &token[..mid], &token[mid + 1..]);
     let status = ws_connect(&format!("{base}alice-1?token={forged}"), &[])
         .await
