@@ -1,0 +1,164 @@
+//! The control listener as the API uses it: push, disconnect with a code and reason, look a
+//! client up, metrics and health.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+
+async fn setup() -> (MockApi, TestGateway) {
+    let api = MockApi::start().await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    (api, gateway)
+}
+
+#[tokio::test]
+async fn a_push_to_an_unknown_client_gets_404() {
+    let (_api, gateway) = setup().await;
+    let response = gateway.control("POST", "/nobody", b"hello").await;
+    assert_eq!(response.status, 404);
+    assert_eq!(gateway.metrics().await["pushes_refused"], 1.0);
+}
+
+#[tokio::test]
+async fn a_text_push_that_is_not_utf8_gets_400() {
+    let (_api, gateway) = setup().await;
+    let _ws = gateway.connect("/alice").await;
+    let response = gateway.control("POST", "/alice", &[0xff, 0xfe]).await;
+    assert_eq!(response.status, 400);
+}
+
+#[tokio::test]
+async fn delete_closes_the_socket_with_the_given_code_and_reason_and_tells_the_api() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    let response = gateway
+        .control("DELETE", "/alice?code=4001&reason=kicked%20out", b"")
+        .await;
+    assert_eq!(response.status, 200);
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (4001, "kicked out"));
+    let delete = &api.wait_for("DELETE", 1).await[0];
+    assert_eq!(delete.body, Bytes::from_static(b"kicked out"));
+    assert_eq!(delete.header("x-close-code"), Some("4001"));
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["connections_closed_by_reason{reason=\"control\"}"],
+        1.0
+    );
+    // Gone now: another push or close finds nobody.
+    assert_eq!(gateway.control("POST", "/alice", b"late").await.status, 404);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn delete_without_a_code_closes_with_1000() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    assert_eq!(gateway.control("DELETE", "/alice", b"").await.status, 200);
+    let (code, _) = close_frame(&mut ws).await;
+    assert_eq!(code, 1000);
+    let delete = &api.wait_for("DELETE", 1).await[0];
+    assert_eq!(delete.header("x-close-code"), Some("1000"));
+}
+
+#[tokio::test]
+async fn delete_of_an_unknown_client_gets_404_and_a_bad_code_400() {
+    let (_api, gateway) = setup().await;
+    let _ws = gateway.connect("/alice").await;
+    assert_eq!(gateway.control("DELETE", "/nobody", b"").await.status, 404);
+    for query in ["code=1005", "code=999", "code=5000", "code=abc"] {
+        let response = gateway
+            .control("DELETE", &format!("/alice?{query}"), b"")
+            .await;
+        assert_eq!(response.status, 400, "{query}");
+    }
+    let long = format!("/alice?reason={}", "x".repeat(124));
+    assert_eq!(gateway.control("DELETE", &long, b"").await.status, 400);
+    // None of the refused closes touched the socket.
+    assert_eq!(
+        gateway
+            .control("POST", "/alice", b"still here")
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn get_describes_the_connection_as_json() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    round_trip(&mut ws, "one").await;
+    round_trip(&mut ws, "two").await;
+    assert_eq!(gateway.control("POST", "/alice", b"push").await.status, 200);
+    assert_eq!(next_text(&mut ws).await, "push");
+    let response = gateway.control("GET", "/alice", b"").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    let json = response.text();
+    let connection_id = api.seen_with("GET")[0]
+        .header("x-connection-id")
+        .unwrap()
+        .to_owned();
+    assert!(json.contains("\"client_id\":\"alice\""), "{json}");
+    assert!(
+        json.contains(&format!("\"connection_id\":\"{connection_id}\"")),
+        "{json}"
+    );
+    assert!(json.contains("\"remote_addr\":\"127.0.0.1:"), "{json}");
+    assert!(json.contains("\"connected_at\":\"20"), "{json}");
+    assert!(json.contains("\"messages_in\":2"), "{json}");
+    assert!(json.contains("\"messages_out\":3"), "{json}");
+    assert!(json.contains("\"queued\":0"), "{json}");
+    assert_eq!(gateway.control("GET", "/nobody", b"").await.status, 404);
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_and_healthz_answers() {
+    let (_api, gateway) = setup().await;
+    let _ws = gateway.connect("/alice").await;
+    let response = gateway.control("GET", "/metrics", b"").await;
+    assert_eq!(response.status, 200);
+    assert!(response
+        .header("content-type")
+        .is_some_and(|ct| ct.starts_with("text/plain; version=0.0.4")));
+    let text = response.text();
+    for name in [
+        "connections_opened",
+        "connections_closed",
+        "connections_active",
+        "requests_started",
+        "requests_failed",
+        "requests_succeeded",
+        "messages_received",
+        "messages_sent",
+        "pushes_accepted",
+        "pushes_refused",
+        "upstream_latency_seconds",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+    }
+    assert_eq!(gateway.metrics().await["connections_active"], 1.0);
+    let health = gateway.control("GET", "/healthz", b"").await;
+    assert_eq!(health.status, 200);
+}
+
+#[tokio::test]
+async fn pushes_keep_their_order_on_the_socket() {
+    let (_api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    for i in 0..50 {
+        let response = gateway
+            .control("POST", "/alice", i.to_string().as_bytes())
+            .await;
+        assert_eq!(response.status, 200);
+    }
+    for i in 0..50 {
+        assert_eq!(next_text(&mut ws).await, i.to_string());
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(gateway.metrics().await["pushes_accepted"], 50.0);
+}
