@@ -106,15 +106,7 @@ async fn push(
     client_id: ClientId,
     shared: &Shared,
 ) -> Response<Full<Bytes>> {
-    let binary = request
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/octet-stream"))
-        });
+    let binary = crate::upstream::is_octet_stream(request.headers());
     let refused = || {
         shared
             .metrics

@@ -102,15 +102,21 @@ pub struct ApiAnswer {
 impl ApiAnswer {
     /// Whether the body is meant as binary: `Content-Type: application/octet-stream`.
     pub fn is_binary(&self) -> bool {
-        self.headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(';')
-                    .next()
-                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/octet-stream"))
-            })
+        is_octet_stream(&self.headers)
     }
+}
+
+/// Whether `headers` say `Content-Type: application/octet-stream` (parameters ignored): the
+/// mark of a binary message, from the API's answers and in pushes alike.
+pub fn is_octet_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/octet-stream"))
+        })
 }
 
 /// The client-side request facts forwarded on the connect GET.
@@ -317,10 +323,7 @@ impl Upstream {
     }
 
     async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<ApiAnswer, UpstreamError> {
-        // A DELETE is never refused as overload: it is the API's only news of a close, and
-        // there is at most one per connection, so its waiting is bounded already.
-        let bounded = request.method() != Method::DELETE;
-        let _permit = self.permit(bounded).await?;
+        let _permit = self.permit().await?;
         let (parts, body) = self.pool.exchange(request, self.max_body).await?;
         Ok(ApiAnswer {
             status: parts.status,
@@ -334,13 +337,13 @@ impl Upstream {
         self.pool.open()
     }
 
-    async fn permit(&self, bounded: bool) -> Result<SemaphorePermit<'_>, UpstreamError> {
+    async fn permit(&self) -> Result<SemaphorePermit<'_>, UpstreamError> {
         if let Ok(permit) = self.permits.try_acquire() {
             return Ok(permit);
         }
         // Counted until this future ends, also when a timeout drops it while it waits.
         let _waiting = Waiting::enter(&self.waiting);
-        if bounded && self.waiting.load(Ordering::Relaxed) > self.max_waiting {
+        if self.waiting.load(Ordering::Relaxed) > self.max_waiting {
             return Err(UpstreamError::Overloaded);
         }
         self.permits
@@ -444,14 +447,14 @@ mod tests {
     async fn a_waiter_that_gives_up_is_no_longer_counted_as_waiting() {
         let config = Config::default();
         let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
-        let held = upstream.permit(true).await.unwrap();
+        let held = upstream.permit().await.unwrap();
         for _ in 0..3 {
-            let wait = tokio::time::timeout(Duration::from_millis(5), upstream.permit(true)).await;
+            let wait = tokio::time::timeout(Duration::from_millis(5), upstream.permit()).await;
             assert!(wait.is_err(), "the only slot is taken");
         }
         assert_eq!(upstream.waiting.load(Ordering::Relaxed), 0);
         drop(held);
-        assert!(upstream.permit(true).await.is_ok());
+        assert!(upstream.permit().await.is_ok());
     }
 
     #[tokio::test]
@@ -459,9 +462,9 @@ mod tests {
         use futures_util::FutureExt;
         let config = Config::default();
         let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
-        let held = upstream.permit(true).await.unwrap();
+        let held = upstream.permit().await.unwrap();
         let mut waiters: Vec<_> = (0..upstream.max_waiting)
-            .map(|_| Box::pin(upstream.permit(true)))
+            .map(|_| Box::pin(upstream.permit()))
             .collect();
         for waiter in &mut waiters {
             assert!(
@@ -469,33 +472,11 @@ mod tests {
                 "waits for the slot"
             );
         }
-        let refused = upstream.permit(true).await;
+        let refused = upstream.permit().await;
         assert!(matches!(refused, Err(UpstreamError::Overloaded)));
         drop(waiters);
         drop(held);
-        assert!(upstream.permit(true).await.is_ok());
-    }
-
-    #[tokio::test]
-    async fn unbounded_waiters_are_not_refused_when_the_bound_is_reached() {
-        use futures_util::FutureExt;
-        let config = Config::default();
-        let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
-        let held = upstream.permit(true).await.unwrap();
-        let mut waiters: Vec<_> = (0..upstream.max_waiting)
-            .map(|_| Box::pin(upstream.permit(true)))
-            .collect();
-        for waiter in &mut waiters {
-            assert!(waiter.as_mut().now_or_never().is_none());
-        }
-        let mut delete = Box::pin(upstream.permit(false));
-        assert!(
-            delete.as_mut().now_or_never().is_none(),
-            "a DELETE waits instead of being refused"
-        );
-        drop(waiters);
-        drop(held);
-        assert!(delete.await.is_ok());
+        assert!(upstream.permit().await.is_ok());
     }
 
     #[test]
