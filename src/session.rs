@@ -708,17 +708,14 @@ async fn notify_api(shared: &Shared, context: &ConnectionContext, ending: Ending
             .await;
     }
     match result {
-        Ok(answer) if answer.status.is_success() => {
-            shared
-                .metrics
-                .disconnects_notified
-                .fetch_add(1, Ordering::Relaxed);
-        }
         Ok(answer) => {
             shared
                 .metrics
                 .disconnects_notified
                 .fetch_add(1, Ordering::Relaxed);
+            if answer.status.is_success() {
+                return;
+            }
             tracing::warn!(
                 client_id = %context.client_id,
                 connection_id = %context.connection_id,
