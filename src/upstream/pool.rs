@@ -24,6 +24,14 @@ use super::{error_chain, UpstreamError};
 
 /// Connections being opened at once; further requests wait for one of them or an idle one.
 const MAX_CONNECTING: usize = 32;
+/// Idle connections kept warm for the full idle timeout: the most recently used ones.
+const WARM_IDLE: usize = 32;
+/// How long idle connections beyond the warm ones are kept: a burst's surplus (say the
+/// thousand connections a connect storm opened) is closed soon after the burst, giving back
+/// its descriptors and buffers, while steady traffic keeps reusing the warm ones.
+const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often idle connections are checked for expiry.
+const REAP_PERIOD: Duration = Duration::from_millis(500);
 
 type Body = Full<Bytes>;
 
@@ -392,24 +400,85 @@ async fn collect(
     Ok((parts, body))
 }
 
-/// Closes connections idle for longer than the idle timeout, until the pool is gone.
+/// Closes idle connections that expired, until the pool is gone: the [`WARM_IDLE`] most
+/// recently used ones after the idle timeout, the others after [`SURPLUS_IDLE_TIMEOUT`].
 async fn close_expired(pool: Weak<Pool>) {
-    let period = match pool.upgrade() {
-        Some(pool) => (pool.idle_timeout / 2).max(Duration::from_millis(100)),
-        None => return,
-    };
     loop {
-        tokio::time::sleep(period).await;
+        tokio::time::sleep(REAP_PERIOD).await;
         let Some(pool) = pool.upgrade() else {
             return;
         };
         let mut state = pool.state();
-        let timeout = pool.idle_timeout;
-        let before = state.idle.len();
-        state
-            .idle
-            .retain(|idle| !idle.sender.is_closed() && idle.since.elapsed() < timeout);
-        let closed = before - state.idle.len();
+        let closed = reap_idle(
+            &mut state.idle,
+            |idle| (idle.since, idle.sender.is_closed()),
+            pool.idle_timeout,
+            Instant::now(),
+        );
         state.open -= closed;
+    }
+}
+
+/// Drops the expired or closed entries of `idle` (oldest first, most recent last) as of `now`,
+/// and says how many went; `state` tells when an entry went idle and whether it is closed.
+fn reap_idle<T>(
+    idle: &mut Vec<T>,
+    state: impl Fn(&T) -> (Instant, bool),
+    idle_timeout: Duration,
+    now: Instant,
+) -> usize {
+    let before = idle.len();
+    let mut position = 0;
+    idle.retain(|entry| {
+        let from_top = before - 1 - position;
+        position += 1;
+        let timeout = if from_top < WARM_IDLE {
+            idle_timeout
+        } else {
+            SURPLUS_IDLE_TIMEOUT.min(idle_timeout)
+        };
+        let (since, closed) = state(entry);
+        !closed && now.saturating_duration_since(since) < timeout
+    });
+    before - idle.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn surplus_idle_connections_close_sooner_than_the_warm_ones() {
+        // In the future, so that going back 2 s cannot underflow the clock.
+        let now = Instant::now() + Duration::from_secs(60);
+        let idle_timeout = Duration::from_secs(10);
+        // 100 connections, all idle for 2 s: only the most recent WARM_IDLE survive.
+        let mut idle: Vec<(usize, Instant)> = (0..100)
+            .map(|i| (i, now - Duration::from_secs(2)))
+            .collect();
+        let closed = reap_idle(&mut idle, |e| (e.1, false), idle_timeout, now);
+        assert_eq!(closed, 100 - WARM_IDLE);
+        assert_eq!(idle.first().map(|e| e.0), Some(100 - WARM_IDLE));
+        assert_eq!(idle.last().map(|e| e.0), Some(99));
+        // Within the surplus timeout nothing goes; past the idle timeout everything does.
+        let mut fresh: Vec<(usize, Instant)> = (0..100).map(|i| (i, now)).collect();
+        assert_eq!(
+            reap_idle(&mut fresh, |e| (e.1, false), idle_timeout, now),
+            0
+        );
+        let later = now + idle_timeout;
+        assert_eq!(
+            reap_idle(&mut fresh, |e| (e.1, false), idle_timeout, later),
+            100
+        );
+    }
+
+    #[test]
+    fn closed_idle_connections_are_dropped_at_once() {
+        let now = Instant::now();
+        let mut idle: Vec<(bool, Instant)> = vec![(true, now), (false, now), (true, now)];
+        let closed = reap_idle(&mut idle, |e| (e.1, e.0), Duration::from_secs(10), now);
+        assert_eq!(closed, 2);
+        assert_eq!(idle.len(), 1);
     }
 }
