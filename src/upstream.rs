@@ -479,6 +479,30 @@ mod tests {
         assert!(upstream.permit().await.is_ok());
     }
 
+    /// Every message in flight and every closing connection holds one of these futures, so
+    /// their size is memory per message and per departing client (it was 8 KiB before the
+    /// rare paths, HTTP/2 and opening a connection, were boxed).
+    #[tokio::test]
+    async fn request_futures_stay_small() {
+        let config = Config::default();
+        let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
+        let context = upstream
+            .context(
+                ConnectionId::next(),
+                ClientId::from_path("/a").unwrap(),
+                &HeaderMap::new(),
+            )
+            .unwrap();
+        let message = upstream.message(&context, Bytes::new(), false);
+        assert!(
+            std::mem::size_of_val(&message) <= 3072,
+            "{}",
+            std::mem::size_of_val(&message)
+        );
+        let disconnect = upstream.disconnect(&context, Bytes::new(), None);
+        assert!(std::mem::size_of_val(&disconnect) <= 3072);
+    }
+
     #[test]
     fn close_reasons_fit_a_close_frame() {
         let all = [

@@ -122,7 +122,9 @@ impl Pool {
         max_body: usize,
     ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
         if self.http2 {
-            return self.exchange_h2(request, max_body).await;
+            // Boxed, like opening a connection below: a rare path's state would otherwise be
+            // part of every HTTP/1 request's future (see the sizes test).
+            return Box::pin(self.exchange_h2(request, max_body)).await;
         }
         let path = request
             .uri()
@@ -210,7 +212,7 @@ impl Pool {
                         reused: false,
                     };
                     let opening = Opening { pool: self };
-                    let sender = self.connect_h1().await;
+                    let sender = Box::pin(self.connect_h1()).await;
                     drop(opening);
                     lease.sender = Some(sender?);
                     return Ok(lease);
