@@ -8,6 +8,8 @@ use crate::identity::{ClientId, ConnectionId};
 use crate::session::SessionHandle;
 
 const SHARDS: usize = 16;
+/// A shard's table is never shrunk below this many entries.
+const MIN_SHARD_CAPACITY: usize = 64;
 
 /// The connected clients of this gateway.
 pub struct Registry {
@@ -49,6 +51,12 @@ impl Registry {
         match shard.get(client_id) {
             Some(current) if current.connection_id == connection_id => {
                 shard.remove(client_id);
+                // Give back the table a crowd of departed clients left behind; the slack
+                // keeps steady churn from resizing it back and forth.
+                if shard.capacity() > MIN_SHARD_CAPACITY && shard.len() * 4 < shard.capacity() {
+                    let keep = (shard.len() * 2).max(MIN_SHARD_CAPACITY);
+                    shard.shrink_to(keep);
+                }
                 true
             }
             _ => false,
@@ -126,5 +134,35 @@ mod tests {
         }
         assert_eq!(registry.all().len(), 100);
         assert_eq!(registry.len(), 100);
+    }
+
+    fn capacity(registry: &Registry) -> usize {
+        registry
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().capacity())
+            .sum()
+    }
+
+    #[test]
+    fn tables_shrink_after_a_crowd_leaves() {
+        let registry = Registry::default();
+        let handles: Vec<_> = (0..20_000).map(|i| handle(&format!("c{i}"))).collect();
+        for h in &handles {
+            registry.insert(Arc::clone(h));
+        }
+        let crowded = capacity(&registry);
+        assert!(crowded >= 20_000);
+        for h in &handles[10..] {
+            assert!(registry.remove(&h.client_id, h.connection_id));
+        }
+        let after = capacity(&registry);
+        assert!(
+            after <= SHARDS * MIN_SHARD_CAPACITY * 2,
+            "capacity {after} after 10 of {crowded} remain"
+        );
+        for h in &handles[..10] {
+            assert!(registry.get(&h.client_id).is_some());
+        }
     }
 }
