@@ -257,6 +257,7 @@ fn main() -> ExitCode {
     let workers = args.worker_threads.unwrap_or(cpus);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
+        .on_thread_park(profile::on_worker_park)
         .enable_all()
         .build()
     {

@@ -37,6 +37,36 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[cfg(feature = "jemalloc")]
 pub const JEMALLOC_OPTIONS: &std::ffi::CStr = ws2http_jemalloc_conf::OPTIONS;
 
+/// Least time between two flushes of one thread's allocator cache by [`on_worker_park`].
+pub const THREAD_CACHE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// For the runtime's `on_thread_park` hook: when a worker thread runs out of work, hand the
+/// blocks its allocator cache holds back to the shared arenas, at most once per
+/// [`THREAD_CACHE_FLUSH_INTERVAL`]. A worker that goes idle after thousands of connections left
+/// would otherwise pin their pages for as long as it sleeps. Costs one clock read per park.
+pub fn on_worker_park() {
+    #[cfg(feature = "jemalloc")]
+    {
+        use std::cell::Cell;
+        use std::time::Instant;
+        thread_local! {
+            static LAST_FLUSH: Cell<Option<Instant>> = const { Cell::new(None) };
+        }
+        let now = Instant::now();
+        let due = LAST_FLUSH.with(|last| match last.get() {
+            Some(at) if now.duration_since(at) < THREAD_CACHE_FLUSH_INTERVAL => false,
+            _ => {
+                last.set(Some(now));
+                true
+            }
+        });
+        if due {
+            // Fails only when the thread has no cache (`_RJEM_MALLOC_CONF=tcache:false`).
+            let _ = ws2http_jemalloc_conf::flush_thread_cache();
+        }
+    }
+}
+
 /// Why a profile could not be started, taken or written.
 #[derive(Debug)]
 pub enum ProfileError {
