@@ -62,6 +62,12 @@ struct Scenario {
     ws2api: &'static str,
 }
 
+/// Handshakes in flight per `load` process: two processes stay under the gateway's default
+/// cap of 512 pending handshakes, above which it answers 503 by design.
+const CONNECT_CONCURRENCY: usize = 224;
+/// Seconds after the clients left at which S1's "RSS after leave" is sampled (full set).
+const AFTER_LEAVE_SECS: u64 = 15;
+
 fn a(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -349,6 +355,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         .args(&sc.load_args)
         .args(["--url", &format!("ws://127.0.0.1:{gport}/")])
         .args(["--gateway-pid", &gpid.to_string()])
+        .args(["--connect-concurrency", &CONNECT_CONCURRENCY.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut push_report = Value::Null;
@@ -389,8 +396,13 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
     };
     let load_report = last_json(&load_out);
 
-    // After the clients have left: give the allocator a moment, then sample.
+    // After the clients have left: sample soon after, and once more after the API pool's
+    // warm connections' idle timeout (10 s), when nothing the connections caused is left.
     std::thread::sleep(Duration::from_secs(if args.quick { 2 } else { 5 }));
+    let soon_after_leave = procstat::sample(gpid);
+    if !args.quick {
+        std::thread::sleep(Duration::from_secs(AFTER_LEAVE_SECS - 5));
+    }
     let after_leave = procstat::sample(gpid);
     let (gw_exit, _) = stop(gw, Duration::from_secs(20));
     let (_, mock_out) = stop(mock, Duration::from_secs(5));
@@ -406,6 +418,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         "ws2api": sc.ws2api,
         "load_args": sc.load_args,
         "gateway_baseline": baseline.map(procstat::Sample::to_json),
+        "gateway_5s_after_leave": soon_after_leave.map(procstat::Sample::to_json),
         "gateway_after_leave": after_leave.map(procstat::Sample::to_json),
         "gateway_exit_code": gw_exit,
         "loadavg_before": loadavg_before,
