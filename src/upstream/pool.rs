@@ -453,7 +453,7 @@ mod tests {
 
     #[test]
     fn surplus_idle_connections_close_sooner_than_the_warm_ones() {
-        // In the future, so that going back 2 s cannot underflow the clock.
+        // In the future, so that going back a few seconds cannot underflow the clock.
         let now = Instant::now() + Duration::from_secs(60);
         let idle_timeout = Duration::from_secs(10);
         // 100 connections, all idle a little longer than the surplus timeout: only the most
