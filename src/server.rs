@@ -1,6 +1,6 @@
 //! Listeners and connection plumbing: binds both ports, terminates TLS, caps sockets that have
-//! not finished their handshake, serves HTTP/1.1 on each, and turns upgraded connections back
-//! into plain sockets for the sessions.
+//! not finished their handshake, serves HTTP/1.1 on the public port and HTTP/1.1 or h2c on the
+//! control port, and turns upgraded connections back into plain sockets for the sessions.
 
 use std::future::Future;
 use std::io;
@@ -13,7 +13,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -352,11 +353,8 @@ pub(crate) async fn accept_control(
             let service_shared = Arc::clone(&shared);
             let service =
                 service_fn(move |request| control::handle(request, Arc::clone(&service_shared)));
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(shared.config.handshake_timeout)
-                .max_buf_size(MAX_REQUEST_HEAD)
-                .serve_connection(TokioIo::new(stream), service);
+            let builder = control_http(shared.config.handshake_timeout);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
@@ -370,6 +368,38 @@ pub(crate) async fn accept_control(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// HTTP/2 streams one control connection may carry at once.
+const MAX_CONTROL_STREAMS: u32 = 256;
+/// Ping an idle HTTP/2 control connection this often; close it if the answer takes longer than
+/// [`CONTROL_PING_TIMEOUT`].
+const CONTROL_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// See [`CONTROL_PING_INTERVAL`].
+const CONTROL_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unread request body bytes one HTTP/2 control connection may hold (its flow-control window),
+/// so that a connection's many streams together stay as bounded as one HTTP/1.1 request.
+const CONTROL_CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// The control listener's HTTP: HTTP/1.1, or HTTP/2 with prior knowledge (h2c) on the same port,
+/// told apart by the first bytes. HTTP/2 lets an API push many messages at once over one
+/// connection, and their answers leave in shared writes.
+fn control_http(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONTROL_STREAMS)
+        .max_header_list_size(MAX_REQUEST_HEAD as u32)
+        .initial_connection_window_size(CONTROL_CONNECTION_WINDOW)
+        .keep_alive_interval(CONTROL_PING_INTERVAL)
+        .keep_alive_timeout(CONTROL_PING_TIMEOUT);
+    builder
 }
 
 /// Runs `future`, giving up after `limit`; says whether it finished.

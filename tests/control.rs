@@ -162,3 +162,77 @@ async fn pushes_keep_their_order_on_the_socket() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(gateway.metrics().await["pushes_accepted"], 50.0);
 }
+
+/// Opens an HTTP/2 (prior knowledge, h2c) connection to the control listener.
+async fn control_http2(
+    gateway: &TestGateway,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(gateway.control)
+        .await
+        .unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("the control listener speaks h2c");
+    tokio::spawn(connection);
+    sender
+}
+
+async fn post_http2(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    control: std::net::SocketAddr,
+    path: &str,
+    body: String,
+) -> u16 {
+    let request = hyper::Request::post(format!("http://{control}{path}"))
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .unwrap();
+    sender.ready().await.unwrap();
+    sender
+        .send_request(request)
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn pushes_over_one_http2_connection_reach_each_socket_in_order() {
+    let (_api, gateway) = setup().await;
+    let clients = ["/alice", "/bob", "/carol"];
+    let mut sockets = Vec::new();
+    for path in clients {
+        sockets.push(gateway.connect(path).await);
+    }
+    let sender = control_http2(&gateway).await;
+    // Three pushers share the one connection, so their streams interleave on it.
+    let mut pushers = Vec::new();
+    for path in clients {
+        let mut sender = sender.clone();
+        let control = gateway.control;
+        pushers.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..20 {
+                let body = format!("{path}:{i}");
+                statuses.push(post_http2(&mut sender, control, path, body).await);
+            }
+            statuses
+        }));
+    }
+    for pusher in pushers {
+        assert_eq!(pusher.await.unwrap(), vec![200; 20]);
+    }
+    for (path, ws) in clients.iter().zip(sockets.iter_mut()) {
+        for i in 0..20 {
+            assert_eq!(next_text(ws).await, format!("{path}:{i}"));
+        }
+    }
+    let mut sender = sender;
+    assert_eq!(
+        post_http2(&mut sender, gateway.control, "/nobody", "x".into()).await,
+        404
+    );
+    assert_eq!(gateway.metrics().await["pushes_accepted"], 60.0);
+}
