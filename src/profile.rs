@@ -24,10 +24,19 @@ pub const CPU_SAMPLE_HZ: i32 = 99;
 /// Besides heap profiling, this is also the allocator choice for the gateway as a whole: it held
 /// idle sockets in less memory than glibc's malloc in our measurements (see
 /// `vendor/tokio-websockets/PATCH.md`). Build with `--no-default-features` for the system
-/// allocator.
+/// allocator, or `--no-default-features --features mimalloc` for mimalloc (both measured in the
+/// README's Performance section).
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// mimalloc as the global allocator, for comparing allocators (cargo feature `mimalloc`).
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(all(feature = "mimalloc", feature = "jemalloc"))]
+compile_error!("features `jemalloc` and `mimalloc` each pick the global allocator: build mimalloc with --no-default-features --features mimalloc");
 
 /// jemalloc's compiled-in options: heap profiling possible but off until [`start`] is given a
 /// `--memprofile` file, and freed pages handed back to the OS after about a second. They are
