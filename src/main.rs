@@ -141,6 +141,11 @@ struct Args {
     #[argh(option)]
     worker_threads: Option<usize>,
 
+    /// run everything on the main thread (tokio's current_thread runtime) instead of a pool of
+    /// worker threads
+    #[argh(switch)]
+    current_thread: bool,
+
     /// write a CPU profile (pprof protobuf; flame graph SVG if FILE ends in .svg) at shutdown
     #[argh(option)]
     cpuprofile: Option<PathBuf>,
@@ -186,6 +191,9 @@ fn config_from(args: &Args) -> Result<Config, String> {
         .collect();
     if args.worker_threads == Some(0) {
         return Err("--worker-threads must be at least 1".to_owned());
+    }
+    if args.current_thread && args.worker_threads.is_some() {
+        return Err("--current-thread and --worker-threads exclude each other".to_owned());
     }
     Ok(Config {
         listen: args.listen,
@@ -254,9 +262,15 @@ fn main() -> ExitCode {
         .init();
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = args.worker_threads.unwrap_or(cpus);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    let (workers, mut builder) = if args.current_thread {
+        (1, tokio::runtime::Builder::new_current_thread())
+    } else {
+        let workers = args.worker_threads.unwrap_or(cpus);
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        (workers, builder)
+    };
+    let runtime = match builder
         .on_thread_park(profile::on_worker_park)
         .enable_all()
         .build()
