@@ -1,0 +1,51 @@
+//! The binary's runtime flags: `--current-thread` serves websockets and pushes on one thread,
+//! and refuses to be combined with `--worker-threads`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::binary::Binary;
+use common::*;
+use futures_util::SinkExt;
+use tokio_websockets::{ClientBuilder, Message};
+
+#[tokio::test]
+async fn the_binary_on_the_current_thread_runtime_round_trips_and_pushes() {
+    let api = MockApi::start().await;
+    let binary = Binary::start_ready(&api.base(), &["--current-thread"], &[]).await;
+    assert!(
+        binary.stderr().contains("worker_threads=1"),
+        "{}",
+        binary.stderr()
+    );
+    let url = format!("ws://{}/single", binary.public);
+    let (mut ws, _) = ClientBuilder::new()
+        .uri(&url)
+        .unwrap()
+        .connect()
+        .await
+        .expect("websocket connects");
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, "echo:hello");
+    let pushed = raw_http(binary.control, "POST", "/single", &[], b"pushed").await;
+    assert_eq!(pushed.status, 200);
+    assert_eq!(next_text(&mut ws).await, "pushed");
+}
+
+#[tokio::test]
+async fn current_thread_with_worker_threads_exits_2_naming_both_flags() {
+    let api = MockApi::start().await;
+    let mut binary = Binary::start(
+        &api.base(),
+        &["--current-thread", "--worker-threads", "2"],
+        &[],
+    );
+    let status = binary.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(2), "{}", binary.stderr());
+    let log = binary.stderr();
+    assert!(
+        log.contains("--current-thread") && log.contains("--worker-threads"),
+        "{log}"
+    );
+}
