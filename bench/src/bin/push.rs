@@ -13,12 +13,72 @@ use std::time::{Duration, Instant};
 use argh::FromArgs;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::{http1, http2};
 use hyper::Request;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
 use ws2http_bench::{proto, stats};
+
+/// A request sender on one connection: HTTP/1.1 (one request at a time) or HTTP/2 (shared).
+enum Sender {
+    Http1(http1::SendRequest<Full<Bytes>>),
+    Http2(http2::SendRequest<Full<Bytes>>),
+}
+
+async fn tcp_connect(dst: std::net::SocketAddr) -> Result<TokioIo<TcpStream>, &'static str> {
+    let tcp = TcpStream::connect(dst).await.map_err(|_| "connect_error")?;
+    let _ = tcp.set_nodelay(true);
+    Ok(TokioIo::new(tcp))
+}
+
+async fn connect_http2(
+    dst: std::net::SocketAddr,
+) -> Result<http2::SendRequest<Full<Bytes>>, &'static str> {
+    let (s, conn) = http2::handshake(TokioExecutor::new(), tcp_connect(dst).await?)
+        .await
+        .map_err(|_| "http_error")?;
+    tokio::spawn(conn);
+    Ok(s)
+}
+
+impl Sender {
+    async fn connect(dst: std::net::SocketAddr, http2: bool) -> Result<Sender, &'static str> {
+        if http2 {
+            return Ok(Sender::Http2(connect_http2(dst).await?));
+        }
+        let (s, conn) = http1::handshake(tcp_connect(dst).await?)
+            .await
+            .map_err(|_| "http_error")?;
+        tokio::spawn(conn);
+        Ok(Sender::Http1(s))
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+
+    async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<u16, &'static str> {
+        let response = match self {
+            Sender::Http1(s) => {
+                s.ready().await.map_err(|_| "http_error")?;
+                s.send_request(request).await
+            }
+            Sender::Http2(s) => {
+                s.ready().await.map_err(|_| "http_error")?;
+                s.send_request(request).await
+            }
+        }
+        .map_err(|_| "http_error")?;
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        Ok(status)
+    }
+}
 
 #[derive(FromArgs)]
 /// Push messages through ws2http's control API to many client ids and time it.
@@ -41,6 +101,13 @@ struct Args {
     /// requests in flight at once (default 64)
     #[argh(option, default = "64")]
     concurrency: usize,
+    /// speak HTTP/2 with prior knowledge (h2c): the requests in flight share --connections
+    /// connections instead of one HTTP/1.1 connection each
+    #[argh(switch)]
+    http2: bool,
+    /// HTTP/2 connections the requests in flight share, with --http2 (default 2)
+    #[argh(option, default = "2")]
+    connections: usize,
     /// bearer token for the control API, if it requires one
     #[argh(option)]
     token: Option<String>,
@@ -80,15 +147,25 @@ async fn main() {
     let hist = Arc::new(Mutex::new(stats::new_hist()));
     let statuses: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let t0 = Instant::now();
+    // With --http2, task k starts on shared connection k % --connections, opened on first use.
+    let shared_h2: Arc<Vec<OnceCell<http2::SendRequest<Full<Bytes>>>>> = Arc::new(
+        (0..args.connections.max(1))
+            .map(|_| OnceCell::new())
+            .collect(),
+    );
+    let http2 = args.http2;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..args.concurrency.max(1) {
+    for k in 0..args.concurrency.max(1) {
+        let shared_h2 = shared_h2.clone();
         let (next, hist, statuses) = (next.clone(), hist.clone(), statuses.clone());
         let (authority, path_base) = (authority.clone(), path_base.clone());
         let (prefix, token) = (args.id_prefix.clone(), args.token.clone());
         let (first, count, timeout) = (args.first, args.count.max(1), args.timeout_ms);
         tasks.spawn(async move {
-            // One keep-alive connection per task, reopened after an error.
-            let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+            // HTTP/1.1: one keep-alive connection per task. HTTP/2: a shared connection. Either
+            // way the task opens a connection of its own after an error.
+            let mut sender: Option<Sender> = None;
+            let mut use_shared = http2;
             loop {
                 let i = next.fetch_add(1, Relaxed);
                 if i >= total {
@@ -98,28 +175,29 @@ async fn main() {
                 let started = Instant::now();
                 let outcome = tokio::time::timeout(Duration::from_millis(timeout), async {
                     if sender.as_ref().is_none_or(|s| s.is_closed()) {
-                        let tcp = TcpStream::connect(dst).await.map_err(|_| "connect_error")?;
-                        let _ = tcp.set_nodelay(true);
-                        let (s, conn) = http1::handshake(TokioIo::new(tcp))
-                            .await
-                            .map_err(|_| "http_error")?;
-                        tokio::spawn(conn);
-                        sender = Some(s);
+                        sender = Some(if use_shared {
+                            let slot = &shared_h2[k % shared_h2.len()];
+                            let shared = slot.get_or_try_init(|| connect_http2(dst)).await?;
+                            Sender::Http2(shared.clone())
+                        } else {
+                            Sender::connect(dst, http2).await?
+                        });
                     }
                     let s = sender.as_mut().expect("connected");
-                    s.ready().await.map_err(|_| "http_error")?;
-                    let mut req = Request::post(format!("{path_base}{prefix}{id}"))
-                        .header("host", authority.as_str());
+                    // HTTP/2 carries the authority in the URI (`:authority`), HTTP/1.1 in `Host`.
+                    let mut req = if http2 {
+                        Request::post(format!("http://{authority}{path_base}{prefix}{id}"))
+                    } else {
+                        Request::post(format!("{path_base}{prefix}{id}"))
+                            .header("host", authority.as_str())
+                    };
                     if let Some(t) = &token {
                         req = req.header("authorization", format!("Bearer {t}"));
                     }
                     let req = req
                         .body(Full::new(Bytes::from(proto::push_payload())))
                         .expect("valid request");
-                    let resp = s.send_request(req).await.map_err(|_| "http_error")?;
-                    let status = resp.status().as_u16();
-                    let _ = resp.into_body().collect().await;
-                    Ok::<u16, &'static str>(status)
+                    s.send(req).await
                 })
                 .await;
                 let key = match outcome {
@@ -129,10 +207,12 @@ async fn main() {
                     }
                     Ok(Err(kind)) => {
                         sender = None;
+                        use_shared = false;
                         kind.to_string()
                     }
                     Err(_) => {
                         sender = None;
+                        use_shared = false;
                         "timeout".to_string()
                     }
                 };
@@ -148,6 +228,8 @@ async fn main() {
         "tool": "push",
         "count": total,
         "concurrency": args.concurrency,
+        "protocol": if http2 { "h2c" } else { "http/1.1" },
+        "connections": if http2 { args.connections.max(1) } else { args.concurrency.max(1) },
         "ok": ok,
         "statuses": statuses,
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,

@@ -56,6 +56,8 @@ struct Scenario {
     load_args: Vec<String>,
     /// S5: number of client ids to push to.
     push_count: Option<u64>,
+    /// S5: how `push` talks to the control API (beyond --control and --count).
+    push_args: &'static [&'static str],
     /// What the issue asks of the gateway here.
     target: &'static str,
     /// ws2api's figure on a machine like ours (from shared/ANCHORS.md).
@@ -91,6 +93,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             ]
             .concat(),
             push_count: None,
+            push_args: &[],
             target: "≤ 4 KiB RSS/conn; RSS back within 10% of baseline after they leave",
             ws2api: "25.1–26.3 KiB/conn",
         },
@@ -111,6 +114,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             ]
             .concat(),
             push_count: None,
+            push_args: &[],
             target: "≤ 40 µs gateway CPU/conn",
             ws2api: "7.6k–8.1k conn/s; 172–180 µs CPU/conn; handshake p99 78–86 ms",
         },
@@ -131,6 +135,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             ]
             .concat(),
             push_count: None,
+            push_args: &[],
             target: "≤ 12 µs CPU/msg; ≥ 2.5× ws2api replies/s (≥ 47k/s)",
             ws2api: "18.9k–20.4k replies/s; p99 12.5–17.7 ms; 71–74 µs CPU/msg",
         },
@@ -151,6 +156,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             ]
             .concat(),
             push_count: None,
+            push_args: &[],
             target: "≤ 12 µs CPU/msg; ≥ 2.5× ws2api replies/s (≥ 42k/s)",
             ws2api: "16.8k–19.9k replies/s; p99 120–141 ms; 74–88 µs CPU/msg",
         },
@@ -171,6 +177,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             ]
             .concat(),
             push_count: None,
+            push_args: &[],
             target: "0 errors, p99 ≤ 10 ms",
             ws2api: "fails at 15k (fds run out); at 10k: p99 223–295 ms",
         },
@@ -191,6 +198,30 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             ]
             .concat(),
             push_count: Some(s5),
+            push_args: &["--concurrency", "64"],
+            target: "≥ 50k pushes/s, p99 delivery ≤ 20 ms",
+            ws2api: "—",
+        },
+        Scenario {
+            id: "S5b",
+            title: format!(
+                "push over h2c (2 connections): one POST per connection to {s5} connections"
+            ),
+            load_args: [
+                a(&[
+                    "--mode",
+                    "idle",
+                    "--processes",
+                    "2",
+                    "--duration",
+                    "120",
+                    "--conns",
+                ]),
+                vec![n(s5)],
+            ]
+            .concat(),
+            push_count: Some(s5),
+            push_args: &["--http2", "--connections", "2", "--concurrency", "128"],
             target: "≥ 50k pushes/s, p99 delivery ≤ 20 ms",
             ws2api: "—",
         },
@@ -374,7 +405,8 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
                 eprintln!("--- push to {count} client ids");
                 let out = Command::new(&bins.push)
                     .args(["--control", &format!("http://127.0.0.1:{cport}/")])
-                    .args(["--count", &count.to_string(), "--concurrency", "64"])
+                    .args(["--count", &count.to_string()])
+                    .args(sc.push_args)
                     .stdout(Stdio::piped())
                     .stderr(Stdio::inherit())
                     .output();
@@ -503,7 +535,7 @@ fn measured(r: &Value) -> String {
             f(&g["cpu_pct_message_phase"]),
             errs
         ),
-        "S5" => format!(
+        "S5" | "S5b" => format!(
             "**{} pushes/s** ({} of {} delivered); delivery {}; {} KiB/conn; {}",
             f(&r["push"]["pushes_per_s"]),
             f(&l["pushes"]),
@@ -609,7 +641,7 @@ fn checks(r: &Value, quick: bool) -> Option<Vec<Check>> {
             c("errors", num(&l["errors_total"])?, 0.0, true),
             c("p99 ms", num(&l["latency"]["p99_ms"])?, 10.0, true),
         ],
-        "S5" => vec![
+        "S5" | "S5b" => vec![
             c(
                 "pushes/s",
                 num(&r["push"]["pushes_per_s"])?,
@@ -755,7 +787,7 @@ fn key_latency(r: &Value) -> (&'static str, &Value) {
     let l = &r["load"];
     match r["id"].as_str().unwrap_or("") {
         "S1" | "S2" => ("handshake", &l["connect_latency"]),
-        "S5" => ("push delivery", &l["push_latency"]),
+        "S5" | "S5b" => ("push delivery", &l["push_latency"]),
         _ => ("reply", &l["latency"]),
     }
 }
