@@ -9,6 +9,10 @@ use serde_json::{json, Value};
 pub struct Sample {
     /// Resident set size in KiB (`VmRSS` of `/proc/PID/status`).
     pub rss_kib: u64,
+    /// The anonymous part of it (heap, stacks; `RssAnon`), KiB; 0 when the kernel omits it.
+    pub rss_anon_kib: u64,
+    /// The file-backed part of it (the binary's and libraries' pages; `RssFile`), KiB.
+    pub rss_file_kib: u64,
     /// User plus system CPU time in microseconds (`utime + stime` of `/proc/PID/stat`).
     pub cpu_us: u64,
     /// Open file descriptors (entries of `/proc/PID/fd`), 0 when unreadable.
@@ -18,7 +22,13 @@ pub struct Sample {
 impl Sample {
     /// The sample as a JSON object.
     pub fn to_json(self) -> Value {
-        json!({"rss_kib": self.rss_kib, "cpu_us": self.cpu_us, "fds": self.fds})
+        json!({
+            "rss_kib": self.rss_kib,
+            "rss_anon_kib": self.rss_anon_kib,
+            "rss_file_kib": self.rss_file_kib,
+            "cpu_us": self.cpu_us,
+            "fds": self.fds,
+        })
     }
 }
 
@@ -35,9 +45,14 @@ fn ticks_per_sec() -> u64 {
 
 /// Parses `VmRSS` (KiB) out of the text of `/proc/PID/status`.
 pub fn parse_vmrss_kib(status: &str) -> Option<u64> {
+    parse_status_kib(status, "VmRSS")
+}
+
+/// Parses the KiB figure of `field` (e.g. `RssAnon`) out of the text of `/proc/PID/status`.
+pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
 }
@@ -62,6 +77,8 @@ pub fn sample(pid: u32) -> Option<Sample> {
         .unwrap_or(0);
     Some(Sample {
         rss_kib: parse_vmrss_kib(&status)?,
+        rss_anon_kib: parse_status_kib(&status, "RssAnon").unwrap_or(0),
+        rss_file_kib: parse_status_kib(&status, "RssFile").unwrap_or(0),
         cpu_us: parse_cpu_ticks(&stat)? * 1_000_000 / ticks_per_sec(),
         fds,
     })
@@ -122,8 +139,11 @@ mod tests {
 
     #[test]
     fn parses_status_and_stat_lines() {
-        let status = "Name:\tws2http\nVmPeak:\t  9000 kB\nVmRSS:\t    6123 kB\nThreads:\t3\n";
+        let status = "Name:\tws2http\nVmPeak:\t  9000 kB\nVmRSS:\t    6123 kB\nRssAnon:\t    1100 kB\nRssAnonX:\t    1 kB\nRssFile:\t    5023 kB\nThreads:\t3\n";
         assert_eq!(parse_vmrss_kib(status), Some(6123));
+        assert_eq!(parse_status_kib(status, "RssAnon"), Some(1100));
+        assert_eq!(parse_status_kib(status, "RssFile"), Some(5023));
+        assert_eq!(parse_status_kib(status, "RssShmem"), None);
         let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
         assert_eq!(parse_cpu_ticks(stat), Some(325));
         assert_eq!(parse_cpu_ticks("garbage"), None);

@@ -506,7 +506,7 @@ fn measured(r: &Value) -> String {
             let base = r["gateway_baseline"]["rss_kib"].as_f64().unwrap_or(0.0);
             let after = r["gateway_after_leave"]["rss_kib"].as_f64().unwrap_or(0.0);
             format!(
-                "{} conns; **{} KiB/conn** after the hold ({} right after connecting); RSS {} → {} → {} MiB (baseline → held → after leave, {:+.0}%); {}",
+                "{} conns; **{} KiB/conn** after the hold ({} right after connecting); RSS {} → {} → {} MiB (baseline → held → after leave, {:+.0}%; of the growth, anonymous {:+.1} MiB, file-backed {:+.1} MiB); {}",
                 f(&l["established"]),
                 f(&g["kib_per_conn_end"]),
                 f(&g["kib_per_conn"]),
@@ -514,6 +514,8 @@ fn measured(r: &Value) -> String {
                 mib(&g["end"]["rss_kib"]),
                 mib(&r["gateway_after_leave"]["rss_kib"]),
                 if base > 0.0 { (after - base) / base * 100.0 } else { 0.0 },
+                growth_mib(r, "rss_anon_kib"),
+                growth_mib(r, "rss_file_kib"),
                 errs
             )
         }
@@ -546,6 +548,13 @@ fn measured(r: &Value) -> String {
         ),
         _ => String::new(),
     }
+}
+
+/// S1: how much `field` (`rss_anon_kib`, `rss_file_kib`) grew from the baseline to after the
+/// clients left, in MiB.
+fn growth_mib(r: &Value, field: &str) -> f64 {
+    let at = |sample: &str| r[sample][field].as_f64().unwrap_or(0.0);
+    (at("gateway_after_leave") - at("gateway_baseline")) / 1024.0
 }
 
 fn mib(v: &Value) -> String {
