@@ -350,6 +350,14 @@ pub(crate) async fn accept_control(
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
         connections.spawn(async move {
+            // Telling HTTP/1.1 from h2c waits for the first bytes without a deadline of its
+            // own: a connection that sends nothing within --handshake-timeout loses its slot.
+            let mut first = [0u8; 1];
+            let deadline = shared.config.handshake_timeout;
+            match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
             let service_shared = Arc::clone(&shared);
             let service =
                 service_fn(move |request| control::handle(request, Arc::clone(&service_shared)));

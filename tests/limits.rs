@@ -602,6 +602,23 @@ async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
 }
 
 #[tokio::test]
+async fn a_control_connection_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+    let took = time_until_dropped(&mut stream, started).await;
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "dropped after {took:?}"
+    );
+    // The listener still serves: HTTP/1.1 and h2c alike tell themselves apart by their first bytes.
+    assert_eq!(gateway.control("GET", "/healthz", b"").await.status, 200);
+}
+
+#[tokio::test]
 async fn a_client_that_trickles_its_headers_is_dropped_after_the_handshake_timeout() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
