@@ -28,6 +28,9 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// Concurrent API requests (and so pooled API connections); `None` derives it.
     pub upstream_max_connections: Option<usize>,
+    /// Requests that may wait for a free API connection before more are refused (`1013` on a
+    /// message, `503` on a handshake); `None`: 4 × the API connections, at least 4096.
+    pub upstream_max_waiting: Option<usize>,
     /// Speak HTTP/2 without TLS (h2c, prior knowledge) to the API.
     pub upstream_http2: bool,
     /// Extra CA certificate (PEM) trusted for an `https://` API, on top of the system roots.
@@ -118,6 +121,7 @@ impl Default for Config {
             max_pending_handshakes: 512,
             upstream_timeout: Duration::from_secs(30),
             upstream_max_connections: None,
+            upstream_max_waiting: None,
             upstream_http2: false,
             api_ca: None,
             max_queued_messages: 64,
@@ -139,7 +143,8 @@ impl Default for Config {
 /// Descriptors kept free for listeners, logs, profiles and the like.
 pub const RESERVED_DESCRIPTORS: usize = 64;
 
-/// How the open-file limit is split between websockets and API connections.
+/// How the open-file limit is split between websockets and API connections, and the bound on
+/// requests waiting for an API connection that follows from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DescriptorBudget {
     /// The process's open-file limit (soft).
@@ -150,6 +155,8 @@ pub struct DescriptorBudget {
     pub upstream_max_connections: usize,
     /// Sockets in the middle of a handshake.
     pub pending_handshakes: usize,
+    /// Requests that may wait for a free API connection.
+    pub upstream_max_waiting: usize,
 }
 
 impl DescriptorBudget {
@@ -178,11 +185,15 @@ impl DescriptorBudget {
             }
             None => room,
         };
+        // Fail fast when the API falls far behind, rather than queue every message for up to
+        // --upstream-timeout (README, Performance, S4).
+        let default_waiting = upstream.saturating_mul(4).max(4096);
         Ok(DescriptorBudget {
             open_file_limit,
             max_connections,
             upstream_max_connections: upstream,
             pending_handshakes: config.max_pending_handshakes,
+            upstream_max_waiting: config.upstream_max_waiting.unwrap_or(default_waiting),
         })
     }
 }
@@ -295,6 +306,31 @@ mod tests {
         assert_eq!(
             budget.max_connections,
             20_000 - 1024 - 512 - RESERVED_DESCRIPTORS
+        );
+    }
+
+    #[test]
+    fn waiting_requests_are_bounded_by_four_per_api_connection_unless_a_bound_is_given() {
+        let config = Config::default();
+        let budget = DescriptorBudget::plan(&config, 20_000).unwrap();
+        assert_eq!(budget.upstream_max_waiting, 4096);
+        let budget = DescriptorBudget::plan(&config, 1_000_000).unwrap();
+        assert_eq!(budget.upstream_max_waiting, 4096);
+        let config = Config {
+            upstream_max_connections: Some(2000),
+            ..Config::default()
+        };
+        let budget = DescriptorBudget::plan(&config, 1_000_000).unwrap();
+        assert_eq!(budget.upstream_max_waiting, 8000);
+        let config = Config {
+            upstream_max_waiting: Some(100),
+            ..config
+        };
+        assert_eq!(
+            DescriptorBudget::plan(&config, 20_000)
+                .unwrap()
+                .upstream_max_waiting,
+            100
         );
     }
 

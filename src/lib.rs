@@ -157,6 +157,7 @@ impl Gateway {
         let upstream = Upstream::new(
             &config,
             budget.upstream_max_connections,
+            budget.upstream_max_waiting,
             Arc::clone(&metrics),
         )
         .map_err(|e| StartError::Config(e.to_string()))?;

@@ -56,6 +56,11 @@ struct Args {
     #[argh(option)]
     upstream_max_connections: Option<usize>,
 
+    /// API requests that may wait for a free API connection before more are refused (1013 on
+    /// a message, 503 on a handshake); default: 4 x --upstream-max-connections, at least 4096
+    #[argh(option)]
+    upstream_max_waiting: Option<usize>,
+
     /// speak HTTP/2 without TLS (h2c) to the API
     #[argh(switch)]
     upstream_http2: bool,
@@ -205,6 +210,7 @@ fn config_from(args: &Args) -> Result<Config, String> {
         max_pending_handshakes: args.max_pending_handshakes,
         upstream_timeout: args.upstream_timeout,
         upstream_max_connections: args.upstream_max_connections,
+        upstream_max_waiting: args.upstream_max_waiting,
         upstream_http2: args.upstream_http2,
         api_ca: args.api_ca.clone(),
         max_queued_messages: args.max_queued_messages,
@@ -313,6 +319,7 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
         open_file_limit = budget.open_file_limit,
         max_connections = budget.max_connections,
         upstream_max_connections = budget.upstream_max_connections,
+        upstream_max_waiting = budget.upstream_max_waiting,
         pending_handshakes = budget.pending_handshakes,
         worker_threads = workers,
         cpus,

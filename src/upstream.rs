@@ -153,10 +153,12 @@ impl fmt::Display for UpstreamSetupError {
 impl StdError for UpstreamSetupError {}
 
 impl Upstream {
-    /// Builds the client for `config`, allowing `max_connections` requests at once.
+    /// Builds the client for `config`, allowing `max_connections` requests at once and
+    /// `max_waiting` more to wait for one of them.
     pub fn new(
         config: &Config,
         max_connections: usize,
+        max_waiting: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Upstream, UpstreamSetupError> {
         let tls = client_tls_config(config)?;
@@ -191,7 +193,7 @@ impl Upstream {
             base: config.api.as_str().to_owned(),
             permits: Semaphore::new(max_connections),
             waiting: AtomicUsize::new(0),
-            max_waiting: (max_connections * 4).max(4096),
+            max_waiting,
             timeout: config.upstream_timeout,
             max_body: config.max_message_size,
             metrics,
@@ -446,7 +448,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_gives_up_is_no_longer_counted_as_waiting() {
         let config = Config::default();
-        let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
+        let upstream = Upstream::new(&config, 1, 64, Arc::new(Metrics::default())).unwrap();
         let held = upstream.permit().await.unwrap();
         for _ in 0..3 {
             let wait = tokio::time::timeout(Duration::from_millis(5), upstream.permit()).await;
@@ -461,7 +463,7 @@ mod tests {
     async fn waiters_beyond_the_bound_are_refused_as_overloaded() {
         use futures_util::FutureExt;
         let config = Config::default();
-        let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
+        let upstream = Upstream::new(&config, 1, 64, Arc::new(Metrics::default())).unwrap();
         let held = upstream.permit().await.unwrap();
         let mut waiters: Vec<_> = (0..upstream.max_waiting)
             .map(|_| Box::pin(upstream.permit()))
@@ -485,7 +487,7 @@ mod tests {
     #[tokio::test]
     async fn request_futures_stay_small() {
         let config = Config::default();
-        let upstream = Upstream::new(&config, 1, Arc::new(Metrics::default())).unwrap();
+        let upstream = Upstream::new(&config, 1, 64, Arc::new(Metrics::default())).unwrap();
         let context = upstream
             .context(
                 ConnectionId::next(),

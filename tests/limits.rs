@@ -296,27 +296,23 @@ async fn a_request_beyond_the_waiter_bound_closes_the_socket_with_1013() {
     })
     .await;
     let mut config = test_config(&api);
-    // One API slot, so the waiter bound is 4096: 64 clients × 64 pipelined messages fill the
-    // slot and 4095 waiting places, one more message takes the last place.
+    // One API slot and 64 waiting places: one client's 64 pipelined messages take the slot
+    // and 63 places, one more message takes the last place.
     config.upstream_max_connections = Some(1);
+    config.upstream_max_waiting = Some(64);
     config.pipeline = 64;
     config.upstream_timeout = Duration::from_secs(4);
     let gateway = TestGateway::start(config).await;
-    let mut fillers = Vec::new();
-    for i in 0..64 {
-        fillers.push(gateway.connect(&format!("/f{i}")).await);
-    }
+    let mut filler = gateway.connect("/filler").await;
     let mut last_place = gateway.connect("/last-place").await;
     let mut refused = gateway.connect("/refused").await;
-    let gets = 66.0;
-    for ws in &mut fillers {
-        for m in 0..64 {
-            ws.send(Message::text(m.to_string())).await.unwrap();
-        }
+    let gets = 3.0;
+    for m in 0..64 {
+        filler.send(Message::text(m.to_string())).await.unwrap();
     }
-    wait_for_requests(&gateway, gets + 4096.0).await;
+    wait_for_requests(&gateway, gets + 64.0).await;
     last_place.send(Message::text("last")).await.unwrap();
-    wait_for_requests(&gateway, gets + 4097.0).await;
+    wait_for_requests(&gateway, gets + 65.0).await;
     assert_eq!(gateway.metrics().await["requests_failed"], 0.0);
 
     refused.send(Message::text("one too many")).await.unwrap();
@@ -334,8 +330,8 @@ async fn a_request_beyond_the_waiter_bound_closes_the_socket_with_1013() {
         refused_delete.body,
         Bytes::from_static(b"upstream overloaded")
     );
-    drop((fillers, last_place));
-    api.wait_for("DELETE", 66).await;
+    drop((filler, last_place));
+    api.wait_for("DELETE", 3).await;
     assert!(closed_by(&gateway.metrics().await, "upstream_failure") >= 1.0);
     assert_eq!(gateway.metrics().await["disconnects_failed"], 0.0);
     assert_accounting(&gateway, &api).await;
