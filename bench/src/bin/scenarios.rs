@@ -81,6 +81,20 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         (15_000, 10_000, 100, 1_000, 20, 15_000, 60, 15_000)
     };
     let n = |x: u64| x.to_string();
+    // S5 and S5b: `load` holds the idle connections that `push` pushes to.
+    let push_hold = [
+        a(&[
+            "--mode",
+            "idle",
+            "--processes",
+            "2",
+            "--duration",
+            "120",
+            "--conns",
+        ]),
+        vec![n(s5)],
+    ]
+    .concat();
     vec![
         Scenario {
             id: "S1",
@@ -184,19 +198,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         Scenario {
             id: "S5",
             title: format!("push: one POST per connection to {s5} connections"),
-            load_args: [
-                a(&[
-                    "--mode",
-                    "idle",
-                    "--processes",
-                    "2",
-                    "--duration",
-                    "120",
-                    "--conns",
-                ]),
-                vec![n(s5)],
-            ]
-            .concat(),
+            load_args: push_hold.clone(),
             push_count: Some(s5),
             push_args: &["--concurrency", "64"],
             target: "≥ 50k pushes/s, p99 delivery ≤ 20 ms",
@@ -207,19 +209,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             title: format!(
                 "push over h2c (2 connections): one POST per connection to {s5} connections"
             ),
-            load_args: [
-                a(&[
-                    "--mode",
-                    "idle",
-                    "--processes",
-                    "2",
-                    "--duration",
-                    "120",
-                    "--conns",
-                ]),
-                vec![n(s5)],
-            ]
-            .concat(),
+            load_args: push_hold.clone(),
             push_count: Some(s5),
             push_args: &["--http2", "--connections", "2", "--concurrency", "128"],
             target: "≥ 50k pushes/s, p99 delivery ≤ 20 ms",
