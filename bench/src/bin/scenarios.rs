@@ -81,31 +81,26 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         (15_000, 10_000, 100, 1_000, 20, 15_000, 60, 15_000)
     };
     let n = |x: u64| x.to_string();
-    // S5 and S5b: `load` holds the idle connections that `push` pushes to.
-    let push_hold = [
+    // `load` holding idle connections, split over two processes.
+    let idle = |conns: u64, seconds: &str| {
         a(&[
             "--mode",
             "idle",
             "--processes",
             "2",
             "--duration",
-            "120",
+            seconds,
             "--conns",
-        ]),
-        vec![n(s5)],
-    ]
-    .concat();
+            &n(conns),
+        ])
+    };
+    // S5 and S5b: the idle connections that `push` pushes to.
+    let push_hold = idle(s5, "120");
     vec![
         Scenario {
             id: "S1",
             title: format!("idle: hold {s1} connections"),
-            load_args: [
-                a(&["--mode", "idle", "--processes", "2", "--duration"]),
-                a(&[if quick { "3" } else { "10" }]),
-                a(&["--conns"]),
-                vec![n(s1)],
-            ]
-            .concat(),
+            load_args: idle(s1, if quick { "3" } else { "10" }),
             push_count: None,
             push_args: &[],
             target: "≤ 4 KiB RSS/conn; RSS back within 10% of baseline after they leave",
@@ -114,19 +109,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         Scenario {
             id: "S2",
             title: format!("connect storm: {s2} as fast as possible"),
-            load_args: [
-                a(&[
-                    "--mode",
-                    "idle",
-                    "--processes",
-                    "2",
-                    "--duration",
-                    "1",
-                    "--conns",
-                ]),
-                vec![n(s2)],
-            ]
-            .concat(),
+            load_args: idle(s2, "1"),
             push_count: None,
             push_args: &[],
             target: "≤ 40 µs gateway CPU/conn",
