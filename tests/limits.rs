@@ -577,19 +577,30 @@ async fn time_until_dropped(stream: &mut TcpStream, since: Instant) -> Duration 
     }
 }
 
-#[tokio::test]
-async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
+/// A gateway with a 300 ms --handshake-timeout, and its API.
+async fn with_short_handshake_timeout() -> (MockApi, TestGateway) {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
     config.handshake_timeout = Duration::from_millis(300);
     let gateway = TestGateway::start(config).await;
+    (api, gateway)
+}
+
+/// Connects to `addr`, sends nothing, and checks that the gateway hangs up after about 300 ms.
+async fn assert_silent_connection_dropped(addr: std::net::SocketAddr) {
     let started = Instant::now();
-    let mut stream = TcpStream::connect(gateway.public).await.unwrap();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
     let took = time_until_dropped(&mut stream, started).await;
     assert!(
         took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
         "dropped after {took:?}"
     );
+}
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
+    let (api, gateway) = with_short_handshake_timeout().await;
+    assert_silent_connection_dropped(gateway.public).await;
     assert!(api.seen().is_empty(), "{:?}", api.seen());
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["connections_opened"], 0.0);
@@ -599,17 +610,8 @@ async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
 
 #[tokio::test]
 async fn a_control_connection_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
-    let api = MockApi::start().await;
-    let mut config = test_config(&api);
-    config.handshake_timeout = Duration::from_millis(300);
-    let gateway = TestGateway::start(config).await;
-    let started = Instant::now();
-    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
-    let took = time_until_dropped(&mut stream, started).await;
-    assert!(
-        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
-        "dropped after {took:?}"
-    );
+    let (_api, gateway) = with_short_handshake_timeout().await;
+    assert_silent_connection_dropped(gateway.control).await;
     // The listener still serves: HTTP/1.1 and h2c alike tell themselves apart by their first bytes.
     assert_eq!(gateway.control("GET", "/healthz", b"").await.status, 200);
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::binary::Binary;
 use common::*;
 use futures_util::SinkExt;
-use tokio_websockets::{ClientBuilder, Message};
+use tokio_websockets::Message;
 
 #[tokio::test]
 async fn the_binary_on_the_current_thread_runtime_round_trips_and_pushes() {
@@ -19,13 +19,7 @@ async fn the_binary_on_the_current_thread_runtime_round_trips_and_pushes() {
         "{}",
         binary.stderr()
     );
-    let url = format!("ws://{}/single", binary.public);
-    let (mut ws, _) = ClientBuilder::new()
-        .uri(&url)
-        .unwrap()
-        .connect()
-        .await
-        .expect("websocket connects");
+    let mut ws = binary.connect("/single").await;
     ws.send(Message::text("hello")).await.unwrap();
     assert_eq!(next_text(&mut ws).await, "echo:hello");
     let pushed = raw_http(binary.control, "POST", "/single", &[], b"pushed").await;

@@ -291,13 +291,7 @@ async fn binary_with_clients(api: &MockApi, n: usize) -> (Binary, Vec<Ws>) {
     let binary = Binary::start_ready(&api.base(), &["--shutdown-timeout", "3s"], &[]).await;
     let mut clients = Vec::new();
     for i in 0..n {
-        let url = format!("ws://{}/b{i}", binary.public);
-        let (mut ws, _) = ClientBuilder::new()
-            .uri(&url)
-            .unwrap()
-            .connect()
-            .await
-            .expect("connects to the binary");
+        let mut ws = binary.connect(&format!("/b{i}")).await;
         assert_eq!(round_trip(&mut ws, "hi").await, "echo:hi");
         clients.push(ws);
     }

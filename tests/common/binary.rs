@@ -148,6 +148,18 @@ impl Binary {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Connects a websocket client to `path` on the binary's public listener.
+    pub async fn connect(&self, path: &str) -> super::Ws {
+        let url = format!("ws://{}{path}", self.public);
+        let (ws, _) = tokio_websockets::ClientBuilder::new()
+            .uri(&url)
+            .unwrap()
+            .connect()
+            .await
+            .expect("connects to the binary");
+        ws
+    }
+
     /// Waits until stderr contains `text` (10 s at most); returns all of stderr.
     pub async fn wait_for_log(&self, text: &str) -> String {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
