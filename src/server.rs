@@ -351,12 +351,18 @@ pub(crate) async fn accept_control(
         let stop = stop.clone();
         connections.spawn(async move {
             // Telling HTTP/1.1 from h2c waits for the first bytes without a deadline of its
-            // own: a connection that sends nothing within --handshake-timeout loses its slot.
+            // own: a connection that sends nothing within --handshake-timeout, or before the
+            // shutdown starts, loses its slot.
             let mut first = [0u8; 1];
             let deadline = shared.config.handshake_timeout;
-            match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
+            let spoke = tokio::select! {
+                peeked = tokio::time::timeout(deadline, stream.peek(&mut first)) => {
+                    matches!(peeked, Ok(Ok(n)) if n > 0)
+                }
+                _ = stop.cancelled() => false,
+            };
+            if !spoke {
+                return;
             }
             let service_shared = Arc::clone(&shared);
             let service =

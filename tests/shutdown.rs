@@ -151,6 +151,26 @@ async fn shutdown_refuses_new_websockets_at_once() {
 }
 
 #[tokio::test]
+async fn a_silent_control_connection_does_not_hold_up_the_shutdown() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = Duration::from_secs(8);
+    let mut gateway = TestGateway::start(config).await;
+    // Connected but silent: the control listener is still waiting for its first bytes.
+    let _silent = tokio::net::TcpStream::connect(gateway.control)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    gateway.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the shutdown took {:?}: it waited for the silent connection's first bytes",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn a_handshake_the_api_is_still_judging_at_shutdown_ends_with_1001_and_its_delete() {
     let api = MockApi::with_script(|s| match s.method.as_str() {
         "GET" => Reply::ok("ok").after(Duration::from_millis(500)),
