@@ -145,6 +145,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // Checked here too, so a bad URL is one line and exit 2 rather than a report of lost workers.
+    if let Err(message) = rt.block_on(resolve(&args.url)) {
+        eprintln!("load: {message}");
+        std::process::exit(2);
+    }
     let code = rt.block_on(parent(args));
     std::process::exit(code);
 }
@@ -485,29 +490,36 @@ fn emit(v: Value) {
     let _ = out.flush();
 }
 
-async fn resolve(url: &str) -> (SocketAddr, String) {
+/// The gateway's address and the base URL (ending in `/`) that client ids are appended to.
+async fn resolve(url: &str) -> Result<(SocketAddr, String), String> {
     let rest = url
         .strip_prefix("ws://")
-        .unwrap_or_else(|| panic!("--url must start with ws:// (got {url})"));
+        .ok_or_else(|| format!("--url must start with ws:// (got {url})"))?;
     let hostport = rest.split('/').next().unwrap_or(rest);
     let dst = tokio::net::lookup_host(hostport)
         .await
         .ok()
         .and_then(|mut a| a.next())
-        .unwrap_or_else(|| panic!("cannot resolve {hostport}"));
+        .ok_or_else(|| format!("--url: cannot resolve {hostport}"))?;
     let base = if url.ends_with('/') {
         url.to_string()
     } else {
         format!("{url}/")
     };
-    (dst, base)
+    Ok((dst, base))
 }
 
 async fn worker(args: Args, mode: Mode, first: u64, count: u64) {
     net::raise_nofile_limit();
     // Ctrl-C in a terminal reaches the whole process group: the parent decides, workers ignore it.
     tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
-    let (dst, base_url) = resolve(&args.url).await;
+    let (dst, base_url) = match resolve(&args.url).await {
+        Ok(resolved) => resolved,
+        Err(message) => {
+            eprintln!("load: {message}");
+            std::process::exit(2);
+        }
+    };
     let (phase_tx, phase_rx) = watch::channel(CONNECT);
     let sh = Arc::new(Shared {
         args: args.clone(),

@@ -119,6 +119,12 @@ struct Args {
     quiet: bool,
 }
 
+/// Bad input: one line naming the flag, exit status 2.
+fn usage_error(message: &str) -> ! {
+    eprintln!("push: {message}");
+    std::process::exit(2)
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Args = argh::from_env();
@@ -131,7 +137,7 @@ async fn main() {
     let authority = base
         .strip_prefix("http://")
         .and_then(|r| r.split('/').next())
-        .unwrap_or_else(|| panic!("--control must be an http:// URL (got {base})"))
+        .unwrap_or_else(|| usage_error(&format!("--control must be an http:// URL (got {base})")))
         .to_string();
     let path_base = format!(
         "/{}",
@@ -141,7 +147,7 @@ async fn main() {
         .await
         .ok()
         .and_then(|mut a| a.next())
-        .unwrap_or_else(|| panic!("cannot resolve {authority}"));
+        .unwrap_or_else(|| usage_error(&format!("--control: cannot resolve {authority}")));
     let total = args.count * args.rounds;
     let next = Arc::new(AtomicU64::new(0));
     let hist = Arc::new(Mutex::new(stats::new_hist()));

@@ -281,6 +281,18 @@ fn last_json(s: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// `base`, or `base-2`, `base-3`, … : the first whose `.json` is not in `dir` yet, so that two
+/// runs started in the same minute both keep their results.
+fn free_stem(dir: &Path, base: &str) -> String {
+    let mut stem = base.to_owned();
+    let mut n = 1;
+    while dir.join(format!("{stem}.json")).exists() {
+        n += 1;
+        stem = format!("{base}-{n}");
+    }
+    stem
+}
+
 /// UTC date-time as `YYYY-MM-DDTHHMMZ`.
 fn utc_stamp() -> String {
     let secs = SystemTime::now()
@@ -908,7 +920,10 @@ fn main() {
         .clone()
         .unwrap_or_else(|| root.join("bench/results"));
     let _ = std::fs::create_dir_all(&out_dir);
-    let stem = format!("{started}{}", if args.quick { "-quick" } else { "" });
+    let stem = free_stem(
+        &out_dir,
+        &format!("{started}{}", if args.quick { "-quick" } else { "" }),
+    );
     for r in &mut results {
         let met = verdict(r, args.quick);
         if let Some(o) = r.as_object_mut() {
@@ -958,6 +973,18 @@ mod tests {
             s.starts_with("20") && s.ends_with('Z') && s.as_bytes()[10] == b'T',
             "{s}"
         );
+    }
+
+    #[test]
+    fn a_second_run_in_the_same_minute_does_not_overwrite_the_first() {
+        let dir = std::env::temp_dir().join(format!("ws2http-stem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(free_stem(&dir, "2026-11-30T0745Z"), "2026-11-30T0745Z");
+        std::fs::write(dir.join("2026-11-30T0745Z.json"), "{}").unwrap();
+        assert_eq!(free_stem(&dir, "2026-11-30T0745Z"), "2026-11-30T0745Z-2");
+        std::fs::write(dir.join("2026-11-30T0745Z-2.json"), "{}").unwrap();
+        assert_eq!(free_stem(&dir, "2026-11-30T0745Z"), "2026-11-30T0745Z-3");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
