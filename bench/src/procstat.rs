@@ -15,6 +15,8 @@ pub struct Sample {
     pub rss_file_kib: u64,
     /// User plus system CPU time in microseconds (`utime + stime` of `/proc/PID/stat`).
     pub cpu_us: u64,
+    /// The part of it spent in the kernel on the process's behalf (`stime`), microseconds.
+    pub sys_us: u64,
     /// Open file descriptors (entries of `/proc/PID/fd`), 0 when unreadable.
     pub fds: u64,
 }
@@ -27,6 +29,7 @@ impl Sample {
             "rss_anon_kib": self.rss_anon_kib,
             "rss_file_kib": self.rss_file_kib,
             "cpu_us": self.cpu_us,
+            "sys_us": self.sys_us,
             "fds": self.fds,
         })
     }
@@ -59,13 +62,19 @@ pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
 
 /// Parses `utime + stime` (clock ticks) out of the text of `/proc/PID/stat`.
 pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    parse_user_system_ticks(stat).map(|(user, system)| user + system)
+}
+
+/// Parses `(utime, stime)` (clock ticks: CPU time in user space and in the kernel) out of the
+/// text of `/proc/PID/stat`.
+pub fn parse_user_system_ticks(stat: &str) -> Option<(u64, u64)> {
     // The command name may contain spaces and parentheses: fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After ')' come field 3 (state) onwards: utime is field 14, stime field 15.
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// Samples process `pid`; `None` when it does not exist or cannot be read.
@@ -75,11 +84,14 @@ pub fn sample(pid: u32) -> Option<Sample> {
     let fds = fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count() as u64)
         .unwrap_or(0);
+    let (user, system) = parse_user_system_ticks(&stat)?;
+    let us = |ticks: u64| ticks * 1_000_000 / ticks_per_sec();
     Some(Sample {
         rss_kib: parse_vmrss_kib(&status)?,
         rss_anon_kib: parse_status_kib(&status, "RssAnon").unwrap_or(0),
         rss_file_kib: parse_status_kib(&status, "RssFile").unwrap_or(0),
-        cpu_us: parse_cpu_ticks(&stat)? * 1_000_000 / ticks_per_sec(),
+        cpu_us: us(user + system),
+        sys_us: us(system),
         fds,
     })
 }
@@ -146,6 +158,7 @@ mod tests {
         assert_eq!(parse_status_kib(status, "RssShmem"), None);
         let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
         assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(parse_user_system_ticks(stat), Some((250, 75)));
         assert_eq!(parse_cpu_ticks("garbage"), None);
     }
 

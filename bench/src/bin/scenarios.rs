@@ -281,6 +281,19 @@ fn last_json(s: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The gateway's CPU time per push between two samples taken around the push run, and the
+/// kernel's part of it, in µs.
+fn per_push_cpu(before: &procstat::Sample, after: &procstat::Sample, pushes: u64) -> Value {
+    if pushes == 0 {
+        return Value::Null;
+    }
+    let per = |a: u64, b: u64| (a.saturating_sub(b) as f64 / pushes as f64 * 100.0).round() / 100.0;
+    json!({
+        "cpu_us_per_push": per(after.cpu_us, before.cpu_us),
+        "sys_us_per_push": per(after.sys_us, before.sys_us),
+    })
+}
+
 /// `base`, or `base-2`, `base-3`, … : the first whose `.json` is not in `dir` yet, so that two
 /// runs started in the same minute both keep their results.
 fn free_stem(dir: &Path, base: &str) -> String {
@@ -375,6 +388,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut push_report = Value::Null;
+    let mut push_cpu = Value::Null;
     let load_out = if let Some(count) = sc.push_count {
         let ready =
             std::env::temp_dir().join(format!("ws2http-bench-ready-{}", std::process::id()));
@@ -388,6 +402,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
                 }
                 std::thread::sleep(Duration::from_millis(500));
                 eprintln!("--- push to {count} client ids");
+                let before_push = procstat::sample(gpid);
                 let out = Command::new(&bins.push)
                     .args(["--control", &format!("http://127.0.0.1:{cport}/")])
                     .args(["--count", &count.to_string()])
@@ -398,6 +413,10 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
                 push_report = out
                     .map(|o| last_json(&String::from_utf8_lossy(&o.stdout)))
                     .unwrap_or(Value::Null);
+                // The gateway's CPU while the pushes ran: taking each POST and writing its frame.
+                if let (Some(b), Some(a)) = (before_push, procstat::sample(gpid)) {
+                    push_cpu = per_push_cpu(&b, &a, count);
+                }
                 // Let the last deliveries land, then end the hold.
                 std::thread::sleep(Duration::from_secs(1));
                 let _ = std::fs::remove_file(&ready);
@@ -437,6 +456,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         "ws2api": sc.ws2api,
         "load_args": sc.load_args,
         "gateway_baseline": baseline.map(procstat::Sample::to_json),
+        "gateway_push_cpu": push_cpu,
         "gateway_5s_after_leave": soon_after_leave.map(procstat::Sample::to_json),
         "gateway_after_leave": after_leave.map(procstat::Sample::to_json),
         "gateway_exit_code": gw_exit,
@@ -505,29 +525,33 @@ fn measured(r: &Value) -> String {
             )
         }
         "S2" => format!(
-            "{} conns at **{} conn/s**; **{} µs CPU/conn**; handshake {}; listen-queue overflows {}, SYN retransmits {} (machine-wide); {}",
+            "{} conns at **{} conn/s**; **{} µs CPU/conn** (kernel {}); handshake {}; listen-queue overflows {}, SYN retransmits {} (machine-wide); {}",
             f(&l["established"]),
             f(&l["connects_per_s"]),
             f(&g["cpu_us_per_conn"]),
+            f(&g["sys_us_per_conn"]),
             lat(&l["connect_latency"]),
             f(&l["tcp_connect_phase"]["ListenOverflows"]),
             f(&l["tcp_connect_phase"]["TCPSynRetrans"]),
             errs
         ),
         "S3a" | "S3b" | "S4" => format!(
-            "**{} replies/s**; {}; **{} µs CPU/msg** ({}% CPU); {}",
+            "**{} replies/s**; {}; **{} µs CPU/msg** (kernel {}; {}% CPU); {}",
             f(&l["replies_per_s"]),
             lat(&l["latency"]),
             f(&g["cpu_us_per_msg"]),
+            f(&g["sys_us_per_msg"]),
             f(&g["cpu_pct_message_phase"]),
             errs
         ),
         "S5" | "S5b" => format!(
-            "**{} pushes/s** ({} of {} delivered); delivery {}; {} KiB/conn; {}",
+            "**{} pushes/s** ({} of {} delivered); delivery {}; {} µs CPU/push (kernel {}); {} KiB/conn; {}",
             f(&r["push"]["pushes_per_s"]),
             f(&l["pushes"]),
             f(&r["push"]["count"]),
             lat(&l["push_latency"]),
+            f(&r["gateway_push_cpu"]["cpu_us_per_push"]),
+            f(&r["gateway_push_cpu"]["sys_us_per_push"]),
             f(&g["kib_per_conn"]),
             errs
         ),
@@ -973,6 +997,18 @@ mod tests {
             s.starts_with("20") && s.ends_with('Z') && s.as_bytes()[10] == b'T',
             "{s}"
         );
+    }
+
+    #[test]
+    fn push_cpu_is_divided_over_the_pushes() {
+        let sample = |cpu_us, sys_us| procstat::Sample {
+            cpu_us,
+            sys_us,
+            ..Default::default()
+        };
+        let v = per_push_cpu(&sample(1_000, 400), &sample(31_000, 20_400), 1_000);
+        assert_eq!(v, json!({"cpu_us_per_push": 30.0, "sys_us_per_push": 20.0}));
+        assert_eq!(per_push_cpu(&sample(0, 0), &sample(5, 5), 0), Value::Null);
     }
 
     #[test]
