@@ -1077,22 +1077,16 @@ fn table(r: &Value) -> String {
                 f(&g["kib_per_conn_end"])
             ),
         );
-        row(
-            "gateway CPU µs/conn",
-            format!(
-                "{} (kernel {})",
-                f(&g["cpu_us_per_conn"]),
-                f(&g["sys_us_per_conn"])
-            ),
-        );
-        row(
-            "gateway CPU µs/msg",
-            format!(
-                "{} (kernel {})",
-                f(&g["cpu_us_per_msg"]),
-                f(&g["sys_us_per_msg"])
-            ),
-        );
+        for unit in ["conn", "msg"] {
+            row(
+                &format!("gateway CPU µs/{unit}"),
+                format!(
+                    "{} (kernel {})",
+                    f(&g[format!("cpu_us_per_{unit}").as_str()]),
+                    f(&g[format!("sys_us_per_{unit}").as_str()])
+                ),
+            );
+        }
         row("gateway CPU % (msg phase)", f(&g["cpu_pct_message_phase"]));
     }
     s

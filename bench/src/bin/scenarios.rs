@@ -294,6 +294,17 @@ fn per_push_cpu(before: &procstat::Sample, after: &procstat::Sample, pushes: u64
     })
 }
 
+/// Whether scenario `id` is in `--only` (comma-separated prefixes, any case: `S3` picks S3a and
+/// S3b, `s3a` only S3a); every scenario is when `--only` is not given.
+fn selected(id: &str, only: Option<&str>) -> bool {
+    let id = id.to_uppercase();
+    only.is_none_or(|only| {
+        only.split(',')
+            .map(|prefix| prefix.trim().to_uppercase())
+            .any(|prefix| !prefix.is_empty() && id.starts_with(&prefix))
+    })
+}
+
 /// `base`, or `base-2`, `base-3`, … : the first whose `.json` is not in `dir` yet, so that two
 /// runs started in the same minute both keep their results.
 fn free_stem(dir: &Path, base: &str) -> String {
@@ -924,20 +935,13 @@ fn main() {
             std::process::exit(2);
         }
     }
-    let only: Option<Vec<String>> = args
-        .only
-        .as_ref()
-        .map(|o| o.split(',').map(|s| s.trim().to_uppercase()).collect());
     let started = utc_stamp();
     let t0 = Instant::now();
     let mut results = Vec::new();
     for sc in scenarios(args.quick) {
-        if let Some(o) = &only {
-            if !o.iter().any(|x| sc.id.starts_with(x.as_str())) {
-                continue;
-            }
+        if selected(sc.id, args.only.as_deref()) {
+            results.push(run_scenario(&sc, &bins, &args));
         }
-        results.push(run_scenario(&sc, &bins, &args));
     }
     let out_dir = args
         .out
@@ -997,6 +1001,15 @@ mod tests {
             s.starts_with("20") && s.ends_with('Z') && s.as_bytes()[10] == b'T',
             "{s}"
         );
+    }
+
+    #[test]
+    fn only_picks_scenarios_by_prefix_in_any_case() {
+        assert!(selected("S3a", None));
+        assert!(selected("S3a", Some("S3")) && selected("S3b", Some("s3")));
+        assert!(selected("S3a", Some("S3a")) && !selected("S3b", Some("S3a")));
+        assert!(selected("S5b", Some("S1, s5b")) && !selected("S4", Some("S1,S5")));
+        assert!(!selected("S1", Some("")));
     }
 
     #[test]
