@@ -22,10 +22,10 @@
 //!   metadata it never gives back to the OS, so 15,000 held connections left 1.6 MiB of
 //!   descriptors behind after they closed (jemalloc's statistics, a build with its `stats`
 //!   feature); with 16-page slabs 0.3 MiB. Scenario S1 (15,000 idle websockets, RSS 15 s after
-//!   they left), three runs each: +29-31% over the baseline with jemalloc's default slabs, +14-15% with
-//!   these; RSS per held connection 3.39-3.44 KiB before, 3.54-3.68 KiB with them. 32 pages
-//!   gave the same, 8 pages +17%, 64 pages 4.06 KiB per connection. The flood's CPU per
-//!   message did not move beyond the noise.
+//!   they left), three runs each: +29-31% over the baseline with jemalloc's default slabs,
+//!   +14-15% with these; RSS per held connection 3.39-3.44 KiB before, 3.54-3.68 KiB with them.
+//!   32 pages gave the same, 8 pages +17%, 64 pages 4.06 KiB per connection. The flood's CPU
+//!   per message did not move beyond the noise.
 //!
 //! The environment variable `_RJEM_MALLOC_CONF` is read after these and overrides them.
 //!
