@@ -60,11 +60,6 @@ pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-/// Parses `utime + stime` (clock ticks) out of the text of `/proc/PID/stat`.
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    parse_user_system_ticks(stat).map(|(user, system)| user + system)
-}
-
 /// Parses `(utime, stime)` (clock ticks: CPU time in user space and in the kernel) out of the
 /// text of `/proc/PID/stat`.
 pub fn parse_user_system_ticks(stat: &str) -> Option<(u64, u64)> {
@@ -157,9 +152,8 @@ mod tests {
         assert_eq!(parse_status_kib(status, "RssFile"), Some(5023));
         assert_eq!(parse_status_kib(status, "RssShmem"), None);
         let stat = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(325));
         assert_eq!(parse_user_system_ticks(stat), Some((250, 75)));
-        assert_eq!(parse_cpu_ticks("garbage"), None);
+        assert_eq!(parse_user_system_ticks("garbage"), None);
     }
 
     #[test]
