@@ -52,8 +52,13 @@ impl Registry {
             Some(current) if current.connection_id == connection_id => {
                 shard.remove(client_id);
                 // Give back the table a crowd of departed clients left behind; the slack
-                // keeps steady churn from resizing it back and forth.
-                if shard.capacity() > MIN_SHARD_CAPACITY && shard.len() * 4 < shard.capacity() {
+                // keeps steady churn from resizing it back and forth. An empty shard gives
+                // back all of it, so a gateway whose clients all left holds no table.
+                if shard.is_empty() {
+                    *shard = HashMap::new();
+                } else if shard.capacity() > MIN_SHARD_CAPACITY
+                    && shard.len() * 4 < shard.capacity()
+                {
                     let keep = (shard.len() * 2).max(MIN_SHARD_CAPACITY);
                     shard.shrink_to(keep);
                 }
@@ -145,7 +150,7 @@ mod tests {
     }
 
     #[test]
-    fn tables_shrink_after_a_crowd_leaves() {
+    fn tables_shrink_after_a_crowd_leaves_and_go_when_empty() {
         let registry = Registry::default();
         let handles: Vec<_> = (0..20_000).map(|i| handle(&format!("c{i}"))).collect();
         for h in &handles {
@@ -164,5 +169,9 @@ mod tests {
         for h in &handles[..10] {
             assert!(registry.get(&h.client_id).is_some());
         }
+        for h in &handles[..10] {
+            assert!(registry.remove(&h.client_id, h.connection_id));
+        }
+        assert_eq!(capacity(&registry), 0, "empty tables are given back");
     }
 }
