@@ -420,6 +420,17 @@ async fn close_expired(pool: Weak<Pool>) {
             Instant::now(),
         );
         state.open -= closed;
+        shrink_idle_list(&mut state.idle);
+    }
+}
+
+/// Gives back the room a burst's idle connections left in `idle` once most of them are gone,
+/// all of it when none is left, keeping twice what is still there (at least [`WARM_IDLE`]).
+fn shrink_idle_list<T>(idle: &mut Vec<T>) {
+    if idle.is_empty() {
+        *idle = Vec::new();
+    } else if idle.capacity() > 4 * idle.len().max(WARM_IDLE) {
+        idle.shrink_to(2 * idle.len().max(WARM_IDLE));
     }
 }
 
@@ -450,6 +461,26 @@ fn reap_idle<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_list_gives_back_a_burst_room() {
+        let mut idle: Vec<u64> = Vec::with_capacity(1024);
+        idle.extend(0..10);
+        shrink_idle_list(&mut idle);
+        assert!(idle.capacity() <= 2 * WARM_IDLE, "{}", idle.capacity());
+        assert_eq!(idle, (0..10).collect::<Vec<_>>(), "entries kept in order");
+        let mut steady: Vec<u64> = Vec::with_capacity(WARM_IDLE * 2);
+        steady.push(1);
+        shrink_idle_list(&mut steady);
+        assert_eq!(
+            steady.capacity(),
+            WARM_IDLE * 2,
+            "small lists are left alone"
+        );
+        steady.clear();
+        shrink_idle_list(&mut steady);
+        assert_eq!(steady.capacity(), 0, "an empty list holds nothing");
+    }
 
     #[test]
     fn surplus_idle_connections_close_sooner_than_the_warm_ones() {
