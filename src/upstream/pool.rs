@@ -3,6 +3,8 @@
 //! waiting request), or waits for one to come back. HTTP/2 (`--upstream-http2`) shares one
 //! multiplexed connection instead.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -15,9 +17,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 use tower_service::Service;
 
 use super::{error_chain, UpstreamError};
@@ -124,9 +128,10 @@ impl Pool {
         max_body: usize,
     ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
         if self.http2 {
-            // Boxed, like opening a connection below: a rare path's state would otherwise be
-            // part of every HTTP/1 request's future (see the sizes test).
-            return Box::pin(self.exchange_h2(request, max_body)).await;
+            // Out of line: a rare path's state would otherwise be part of every HTTP/1
+            // request's future (see the sizes test), and its temporaries part of the stack
+            // frame every HTTP/1 request's `poll` touches (32 KiB, README, S1).
+            return out_of_line(self.exchange_h2(request, max_body)).await;
         }
         let path = request
             .uri()
@@ -214,41 +219,28 @@ impl Pool {
                         reused: false,
                     };
                     let opening = Opening { pool: self };
-                    let sender = Box::pin(self.connect_h1()).await;
+                    // Opened in a task of its own, at the top of a worker's stack: opening
+                    // (handshake, spawning the connection's task) needs tens of KiB of stack,
+                    // which would otherwise stack up under the websocket handshake's own
+                    // frames and stay resident in every worker thread (README, S1). Aborted
+                    // if this request goes away first, as the inline attempt was dropped.
+                    let opened = AbortOnDropHandle::new(tokio::spawn(open_h1(
+                        self.connector.clone(),
+                        self.origin.clone(),
+                    )))
+                    .await;
                     drop(opening);
+                    let sender = opened.unwrap_or_else(|e| {
+                        Err(UpstreamError::Unreachable(format!(
+                            "opening the connection failed: {e}"
+                        )))
+                    });
                     lease.sender = Some(sender?);
                     return Ok(lease);
                 }
                 Next::Wait => changed.await,
             }
         }
-    }
-
-    async fn connect_io(
-        &self,
-    ) -> Result<
-        hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>,
-        UpstreamError,
-    > {
-        let mut connector = self.connector.clone();
-        connector
-            .call(self.origin.clone())
-            .await
-            .map_err(|e| UpstreamError::Unreachable(error_chain(&*e)))
-    }
-
-    async fn connect_h1(&self) -> Result<http1::SendRequest<Body>, UpstreamError> {
-        let io = self.connect_io().await?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "API connection ended with an error");
-            }
-        });
-        Ok(sender)
     }
 
     async fn exchange_h2(
@@ -315,7 +307,7 @@ impl Pool {
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let io = self.connect_io().await?;
+        let io = connect_io(self.connector.clone(), self.origin.clone()).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(io)
@@ -328,6 +320,47 @@ impl Pool {
         });
         Ok(sender)
     }
+}
+
+/// Opens a TCP (or TLS) connection to `origin`.
+async fn connect_io(
+    mut connector: HttpsConnector<HttpConnector>,
+    origin: Uri,
+) -> Result<hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>, UpstreamError> {
+    connector
+        .call(origin)
+        .await
+        .map_err(|e| UpstreamError::Unreachable(error_chain(&*e)))
+}
+
+/// Opens an HTTP/1.1 connection to `origin` and spawns the task that drives it.
+async fn open_h1(
+    connector: HttpsConnector<HttpConnector>,
+    origin: Uri,
+) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    let io = connect_io(connector, origin).await?;
+    let (sender, connection) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "API connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+/// A future boxed behind a trait object, for rare paths.
+type OutOfLine<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Boxes `future` so that neither its state nor its `poll` becomes part of the caller's: a
+/// trait object's `poll` cannot be inlined, so the stack frame of every request's `poll` does
+/// not grow by the rare path's temporaries (its stack probes touch every page of the frame on
+/// each call).
+#[inline(never)]
+fn out_of_line<'a, T>(future: impl Future<Output = T> + Send + 'a) -> OutOfLine<'a, T> {
+    Box::pin(future)
 }
 
 /// A connection being opened: gives the "opening" count back however the attempt ends.
