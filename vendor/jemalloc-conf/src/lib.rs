@@ -17,15 +17,20 @@
 //!   `background_thread:true`, 11.6 and 13.0 MiB with these. A 100-connection flood showed no
 //!   CPU cost (19.9 and 23.5 µs of gateway CPU per message with these, 21.7 and 19.9 without;
 //!   two noisy runs each on a shared 2-core machine).
-//! - `slab_sizes:1-16384:16`: every small size class is carved from 64 KiB slabs instead of
-//!   slabs of one to a few pages. jemalloc keeps one descriptor (`edata`, 128 bytes) per slab in
+//! - `slab_sizes:1-4096:16|4097-16384:64`: the small size classes up to 4 KiB are carved from
+//!   64 KiB slabs, the larger ones (5 to 14 KiB: handshake and request buffers, mostly short
+//!   lived) from 256 KiB slabs, instead of slabs of one to a few pages. jemalloc keeps one descriptor (`edata`, 128 bytes) per slab in
 //!   metadata it never gives back to the OS, so 15,000 held connections left 1.6 MiB of
 //!   descriptors behind after they closed (jemalloc's statistics, a build with its `stats`
 //!   feature); with 16-page slabs 0.3 MiB. Scenario S1 (15,000 idle websockets, RSS 15 s after
 //!   they left), three runs each: +29-31% over the baseline with jemalloc's default slabs,
 //!   +14-15% with these; RSS per held connection 3.39-3.44 KiB before, 3.54-3.68 KiB with them.
 //!   32 pages gave the same, 8 pages +17%, 64 pages 4.06 KiB per connection. The flood's CPU
-//!   per message did not move beyond the noise.
+//!   per message did not move beyond the noise. Later, with shallower worker stacks, 64 KiB
+//!   slabs for every class gave +9.3-10.8% (fifteen runs); 256 KiB slabs for the classes above
+//!   4 KiB +8.7-9.3% (four runs alternated with them; 128 KiB for those: +9.3-9.7%; 128 KiB
+//!   for every class: +9.2%; 16 KiB for those above 4 KiB: +16.5%), at the same 3.6-3.8 KiB
+//!   per held connection and the same flood CPU per message.
 //!
 //! The environment variable `_RJEM_MALLOC_CONF` is read after these and overrides them.
 //!
@@ -36,7 +41,8 @@ use core::ffi::{c_char, CStr};
 
 /// The options, in jemalloc's `malloc_conf` syntax.
 pub const OPTIONS: &CStr = c"prof:true,prof_active:false,lg_prof_sample:19,\
-    background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,slab_sizes:1-16384:16";
+    background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,\
+    slab_sizes:1-4096:16|4097-16384:64";
 
 /// Returns the calling thread's jemalloc cache of freed blocks to the shared arenas
 /// (`mallctl("thread.tcache.flush")`), so that pages emptied by a crowd of departed connections
