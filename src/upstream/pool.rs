@@ -313,11 +313,7 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "API connection (HTTP/2) ended with an error");
-            }
-        });
+        drive(connection, "HTTP/2");
         Ok(sender)
     }
 }
@@ -343,12 +339,21 @@ async fn open_h1(
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+    drive(connection, "HTTP/1.1");
+    Ok(sender)
+}
+
+/// Spawns the task that drives an API connection (`protocol` names it in the log) until it
+/// closes.
+fn drive(
+    connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
+    protocol: &'static str,
+) {
     tokio::spawn(async move {
         if let Err(error) = connection.await {
-            tracing::debug!(%error, "API connection ended with an error");
+            tracing::debug!(%error, protocol, "API connection ended with an error");
         }
     });
-    Ok(sender)
 }
 
 /// A future boxed behind a trait object, for rare paths.
