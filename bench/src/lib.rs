@@ -16,3 +16,9 @@ pub mod net;
 pub mod procstat;
 pub mod proto;
 pub mod stats;
+
+/// Bad input to one of the tools: one line naming the tool and the flag, exit status 2.
+pub fn usage_error(tool: &str, message: &str) -> ! {
+    eprintln!("{tool}: {message}");
+    std::process::exit(2)
+}

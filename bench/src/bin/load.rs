@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_websockets::{ClientBuilder, Message, WebSocketStream};
 use ws2http_bench::proto::{self, InFlight, Reply, Verdict};
-use ws2http_bench::{net, procstat, stats};
+use ws2http_bench::{net, procstat, stats, usage_error};
 
 /// Open files one worker may use; connections per worker are kept below it.
 const FD_BUDGET_PER_PROCESS: u64 = 19_000;
@@ -128,10 +128,7 @@ fn main() {
         "idle" => Mode::Idle,
         "rate" => Mode::Rate,
         "flood" => Mode::Flood,
-        m => {
-            eprintln!("load: unknown --mode {m} (idle | rate | flood)");
-            std::process::exit(2);
-        }
+        m => usage_error("load", &format!("unknown --mode {m} (idle | rate | flood)")),
     };
     if let (Some(first), Some(count)) = (args.worker_first, args.worker_count) {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -147,8 +144,7 @@ fn main() {
         .expect("runtime");
     // Checked here too, so a bad URL is one line and exit 2 rather than a report of lost workers.
     if let Err(message) = rt.block_on(resolve(&args.url)) {
-        eprintln!("load: {message}");
-        std::process::exit(2);
+        usage_error("load", &message);
     }
     let code = rt.block_on(parent(args));
     std::process::exit(code);
@@ -513,13 +509,9 @@ async fn worker(args: Args, mode: Mode, first: u64, count: u64) {
     net::raise_nofile_limit();
     // Ctrl-C in a terminal reaches the whole process group: the parent decides, workers ignore it.
     tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
-    let (dst, base_url) = match resolve(&args.url).await {
-        Ok(resolved) => resolved,
-        Err(message) => {
-            eprintln!("load: {message}");
-            std::process::exit(2);
-        }
-    };
+    let (dst, base_url) = resolve(&args.url)
+        .await
+        .unwrap_or_else(|message| usage_error("load", &message));
     let (phase_tx, phase_rx) = watch::channel(CONNECT);
     let sh = Arc::new(Shared {
         args: args.clone(),

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
-use ws2http_bench::{proto, stats};
+use ws2http_bench::{proto, stats, usage_error};
 
 /// A request sender on one connection: HTTP/1.1 (one request at a time) or HTTP/2 (shared).
 enum Sender {
@@ -119,12 +119,6 @@ struct Args {
     quiet: bool,
 }
 
-/// Bad input: one line naming the flag, exit status 2.
-fn usage_error(message: &str) -> ! {
-    eprintln!("push: {message}");
-    std::process::exit(2)
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Args = argh::from_env();
@@ -137,7 +131,12 @@ async fn main() {
     let authority = base
         .strip_prefix("http://")
         .and_then(|r| r.split('/').next())
-        .unwrap_or_else(|| usage_error(&format!("--control must be an http:// URL (got {base})")))
+        .unwrap_or_else(|| {
+            usage_error(
+                "push",
+                &format!("--control must be an http:// URL (got {base})"),
+            )
+        })
         .to_string();
     let path_base = format!(
         "/{}",
@@ -147,7 +146,7 @@ async fn main() {
         .await
         .ok()
         .and_then(|mut a| a.next())
-        .unwrap_or_else(|| usage_error(&format!("--control: cannot resolve {authority}")));
+        .unwrap_or_else(|| usage_error("push", &format!("--control: cannot resolve {authority}")));
     let total = args.count * args.rounds;
     let next = Arc::new(AtomicU64::new(0));
     let hist = Arc::new(Mutex::new(stats::new_hist()));
