@@ -427,18 +427,18 @@ where
                 None
             }
             Event::Answer(Err(error)) => {
-                tracing::warn!(
-                    client_id = %self.handle.client_id,
-                    connection_id = %self.handle.connection_id,
-                    %error,
-                    "message not handled; closing the websocket with 1011 `{}`",
-                    error.close_reason()
-                );
                 let code = if error == UpstreamError::Overloaded {
                     1013
                 } else {
                     1011
                 };
+                tracing::warn!(
+                    client_id = %self.handle.client_id,
+                    connection_id = %self.handle.connection_id,
+                    %error,
+                    "message not handled; closing the websocket with {code} `{}`",
+                    error.close_reason()
+                );
                 Some(Ending::ours(
                     CloseReason::UpstreamFailure,
                     code,

@@ -529,6 +529,42 @@ fn log_field(log: &str, key: &str) -> usize {
 }
 
 #[tokio::test]
+async fn the_log_names_the_1013_an_overloaded_client_was_closed_with() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok("late").after(Duration::from_secs(3)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    // One API slot and no waiting place: a second message while the first is out is refused.
+    let binary = Binary::start_ready(
+        &api.base(),
+        &[
+            "--upstream-max-connections",
+            "1",
+            "--upstream-max-waiting",
+            "0",
+        ],
+        &[],
+    )
+    .await;
+    let mut first = binary.connect("/first").await;
+    let mut refused = binary.connect("/refused").await;
+    first.send(Message::text("takes the slot")).await.unwrap();
+    api.wait_for("POST", 1).await;
+    refused.send(Message::text("finds none")).await.unwrap();
+    assert_eq!(close_frame(&mut refused).await.0, 1013);
+    let log = binary
+        .wait_for_log("closing the websocket with 1013 `upstream overloaded`")
+        .await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("closing the websocket with 1013"))
+        .unwrap();
+    assert!(line.contains("client_id=refused"), "{line}");
+    assert!(!log.contains("with 1011"), "{log}");
+}
+
+#[tokio::test]
 async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_limit() {
     let api = MockApi::start().await;
     let binary = Binary::start_ready(&api.base(), &[], &[]).await;
