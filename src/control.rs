@@ -40,7 +40,10 @@ pub(crate) async fn handle(
         if request.method() != Method::GET {
             return Ok(method_not_allowed("GET"));
         }
-        let mut response = text_response(StatusCode::OK, shared.metrics.render());
+        let mut response = text_response(
+            StatusCode::OK,
+            shared.metrics.render(shared.upstream.load()),
+        );
         response.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

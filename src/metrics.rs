@@ -9,6 +9,17 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// How busy the API client is at one moment, for the `upstream_*` gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamLoad {
+    /// API connections open (idle, busy or being opened).
+    pub connections_open: usize,
+    /// Requests holding one of the API slots (sent, or about to be).
+    pub requests_in_flight: usize,
+    /// Requests waiting for a slot; beyond `--upstream-max-waiting` they fail with 1013.
+    pub requests_waiting: usize,
+}
+
 /// Why a websocket ended, as counted in `connections_closed_by_reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -183,8 +194,8 @@ impl Metrics {
         opened.saturating_sub(closed)
     }
 
-    /// Prometheus text exposition (version 0.0.4).
-    pub fn render(&self) -> String {
+    /// Prometheus text exposition (version 0.0.4), with the API client's `upstream` load.
+    pub fn render(&self, upstream: UpstreamLoad) -> String {
         let mut out = String::with_capacity(4096);
         let plain: [(&str, &str, &AtomicU64); 11] = [
             (
@@ -248,6 +259,29 @@ impl Metrics {
             "# HELP connections_active Websockets open now.\n# TYPE connections_active gauge\nconnections_active {}",
             self.connections_active()
         );
+        let gauges = [
+            (
+                "upstream_connections_open",
+                "API connections open (idle, busy or being opened).",
+                upstream.connections_open,
+            ),
+            (
+                "upstream_requests_in_flight",
+                "API requests holding a connection slot.",
+                upstream.requests_in_flight,
+            ),
+            (
+                "upstream_requests_waiting",
+                "API requests waiting for a connection slot.",
+                upstream.requests_waiting,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP connections_closed_by_reason Websockets ended, by reason.\n# TYPE connections_closed_by_reason counter"
@@ -301,14 +335,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn render_lists_ws2api_counters_and_the_histogram() {
+    fn render_lists_ws2api_counters_the_upstream_gauges_and_the_histogram() {
         let metrics = Metrics::default();
         bump(&metrics.connections_opened);
         bump(&metrics.connections_opened);
         metrics.connection_closed(CloseReason::Eof);
         metrics.observe_upstream_latency(Duration::from_micros(700));
         metrics.observe_upstream_latency(Duration::from_secs(20));
-        let text = metrics.render();
+        let text = metrics.render(UpstreamLoad {
+            connections_open: 3,
+            requests_in_flight: 2,
+            requests_waiting: 1,
+        });
         assert!(text.contains("\nconnections_opened 2\n"), "{text}");
         assert!(text.contains("\nconnections_closed 1\n"));
         assert!(text.contains("\nconnections_active 1\n"));
@@ -317,6 +355,10 @@ mod tests {
         assert!(text.contains("upstream_latency_seconds_bucket{le=\"0.001\"} 1"));
         assert!(text.contains("upstream_latency_seconds_bucket{le=\"10\"} 1"));
         assert!(text.contains("upstream_latency_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(text
+            .contains("\n# TYPE upstream_connections_open gauge\nupstream_connections_open 3\n"));
+        assert!(text.contains("\nupstream_requests_in_flight 2\n"));
+        assert!(text.contains("\nupstream_requests_waiting 1\n"));
         for name in ["requests_started", "requests_failed", "requests_succeeded"] {
             assert!(text.contains(&format!("\n{name} 0\n")), "{name}");
         }

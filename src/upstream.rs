@@ -23,7 +23,7 @@ use pool::Pool;
 /// How long an unused API connection is kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 use crate::identity::{ClientId, ConnectionId};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamLoad};
 
 /// Header carrying the gateway's id of the websocket connection.
 pub static X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
@@ -133,6 +133,8 @@ pub struct Upstream {
     pool: Arc<Pool>,
     base: String,
     permits: Semaphore,
+    /// Requests allowed at once: the number of `permits` when none is taken.
+    max_connections: usize,
     waiting: AtomicUsize,
     max_waiting: usize,
     timeout: Duration,
@@ -192,6 +194,7 @@ impl Upstream {
             pool,
             base: config.api.as_str().to_owned(),
             permits: Semaphore::new(max_connections),
+            max_connections,
             waiting: AtomicUsize::new(0),
             max_waiting,
             timeout: config.upstream_timeout,
@@ -337,6 +340,17 @@ impl Upstream {
     /// API connections open now (for tests and metrics).
     pub fn open_connections(&self) -> usize {
         self.pool.open()
+    }
+
+    /// Connections, requests in flight and requests waiting now, for the metrics.
+    pub fn load(&self) -> UpstreamLoad {
+        UpstreamLoad {
+            connections_open: self.pool.open(),
+            requests_in_flight: self
+                .max_connections
+                .saturating_sub(self.permits.available_permits()),
+            requests_waiting: self.waiting.load(Ordering::Relaxed),
+        }
     }
 
     async fn permit(&self) -> Result<SemaphorePermit<'_>, UpstreamError> {

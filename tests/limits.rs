@@ -313,7 +313,12 @@ async fn a_request_beyond_the_waiter_bound_closes_the_socket_with_1013() {
     wait_for_requests(&gateway, gets + 64.0).await;
     last_place.send(Message::text("last")).await.unwrap();
     wait_for_requests(&gateway, gets + 65.0).await;
-    assert_eq!(gateway.metrics().await["requests_failed"], 0.0);
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["requests_failed"], 0.0);
+    // The gauges show the pool full: one request on the one connection, 64 waiting.
+    assert_eq!(metrics["upstream_connections_open"], 1.0);
+    assert_eq!(metrics["upstream_requests_in_flight"], 1.0);
+    assert_eq!(metrics["upstream_requests_waiting"], 64.0);
 
     refused.send(Message::text("one too many")).await.unwrap();
     let (code, reason) = close_frame(&mut refused).await;
