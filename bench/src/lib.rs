@@ -9,9 +9,10 @@
 //!   is recognised by `load` as a delivery, whose latency is measured on arrival.
 //!
 //! The modules here hold that format ([`proto`]), the latency histograms ([`stats`]), the
-//! reading of another process's RSS and CPU time ([`procstat`]) and the source-address-spreading
-//! connect ([`net`]).
+//! reading of another process's RSS and CPU time ([`procstat`]), the source-address-spreading
+//! connect ([`net`]) and the machine's own cost of a loopback round trip ([`loopback`]).
 
+pub mod loopback;
 pub mod net;
 pub mod procstat;
 pub mod proto;

@@ -1,6 +1,7 @@
 //! End-to-end checks of the bench tools against small websocket servers written here:
 //! `load` must count clean echoes as replies, and must catch cross-talk, reordering and
-//! pushes; `mock-api` must answer GET/POST/DELETE as the gateway expects and report counters.
+//! pushes; `mock-api` must answer GET/POST/DELETE as the gateway expects and report counters;
+//! `loopback` must report the round trips it made.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -305,4 +306,27 @@ fn mock_api_answers_like_the_gateway_expects_and_counts() {
         (Some(1), Some(1), Some(1)),
         "{v}"
     );
+}
+
+#[test]
+fn loopback_reports_its_round_trips_and_refuses_zero_by_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_loopback"))
+        .args(["--round-trips", "500"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["round_trips"].as_u64(), Some(500), "{v}");
+    let cpu = v["echo_cpu_us"].as_f64().unwrap();
+    let kernel = v["echo_kernel_us"].as_f64().unwrap();
+    assert!(cpu > 0.0 && kernel <= cpu, "{v}");
+    assert!(v["wall_us"].as_f64().unwrap() > 0.0, "{v}");
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_loopback"))
+        .args(["--round-trips", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--round-trips"), "{stderr}");
 }

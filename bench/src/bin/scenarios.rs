@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use argh::FromArgs;
 use serde_json::{json, Value};
-use ws2http_bench::procstat;
+use ws2http_bench::{loopback, procstat};
 
 #[derive(FromArgs)]
 /// Run the standard ws2http benchmark scenarios S1–S5 and write results and plots.
@@ -69,6 +69,8 @@ struct Scenario {
 const CONNECT_CONCURRENCY: usize = 224;
 /// Seconds after the clients left at which S1's "RSS after leave" is sampled (full set).
 const AFTER_LEAVE_SECS: u64 = 15;
+/// Round trips of the loopback measurement made before the scenarios (about 1.5 s).
+const LOOPBACK_ROUND_TRIPS: u32 = 50_000;
 
 fn a(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
@@ -693,6 +695,24 @@ fn verdict(r: &Value, quick: bool) -> Option<bool> {
     checks(r, quick).map(|cs| cs.iter().all(Check::ok))
 }
 
+/// One sentence on what a loopback exchange cost the machine at the start of the run.
+fn machine_line(machine: &Value) -> String {
+    match (
+        machine["echo_cpu_us"].as_f64(),
+        machine["echo_kernel_us"].as_f64(),
+    ) {
+        (Some(cpu), Some(kernel)) => format!(
+            "Machine: one 64-byte read+write over loopback TCP cost {cpu:.1} µs of CPU \
+             ({kernel:.1} in the kernel) at the start of this run (`loopback`); the gateway \
+             makes two such exchanges per message.\n"
+        ),
+        _ => format!(
+            "Machine: the loopback measurement failed: {}\n",
+            f(&machine["error"])
+        ),
+    }
+}
+
 fn markdown(results: &[Value], quick: bool) -> String {
     let mut s = String::from(
         "| scenario | measured (ws2http) | target | ws2api | load avg before |\n| --- | --- | --- | --- | --- |\n",
@@ -937,6 +957,17 @@ fn main() {
     }
     let started = utc_stamp();
     let t0 = Instant::now();
+    // The machine's own price of a loopback exchange, so that runs from a faster or slower
+    // day can be compared (bench/README.md, "The machine").
+    let machine = match loopback::measure(LOOPBACK_ROUND_TRIPS) {
+        Ok(cost) => json!({
+            "round_trips": cost.round_trips,
+            "wall_us": cost.wall_us,
+            "echo_cpu_us": cost.echo_cpu_us,
+            "echo_kernel_us": cost.echo_kernel_us,
+        }),
+        Err(e) => json!({"error": e.to_string()}),
+    };
     let mut results = Vec::new();
     for sc in scenarios(args.quick) {
         if selected(sc.id, args.only.as_deref()) {
@@ -958,7 +989,11 @@ fn main() {
             o.insert("target_met".into(), json!(met));
         }
     }
-    let table = markdown(&results, args.quick);
+    let table = format!(
+        "{}\n{}",
+        machine_line(&machine),
+        markdown(&results, args.quick)
+    );
     let doc = json!({
         "started_utc": started,
         "elapsed_s": t0.elapsed().as_secs(),
@@ -970,6 +1005,7 @@ fn main() {
             .map(|s| s.lines().count()),
         "gateway_args": args.gateway_arg,
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "loopback": machine,
         "scenarios": results,
     });
     let write = |ext: &str, body: &str| {
@@ -992,6 +1028,17 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_machine_line_gives_the_loopback_cost_or_why_it_is_missing() {
+        let line = machine_line(&json!({"echo_cpu_us": 16.04, "echo_kernel_us": 15.7}));
+        assert!(
+            line.contains("16.0 µs of CPU (15.7 in the kernel)"),
+            "{line}"
+        );
+        let line = machine_line(&json!({"error": "no loopback"}));
+        assert!(line.contains("failed: no loopback"), "{line}");
+    }
 
     #[test]
     fn utc_stamp_has_the_file_name_shape() {
