@@ -377,9 +377,7 @@ async fn start_session(
         Some(io) => io,
         None => {
             tracing::debug!(client_id = %handle.client_id, "upgrade never completed");
-            // Boxed: its DELETE request is a large future that idle sessions should not carry.
-            Box::pin(session::abandoned(handle, context, shared)).await;
-            drop(permit);
+            session::abandoned(handle, context, shared, permit);
             return;
         }
     };
@@ -387,8 +385,7 @@ async fn start_session(
         .config(WsConfig::default().read_buffer_size(WEBSOCKET_READ_BUFFER))
         .limits(Limits::default().max_payload_len(Some(shared.config.max_message_size)))
         .serve(io);
-    session::run(socket, handle, context, shared).await;
-    drop(permit);
+    session::run(socket, handle, context, shared, permit).await;
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod control;
+mod departures;
 pub mod handshake;
 pub mod identity;
 pub mod metrics;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Config, DescriptorBudget};
+use departures::Departures;
 use metrics::Metrics;
 use registry::Registry;
 use session::Command;
@@ -47,6 +49,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) connection_permits: Arc<Semaphore>,
     pub(crate) shutdown_deletes: Semaphore,
+    pub(crate) departures: Departures,
     pub(crate) tasks: TaskTracker,
     draining: AtomicBool,
     shutdown_deadline: OnceLock<Instant>,
@@ -174,6 +177,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             connection_permits: Arc::new(Semaphore::new(budget.max_connections)),
             shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency.max(1)),
+            departures: Departures::new(budget.upstream_max_connections),
             config,
             budget,
             upstream,

@@ -18,6 +18,8 @@ pub struct UpstreamLoad {
     pub requests_in_flight: usize,
     /// Requests waiting for a slot; beyond `--upstream-max-waiting` they fail with 1013.
     pub requests_waiting: usize,
+    /// DELETEs of ended connections queued, not yet started.
+    pub disconnects_waiting: usize,
 }
 
 /// Why a websocket ended, as counted in `connections_closed_by_reason`.
@@ -275,6 +277,11 @@ impl Metrics {
                 "API requests waiting for a connection slot.",
                 upstream.requests_waiting,
             ),
+            (
+                "upstream_disconnects_waiting",
+                "DELETEs of ended connections queued, not yet started.",
+                upstream.disconnects_waiting,
+            ),
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(
@@ -346,6 +353,7 @@ mod tests {
             connections_open: 3,
             requests_in_flight: 2,
             requests_waiting: 1,
+            disconnects_waiting: 4,
         });
         assert!(text.contains("\nconnections_opened 2\n"), "{text}");
         assert!(text.contains("\nconnections_closed 1\n"));
@@ -359,6 +367,7 @@ mod tests {
             .contains("\n# TYPE upstream_connections_open gauge\nupstream_connections_open 3\n"));
         assert!(text.contains("\nupstream_requests_in_flight 2\n"));
         assert!(text.contains("\nupstream_requests_waiting 1\n"));
+        assert!(text.contains("\nupstream_disconnects_waiting 4\n"));
         for name in ["requests_started", "requests_failed", "requests_succeeded"] {
             assert!(text.contains(&format!("\n{name} 0\n")), "{name}");
         }

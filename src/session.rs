@@ -1,6 +1,7 @@
 //! One websocket's life, in one task: read frames and turn each message into an API request,
 //! write the API's answers back in order, deliver pushes from the connection's bounded mailbox,
-//! keep the connection alive with pings, and end it with exactly one DELETE to the API.
+//! keep the connection alive with pings, and end it with exactly one DELETE to the API (queued
+//! in [`crate::departures`], so the task ends as soon as the socket is closed).
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -16,10 +17,12 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tokio_websockets::proto::ProtocolError;
 use tokio_websockets::{CloseCode, Message, WebSocketStream};
 
+use crate::departures::{Departure, Departures};
 use crate::identity::{ClientId, ConnectionId};
 use crate::metrics::CloseReason;
 use crate::upstream::{ApiAnswer, ConnectionContext, UpstreamError};
@@ -29,10 +32,6 @@ use crate::Shared;
 pub const CLOSE_REPLACED: u16 = 4000;
 /// How long a closing handshake may take once our close frame is out.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Further tries of a DELETE that could not be sent, waiting 250 ms, 500 ms, ... 8 s before each.
-const DELETE_RETRIES: usize = 6;
-/// Wait before the first retry of a DELETE; doubled for each next one.
-const DELETE_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
 /// A message waiting in a connection's mailbox.
 #[derive(Debug, Clone)]
@@ -274,12 +273,14 @@ pub(crate) trait WriteProgress {
     fn bytes_written(&self) -> u64;
 }
 
-/// Runs an accepted connection until it ends; then sends its DELETE.
+/// Runs an accepted connection until it ends; then hands its DELETE, with the connection's
+/// `permit`, to the departures queue.
 pub(crate) async fn run<S>(
     socket: WebSocketStream<S>,
     handle: Arc<SessionHandle>,
     context: Arc<ConnectionContext>,
     shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + WriteProgress,
 {
@@ -305,21 +306,38 @@ pub(crate) async fn run<S>(
     session.schedule_timer(now);
     let ending = session.run_loop().await;
     // Boxed so that the closing steps' state does not enlarge every idle connection's task.
-    Box::pin(session.finish(ending)).await;
+    Box::pin(session.finish(ending, permit)).await;
 }
 
-/// Sends the DELETE for a connection the API accepted but whose upgrade never completed.
-pub(crate) async fn abandoned(
+/// Queues the DELETE for a connection the API accepted but whose upgrade never completed.
+pub(crate) fn abandoned(
     handle: Arc<SessionHandle>,
     context: Arc<ConnectionContext>,
     shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
 ) {
     shared
         .registry
         .remove(&handle.client_id, handle.connection_id);
     handle.close_mailbox();
     shared.metrics.connection_closed(CloseReason::Eof);
-    notify_api(&shared, &context, Ending::eof()).await;
+    depart(&shared, context, Ending::eof(), permit);
+}
+
+/// Hands the API's DELETE for an ended connection to the departures queue.
+fn depart(
+    shared: &Arc<Shared>,
+    context: Arc<ConnectionContext>,
+    ending: Ending,
+    permit: OwnedSemaphorePermit,
+) {
+    let departure = Departure {
+        context,
+        reason: Bytes::from(ending.api_reason),
+        code: ending.api_code,
+        permit: Some(permit),
+    };
+    Departures::push(shared, departure);
 }
 
 struct Session<S> {
@@ -628,7 +646,7 @@ where
         }
     }
 
-    async fn finish(self, ending: Ending) {
+    async fn finish(self, ending: Ending, permit: OwnedSemaphorePermit) {
         let Session {
             mut socket,
             mut in_flight,
@@ -677,64 +695,7 @@ where
         );
         // The API hears of the close only after it has answered every earlier message.
         while in_flight.next().await.is_some() {}
-        notify_api(&shared, &context, ending).await;
-    }
-}
-
-async fn notify_api(shared: &Shared, context: &ConnectionContext, ending: Ending) {
-    let _permit = if shared.is_draining() {
-        shared.shutdown_deletes.acquire().await.ok()
-    } else {
-        None
-    };
-    let reason = Bytes::from(ending.api_reason);
-    let mut backoff = DELETE_RETRY_BACKOFF;
-    let mut result = shared
-        .upstream
-        .disconnect(context, reason.clone(), ending.api_code)
-        .await;
-    // A DELETE refused before it was sent (no API slot free, API not reachable) is sent again
-    // a few times: the API must hear of every disconnect, and cannot have heard of this one.
-    for _ in 0..DELETE_RETRIES {
-        match &result {
-            Err(UpstreamError::Overloaded | UpstreamError::Unreachable(_)) => {}
-            _ => break,
-        }
-        tokio::time::sleep(backoff).await;
-        backoff *= 2;
-        result = shared
-            .upstream
-            .disconnect(context, reason.clone(), ending.api_code)
-            .await;
-    }
-    match result {
-        Ok(answer) => {
-            shared
-                .metrics
-                .disconnects_notified
-                .fetch_add(1, Ordering::Relaxed);
-            if answer.status.is_success() {
-                return;
-            }
-            tracing::warn!(
-                client_id = %context.client_id,
-                connection_id = %context.connection_id,
-                status = %answer.status,
-                "API answered the DELETE with an error status"
-            );
-        }
-        Err(error) => {
-            shared
-                .metrics
-                .disconnects_failed
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                client_id = %context.client_id,
-                connection_id = %context.connection_id,
-                %error,
-                "the API was not told of this disconnect"
-            );
-        }
+        depart(&shared, context, ending, permit);
     }
 }
 

@@ -342,7 +342,8 @@ impl Upstream {
         self.pool.open()
     }
 
-    /// Connections, requests in flight and requests waiting now, for the metrics.
+    /// Connections, requests in flight and requests waiting now, for the metrics (the queued
+    /// DELETEs are the departures queue's to fill in).
     pub fn load(&self) -> UpstreamLoad {
         UpstreamLoad {
             connections_open: self.pool.open(),
@@ -350,6 +351,7 @@ impl Upstream {
                 .max_connections
                 .saturating_sub(self.permits.available_permits()),
             requests_waiting: self.waiting.load(Ordering::Relaxed),
+            disconnects_waiting: 0,
         }
     }
 

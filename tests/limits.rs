@@ -534,6 +534,46 @@ fn log_field(log: &str, key: &str) -> usize {
 }
 
 #[tokio::test]
+async fn a_crowd_leaving_at_once_gets_every_delete_through_two_api_slots() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "DELETE" => Reply::ok("ok").after(Duration::from_millis(250)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    // Two API slots and no place to wait for one: each DELETE waits its turn in the
+    // departures queue rather than being refused and given up after its retries.
+    config.upstream_max_connections = Some(2);
+    config.upstream_max_waiting = Some(0);
+    let gateway = TestGateway::start(config).await;
+    let mut crowd = Vec::new();
+    for i in 0..30 {
+        crowd.push(gateway.connect(&format!("/c{i}")).await);
+    }
+    drop(crowd);
+    let deletes = api.wait_for("DELETE", 30).await;
+    let mut told: Vec<String> = deletes.iter().map(|d| d.uri.clone()).collect();
+    told.sort();
+    told.dedup();
+    assert_eq!(told.len(), 30, "one DELETE per client: {told:?}");
+    // Counted once answered; the last ones are answered 250 ms after the API saw them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = gateway.metrics().await;
+        if metrics["disconnects_notified"] + metrics["disconnects_failed"] >= 30.0
+            || Instant::now() > deadline
+        {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(metrics["disconnects_failed"], 0.0);
+    assert_eq!(metrics["disconnects_notified"], 30.0);
+    assert_eq!(metrics["upstream_disconnects_waiting"], 0.0);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
 async fn the_log_names_the_1013_an_overloaded_client_was_closed_with() {
     let api = MockApi::with_script(|s| match s.method.as_str() {
         "POST" => Reply::ok("late").after(Duration::from_secs(3)),

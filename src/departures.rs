@@ -1,0 +1,243 @@
+//! The DELETEs of connections that have ended, queued and sent by a few tasks.
+//!
+//! A session hands its DELETE over here and its task ends, giving back everything it held but
+//! the little this queue keeps (the connection's context, the close reason and the connection
+//! permit). When a crowd leaves at once, the DELETEs wait here in order, at most one per API
+//! slot being sent, instead of each departed session waiting with a whole request of its own:
+//! memory stays near what the crowd held, and no DELETE is refused for lack of a waiting place.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::upstream::{ConnectionContext, UpstreamError};
+use crate::Shared;
+
+/// Further tries of a DELETE that could not be sent, waiting 250 ms, 500 ms, ... 8 s before each.
+const DELETE_RETRIES: usize = 6;
+/// Wait before the first retry of a DELETE; doubled for each next one.
+const DELETE_RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// Room for departures kept once the queue is empty again.
+const KEPT_CAPACITY: usize = 64;
+
+/// One ended connection whose API has not been told yet.
+pub(crate) struct Departure {
+    /// The connection's ClientId, ConnectionId and forwarded headers.
+    pub(crate) context: Arc<ConnectionContext>,
+    /// Body of the DELETE: the close reason.
+    pub(crate) reason: Bytes,
+    /// `X-Close-Code` of the DELETE, if the close had a code.
+    pub(crate) code: Option<u16>,
+    /// The connection's place under `--max-connections`, given back once the API was told, so
+    /// the queue never holds more than that many departures.
+    pub(crate) permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Departures waiting for their DELETE, and how many tasks are sending them.
+pub(crate) struct Departures {
+    state: Mutex<QueueState>,
+    /// Tasks sending at most; each sends one DELETE at a time.
+    max_senders: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    waiting: VecDeque<Departure>,
+    senders: usize,
+}
+
+impl Departures {
+    /// A queue sent by at most `max_senders` tasks (one per API slot is enough).
+    pub(crate) fn new(max_senders: usize) -> Departures {
+        Departures {
+            state: Mutex::new(QueueState::default()),
+            max_senders: max_senders.max(1),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Departures whose DELETE has not started yet.
+    pub(crate) fn waiting(&self) -> usize {
+        self.state().waiting.len()
+    }
+
+    /// Queues `departure`; starts a sender task (tracked, so shutdown waits for it) when fewer
+    /// than the maximum are running.
+    pub(crate) fn push(shared: &Arc<Shared>, departure: Departure) {
+        if shared.departures.enqueue(departure) {
+            shared.tasks.spawn(send_departures(Arc::clone(shared)));
+        }
+    }
+
+    /// Queues `departure`; true when the caller is to start one more sender (counted now).
+    fn enqueue(&self, departure: Departure) -> bool {
+        let mut state = self.state();
+        state.waiting.push_back(departure);
+        let start = state.senders < self.max_senders;
+        if start {
+            state.senders += 1;
+        }
+        start
+    }
+
+    /// The next departure to send, or `None` after counting the asking sender out.
+    fn next_or_retire(&self) -> Option<Departure> {
+        let mut state = self.state();
+        let next = state.waiting.pop_front();
+        if next.is_none() {
+            state.senders -= 1;
+            // A crowd's departures took room for all of them (64 bytes each); give it back.
+            if state.waiting.capacity() > KEPT_CAPACITY {
+                state.waiting = VecDeque::new();
+            }
+        }
+        next
+    }
+}
+
+/// One sender: sends queued DELETEs one after another until the queue is empty.
+async fn send_departures(shared: Arc<Shared>) {
+    while let Some(departure) = shared.departures.next_or_retire() {
+        notify_api(
+            &shared,
+            &departure.context,
+            departure.reason,
+            departure.code,
+        )
+        .await;
+        drop(departure.permit);
+    }
+}
+
+/// Sends one DELETE, trying again while it could not be sent; counts and logs the outcome.
+async fn notify_api(
+    shared: &Shared,
+    context: &ConnectionContext,
+    reason: Bytes,
+    code: Option<u16>,
+) {
+    let _permit = if shared.is_draining() {
+        shared.shutdown_deletes.acquire().await.ok()
+    } else {
+        None
+    };
+    let mut backoff = DELETE_RETRY_BACKOFF;
+    let mut result = shared
+        .upstream
+        .disconnect(context, reason.clone(), code)
+        .await;
+    // A DELETE refused before it was sent (no API slot free, API not reachable) is sent again
+    // a few times: the API must hear of every disconnect, and cannot have heard of this one.
+    for _ in 0..DELETE_RETRIES {
+        match &result {
+            Err(UpstreamError::Overloaded | UpstreamError::Unreachable(_)) => {}
+            _ => break,
+        }
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+        result = shared
+            .upstream
+            .disconnect(context, reason.clone(), code)
+            .await;
+    }
+    match result {
+        Ok(answer) => {
+            shared
+                .metrics
+                .disconnects_notified
+                .fetch_add(1, Ordering::Relaxed);
+            if answer.status.is_success() {
+                return;
+            }
+            tracing::warn!(
+                client_id = %context.client_id,
+                connection_id = %context.connection_id,
+                status = %answer.status,
+                "API answered the DELETE with an error status"
+            );
+        }
+        Err(error) => {
+            shared
+                .metrics
+                .disconnects_failed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                client_id = %context.client_id,
+                connection_id = %context.connection_id,
+                %error,
+                "the API was not told of this disconnect"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::identity::{ClientId, ConnectionId};
+    use crate::metrics::Metrics;
+    use crate::upstream::Upstream;
+    use http::HeaderMap;
+
+    fn departure(upstream: &Upstream, client: &str) -> Departure {
+        let context = upstream
+            .context(
+                ConnectionId::next(),
+                ClientId::from_path(client).unwrap(),
+                &HeaderMap::new(),
+            )
+            .unwrap();
+        Departure {
+            context: Arc::new(context),
+            reason: Bytes::from_static(b"EOF"),
+            code: None,
+            permit: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn departures_leave_in_order_with_at_most_the_allowed_senders() {
+        let upstream =
+            Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
+        let queue = Departures::new(2);
+        let started: Vec<bool> = ["/a", "/b", "/c", "/d"]
+            .iter()
+            .map(|c| queue.enqueue(departure(&upstream, c)))
+            .collect();
+        assert_eq!(started, [true, true, false, false], "two senders at most");
+        assert_eq!(queue.waiting(), 4);
+        let order: Vec<String> = std::iter::from_fn(|| queue.next_or_retire())
+            .map(|d| d.context.client_id.as_str().to_owned())
+            .collect();
+        assert_eq!(order, ["a", "b", "c", "d"]);
+        // The sender that found the queue empty retired; once the other one does too, new
+        // departures start senders again, two at most.
+        assert!(queue.next_or_retire().is_none());
+        let started: Vec<bool> = ["/e", "/f", "/g"]
+            .iter()
+            .map(|c| queue.enqueue(departure(&upstream, c)))
+            .collect();
+        assert_eq!(started, [true, true, false]);
+    }
+
+    #[tokio::test]
+    async fn an_emptied_queue_gives_back_a_crowds_room() {
+        let upstream =
+            Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
+        let queue = Departures::new(1);
+        for i in 0..1000 {
+            queue.enqueue(departure(&upstream, &format!("/c{i}")));
+        }
+        assert!(queue.state().waiting.capacity() >= 1000);
+        while queue.next_or_retire().is_some() {}
+        assert!(queue.state().waiting.capacity() <= KEPT_CAPACITY);
+    }
+}
