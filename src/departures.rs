@@ -2,9 +2,10 @@
 //!
 //! A session hands its DELETE over here and its task ends, giving back everything it held but
 //! the little this queue keeps (the connection's context, the close reason and the connection
-//! permit). When a crowd leaves at once, the DELETEs wait here in order, at most one per API
-//! slot being sent, instead of each departed session waiting with a whole request of its own:
-//! memory stays near what the crowd held, and no DELETE is refused for lack of a waiting place.
+//! permit). When a crowd leaves at once, the DELETEs wait here in order, sent by at most one
+//! task per two API slots (the other half stays free for the clients that remain), instead of
+//! each departed session waiting with a whole request of its own: memory stays near what the
+//! crowd held, and no DELETE is refused for lack of a waiting place.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -51,7 +52,7 @@ struct QueueState {
 }
 
 impl Departures {
-    /// A queue sent by at most `max_senders` tasks (one per API slot is enough).
+    /// A queue sent by at most `max_senders` tasks (at least one).
     pub(crate) fn new(max_senders: usize) -> Departures {
         Departures {
             state: Mutex::new(QueueState::default()),

@@ -177,7 +177,9 @@ impl Gateway {
         let shared = Arc::new(Shared {
             connection_permits: Arc::new(Semaphore::new(budget.max_connections)),
             shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency.max(1)),
-            departures: Departures::new(budget.upstream_max_connections),
+            // Half the API slots at most: a crowd leaving at once leaves the other half to the
+            // clients that stay, whose messages would otherwise wait behind its DELETEs.
+            departures: Departures::new(budget.upstream_max_connections / 2),
             config,
             budget,
             upstream,

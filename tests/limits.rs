@@ -534,16 +534,18 @@ fn log_field(log: &str, key: &str) -> usize {
 }
 
 #[tokio::test]
-async fn a_crowd_leaving_at_once_gets_every_delete_through_two_api_slots() {
+async fn a_crowd_leaving_at_once_gets_every_delete_through_four_api_slots() {
     let api = MockApi::with_script(|s| match s.method.as_str() {
         "DELETE" => Reply::ok("ok").after(Duration::from_millis(250)),
+        "POST" => Reply::ok(s.body.clone()),
         _ => Reply::ok("ok"),
     })
     .await;
     let mut config = test_config(&api);
-    // Two API slots and no place to wait for one: each DELETE waits its turn in the
-    // departures queue rather than being refused and given up after its retries.
-    config.upstream_max_connections = Some(2);
+    // Four API slots and no place to wait for one: each DELETE waits its turn in the
+    // departures queue (sent two at a time, half the slots) rather than being refused and
+    // given up after its retries.
+    config.upstream_max_connections = Some(4);
     config.upstream_max_waiting = Some(0);
     let gateway = TestGateway::start(config).await;
     let mut crowd = Vec::new();
@@ -551,6 +553,10 @@ async fn a_crowd_leaving_at_once_gets_every_delete_through_two_api_slots() {
         crowd.push(gateway.connect(&format!("/c{i}")).await);
     }
     drop(crowd);
+    // Two at a time, never more: the other two slots stay free for a client that stays.
+    api.wait_for("DELETE", 2).await;
+    let mut stays = gateway.connect("/stays").await;
+    assert_eq!(round_trip(&mut stays, "still here").await, "still here");
     let deletes = api.wait_for("DELETE", 30).await;
     let mut told: Vec<String> = deletes.iter().map(|d| d.uri.clone()).collect();
     told.sort();
