@@ -40,9 +40,10 @@ pub(crate) async fn handle(
         if request.method() != Method::GET {
             return Ok(method_not_allowed("GET"));
         }
-        let mut load = shared.upstream.load();
-        load.disconnects_waiting = shared.departures.waiting();
-        let mut response = text_response(StatusCode::OK, shared.metrics.render(load));
+        let metrics = shared
+            .metrics
+            .render(shared.upstream.load(), shared.departures.waiting());
+        let mut response = text_response(StatusCode::OK, metrics);
         response.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -35,7 +35,7 @@ pub(crate) struct Departure {
     pub(crate) code: Option<u16>,
     /// The connection's place under `--max-connections`, given back once the API was told, so
     /// the queue never holds more than that many departures.
-    pub(crate) permit: Option<OwnedSemaphorePermit>,
+    pub(crate) permit: OwnedSemaphorePermit,
 }
 
 /// Departures waiting for their DELETE, and how many tasks are sending them.
@@ -187,6 +187,7 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::upstream::Upstream;
     use http::HeaderMap;
+    use tokio::sync::Semaphore;
 
     fn departure(upstream: &Upstream, client: &str) -> Departure {
         let context = upstream
@@ -200,7 +201,7 @@ mod tests {
             context: Arc::new(context),
             reason: Bytes::from_static(b"EOF"),
             code: None,
-            permit: None,
+            permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
         }
     }
 

@@ -18,8 +18,6 @@ pub struct UpstreamLoad {
     pub requests_in_flight: usize,
     /// Requests waiting for a slot; beyond `--upstream-max-waiting` they fail with 1013.
     pub requests_waiting: usize,
-    /// DELETEs of ended connections queued, not yet started.
-    pub disconnects_waiting: usize,
 }
 
 /// Why a websocket ended, as counted in `connections_closed_by_reason`.
@@ -196,8 +194,9 @@ impl Metrics {
         opened.saturating_sub(closed)
     }
 
-    /// Prometheus text exposition (version 0.0.4), with the API client's `upstream` load.
-    pub fn render(&self, upstream: UpstreamLoad) -> String {
+    /// Prometheus text exposition (version 0.0.4), with the API client's `upstream` load and
+    /// the number of DELETEs of ended connections queued (`disconnects_waiting`).
+    pub fn render(&self, upstream: UpstreamLoad, disconnects_waiting: usize) -> String {
         let mut out = String::with_capacity(4096);
         let plain: [(&str, &str, &AtomicU64); 11] = [
             (
@@ -280,7 +279,7 @@ impl Metrics {
             (
                 "upstream_disconnects_waiting",
                 "DELETEs of ended connections queued, not yet started.",
-                upstream.disconnects_waiting,
+                disconnects_waiting,
             ),
         ];
         for (name, help, value) in gauges {
@@ -349,12 +348,14 @@ mod tests {
         metrics.connection_closed(CloseReason::Eof);
         metrics.observe_upstream_latency(Duration::from_micros(700));
         metrics.observe_upstream_latency(Duration::from_secs(20));
-        let text = metrics.render(UpstreamLoad {
-            connections_open: 3,
-            requests_in_flight: 2,
-            requests_waiting: 1,
-            disconnects_waiting: 4,
-        });
+        let text = metrics.render(
+            UpstreamLoad {
+                connections_open: 3,
+                requests_in_flight: 2,
+                requests_waiting: 1,
+            },
+            4,
+        );
         assert!(text.contains("\nconnections_opened 2\n"), "{text}");
         assert!(text.contains("\nconnections_closed 1\n"));
         assert!(text.contains("\nconnections_active 1\n"));

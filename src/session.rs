@@ -335,7 +335,7 @@ fn depart(
         context,
         reason: Bytes::from(ending.api_reason),
         code: ending.api_code,
-        permit: Some(permit),
+        permit,
     };
     Departures::push(shared, departure);
 }

@@ -342,8 +342,7 @@ impl Upstream {
         self.pool.open()
     }
 
-    /// Connections, requests in flight and requests waiting now, for the metrics (the queued
-    /// DELETEs are the departures queue's to fill in).
+    /// Connections, requests in flight and requests waiting now, for the metrics.
     pub fn load(&self) -> UpstreamLoad {
         UpstreamLoad {
             connections_open: self.pool.open(),
@@ -351,7 +350,6 @@ impl Upstream {
                 .max_connections
                 .saturating_sub(self.permits.available_permits()),
             requests_waiting: self.waiting.load(Ordering::Relaxed),
-            disconnects_waiting: 0,
         }
     }
 
