@@ -350,9 +350,10 @@ fn utc_stamp() -> String {
 }
 
 /// A few clients connect to the gateway on `port`, exchange messages and leave; then the
-/// gateway is left alone for `idle_secs`. Failures only cost the warm-up, so they are printed,
-/// not returned.
-fn warm_up(bins: &Bins, port: u16, idle_secs: u64) {
+/// gateway is left alone for `idle_secs`. Returns what `load` reported of them (connections,
+/// replies, errors; `{"error": ...}` if it could not run), kept in the scenario's JSON so that a
+/// baseline taken after a failed warm-up can be told apart.
+fn warm_up(bins: &Bins, port: u16, idle_secs: u64) -> Value {
     eprintln!("--- warm-up: {WARM_UP_CLIENTS} clients, then {idle_secs} s idle");
     let out = Command::new(&bins.load)
         .args(["--url", &format!("ws://127.0.0.1:{port}/")])
@@ -362,16 +363,24 @@ fn warm_up(bins: &Bins, port: u16, idle_secs: u64) {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .output();
-    match out {
+    let summary = match out {
         Ok(o) => {
             let report = last_json(&String::from_utf8_lossy(&o.stdout));
-            if report["errors_total"].as_u64() != Some(0) {
-                eprintln!("warm-up: errors {}", report["errors_total"]);
-            }
+            json!({
+                "clients": WARM_UP_CLIENTS,
+                "established": report["established"],
+                "replies": report["replies"],
+                "errors_total": report["errors_total"],
+                "idle_secs": idle_secs,
+            })
         }
-        Err(e) => eprintln!("warm-up: load: {e}"),
+        Err(e) => json!({"error": format!("load: {e}")}),
+    };
+    if summary["errors_total"].as_u64() != Some(0) {
+        eprintln!("warm-up did not go cleanly: {summary}");
     }
     std::thread::sleep(Duration::from_secs(idle_secs));
+    summary
 }
 
 struct Bins {
@@ -425,11 +434,11 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
     // a few clients and they have gone (with its warm API connection): the code and the stack
     // depth any first connection brings in are then part of it. The start-up figure stays in the
     // JSON and the table beside it.
-    let baseline = if sc.id == "S1" {
-        warm_up(bins, gport, if args.quick { 2 } else { WARM_UP_IDLE_SECS });
-        procstat::sample(gpid)
+    let (baseline, warm_up_report) = if sc.id == "S1" {
+        let report = warm_up(bins, gport, if args.quick { 2 } else { WARM_UP_IDLE_SECS });
+        (procstat::sample(gpid), report)
     } else {
-        cold_baseline
+        (cold_baseline, Value::Null)
     };
 
     let mut load_cmd = Command::new(&bins.load);
@@ -509,6 +518,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         "ws2api": sc.ws2api,
         "load_args": sc.load_args,
         "gateway_cold_baseline": cold_baseline.map(procstat::Sample::to_json),
+        "warm_up": warm_up_report,
         "gateway_baseline": baseline.map(procstat::Sample::to_json),
         "gateway_push_cpu": push_cpu,
         "gateway_5s_after_leave": soon_after_leave.map(procstat::Sample::to_json),
