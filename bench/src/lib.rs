@@ -10,8 +10,10 @@
 //!
 //! The modules here hold that format ([`proto`]), the latency histograms ([`stats`]), the
 //! reading of another process's RSS and CPU time ([`procstat`]), the source-address-spreading
-//! connect ([`net`]) and the machine's own cost of a loopback round trip ([`loopback`]).
+//! connect ([`net`]), the machine's own cost of a loopback round trip ([`loopback`]) and the
+//! gateway's API-pool gauges over a run ([`gauges`]).
 
+pub mod gauges;
 pub mod loopback;
 pub mod net;
 pub mod procstat;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use argh::FromArgs;
 use serde_json::{json, Value};
-use ws2http_bench::{loopback, procstat};
+use ws2http_bench::{gauges, loopback, procstat};
 
 #[derive(FromArgs)]
 /// Run the standard ws2http benchmark scenarios S1–S5 and write results and plots.
@@ -74,6 +74,8 @@ const AFTER_LEAVE_SECS: u64 = 15;
 const WARM_UP_IDLE_SECS: u64 = 12;
 /// Clients of S1's warm-up; each sends five messages over one second, then leaves.
 const WARM_UP_CLIENTS: u64 = 4;
+/// How often the gateway's API-pool gauges are read during a scenario.
+const GAUGE_PERIOD: Duration = Duration::from_millis(250);
 /// Round trips of the loopback measurement made before the scenarios (about 1.5 s).
 const LOOPBACK_ROUND_TRIPS: u32 = 50_000;
 
@@ -441,6 +443,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         (cold_baseline, Value::Null)
     };
 
+    let gauges = gauges::Poller::start(cport, GAUGE_PERIOD);
     let mut load_cmd = Command::new(&bins.load);
     load_cmd
         .args(&sc.load_args)
@@ -493,6 +496,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
             .unwrap_or_default()
     };
     let load_report = last_json(&load_out);
+    let gateway_gauges = gauges.finish();
 
     // After the clients have left: give the allocator a moment, then sample. S1's figure is
     // taken again after the API pool's warm connections' idle timeout (10 s), when nothing
@@ -519,6 +523,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         "load_args": sc.load_args,
         "gateway_cold_baseline": cold_baseline.map(procstat::Sample::to_json),
         "warm_up": warm_up_report,
+        "gateway_gauges": gateway_gauges,
         "gateway_baseline": baseline.map(procstat::Sample::to_json),
         "gateway_push_cpu": push_cpu,
         "gateway_5s_after_leave": soon_after_leave.map(procstat::Sample::to_json),
@@ -603,12 +608,14 @@ fn measured(r: &Value) -> String {
             errs
         ),
         "S3a" | "S3b" | "S4" => format!(
-            "**{} replies/s**; {}; **{} µs CPU/msg** (kernel {}; {}% CPU); {}",
+            "**{} replies/s**; {}; **{} µs CPU/msg** (kernel {}; {}% CPU); API connections up to {}, requests waiting for one up to {}; {}",
             f(&l["replies_per_s"]),
             lat(&l["latency"]),
             f(&g["cpu_us_per_msg"]),
             f(&g["sys_us_per_msg"]),
             f(&g["cpu_pct_message_phase"]),
+            f(&r["gateway_gauges"]["max"]["upstream_connections_open"]),
+            f(&r["gateway_gauges"]["max"]["upstream_requests_waiting"]),
             errs
         ),
         "S5" | "S5b" => format!(
