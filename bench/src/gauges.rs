@@ -66,10 +66,14 @@ fn fetch(port: u16) -> Option<Gauges> {
     Gauges::parse(answer.split_once("\r\n\r\n")?.1)
 }
 
-/// A thread reading the gauges every `period` until [`Poller::finish`].
+/// What the polling thread hands back: (seconds since the start, gauges) per read, and how many
+/// reads failed.
+type Readings = (Vec<(f64, Gauges)>, u64);
+
+/// A thread reading the gauges every `period` until [`Poller::finish`] (or until dropped).
 pub struct Poller {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<(Vec<(f64, Gauges)>, u64)>,
+    thread: Option<JoinHandle<Readings>>,
     period: Duration,
 }
 
@@ -94,17 +98,27 @@ impl Poller {
         });
         Poller {
             stop,
-            thread,
+            thread: Some(thread),
             period,
         }
     }
 
     /// Stops reading; returns the samples as `[seconds, open, in flight, waiting, disconnects
     /// waiting]` rows, their maxima and how many reads failed.
-    pub fn finish(self) -> Value {
+    pub fn finish(mut self) -> Value {
         self.stop.store(true, Ordering::Relaxed);
-        let (samples, failed) = self.thread.join().unwrap_or_default();
+        let (samples, failed) = self
+            .thread
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_default();
         summary(&samples, failed, self.period)
+    }
+}
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
