@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use super::raw_http;
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().unwrap().port()
-}
+#[path = "../ports/mod.rs"]
+mod ports;
+pub use ports::free_port;
 
 /// `text` without ANSI colour sequences (`ESC [ ... letter`).
 pub fn strip_ansi(text: &str) -> String {
