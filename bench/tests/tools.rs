@@ -260,24 +260,28 @@ fn http(port: u16, req: &str) -> String {
 
 #[test]
 fn mock_api_answers_like_the_gateway_expects_and_counts() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let child = Command::new(env!("CARGO_BIN_EXE_mock-api"))
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+    // Port 0 and the address mock-api prints: a port picked here and handed over could be
+    // taken by another test's socket before the child binds it.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mock-api"))
+        .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut up = false;
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            up = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(up, "mock-api listening");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    // Keep reading its stderr so that a later message never meets a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let port: u16 = line
+        .trim()
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or_else(|| panic!("mock-api did not say where it listens: {line:?}"));
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "mock-api listening on {port}"
+    );
     let get = http(
         port,
         "GET /b1?x=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
