@@ -28,6 +28,18 @@ pub struct LoopbackCost {
     pub echo_kernel_us: f64,
 }
 
+impl LoopbackCost {
+    /// The figures as the JSON object `loopback` prints and the scenario runner records.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "round_trips": self.round_trips,
+            "wall_us": self.wall_us,
+            "echo_cpu_us": self.echo_cpu_us,
+            "echo_kernel_us": self.echo_kernel_us,
+        })
+    }
+}
+
 /// User and kernel CPU time of the calling thread, µs.
 fn thread_cpu_us() -> io::Result<(f64, f64)> {
     // SAFETY: getrusage only writes into the zeroed struct we pass.

@@ -5,7 +5,6 @@
 //! makes two such exchanges per message (websocket and API), see `ws2http_bench::loopback`.
 
 use argh::FromArgs;
-use serde_json::json;
 use ws2http_bench::{loopback, usage_error};
 
 /// Measure the CPU cost of a loopback TCP round trip on this machine.
@@ -23,15 +22,7 @@ fn main() {
     }
     match loopback::measure(args.round_trips) {
         Ok(f) => {
-            println!(
-                "{}",
-                json!({
-                    "round_trips": f.round_trips,
-                    "wall_us": f.wall_us,
-                    "echo_cpu_us": f.echo_cpu_us,
-                    "echo_kernel_us": f.echo_kernel_us,
-                })
-            );
+            println!("{}", f.to_json());
             eprintln!(
                 "loopback TCP, 64 bytes each way: {:.1} µs per round trip; the echoing side spent \
                  {:.2} µs of CPU ({:.2} in the kernel) per read+write pair; two such pairs, as \

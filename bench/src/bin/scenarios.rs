@@ -1030,12 +1030,7 @@ fn main() {
     // The machine's own price of a loopback exchange, so that runs from a faster or slower
     // day can be compared (bench/README.md, "The machine").
     let machine = match loopback::measure(LOOPBACK_ROUND_TRIPS) {
-        Ok(cost) => json!({
-            "round_trips": cost.round_trips,
-            "wall_us": cost.wall_us,
-            "echo_cpu_us": cost.echo_cpu_us,
-            "echo_kernel_us": cost.echo_kernel_us,
-        }),
+        Ok(cost) => cost.to_json(),
         Err(e) => json!({"error": e.to_string()}),
     };
     let mut results = Vec::new();
