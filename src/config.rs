@@ -28,6 +28,9 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// Concurrent API requests (and so pooled API connections); `None` derives it.
     pub upstream_max_connections: Option<usize>,
+    /// API requests always allowed at once; above it (up to `upstream_max_connections`) more
+    /// are allowed only while the API keeps its pace (see `upstream::limit`).
+    pub upstream_min_concurrency: usize,
     /// Requests that may wait for a free API connection before more are refused (`1013` on a
     /// message, `503` on a handshake); `None`: 4 × the API connections, at least 4096.
     pub upstream_max_waiting: Option<usize>,
@@ -121,6 +124,7 @@ impl Default for Config {
             max_pending_handshakes: 512,
             upstream_timeout: Duration::from_secs(30),
             upstream_max_connections: None,
+            upstream_min_concurrency: 64,
             upstream_max_waiting: None,
             upstream_http2: false,
             api_ca: None,

@@ -273,6 +273,9 @@ fn validate(config: &Config) -> Result<(), StartError> {
     if config.max_message_size == 0 {
         return fail("--max-message-size must be at least 1 byte");
     }
+    if config.upstream_min_concurrency == 0 {
+        return fail("--upstream-min-concurrency must be at least 1");
+    }
     if config.max_queued_messages == 0 {
         return fail("--max-queued-messages must be at least 1");
     }

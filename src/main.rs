@@ -56,6 +56,12 @@ struct Args {
     #[argh(option)]
     upstream_max_connections: Option<usize>,
 
+    /// API requests always allowed at once; more, up to --upstream-max-connections, only while
+    /// the API answers at its usual pace (default 64; equal to --upstream-max-connections for
+    /// a fixed limit)
+    #[argh(option, default = "64")]
+    upstream_min_concurrency: usize,
+
     /// API requests that may wait for a free API connection before more are refused (1013 on
     /// a message, 503 on a handshake); default: 4 x --upstream-max-connections, at least 4096
     #[argh(option)]
@@ -210,6 +216,7 @@ fn config_from(args: &Args) -> Result<Config, String> {
         max_pending_handshakes: args.max_pending_handshakes,
         upstream_timeout: args.upstream_timeout,
         upstream_max_connections: args.upstream_max_connections,
+        upstream_min_concurrency: args.upstream_min_concurrency,
         upstream_max_waiting: args.upstream_max_waiting,
         upstream_http2: args.upstream_http2,
         api_ca: args.api_ca.clone(),
@@ -310,6 +317,9 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
         }
     };
     let budget = gateway.budget();
+    let upstream_min_concurrency = config
+        .upstream_min_concurrency
+        .min(budget.upstream_max_connections);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         public = %gateway.public_addr(),
@@ -319,6 +329,7 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
         open_file_limit = budget.open_file_limit,
         max_connections = budget.max_connections,
         upstream_max_connections = budget.upstream_max_connections,
+        upstream_min_concurrency,
         upstream_max_waiting = budget.upstream_max_waiting,
         pending_handshakes = budget.pending_handshakes,
         worker_threads = workers,

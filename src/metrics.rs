@@ -16,6 +16,8 @@ pub struct UpstreamLoad {
     pub connections_open: usize,
     /// Requests holding one of the API slots (sent, or about to be).
     pub requests_in_flight: usize,
+    /// API slots now: requests the API may have at once, adapted to its pace.
+    pub concurrency_limit: usize,
     /// Requests waiting for a slot; beyond `--upstream-max-waiting` they fail with 1013.
     pub requests_waiting: usize,
 }
@@ -272,6 +274,11 @@ impl Metrics {
                 upstream.requests_in_flight,
             ),
             (
+                "upstream_concurrency_limit",
+                "API requests allowed at once now (grows while the API keeps its pace).",
+                upstream.concurrency_limit,
+            ),
+            (
                 "upstream_requests_waiting",
                 "API requests waiting for a connection slot.",
                 upstream.requests_waiting,
@@ -352,6 +359,7 @@ mod tests {
             UpstreamLoad {
                 connections_open: 3,
                 requests_in_flight: 2,
+                concurrency_limit: 64,
                 requests_waiting: 1,
             },
             4,
@@ -367,6 +375,7 @@ mod tests {
         assert!(text
             .contains("\n# TYPE upstream_connections_open gauge\nupstream_connections_open 3\n"));
         assert!(text.contains("\nupstream_requests_in_flight 2\n"));
+        assert!(text.contains("\nupstream_concurrency_limit 64\n"));
         assert!(text.contains("\nupstream_requests_waiting 1\n"));
         assert!(text.contains("\nupstream_disconnects_waiting 4\n"));
         for name in ["requests_started", "requests_failed", "requests_succeeded"] {

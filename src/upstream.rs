@@ -1,6 +1,7 @@
 //! The API client: one pooled HTTP client for every connection's GET, POSTs and DELETE, with a
-//! cap on concurrent requests, a deadline per request, the headers the API relies on, and the
-//! error classes the rest of the gateway maps to status and close codes.
+//! limit on concurrent requests that follows the API's pace, a deadline per request, the
+//! headers the API relies on, and the error classes the rest of the gateway maps to status and
+//! close codes.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -13,11 +14,12 @@ use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, COOKIE}
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
-use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::Config;
 
+mod limit;
 mod pool;
+use limit::{ConcurrencyLimit, RequestKind, Slot};
 use pool::Pool;
 
 /// How long an unused API connection is kept open.
@@ -132,9 +134,8 @@ pub struct ConnectHeaders {
 pub struct Upstream {
     pool: Arc<Pool>,
     base: String,
-    permits: Semaphore,
-    /// Requests allowed at once: the number of `permits` when none is taken.
-    max_connections: usize,
+    /// The slots of requests at once, at most `max_connections`.
+    slots: ConcurrencyLimit,
     waiting: AtomicUsize,
     max_waiting: usize,
     timeout: Duration,
@@ -155,8 +156,9 @@ impl fmt::Display for UpstreamSetupError {
 impl StdError for UpstreamSetupError {}
 
 impl Upstream {
-    /// Builds the client for `config`, allowing `max_connections` requests at once and
-    /// `max_waiting` more to wait for one of them.
+    /// Builds the client for `config`, allowing `--upstream-min-concurrency` up to
+    /// `max_connections` requests at once (see `upstream/limit.rs`) and `max_waiting` more
+    /// to wait for one of them.
     pub fn new(
         config: &Config,
         max_connections: usize,
@@ -193,8 +195,7 @@ impl Upstream {
         Ok(Upstream {
             pool,
             base: config.api.as_str().to_owned(),
-            permits: Semaphore::new(max_connections),
-            max_connections,
+            slots: ConcurrencyLimit::new(config.upstream_min_concurrency, max_connections),
             waiting: AtomicUsize::new(0),
             max_waiting,
             timeout: config.upstream_timeout,
@@ -328,8 +329,9 @@ impl Upstream {
     }
 
     async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<ApiAnswer, UpstreamError> {
-        let _permit = self.permit().await?;
+        let mut slot = self.permit(RequestKind::of(request.method())).await?;
         let (parts, body) = self.pool.exchange(request, self.max_body).await?;
+        slot.answered();
         Ok(ApiAnswer {
             status: parts.status,
             headers: parts.headers,
@@ -346,24 +348,23 @@ impl Upstream {
     pub fn load(&self) -> UpstreamLoad {
         UpstreamLoad {
             connections_open: self.pool.open(),
-            requests_in_flight: self
-                .max_connections
-                .saturating_sub(self.permits.available_permits()),
+            requests_in_flight: self.slots.in_flight(),
+            concurrency_limit: self.slots.current(),
             requests_waiting: self.waiting.load(Ordering::Relaxed),
         }
     }
 
-    async fn permit(&self) -> Result<SemaphorePermit<'_>, UpstreamError> {
-        if let Ok(permit) = self.permits.try_acquire() {
-            return Ok(permit);
+    async fn permit(&self, kind: RequestKind) -> Result<Slot<'_>, UpstreamError> {
+        if let Ok(slot) = self.slots.try_acquire(kind) {
+            return Ok(slot);
         }
         // Counted until this future ends, also when a timeout drops it while it waits.
         let _waiting = Waiting::enter(&self.waiting);
         if self.waiting.load(Ordering::Relaxed) > self.max_waiting {
             return Err(UpstreamError::Overloaded);
         }
-        self.permits
-            .acquire()
+        self.slots
+            .acquire(kind)
             .await
             .map_err(|_| UpstreamError::Overloaded)
     }
@@ -463,14 +464,18 @@ mod tests {
     async fn a_waiter_that_gives_up_is_no_longer_counted_as_waiting() {
         let config = Config::default();
         let upstream = Upstream::new(&config, 1, 64, Arc::new(Metrics::default())).unwrap();
-        let held = upstream.permit().await.unwrap();
+        let held = upstream.permit(RequestKind::Message).await.unwrap();
         for _ in 0..3 {
-            let wait = tokio::time::timeout(Duration::from_millis(5), upstream.permit()).await;
+            let wait = tokio::time::timeout(
+                Duration::from_millis(5),
+                upstream.permit(RequestKind::Message),
+            )
+            .await;
             assert!(wait.is_err(), "the only slot is taken");
         }
         assert_eq!(upstream.waiting.load(Ordering::Relaxed), 0);
         drop(held);
-        assert!(upstream.permit().await.is_ok());
+        assert!(upstream.permit(RequestKind::Message).await.is_ok());
     }
 
     #[tokio::test]
@@ -478,9 +483,9 @@ mod tests {
         use futures_util::FutureExt;
         let config = Config::default();
         let upstream = Upstream::new(&config, 1, 64, Arc::new(Metrics::default())).unwrap();
-        let held = upstream.permit().await.unwrap();
+        let held = upstream.permit(RequestKind::Message).await.unwrap();
         let mut waiters: Vec<_> = (0..upstream.max_waiting)
-            .map(|_| Box::pin(upstream.permit()))
+            .map(|_| Box::pin(upstream.permit(RequestKind::Message)))
             .collect();
         for waiter in &mut waiters {
             assert!(
@@ -488,11 +493,11 @@ mod tests {
                 "waits for the slot"
             );
         }
-        let refused = upstream.permit().await;
+        let refused = upstream.permit(RequestKind::Message).await;
         assert!(matches!(refused, Err(UpstreamError::Overloaded)));
         drop(waiters);
         drop(held);
-        assert!(upstream.permit().await.is_ok());
+        assert!(upstream.permit(RequestKind::Message).await.is_ok());
     }
 
     /// Every message in flight and every closing connection holds one of these futures, so

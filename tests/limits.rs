@@ -631,8 +631,13 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
         "{log}"
     );
     assert!(max_connections > 0);
+    assert_eq!(
+        log_field(&log, "upstream_min_concurrency"),
+        upstream.min(64)
+    );
 
-    // An explicit --max-connections is what the log says.
+    // An explicit --max-connections is what the log says; the minimum concurrency is capped
+    // by the maximum.
     let api = MockApi::start().await;
     let binary = Binary::start_ready(
         &api.base(),
@@ -648,6 +653,22 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
     let log = binary.wait_for_log("ws2http started").await;
     assert_eq!(log_field(&log, "max_connections"), 123);
     assert_eq!(log_field(&log, "upstream_max_connections"), 7);
+    assert_eq!(log_field(&log, "upstream_min_concurrency"), 7);
+}
+
+#[tokio::test]
+async fn a_minimum_concurrency_of_zero_stops_the_binary_naming_the_flag() {
+    let api = MockApi::start().await;
+    let mut binary = Binary::start(&api.base(), &["--upstream-min-concurrency", "0"], &[]);
+    let status = binary.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(2), "{}", binary.stderr());
+    assert!(
+        binary
+            .stderr()
+            .contains("--upstream-min-concurrency must be at least 1"),
+        "{}",
+        binary.stderr()
+    );
 }
 
 // ---- handshake deadline ----
@@ -800,6 +821,88 @@ async fn upstream_max_connections_caps_concurrent_api_requests() {
     );
     drop(clients);
     assert_accounting(&gateway, &api).await;
+}
+
+/// Connects `clients` sockets, has each send one message at the same moment and checks its
+/// reply, polling the gateway's gauges meanwhile; returns the most API connections open and
+/// the highest concurrency limit seen.
+async fn burst_of_messages(gateway: &TestGateway, clients: usize) -> (f64, f64) {
+    let mut sockets = Vec::new();
+    for i in 0..clients {
+        sockets.push(gateway.connect(&format!("/burst{i}")).await);
+    }
+    let tasks: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut ws)| {
+            tokio::spawn(async move {
+                let text = format!("m{i}");
+                assert_eq!(round_trip(&mut ws, &text).await, text);
+                ws
+            })
+        })
+        .collect();
+    let (mut most_open, mut highest_limit) = (0.0_f64, 0.0_f64);
+    while !tasks.iter().all(|t| t.is_finished()) {
+        let metrics = gateway.metrics().await;
+        most_open = most_open.max(metrics["upstream_connections_open"]);
+        highest_limit = highest_limit.max(metrics["upstream_concurrency_limit"]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for task in tasks {
+        task.await.expect("every client got its reply");
+    }
+    let metrics = gateway.metrics().await;
+    highest_limit = highest_limit.max(metrics["upstream_concurrency_limit"]);
+    (most_open, highest_limit)
+}
+
+#[tokio::test]
+async fn an_api_that_queues_requests_is_not_sent_many_more_than_the_minimum_concurrency() {
+    // One request at a time, 10 ms each: every request sent beyond the first waits inside
+    // the API, and its answer takes longer the more were sent.
+    let service = Duration::from_millis(10);
+    let free_at = std::sync::Mutex::new(Instant::now());
+    let api = MockApi::with_script(move |s| match s.method.as_str() {
+        "POST" => {
+            let now = Instant::now();
+            let mut free = free_at.lock().unwrap();
+            *free = (*free).max(now) + service;
+            Reply::ok(s.body.clone()).after(*free - now)
+        }
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.upstream_min_concurrency = 4;
+    let gateway = TestGateway::start(config).await;
+    let (most_open, highest_limit) = burst_of_messages(&gateway, 60).await;
+    // Without the adaptive limit all 60 go at once, on 60 connections.
+    assert!(
+        most_open <= 20.0 && highest_limit <= 20.0,
+        "API connections up to {most_open}, limit up to {highest_limit}"
+    );
+    assert_eq!(gateway.metrics().await["requests_failed"], 0.0);
+}
+
+#[tokio::test]
+async fn an_api_that_keeps_its_pace_gets_more_than_the_minimum_concurrency() {
+    // Many workers, each taking 100 ms: answers take as long however many are sent.
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok(s.body.clone()).after(Duration::from_millis(100)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.upstream_min_concurrency = 4;
+    let gateway = TestGateway::start(config).await;
+    let (most_open, highest_limit) = burst_of_messages(&gateway, 120).await;
+    // Doubling with each round of answers: 4, 8, 16, 32, 64.
+    assert!(
+        highest_limit >= 32.0 && most_open >= 32.0,
+        "API connections up to {most_open}, limit up to {highest_limit}"
+    );
+    assert_eq!(gateway.metrics().await["requests_failed"], 0.0);
 }
 
 #[tokio::test]

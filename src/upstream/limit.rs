@@ -1,0 +1,353 @@
+//! How many requests the API gets at once. The limit starts at `--upstream-min-concurrency` and
+//! grows by one for each answer that came back at the API's pace while every slot was taken,
+//! so an API that keeps its pace under more load (many workers, however slow each is) doubles
+//! its share with each round of answers, up to `--upstream-max-connections`; it shrinks by one
+//! for each answer that came back slow, so an API that is queueing requests (a pause, a
+//! saturated worker pool) is not handed hundreds more on new connections, which only add to
+//! its work (README, Performance, S4). Requests over the limit wait in the order they came.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use tokio::sync::{AcquireError, Semaphore, TryAcquireError};
+
+/// The API is slow when its recent answers took longer than twice the fastest one plus this.
+const SLOW_SLACK: Duration = Duration::from_millis(5);
+/// The fastest answer is that of the last one to two of these.
+const PACE_WINDOW: Duration = Duration::from_secs(10);
+
+/// Which of the API's paces an answer counts towards: connecting, a message and disconnecting
+/// are different work for the API and may take very different times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RequestKind {
+    /// `GET`: may this client connect?
+    Connect,
+    /// `POST`: a client's message.
+    Message,
+    /// `DELETE` (or anything else): a client left.
+    Disconnect,
+}
+
+impl RequestKind {
+    /// The kind of a request sent with `method`.
+    pub(super) fn of(method: &Method) -> RequestKind {
+        match *method {
+            Method::GET => RequestKind::Connect,
+            Method::POST => RequestKind::Message,
+            _ => RequestKind::Disconnect,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The API's slots: at most the current limit of requests at once, the others wait in order.
+pub(super) struct ConcurrencyLimit {
+    /// Free slots: the limit less the requests in flight.
+    permits: Semaphore,
+    in_flight: AtomicUsize,
+    state: Mutex<LimitState>,
+}
+
+impl ConcurrencyLimit {
+    /// Slots for `min` to `max` requests at once, starting with `min` of them (`max` if lower).
+    pub(super) fn new(min: usize, max: usize) -> ConcurrencyLimit {
+        let state = LimitState::new(min, max);
+        ConcurrencyLimit {
+            permits: Semaphore::new(state.limit),
+            in_flight: AtomicUsize::new(0),
+            state: Mutex::new(state),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, LimitState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot, if one is free now.
+    pub(super) fn try_acquire(&self, kind: RequestKind) -> Result<Slot<'_>, TryAcquireError> {
+        let permit = self.permits.try_acquire()?;
+        permit.forget();
+        Ok(self.taken(kind))
+    }
+
+    /// A slot, once one is free; slots go to waiting requests in the order they asked.
+    pub(super) async fn acquire(&self, kind: RequestKind) -> Result<Slot<'_>, AcquireError> {
+        let permit = self.permits.acquire().await?;
+        permit.forget();
+        Ok(self.taken(kind))
+    }
+
+    fn taken(&self, kind: RequestKind) -> Slot<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            limit: self,
+            kind,
+            taken_at: Instant::now(),
+            answered: false,
+        }
+    }
+
+    /// Requests holding a slot now.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests allowed at once now.
+    pub(super) fn current(&self) -> usize {
+        self.state().limit
+    }
+}
+
+/// One request's slot, given back (and the answer's pace counted) when dropped.
+pub(super) struct Slot<'a> {
+    limit: &'a ConcurrencyLimit,
+    kind: RequestKind,
+    taken_at: Instant,
+    answered: bool,
+}
+
+impl Slot<'_> {
+    /// The API answered (any status): its time counts towards the API's pace.
+    pub(super) fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let took = self
+            .answered
+            .then(|| now.saturating_duration_since(self.taken_at));
+        let in_flight = self.limit.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let free = self.limit.state().release(self.kind, took, in_flight, now);
+        if free > 0 {
+            self.limit.permits.add_permits(free);
+        }
+    }
+}
+
+/// The limit and what it is judged on.
+#[derive(Debug)]
+struct LimitState {
+    limit: usize,
+    floor: usize,
+    max: usize,
+    /// One per [`RequestKind`].
+    paces: [Pace; 3],
+}
+
+impl LimitState {
+    fn new(floor: usize, max: usize) -> LimitState {
+        let max = max.max(1);
+        let floor = floor.clamp(1, max);
+        LimitState {
+            limit: floor,
+            floor,
+            max,
+            paces: Default::default(),
+        }
+    }
+
+    /// A request of `kind` held one of `in_flight` slots until `now`, answered after `took`
+    /// (`None`: it failed or was given up): moves the limit and says how many slots to free
+    /// (none, when the limit shrank by this one; two, when it grew).
+    fn release(
+        &mut self,
+        kind: RequestKind,
+        took: Option<Duration>,
+        in_flight: usize,
+        now: Instant,
+    ) -> usize {
+        let Some(took) = took else { return 1 };
+        let pace = &mut self.paces[kind.index()];
+        pace.record(took, now);
+        if pace.slow() {
+            if self.limit > self.floor {
+                self.limit -= 1;
+                return 0;
+            }
+        } else if in_flight >= self.limit && self.limit < self.max {
+            self.limit += 1;
+            return 2;
+        }
+        1
+    }
+}
+
+/// How fast the API answers now against how fast it can.
+#[derive(Debug, Default)]
+struct Pace {
+    /// The fastest answer of the current window and of the one before.
+    fastest: [Option<Duration>; 2],
+    window_started: Option<Instant>,
+    /// Moving average of the answer times, each new one weighing an eighth.
+    recent: Option<Duration>,
+}
+
+impl Pace {
+    fn record(&mut self, took: Duration, now: Instant) {
+        match self.window_started {
+            Some(started) if now.saturating_duration_since(started) < PACE_WINDOW => {}
+            _ => {
+                self.fastest = [None, self.fastest[0]];
+                self.window_started = Some(now);
+            }
+        }
+        self.fastest[0] = Some(self.fastest[0].map_or(took, |fastest| fastest.min(took)));
+        self.recent = Some(match self.recent {
+            Some(recent) => (recent * 7 + took) / 8,
+            None => took,
+        });
+    }
+
+    /// Whether the recent answers took well over the fastest one: the API is queueing them.
+    fn slow(&self) -> bool {
+        let fastest = self.fastest.iter().flatten().min();
+        match (fastest, self.recent) {
+            (Some(fastest), Some(recent)) => recent > *fastest * 2 + SLOW_SLACK,
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAST: Duration = Duration::from_millis(1);
+    const MESSAGE: RequestKind = RequestKind::Message;
+
+    #[test]
+    fn the_limit_grows_while_every_slot_is_taken_and_the_api_keeps_its_pace() {
+        let mut state = LimitState::new(4, 6);
+        let now = Instant::now();
+        assert_eq!(
+            state.release(MESSAGE, Some(FAST), 4, now),
+            2,
+            "grew: two slots free"
+        );
+        assert_eq!(state.limit, 5);
+        assert_eq!(state.release(MESSAGE, Some(FAST), 5, now), 2);
+        assert_eq!(
+            state.release(MESSAGE, Some(FAST), 6, now),
+            1,
+            "at the maximum"
+        );
+        assert_eq!(state.limit, 6);
+    }
+
+    #[test]
+    fn the_limit_stays_while_slots_are_free() {
+        let mut state = LimitState::new(4, 100);
+        assert_eq!(state.release(MESSAGE, Some(FAST), 3, Instant::now()), 1);
+        assert_eq!(state.limit, 4);
+    }
+
+    #[test]
+    fn slow_answers_shrink_the_limit_down_to_the_minimum() {
+        let mut state = LimitState::new(4, 100);
+        let now = Instant::now();
+        for in_flight in 4..10 {
+            state.release(MESSAGE, Some(FAST), in_flight, now);
+        }
+        assert_eq!(state.limit, 10);
+        // A queueing API: each answer slower than the one before.
+        let mut freed = Vec::new();
+        for n in 1..40 {
+            freed.push(state.release(MESSAGE, Some(FAST * 5 * n), state.limit, now));
+        }
+        assert_eq!(state.limit, 4, "back at the minimum");
+        assert!(freed.contains(&0), "a slow answer's slot was withheld");
+        assert_eq!(
+            freed.last(),
+            Some(&1),
+            "at the minimum slots are given back"
+        );
+    }
+
+    #[test]
+    fn fast_connects_do_not_make_messages_look_slow() {
+        let mut state = LimitState::new(4, 100);
+        let now = Instant::now();
+        for _ in 0..10 {
+            state.release(RequestKind::Connect, Some(FAST), 0, now);
+        }
+        for in_flight in 4..10 {
+            let slow_message = FAST * 100;
+            assert_eq!(
+                state.release(MESSAGE, Some(slow_message), in_flight, now),
+                2
+            );
+        }
+        assert_eq!(state.limit, 10);
+        assert_eq!(RequestKind::of(&Method::GET), RequestKind::Connect);
+        assert_eq!(RequestKind::of(&Method::POST), MESSAGE);
+        assert_eq!(RequestKind::of(&Method::DELETE), RequestKind::Disconnect);
+    }
+
+    #[test]
+    fn failed_requests_give_their_slot_back_without_moving_the_limit() {
+        let mut state = LimitState::new(4, 100);
+        assert_eq!(state.release(MESSAGE, None, 4, Instant::now()), 1);
+        assert_eq!(state.limit, 4);
+    }
+
+    #[test]
+    fn a_slow_api_that_keeps_its_pace_is_not_slow() {
+        let mut pace = Pace::default();
+        let now = Instant::now();
+        for _ in 0..100 {
+            pace.record(Duration::from_millis(300), now);
+        }
+        assert!(!pace.slow());
+        for _ in 0..3 {
+            pace.record(Duration::from_millis(2000), now);
+        }
+        assert!(pace.slow(), "far over its pace");
+    }
+
+    #[test]
+    fn the_fastest_answer_is_forgotten_after_two_windows() {
+        let mut pace = Pace::default();
+        let start = Instant::now();
+        pace.record(FAST, start);
+        let slower = Duration::from_millis(50);
+        pace.record(slower, start + PACE_WINDOW + FAST);
+        assert!(pace.slow(), "still measured against the fast one");
+        for _ in 0..50 {
+            pace.record(slower, start + PACE_WINDOW * 2 + FAST * 2);
+        }
+        assert!(!pace.slow(), "the new pace is the API's pace");
+    }
+
+    #[test]
+    fn the_minimum_is_capped_by_the_maximum() {
+        let state = LimitState::new(64, 10);
+        assert_eq!((state.limit, state.floor, state.max), (10, 10, 10));
+    }
+
+    #[tokio::test]
+    async fn slots_follow_the_limit() {
+        let limit = ConcurrencyLimit::new(2, 4);
+        let mut first = limit.try_acquire(MESSAGE).unwrap();
+        let _second = limit.try_acquire(MESSAGE).unwrap();
+        assert!(
+            limit.try_acquire(MESSAGE).is_err(),
+            "two slots to start with"
+        );
+        assert_eq!(limit.in_flight(), 2);
+        first.answered();
+        drop(first);
+        assert_eq!(limit.current(), 3, "an answer while every slot was taken");
+        let _third = limit.try_acquire(MESSAGE).unwrap();
+        let _fourth = limit.try_acquire(MESSAGE).unwrap();
+        assert!(limit.try_acquire(MESSAGE).is_err());
+        assert_eq!(limit.in_flight(), 3);
+    }
+}
