@@ -3,7 +3,8 @@
 //! A session hands its DELETE over here and its task ends, giving back everything it held but
 //! the little this queue keeps (the connection's context, the close reason and the connection
 //! permit). When a crowd leaves at once, the DELETEs wait here in order, sent by at most one
-//! task per two API slots (the other half stays free for the clients that remain), instead of
+//! task per two API slots, of those the API has now (the other half stays free for the clients
+//! that remain; the number follows the adaptive concurrency limit), instead of
 //! each departed session waiting with a whole request of its own: memory stays near what the
 //! crowd held, and no DELETE is refused for lack of a waiting place.
 
@@ -41,7 +42,8 @@ pub(crate) struct Departure {
 /// Departures waiting for their DELETE, and how many tasks are sending them.
 pub(crate) struct Departures {
     state: Mutex<QueueState>,
-    /// Tasks sending at most; each sends one DELETE at a time.
+    /// Tasks sending at most, however many API slots there are; each sends one DELETE at a
+    /// time.
     max_senders: usize,
 }
 
@@ -69,28 +71,42 @@ impl Departures {
         self.state().waiting.len()
     }
 
+    /// Senders allowed when the API has `api_slots` slots now: half of them, at least one.
+    fn allowed_senders(&self, api_slots: usize) -> usize {
+        self.max_senders.min(api_slots / 2).max(1)
+    }
+
     /// Queues `departure`; starts a sender task (tracked, so shutdown waits for it) when fewer
-    /// than the maximum are running.
+    /// than allowed are running.
     pub(crate) fn push(shared: &Arc<Shared>, departure: Departure) {
-        if shared.departures.enqueue(departure) {
+        let api_slots = shared.upstream.concurrency_limit();
+        if shared.departures.enqueue(departure, api_slots) {
             shared.tasks.spawn(send_departures(Arc::clone(shared)));
         }
     }
 
-    /// Queues `departure`; true when the caller is to start one more sender (counted now).
-    fn enqueue(&self, departure: Departure) -> bool {
+    /// Queues `departure`; true when the caller is to start one more sender (counted now), the
+    /// API having `api_slots` slots.
+    fn enqueue(&self, departure: Departure, api_slots: usize) -> bool {
+        let allowed = self.allowed_senders(api_slots);
         let mut state = self.state();
         state.waiting.push_back(departure);
-        let start = state.senders < self.max_senders;
+        let start = state.senders < allowed;
         if start {
             state.senders += 1;
         }
         start
     }
 
-    /// The next departure to send, or `None` after counting the asking sender out.
-    fn next_or_retire(&self) -> Option<Departure> {
+    /// The next departure to send, or `None` after counting the asking sender out: when the
+    /// queue is empty, or when more senders run than the API's `api_slots` allow now.
+    fn next_or_retire(&self, api_slots: usize) -> Option<Departure> {
+        let allowed = self.allowed_senders(api_slots);
         let mut state = self.state();
+        if state.senders > allowed {
+            state.senders -= 1;
+            return None;
+        }
         let next = state.waiting.pop_front();
         if next.is_none() {
             state.senders -= 1;
@@ -105,7 +121,10 @@ impl Departures {
 
 /// One sender: sends queued DELETEs one after another until the queue is empty.
 async fn send_departures(shared: Arc<Shared>) {
-    while let Some(departure) = shared.departures.next_or_retire() {
+    while let Some(departure) = shared
+        .departures
+        .next_or_retire(shared.upstream.concurrency_limit())
+    {
         notify_api(
             &shared,
             &departure.context,
@@ -189,6 +208,9 @@ mod tests {
     use http::HeaderMap;
     use tokio::sync::Semaphore;
 
+    /// API slots that allow more senders than the queues below take.
+    const SLOTS: usize = 64;
+
     fn departure(upstream: &Upstream, client: &str) -> Departure {
         let context = upstream
             .context(
@@ -212,20 +234,20 @@ mod tests {
         let queue = Departures::new(2);
         let started: Vec<bool> = ["/a", "/b", "/c", "/d"]
             .iter()
-            .map(|c| queue.enqueue(departure(&upstream, c)))
+            .map(|c| queue.enqueue(departure(&upstream, c), SLOTS))
             .collect();
         assert_eq!(started, [true, true, false, false], "two senders at most");
         assert_eq!(queue.waiting(), 4);
-        let order: Vec<String> = std::iter::from_fn(|| queue.next_or_retire())
+        let order: Vec<String> = std::iter::from_fn(|| queue.next_or_retire(SLOTS))
             .map(|d| d.context.client_id.as_str().to_owned())
             .collect();
         assert_eq!(order, ["a", "b", "c", "d"]);
         // The sender that found the queue empty retired; once the other one does too, new
         // departures start senders again, two at most.
-        assert!(queue.next_or_retire().is_none());
+        assert!(queue.next_or_retire(SLOTS).is_none());
         let started: Vec<bool> = ["/e", "/f", "/g"]
             .iter()
-            .map(|c| queue.enqueue(departure(&upstream, c)))
+            .map(|c| queue.enqueue(departure(&upstream, c), SLOTS))
             .collect();
         assert_eq!(started, [true, true, false]);
     }
@@ -236,10 +258,33 @@ mod tests {
             Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
         let queue = Departures::new(1);
         for i in 0..1000 {
-            queue.enqueue(departure(&upstream, &format!("/c{i}")));
+            queue.enqueue(departure(&upstream, &format!("/c{i}")), SLOTS);
         }
         assert!(queue.state().waiting.capacity() >= 1000);
-        while queue.next_or_retire().is_some() {}
+        while queue.next_or_retire(SLOTS).is_some() {}
         assert!(queue.state().waiting.capacity() <= KEPT_CAPACITY);
+    }
+
+    #[tokio::test]
+    async fn senders_follow_the_api_slots_of_the_moment() {
+        let upstream =
+            Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
+        let queue = Departures::new(8);
+        let started: Vec<bool> = ["/a", "/b", "/c", "/d"]
+            .iter()
+            .map(|c| queue.enqueue(departure(&upstream, c), 4))
+            .collect();
+        assert_eq!(started, [true, true, false, false], "half of four slots");
+        // The limit went down to two slots: one sender is one too many and retires although
+        // departures wait; the other goes on with them.
+        assert!(queue.next_or_retire(2).is_none());
+        let order: Vec<String> = std::iter::from_fn(|| queue.next_or_retire(2))
+            .map(|d| d.context.client_id.as_str().to_owned())
+            .collect();
+        assert_eq!(order, ["a", "b", "c", "d"]);
+        assert_eq!(queue.state().senders, 0);
+        // Even with a single slot, one sender is allowed.
+        assert!(queue.enqueue(departure(&upstream, "/e"), 1));
+        assert!(!queue.enqueue(departure(&upstream, "/f"), 1));
     }
 }

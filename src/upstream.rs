@@ -339,6 +339,11 @@ impl Upstream {
         })
     }
 
+    /// API requests allowed at once now (the adaptive limit's current value).
+    pub fn concurrency_limit(&self) -> usize {
+        self.slots.current()
+    }
+
     /// API connections open now (for tests and metrics).
     pub fn open_connections(&self) -> usize {
         self.pool.open()
