@@ -785,17 +785,7 @@ async fn upstream_max_connections_caps_concurrent_api_requests() {
         clients.push(gateway.connect(&format!("/c{i}")).await);
     }
     let started = Instant::now();
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut ws)| {
-            tokio::spawn(async move {
-                let text = format!("m{i}");
-                assert_eq!(round_trip(&mut ws, &text).await, text);
-                ws
-            })
-        })
-        .collect();
+    let tasks = spawn_round_trips(clients);
     let mut clients = Vec::new();
     for task in tasks {
         clients.push(task.await.unwrap());
@@ -823,15 +813,10 @@ async fn upstream_max_connections_caps_concurrent_api_requests() {
     assert_accounting(&gateway, &api).await;
 }
 
-/// Connects `clients` sockets, has each send one message at the same moment and checks its
-/// reply, polling the gateway's gauges meanwhile; returns the most API connections open and
-/// the highest concurrency limit seen.
-async fn burst_of_messages(gateway: &TestGateway, clients: usize) -> (f64, f64) {
-    let mut sockets = Vec::new();
-    for i in 0..clients {
-        sockets.push(gateway.connect(&format!("/burst{i}")).await);
-    }
-    let tasks: Vec<_> = sockets
+/// Has every socket send one message (`m<index>`) at once, each in a task that checks the
+/// reply and hands the socket back.
+fn spawn_round_trips(sockets: Vec<Ws>) -> Vec<tokio::task::JoinHandle<Ws>> {
+    sockets
         .into_iter()
         .enumerate()
         .map(|(i, mut ws)| {
@@ -841,7 +826,18 @@ async fn burst_of_messages(gateway: &TestGateway, clients: usize) -> (f64, f64) 
                 ws
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Connects `clients` sockets, has each send one message at the same moment and checks its
+/// reply, polling the gateway's gauges meanwhile; returns the most API connections open and
+/// the highest concurrency limit seen.
+async fn burst_of_messages(gateway: &TestGateway, clients: usize) -> (f64, f64) {
+    let mut sockets = Vec::new();
+    for i in 0..clients {
+        sockets.push(gateway.connect(&format!("/burst{i}")).await);
+    }
+    let tasks = spawn_round_trips(sockets);
     let (mut most_open, mut highest_limit) = (0.0_f64, 0.0_f64);
     while !tasks.iter().all(|t| t.is_finished()) {
         let metrics = gateway.metrics().await;
