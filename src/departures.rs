@@ -39,12 +39,11 @@ pub(crate) struct Departure {
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
-/// Departures waiting for their DELETE, and how many tasks are sending them.
+/// Departures waiting for their DELETE, and how many tasks are sending them (each sends one
+/// DELETE at a time).
+#[derive(Default)]
 pub(crate) struct Departures {
     state: Mutex<QueueState>,
-    /// Tasks sending at most, however many API slots there are; each sends one DELETE at a
-    /// time.
-    max_senders: usize,
 }
 
 #[derive(Default)]
@@ -54,14 +53,6 @@ struct QueueState {
 }
 
 impl Departures {
-    /// A queue sent by at most `max_senders` tasks (at least one).
-    pub(crate) fn new(max_senders: usize) -> Departures {
-        Departures {
-            state: Mutex::new(QueueState::default()),
-            max_senders: max_senders.max(1),
-        }
-    }
-
     fn state(&self) -> MutexGuard<'_, QueueState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -69,11 +60,6 @@ impl Departures {
     /// Departures whose DELETE has not started yet.
     pub(crate) fn waiting(&self) -> usize {
         self.state().waiting.len()
-    }
-
-    /// Senders allowed when the API has `api_slots` slots now: half of them, at least one.
-    fn allowed_senders(&self, api_slots: usize) -> usize {
-        self.max_senders.min(api_slots / 2).max(1)
     }
 
     /// Queues `departure`; starts a sender task (tracked, so shutdown waits for it) when fewer
@@ -88,7 +74,7 @@ impl Departures {
     /// Queues `departure`; true when the caller is to start one more sender (counted now), the
     /// API having `api_slots` slots.
     fn enqueue(&self, departure: Departure, api_slots: usize) -> bool {
-        let allowed = self.allowed_senders(api_slots);
+        let allowed = allowed_senders(api_slots);
         let mut state = self.state();
         state.waiting.push_back(departure);
         let start = state.senders < allowed;
@@ -101,7 +87,7 @@ impl Departures {
     /// The next departure to send, or `None` after counting the asking sender out: when the
     /// queue is empty, or when more senders run than the API's `api_slots` allow now.
     fn next_or_retire(&self, api_slots: usize) -> Option<Departure> {
-        let allowed = self.allowed_senders(api_slots);
+        let allowed = allowed_senders(api_slots);
         let mut state = self.state();
         if state.senders > allowed {
             state.senders -= 1;
@@ -117,6 +103,12 @@ impl Departures {
         }
         next
     }
+}
+
+/// Senders allowed when the API has `api_slots` slots now (never more than
+/// `--upstream-max-connections`): half of them, at least one.
+fn allowed_senders(api_slots: usize) -> usize {
+    (api_slots / 2).max(1)
 }
 
 /// One sender: sends queued DELETEs one after another until the queue is empty.
@@ -208,9 +200,6 @@ mod tests {
     use http::HeaderMap;
     use tokio::sync::Semaphore;
 
-    /// API slots that allow more senders than the queues below take.
-    const SLOTS: usize = 64;
-
     fn departure(upstream: &Upstream, client: &str) -> Departure {
         let context = upstream
             .context(
@@ -231,23 +220,24 @@ mod tests {
     async fn departures_leave_in_order_with_at_most_the_allowed_senders() {
         let upstream =
             Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
-        let queue = Departures::new(2);
+        // Four API slots: two senders.
+        let queue = Departures::default();
         let started: Vec<bool> = ["/a", "/b", "/c", "/d"]
             .iter()
-            .map(|c| queue.enqueue(departure(&upstream, c), SLOTS))
+            .map(|c| queue.enqueue(departure(&upstream, c), 4))
             .collect();
         assert_eq!(started, [true, true, false, false], "two senders at most");
         assert_eq!(queue.waiting(), 4);
-        let order: Vec<String> = std::iter::from_fn(|| queue.next_or_retire(SLOTS))
+        let order: Vec<String> = std::iter::from_fn(|| queue.next_or_retire(4))
             .map(|d| d.context.client_id.as_str().to_owned())
             .collect();
         assert_eq!(order, ["a", "b", "c", "d"]);
         // The sender that found the queue empty retired; once the other one does too, new
         // departures start senders again, two at most.
-        assert!(queue.next_or_retire(SLOTS).is_none());
+        assert!(queue.next_or_retire(4).is_none());
         let started: Vec<bool> = ["/e", "/f", "/g"]
             .iter()
-            .map(|c| queue.enqueue(departure(&upstream, c), SLOTS))
+            .map(|c| queue.enqueue(departure(&upstream, c), 4))
             .collect();
         assert_eq!(started, [true, true, false]);
     }
@@ -256,12 +246,12 @@ mod tests {
     async fn an_emptied_queue_gives_back_a_crowds_room() {
         let upstream =
             Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
-        let queue = Departures::new(1);
+        let queue = Departures::default();
         for i in 0..1000 {
-            queue.enqueue(departure(&upstream, &format!("/c{i}")), SLOTS);
+            queue.enqueue(departure(&upstream, &format!("/c{i}")), 2);
         }
         assert!(queue.state().waiting.capacity() >= 1000);
-        while queue.next_or_retire(SLOTS).is_some() {}
+        while queue.next_or_retire(2).is_some() {}
         assert!(queue.state().waiting.capacity() <= KEPT_CAPACITY);
     }
 
@@ -269,7 +259,7 @@ mod tests {
     async fn senders_follow_the_api_slots_of_the_moment() {
         let upstream =
             Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
-        let queue = Departures::new(8);
+        let queue = Departures::default();
         let started: Vec<bool> = ["/a", "/b", "/c", "/d"]
             .iter()
             .map(|c| queue.enqueue(departure(&upstream, c), 4))

@@ -179,7 +179,7 @@ impl Gateway {
             shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency.max(1)),
             // Half the API slots at most: a crowd leaving at once leaves the other half to the
             // clients that stay, whose messages would otherwise wait behind its DELETEs.
-            departures: Departures::new(budget.upstream_max_connections / 2),
+            departures: Departures::default(),
             config,
             budget,
             upstream,
