@@ -200,6 +200,10 @@ mod tests {
     use http::HeaderMap;
     use tokio::sync::Semaphore;
 
+    fn test_upstream() -> Upstream {
+        Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap()
+    }
+
     fn departure(upstream: &Upstream, client: &str) -> Departure {
         let context = upstream
             .context(
@@ -216,36 +220,45 @@ mod tests {
         }
     }
 
+    /// Queues a departure per client with the API at `api_slots`; says which started a sender.
+    fn enqueue_all(
+        queue: &Departures,
+        upstream: &Upstream,
+        clients: &[&str],
+        api_slots: usize,
+    ) -> Vec<bool> {
+        clients
+            .iter()
+            .map(|c| queue.enqueue(departure(upstream, c), api_slots))
+            .collect()
+    }
+
+    /// The ClientIds one sender takes from the queue, in order, until it retires.
+    fn sent_by_one_sender(queue: &Departures, api_slots: usize) -> Vec<String> {
+        std::iter::from_fn(|| queue.next_or_retire(api_slots))
+            .map(|d| d.context.client_id.as_str().to_owned())
+            .collect()
+    }
+
     #[tokio::test]
     async fn departures_leave_in_order_with_at_most_the_allowed_senders() {
-        let upstream =
-            Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
+        let upstream = test_upstream();
         // Four API slots: two senders.
         let queue = Departures::default();
-        let started: Vec<bool> = ["/a", "/b", "/c", "/d"]
-            .iter()
-            .map(|c| queue.enqueue(departure(&upstream, c), 4))
-            .collect();
+        let started = enqueue_all(&queue, &upstream, &["/a", "/b", "/c", "/d"], 4);
         assert_eq!(started, [true, true, false, false], "two senders at most");
         assert_eq!(queue.waiting(), 4);
-        let order: Vec<String> = std::iter::from_fn(|| queue.next_or_retire(4))
-            .map(|d| d.context.client_id.as_str().to_owned())
-            .collect();
-        assert_eq!(order, ["a", "b", "c", "d"]);
+        assert_eq!(sent_by_one_sender(&queue, 4), ["a", "b", "c", "d"]);
         // The sender that found the queue empty retired; once the other one does too, new
         // departures start senders again, two at most.
         assert!(queue.next_or_retire(4).is_none());
-        let started: Vec<bool> = ["/e", "/f", "/g"]
-            .iter()
-            .map(|c| queue.enqueue(departure(&upstream, c), 4))
-            .collect();
+        let started = enqueue_all(&queue, &upstream, &["/e", "/f", "/g"], 4);
         assert_eq!(started, [true, true, false]);
     }
 
     #[tokio::test]
     async fn an_emptied_queue_gives_back_a_crowds_room() {
-        let upstream =
-            Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
+        let upstream = test_upstream();
         let queue = Departures::default();
         for i in 0..1000 {
             queue.enqueue(departure(&upstream, &format!("/c{i}")), 2);
@@ -257,21 +270,14 @@ mod tests {
 
     #[tokio::test]
     async fn senders_follow_the_api_slots_of_the_moment() {
-        let upstream =
-            Upstream::new(&Config::default(), 4, 16, Arc::new(Metrics::default())).unwrap();
+        let upstream = test_upstream();
         let queue = Departures::default();
-        let started: Vec<bool> = ["/a", "/b", "/c", "/d"]
-            .iter()
-            .map(|c| queue.enqueue(departure(&upstream, c), 4))
-            .collect();
+        let started = enqueue_all(&queue, &upstream, &["/a", "/b", "/c", "/d"], 4);
         assert_eq!(started, [true, true, false, false], "half of four slots");
         // The limit went down to two slots: one sender is one too many and retires although
         // departures wait; the other goes on with them.
         assert!(queue.next_or_retire(2).is_none());
-        let order: Vec<String> = std::iter::from_fn(|| queue.next_or_retire(2))
-            .map(|d| d.context.client_id.as_str().to_owned())
-            .collect();
-        assert_eq!(order, ["a", "b", "c", "d"]);
+        assert_eq!(sent_by_one_sender(&queue, 2), ["a", "b", "c", "d"]);
         assert_eq!(queue.state().senders, 0);
         // Even with a single slot, one sender is allowed.
         assert!(queue.enqueue(departure(&upstream, "/e"), 1));
