@@ -327,9 +327,16 @@ where
             ))?;
         }
 
+        if self.config.release_idle_read_buffer && self.inner.read_buffer().capacity() == 0 {
+            // Released while idle: read into a buffer of the configured size
+            // again, rather than letting the reader grow one from nothing.
+            let size = self.config.read_buffer_size;
+            self.inner.read_buffer_mut().reserve(size);
+        }
+
         let Poll::Ready(next) = Pin::new(&mut self.inner).poll_next(cx) else {
-            // Nothing more to read for now: give back memory held by a read buffer
-            // that grew for a large frame.
+            // Nothing more to read for now: give back memory held by the read
+            // buffer (or by one that grew for a large frame).
             self.shrink_idle_read_buffer();
             return Poll::Pending;
         };
@@ -430,7 +437,8 @@ where
         self.frame_queue.push(item);
     }
 
-    /// Replaces an empty read buffer by a new one of the configured size if it
+    /// Drops an empty read buffer if [`Config::release_idle_read_buffer`] is
+    /// set; otherwise replaces it by a new one of the configured size if it
     /// had to grow beyond that size.
     ///
     /// Only called when the underlying I/O returned [`Poll::Pending`], so no
@@ -439,7 +447,12 @@ where
     fn shrink_idle_read_buffer(&mut self) {
         let size = self.config.read_buffer_size;
         let buffer = self.inner.read_buffer();
-        if buffer.is_empty() && (self.read_buffer_grown || buffer.capacity() > size) {
+        if self.config.release_idle_read_buffer {
+            if buffer.is_empty() && buffer.capacity() > 0 {
+                *self.inner.read_buffer_mut() = BytesMut::new();
+                self.read_buffer_grown = false;
+            }
+        } else if buffer.is_empty() && (self.read_buffer_grown || buffer.capacity() > size) {
             *self.inner.read_buffer_mut() = BytesMut::with_capacity(size);
             self.read_buffer_grown = false;
         }
@@ -723,6 +736,55 @@ mod read_buffer_tests {
 
         client.write_all(tail).await.unwrap();
         assert_eq!(&next(&mut ws).await.as_payload()[..], large.as_slice());
+    }
+
+    #[tokio::test]
+    async fn idle_read_buffer_is_released_and_comes_back_on_data() {
+        let config = Config::default()
+            .read_buffer_size(1024)
+            .release_idle_read_buffer(true);
+        let (mut ws, mut client) = server(config);
+        // Idle from the start: nothing to read, no buffer held.
+        assert!(poll_once(&mut ws).is_pending());
+        assert_eq!(ws.inner.read_buffer().capacity(), 0);
+
+        // Data arrives: read into a buffer of the configured size, not one
+        // grown from nothing a few bytes at a time.
+        let large = vec![9u8; 5000];
+        client.write_all(&client_frame(b"first")).await.unwrap();
+        client.write_all(&client_frame(&large)).await.unwrap();
+        assert_eq!(&next(&mut ws).await.as_payload()[..], b"first");
+        assert!(ws.inner.read_buffer().capacity() >= 1024 - 11);
+        assert_eq!(&next(&mut ws).await.as_payload()[..], large.as_slice());
+        assert!(poll_once(&mut ws).is_pending());
+        assert_eq!(ws.inner.read_buffer().capacity(), 0);
+
+        for i in 0..50u8 {
+            client.write_all(&client_frame(&[i; 100])).await.unwrap();
+            assert_eq!(&next(&mut ws).await.as_payload()[..], &[i; 100]);
+        }
+        assert!(poll_once(&mut ws).is_pending());
+        assert_eq!(ws.inner.read_buffer().capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn partial_frame_is_kept_when_idle_buffers_are_released() {
+        let config = Config::default()
+            .read_buffer_size(1024)
+            .release_idle_read_buffer(true);
+        let (mut ws, mut client) = server(config);
+        let large = vec![7u8; 10_000];
+        let frame = client_frame(&large);
+        let (head, tail) = frame.split_at(frame.len() / 2);
+
+        client.write_all(head).await.unwrap();
+        assert!(poll_once(&mut ws).is_pending());
+        assert_eq!(ws.inner.read_buffer().len(), head.len());
+
+        client.write_all(tail).await.unwrap();
+        assert_eq!(&next(&mut ws).await.as_payload()[..], large.as_slice());
+        assert!(poll_once(&mut ws).is_pending());
+        assert_eq!(ws.inner.read_buffer().capacity(), 0);
     }
 
     #[tokio::test]

@@ -572,6 +572,10 @@ pub struct Config {
     /// to once idle after it had to grow for a large frame. The default is 8
     /// KiB.
     pub(crate) read_buffer_size: usize,
+    /// Whether an empty read buffer is freed while the stream waits for data,
+    /// and allocated again (at `read_buffer_size`) when data arrives. The
+    /// default is `false`.
+    pub(crate) release_idle_read_buffer: bool,
 }
 
 impl Config {
@@ -621,6 +625,24 @@ impl Config {
 
         self
     }
+
+    /// Sets whether the read buffer is freed while the stream has nothing to
+    /// read. The default is `false`: the stream keeps a buffer of
+    /// [`Config::read_buffer_size`] for as long as it lives.
+    ///
+    /// With `true`, once everything received has been consumed and the
+    /// underlying I/O has no more data ready, the empty buffer is dropped
+    /// (along with its allocation, unless a frame still holds it), and a new
+    /// one of [`Config::read_buffer_size`] is allocated on the next read. An
+    /// idle stream then holds no read buffer at all, at the cost of one
+    /// allocation per read that finds data: a good trade for servers that hold
+    /// many connections that are mostly idle.
+    #[must_use]
+    pub fn release_idle_read_buffer(mut self, release: bool) -> Self {
+        self.release_idle_read_buffer = release;
+
+        self
+    }
 }
 
 impl Default for Config {
@@ -629,6 +651,7 @@ impl Default for Config {
             frame_size: 4 * 1024 * 1024,
             flush_threshold: 8 * 1024,
             read_buffer_size: 8 * 1024,
+            release_idle_read_buffer: false,
         }
     }
 }
