@@ -36,8 +36,9 @@ const FORWARDED_HEADERS: [HeaderName; 5] = [
 ];
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-/// Initial read buffer of each websocket. Idle sockets hold only this much; a larger message
-/// grows it for a while (see vendor/tokio-websockets/PATCH.md).
+/// Read buffer of a websocket while it reads: allocated when data arrives, freed again once
+/// everything read was handed on and the socket has nothing more, so an idle socket holds none;
+/// a larger message grows it for a while (see vendor/tokio-websockets/PATCH.md).
 const WEBSOCKET_READ_BUFFER: usize = 1024;
 /// Paths the public and control listeners keep for themselves; never a ClientId.
 pub const RESERVED_NAMES: [&str; 3] = ["healthz", "metrics", "debug"];
@@ -382,7 +383,11 @@ async fn start_session(
         }
     };
     let socket = ServerBuilder::new()
-        .config(WsConfig::default().read_buffer_size(WEBSOCKET_READ_BUFFER))
+        .config(
+            WsConfig::default()
+                .read_buffer_size(WEBSOCKET_READ_BUFFER)
+                .release_idle_read_buffer(true),
+        )
         .limits(Limits::default().max_payload_len(Some(shared.config.max_message_size)))
         .serve(io);
     session::run(socket, handle, context, shared, permit).await;
