@@ -22,10 +22,14 @@ pub struct Gauges {
     pub requests_waiting: u64,
     /// `upstream_disconnects_waiting`: DELETEs of departed clients not started yet.
     pub disconnects_waiting: u64,
+    /// `upstream_concurrency_limit`: API requests allowed at once now (the adaptive limit);
+    /// 0 from a gateway that predates it.
+    pub concurrency_limit: u64,
 }
 
 impl Gauges {
-    /// Reads the gauges from a Prometheus text exposition; `None` unless all four are there.
+    /// Reads the gauges from a Prometheus text exposition; `None` unless the first four are
+    /// there (the concurrency limit is read as 0 when missing).
     pub fn parse(text: &str) -> Option<Gauges> {
         let value = |name: &str| {
             text.lines()
@@ -41,6 +45,7 @@ impl Gauges {
             requests_in_flight: value("upstream_requests_in_flight")?,
             requests_waiting: value("upstream_requests_waiting")?,
             disconnects_waiting: value("upstream_disconnects_waiting")?,
+            concurrency_limit: value("upstream_concurrency_limit").unwrap_or(0),
         })
     }
 
@@ -50,6 +55,7 @@ impl Gauges {
             requests_in_flight: self.requests_in_flight.max(other.requests_in_flight),
             requests_waiting: self.requests_waiting.max(other.requests_waiting),
             disconnects_waiting: self.disconnects_waiting.max(other.disconnects_waiting),
+            concurrency_limit: self.concurrency_limit.max(other.concurrency_limit),
         }
     }
 }
@@ -104,7 +110,7 @@ impl Poller {
     }
 
     /// Stops reading; returns the samples as `[seconds, open, in flight, waiting, disconnects
-    /// waiting]` rows, their maxima and how many reads failed.
+    /// waiting, concurrency limit]` rows, their maxima and how many reads failed.
     pub fn finish(mut self) -> Value {
         self.stop.store(true, Ordering::Relaxed);
         let (samples, failed) = self
@@ -135,14 +141,16 @@ fn summary(samples: &[(f64, Gauges)], failed: u64, period: Duration) -> Value {
                 g.connections_open,
                 g.requests_in_flight,
                 g.requests_waiting,
-                g.disconnects_waiting
+                g.disconnects_waiting,
+                g.concurrency_limit
             ])
         })
         .collect();
     json!({
         "period_ms": period.as_millis() as u64,
         "columns": ["s", "upstream_connections_open", "upstream_requests_in_flight",
-                    "upstream_requests_waiting", "upstream_disconnects_waiting"],
+                    "upstream_requests_waiting", "upstream_disconnects_waiting",
+                    "upstream_concurrency_limit"],
         "samples": rows,
         "failed_reads": failed,
         "max": {
@@ -150,6 +158,7 @@ fn summary(samples: &[(f64, Gauges)], failed: u64, period: Duration) -> Value {
             "upstream_requests_in_flight": max.requests_in_flight,
             "upstream_requests_waiting": max.requests_waiting,
             "upstream_disconnects_waiting": max.disconnects_waiting,
+            "upstream_concurrency_limit": max.concurrency_limit,
         },
     })
 }
@@ -164,10 +173,11 @@ mod tests {
         upstream_requests_in_flight 2\n\
         upstream_requests_waiting 1\n\
         upstream_disconnects_waiting 4\n\
+        upstream_concurrency_limit 96\n\
         upstream_requests_waiting_total 99\n";
 
     #[test]
-    fn the_four_gauges_are_read_by_exact_name() {
+    fn the_gauges_are_read_by_exact_name() {
         assert_eq!(
             Gauges::parse(EXPOSITION),
             Some(Gauges {
@@ -175,7 +185,17 @@ mod tests {
                 requests_in_flight: 2,
                 requests_waiting: 1,
                 disconnects_waiting: 4,
+                concurrency_limit: 96,
             })
+        );
+    }
+
+    #[test]
+    fn a_gateway_without_the_concurrency_limit_gauge_reads_as_zero() {
+        let older = EXPOSITION.replace("upstream_concurrency_limit 96\n", "");
+        assert_eq!(
+            Gauges::parse(&older).map(|g| (g.connections_open, g.concurrency_limit)),
+            Some((3, 0))
         );
     }
 
@@ -186,18 +206,25 @@ mod tests {
 
     #[test]
     fn the_summary_keeps_each_gauges_maximum_over_the_samples() {
-        let g = |open, waiting| Gauges {
+        let g = |open, waiting, limit| Gauges {
             connections_open: open,
             requests_waiting: waiting,
+            concurrency_limit: limit,
             ..Gauges::default()
         };
         let json = summary(
-            &[(0.25, g(200, 0)), (0.5, g(1024, 0)), (0.75, g(900, 2143))],
+            &[
+                (0.25, g(200, 0, 64)),
+                (0.5, g(1024, 0, 170)),
+                (0.75, g(900, 2143, 90)),
+            ],
             1,
             Duration::from_millis(250),
         );
         assert_eq!(json["max"]["upstream_connections_open"], 1024);
         assert_eq!(json["max"]["upstream_requests_waiting"], 2143);
+        assert_eq!(json["max"]["upstream_concurrency_limit"], 170);
+        assert_eq!(json["samples"][1][5], 170);
         assert_eq!(json["samples"].as_array().map(Vec::len), Some(3));
         assert_eq!(json["failed_reads"], 1);
     }
