@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -217,11 +217,47 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// Spawns `command` with its stderr piped, and waits (at most 15 s) for the line in which it
+/// says where it listens: the first line containing `marker`, returned with the child. The
+/// child's stderr, that line included, is copied to ours as it comes. Each process binds port 0
+/// and reports its own ports, so no other process can take a port between its choice and its
+/// bind (as with a port picked here and handed on).
+fn spawn_listening(command: &mut Command, marker: &'static str) -> Result<(Child, String), String> {
+    let mut child = command
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let Some(stderr) = child.stderr.take() else {
+        let _ = child.kill();
+        return Err("no stderr".to_owned());
+    };
+    let (found, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            eprintln!("{line}");
+            if line.contains(marker) {
+                if let Some(found) = found.take() {
+                    let _ = found.send(line);
+                }
+            }
+        }
+    });
+    match seen.recv_timeout(Duration::from_secs(15)) {
+        Ok(line) => Ok((child, line)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("no \"{marker}\" line within 15 s"))
+        }
+    }
+}
+
+/// The port of the first `127.0.0.1:PORT` after `key` in `line`.
+fn port_after(line: &str, key: &str) -> Option<u16> {
+    let rest = &line[line.find(key)? + key.len()..];
+    let address = rest.split(|c: char| c.is_whitespace() || c == '"').next()?;
+    address.rsplit_once(':')?.1.parse().ok()
 }
 
 /// GET `path` on 127.0.0.1:`port`; returns the status code.
@@ -395,30 +431,47 @@ struct Bins {
 fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
     eprintln!("\n=== {} — {}", sc.id, sc.title);
     let loadavg_before = loadavg();
-    let mport = free_port();
-    let mut mock = match Command::new(&bins.mock)
-        .args(["--listen", &format!("127.0.0.1:{mport}")])
-        .args(["--threads", &args.mock_threads.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-    {
-        Ok(c) => c,
+    let started = spawn_listening(
+        Command::new(&bins.mock)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--threads", &args.mock_threads.to_string()])
+            .stdout(Stdio::piped()),
+        "mock-api: listening on",
+    );
+    let (mut mock, mport) = match started {
+        Ok((child, line)) => match port_after(&line, "listening on ") {
+            Some(port) => (child, port),
+            None => {
+                stop(child, Duration::from_secs(2));
+                return json!({"id": sc.id, "error": format!("mock-api said: {line}")});
+            }
+        },
         Err(e) => return json!({"id": sc.id, "error": format!("mock-api: {e}")}),
     };
     if let Err(e) = wait_healthy(mport, "/__mock/stats", &mut mock, "mock-api") {
         stop(mock, Duration::from_secs(2));
         return json!({"id": sc.id, "error": e});
     }
-    let (gport, cport) = (free_port(), free_port());
-    let mut gw = match Command::new(&bins.gateway)
-        .args(["--listen", &format!("127.0.0.1:{gport}")])
-        .args(["--control-listen", &format!("127.0.0.1:{cport}")])
-        .args(["--api", &format!("http://127.0.0.1:{mport}/")])
-        .args(&args.gateway_arg)
-        .stdout(Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
+    let started = spawn_listening(
+        Command::new(&bins.gateway)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--control-listen", "127.0.0.1:0"])
+            .args(["--api", &format!("http://127.0.0.1:{mport}/")])
+            .args(&args.gateway_arg)
+            .stdout(Stdio::null()),
+        "ws2http listening:",
+    );
+    let ports = started.map(|(child, line)| {
+        let ports = port_after(&line, "public=").zip(port_after(&line, "control="));
+        (child, line, ports)
+    });
+    let (mut gw, gport, cport) = match ports {
+        Ok((child, _, Some((gport, cport)))) => (child, gport, cport),
+        Ok((child, line, None)) => {
+            stop(child, Duration::from_secs(2));
+            stop(mock, Duration::from_secs(2));
+            return json!({"id": sc.id, "error": format!("gateway said: {line}")});
+        }
         Err(e) => {
             stop(mock, Duration::from_secs(2));
             return json!({"id": sc.id, "error": format!("gateway: {e}")});
@@ -1093,6 +1146,40 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ports_are_read_from_the_lines_the_children_print() {
+        let gateway = "2026-11-30T18:41:24.020561Z  INFO ws2http: ws2http listening: \
+                       public=127.0.0.1:32881 control=127.0.0.1:44747";
+        assert_eq!(port_after(gateway, "public="), Some(32881));
+        assert_eq!(port_after(gateway, "control="), Some(44747));
+        assert_eq!(
+            port_after("mock-api: listening on 127.0.0.1:45983", "listening on "),
+            Some(45983)
+        );
+        assert_eq!(port_after("ws2http listening: public=?", "public="), None);
+        assert_eq!(port_after(gateway, "api="), None);
+    }
+
+    #[test]
+    fn a_child_that_never_says_where_it_listens_is_an_error() {
+        let mut silent = Command::new("sh");
+        silent.args(["-c", "echo starting >&2; exit 0"]);
+        let started = spawn_listening(&mut silent, "listening on");
+        assert!(started.is_err());
+    }
+
+    #[test]
+    fn a_child_that_says_where_it_listens_is_returned_with_that_line() {
+        let mut talker = Command::new("sh");
+        talker.args([
+            "-c",
+            "echo one >&2; echo 'mock-api: listening on 127.0.0.1:4242' >&2",
+        ]);
+        let (mut child, line) = spawn_listening(&mut talker, "listening on").unwrap();
+        let _ = child.wait();
+        assert_eq!(port_after(&line, "listening on "), Some(4242));
+    }
 
     #[test]
     fn the_machine_line_gives_the_loopback_cost_or_why_it_is_missing() {
