@@ -661,13 +661,15 @@ fn measured(r: &Value) -> String {
             errs
         ),
         "S3a" | "S3b" | "S4" => format!(
-            "**{} replies/s**; {}; **{} µs CPU/msg** (kernel {}; {}% CPU); API connections up to {}, requests waiting for one up to {}; {}",
+            "**{} replies/s**{}; {}; **{} µs CPU/msg** (kernel {}; {}% CPU); API connections up to {}, API concurrency limit up to {}, requests waiting for one up to {}; {}",
             f(&l["replies_per_s"]),
+            offered_rate(r["id"].as_str().unwrap_or(""), l),
             lat(&l["latency"]),
             f(&g["cpu_us_per_msg"]),
             f(&g["sys_us_per_msg"]),
             f(&g["cpu_pct_message_phase"]),
             f(&r["gateway_gauges"]["max"]["upstream_connections_open"]),
+            f(&r["gateway_gauges"]["max"]["upstream_concurrency_limit"]),
             f(&r["gateway_gauges"]["max"]["upstream_requests_waiting"]),
             errs
         ),
@@ -684,6 +686,25 @@ fn measured(r: &Value) -> String {
         ),
         _ => String::new(),
     }
+}
+
+/// For a fixed-rate scenario (S4), what the clients managed to send against what was asked: a
+/// load generator short of CPU sends late (its ticks slip), which lowers the load the gateway saw.
+fn offered_rate(name: &str, load: &Value) -> String {
+    let number = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let seconds = number(&load["message_phase_s"]);
+    let interval_ms = number(&load["interval_ms"]);
+    if name != "S4" || seconds <= 0.0 || interval_ms <= 0.0 {
+        return String::new();
+    }
+    let asked = number(&load["conns"]) * 1000.0 / interval_ms;
+    let sent = number(&load["sent"]) / seconds;
+    format!(
+        " (clients sent {:.0} msgs/s of the {:.0} asked, {:.1}%)",
+        sent,
+        asked,
+        sent / asked * 100.0
+    )
 }
 
 /// How far `value` is above `base`, in percent (0 without a base).
@@ -1179,6 +1200,19 @@ mod tests {
         let (mut child, line) = spawn_listening(&mut talker, "listening on").unwrap();
         let _ = child.wait();
         assert_eq!(port_after(&line, "listening on "), Some(4242));
+    }
+
+    #[test]
+    fn the_s4_line_says_how_much_of_the_asked_rate_the_clients_sent() {
+        let load =
+            json!({"conns": 15000, "interval_ms": 1000, "sent": 360_000, "message_phase_s": 30.0});
+        let said = offered_rate("S4", &load);
+        assert!(
+            said.contains("sent 12000 msgs/s of the 15000 asked, 80.0%"),
+            "{said}"
+        );
+        assert_eq!(offered_rate("S3a", &load), "");
+        assert_eq!(offered_rate("S4", &json!({})), "");
     }
 
     #[test]
