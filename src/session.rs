@@ -275,13 +275,18 @@ pub(crate) trait WriteProgress {
 
 /// Runs an accepted connection until it ends; then hands its DELETE, with the connection's
 /// `permit`, to the departures queue.
-pub(crate) async fn run<S>(
+///
+/// Not an `async fn`: one would keep its arguments (the socket among them) in its state beside
+/// the session they are moved into, so every connection's task would hold the socket twice.
+/// The session is built here and only it moves into the future.
+pub(crate) fn run<S>(
     socket: WebSocketStream<S>,
     handle: Arc<SessionHandle>,
     context: Arc<ConnectionContext>,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
-) where
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + WriteProgress,
 {
     let now = Instant::now();
@@ -304,9 +309,11 @@ pub(crate) async fn run<S>(
         shared,
     };
     session.schedule_timer(now);
-    let ending = session.run_loop().await;
-    // Boxed so that the closing steps' state does not enlarge every idle connection's task.
-    Box::pin(session.finish(ending, permit)).await;
+    async move {
+        let ending = session.run_loop().await;
+        // Boxed so that the closing steps' state does not enlarge every idle connection's task.
+        Box::pin(session.finish(ending, permit)).await;
+    }
 }
 
 /// Queues the DELETE for a connection the API accepted but whose upgrade never completed.
