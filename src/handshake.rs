@@ -36,7 +36,7 @@ const FORWARDED_HEADERS: [HeaderName; 5] = [
 ];
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-/// Read buffer of a websocket while it reads: allocated when data arrives, freed again once
+/// Read buffer of a websocket while it reads: allocated when the socket is read, freed again once
 /// everything read was handed on and the socket has nothing more, so an idle socket holds none;
 /// a larger message grows it for a while (see vendor/tokio-websockets/PATCH.md).
 const WEBSOCKET_READ_BUFFER: usize = 1024;

@@ -573,7 +573,7 @@ pub struct Config {
     /// KiB.
     pub(crate) read_buffer_size: usize,
     /// Whether an empty read buffer is freed while the stream waits for data,
-    /// and allocated again (at `read_buffer_size`) when data arrives. The
+    /// and allocated again (at `read_buffer_size`) when it is next polled. The
     /// default is `false`.
     pub(crate) release_idle_read_buffer: bool,
 }
@@ -633,10 +633,11 @@ impl Config {
     /// With `true`, once everything received has been consumed and the
     /// underlying I/O has no more data ready, the empty buffer is dropped
     /// (along with its allocation, unless a frame still holds it), and a new
-    /// one of [`Config::read_buffer_size`] is allocated on the next read. An
-    /// idle stream then holds no read buffer at all, at the cost of one
-    /// allocation per read that finds data: a good trade for servers that hold
-    /// many connections that are mostly idle.
+    /// one of [`Config::read_buffer_size`] is allocated the next time the
+    /// stream is polled for data. An idle stream then holds no read buffer at
+    /// all, at the cost of one allocation each time it is polled (whether data
+    /// has come or not): a good trade for servers that hold many connections
+    /// that are mostly idle.
     #[must_use]
     pub fn release_idle_read_buffer(mut self, release: bool) -> Self {
         self.release_idle_read_buffer = release;
