@@ -216,6 +216,12 @@ impl Gateway {
         self.shared.budget
     }
 
+    /// API requests always allowed at once (`--upstream-min-concurrency`, at most the API
+    /// connections of the budget), as the adaptive limit applies it.
+    pub fn upstream_min_concurrency(&self) -> usize {
+        self.shared.upstream.min_concurrency()
+    }
+
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> DrainReport {
         let Gateway {

@@ -317,9 +317,7 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
         }
     };
     let budget = gateway.budget();
-    let upstream_min_concurrency = config
-        .upstream_min_concurrency
-        .min(budget.upstream_max_connections);
+    let upstream_min_concurrency = gateway.upstream_min_concurrency();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         public = %gateway.public_addr(),

@@ -344,6 +344,12 @@ impl Upstream {
         self.slots.current()
     }
 
+    /// API requests always allowed at once: `--upstream-min-concurrency` as the limit applies
+    /// it (at most the maximum).
+    pub fn min_concurrency(&self) -> usize {
+        self.slots.floor()
+    }
+
     /// API connections open now (for tests and metrics).
     pub fn open_connections(&self) -> usize {
         self.pool.open()

@@ -101,6 +101,11 @@ impl ConcurrencyLimit {
     pub(super) fn current(&self) -> usize {
         self.state().limit
     }
+
+    /// Requests always allowed at once: the minimum as clamped to `1..=max`.
+    pub(super) fn floor(&self) -> usize {
+        self.state().floor
+    }
 }
 
 /// One request's slot, given back (and the answer's pace counted) when dropped.
