@@ -129,8 +129,15 @@ impl Drop for Slot<'_> {
         let took = self
             .answered
             .then(|| now.saturating_duration_since(self.taken_at));
-        let in_flight = self.limit.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let free = self.limit.state().release(self.kind, took, in_flight, now);
+        // Taken counts the slots handed to waiting requests that have not run yet: with
+        // answers arriving together, the requests they free start only after the last of
+        // them is counted, and the limit would grow by one per batch, not per answer.
+        let every_slot_taken = self.limit.permits.available_permits() == 0;
+        self.limit.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let free = self
+            .limit
+            .state()
+            .release(self.kind, took, every_slot_taken, now);
         if free > 0 {
             self.limit.permits.add_permits(free);
         }
@@ -159,14 +166,14 @@ impl LimitState {
         }
     }
 
-    /// A request of `kind` held one of `in_flight` slots until `now`, answered after `took`
-    /// (`None`: it failed or was given up): moves the limit and says how many slots to free
-    /// (none, when the limit shrank by this one; two, when it grew).
+    /// A request of `kind` held a slot until `now`, answered after `took` (`None`: it failed
+    /// or was given up), while `every_slot_taken` or some were free: moves the limit and says
+    /// how many slots to free (none, when the limit shrank by this one; two, when it grew).
     fn release(
         &mut self,
         kind: RequestKind,
         took: Option<Duration>,
-        in_flight: usize,
+        every_slot_taken: bool,
         now: Instant,
     ) -> usize {
         let Some(took) = took else { return 1 };
@@ -177,7 +184,7 @@ impl LimitState {
                 self.limit -= 1;
                 return 0;
             }
-        } else if in_flight >= self.limit && self.limit < self.max {
+        } else if every_slot_taken && self.limit < self.max {
             self.limit += 1;
             return 2;
         }
@@ -233,14 +240,14 @@ mod tests {
         let mut state = LimitState::new(4, 6);
         let now = Instant::now();
         assert_eq!(
-            state.release(MESSAGE, Some(FAST), 4, now),
+            state.release(MESSAGE, Some(FAST), true, now),
             2,
             "grew: two slots free"
         );
         assert_eq!(state.limit, 5);
-        assert_eq!(state.release(MESSAGE, Some(FAST), 5, now), 2);
+        assert_eq!(state.release(MESSAGE, Some(FAST), true, now), 2);
         assert_eq!(
-            state.release(MESSAGE, Some(FAST), 6, now),
+            state.release(MESSAGE, Some(FAST), true, now),
             1,
             "at the maximum"
         );
@@ -250,7 +257,7 @@ mod tests {
     #[test]
     fn the_limit_stays_while_slots_are_free() {
         let mut state = LimitState::new(4, 100);
-        assert_eq!(state.release(MESSAGE, Some(FAST), 3, Instant::now()), 1);
+        assert_eq!(state.release(MESSAGE, Some(FAST), false, Instant::now()), 1);
         assert_eq!(state.limit, 4);
     }
 
@@ -258,14 +265,14 @@ mod tests {
     fn slow_answers_shrink_the_limit_down_to_the_minimum() {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
-        for in_flight in 4..10 {
-            state.release(MESSAGE, Some(FAST), in_flight, now);
+        for _ in 4..10 {
+            state.release(MESSAGE, Some(FAST), true, now);
         }
         assert_eq!(state.limit, 10);
         // A queueing API: each answer slower than the one before.
         let mut freed = Vec::new();
         for n in 1..40 {
-            freed.push(state.release(MESSAGE, Some(FAST * 5 * n), state.limit, now));
+            freed.push(state.release(MESSAGE, Some(FAST * 5 * n), true, now));
         }
         assert_eq!(state.limit, 4, "back at the minimum");
         assert!(freed.contains(&0), "a slow answer's slot was withheld");
@@ -281,14 +288,11 @@ mod tests {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
         for _ in 0..10 {
-            state.release(RequestKind::Connect, Some(FAST), 0, now);
+            state.release(RequestKind::Connect, Some(FAST), false, now);
         }
-        for in_flight in 4..10 {
+        for _ in 4..10 {
             let slow_message = FAST * 100;
-            assert_eq!(
-                state.release(MESSAGE, Some(slow_message), in_flight, now),
-                2
-            );
+            assert_eq!(state.release(MESSAGE, Some(slow_message), true, now), 2);
         }
         assert_eq!(state.limit, 10);
         assert_eq!(RequestKind::of(&Method::GET), RequestKind::Connect);
@@ -299,7 +303,7 @@ mod tests {
     #[test]
     fn failed_requests_give_their_slot_back_without_moving_the_limit() {
         let mut state = LimitState::new(4, 100);
-        assert_eq!(state.release(MESSAGE, None, 4, Instant::now()), 1);
+        assert_eq!(state.release(MESSAGE, None, true, Instant::now()), 1);
         assert_eq!(state.limit, 4);
     }
 
@@ -354,5 +358,31 @@ mod tests {
         let _fourth = limit.try_acquire(MESSAGE).unwrap();
         assert!(limit.try_acquire(MESSAGE).is_err());
         assert_eq!(limit.in_flight(), 3);
+    }
+
+    #[tokio::test]
+    async fn answers_arriving_together_each_grow_the_limit_while_requests_wait() {
+        let limit = std::sync::Arc::new(ConcurrencyLimit::new(2, 8));
+        let mut first = limit.try_acquire(MESSAGE).unwrap();
+        let mut second = limit.try_acquire(MESSAGE).unwrap();
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let limit = limit.clone();
+                tokio::spawn(async move { drop(limit.acquire(MESSAGE).await.unwrap()) })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // Both answers are counted before the requests they free have run (as when a
+        // worker thread reads several answers in one go).
+        first.answered();
+        drop(first);
+        assert_eq!(limit.in_flight(), 1, "the freed requests have not run yet");
+        second.answered();
+        drop(second);
+        assert_eq!(limit.current(), 4, "each answer grew the limit");
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        assert_eq!(limit.in_flight(), 0);
     }
 }
