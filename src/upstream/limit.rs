@@ -1,10 +1,11 @@
 //! How many requests the API gets at once. The limit starts at `--upstream-min-concurrency` and
-//! grows by one for each answer that came back at the API's pace while every slot was taken,
-//! so an API that keeps its pace under more load (many workers, however slow each is) doubles
-//! its share with each round of answers, up to `--upstream-max-connections`; it shrinks by one
-//! for each answer that came back slow, so an API that is queueing requests (a pause, a
-//! saturated worker pool) is not handed hundreds more on new connections, which only add to
-//! its work (README, Performance, S4). Requests over the limit wait in the order they came.
+//! grows by one for each answer that came back at the API's pace while every slot was taken
+//! (a slot handed to a waiting request that has not run yet counts as taken), so an API that
+//! keeps its pace under more load (many workers, however slow each is) doubles its share with
+//! each round of answers, up to `--upstream-max-connections`; it shrinks by one for each answer
+//! that came back slow, so an API that is queueing requests (a pause, a saturated worker pool)
+//! is not handed hundreds more on new connections, which only add to its work (README,
+//! Performance, S4). Requests over the limit wait in the order they came.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -17,6 +18,8 @@ use tokio::sync::{AcquireError, Semaphore, TryAcquireError};
 const SLOW_SLACK: Duration = Duration::from_millis(5);
 /// The fastest answer is that of the last one to two of these.
 const PACE_WINDOW: Duration = Duration::from_secs(10);
+/// After a slow answer, the limit grows by one per round of answers for this long.
+const CAUTIOUS_FOR: Duration = Duration::from_secs(10);
 
 /// Which of the API's paces an answer counts towards: connecting, a message and disconnecting
 /// are different work for the API and may take very different times.
@@ -152,6 +155,11 @@ struct LimitState {
     max: usize,
     /// One per [`RequestKind`].
     paces: [Pace; 3],
+    /// When an answer last came back slow: for [`CAUTIOUS_FOR`] after it, the limit grows by
+    /// one per round of answers instead of one per answer.
+    last_slow: Option<Instant>,
+    /// Answers towards the next step up while growing by one per round.
+    answers_towards_step: usize,
 }
 
 impl LimitState {
@@ -163,6 +171,8 @@ impl LimitState {
             floor,
             max,
             paces: Default::default(),
+            last_slow: None,
+            answers_towards_step: 0,
         }
     }
 
@@ -180,15 +190,36 @@ impl LimitState {
         let pace = &mut self.paces[kind.index()];
         pace.record(took, now);
         if pace.slow() {
+            self.last_slow = Some(now);
             if self.limit > self.floor {
                 self.limit -= 1;
                 return 0;
             }
-        } else if every_slot_taken && self.limit < self.max {
+        } else if every_slot_taken && self.limit < self.max && self.step_up(now) {
             self.limit += 1;
             return 2;
         }
         1
+    }
+
+    /// Whether an answer at the API's pace, with every slot taken, grows the limit now: each
+    /// does, unless an answer came back slow in the last [`CAUTIOUS_FOR`]; then one of each
+    /// `limit` does, so the limit nears the API's pace again by one per round of answers
+    /// instead of doubling past it with the answers already on their way.
+    fn step_up(&mut self, now: Instant) -> bool {
+        let cautious = self
+            .last_slow
+            .is_some_and(|slow| now.saturating_duration_since(slow) < CAUTIOUS_FOR);
+        if !cautious {
+            self.answers_towards_step = 0;
+            return true;
+        }
+        self.answers_towards_step += 1;
+        if self.answers_towards_step < self.limit {
+            return false;
+        }
+        self.answers_towards_step = 0;
+        true
     }
 }
 
@@ -252,6 +283,30 @@ mod tests {
             "at the maximum"
         );
         assert_eq!(state.limit, 6);
+    }
+
+    #[test]
+    fn after_a_slow_answer_the_limit_grows_by_one_per_round_of_answers_for_a_while() {
+        let mut state = LimitState::new(4, 100);
+        let now = Instant::now();
+        for _ in 0..6 {
+            state.release(MESSAGE, Some(FAST), true, now);
+        }
+        assert_eq!(state.limit, 10, "one step per answer");
+        state.release(MESSAGE, Some(FAST * 100), true, now);
+        while state.paces[MESSAGE.index()].slow() {
+            state.release(MESSAGE, Some(FAST), true, now);
+        }
+        let limit = state.limit;
+        let freed: Vec<usize> = (0..limit)
+            .map(|_| state.release(MESSAGE, Some(FAST), true, now))
+            .collect();
+        assert_eq!(state.limit, limit + 1, "one step in a round of answers");
+        assert_eq!(freed.iter().filter(|&&f| f == 2).count(), 1);
+        let later = now + CAUTIOUS_FOR;
+        state.release(MESSAGE, Some(FAST), true, later);
+        state.release(MESSAGE, Some(FAST), true, later);
+        assert_eq!(state.limit, limit + 3, "one step per answer again");
     }
 
     #[test]
