@@ -1,0 +1,9 @@
+#!/bin/sh
+# Alternated S4 runs: the gateway before (33c4699) and after (99ab47a) the limit change.
+cd /tmp/ablim
+for round in 1 2 3; do
+  for v in old new; do
+    ./scenarios --no-build --only S4 --gateway-bin ./ws2http-$v --label limit-$v --out /tmp/ablim/out4 >> /tmp/ablim/ab4.log 2>&1
+  done
+done
+echo done > /tmp/ablim/ab4.done
