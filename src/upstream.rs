@@ -330,12 +330,12 @@ impl Upstream {
 
     async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<ApiAnswer, UpstreamError> {
         let mut slot = self.permit(RequestKind::of(request.method())).await?;
-        let (parts, body) = self.pool.exchange(request, self.max_body).await?;
-        slot.answered();
+        let answer = self.pool.exchange(request, self.max_body).await?;
+        slot.answered(answer.sent_at);
         Ok(ApiAnswer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
+            status: answer.parts.status,
+            headers: answer.parts.headers,
+            body: answer.body,
         })
     }
 

@@ -90,8 +90,7 @@ impl ConcurrencyLimit {
         Slot {
             limit: self,
             kind,
-            taken_at: Instant::now(),
-            answered: false,
+            answered_after: None,
         }
     }
 
@@ -115,14 +114,16 @@ impl ConcurrencyLimit {
 pub(super) struct Slot<'a> {
     limit: &'a ConcurrencyLimit,
     kind: RequestKind,
-    taken_at: Instant,
-    answered: bool,
+    /// When the request went out, once the API has answered it.
+    answered_after: Option<Instant>,
 }
 
 impl Slot<'_> {
-    /// The API answered (any status): its time counts towards the API's pace.
-    pub(super) fn answered(&mut self) {
-        self.answered = true;
+    /// The API answered (any status) the request sent at `sent_at`: the time since counts
+    /// towards the API's pace (not the wait for a connection before it went out: opening one,
+    /// with TLS to a distant API, can take longer than the answer).
+    pub(super) fn answered(&mut self, sent_at: Instant) {
+        self.answered_after = Some(sent_at);
     }
 }
 
@@ -130,8 +131,8 @@ impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let now = Instant::now();
         let took = self
-            .answered
-            .then(|| now.saturating_duration_since(self.taken_at));
+            .answered_after
+            .map(|sent_at| now.saturating_duration_since(sent_at));
         // Taken counts the slots handed to waiting requests that have not run yet: with
         // answers arriving together, the requests they free start only after the last of
         // them is counted, and the limit would grow by one per batch, not per answer.
@@ -406,13 +407,25 @@ mod tests {
             "two slots to start with"
         );
         assert_eq!(limit.in_flight(), 2);
-        first.answered();
+        first.answered(Instant::now());
         drop(first);
         assert_eq!(limit.current(), 3, "an answer while every slot was taken");
         let _third = limit.try_acquire(MESSAGE).unwrap();
         let _fourth = limit.try_acquire(MESSAGE).unwrap();
         assert!(limit.try_acquire(MESSAGE).is_err());
         assert_eq!(limit.in_flight(), 3);
+    }
+
+    #[test]
+    fn an_answers_time_counts_from_when_its_request_was_sent() {
+        let limit = ConcurrencyLimit::new(2, 4);
+        let mut slot = limit.try_acquire(MESSAGE).unwrap();
+        // The slot was held while a connection was opened; the request went out just now.
+        std::thread::sleep(Duration::from_millis(50));
+        slot.answered(Instant::now());
+        drop(slot);
+        let recent = limit.state().paces[MESSAGE.index()].recent.unwrap();
+        assert!(recent < Duration::from_millis(50), "counted {recent:?}");
     }
 
     #[tokio::test]
@@ -429,10 +442,10 @@ mod tests {
         tokio::task::yield_now().await;
         // Both answers are counted before the requests they free have run (as when a
         // worker thread reads several answers in one go).
-        first.answered();
+        first.answered(Instant::now());
         drop(first);
         assert_eq!(limit.in_flight(), 1, "the freed requests have not run yet");
-        second.answered();
+        second.answered(Instant::now());
         drop(second);
         assert_eq!(limit.current(), 4, "each answer grew the limit");
         for waiter in waiters {

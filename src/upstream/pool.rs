@@ -126,7 +126,7 @@ impl Pool {
         &self,
         mut request: Request<Body>,
         max_body: usize,
-    ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+    ) -> Result<Answer, UpstreamError> {
         if self.http2 {
             // Out of line: a rare path's state would otherwise be part of every HTTP/1
             // request's future (see the sizes test), and its temporaries part of the stack
@@ -149,10 +149,11 @@ impl Pool {
             let Some(sender) = lease.sender.as_mut() else {
                 return Err(UpstreamError::Broken("no connection".to_owned()));
             };
+            let sent_at = std::time::Instant::now();
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let keep_alive = keeps_alive(&response);
-                    let answer = collect(response, max_body).await?;
+                    let answer = collect(response, max_body, sent_at).await?;
                     if keep_alive {
                         lease.checkin();
                     }
@@ -247,18 +248,19 @@ impl Pool {
         &self,
         mut request: Request<Body>,
         max_body: usize,
-    ) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+    ) -> Result<Answer, UpstreamError> {
         let mut parts = request.uri().clone().into_parts();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = self.origin.authority().cloned();
         *request.uri_mut() =
             Uri::from_parts(parts).map_err(|e| UpstreamError::Broken(e.to_string()))?;
         let mut sender = self.shared_h2().await?;
+        let sent_at = std::time::Instant::now();
         let response = sender
             .send_request(request)
             .await
             .map_err(|e| UpstreamError::Broken(error_chain(&e)))?;
-        collect(response, max_body).await
+        collect(response, max_body, sent_at).await
     }
 
     async fn shared_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
@@ -423,10 +425,19 @@ fn keeps_alive(response: &Response<Incoming>) -> bool {
     !close && response.version() == http::Version::HTTP_11
 }
 
+/// The API's answer to one request: its head, its whole body, and when the request went out
+/// on a connection (after any wait for one), which the API's pace is measured from.
+pub(super) struct Answer {
+    pub(super) parts: http::response::Parts,
+    pub(super) body: Bytes,
+    pub(super) sent_at: std::time::Instant,
+}
+
 async fn collect(
     response: Response<Incoming>,
     max_body: usize,
-) -> Result<(http::response::Parts, Bytes), UpstreamError> {
+    sent_at: std::time::Instant,
+) -> Result<Answer, UpstreamError> {
     let (parts, body) = response.into_parts();
     let body = Limited::new(body, max_body)
         .collect()
@@ -439,7 +450,11 @@ async fn collect(
             }
         })?
         .to_bytes();
-    Ok((parts, body))
+    Ok(Answer {
+        parts,
+        body,
+        sent_at,
+    })
 }
 
 /// Closes idle connections that expired, until the pool is gone: the [`WARM_IDLE`] most
