@@ -90,7 +90,7 @@ impl ConcurrencyLimit {
         Slot {
             limit: self,
             kind,
-            answered_after: None,
+            sent_at: None,
         }
     }
 
@@ -114,8 +114,8 @@ impl ConcurrencyLimit {
 pub(super) struct Slot<'a> {
     limit: &'a ConcurrencyLimit,
     kind: RequestKind,
-    /// When the request went out, once the API has answered it.
-    answered_after: Option<Instant>,
+    /// When the request went out, set once the API has answered it (`None`: no answer).
+    sent_at: Option<Instant>,
 }
 
 impl Slot<'_> {
@@ -123,7 +123,7 @@ impl Slot<'_> {
     /// towards the API's pace (not the wait for a connection before it went out: opening one,
     /// with TLS to a distant API, can take longer than the answer).
     pub(super) fn answered(&mut self, sent_at: Instant) {
-        self.answered_after = Some(sent_at);
+        self.sent_at = Some(sent_at);
     }
 }
 
@@ -131,7 +131,7 @@ impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let now = Instant::now();
         let took = self
-            .answered_after
+            .sent_at
             .map(|sent_at| now.saturating_duration_since(sent_at));
         // Taken counts the slots handed to waiting requests that have not run yet: with
         // answers arriving together, the requests they free start only after the last of
