@@ -217,12 +217,17 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// Spawns `command` with its stderr piped, and waits (at most 15 s) for the line in which it
-/// says where it listens: the first line containing `marker`, returned with the child. The
-/// child's stderr, that line included, is copied to ours as it comes. Each process binds port 0
-/// and reports its own ports, so no other process can take a port between its choice and its
-/// bind (as with a port picked here and handed on).
-fn spawn_listening(command: &mut Command, marker: &'static str) -> Result<(Child, String), String> {
+/// Spawns `command` with its stderr piped, waits (at most 15 s) for the line in which it says
+/// where it listens (the first line containing `marker`), and returns the child with the port
+/// after each of `keys` in that line; a child that says no such line, or one without those
+/// ports, is stopped and the error says why. The child's stderr, that line included, is copied
+/// to ours as it comes. Each process binds port 0 and reports its own ports, so no other process
+/// can take a port between its choice and its bind (as with a port picked here and handed on).
+fn spawn_listening<const N: usize>(
+    command: &mut Command,
+    marker: &'static str,
+    keys: [&str; N],
+) -> Result<(Child, [u16; N]), String> {
     let mut child = command
         .stderr(Stdio::piped())
         .spawn()
@@ -243,14 +248,20 @@ fn spawn_listening(command: &mut Command, marker: &'static str) -> Result<(Child
             }
         }
     });
-    match seen.recv_timeout(Duration::from_secs(15)) {
-        Ok(line) => Ok((child, line)),
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(format!("no \"{marker}\" line within 15 s"))
-        }
+    let Ok(line) = seen.recv_timeout(Duration::from_secs(15)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("no \"{marker}\" line within 15 s"));
+    };
+    let mut ports = [0; N];
+    for (port, key) in ports.iter_mut().zip(keys) {
+        let Some(found) = port_after(&line, key) else {
+            stop(child, Duration::from_secs(2));
+            return Err(format!("no port after \"{key}\" in: {line}"));
+        };
+        *port = found;
     }
+    Ok((child, ports))
 }
 
 /// The port of the first `127.0.0.1:PORT` after `key` in `line`.
@@ -437,15 +448,10 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
             .args(["--threads", &args.mock_threads.to_string()])
             .stdout(Stdio::piped()),
         "mock-api: listening on",
+        ["listening on "],
     );
-    let (mut mock, mport) = match started {
-        Ok((child, line)) => match port_after(&line, "listening on ") {
-            Some(port) => (child, port),
-            None => {
-                stop(child, Duration::from_secs(2));
-                return json!({"id": sc.id, "error": format!("mock-api said: {line}")});
-            }
-        },
+    let (mut mock, [mport]) = match started {
+        Ok(started) => started,
         Err(e) => return json!({"id": sc.id, "error": format!("mock-api: {e}")}),
     };
     if let Err(e) = wait_healthy(mport, "/__mock/stats", &mut mock, "mock-api") {
@@ -460,18 +466,10 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
             .args(&args.gateway_arg)
             .stdout(Stdio::null()),
         "ws2http listening:",
+        ["public=", "control="],
     );
-    let ports = started.map(|(child, line)| {
-        let ports = port_after(&line, "public=").zip(port_after(&line, "control="));
-        (child, line, ports)
-    });
-    let (mut gw, gport, cport) = match ports {
-        Ok((child, _, Some((gport, cport)))) => (child, gport, cport),
-        Ok((child, line, None)) => {
-            stop(child, Duration::from_secs(2));
-            stop(mock, Duration::from_secs(2));
-            return json!({"id": sc.id, "error": format!("gateway said: {line}")});
-        }
+    let (mut gw, [gport, cport]) = match started {
+        Ok(started) => started,
         Err(e) => {
             stop(mock, Duration::from_secs(2));
             return json!({"id": sc.id, "error": format!("gateway: {e}")});
@@ -1186,20 +1184,30 @@ mod tests {
     fn a_child_that_never_says_where_it_listens_is_an_error() {
         let mut silent = Command::new("sh");
         silent.args(["-c", "echo starting >&2; exit 0"]);
-        let started = spawn_listening(&mut silent, "listening on");
+        let started = spawn_listening(&mut silent, "listening on", ["listening on "]);
         assert!(started.is_err());
     }
 
     #[test]
-    fn a_child_that_says_where_it_listens_is_returned_with_that_line() {
+    fn a_listening_line_without_the_ports_asked_for_is_an_error() {
+        let mut talker = Command::new("sh");
+        talker.args(["-c", "echo 'ws2http listening: public=?' >&2"]);
+        let started = spawn_listening(&mut talker, "ws2http listening:", ["public="]);
+        let error = started.err().unwrap_or_default();
+        assert!(error.contains("no port after \"public=\""), "{error}");
+    }
+
+    #[test]
+    fn a_child_that_says_where_it_listens_is_returned_with_its_ports() {
         let mut talker = Command::new("sh");
         talker.args([
             "-c",
             "echo one >&2; echo 'mock-api: listening on 127.0.0.1:4242' >&2",
         ]);
-        let (mut child, line) = spawn_listening(&mut talker, "listening on").unwrap();
+        let (mut child, ports) =
+            spawn_listening(&mut talker, "listening on", ["listening on "]).unwrap();
         let _ = child.wait();
-        assert_eq!(port_after(&line, "listening on "), Some(4242));
+        assert_eq!(ports, [4242]);
     }
 
     #[test]
