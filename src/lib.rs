@@ -293,6 +293,9 @@ fn validate(config: &Config) -> Result<(), StartError> {
     if config.upstream_timeout.is_zero() {
         return fail("--upstream-timeout must be more than 0");
     }
+    if config.upstream_max_wait.is_zero() {
+        return fail("--upstream-max-wait must be more than 0");
+    }
     if config.handshake_timeout.is_zero() {
         return fail("--handshake-timeout must be more than 0");
     }

@@ -62,10 +62,20 @@ struct Args {
     #[argh(option, default = "64")]
     upstream_min_concurrency: usize,
 
-    /// API requests that may wait for a free API connection before more are refused (1013 on
-    /// a message, 503 on a handshake); default: 4 x --upstream-max-connections, at least 4096
+    /// API requests that may wait for a free API connection at once before more are refused
+    /// (1013 on a message, 503 on a handshake); default: as many as the clients can have
+    /// outstanding, so that --upstream-max-wait is the bound that applies
     #[argh(option)]
     upstream_max_waiting: Option<usize>,
+
+    /// longest an API request waits for a free API connection before it is refused (1013 on a
+    /// message, 503 on a handshake), e.g. 500ms, 5s (default 5s)
+    #[argh(
+        option,
+        default = "Duration::from_secs(5)",
+        from_str_fn(parse_duration)
+    )]
+    upstream_max_wait: Duration,
 
     /// speak HTTP/2 without TLS (h2c) to the API
     #[argh(switch)]
@@ -218,6 +228,7 @@ fn config_from(args: &Args) -> Result<Config, String> {
         upstream_max_connections: args.upstream_max_connections,
         upstream_min_concurrency: args.upstream_min_concurrency,
         upstream_max_waiting: args.upstream_max_waiting,
+        upstream_max_wait: args.upstream_max_wait,
         upstream_http2: args.upstream_http2,
         api_ca: args.api_ca.clone(),
         max_queued_messages: args.max_queued_messages,
@@ -329,6 +340,7 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
         upstream_max_connections = budget.upstream_max_connections,
         upstream_min_concurrency,
         upstream_max_waiting = budget.upstream_max_waiting,
+        upstream_max_wait = ?config.upstream_max_wait,
         pending_handshakes = budget.pending_handshakes,
         worker_threads = workers,
         cpus,

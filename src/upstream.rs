@@ -43,7 +43,8 @@ pub enum UpstreamError {
     Unreachable(String),
     /// The connection broke or the API spoke bad HTTP.
     Broken(String),
-    /// Too many requests were already waiting for an API connection.
+    /// No API connection came free: too many requests were already waiting for one, or this
+    /// one waited past `--upstream-max-wait`.
     Overloaded,
     /// The answer's body was larger than `--max-message-size`.
     ResponseTooLarge(usize),
@@ -68,7 +69,9 @@ impl fmt::Display for UpstreamError {
             UpstreamError::Timeout(d) => write!(f, "API did not answer within {d:?}"),
             UpstreamError::Unreachable(e) => write!(f, "API unreachable: {e}"),
             UpstreamError::Broken(e) => write!(f, "API request failed: {e}"),
-            UpstreamError::Overloaded => f.write_str("too many requests waiting for the API"),
+            UpstreamError::Overloaded => f.write_str(
+                "no free API connection: too many requests waiting, or waited past --upstream-max-wait",
+            ),
             UpstreamError::ResponseTooLarge(max) => {
                 write!(f, "API answer larger than {max} bytes")
             }
@@ -138,6 +141,8 @@ pub struct Upstream {
     slots: ConcurrencyLimit,
     waiting: AtomicUsize,
     max_waiting: usize,
+    /// Longest a request waits for a slot (`--upstream-max-wait`).
+    max_wait: Duration,
     timeout: Duration,
     max_body: usize,
     metrics: Arc<Metrics>,
@@ -158,7 +163,7 @@ impl StdError for UpstreamSetupError {}
 impl Upstream {
     /// Builds the client for `config`, allowing `--upstream-min-concurrency` up to
     /// `max_connections` requests at once (see `upstream/limit.rs`) and `max_waiting` more
-    /// to wait for one of them.
+    /// to wait for one of them, each for at most `--upstream-max-wait`.
     pub fn new(
         config: &Config,
         max_connections: usize,
@@ -198,6 +203,7 @@ impl Upstream {
             slots: ConcurrencyLimit::new(config.upstream_min_concurrency, max_connections),
             waiting: AtomicUsize::new(0),
             max_waiting,
+            max_wait: config.upstream_max_wait,
             timeout: config.upstream_timeout,
             max_body: config.max_message_size,
             metrics,
@@ -374,10 +380,10 @@ impl Upstream {
         if self.waiting.load(Ordering::Relaxed) > self.max_waiting {
             return Err(UpstreamError::Overloaded);
         }
-        self.slots
-            .acquire(kind)
-            .await
-            .map_err(|_| UpstreamError::Overloaded)
+        match tokio::time::timeout(self.max_wait, self.slots.acquire(kind)).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_)) | Err(_) => Err(UpstreamError::Overloaded),
+        }
     }
 }
 
@@ -509,6 +515,34 @@ mod tests {
         drop(waiters);
         drop(held);
         assert!(upstream.permit(RequestKind::Message).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_is_refused_as_overloaded_once_it_waited_past_the_max_wait() {
+        let config = Config {
+            upstream_max_wait: Duration::from_millis(300),
+            ..Config::default()
+        };
+        let upstream = Upstream::new(&config, 1, 64, Arc::new(Metrics::default())).unwrap();
+        let held = upstream.permit(RequestKind::Message).await.unwrap();
+        let started = Instant::now();
+        let refused = tokio::time::timeout(
+            Duration::from_secs(5),
+            upstream.permit(RequestKind::Message),
+        )
+        .await
+        .expect("refused, not left waiting for the taken slot");
+        assert!(matches!(refused, Err(UpstreamError::Overloaded)));
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(upstream.waiting.load(Ordering::Relaxed), 0);
+        // A slot that comes free within the wait is taken.
+        let waiter = upstream.permit(RequestKind::Message);
+        let freer = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(held);
+        };
+        let (taken, ()) = tokio::join!(waiter, freer);
+        assert!(taken.is_ok());
     }
 
     /// Every message in flight and every closing connection holds one of these futures, so

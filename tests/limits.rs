@@ -346,6 +346,39 @@ async fn a_request_beyond_the_waiter_bound_closes_the_socket_with_1013() {
     );
 }
 
+#[tokio::test]
+async fn a_message_that_waits_past_the_max_wait_closes_its_socket_with_1013() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::ok("late").after(Duration::from_secs(2)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    // One API slot, taken for 2 s by the first message; the second may wait 300 ms for it.
+    config.upstream_max_connections = Some(1);
+    config.upstream_max_wait = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let mut holder = gateway.connect("/holder").await;
+    let mut waiter = gateway.connect("/waiter").await;
+    holder.send(Message::text("first")).await.unwrap();
+    wait_for_requests(&gateway, 3.0).await;
+    let sent = Instant::now();
+    waiter.send(Message::text("second")).await.unwrap();
+    let (code, reason) = close_frame(&mut waiter).await;
+    assert_eq!((code, reason.as_str()), (1013, "upstream overloaded"));
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(1900),
+        "closed after {waited:?}: after the max wait, before the slot came free"
+    );
+    // The message that held the slot is answered as usual.
+    assert_eq!(next_text(&mut holder).await, "late");
+    assert!(
+        api.seen_with("POST").iter().all(|p| p.uri != "/waiter"),
+        "the refused message never reached the API"
+    );
+}
+
 /// A TCP relay to the mock API that can be cut (listener closed, open relays dropped) and
 /// brought back on the same port: the API "down" from the gateway's side.
 struct Relay {
@@ -635,6 +668,13 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
         log_field(&log, "upstream_min_concurrency"),
         upstream.min(64)
     );
+    // Every request the clients can have outstanding may wait, for at most 5 s.
+    assert_eq!(
+        log_field(&log, "upstream_max_waiting"),
+        max_connections + pending,
+        "{log}"
+    );
+    assert!(log.contains(" upstream_max_wait=5s"), "{log}");
 
     // An explicit --max-connections is what the log says; the minimum concurrency is capped
     // by the maximum.
@@ -657,18 +697,29 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
 }
 
 #[tokio::test]
-async fn a_minimum_concurrency_of_zero_stops_the_binary_naming_the_flag() {
+async fn a_zero_minimum_concurrency_or_max_wait_stops_the_binary_naming_the_flag() {
     let api = MockApi::start().await;
-    let mut binary = Binary::start(&api.base(), &["--upstream-min-concurrency", "0"], &[]);
-    let status = binary.wait_exit(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(2), "{}", binary.stderr());
-    assert!(
-        binary
-            .stderr()
-            .contains("--upstream-min-concurrency must be at least 1"),
-        "{}",
-        binary.stderr()
-    );
+    for (flag, value, message) in [
+        (
+            "--upstream-min-concurrency",
+            "0",
+            "--upstream-min-concurrency must be at least 1",
+        ),
+        (
+            "--upstream-max-wait",
+            "0s",
+            "--upstream-max-wait must be more than 0",
+        ),
+    ] {
+        let mut binary = Binary::start(&api.base(), &[flag, value], &[]);
+        let status = binary.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(2), "{flag}: {}", binary.stderr());
+        assert!(
+            binary.stderr().contains(message),
+            "{flag}: {}",
+            binary.stderr()
+        );
+    }
 }
 
 // ---- handshake deadline ----
