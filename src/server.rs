@@ -6,14 +6,13 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -267,7 +266,7 @@ async fn serve_public(
     remote: SocketAddr,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
-    pending: OwnedSemaphorePermit,
+    _pending: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
     let handshake_timeout = shared.config.handshake_timeout;
@@ -279,10 +278,10 @@ async fn serve_public(
     let metrics = Arc::clone(&shared.metrics);
     let served = async {
         match tls {
-            None => serve_http(TokioIo::new(stream), peer, shared, pending).await,
+            None => serve_http(TokioIo::new(stream), peer, shared).await,
             Some(acceptor) => {
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_http(TokioIo::new(stream), peer, shared, pending).await,
+                    Ok(Ok(stream)) => serve_http(TokioIo::new(stream), peer, shared).await,
                     Ok(Err(error)) => {
                         metrics.handshake_refused(RefusalReason::BadRequest);
                         tracing::debug!(%remote, %error, "TLS handshake failed");
@@ -301,33 +300,14 @@ async fn serve_public(
     }
 }
 
-/// Serves one socket's upgrade request; `pending` is its handshake slot, given back as soon as
-/// the answer is `101`, before hyper writes it: a client that has read its `101` may open its
-/// next socket at once and must find the slot free (otherwise a connect storm that never has
-/// more handshakes in flight than the cap still saw a `503` now and then).
-async fn serve_http<S>(
-    io: TokioIo<S>,
-    peer: Peer,
-    shared: Arc<Shared>,
-    pending: OwnedSemaphorePermit,
-) where
+async fn serve_http<S>(io: TokioIo<S>, peer: Peer, shared: Arc<Shared>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let handshake_timeout = shared.config.handshake_timeout;
     let metrics = Arc::clone(&shared.metrics);
-    let pending = Arc::new(Mutex::new(Some(pending)));
-    let service = service_fn(move |request| {
-        let handled = handshake::handle(request, peer.clone(), Arc::clone(&shared));
-        let pending = Arc::clone(&pending);
-        async move {
-            let response = handled.await;
-            if matches!(&response, Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS) {
-                // The socket now counts against --max-connections (its session's permit).
-                drop(pending.lock().unwrap_or_else(|e| e.into_inner()).take());
-            }
-            response
-        }
-    });
+    let service =
+        service_fn(move |request| handshake::handle(request, peer.clone(), Arc::clone(&shared)));
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
@@ -441,76 +421,4 @@ fn control_http(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
 /// Runs `future`, giving up after `limit`; says whether it finished.
 pub(crate) async fn finishes_within<F: Future>(limit: Duration, future: F) -> bool {
     tokio::time::timeout(limit, future).await.is_ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http_body_util::Full;
-    use hyper::Response;
-    use std::convert::Infallible;
-    use tokio::io::AsyncReadExt;
-
-    /// An API on loopback that lets every client connect.
-    async fn api_that_says_ok() -> SocketAddr {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let service = service_fn(|_| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                });
-                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
-            }
-        });
-        addr
-    }
-
-    #[tokio::test]
-    async fn a_handshake_slot_is_free_again_before_the_client_can_read_its_101() {
-        let api = api_that_says_ok().await;
-        let config = crate::Config {
-            listen: ([127, 0, 0, 1], 0).into(),
-            control_listen: ([127, 0, 0, 1], 0).into(),
-            api: format!("http://{api}/").parse().unwrap(),
-            ..crate::Config::default()
-        };
-        let gateway = crate::Gateway::bind(config).await.unwrap();
-        let pending = Arc::new(Semaphore::new(1));
-        let slot = Arc::clone(&pending).try_acquire_owned().unwrap();
-        // A pipe too narrow for the 101: hyper's write of it waits until the client reads.
-        let (mut client, server) = tokio::io::duplex(16);
-        let peer = Peer {
-            remote: ([127, 0, 0, 1], 1).into(),
-            tls: false,
-        };
-        let served = tokio::spawn(serve_http(
-            TokioIo::new(server),
-            peer,
-            Arc::clone(&gateway.shared),
-            slot,
-        ));
-        client
-            .write_all(
-                b"GET /slot HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-                  Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let freed = finishes_within(Duration::from_secs(5), async {
-            while pending.available_permits() == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-        assert!(
-            freed,
-            "the slot was still taken while the 101 waited to be written"
-        );
-        let mut head = [0u8; 12];
-        client.read_exact(&mut head).await.unwrap();
-        assert_eq!(&head, b"HTTP/1.1 101");
-        drop(client);
-        let _ = finishes_within(Duration::from_secs(5), served).await;
-    }
 }
