@@ -235,19 +235,35 @@ pub(crate) async fn accept_public(
                 continue;
             }
         };
-        match Arc::clone(&pending).try_acquire_owned() {
-            Ok(permit) => {
+        match handshake_slot(&pending).await {
+            Some(permit) => {
                 let task = serve_public(stream, remote, tls.clone(), Arc::clone(&shared), permit);
                 // Boxed: the task then holds a pointer, and tokio's poll and spawn frames for
                 // it stay small; unboxed they were ~20 KiB of every worker's resident stack.
                 shared.tasks.spawn(Box::pin(task));
             }
-            Err(_) => {
+            None => {
                 shared.metrics.handshake_refused(RefusalReason::Overloaded);
                 shared.tasks.spawn(refuse_busy(stream));
             }
         }
     }
+}
+
+/// How long a socket over the pending-handshake cap waits for a slot before it gets `503`. A
+/// slot is often moments from free: its upgrade has written the `101` and is handing the socket
+/// to its session, and a client that read the `101` may already be opening its next socket (a
+/// connect storm that never had more handshakes in flight than the cap saw a `503` now and
+/// then). Meanwhile the accept loop waits, and new sockets wait in the listen backlog.
+const HANDSHAKE_SLOT_GRACE: Duration = Duration::from_millis(250);
+
+/// A handshake slot, if one is free now or comes free within [`HANDSHAKE_SLOT_GRACE`].
+async fn handshake_slot(pending: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = Arc::clone(pending).try_acquire_owned() {
+        return Some(permit);
+    }
+    let waited = tokio::time::timeout(HANDSHAKE_SLOT_GRACE, Arc::clone(pending).acquire_owned());
+    waited.await.ok()?.ok()
 }
 
 async fn accept_failed(which: &str, error: &io::Error) {

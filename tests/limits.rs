@@ -512,7 +512,7 @@ async fn over_max_connections_the_handshake_gets_503_without_asking_the_api() {
 }
 
 #[tokio::test]
-async fn over_the_pending_handshake_cap_a_socket_gets_503_at_once() {
+async fn over_the_pending_handshake_cap_a_socket_gets_503_after_a_short_grace() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
     config.max_pending_handshakes = 2;
@@ -530,9 +530,11 @@ async fn over_the_pending_handshake_cap_a_socket_gets_503_at_once() {
     let refused = raw_exchange(gateway.public, &upgrade_request("/third", &[])).await;
     assert_eq!(refused.status, 503);
     assert_eq!(refused.header("retry-after"), Some("1"));
+    // It waited 250 ms for a slot to come free, no longer.
+    let waited = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "answered at once"
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(1),
+        "answered after {waited:?}"
     );
     assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 1.0);
     // Once the holders leave, handshakes are served again.
@@ -549,6 +551,27 @@ async fn over_the_pending_handshake_cap_a_socket_gets_503_at_once() {
     let gets = api.wait_for("GET", 1).await;
     assert!(gets.iter().all(|g| g.uri == "/third"), "{gets:?}");
     assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn over_the_pending_handshake_cap_a_slot_freed_within_the_grace_serves_the_socket() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.max_pending_handshakes = 1;
+    let gateway = TestGateway::start(config).await;
+    // A socket that never finishes its request holds the only handshake slot...
+    let mut holder = TcpStream::connect(gateway.public).await.unwrap();
+    holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...and leaves 20 ms after the next client came: that one is served, not refused.
+    let leaves = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(holder);
+    });
+    let served = raw_exchange(gateway.public, &upgrade_request("/next", &[])).await;
+    assert_eq!(served.status, 101);
+    leaves.await.unwrap();
+    assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 0.0);
 }
 
 /// `key=value` out of a log line.
