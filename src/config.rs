@@ -198,7 +198,8 @@ impl DescriptorBudget {
         // connection (a leaving one's DELETE takes the place of its messages) and a GET per
         // pending handshake. What bounds the queue is then how long its head has waited
         // (--upstream-max-wait): a count bound that a hiccup of a few hundred milliseconds
-        // fills at 15,000 messages/s closed most clients at once (README, Performance, S4).
+        // fills at 15,000 messages/s closed most clients at once (bench/README.md, "What
+        // moved the figures").
         let default_waiting = max_connections
             .saturating_mul(config.pipeline.max(1))
             .saturating_add(config.max_pending_handshakes);

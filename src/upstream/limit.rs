@@ -4,8 +4,8 @@
 //! keeps its pace under more load (many workers, however slow each is) doubles its share with
 //! each round of answers, up to `--upstream-max-connections`; it shrinks by one for each answer
 //! that came back slow, so an API that is queueing requests (a pause, a saturated worker pool)
-//! is not handed hundreds more on new connections, which only add to its work (README,
-//! Performance, S4). Requests over the limit wait in the order they came.
+//! is not handed hundreds more on new connections, which only add to its work (bench/README.md,
+//! "Why the targets are missed", S4). Requests over the limit wait in the order they came.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};

@@ -130,7 +130,8 @@ impl Pool {
         if self.http2 {
             // Out of line: a rare path's state would otherwise be part of every HTTP/1
             // request's future (see the sizes test), and its temporaries part of the stack
-            // frame every HTTP/1 request's `poll` touches (32 KiB, README, S1).
+            // frame every HTTP/1 request's `poll` touches (32 KiB; bench/README.md,
+            // "Shallow worker stacks").
             return out_of_line(self.exchange_h2(request, max_body)).await;
         }
         let path = request
@@ -223,7 +224,8 @@ impl Pool {
                     // Opened in a task of its own, at the top of a worker's stack: opening
                     // (handshake, spawning the connection's task) needs tens of KiB of stack,
                     // which would otherwise stack up under the websocket handshake's own
-                    // frames and stay resident in every worker thread (README, S1). Aborted
+                    // frames and stay resident in every worker thread (bench/README.md, "Shallow
+                    // worker stacks"). Aborted
                     // if this request goes away first, as the inline attempt was dropped.
                     let opened = AbortOnDropHandle::new(tokio::spawn(open_h1(
                         self.connector.clone(),
