@@ -224,9 +224,9 @@ impl Pool {
                     // Opened in a task of its own, at the top of a worker's stack: opening
                     // (handshake, spawning the connection's task) needs tens of KiB of stack,
                     // which would otherwise stack up under the websocket handshake's own
-                    // frames and stay resident in every worker thread (bench/README.md, "Shallow
-                    // worker stacks"). Aborted
-                    // if this request goes away first, as the inline attempt was dropped.
+                    // frames and stay resident in every worker thread (bench/README.md,
+                    // "Shallow worker stacks"). Aborted if this request goes away first, as the
+                    // inline attempt was dropped.
                     let opened = AbortOnDropHandle::new(tokio::spawn(open_h1(
                         self.connector.clone(),
                         self.origin.clone(),
