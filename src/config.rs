@@ -42,6 +42,9 @@ pub struct Config {
     pub upstream_http2: bool,
     /// Extra CA certificate (PEM) trusted for an `https://` API, on top of the system roots.
     pub api_ca: Option<PathBuf>,
+    /// Reach the API over this Unix stream socket instead of `api`'s host and port (which
+    /// still give the `Host` header and the path); plain HTTP only.
+    pub api_unix_socket: Option<PathBuf>,
     /// Pushes queued for one socket before further pushes get `503`.
     pub max_queued_messages: usize,
     /// Bytes queued for one socket before further pushes get `503`.
@@ -60,6 +63,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// API requests at once for the DELETEs sent while shutting down.
     pub shutdown_delete_concurrency: usize,
+    /// Also serve the control API on this Unix stream socket (mode 0660, removed at shutdown),
+    /// for an API on the same machine.
+    pub control_unix_socket: Option<PathBuf>,
     /// Bearer token required on the control listener (all but `/healthz`).
     pub control_token: Option<String>,
     /// Origins allowed to open a websocket; `None` forwards Origin for the API to judge.
@@ -133,6 +139,7 @@ impl Default for Config {
             upstream_max_wait: Duration::from_secs(5),
             upstream_http2: false,
             api_ca: None,
+            api_unix_socket: None,
             max_queued_messages: 64,
             max_queued_bytes: 1024 * 1024,
             write_timeout: Duration::from_secs(30),
@@ -142,6 +149,7 @@ impl Default for Config {
             idle_timeout: None,
             shutdown_timeout: Duration::from_secs(10),
             shutdown_delete_concurrency: 64,
+            control_unix_socket: None,
             control_token: None,
             allowed_origins: None,
             tls: None,

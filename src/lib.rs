@@ -37,6 +37,7 @@ pub use config::{Config, DescriptorBudget};
 use departures::Departures;
 use metrics::Metrics;
 use registry::Registry;
+use server::ControlListener;
 use session::Command;
 use upstream::Upstream;
 
@@ -119,6 +120,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     public: TcpListener,
     control: TcpListener,
+    control_unix: Option<tokio::net::UnixListener>,
     tls: Option<TlsAcceptor>,
 }
 
@@ -174,6 +176,15 @@ impl Gateway {
             addr: config.control_listen,
             error,
         })?;
+        let control_unix = match &config.control_unix_socket {
+            Some(path) => Some(server::listen_unix(path).map_err(|error| {
+                StartError::Config(format!(
+                    "--control-unix-socket {}: cannot listen: {error}",
+                    path.display()
+                ))
+            })?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             connection_permits: Arc::new(Semaphore::new(budget.max_connections)),
             shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency.max(1)),
@@ -193,6 +204,7 @@ impl Gateway {
             shared,
             public,
             control,
+            control_unix,
             tls,
         })
     }
@@ -228,6 +240,7 @@ impl Gateway {
             shared,
             public,
             control,
+            control_unix,
             tls,
         } = self;
         let stop_public = CancellationToken::new();
@@ -238,11 +251,21 @@ impl Gateway {
             Arc::clone(&shared),
             stop_public.clone(),
         ));
+        let control_slots = Arc::new(Semaphore::new(server::MAX_CONTROL_CONNECTIONS));
         let control_task = tokio::spawn(server::accept_control(
-            control,
+            ControlListener::Network(control),
+            Arc::clone(&control_slots),
             Arc::clone(&shared),
             stop_control.clone(),
         ));
+        let control_unix_task = control_unix.map(|listener| {
+            tokio::spawn(server::accept_control(
+                ControlListener::UnixSocket(listener),
+                control_slots,
+                Arc::clone(&shared),
+                stop_control.clone(),
+            ))
+        });
         shutdown.await;
         stop_public.cancel();
         let _ = public_task.await;
@@ -264,6 +287,12 @@ impl Gateway {
         }
         stop_control.cancel();
         let _ = control_task.await;
+        if let Some(task) = control_unix_task {
+            let _ = task.await;
+            if let Some(path) = &shared.config.control_unix_socket {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         DrainReport {
             sessions_at_shutdown,
             completed,

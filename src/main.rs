@@ -22,6 +22,11 @@ struct Args {
     #[argh(option, default = "SocketAddr::from(([127, 0, 0, 1], 7002))")]
     control_listen: SocketAddr,
 
+    /// also serve the control API on this Unix socket, for an API on the same machine (mode
+    /// 0660: the gateway's user and group; removed at shutdown)
+    #[argh(option)]
+    control_unix_socket: Option<PathBuf>,
+
     /// base URL of the API; the ClientId is appended (default http://127.0.0.1:8000/)
     #[argh(option, default = "\"http://127.0.0.1:8000/\".parse().unwrap()")]
     api: ApiBase,
@@ -84,6 +89,11 @@ struct Args {
     /// extra CA certificate (PEM) trusted for an https:// API, besides the system roots
     #[argh(option)]
     api_ca: Option<PathBuf>,
+
+    /// reach the API over this Unix socket instead of --api's host and port, which still give
+    /// the Host header and the path (plain http:// only)
+    #[argh(option)]
+    api_unix_socket: Option<PathBuf>,
 
     /// pushes queued for one socket before pushes get 503 (default 64)
     #[argh(option, default = "64")]
@@ -231,6 +241,8 @@ fn config_from(args: &Args) -> Result<Config, String> {
         upstream_max_wait: args.upstream_max_wait,
         upstream_http2: args.upstream_http2,
         api_ca: args.api_ca.clone(),
+        api_unix_socket: args.api_unix_socket.clone(),
+        control_unix_socket: args.control_unix_socket.clone(),
         max_queued_messages: args.max_queued_messages,
         max_queued_bytes: args.max_queued_bytes,
         write_timeout: args.write_timeout,
@@ -333,7 +345,9 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         public = %gateway.public_addr(),
         control = %gateway.control_addr(),
+        control_unix_socket = config.control_unix_socket.as_ref().map(|p| p.display().to_string()),
         api = config.api.as_str(),
+        api_unix_socket = config.api_unix_socket.as_ref().map(|p| p.display().to_string()),
         tls = config.tls.is_some(),
         open_file_limit = budget.open_file_limit,
         max_connections = budget.max_connections,

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,7 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -30,8 +31,8 @@ use crate::{control, Shared};
 
 /// Largest request head (request line + headers) accepted; larger gets `431`.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
-/// Control connections served at once.
-const MAX_CONTROL_CONNECTIONS: usize = 1024;
+/// Control connections served at once, over all control listeners.
+pub(crate) const MAX_CONTROL_CONNECTIONS: usize = 1024;
 /// Pause after an accept error such as EMFILE, so a full descriptor table is not spun on.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -272,7 +273,7 @@ async fn accept_failed(which: &str, error: &io::Error) {
 }
 
 /// Answers a socket over the pending-handshake cap without parsing anything.
-async fn refuse_busy(mut stream: TcpStream) {
+async fn refuse_busy(mut stream: impl AsyncWrite + Unpin) {
     let reply = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply)).await;
 }
@@ -340,21 +341,151 @@ where
     }
 }
 
-/// Serves the control API until `stop` fires.
+/// Where the control API is served: the `--control-listen` port, or a Unix socket
+/// (`--control-unix-socket`) for an API on the same machine.
+pub(crate) enum ControlListener {
+    /// TCP, `--control-listen`.
+    Network(TcpListener),
+    /// A Unix stream socket, `--control-unix-socket`.
+    UnixSocket(UnixListener),
+}
+
+impl ControlListener {
+    async fn accept(&self) -> io::Result<ControlStream> {
+        match self {
+            ControlListener::Network(listener) => {
+                let (stream, _) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok(ControlStream::Network(stream))
+            }
+            ControlListener::UnixSocket(listener) => {
+                let (stream, _) = listener.accept().await?;
+                Ok(ControlStream::UnixSocket(stream))
+            }
+        }
+    }
+}
+
+/// One control connection, over TCP or a Unix socket.
+enum ControlStream {
+    Network(TcpStream),
+    UnixSocket(UnixStream),
+}
+
+impl ControlStream {
+    /// Waits for the first bytes (or the end) of the connection; says whether any came.
+    async fn spoke(&self) -> bool {
+        match self {
+            ControlStream::Network(stream) => {
+                let mut first = [0u8; 1];
+                matches!(stream.peek(&mut first).await, Ok(n) if n > 0)
+            }
+            // No `peek` here: readable means bytes or the end, which hyper then reads.
+            ControlStream::UnixSocket(stream) => stream.readable().await.is_ok(),
+        }
+    }
+}
+
+impl AsyncRead for ControlStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ControlStream::Network(stream) => Pin::new(stream).poll_read(cx, buf),
+            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ControlStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ControlStream::Network(stream) => Pin::new(stream).poll_write(cx, buf),
+            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ControlStream::Network(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ControlStream::Network(stream) => Pin::new(stream).poll_flush(cx),
+            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ControlStream::Network(stream) => Pin::new(stream).poll_shutdown(cx),
+            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Binds the control API's Unix socket at `path`, readable and writable by the gateway's user
+/// and group only (mode 0660). A socket file left by a gateway that did not stop cleanly is
+/// replaced; one that a live process answers on, or a file that is not a socket, is not.
+pub(crate) fn listen_unix(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening on it",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ))
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Serves the control API on `listener` until `stop` fires; `slots` caps the control
+/// connections of all control listeners together.
 pub(crate) async fn accept_control(
-    listener: TcpListener,
+    listener: ControlListener,
+    slots: Arc<Semaphore>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONTROL_CONNECTIONS));
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, _) = match accepted {
-            Ok(pair) => pair,
+        let stream = match accepted {
+            Ok(stream) => stream,
             Err(error) => {
                 accept_failed("control", &error).await;
                 continue;
@@ -364,18 +495,16 @@ pub(crate) async fn accept_control(
             connections.spawn(refuse_busy(stream));
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
         connections.spawn(async move {
             // Telling HTTP/1.1 from h2c waits for the first bytes without a deadline of its
             // own: a connection that sends nothing within --handshake-timeout, or before the
             // shutdown starts, loses its slot.
-            let mut first = [0u8; 1];
             let deadline = shared.config.handshake_timeout;
             let spoke = tokio::select! {
-                peeked = tokio::time::timeout(deadline, stream.peek(&mut first)) => {
-                    matches!(peeked, Ok(Ok(n)) if n > 0)
+                spoke = tokio::time::timeout(deadline, stream.spoke()) => {
+                    matches!(spoke, Ok(true))
                 }
                 _ = stop.cancelled() => false,
             };

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, COOKIE};
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::config::Config;
@@ -20,7 +21,7 @@ use crate::config::Config;
 mod limit;
 mod pool;
 use limit::{ConcurrencyLimit, RequestKind, Slot};
-use pool::Pool;
+use pool::{Dialer, Pool};
 
 /// How long an unused API connection is kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -170,19 +171,18 @@ impl Upstream {
         max_waiting: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Upstream, UpstreamSetupError> {
-        let tls = client_tls_config(config)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.upstream_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http();
-        // ALPN offers only the protocol the pool will speak.
-        let connector = if config.upstream_http2 {
-            connector.enable_http2().wrap_connector(http)
-        } else {
-            connector.enable_http1().wrap_connector(http)
+        let dialer = match &config.api_unix_socket {
+            Some(path) => {
+                if config.api.is_https() {
+                    return Err(UpstreamSetupError(format!(
+                        "--api-unix-socket {}: the API is reached in plain HTTP over a Unix \
+                         socket; give --api an http:// URL (its host names the Host header)",
+                        path.display()
+                    )));
+                }
+                Dialer::UnixSocket(Arc::new(path.clone()), config.upstream_timeout)
+            }
+            None => Dialer::Network(network_connector(config)?),
         };
         let origin: Uri = config
             .api
@@ -190,7 +190,7 @@ impl Upstream {
             .parse()
             .map_err(|e| UpstreamSetupError(format!("--api {}: {e}", config.api.as_str())))?;
         let pool = Pool::new(
-            connector,
+            dialer,
             &origin,
             config.upstream_http2,
             max_connections,
@@ -416,6 +416,24 @@ pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The TCP (and, for an `https://` API, TLS) connector, offering in ALPN only the protocol the
+/// pool will speak.
+fn network_connector(config: &Config) -> Result<HttpsConnector<HttpConnector>, UpstreamSetupError> {
+    let tls = client_tls_config(config)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.upstream_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    Ok(if config.upstream_http2 {
+        connector.enable_http2().wrap_connector(http)
+    } else {
+        connector.enable_http1().wrap_connector(http)
+    })
 }
 
 fn client_tls_config(config: &Config) -> Result<rustls::ClientConfig, UpstreamSetupError> {

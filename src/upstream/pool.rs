@@ -1,9 +1,11 @@
 //! Keep-alive connections to the API, at most `max_open` of them: a request takes an idle
 //! connection, or opens one (a few at a time, so a connect storm does not open a connection per
 //! waiting request), or waits for one to come back. HTTP/2 (`--upstream-http2`) shares one
-//! multiplexed connection instead.
+//! multiplexed connection instead. Connections go over TCP (or TLS) to the API's host, or to a
+//! Unix socket on this machine (`--api-unix-socket`).
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -18,7 +20,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
@@ -41,9 +43,19 @@ const REAP_PERIOD: Duration = Duration::from_millis(500);
 
 type Body = Full<Bytes>;
 
+/// How a new API connection is opened.
+#[derive(Clone)]
+pub(super) enum Dialer {
+    /// TCP to the origin's host and port, with TLS for `https://`.
+    Network(HttpsConnector<HttpConnector>),
+    /// A Unix stream socket at this path (plain HTTP); a connect that does not complete
+    /// within the timeout fails.
+    UnixSocket(Arc<PathBuf>, Duration),
+}
+
 /// The pooled connections to one API origin.
 pub(super) struct Pool {
-    connector: HttpsConnector<HttpConnector>,
+    dialer: Dialer,
     origin: Uri,
     scheme: Scheme,
     host: HeaderValue,
@@ -76,7 +88,7 @@ enum Next {
 impl Pool {
     /// A pool for `origin` (scheme and authority of the API).
     pub(super) fn new(
-        connector: HttpsConnector<HttpConnector>,
+        dialer: Dialer,
         origin: &Uri,
         http2: bool,
         max_open: usize,
@@ -95,7 +107,7 @@ impl Pool {
             .build()
             .map_err(|e| e.to_string())?;
         let pool = Arc::new(Pool {
-            connector,
+            dialer,
             origin,
             scheme,
             host,
@@ -228,7 +240,7 @@ impl Pool {
                     // "Shallow worker stacks"). Aborted if this request goes away first, as the
                     // inline attempt was dropped.
                     let opened = AbortOnDropHandle::new(tokio::spawn(open_h1(
-                        self.connector.clone(),
+                        self.dialer.clone(),
                         self.origin.clone(),
                     )))
                     .await;
@@ -311,19 +323,19 @@ impl Pool {
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        let io = connect_io(self.connector.clone(), self.origin.clone()).await?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
-        drive(connection, "HTTP/2");
-        Ok(sender)
+        match &self.dialer {
+            Dialer::Network(connector) => {
+                handshake_h2(connect_network(connector.clone(), self.origin.clone()).await?).await
+            }
+            Dialer::UnixSocket(path, timeout) => {
+                handshake_h2(connect_unix_socket(path, *timeout).await?).await
+            }
+        }
     }
 }
 
 /// Opens a TCP (or TLS) connection to `origin`.
-async fn connect_io(
+async fn connect_network(
     mut connector: HttpsConnector<HttpConnector>,
     origin: Uri,
 ) -> Result<hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>, UpstreamError> {
@@ -333,17 +345,58 @@ async fn connect_io(
         .map_err(|e| UpstreamError::Unreachable(error_chain(&*e)))
 }
 
-/// Opens an HTTP/1.1 connection to `origin` and spawns the task that drives it.
-async fn open_h1(
-    connector: HttpsConnector<HttpConnector>,
-    origin: Uri,
-) -> Result<http1::SendRequest<Body>, UpstreamError> {
-    let io = connect_io(connector, origin).await?;
+/// Connects to the API's Unix socket at `path` within `timeout`.
+async fn connect_unix_socket(
+    path: &std::path::Path,
+    timeout: Duration,
+) -> Result<TokioIo<UnixStream>, UpstreamError> {
+    match tokio::time::timeout(timeout, UnixStream::connect(path)).await {
+        Ok(Ok(stream)) => Ok(TokioIo::new(stream)),
+        Ok(Err(error)) => Err(UpstreamError::Unreachable(format!(
+            "connecting to {}: {error}",
+            path.display()
+        ))),
+        Err(_) => Err(UpstreamError::Unreachable(format!(
+            "connecting to {}: timed out after {timeout:?}",
+            path.display()
+        ))),
+    }
+}
+
+/// Opens an HTTP/1.1 connection to the API and spawns the task that drives it.
+async fn open_h1(dialer: Dialer, origin: Uri) -> Result<http1::SendRequest<Body>, UpstreamError> {
+    match dialer {
+        Dialer::Network(connector) => handshake_h1(connect_network(connector, origin).await?).await,
+        Dialer::UnixSocket(path, timeout) => {
+            handshake_h1(connect_unix_socket(&path, timeout).await?).await
+        }
+    }
+}
+
+/// Starts HTTP/1.1 on an open connection and spawns the task that drives it.
+async fn handshake_h1<T>(io: T) -> Result<http1::SendRequest<Body>, UpstreamError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let (sender, connection) = http1::Builder::new()
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
     drive(connection, "HTTP/1.1");
+    Ok(sender)
+}
+
+/// Starts HTTP/2 (prior knowledge) on an open connection and spawns the task that drives it.
+async fn handshake_h2<T>(io: T) -> Result<http2::SendRequest<Body>, UpstreamError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(io)
+        .await
+        .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+    drive(connection, "HTTP/2");
     Ok(sender)
 }
 

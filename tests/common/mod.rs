@@ -18,13 +18,12 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
@@ -127,67 +126,38 @@ impl MockApi {
         MockApi::on_listener(listener, Arc::new(script)).await
     }
 
-    async fn on_listener(listener: TcpListener, script: Script) -> MockApi {
-        let addr = listener.local_addr().unwrap();
+    /// The same API listening on a Unix socket at `path` instead (its `addr` is unspecified);
+    /// the gateway reaches it with `api_unix_socket`.
+    pub async fn on_unix_socket(path: &std::path::Path) -> MockApi {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).unwrap();
+        MockApi::on_listener(ApiListener::Unix(listener), Arc::new(echo_script)).await
+    }
+
+    async fn on_listener(listener: impl Into<ApiListener>, script: Script) -> MockApi {
+        let listener = listener.into();
+        let addr = match &listener {
+            ApiListener::Tcp(listener) => listener.local_addr().unwrap(),
+            ApiListener::Unix(_) => SocketAddr::from(([127, 0, 0, 1], 9)),
+        };
         let seen = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(script));
         let (seen2, script2) = (seen.clone(), script.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
                 let (seen, script) = (seen2.clone(), script2.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let (seen, script) = (seen.clone(), script.clone());
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let headers = parts
-                                .headers
-                                .iter()
-                                .map(|(k, v)| {
-                                    (
-                                        k.as_str().to_owned(),
-                                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                                    )
-                                })
-                                .collect();
-                            let record = Seen {
-                                at: tokio::time::Instant::now(),
-                                method: parts.method.to_string(),
-                                uri: parts.uri.to_string(),
-                                headers,
-                                body,
-                            };
-                            let reply = {
-                                let script = script.lock().unwrap().clone();
-                                script(&record)
-                            };
-                            seen.lock().unwrap().push(record);
-                            if !reply.delay.is_zero() {
-                                tokio::time::sleep(reply.delay).await;
-                            }
-                            let mut response = Response::new(Full::new(reply.body));
-                            *response.status_mut() = StatusCode::from_u16(reply.status).unwrap();
-                            for (k, v) in reply.headers {
-                                response.headers_mut().append(
-                                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                                    v.parse().unwrap(),
-                                );
-                            }
-                            Ok::<_, Infallible>(response)
+                match &listener {
+                    ApiListener::Tcp(listener) => {
+                        if let Ok((stream, _)) = listener.accept().await {
+                            tokio::spawn(serve_api_connection(TokioIo::new(stream), seen, script));
                         }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                    }
+                    ApiListener::Unix(listener) => {
+                        if let Ok((stream, _)) = listener.accept().await {
+                            tokio::spawn(serve_api_connection(TokioIo::new(stream), seen, script));
+                        }
+                    }
+                }
             }
         });
         MockApi {
@@ -247,6 +217,73 @@ impl Drop for MockApi {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Where the mock API listens.
+enum ApiListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl From<TcpListener> for ApiListener {
+    fn from(listener: TcpListener) -> ApiListener {
+        ApiListener::Tcp(listener)
+    }
+}
+
+/// Serves one API connection: records each request and answers it as the script says.
+async fn serve_api_connection<T>(io: T, seen: Arc<Mutex<Vec<Seen>>>, script: Arc<Mutex<Script>>)
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let (seen, script) = (seen.clone(), script.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let headers = parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let record = Seen {
+                at: tokio::time::Instant::now(),
+                method: parts.method.to_string(),
+                uri: parts.uri.to_string(),
+                headers,
+                body,
+            };
+            let reply = {
+                let script = script.lock().unwrap().clone();
+                script(&record)
+            };
+            seen.lock().unwrap().push(record);
+            if !reply.delay.is_zero() {
+                tokio::time::sleep(reply.delay).await;
+            }
+            let mut response = Response::new(Full::new(reply.body));
+            *response.status_mut() = StatusCode::from_u16(reply.status).unwrap();
+            for (k, v) in reply.headers {
+                response.headers_mut().append(
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(io, service)
+        .await;
 }
 
 /// A gateway running in this process.
