@@ -26,6 +26,9 @@ struct Args {
     /// address to listen on (default 127.0.0.1:8000)
     #[argh(option, default = "String::from(\"127.0.0.1:8000\")")]
     listen: String,
+    /// also listen on this Unix socket (a stale socket file is replaced)
+    #[argh(option)]
+    listen_unix: Option<std::path::PathBuf>,
     /// latency added to every request, in milliseconds (default 0)
     #[argh(option, default = "0")]
     latency_ms: u64,
@@ -117,27 +120,40 @@ async fn handle(
     Ok(resp)
 }
 
-async fn serve(listener: tokio::net::TcpListener, st: Arc<State>) {
+/// A TCP or a Unix listener: the gateway reaches the API either way.
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+async fn serve(listener: Listener, st: Arc<State>) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                eprintln!("mock-api: accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let accepted = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(stream, _)| {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_connection(TokioIo::new(stream), st.clone()));
+            }),
+            Listener::Unix(l) => l.accept().await.map(|(stream, _)| {
+                tokio::spawn(serve_connection(TokioIo::new(stream), st.clone()));
+            }),
         };
-        let _ = stream.set_nodelay(true);
-        st.counters.connections.fetch_add(1, Relaxed);
-        let st = st.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, st.clone()));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+        if let Err(e) = accepted {
+            // EMFILE and friends: back off instead of spinning.
+            eprintln!("mock-api: accept: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+}
+
+async fn serve_connection<T>(io: T, st: Arc<State>)
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    st.counters.connections.fetch_add(1, Relaxed);
+    let svc = service_fn(move |req| handle(req, st.clone()));
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(io, svc)
+        .await;
 }
 
 /// Binds with a deep accept queue (4096, as far as `somaxconn` allows): a burst of upstream
@@ -169,13 +185,30 @@ fn main() {
             eprintln!("mock-api: cannot listen on {}: {e}", args.listen);
             std::process::exit(2)
         });
-        eprintln!("mock-api: listening on {}", listener.local_addr().unwrap());
+        let unix_listener = args.listen_unix.as_ref().map(|path| {
+            let _ = std::fs::remove_file(path);
+            tokio::net::UnixListener::bind(path).unwrap_or_else(|e| {
+                eprintln!("mock-api: cannot listen on {}: {e}", path.display());
+                std::process::exit(2)
+            })
+        });
+        // The scenario runner reads the TCP address from this line, so the Unix socket is
+        // named after it.
+        eprintln!(
+            "mock-api: listening on {}{}",
+            listener.local_addr().unwrap(),
+            args.listen_unix
+                .as_ref()
+                .map(|p| format!(" and unix:{}", p.display()))
+                .unwrap_or_default()
+        );
         let st = Arc::new(State {
             counters: Counters::default(),
             latency: (args.latency_ms > 0).then(|| Duration::from_millis(args.latency_ms)),
             reply_bytes: args.reply_bytes,
         });
-        let server = tokio::spawn(serve(listener, st.clone()));
+        let server = tokio::spawn(serve(Listener::Tcp(listener), st.clone()));
+        let unix_server = unix_listener.map(|l| tokio::spawn(serve(Listener::Unix(l), st.clone())));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! {
@@ -183,6 +216,9 @@ fn main() {
             _ = tokio::signal::ctrl_c() => {}
         }
         server.abort();
+        if let Some(unix_server) = unix_server {
+            unix_server.abort();
+        }
         println!("{}", st.counters.to_json());
     });
     // Do not wait for connection tasks still open.

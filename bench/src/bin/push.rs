@@ -17,7 +17,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OnceCell;
 use ws2http_bench::{proto, stats, usage_error};
 
@@ -27,32 +27,62 @@ enum Sender {
     Http2(http2::SendRequest<Full<Bytes>>),
 }
 
+/// Where the control API listens: a TCP address, or a Unix socket (`--unix-socket`).
+#[derive(Clone)]
+enum Destination {
+    Network(std::net::SocketAddr),
+    UnixSocket(Arc<std::path::PathBuf>),
+}
+
 async fn tcp_connect(dst: std::net::SocketAddr) -> Result<TokioIo<TcpStream>, &'static str> {
     let tcp = TcpStream::connect(dst).await.map_err(|_| "connect_error")?;
     let _ = tcp.set_nodelay(true);
     Ok(TokioIo::new(tcp))
 }
 
-async fn connect_http2(
-    dst: std::net::SocketAddr,
-) -> Result<http2::SendRequest<Full<Bytes>>, &'static str> {
-    let (s, conn) = http2::handshake(TokioExecutor::new(), tcp_connect(dst).await?)
+async fn unix_connect(path: &std::path::Path) -> Result<TokioIo<UnixStream>, &'static str> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|_| "connect_error")?;
+    Ok(TokioIo::new(stream))
+}
+
+async fn handshake_http1<T>(io: T) -> Result<http1::SendRequest<Full<Bytes>>, &'static str>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (s, conn) = http1::handshake(io).await.map_err(|_| "http_error")?;
+    tokio::spawn(conn);
+    Ok(s)
+}
+
+async fn handshake_http2<T>(io: T) -> Result<http2::SendRequest<Full<Bytes>>, &'static str>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (s, conn) = http2::handshake(TokioExecutor::new(), io)
         .await
         .map_err(|_| "http_error")?;
     tokio::spawn(conn);
     Ok(s)
 }
 
+async fn connect_http2(dst: &Destination) -> Result<http2::SendRequest<Full<Bytes>>, &'static str> {
+    match dst {
+        Destination::Network(addr) => handshake_http2(tcp_connect(*addr).await?).await,
+        Destination::UnixSocket(path) => handshake_http2(unix_connect(path).await?).await,
+    }
+}
+
 impl Sender {
-    async fn connect(dst: std::net::SocketAddr, http2: bool) -> Result<Sender, &'static str> {
+    async fn connect(dst: &Destination, http2: bool) -> Result<Sender, &'static str> {
         if http2 {
             return Ok(Sender::Http2(connect_http2(dst).await?));
         }
-        let (s, conn) = http1::handshake(tcp_connect(dst).await?)
-            .await
-            .map_err(|_| "http_error")?;
-        tokio::spawn(conn);
-        Ok(Sender::Http1(s))
+        Ok(Sender::Http1(match dst {
+            Destination::Network(addr) => handshake_http1(tcp_connect(*addr).await?).await?,
+            Destination::UnixSocket(path) => handshake_http1(unix_connect(path).await?).await?,
+        }))
     }
 
     fn is_closed(&self) -> bool {
@@ -108,6 +138,10 @@ struct Args {
     /// HTTP/2 connections the requests in flight share, with --http2 (default 2)
     #[argh(option, default = "2")]
     connections: usize,
+    /// connect to the control API's Unix socket at this path (`--control-unix-socket`);
+    /// --control then gives only the Host header and the path
+    #[argh(option)]
+    unix_socket: Option<std::path::PathBuf>,
     /// bearer token for the control API, if it requires one
     #[argh(option)]
     token: Option<String>,
@@ -142,11 +176,18 @@ async fn main() {
         "/{}",
         base.strip_prefix("http://").unwrap_or("")[authority.len()..].trim_start_matches('/')
     );
-    let dst = tokio::net::lookup_host(&authority)
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .unwrap_or_else(|| usage_error("push", &format!("--control: cannot resolve {authority}")));
+    let dst = match &args.unix_socket {
+        Some(path) => Destination::UnixSocket(Arc::new(path.clone())),
+        None => Destination::Network(
+            tokio::net::lookup_host(&authority)
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .unwrap_or_else(|| {
+                    usage_error("push", &format!("--control: cannot resolve {authority}"))
+                }),
+        ),
+    };
     let total = args.count * args.rounds;
     let next = Arc::new(AtomicU64::new(0));
     let hist = Arc::new(Mutex::new(stats::new_hist()));
@@ -161,7 +202,7 @@ async fn main() {
     let http2 = args.http2;
     let mut tasks = tokio::task::JoinSet::new();
     for k in 0..args.concurrency.max(1) {
-        let shared_h2 = shared_h2.clone();
+        let (shared_h2, dst) = (shared_h2.clone(), dst.clone());
         let (next, hist, statuses) = (next.clone(), hist.clone(), statuses.clone());
         let (authority, path_base) = (authority.clone(), path_base.clone());
         let (prefix, token) = (args.id_prefix.clone(), args.token.clone());
@@ -182,10 +223,10 @@ async fn main() {
                     if sender.as_ref().is_none_or(|s| s.is_closed()) {
                         sender = Some(if use_shared {
                             let slot = &shared_h2[k % shared_h2.len()];
-                            let shared = slot.get_or_try_init(|| connect_http2(dst)).await?;
+                            let shared = slot.get_or_try_init(|| connect_http2(&dst)).await?;
                             Sender::Http2(shared.clone())
                         } else {
-                            Sender::connect(dst, http2).await?
+                            Sender::connect(&dst, http2).await?
                         });
                     }
                     let s = sender.as_mut().expect("connected");
@@ -234,6 +275,7 @@ async fn main() {
         "count": total,
         "concurrency": args.concurrency,
         "protocol": if http2 { "h2c" } else { "http/1.1" },
+        "unix_socket": args.unix_socket.is_some(),
         "connections": if http2 { args.connections.max(1) } else { args.concurrency.max(1) },
         "ok": ok,
         "statuses": statuses,

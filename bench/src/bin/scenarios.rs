@@ -37,6 +37,11 @@ struct Args {
     /// extra argument passed to the gateway (repeatable), e.g. --gateway-arg=--pipeline=4
     #[argh(option)]
     gateway_arg: Vec<String>,
+    /// the gateway reaches the mock API (`--api-unix-socket`), and `push` the gateway's control
+    /// API (`--control-unix-socket`), over Unix sockets instead of loopback TCP: an API on the
+    /// gateway's machine
+    #[argh(switch)]
+    unix_sockets: bool,
     /// do not run `cargo build --release -p ws2http` first
     #[argh(switch)]
     no_build: bool,
@@ -442,14 +447,20 @@ struct Bins {
 fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
     eprintln!("\n=== {} — {}", sc.id, sc.title);
     let loadavg_before = loadavg();
-    let started = spawn_listening(
-        Command::new(&bins.mock)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--threads", &args.mock_threads.to_string()])
-            .stdout(Stdio::piped()),
-        "mock-api: listening on",
-        ["listening on "],
-    );
+    let socket_path = |what: &str| {
+        std::env::temp_dir().join(format!("ws2http-bench-{what}-{}.sock", std::process::id()))
+    };
+    let api_socket = args.unix_sockets.then(|| socket_path("api"));
+    let control_socket = args.unix_sockets.then(|| socket_path("control"));
+    let mut mock_cmd = Command::new(&bins.mock);
+    mock_cmd
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--threads", &args.mock_threads.to_string()])
+        .stdout(Stdio::piped());
+    if let Some(path) = &api_socket {
+        mock_cmd.arg("--listen-unix").arg(path);
+    }
+    let started = spawn_listening(&mut mock_cmd, "mock-api: listening on", ["listening on "]);
     let (mut mock, [mport]) = match started {
         Ok(started) => started,
         Err(e) => return json!({"id": sc.id, "error": format!("mock-api: {e}")}),
@@ -458,13 +469,19 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         stop(mock, Duration::from_secs(2));
         return json!({"id": sc.id, "error": e});
     }
+    let mut gateway_cmd = Command::new(&bins.gateway);
+    gateway_cmd
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--control-listen", "127.0.0.1:0"])
+        .args(["--api", &format!("http://127.0.0.1:{mport}/")])
+        .args(&args.gateway_arg)
+        .stdout(Stdio::null());
+    if let (Some(api), Some(control)) = (&api_socket, &control_socket) {
+        gateway_cmd.arg("--api-unix-socket").arg(api);
+        gateway_cmd.arg("--control-unix-socket").arg(control);
+    }
     let started = spawn_listening(
-        Command::new(&bins.gateway)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(["--control-listen", "127.0.0.1:0"])
-            .args(["--api", &format!("http://127.0.0.1:{mport}/")])
-            .args(&args.gateway_arg)
-            .stdout(Stdio::null()),
+        &mut gateway_cmd,
         "ws2http listening:",
         ["public=", "control="],
     );
@@ -519,13 +536,17 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
                 std::thread::sleep(Duration::from_millis(500));
                 eprintln!("--- push to {count} client ids");
                 let before_push = procstat::sample(gpid);
-                let out = Command::new(&bins.push)
+                let mut push_cmd = Command::new(&bins.push);
+                push_cmd
                     .args(["--control", &format!("http://127.0.0.1:{cport}/")])
                     .args(["--count", &count.to_string()])
                     .args(sc.push_args)
                     .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .output();
+                    .stderr(Stdio::inherit());
+                if let Some(path) = &control_socket {
+                    push_cmd.arg("--unix-socket").arg(path);
+                }
+                let out = push_cmd.output();
                 push_report = out
                     .map(|o| last_json(&String::from_utf8_lossy(&o.stdout)))
                     .unwrap_or(Value::Null);
@@ -1126,8 +1147,14 @@ fn main() {
             o.insert("target_met".into(), json!(met));
         }
     }
+    let api_line = if args.unix_sockets {
+        "The gateway reached the mock API, and `push` the gateway's control API, over Unix \
+         sockets (`--unix-sockets`).\n\n"
+    } else {
+        ""
+    };
     let table = format!(
-        "{}\n{}",
+        "{}\n{api_line}{}",
         machine_line(&machine),
         markdown(&results, args.quick)
     );
@@ -1141,6 +1168,7 @@ fn main() {
         "git_uncommitted_in_src": git(&root, &["status", "--porcelain", "--", "src", "Cargo.toml"])
             .map(|s| s.lines().count()),
         "gateway_args": args.gateway_arg,
+        "unix_sockets": args.unix_sockets,
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "loopback": machine,
         "scenarios": results,
