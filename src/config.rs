@@ -160,6 +160,11 @@ impl Default for Config {
 /// Descriptors kept free for listeners, logs, profiles and the like.
 pub const RESERVED_DESCRIPTORS: usize = 64;
 
+/// Control connections served at once, over the TCP and Unix control listeners together; one
+/// more is answered `503` and closed. Budgeted like the API pool, so that a crowd of pushers
+/// cannot take the descriptors the websockets were promised.
+pub const CONTROL_CONNECTIONS: usize = 256;
+
 /// How the open-file limit is split between websockets and API connections, and the bound on
 /// requests waiting for an API connection that follows from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +177,8 @@ pub struct DescriptorBudget {
     pub upstream_max_connections: usize,
     /// Sockets in the middle of a handshake.
     pub pending_handshakes: usize,
+    /// Control connections at once ([`CONTROL_CONNECTIONS`]).
+    pub control_connections: usize,
     /// Requests that may wait for a free API connection at once.
     pub upstream_max_waiting: usize,
 }
@@ -182,14 +189,15 @@ impl DescriptorBudget {
         let upstream = config
             .upstream_max_connections
             .unwrap_or_else(|| (open_file_limit / 16).clamp(16, 1024));
-        let fixed = upstream + config.max_pending_handshakes + RESERVED_DESCRIPTORS;
+        let fixed =
+            upstream + config.max_pending_handshakes + CONTROL_CONNECTIONS + RESERVED_DESCRIPTORS;
         let room = open_file_limit.saturating_sub(fixed);
         let max_connections = match config.max_connections {
             Some(n) if n > room => {
                 return Err(format!(
                     "--max-connections {n} does not fit the open-file limit {open_file_limit}: \
-                     at most {room} with --upstream-max-connections {upstream} and \
-                     {} pending handshakes",
+                     at most {room} with --upstream-max-connections {upstream}, {} pending \
+                     handshakes and {CONTROL_CONNECTIONS} control connections",
                     config.max_pending_handshakes
                 ))
             }
@@ -216,6 +224,7 @@ impl DescriptorBudget {
             max_connections,
             upstream_max_connections: upstream,
             pending_handshakes: config.max_pending_handshakes,
+            control_connections: CONTROL_CONNECTIONS,
             upstream_max_waiting: config.upstream_max_waiting.unwrap_or(default_waiting),
         })
     }
@@ -328,7 +337,7 @@ mod tests {
         assert_eq!(budget.upstream_max_connections, 1024);
         assert_eq!(
             budget.max_connections,
-            20_000 - 1024 - 512 - RESERVED_DESCRIPTORS
+            20_000 - 1024 - 512 - CONTROL_CONNECTIONS - RESERVED_DESCRIPTORS
         );
     }
 

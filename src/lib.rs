@@ -177,7 +177,7 @@ impl Gateway {
             error,
         })?;
         let control_unix = match &config.control_unix_socket {
-            Some(path) => Some(server::listen_unix(path).map_err(|error| {
+            Some(path) => Some(server::listen_unix(path).await.map_err(|error| {
                 StartError::Config(format!(
                     "--control-unix-socket {}: cannot listen: {error}",
                     path.display()
@@ -251,7 +251,7 @@ impl Gateway {
             Arc::clone(&shared),
             stop_public.clone(),
         ));
-        let control_slots = Arc::new(Semaphore::new(server::MAX_CONTROL_CONNECTIONS));
+        let control_slots = Arc::new(Semaphore::new(shared.budget.control_connections));
         let control_task = tokio::spawn(server::accept_control(
             ControlListener::Network(control),
             Arc::clone(&control_slots),

@@ -356,6 +356,7 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
         upstream_max_waiting = budget.upstream_max_waiting,
         upstream_max_wait = ?config.upstream_max_wait,
         pending_handshakes = budget.pending_handshakes,
+        control_connections = budget.control_connections,
         worker_threads = workers,
         cpus,
         "ws2http started"

@@ -31,8 +31,6 @@ use crate::{control, Shared};
 
 /// Largest request head (request line + headers) accepted; larger gets `431`.
 const MAX_REQUEST_HEAD: usize = 16 * 1024;
-/// Control connections served at once, over all control listeners.
-pub(crate) const MAX_CONTROL_CONNECTIONS: usize = 1024;
 /// Pause after an accept error such as EMFILE, so a full descriptor table is not spun on.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -444,18 +442,28 @@ impl AsyncWrite for ControlStream {
 /// Binds the control API's Unix socket at `path`, readable and writable by the gateway's user
 /// and group only (mode 0660). A socket file left by a gateway that did not stop cleanly is
 /// replaced; one that a live process answers on, or a file that is not a socket, is not.
-pub(crate) fn listen_unix(path: &Path) -> io::Result<UnixListener> {
+pub(crate) async fn listen_unix(path: &Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path).await {
+            Ok(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     "another process is listening on it",
-                ));
+                ))
             }
-            std::fs::remove_file(path)?;
-        }
+            // Refused: nobody listens, the file is stale.
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)?;
+            }
+            // Anything else (a full backlog answers EAGAIN) may be a live listener.
+            Err(error) => {
+                return Err(io::Error::new(
+                    error.kind(),
+                    format!("a socket is there and connecting to it failed: {error}"),
+                ))
+            }
+        },
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,

@@ -1,6 +1,7 @@
 //! Limits and slow peers: the message size limit (whole and fragmented messages, pushes), the
 //! bounded outbound queue and the slow-consumer close, the connection cap and the budget the
-//! binary logs, the handshake deadline, and the cap on concurrent API requests.
+//! binary logs, the handshake deadline, the cap on concurrent API requests, and the cap on
+//! control connections.
 
 mod common;
 
@@ -683,10 +684,18 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
     assert_eq!(upstream, (open_files / 16).clamp(16, 1024));
     assert_eq!(
         max_connections,
-        open_files - upstream - pending - ws2http::config::RESERVED_DESCRIPTORS,
+        open_files
+            - upstream
+            - pending
+            - log_field(&log, "control_connections")
+            - ws2http::config::RESERVED_DESCRIPTORS,
         "{log}"
     );
     assert!(max_connections > 0);
+    assert_eq!(
+        log_field(&log, "control_connections"),
+        ws2http::config::CONTROL_CONNECTIONS
+    );
     assert_eq!(
         log_field(&log, "upstream_min_concurrency"),
         upstream.min(64)
@@ -1016,4 +1025,47 @@ async fn requests_waiting_for_an_api_slot_time_out_within_the_upstream_timeout()
         .iter()
         .all(|d| d.header("x-close-code") == Some("1011")));
     assert_accounting(&gateway, &api).await;
+}
+
+// ---- control connections ----
+
+#[tokio::test]
+async fn control_connections_over_the_budget_get_503_on_either_control_listener() {
+    let api = MockApi::start().await;
+    let socket = std::env::temp_dir().join(format!("ws2http-limits-{}.sock", std::process::id()));
+    let mut config = test_config(&api);
+    config.control_unix_socket = Some(socket.clone());
+    let budget = ws2http::DescriptorBudget {
+        control_connections: 2,
+        ..ws2http::DescriptorBudget::plan(&config, 20_000).unwrap()
+    };
+    let gateway = TestGateway::start_with_budget(config, budget).await;
+
+    // Two connections in the middle of a request hold both places.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+        stream.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = raw_http(gateway.control, "GET", "/healthz", &[], b"").await;
+    assert_eq!(refused.status, 503);
+
+    // The Unix socket counts against the same places.
+    let mut unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    unix.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), unix.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+
+    // A place comes back when a held connection goes.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let served = raw_http(gateway.control, "GET", "/healthz", &[], b"").await;
+    assert_eq!(served.status, 200);
+    let _ = std::fs::remove_file(&socket);
 }

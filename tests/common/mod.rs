@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_websockets::{ClientBuilder, MaybeTlsStream, Message, WebSocketStream};
-use ws2http::{Config, DrainReport, Gateway};
+use ws2http::{Config, DescriptorBudget, DrainReport, Gateway};
 
 /// A websocket client connection.
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -308,7 +308,19 @@ pub fn test_config(api: &MockApi) -> Config {
 
 impl TestGateway {
     pub async fn start(config: Config) -> TestGateway {
-        let gateway = Gateway::bind(config).await.expect("gateway binds");
+        TestGateway::serve(Gateway::bind(config).await.expect("gateway binds"))
+    }
+
+    /// Like [`TestGateway::start`], with an explicit descriptor budget.
+    pub async fn start_with_budget(config: Config, budget: DescriptorBudget) -> TestGateway {
+        TestGateway::serve(
+            Gateway::bind_with_budget(config, budget)
+                .await
+                .expect("gateway binds"),
+        )
+    }
+
+    fn serve(gateway: Gateway) -> TestGateway {
         let (public, control) = (gateway.public_addr(), gateway.control_addr());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(async {
