@@ -1,6 +1,7 @@
-//! Listeners and connection plumbing: binds both ports, terminates TLS, caps sockets that have
-//! not finished their handshake, serves HTTP/1.1 on the public port and HTTP/1.1 or h2c on the
-//! control port, and turns upgraded connections back into plain sockets for the sessions.
+//! Listeners and connection plumbing: binds both ports (and the control API's Unix socket, if
+//! asked), terminates TLS, caps sockets that have not finished their handshake and control
+//! connections, serves HTTP/1.1 on the public port and HTTP/1.1 or h2c on the control listeners,
+//! and turns upgraded connections back into plain sockets for the sessions.
 
 use std::future::Future;
 use std::io;
@@ -270,7 +271,8 @@ async fn accept_failed(which: &str, error: &io::Error) {
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 
-/// Answers a socket over the pending-handshake cap without parsing anything.
+/// Answers `503` to a socket over a connection cap (pending handshakes, control connections),
+/// without parsing anything.
 async fn refuse_busy(mut stream: impl AsyncWrite + Unpin) {
     let reply = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply)).await;

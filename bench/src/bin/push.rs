@@ -3,7 +3,8 @@
 //! Each body is `push:<ns since the epoch>`; a `load --mode idle` holding the same client ids
 //! times each message on arrival (its `push_latency`), so delivery latency is measured end to
 //! end across processes with the shared wall clock. This tool reports pushes/s, the HTTP
-//! status counts and the control API's own response latency.
+//! status counts and the control API's own response latency. It speaks HTTP/1.1 or h2c, over
+//! TCP or the gateway's `--control-unix-socket`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
