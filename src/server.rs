@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TlsFiles;
@@ -356,88 +357,29 @@ impl ControlListener {
             ControlListener::Network(listener) => {
                 let (stream, _) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
-                Ok(ControlStream::Network(stream))
+                Ok(Either::Left(stream))
             }
             ControlListener::UnixSocket(listener) => {
                 let (stream, _) = listener.accept().await?;
-                Ok(ControlStream::UnixSocket(stream))
+                Ok(Either::Right(stream))
             }
         }
     }
 }
 
-/// One control connection, over TCP or a Unix socket.
-enum ControlStream {
-    Network(TcpStream),
-    UnixSocket(UnixStream),
-}
+/// One control connection: TCP (`Left`) or a Unix socket (`Right`); tokio-util's `Either`
+/// forwards reads and writes to whichever it is.
+type ControlStream = Either<TcpStream, UnixStream>;
 
-impl ControlStream {
-    /// Waits for the first bytes (or the end) of the connection; says whether any came.
-    async fn spoke(&self) -> bool {
-        match self {
-            ControlStream::Network(stream) => {
-                let mut first = [0u8; 1];
-                matches!(stream.peek(&mut first).await, Ok(n) if n > 0)
-            }
-            // No `peek` here: readable means bytes or the end, which hyper then reads.
-            ControlStream::UnixSocket(stream) => stream.readable().await.is_ok(),
+/// Waits for the first bytes (or the end) of a control connection; says whether any came.
+async fn spoke(stream: &ControlStream) -> bool {
+    match stream {
+        Either::Left(tcp) => {
+            let mut first = [0u8; 1];
+            matches!(tcp.peek(&mut first).await, Ok(n) if n > 0)
         }
-    }
-}
-
-impl AsyncRead for ControlStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ControlStream::Network(stream) => Pin::new(stream).poll_read(cx, buf),
-            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ControlStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ControlStream::Network(stream) => Pin::new(stream).poll_write(cx, buf),
-            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ControlStream::Network(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ControlStream::Network(stream) => Pin::new(stream).poll_flush(cx),
-            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ControlStream::Network(stream) => Pin::new(stream).poll_shutdown(cx),
-            ControlStream::UnixSocket(stream) => Pin::new(stream).poll_shutdown(cx),
-        }
+        // No `peek` here: readable means bytes or the end, which hyper then reads.
+        Either::Right(unix) => unix.readable().await.is_ok(),
     }
 }
 
@@ -513,8 +455,8 @@ pub(crate) async fn accept_control(
             // shutdown starts, loses its slot.
             let deadline = shared.config.handshake_timeout;
             let spoke = tokio::select! {
-                spoke = tokio::time::timeout(deadline, stream.spoke()) => {
-                    matches!(spoke, Ok(true))
+                within = tokio::time::timeout(deadline, spoke(&stream)) => {
+                    matches!(within, Ok(true))
                 }
                 _ = stop.cancelled() => false,
             };
