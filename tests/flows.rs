@@ -369,11 +369,7 @@ async fn a_non_2xx_answer_is_relayed_and_counted_as_failed() {
 
 #[tokio::test]
 async fn an_api_transport_failure_closes_the_socket_with_1011() {
-    let api = MockApi::with_script(|s| match s.method.as_str() {
-        "POST" => Reply::ok("late").after(Duration::from_secs(30)),
-        _ => Reply::ok("ok"),
-    })
-    .await;
+    let api = MockApi::with_slow_posts("late", Duration::from_secs(30)).await;
     let mut config = test_config(&api);
     config.upstream_timeout = Duration::from_millis(300);
     let gateway = TestGateway::start(config).await;
@@ -435,11 +431,7 @@ async fn one_connection_id_marks_the_get_posts_and_delete_of_a_connection() {
 
 #[tokio::test]
 async fn the_delete_comes_after_the_answers_to_earlier_messages() {
-    let api = MockApi::with_script(|s| match s.method.as_str() {
-        "POST" => Reply::ok("done").after(Duration::from_millis(400)),
-        _ => Reply::ok("ok"),
-    })
-    .await;
+    let api = MockApi::with_slow_posts("done", Duration::from_millis(400)).await;
     let gateway = TestGateway::start(test_config(&api)).await;
     let mut ws = gateway.connect("/a").await;
     ws.send(Message::text("work")).await.unwrap();

@@ -291,11 +291,7 @@ async fn a_client_that_floods_pings_without_reading_is_not_read_further() {
 
 #[tokio::test]
 async fn a_request_beyond_the_waiter_bound_closes_the_socket_with_1013() {
-    let api = MockApi::with_script(|s| match s.method.as_str() {
-        "POST" => Reply::ok("late").after(Duration::from_secs(5)),
-        _ => Reply::ok("ok"),
-    })
-    .await;
+    let api = MockApi::with_slow_posts("late", Duration::from_secs(5)).await;
     let mut config = test_config(&api);
     // One API slot and 64 waiting places: one client's 64 pipelined messages take the slot
     // and 63 places, one more message takes the last place.
@@ -349,11 +345,7 @@ async fn a_request_beyond_the_waiter_bound_closes_the_socket_with_1013() {
 
 #[tokio::test]
 async fn a_message_that_waits_past_the_max_wait_closes_its_socket_with_1013() {
-    let api = MockApi::with_script(|s| match s.method.as_str() {
-        "POST" => Reply::ok("late").after(Duration::from_secs(2)),
-        _ => Reply::ok("ok"),
-    })
-    .await;
+    let api = MockApi::with_slow_posts("late", Duration::from_secs(2)).await;
     let mut config = test_config(&api);
     // One API slot, taken for 2 s by the first message; the second may wait 300 ms for it.
     config.upstream_max_connections = Some(1);
@@ -638,11 +630,7 @@ async fn a_crowd_leaving_at_once_gets_every_delete_through_four_api_slots() {
 
 #[tokio::test]
 async fn the_log_names_the_1013_an_overloaded_client_was_closed_with() {
-    let api = MockApi::with_script(|s| match s.method.as_str() {
-        "POST" => Reply::ok("late").after(Duration::from_secs(3)),
-        _ => Reply::ok("ok"),
-    })
-    .await;
+    let api = MockApi::with_slow_posts("late", Duration::from_secs(3)).await;
     // One API slot and no waiting place: a second message while the first is out is refused.
     let binary = Binary::start_ready(
         &api.base(),
@@ -986,11 +974,7 @@ async fn an_api_that_keeps_its_pace_gets_more_than_the_minimum_concurrency() {
 
 #[tokio::test]
 async fn requests_waiting_for_an_api_slot_time_out_within_the_upstream_timeout() {
-    let api = MockApi::with_script(|s| match s.method.as_str() {
-        "POST" => Reply::ok("late").after(Duration::from_secs(5)),
-        _ => Reply::ok("ok"),
-    })
-    .await;
+    let api = MockApi::with_slow_posts("late", Duration::from_secs(5)).await;
     let timeout = Duration::from_millis(1000);
     let mut config = test_config(&api);
     config.upstream_max_connections = Some(1);

@@ -111,11 +111,7 @@ async fn shutdown_lets_an_in_flight_post_finish_and_delivers_its_reply_before_th
 
 #[tokio::test]
 async fn shutdown_refuses_new_websockets_at_once() {
-    let api = MockApi::with_script(|s| match s.method.as_str() {
-        "POST" => Reply::ok("done").after(Duration::from_millis(1000)),
-        _ => Reply::ok("ok"),
-    })
-    .await;
+    let api = MockApi::with_slow_posts("done", Duration::from_millis(1000)).await;
     let mut gateway = TestGateway::start(test_config(&api)).await;
     let mut busy = gateway.connect("/busy").await;
     busy.send(Message::text("work")).await.unwrap();
@@ -199,11 +195,7 @@ async fn a_handshake_the_api_is_still_judging_at_shutdown_ends_with_1001_and_its
 
 #[tokio::test]
 async fn shutdown_closes_sockets_at_the_shutdown_timeout_when_a_post_takes_longer() {
-    let api = MockApi::with_script(|s| match s.method.as_str() {
-        "POST" => Reply::ok("too late").after(Duration::from_millis(2000)),
-        _ => Reply::ok("ok"),
-    })
-    .await;
+    let api = MockApi::with_slow_posts("too late", Duration::from_millis(2000)).await;
     let mut config = test_config(&api);
     config.shutdown_timeout = Duration::from_millis(300);
     let mut gateway = TestGateway::start(config).await;

@@ -126,6 +126,16 @@ impl MockApi {
         MockApi::on_listener(listener, Arc::new(script)).await
     }
 
+    /// An API that answers every POST with `reply` after `delay`, and everything else `ok` at
+    /// once: a slow API for the tests of waiting, timeouts and draining.
+    pub async fn with_slow_posts(reply: &'static str, delay: Duration) -> MockApi {
+        MockApi::with_script(move |s| match s.method.as_str() {
+            "POST" => Reply::ok(reply).after(delay),
+            _ => Reply::ok("ok"),
+        })
+        .await
+    }
+
     /// The same API listening on a Unix socket at `path` instead (its `addr` is unspecified);
     /// the gateway reaches it with `api_unix_socket`.
     pub async fn on_unix_socket(path: &std::path::Path) -> MockApi {
