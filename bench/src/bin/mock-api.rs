@@ -2,8 +2,9 @@
 //!
 //! GET → `ok` (accepts every upgrade), POST → the request body echoed (so the reply carries the
 //! request's `c<conn>:<seq>;` prefix), DELETE → `ok`. HTTP/1.1 and h2c (prior knowledge) on one
-//! port, and on a Unix socket too with `--listen-unix`. `GET /__mock/stats` returns the counters as JSON without counting itself; on SIGTERM or
-//! SIGINT the counters are printed to stdout as one JSON line and the process exits 0.
+//! port, and on a Unix socket too with `--listen-unix`. `GET /__mock/stats` returns the counters
+//! as JSON without counting itself; on SIGTERM or SIGINT the counters are printed to stdout as
+//! one JSON line and the process exits 0.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
