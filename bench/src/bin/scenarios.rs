@@ -34,7 +34,8 @@ struct Args {
     /// gateway binary to test (default: built with `cargo build --release -p ws2http`)
     #[argh(option)]
     gateway_bin: Option<PathBuf>,
-    /// extra argument passed to the gateway (repeatable), e.g. --gateway-arg=--pipeline=4
+    /// extra argument passed to the gateway (repeatable), e.g. `--gateway-arg --upstream-http2`
+    /// (with a space: argh reads no `--option=value`)
     #[argh(option)]
     gateway_arg: Vec<String>,
     /// the gateway reaches the mock API (`--api-unix-socket`), and `push` the gateway's control
