@@ -144,6 +144,9 @@ pub struct Metrics {
     pub pushes_accepted: AtomicU64,
     /// Pushes refused (unknown client, full queue, too large).
     pub pushes_refused: AtomicU64,
+    /// Pushes accepted but never written: the socket was gone, or stopped taking writes,
+    /// before their turn.
+    pub pushes_undelivered: AtomicU64,
     /// DELETEs that reached the API.
     pub disconnects_notified: AtomicU64,
     /// DELETEs that could not be delivered.
@@ -200,7 +203,7 @@ impl Metrics {
     /// the number of DELETEs of ended connections queued (`disconnects_waiting`).
     pub fn render(&self, upstream: UpstreamLoad, disconnects_waiting: usize) -> String {
         let mut out = String::with_capacity(4096);
-        let plain: [(&str, &str, &AtomicU64); 11] = [
+        let plain: [(&str, &str, &AtomicU64); 12] = [
             (
                 "connections_opened",
                 "Websockets accepted.",
@@ -242,6 +245,11 @@ impl Metrics {
                 &self.pushes_accepted,
             ),
             ("pushes_refused", "Pushes refused.", &self.pushes_refused),
+            (
+                "pushes_undelivered",
+                "Pushes accepted, then not written: the socket closed first.",
+                &self.pushes_undelivered,
+            ),
             (
                 "disconnects_notified",
                 "DELETEs delivered to the API.",

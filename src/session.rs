@@ -207,13 +207,12 @@ impl SessionHandle {
         MailboxEvent::Empty
     }
 
-    fn close_mailbox(&self) -> usize {
+    /// Refuses further pushes and commands; hands back the pushes still queued.
+    fn close_mailbox(&self) -> VecDeque<Outbound> {
         let mut mailbox = self.mailbox();
         mailbox.closed = true;
         mailbox.queued_bytes = 0;
-        let dropped = mailbox.queue.len();
-        mailbox.queue = VecDeque::new();
-        dropped
+        std::mem::take(&mut mailbox.queue)
     }
 }
 
@@ -293,6 +292,7 @@ where
     let mut session = Session {
         socket,
         in_flight: FuturesOrdered::new(),
+        answered: VecDeque::new(),
         handle,
         context,
         timer: Box::pin(tokio::time::sleep_until(now)),
@@ -304,6 +304,7 @@ where
         written_at_stall: 0,
         unflushed: false,
         reading: true,
+        listening: true,
         drain_deadline: None,
         peer_close: None,
         shared,
@@ -326,9 +327,29 @@ pub(crate) fn abandoned(
     shared
         .registry
         .remove(&handle.client_id, handle.connection_id);
-    handle.close_mailbox();
+    let undelivered = handle.close_mailbox().len();
+    count_undelivered(&shared, undelivered);
     shared.metrics.connection_closed(CloseReason::Eof);
     depart(&shared, context, Ending::eof(), permit);
+}
+
+/// Counts pushes that were accepted but will never be written.
+fn count_undelivered(shared: &Shared, undelivered: usize) {
+    if undelivered > 0 {
+        shared
+            .metrics
+            .pushes_undelivered
+            .fetch_add(undelivered as u64, Ordering::Relaxed);
+    }
+}
+
+/// The websocket message for a payload.
+fn data_message(payload: Bytes, binary: bool) -> Message {
+    if binary {
+        Message::binary(payload)
+    } else {
+        Message::text(payload)
+    }
 }
 
 /// Hands the API's DELETE for an ended connection to the departures queue.
@@ -349,7 +370,11 @@ fn depart(
 
 struct Session<S> {
     socket: WebSocketStream<S>,
+    /// The API requests of this connection's messages, answered in the order they were sent.
     in_flight: FuturesOrdered<AnswerFuture>,
+    /// Answers taken from `in_flight` while the socket took no writes, waiting for it in order:
+    /// a request never waits on the client, so its API slot and connection go back at once.
+    answered: VecDeque<Result<ApiAnswer, UpstreamError>>,
     handle: Arc<SessionHandle>,
     context: Arc<ConnectionContext>,
     shared: Arc<Shared>,
@@ -362,7 +387,12 @@ struct Session<S> {
     /// Bytes the socket had taken when the stall (or its last progress) was noticed.
     written_at_stall: u64,
     unflushed: bool,
+    /// False once the gateway stops reading for good (shutdown's drain).
     reading: bool,
+    /// Whether the last poll read the socket: false while writes are backed up or every
+    /// `--pipeline` place waits on the API. Silence while not listening is no sign of a dead
+    /// client and does not count toward `--ping-timeout`.
+    listening: bool,
     drain_deadline: Option<Instant>,
     /// Code (absent in a bare close frame) and reason of the client's close frame.
     peer_close: Option<(Option<u16>, String)>,
@@ -375,7 +405,9 @@ where
     async fn run_loop(&mut self) -> Ending {
         loop {
             if let Some(deadline) = self.drain_deadline {
-                let done = self.in_flight.is_empty() && self.handle.queued() == 0;
+                let done = self.in_flight.is_empty()
+                    && self.answered.is_empty()
+                    && self.handle.queued() == 0;
                 if done || Instant::now() >= deadline {
                     return Ending::ours(CloseReason::Shutdown, 1001, "going away");
                 }
@@ -399,9 +431,16 @@ where
             MailboxEvent::Empty => {}
         }
         if writable {
-            if let Poll::Ready(Some(answer)) = self.in_flight.poll_next_unpin(cx) {
+            if let Some(answer) = self.answered.pop_front() {
                 return Poll::Ready(Event::Answer(answer));
             }
+        }
+        // Polled whether or not the socket takes writes; `answered` is empty when it does.
+        while let Poll::Ready(Some(answer)) = self.in_flight.poll_next_unpin(cx) {
+            if writable {
+                return Poll::Ready(Event::Answer(answer));
+            }
+            self.answered.push_back(answer);
         }
         let mut write_pending = !writable;
         if writable && self.unflushed {
@@ -423,7 +462,9 @@ where
         }
         // Read only while writes flow: each ping read queues a pong, so a client that sends
         // pings but never reads would otherwise grow our write queue without bound.
-        if self.reading && writable && self.in_flight.len() < self.shared.config.pipeline {
+        let waiting_on_api = self.in_flight.len() + self.answered.len();
+        self.listening = self.reading && writable && waiting_on_api < self.shared.config.pipeline;
+        if self.listening {
             if let Poll::Ready(frame) = self.socket.poll_next_unpin(cx) {
                 return Poll::Ready(Event::Frame(frame));
             }
@@ -569,13 +610,12 @@ where
     }
 
     fn send(&mut self, payload: Bytes, binary: bool) {
-        let message = if binary {
-            Message::binary(payload)
-        } else {
-            Message::text(payload)
-        };
         // poll_event only yields pushes and answers when the sink was ready.
-        if self.socket.start_send_unpin(message).is_ok() {
+        if self
+            .socket
+            .start_send_unpin(data_message(payload, binary))
+            .is_ok()
+        {
             self.unflushed = true;
             self.last_data = Instant::now();
             self.handle.messages_out.fetch_add(1, Ordering::Relaxed);
@@ -589,6 +629,11 @@ where
     fn on_timer(&mut self) -> Option<Ending> {
         let now = Instant::now();
         let config = &self.shared.config;
+        if !self.listening {
+            // Not reading, so not hearing: --write-timeout and --upstream-timeout bound
+            // this state, and --ping-timeout counts again from when reading resumes.
+            self.last_received = now;
+        }
         if let Some(since) = self.write_stalled_since {
             let written = self.socket.get_ref().bytes_written();
             if written != self.written_at_stall {
@@ -665,19 +710,27 @@ where
         shared
             .registry
             .remove(&handle.client_id, handle.connection_id);
-        let dropped = handle.close_mailbox();
-        if dropped > 0 {
-            tracing::debug!(
-                client_id = %handle.client_id,
-                connection_id = %handle.connection_id,
-                dropped,
-                "pushes still queued when the websocket closed were not delivered"
-            );
-        }
+        let mut queued = handle.close_mailbox();
+        let accepted = queued.len();
+        let mut delivered = 0;
         if let Some((code, reason)) = &ending.send_close {
             let code = CloseCode::try_from(*code).unwrap_or(CloseCode::NORMAL_CLOSURE);
             let close = Message::close(Some(code), reason);
+            // Pushes the API was told were queued go out before the close frame (a push and
+            // then a DELETE on the control API arrive in that order), unless the socket has
+            // stopped taking writes; all within the close's time limit.
+            let deliver = ending.why != CloseReason::SlowConsumer;
             let handshake = async {
+                while let Some(push) = if deliver { queued.pop_front() } else { None } {
+                    if socket
+                        .feed(data_message(push.payload, push.binary))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    delivered += 1;
+                }
                 // Errors here mean the peer is gone already; the DELETE still goes out.
                 let _ = socket.send(close).await;
                 while let Some(Ok(_)) = socket.next().await {}
@@ -693,6 +746,26 @@ where
             let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
         }
         drop(socket);
+        if delivered > 0 {
+            let delivered = delivered as u64;
+            handle.messages_out.fetch_add(delivered, Ordering::Relaxed);
+            shared
+                .metrics
+                .messages_sent
+                .fetch_add(delivered, Ordering::Relaxed);
+        }
+        // Counted against what was taken, so that one lost in a write that failed or ran out
+        // of time is counted too.
+        let undelivered = accepted - delivered;
+        if undelivered > 0 {
+            tracing::debug!(
+                client_id = %handle.client_id,
+                connection_id = %handle.connection_id,
+                undelivered,
+                "pushes still queued when the websocket closed were not delivered"
+            );
+        }
+        count_undelivered(&shared, undelivered);
         shared.metrics.connection_closed(ending.why);
         tracing::debug!(
             client_id = %handle.client_id,

@@ -236,3 +236,58 @@ async fn pushes_over_one_http2_connection_reach_each_socket_in_order() {
     );
     assert_eq!(gateway.metrics().await["pushes_accepted"], 60.0);
 }
+
+#[tokio::test]
+async fn pushes_queued_before_a_control_delete_reach_the_client_before_its_close_frame() {
+    let (api, gateway) = setup().await;
+    // A client that reads nothing yet, with a small receive buffer: pushes pile up in its
+    // mailbox, and the DELETE comes while they wait there.
+    let mut raw =
+        common::raw_ws::RawWs::connect_with_recv_buffer(gateway.public, "/kicked", Some(4096))
+            .await;
+    let large = push_until_stalled(&gateway, "/kicked").await;
+    assert_eq!(gateway.control("POST", "/kicked", b"bye").await.status, 200);
+    let delete = gateway
+        .control("DELETE", "/kicked?code=4001&reason=kicked", b"")
+        .await;
+    assert_eq!(delete.status, 200);
+
+    let (messages, close) = raw.messages_until_close(Duration::from_secs(5)).await;
+    assert_eq!(messages.len(), large + 1, "every accepted push arrives");
+    assert!(messages[..large].iter().all(|m| m.len() == 128 * 1024));
+    assert!(messages[large] == b"bye", "in the order pushed");
+    let close = close.expect("then the close frame");
+    assert_eq!(close.close_code(), Some(4001));
+    assert_eq!(close.close_reason(), "kicked");
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.header("x-close-code"), Some("4001"));
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["pushes_undelivered"], 0.0);
+    assert_eq!(metrics["messages_sent"], (large + 1) as f64);
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn pushes_a_client_never_reads_before_a_control_delete_are_counted_undelivered() {
+    let (api, gateway) = setup().await;
+    let _raw =
+        common::raw_ws::RawWs::connect_with_recv_buffer(gateway.public, "/gone-quiet", Some(4096))
+            .await;
+    push_until_stalled(&gateway, "/gone-quiet").await;
+    assert_eq!(
+        gateway.control("POST", "/gone-quiet", b"bye").await.status,
+        200
+    );
+    let info = gateway.control("GET", "/gone-quiet", b"").await.text();
+    let queued = json_number(&info, "queued");
+    assert!(queued >= 2, "{info}");
+    assert_eq!(
+        gateway.control("DELETE", "/gone-quiet", b"").await.status,
+        200
+    );
+    // The client never reads: the close gives up after its 2 s, and says what it dropped.
+    api.wait_for("DELETE", 1).await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["pushes_undelivered"], queued as f64, "{metrics:?}");
+    assert_accounting(&gateway, &api).await;
+}

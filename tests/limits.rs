@@ -261,6 +261,54 @@ async fn a_client_that_reads_slowly_but_steadily_is_not_closed_as_slow_consumer(
 }
 
 #[tokio::test]
+async fn an_api_answer_that_comes_while_the_socket_is_backed_up_frees_its_api_slot_and_arrives_later(
+) {
+    let api = MockApi::with_slow_posts("reply", Duration::from_secs(1)).await;
+    let mut config = test_config(&api);
+    config.upstream_timeout = Duration::from_secs(2);
+    config.write_timeout = Duration::from_secs(20);
+    let gateway = TestGateway::start(config).await;
+    let mut raw = RawWs::connect_with_recv_buffer(gateway.public, "/backed-up", Some(4096)).await;
+    raw.send_frame(true, TEXT, b"m1").await;
+    api.wait_for("POST", 1).await;
+    let posted = Instant::now();
+    // While the API takes its second, pushes back the socket up; the client reads nothing.
+    let pushed = push_until_stalled(&gateway, "/backed-up").await;
+    assert!(
+        posted.elapsed() < Duration::from_millis(900),
+        "backed up only after {:?}, too late to test anything",
+        posted.elapsed()
+    );
+    // Past the API's answer and past --upstream-timeout, the socket still backed up.
+    tokio::time::sleep_until(posted + Duration::from_millis(2500)).await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["upstream_requests_in_flight"], 0.0,
+        "the answer was taken and its API slot given back"
+    );
+    assert_eq!(metrics["requests_failed"], 0.0);
+
+    // The client reads again: every push, then the reply, and no close.
+    raw.send_frame(true, common::raw_ws::CLOSE, &1000u16.to_be_bytes())
+        .await;
+    let (messages, close) = raw.messages_until_close(Duration::from_secs(5)).await;
+    assert_eq!(messages.len(), pushed + 1, "{} messages", messages.len());
+    assert!(
+        messages[..pushed].iter().all(|m| m.len() == 128 * 1024),
+        "the pushes first"
+    );
+    assert!(messages[pushed] == b"reply", "then the reply");
+    assert_eq!(
+        close.and_then(|c| c.close_code()),
+        Some(1000),
+        "the client's own close"
+    );
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.header("x-close-code"), Some("1000"));
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
 async fn a_client_that_floods_pings_without_reading_is_not_read_further() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
@@ -446,21 +494,6 @@ async fn wait_for_requests(gateway: &TestGateway, n: f64) {
         assert!(Instant::now() < deadline, "{started} API requests, not {n}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Reads `"name":<number>` out of a flat JSON object.
-fn json_number(json: &str, name: &str) -> usize {
-    let key = format!("\"{name}\":");
-    let start = json
-        .find(&key)
-        .unwrap_or_else(|| panic!("{name} in {json}"))
-        + key.len();
-    json[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .unwrap()
 }
 
 // ---- --max-connections ----

@@ -135,3 +135,23 @@ async fn client_pings_are_answered_with_pongs_and_control_frames_never_reach_the
     assert_eq!(gateway.metrics().await["messages_received"], 1.0);
     assert_accounting(&gateway, &api).await;
 }
+
+#[tokio::test]
+async fn a_client_waiting_on_a_slow_api_answer_is_not_closed_for_ping_timeout() {
+    // The API takes longer than --ping-timeout; with --pipeline 1 the gateway reads nothing
+    // from the client meanwhile, so it cannot hear its pongs, and must not count that.
+    let api = MockApi::with_slow_posts("late reply", Duration::from_millis(1200)).await;
+    let mut config = test_config(&api);
+    config.ping_interval = Some(Duration::from_millis(100));
+    config.ping_timeout = Duration::from_millis(400);
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/patient").await;
+    // A close for ping timeout would end this with a panic ("the socket is open").
+    assert_eq!(round_trip(&mut ws, "question").await, "late reply");
+    // And again: a second slow answer, the client still there.
+    assert_eq!(round_trip(&mut ws, "again").await, "late reply");
+    assert_eq!(closed_by(&gateway.metrics().await, "ping_timeout"), 0.0);
+    assert!(api.seen_with("DELETE").is_empty());
+    ws.close().await.unwrap();
+    assert_accounting(&gateway, &api).await;
+}

@@ -587,3 +587,35 @@ pub async fn assert_accounting(gateway: &TestGateway, api: &MockApi) {
     ids.dedup();
     assert_eq!(ids.len(), total, "one DELETE per connection id");
 }
+
+/// Reads `"name":<number>` out of a flat JSON object.
+pub fn json_number(json: &str, name: &str) -> usize {
+    let key = format!("\"{name}\":");
+    let start = json
+        .find(&key)
+        .unwrap_or_else(|| panic!("{name} in {json}"))
+        + key.len();
+    json[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+/// Pushes 128-KiB messages to `path` until its socket stops taking them (its client reads
+/// nothing and has a small receive buffer) and one waits in the mailbox; returns how many
+/// were pushed.
+pub async fn push_until_stalled(gateway: &TestGateway, path: &str) -> usize {
+    let chunk = vec![b'x'; 128 * 1024];
+    for pushed in 1..=60 {
+        let response = gateway.control("POST", path, &chunk).await;
+        assert_eq!(response.status, 200, "push {pushed}: {}", response.text());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let info = gateway.control("GET", path, b"").await.text();
+        if json_number(&info, "queued") > 0 {
+            return pushed;
+        }
+    }
+    panic!("the socket still took writes after 60 pushes of 128 KiB");
+}

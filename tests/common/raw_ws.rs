@@ -131,6 +131,31 @@ impl RawWs {
         }
     }
 
+    /// Reads until a close frame or the end of the connection, like [`RawWs::until_close`],
+    /// and returns the data messages read on the way (fragments joined), then the close frame.
+    pub async fn messages_until_close(
+        &mut self,
+        within: Duration,
+    ) -> (Vec<Vec<u8>>, Option<RawFrame>) {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut messages = Vec::new();
+        let mut partial = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.read_frame(left).await {
+                Some(frame) if frame.opcode == CLOSE => return (messages, Some(frame)),
+                Some(frame) if matches!(frame.opcode, TEXT | BINARY | CONTINUATION) => {
+                    partial.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        messages.push(std::mem::take(&mut partial));
+                    }
+                }
+                Some(_) => continue,
+                None => return (messages, None),
+            }
+        }
+    }
+
     /// Reads frames until a close frame (returned) or the end of the connection (`None`),
     /// skipping data and ping frames; gives up after `within`.
     pub async fn until_close(&mut self, within: Duration) -> Option<RawFrame> {
