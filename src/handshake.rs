@@ -342,11 +342,20 @@ fn connect_headers(
             forwarded.append(name.clone(), value.clone());
         }
     }
-    let ip = peer.remote.ip().to_string();
-    let chain = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
-        _ => ip,
-    };
+    // Every X-Forwarded-For line, in order, then the peer: a proxy in front (HAProxy's
+    // `option forwardfor`) adds its own line after any the client sent.
+    let mut chain = String::new();
+    for existing in headers.get_all(&X_FORWARDED_FOR) {
+        let Ok(existing) = existing.to_str() else {
+            continue;
+        };
+        let existing = existing.trim();
+        if !existing.is_empty() {
+            chain.push_str(existing);
+            chain.push_str(", ");
+        }
+    }
+    chain.push_str(&peer.remote.ip().to_string());
     if let Ok(value) = HeaderValue::try_from(chain) {
         forwarded.insert(X_FORWARDED_FOR.clone(), value);
     }

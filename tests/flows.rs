@@ -153,6 +153,30 @@ async fn connect_forwards_query_and_client_headers() {
 }
 
 #[tokio::test]
+async fn every_x_forwarded_for_line_is_kept_in_order_before_the_peer_address() {
+    // A proxy in front adds its own line after the one the client sent (HAProxy's
+    // `option forwardfor`): the API sees the whole chain, the real client's address in it.
+    let (api, gateway) = setup().await;
+    let response = raw_exchange(
+        gateway.public,
+        &upgrade_request(
+            "/bob",
+            &[
+                "X-Forwarded-For: 198.51.100.7",
+                "X-Forwarded-For: 203.0.113.9, 192.0.2.1",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(response.status, 101);
+    let get = &api.wait_for("GET", 1).await[0];
+    assert_eq!(
+        get.header("x-forwarded-for"),
+        Some("198.51.100.7, 203.0.113.9, 192.0.2.1, 127.0.0.1")
+    );
+}
+
+#[tokio::test]
 async fn the_api_chosen_subprotocol_is_echoed_to_the_client() {
     let api = MockApi::with_script(|s| match s.method.as_str() {
         "GET" => Reply::ok("ok").header("sec-websocket-protocol", "chat.v2"),
