@@ -118,6 +118,18 @@ impl std::str::FromStr for ApiBase {
         if uri.query().is_some() {
             return Err(format!("`{s}` must not have a query string"));
         }
+        // The ClientId is appended to the text as given: without a path it would land in the
+        // host name (`http://api` + `alice`), after a `#` nowhere the API sees.
+        let after_scheme = &s[s.find("://").map_or(0, |i| i + 3)..];
+        if !after_scheme.contains('/') {
+            return Err(format!(
+                "`{s}` has no path; the ClientId is appended to it, so end it with / \
+                 (e.g. {s}/)"
+            ));
+        }
+        if s.contains('#') {
+            return Err(format!("`{s}` must not have a fragment (#)"));
+        }
         Ok(ApiBase(s.to_owned()))
     }
 }
@@ -189,8 +201,10 @@ impl DescriptorBudget {
         let upstream = config
             .upstream_max_connections
             .unwrap_or_else(|| (open_file_limit / 16).clamp(16, 1024));
-        let fixed =
-            upstream + config.max_pending_handshakes + CONTROL_CONNECTIONS + RESERVED_DESCRIPTORS;
+        // Saturating: flags near usize::MAX must fail the check below, not wrap past it.
+        let fixed = upstream
+            .saturating_add(config.max_pending_handshakes)
+            .saturating_add(CONTROL_CONNECTIONS + RESERVED_DESCRIPTORS);
         let room = open_file_limit.saturating_sub(fixed);
         let max_connections = match config.max_connections {
             Some(n) if n > room => {
@@ -205,7 +219,9 @@ impl DescriptorBudget {
             None if room == 0 => {
                 return Err(format!(
                     "the open-file limit {open_file_limit} leaves no room for websockets next to \
-                     --upstream-max-connections {upstream}"
+                     --upstream-max-connections {upstream}, --max-pending-handshakes {} and \
+                     {CONTROL_CONNECTIONS} control connections",
+                    config.max_pending_handshakes
                 ))
             }
             None => room,
@@ -316,6 +332,33 @@ mod tests {
         assert!("ftp://x/".parse::<ApiBase>().is_err());
         assert!("127.0.0.1:8000".parse::<ApiBase>().is_err());
         assert!("http://x/?a=b".parse::<ApiBase>().is_err());
+    }
+
+    #[test]
+    fn api_base_without_a_path_or_with_a_fragment_is_refused() {
+        // The ClientId would join the host name (`http://apialice`) or vanish after the `#`.
+        let no_path = "http://api.internal:8000".parse::<ApiBase>().unwrap_err();
+        assert!(no_path.contains("end it with /"), "{no_path}");
+        assert!("http://api.internal".parse::<ApiBase>().is_err());
+        assert!("http://api/ws/#".parse::<ApiBase>().is_err());
+        // A path that ends in a prefix rather than a slash is the user's choice.
+        assert!("http://api/ws/client-".parse::<ApiBase>().is_ok());
+    }
+
+    #[test]
+    fn flags_near_usize_max_fail_the_budget_instead_of_wrapping() {
+        let config = Config {
+            upstream_max_connections: Some(usize::MAX),
+            ..Config::default()
+        };
+        let error = DescriptorBudget::plan(&config, 20_000).unwrap_err();
+        assert!(error.contains("--upstream-max-connections"), "{error}");
+        let config = Config {
+            max_pending_handshakes: usize::MAX - 10,
+            ..Config::default()
+        };
+        let error = DescriptorBudget::plan(&config, 20_000).unwrap_err();
+        assert!(error.contains("--max-pending-handshakes"), "{error}");
     }
 
     #[test]

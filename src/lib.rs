@@ -143,6 +143,8 @@ impl Gateway {
     /// Binds both listeners and prepares the API client, with the descriptor budget derived from
     /// this process's open-file limit.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        // A flag that is wrong on its own is named before the budget it would upset.
+        validate(&config)?;
         let budget =
             DescriptorBudget::plan(&config, open_file_limit()).map_err(StartError::Config)?;
         Gateway::bind_with_budget(config, budget).await
@@ -330,6 +332,24 @@ fn validate(config: &Config) -> Result<(), StartError> {
     }
     if config.write_timeout.is_zero() {
         return fail("--write-timeout must be more than 0");
+    }
+    if config.idle_timeout.is_some_and(|t| t.is_zero()) {
+        return fail("--idle-timeout must be more than 0 (leave it out for none)");
+    }
+    if config.max_connections == Some(0) {
+        return fail("--max-connections must be at least 1");
+    }
+    if config.max_pending_handshakes == 0 {
+        return fail("--max-pending-handshakes must be at least 1");
+    }
+    if config.upstream_max_connections == Some(0) {
+        return fail("--upstream-max-connections must be at least 1");
+    }
+    if config.shutdown_delete_concurrency > Semaphore::MAX_PERMITS {
+        return fail(&format!(
+            "--shutdown-delete-concurrency must be at most {}",
+            Semaphore::MAX_PERMITS
+        ));
     }
     Ok(())
 }

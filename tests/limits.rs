@@ -750,9 +750,36 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
 }
 
 #[tokio::test]
-async fn a_zero_minimum_concurrency_or_max_wait_stops_the_binary_naming_the_flag() {
+async fn a_zero_or_out_of_range_limit_stops_the_binary_naming_the_flag() {
     let api = MockApi::start().await;
+    let huge = usize::MAX.to_string();
     for (flag, value, message) in [
+        ("--idle-timeout", "0s", "--idle-timeout must be more than 0"),
+        (
+            "--max-connections",
+            "0",
+            "--max-connections must be at least 1",
+        ),
+        (
+            "--max-pending-handshakes",
+            "0",
+            "--max-pending-handshakes must be at least 1",
+        ),
+        (
+            "--upstream-max-connections",
+            "0",
+            "--upstream-max-connections must be at least 1",
+        ),
+        (
+            "--upstream-max-connections",
+            huge.as_str(),
+            "leaves no room for websockets next to --upstream-max-connections",
+        ),
+        (
+            "--shutdown-delete-concurrency",
+            huge.as_str(),
+            "--shutdown-delete-concurrency must be at most",
+        ),
         (
             "--upstream-min-concurrency",
             "0",
