@@ -180,7 +180,7 @@ impl Upstream {
                         path.display()
                     )));
                 }
-                Dialer::UnixSocket(Arc::new(path.clone()), config.upstream_timeout)
+                Dialer::UnixSocket(Arc::new(path.clone()), connect_timeout(config))
             }
             None => Dialer::Network(network_connector(config)?),
         };
@@ -319,9 +319,11 @@ impl Upstream {
         self.metrics
             .requests_started
             .fetch_add(1, Ordering::Relaxed);
-        let result = match tokio::time::timeout(self.timeout, self.exchange(request)).await {
+        let mut stage = Stage::Waiting;
+        let exchange = self.exchange(request, &mut stage);
+        let result = match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(UpstreamError::Timeout(self.timeout)),
+            Err(_) => Err(stage.timed_out(self.timeout)),
         };
         self.metrics.observe_upstream_latency(started.elapsed());
         let succeeded = matches!(&result, Ok(answer) if answer.status.is_success());
@@ -334,9 +336,13 @@ impl Upstream {
         result
     }
 
-    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<ApiAnswer, UpstreamError> {
+    async fn exchange(
+        &self,
+        request: Request<Full<Bytes>>,
+        stage: &mut Stage,
+    ) -> Result<ApiAnswer, UpstreamError> {
         let mut slot = self.permit(RequestKind::of(request.method())).await?;
-        let answer = self.pool.exchange(request, self.max_body).await?;
+        let answer = self.pool.exchange(request, self.max_body, stage).await?;
         slot.answered(answer.sent_at);
         Ok(ApiAnswer {
             status: answer.parts.status,
@@ -387,6 +393,35 @@ impl Upstream {
     }
 }
 
+/// How far a request got before `--upstream-timeout` ran out, which says what the timeout
+/// means: only a request that was sent may have reached the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Not sent yet: waiting for an API slot or connection, or opening one (which fails on
+    /// its own, as unreachable, within half the time: [`connect_timeout`]).
+    Waiting,
+    /// Written, or being written, to an API connection.
+    Sent,
+}
+
+impl Stage {
+    /// The error for a request whose time ran out at this stage: one never sent is refused as
+    /// the gateway's overload (the API did not see it, a DELETE may be sent again).
+    fn timed_out(self, limit: Duration) -> UpstreamError {
+        match self {
+            Stage::Waiting => UpstreamError::Overloaded,
+            Stage::Sent => UpstreamError::Timeout(limit),
+        }
+    }
+}
+
+/// How long opening an API connection may take: half of `--upstream-timeout`, so that an API
+/// host that never answers shows as unreachable (a handshake's `502`, a DELETE sent again)
+/// before the request's own time runs out.
+fn connect_timeout(config: &Config) -> Duration {
+    config.upstream_timeout / 2
+}
+
 /// One request waiting for an API slot; uncounted when dropped.
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -425,7 +460,7 @@ fn network_connector(config: &Config) -> Result<HttpsConnector<HttpConnector>, U
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(config.upstream_timeout));
+    http.set_connect_timeout(Some(connect_timeout(config)));
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
@@ -484,6 +519,18 @@ mod tests {
             headers,
             body: Bytes::new(),
         }
+    }
+
+    #[test]
+    fn a_request_whose_time_ran_out_unsent_is_overload_and_a_sent_one_a_timeout() {
+        let limit = Duration::from_secs(3);
+        assert_eq!(Stage::Waiting.timed_out(limit), UpstreamError::Overloaded);
+        assert_eq!(Stage::Sent.timed_out(limit), UpstreamError::Timeout(limit));
+        // Only the unsent kind is a DELETE that departures may send again.
+        assert_eq!(
+            Stage::Waiting.timed_out(limit).close_reason(),
+            "upstream overloaded"
+        );
     }
 
     #[test]

@@ -243,6 +243,36 @@ async fn an_unreachable_api_gives_502_and_a_slow_one_504() {
 }
 
 #[tokio::test]
+async fn an_api_that_never_answers_the_connection_attempt_gives_502_not_504() {
+    // A listener whose accept queue is full drops further SYNs: connecting hangs, as with an
+    // API host that is down behind a firewall. Nothing was sent, so this is "unreachable".
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), connect).await {
+            queued.push(stream);
+        }
+    }
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.api = format!("http://{addr}/").parse().unwrap();
+    config.upstream_timeout = Duration::from_millis(500);
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 502, "{}", response.text());
+    assert!(
+        response.text().contains("could not be reached"),
+        "{}",
+        response.text()
+    );
+    drop(queued);
+}
+
+#[tokio::test]
 async fn plain_gets_get_426_and_healthz_200_without_asking_the_api() {
     let (api, gateway) = setup().await;
     let plain = raw_http(gateway.public, "GET", "/alice", &[], b"").await;

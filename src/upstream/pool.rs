@@ -26,10 +26,14 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tower_service::Service;
 
-use super::{error_chain, UpstreamError};
+use super::{error_chain, Stage, UpstreamError};
 
 /// Connections being opened at once; further requests wait for one of them or an idle one.
 const MAX_CONNECTING: usize = 32;
+/// How often an HTTP/2 connection to the API is pinged (idle or not).
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before that connection is closed.
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections kept warm for the full idle timeout: the most recently used ones.
 const WARM_IDLE: usize = 32;
 /// How long idle connections beyond the warm ones are kept: a burst's surplus (say the
@@ -138,13 +142,14 @@ impl Pool {
         &self,
         mut request: Request<Body>,
         max_body: usize,
+        stage: &mut Stage,
     ) -> Result<Answer, UpstreamError> {
         if self.http2 {
             // Out of line: a rare path's state would otherwise be part of every HTTP/1
             // request's future (see the sizes test), and its temporaries part of the stack
             // frame every HTTP/1 request's `poll` touches (32 KiB; bench/README.md,
             // "Shallow worker stacks").
-            return out_of_line(self.exchange_h2(request, max_body)).await;
+            return out_of_line(self.exchange_h2(request, max_body, stage)).await;
         }
         let path = request
             .uri()
@@ -163,6 +168,7 @@ impl Pool {
                 return Err(UpstreamError::Broken("no connection".to_owned()));
             };
             let sent_at = std::time::Instant::now();
+            *stage = Stage::Sent;
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let keep_alive = keeps_alive(&response);
@@ -178,6 +184,7 @@ impl Pool {
                     Some(unsent) if lease.reused && !retried => {
                         request = unsent;
                         retried = true;
+                        *stage = Stage::Waiting;
                     }
                     _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
                 },
@@ -185,6 +192,7 @@ impl Pool {
         }
     }
 
+    /// An open connection for one request: an idle one, a new one, or one that comes free.
     async fn checkout(&self) -> Result<Lease<'_>, UpstreamError> {
         loop {
             let changed = self.changed.notified();
@@ -262,19 +270,40 @@ impl Pool {
         &self,
         mut request: Request<Body>,
         max_body: usize,
+        stage: &mut Stage,
     ) -> Result<Answer, UpstreamError> {
         let mut parts = request.uri().clone().into_parts();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = self.origin.authority().cloned();
         *request.uri_mut() =
             Uri::from_parts(parts).map_err(|e| UpstreamError::Broken(e.to_string()))?;
-        let mut sender = self.shared_h2().await?;
-        let sent_at = std::time::Instant::now();
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| UpstreamError::Broken(error_chain(&e)))?;
-        collect(response, max_body, sent_at).await
+        let mut retried = false;
+        loop {
+            let mut sender = self.shared_h2().await?;
+            let sent_at = std::time::Instant::now();
+            *stage = Stage::Sent;
+            match sender.try_send_request(request).await {
+                Ok(response) => return collect(response, max_body, sent_at).await,
+                Err(mut error) => match error.take_message() {
+                    // Turned away unsent: the connection was going away (the API's GOAWAY,
+                    // e.g. nginx after `http2_max_requests`). Once more on a fresh one.
+                    Some(unsent) if !retried => {
+                        request = unsent;
+                        retried = true;
+                        *stage = Stage::Waiting;
+                        self.forget_h2();
+                    }
+                    _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
+                },
+            }
+        }
+    }
+
+    /// Stops sharing the current HTTP/2 connection, so that the next request opens another;
+    /// requests still on it finish there. (A handle cannot tell whether it is the one that
+    /// turned a request away; at worst a fresh connection is replaced once more.)
+    fn forget_h2(&self) {
+        self.state().shared = None;
     }
 
     async fn shared_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
@@ -393,6 +422,11 @@ where
 {
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        // A dead API host or a dropped flow shows as an unanswered ping, not only when the
+        // kernel gives up retransmitting minutes later.
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
