@@ -117,7 +117,18 @@ async fn push(
             .fetch_add(1, Ordering::Relaxed);
     };
     let max = shared.config.max_message_size;
-    let body = match Limited::new(request.into_body(), max).collect().await {
+    // The body is held to the same deadline as the head (--handshake-timeout): a client that
+    // stops halfway would otherwise hold one of the control connections for good.
+    let limit = shared.config.handshake_timeout;
+    let collect = Limited::new(request.into_body(), max).collect();
+    let Ok(collected) = tokio::time::timeout(limit, collect).await else {
+        refused();
+        return text_response(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within --handshake-timeout ({limit:?})\n"),
+        );
+    };
+    let body = match collected {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             refused();

@@ -291,3 +291,28 @@ async fn pushes_a_client_never_reads_before_a_control_delete_are_counted_undeliv
     assert_eq!(metrics["pushes_undelivered"], queued as f64, "{metrics:?}");
     assert_accounting(&gateway, &api).await;
 }
+
+#[tokio::test]
+async fn a_push_whose_body_stops_halfway_gets_408_within_the_handshake_timeout() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = Duration::from_millis(500);
+    let gateway = TestGateway::start(config).await;
+    let _ws = gateway.connect("/alice").await;
+    let started = tokio::time::Instant::now();
+    // 100 bytes announced, 9 sent, then nothing: the connection is not held for good.
+    let response = raw_exchange(
+        gateway.control,
+        b"POST /alice HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly part",
+    )
+    .await;
+    assert_eq!(response.status, 408, "{}", response.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["pushes_refused"], 1.0);
+    assert_eq!(metrics["pushes_accepted"], 0.0);
+}
