@@ -343,7 +343,9 @@ impl Upstream {
     ) -> Result<ApiAnswer, UpstreamError> {
         let mut slot = self.permit(RequestKind::of(request.method())).await?;
         let answer = self.pool.exchange(request, self.max_body, stage).await?;
-        slot.answered(answer.sent_at);
+        if !answer.parts.status.is_server_error() {
+            slot.answered(answer.sent_at);
+        }
         Ok(ApiAnswer {
             status: answer.parts.status,
             headers: answer.parts.headers,

@@ -1033,6 +1033,23 @@ async fn an_api_that_keeps_its_pace_gets_more_than_the_minimum_concurrency() {
 }
 
 #[tokio::test]
+async fn quick_5xx_answers_do_not_grow_the_concurrency_limit() {
+    // A proxy in front of a stopped API answers 502 at its own pace, whatever the API's:
+    // those answers say nothing of how much more the API can take.
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "POST" => Reply::status(502, s.body.clone()).after(Duration::from_millis(100)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.upstream_min_concurrency = 4;
+    let gateway = TestGateway::start(config).await;
+    // The same burst that takes an API keeping its pace to 32 and more (the test above).
+    let (_, highest_limit) = burst_of_messages(&gateway, 120).await;
+    assert_eq!(highest_limit, 4.0);
+}
+
+#[tokio::test]
 async fn requests_waiting_for_an_api_slot_time_out_within_the_upstream_timeout() {
     let api = MockApi::with_slow_posts("late", Duration::from_secs(5)).await;
     let timeout = Duration::from_millis(1000);

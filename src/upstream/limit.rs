@@ -91,6 +91,7 @@ impl ConcurrencyLimit {
             limit: self,
             kind,
             sent_at: None,
+            taken_at: Instant::now(),
         }
     }
 
@@ -116,10 +117,13 @@ pub(super) struct Slot<'a> {
     kind: RequestKind,
     /// When the request went out, set once the API has answered it (`None`: no answer).
     sent_at: Option<Instant>,
+    /// When the slot was taken: how long a request without an answer held it.
+    taken_at: Instant,
 }
 
 impl Slot<'_> {
-    /// The API answered (any status) the request sent at `sent_at`: the time since counts
+    /// The API answered the request sent at `sent_at` (not with a 5xx, which a proxy in front
+    /// of a stopped API can answer at once and would pass for a fast API): the time since counts
     /// towards the API's pace (not the wait for a connection before it went out: opening one,
     /// with TLS to a distant API, can take longer than the answer).
     pub(super) fn answered(&mut self, sent_at: Instant) {
@@ -133,6 +137,7 @@ impl Drop for Slot<'_> {
         let took = self
             .sent_at
             .map(|sent_at| now.saturating_duration_since(sent_at));
+        let held = now.saturating_duration_since(self.taken_at);
         // Taken counts the slots handed to waiting requests that have not run yet: with
         // answers arriving together, the requests they free start only after the last of
         // them is counted, and the limit would grow by one per batch, not per answer.
@@ -141,7 +146,7 @@ impl Drop for Slot<'_> {
         let free = self
             .limit
             .state()
-            .release(self.kind, took, every_slot_taken, now);
+            .release(self.kind, took, held, every_slot_taken, now);
         if free > 0 {
             self.limit.permits.add_permits(free);
         }
@@ -177,18 +182,26 @@ impl LimitState {
         }
     }
 
-    /// A request of `kind` held a slot until `now`, answered after `took` (`None`: it failed
-    /// or was given up), while `every_slot_taken` or some were free: moves the limit and says
-    /// how many slots to free (none, when the limit shrank by this one; two, when it grew).
+    /// A request of `kind` held a slot for `held` until `now`, answered after `took` (`None`:
+    /// it failed, timed out or got a 5xx), while `every_slot_taken` or some were free: moves
+    /// the limit and says how many slots to free (none, when the limit shrank by this one;
+    /// two, when it grew). A request without an answer says nothing of the API's pace unless
+    /// it held its slot for longer than a slow answer would take (a timeout, an API that hung
+    /// up after a long wait): then it counts as that slow answer.
     fn release(
         &mut self,
         kind: RequestKind,
         took: Option<Duration>,
+        held: Duration,
         every_slot_taken: bool,
         now: Instant,
     ) -> usize {
-        let Some(took) = took else { return 1 };
         let pace = &mut self.paces[kind.index()];
+        let took = match took {
+            Some(took) => took,
+            None if pace.slow_answer(held) => held,
+            None => return 1,
+        };
         pace.record(took, now);
         if pace.slow() {
             self.last_slow = Some(now);
@@ -252,11 +265,17 @@ impl Pace {
 
     /// Whether the recent answers took well over the fastest one: the API is queueing them.
     fn slow(&self) -> bool {
-        let fastest = self.fastest.iter().flatten().min();
-        match (fastest, self.recent) {
-            (Some(fastest), Some(recent)) => recent > *fastest * 2 + SLOW_SLACK,
-            _ => false,
-        }
+        self.recent.is_some_and(|recent| self.slow_answer(recent))
+    }
+
+    /// Whether an answer that took `took` would be well over the fastest one (never, before
+    /// the first answer).
+    fn slow_answer(&self, took: Duration) -> bool {
+        self.fastest
+            .iter()
+            .flatten()
+            .min()
+            .is_some_and(|fastest| took > *fastest * 2 + SLOW_SLACK)
     }
 }
 
@@ -272,14 +291,14 @@ mod tests {
         let mut state = LimitState::new(4, 6);
         let now = Instant::now();
         assert_eq!(
-            state.release(MESSAGE, Some(FAST), true, now),
+            state.release(MESSAGE, Some(FAST), FAST, true, now),
             2,
             "grew: two slots free"
         );
         assert_eq!(state.limit, 5);
-        assert_eq!(state.release(MESSAGE, Some(FAST), true, now), 2);
+        assert_eq!(state.release(MESSAGE, Some(FAST), FAST, true, now), 2);
         assert_eq!(
-            state.release(MESSAGE, Some(FAST), true, now),
+            state.release(MESSAGE, Some(FAST), FAST, true, now),
             1,
             "at the maximum"
         );
@@ -291,29 +310,32 @@ mod tests {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
         for _ in 0..6 {
-            state.release(MESSAGE, Some(FAST), true, now);
+            state.release(MESSAGE, Some(FAST), FAST, true, now);
         }
         assert_eq!(state.limit, 10, "one step per answer");
-        state.release(MESSAGE, Some(FAST * 100), true, now);
+        state.release(MESSAGE, Some(FAST * 100), FAST, true, now);
         while state.paces[MESSAGE.index()].slow() {
-            state.release(MESSAGE, Some(FAST), true, now);
+            state.release(MESSAGE, Some(FAST), FAST, true, now);
         }
         let limit = state.limit;
         let freed: Vec<usize> = (0..limit)
-            .map(|_| state.release(MESSAGE, Some(FAST), true, now))
+            .map(|_| state.release(MESSAGE, Some(FAST), FAST, true, now))
             .collect();
         assert_eq!(state.limit, limit + 1, "one step in a round of answers");
         assert_eq!(freed.iter().filter(|&&f| f == 2).count(), 1);
         let later = now + CAUTIOUS_FOR;
-        state.release(MESSAGE, Some(FAST), true, later);
-        state.release(MESSAGE, Some(FAST), true, later);
+        state.release(MESSAGE, Some(FAST), FAST, true, later);
+        state.release(MESSAGE, Some(FAST), FAST, true, later);
         assert_eq!(state.limit, limit + 3, "one step per answer again");
     }
 
     #[test]
     fn the_limit_stays_while_slots_are_free() {
         let mut state = LimitState::new(4, 100);
-        assert_eq!(state.release(MESSAGE, Some(FAST), false, Instant::now()), 1);
+        assert_eq!(
+            state.release(MESSAGE, Some(FAST), FAST, false, Instant::now()),
+            1
+        );
         assert_eq!(state.limit, 4);
     }
 
@@ -322,13 +344,13 @@ mod tests {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
         for _ in 4..10 {
-            state.release(MESSAGE, Some(FAST), true, now);
+            state.release(MESSAGE, Some(FAST), FAST, true, now);
         }
         assert_eq!(state.limit, 10);
         // A queueing API: each answer slower than the one before.
         let mut freed = Vec::new();
         for n in 1..40 {
-            freed.push(state.release(MESSAGE, Some(FAST * 5 * n), true, now));
+            freed.push(state.release(MESSAGE, Some(FAST * 5 * n), FAST, true, now));
         }
         assert_eq!(state.limit, 4, "back at the minimum");
         assert!(freed.contains(&0), "a slow answer's slot was withheld");
@@ -344,11 +366,14 @@ mod tests {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
         for _ in 0..10 {
-            state.release(RequestKind::Connect, Some(FAST), false, now);
+            state.release(RequestKind::Connect, Some(FAST), FAST, false, now);
         }
         for _ in 4..10 {
             let slow_message = FAST * 100;
-            assert_eq!(state.release(MESSAGE, Some(slow_message), true, now), 2);
+            assert_eq!(
+                state.release(MESSAGE, Some(slow_message), FAST, true, now),
+                2
+            );
         }
         assert_eq!(state.limit, 10);
         assert_eq!(RequestKind::of(&Method::GET), RequestKind::Connect);
@@ -359,8 +384,31 @@ mod tests {
     #[test]
     fn failed_requests_give_their_slot_back_without_moving_the_limit() {
         let mut state = LimitState::new(4, 100);
-        assert_eq!(state.release(MESSAGE, None, true, Instant::now()), 1);
+        assert_eq!(state.release(MESSAGE, None, FAST, true, Instant::now()), 1);
         assert_eq!(state.limit, 4);
+    }
+
+    #[test]
+    fn a_request_that_held_its_slot_past_the_apis_pace_without_an_answer_counts_as_slow() {
+        let mut state = LimitState::new(4, 100);
+        let now = Instant::now();
+        for _ in 0..6 {
+            state.release(MESSAGE, Some(FAST), FAST, true, now);
+        }
+        assert_eq!(state.limit, 10);
+        // A timeout: no answer after holding the slot for 30 s.
+        let timed_out = Duration::from_secs(30);
+        assert_eq!(
+            state.release(MESSAGE, None, timed_out, true, now),
+            0,
+            "shrank: its slot is not given back"
+        );
+        assert_eq!(state.limit, 9);
+        assert!(state.paces[MESSAGE.index()].slow());
+        // Before any answer there is no pace to judge by: no signal.
+        let mut fresh = LimitState::new(4, 100);
+        assert_eq!(fresh.release(MESSAGE, None, timed_out, true, now), 1);
+        assert_eq!(fresh.limit, 4);
     }
 
     #[test]
