@@ -10,7 +10,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use hyper::server::conn::http1;
@@ -296,10 +296,17 @@ async fn serve_public(
     let metrics = Arc::clone(&shared.metrics);
     let served = async {
         match tls {
-            None => serve_http(TokioIo::new(stream), peer, shared).await,
+            None => serve_http(TokioIo::new(stream), peer, shared, handshake_timeout).await,
             Some(acceptor) => {
+                let started = Instant::now();
                 match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_http(TokioIo::new(stream), peer, shared).await,
+                    Ok(Ok(stream)) => {
+                        // The TLS handshake and the request head share one deadline.
+                        let left = handshake_timeout
+                            .saturating_sub(started.elapsed())
+                            .max(Duration::from_millis(1));
+                        serve_http(TokioIo::new(stream), peer, shared, left).await
+                    }
                     Ok(Err(error)) => {
                         metrics.handshake_refused(RefusalReason::BadRequest);
                         tracing::debug!(%remote, %error, "TLS handshake failed");
@@ -318,17 +325,17 @@ async fn serve_public(
     }
 }
 
-async fn serve_http<S>(io: TokioIo<S>, peer: Peer, shared: Arc<Shared>)
+/// Serves the upgrade request on `io`, whose head must arrive within `head_deadline`.
+async fn serve_http<S>(io: TokioIo<S>, peer: Peer, shared: Arc<Shared>, head_deadline: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let handshake_timeout = shared.config.handshake_timeout;
     let metrics = Arc::clone(&shared.metrics);
     let service =
         service_fn(move |request| handshake::handle(request, peer.clone(), Arc::clone(&shared)));
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(handshake_timeout)
+        .header_read_timeout(head_deadline)
         .keep_alive(false)
         .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(io, service)

@@ -446,6 +446,42 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
 }
 
 #[tokio::test]
+async fn a_slow_tls_handshake_leaves_the_request_head_only_what_remains_of_the_handshake_timeout() {
+    let cert = TestCert::new();
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.tls = Some(cert.files());
+    let timeout = Duration::from_millis(1000);
+    config.handshake_timeout = timeout;
+    let gateway = TestGateway::start(config).await;
+    // The client waits 600 ms before its TLS handshake, then sends no request at all.
+    let started = tokio::time::Instant::now();
+    let tcp = TcpStream::connect(gateway.public).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = cert
+        .connector()
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake within the deadline");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "still open: {read:?}"
+    );
+    let took = started.elapsed();
+    // One --handshake-timeout for both, not one each (which would be 1.6 s here).
+    assert!(
+        took >= timeout - Duration::from_millis(50) && took < Duration::from_millis(1400),
+        "dropped after {took:?}"
+    );
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"timeout\"}"], 1.0);
+}
+
+#[tokio::test]
 async fn the_binary_serves_wss_with_tls_cert_and_key() {
     let cert = TestCert::new();
     let api = MockApi::start().await;
