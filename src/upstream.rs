@@ -182,7 +182,7 @@ impl Upstream {
                 }
                 Dialer::UnixSocket(Arc::new(path.clone()), connect_timeout(config))
             }
-            None => Dialer::Network(network_connector(config)?),
+            None => Dialer::Network(network_connector(config)?, connect_timeout(config)),
         };
         let origin: Uri = config
             .api
@@ -320,11 +320,18 @@ impl Upstream {
             .requests_started
             .fetch_add(1, Ordering::Relaxed);
         let mut stage = Stage::Waiting;
-        let exchange = self.exchange(request, &mut stage);
+        // Kept here rather than in the exchange, so that when the deadline drops the exchange
+        // the slot still learns when its request went out, for the API's pace.
+        let mut slot = None;
+        let exchange = self.exchange(request, &mut stage, &mut slot);
         let result = match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(stage.timed_out(self.timeout)),
         };
+        if let (Some(slot), Stage::Sent(sent_at)) = (slot.as_mut(), stage) {
+            slot.sent(sent_at);
+        }
+        drop(slot);
         self.metrics.observe_upstream_latency(started.elapsed());
         let succeeded = matches!(&result, Ok(answer) if answer.status.is_success());
         let counter = if succeeded {
@@ -336,15 +343,16 @@ impl Upstream {
         result
     }
 
-    async fn exchange(
-        &self,
+    async fn exchange<'a>(
+        &'a self,
         request: Request<Full<Bytes>>,
         stage: &mut Stage,
+        slot: &mut Option<Slot<'a>>,
     ) -> Result<ApiAnswer, UpstreamError> {
-        let mut slot = self.permit(RequestKind::of(request.method())).await?;
+        let held = slot.insert(self.permit(RequestKind::of(request.method())).await?);
         let answer = self.pool.exchange(request, self.max_body, stage).await?;
         if !answer.parts.status.is_server_error() {
-            slot.answered(answer.sent_at);
+            held.answered(answer.sent_at);
         }
         Ok(ApiAnswer {
             status: answer.parts.status,
@@ -402,8 +410,8 @@ enum Stage {
     /// Not sent yet: waiting for an API slot or connection, or opening one (which fails on
     /// its own, as unreachable, within half the time: [`connect_timeout`]).
     Waiting,
-    /// Written, or being written, to an API connection.
-    Sent,
+    /// Written, or being written, to an API connection since this moment.
+    Sent(Instant),
 }
 
 impl Stage {
@@ -412,7 +420,7 @@ impl Stage {
     fn timed_out(self, limit: Duration) -> UpstreamError {
         match self {
             Stage::Waiting => UpstreamError::Overloaded,
-            Stage::Sent => UpstreamError::Timeout(limit),
+            Stage::Sent(_) => UpstreamError::Timeout(limit),
         }
     }
 }
@@ -527,7 +535,10 @@ mod tests {
     fn a_request_whose_time_ran_out_unsent_is_overload_and_a_sent_one_a_timeout() {
         let limit = Duration::from_secs(3);
         assert_eq!(Stage::Waiting.timed_out(limit), UpstreamError::Overloaded);
-        assert_eq!(Stage::Sent.timed_out(limit), UpstreamError::Timeout(limit));
+        assert_eq!(
+            Stage::Sent(Instant::now()).timed_out(limit),
+            UpstreamError::Timeout(limit)
+        );
         // Only the unsent kind is a DELETE that departures may send again.
         assert_eq!(
             Stage::Waiting.timed_out(limit).close_reason(),

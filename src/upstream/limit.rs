@@ -91,7 +91,7 @@ impl ConcurrencyLimit {
             limit: self,
             kind,
             sent_at: None,
-            taken_at: Instant::now(),
+            answered: false,
         }
     }
 
@@ -115,10 +115,10 @@ impl ConcurrencyLimit {
 pub(super) struct Slot<'a> {
     limit: &'a ConcurrencyLimit,
     kind: RequestKind,
-    /// When the request went out, set once the API has answered it (`None`: no answer).
+    /// When the request went out (`None`: it never did).
     sent_at: Option<Instant>,
-    /// When the slot was taken: how long a request without an answer held it.
-    taken_at: Instant,
+    /// Whether the API answered it (not with a 5xx).
+    answered: bool,
 }
 
 impl Slot<'_> {
@@ -128,16 +128,25 @@ impl Slot<'_> {
     /// with TLS to a distant API, can take longer than the answer).
     pub(super) fn answered(&mut self, sent_at: Instant) {
         self.sent_at = Some(sent_at);
+        self.answered = true;
+    }
+
+    /// The request went out at `sent_at`, answered or not.
+    pub(super) fn sent(&mut self, sent_at: Instant) {
+        self.sent_at.get_or_insert(sent_at);
     }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         let now = Instant::now();
-        let took = self
-            .sent_at
-            .map(|sent_at| now.saturating_duration_since(sent_at));
-        let held = now.saturating_duration_since(self.taken_at);
+        let outcome = match self.sent_at {
+            Some(sent_at) if self.answered => {
+                Outcome::Answered(now.saturating_duration_since(sent_at))
+            }
+            Some(sent_at) => Outcome::Unanswered(now.saturating_duration_since(sent_at)),
+            None => Outcome::NotSent,
+        };
         // Taken counts the slots handed to waiting requests that have not run yet: with
         // answers arriving together, the requests they free start only after the last of
         // them is counted, and the limit would grow by one per batch, not per answer.
@@ -146,11 +155,22 @@ impl Drop for Slot<'_> {
         let free = self
             .limit
             .state()
-            .release(self.kind, took, held, every_slot_taken, now);
+            .release(self.kind, outcome, every_slot_taken, now);
         if free > 0 {
             self.limit.permits.add_permits(free);
         }
     }
+}
+
+/// What became of the request a slot was held for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Answered this long after it went out.
+    Answered(Duration),
+    /// Sent, then no answer (or a 5xx) this long after it went out.
+    Unanswered(Duration),
+    /// Never sent.
+    NotSent,
 }
 
 /// The limit and what it is judged on.
@@ -182,25 +202,24 @@ impl LimitState {
         }
     }
 
-    /// A request of `kind` held a slot for `held` until `now`, answered after `took` (`None`:
-    /// it failed, timed out or got a 5xx), while `every_slot_taken` or some were free: moves
-    /// the limit and says how many slots to free (none, when the limit shrank by this one;
-    /// two, when it grew). A request without an answer says nothing of the API's pace unless
-    /// it held its slot for longer than a slow answer would take (a timeout, an API that hung
-    /// up after a long wait): then it counts as that slow answer.
+    /// A request of `kind` gave its slot back at `now` with this `outcome`, while
+    /// `every_slot_taken` or some were free: moves the limit and says how many slots to free
+    /// (none, when the limit shrank by this one; two, when it grew). A request sent but not
+    /// answered (it failed, timed out, got a 5xx) says nothing of the API's pace unless it was
+    /// out longer than a slow answer would take (a timeout, an API that hung up after a long
+    /// wait): then it counts as that slow answer.
     fn release(
         &mut self,
         kind: RequestKind,
-        took: Option<Duration>,
-        held: Duration,
+        outcome: Outcome,
         every_slot_taken: bool,
         now: Instant,
     ) -> usize {
         let pace = &mut self.paces[kind.index()];
-        let took = match took {
-            Some(took) => took,
-            None if pace.slow_answer(held) => held,
-            None => return 1,
+        let took = match outcome {
+            Outcome::Answered(took) => took,
+            Outcome::Unanswered(out) if pace.slow_answer(out) => out,
+            Outcome::Unanswered(_) | Outcome::NotSent => return 1,
         };
         pace.record(took, now);
         if pace.slow() {
@@ -291,14 +310,17 @@ mod tests {
         let mut state = LimitState::new(4, 6);
         let now = Instant::now();
         assert_eq!(
-            state.release(MESSAGE, Some(FAST), FAST, true, now),
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now),
             2,
             "grew: two slots free"
         );
         assert_eq!(state.limit, 5);
-        assert_eq!(state.release(MESSAGE, Some(FAST), FAST, true, now), 2);
         assert_eq!(
-            state.release(MESSAGE, Some(FAST), FAST, true, now),
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now),
+            2
+        );
+        assert_eq!(
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now),
             1,
             "at the maximum"
         );
@@ -310,22 +332,22 @@ mod tests {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
         for _ in 0..6 {
-            state.release(MESSAGE, Some(FAST), FAST, true, now);
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now);
         }
         assert_eq!(state.limit, 10, "one step per answer");
-        state.release(MESSAGE, Some(FAST * 100), FAST, true, now);
+        state.release(MESSAGE, Outcome::Answered(FAST * 100), true, now);
         while state.paces[MESSAGE.index()].slow() {
-            state.release(MESSAGE, Some(FAST), FAST, true, now);
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now);
         }
         let limit = state.limit;
         let freed: Vec<usize> = (0..limit)
-            .map(|_| state.release(MESSAGE, Some(FAST), FAST, true, now))
+            .map(|_| state.release(MESSAGE, Outcome::Answered(FAST), true, now))
             .collect();
         assert_eq!(state.limit, limit + 1, "one step in a round of answers");
         assert_eq!(freed.iter().filter(|&&f| f == 2).count(), 1);
         let later = now + CAUTIOUS_FOR;
-        state.release(MESSAGE, Some(FAST), FAST, true, later);
-        state.release(MESSAGE, Some(FAST), FAST, true, later);
+        state.release(MESSAGE, Outcome::Answered(FAST), true, later);
+        state.release(MESSAGE, Outcome::Answered(FAST), true, later);
         assert_eq!(state.limit, limit + 3, "one step per answer again");
     }
 
@@ -333,7 +355,7 @@ mod tests {
     fn the_limit_stays_while_slots_are_free() {
         let mut state = LimitState::new(4, 100);
         assert_eq!(
-            state.release(MESSAGE, Some(FAST), FAST, false, Instant::now()),
+            state.release(MESSAGE, Outcome::Answered(FAST), false, Instant::now()),
             1
         );
         assert_eq!(state.limit, 4);
@@ -344,13 +366,13 @@ mod tests {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
         for _ in 4..10 {
-            state.release(MESSAGE, Some(FAST), FAST, true, now);
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now);
         }
         assert_eq!(state.limit, 10);
         // A queueing API: each answer slower than the one before.
         let mut freed = Vec::new();
         for n in 1..40 {
-            freed.push(state.release(MESSAGE, Some(FAST * 5 * n), FAST, true, now));
+            freed.push(state.release(MESSAGE, Outcome::Answered(FAST * 5 * n), true, now));
         }
         assert_eq!(state.limit, 4, "back at the minimum");
         assert!(freed.contains(&0), "a slow answer's slot was withheld");
@@ -366,12 +388,12 @@ mod tests {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
         for _ in 0..10 {
-            state.release(RequestKind::Connect, Some(FAST), FAST, false, now);
+            state.release(RequestKind::Connect, Outcome::Answered(FAST), false, now);
         }
         for _ in 4..10 {
             let slow_message = FAST * 100;
             assert_eq!(
-                state.release(MESSAGE, Some(slow_message), FAST, true, now),
+                state.release(MESSAGE, Outcome::Answered(slow_message), true, now),
                 2
             );
         }
@@ -384,8 +406,20 @@ mod tests {
     #[test]
     fn failed_requests_give_their_slot_back_without_moving_the_limit() {
         let mut state = LimitState::new(4, 100);
-        assert_eq!(state.release(MESSAGE, None, FAST, true, Instant::now()), 1);
+        assert_eq!(
+            state.release(MESSAGE, Outcome::NotSent, true, Instant::now()),
+            1
+        );
         assert_eq!(state.limit, 4);
+        // Nor does a quick failure after sending, once the API's pace is known.
+        let now = Instant::now();
+        state.release(MESSAGE, Outcome::Answered(FAST), false, now);
+        assert_eq!(
+            state.release(MESSAGE, Outcome::Unanswered(FAST), true, now),
+            1
+        );
+        assert_eq!(state.limit, 4);
+        assert!(!state.paces[MESSAGE.index()].slow());
     }
 
     #[test]
@@ -393,13 +427,13 @@ mod tests {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
         for _ in 0..6 {
-            state.release(MESSAGE, Some(FAST), FAST, true, now);
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now);
         }
         assert_eq!(state.limit, 10);
         // A timeout: no answer after holding the slot for 30 s.
         let timed_out = Duration::from_secs(30);
         assert_eq!(
-            state.release(MESSAGE, None, timed_out, true, now),
+            state.release(MESSAGE, Outcome::Unanswered(timed_out), true, now),
             0,
             "shrank: its slot is not given back"
         );
@@ -407,7 +441,10 @@ mod tests {
         assert!(state.paces[MESSAGE.index()].slow());
         // Before any answer there is no pace to judge by: no signal.
         let mut fresh = LimitState::new(4, 100);
-        assert_eq!(fresh.release(MESSAGE, None, timed_out, true, now), 1);
+        assert_eq!(
+            fresh.release(MESSAGE, Outcome::Unanswered(timed_out), true, now),
+            1
+        );
         assert_eq!(fresh.limit, 4);
     }
 

@@ -50,8 +50,9 @@ type Body = Full<Bytes>;
 /// How a new API connection is opened.
 #[derive(Clone)]
 pub(super) enum Dialer {
-    /// TCP to the origin's host and port, with TLS for `https://`.
-    Network(HttpsConnector<HttpConnector>),
+    /// TCP to the origin's host and port, with TLS for `https://`; name lookup, connect and
+    /// TLS handshake together within the timeout.
+    Network(HttpsConnector<HttpConnector>, Duration),
     /// A Unix stream socket at this path (plain HTTP); a connect that does not complete
     /// within the timeout fails.
     UnixSocket(Arc<PathBuf>, Duration),
@@ -168,7 +169,7 @@ impl Pool {
                 return Err(UpstreamError::Broken("no connection".to_owned()));
             };
             let sent_at = std::time::Instant::now();
-            *stage = Stage::Sent;
+            *stage = Stage::Sent(sent_at);
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let keep_alive = keeps_alive(&response);
@@ -281,7 +282,7 @@ impl Pool {
         loop {
             let mut sender = self.shared_h2().await?;
             let sent_at = std::time::Instant::now();
-            *stage = Stage::Sent;
+            *stage = Stage::Sent(sent_at);
             match sender.try_send_request(request).await {
                 Ok(response) => return collect(response, max_body, sent_at).await,
                 Err(mut error) => match error.take_message() {
@@ -353,8 +354,9 @@ impl Pool {
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
         match &self.dialer {
-            Dialer::Network(connector) => {
-                handshake_h2(connect_network(connector.clone(), self.origin.clone()).await?).await
+            Dialer::Network(connector, timeout) => {
+                let connecting = connect_network(connector.clone(), self.origin.clone(), *timeout);
+                handshake_h2(connecting.await?).await
             }
             Dialer::UnixSocket(path, timeout) => {
                 handshake_h2(connect_unix_socket(path, *timeout).await?).await
@@ -367,11 +369,14 @@ impl Pool {
 async fn connect_network(
     mut connector: HttpsConnector<HttpConnector>,
     origin: Uri,
+    timeout: Duration,
 ) -> Result<hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>, UpstreamError> {
-    connector
-        .call(origin)
-        .await
-        .map_err(|e| UpstreamError::Unreachable(error_chain(&*e)))
+    match tokio::time::timeout(timeout, connector.call(origin)).await {
+        Ok(connected) => connected.map_err(|e| UpstreamError::Unreachable(error_chain(&*e))),
+        Err(_) => Err(UpstreamError::Unreachable(format!(
+            "connecting (and TLS) timed out after {timeout:?}"
+        ))),
+    }
 }
 
 /// Connects to the API's Unix socket at `path` within `timeout`.
@@ -395,7 +400,9 @@ async fn connect_unix_socket(
 /// Opens an HTTP/1.1 connection to the API and spawns the task that drives it.
 async fn open_h1(dialer: Dialer, origin: Uri) -> Result<http1::SendRequest<Body>, UpstreamError> {
     match dialer {
-        Dialer::Network(connector) => handshake_h1(connect_network(connector, origin).await?).await,
+        Dialer::Network(connector, timeout) => {
+            handshake_h1(connect_network(connector, origin, timeout).await?).await
+        }
         Dialer::UnixSocket(path, timeout) => {
             handshake_h1(connect_unix_socket(&path, timeout).await?).await
         }
