@@ -263,24 +263,24 @@ async fn a_client_that_reads_slowly_but_steadily_is_not_closed_as_slow_consumer(
 #[tokio::test]
 async fn an_api_answer_that_comes_while_the_socket_is_backed_up_frees_its_api_slot_and_arrives_later(
 ) {
-    let api = MockApi::with_slow_posts("reply", Duration::from_secs(1)).await;
+    let api = MockApi::with_slow_posts("reply", Duration::from_secs(2)).await;
     let mut config = test_config(&api);
-    config.upstream_timeout = Duration::from_secs(2);
+    config.upstream_timeout = Duration::from_secs(3);
     config.write_timeout = Duration::from_secs(20);
     let gateway = TestGateway::start(config).await;
     let mut raw = RawWs::connect_with_recv_buffer(gateway.public, "/backed-up", Some(4096)).await;
     raw.send_frame(true, TEXT, b"m1").await;
     api.wait_for("POST", 1).await;
     let posted = Instant::now();
-    // While the API takes its second, pushes back the socket up; the client reads nothing.
+    // While the API takes its 2 s, pushes back the socket up; the client reads nothing.
     let pushed = push_until_stalled(&gateway, "/backed-up").await;
     assert!(
-        posted.elapsed() < Duration::from_millis(900),
+        posted.elapsed() < Duration::from_millis(1800),
         "backed up only after {:?}, too late to test anything",
         posted.elapsed()
     );
     // Past the API's answer and past --upstream-timeout, the socket still backed up.
-    tokio::time::sleep_until(posted + Duration::from_millis(2500)).await;
+    tokio::time::sleep_until(posted + Duration::from_millis(3500)).await;
     let metrics = gateway.metrics().await;
     assert_eq!(
         metrics["upstream_requests_in_flight"], 0.0,
