@@ -286,8 +286,10 @@ impl Pool {
             match sender.try_send_request(request).await {
                 Ok(response) => return collect(response, max_body, sent_at).await,
                 Err(mut error) => match error.take_message() {
-                    // Turned away unsent: the connection was going away (the API's GOAWAY,
-                    // e.g. nginx after `http2_max_requests`). Once more on a fresh one.
+                    // Handed back unsent: the connection closed (after the API's GOAWAY, e.g.
+                    // nginx after `http2_max_requests`) before it took the request. Once more
+                    // on a fresh one. A stream the GOAWAY cut off comes back without its
+                    // request, and its error does not say whether the API processed it.
                     Some(unsent) if !retried => {
                         request = unsent;
                         retried = true;
