@@ -320,8 +320,8 @@ impl Upstream {
             .requests_started
             .fetch_add(1, Ordering::Relaxed);
         let mut stage = Stage::Waiting;
-        // Kept here rather than in the exchange, so that when the deadline drops the exchange
-        // the slot still learns when its request went out, for the API's pace.
+        // Kept here rather than in the exchange, so that the slot learns when its request went
+        // out (for the API's pace) from the stage, also when the deadline drops the exchange.
         let mut slot = None;
         let exchange = self.exchange(request, &mut stage, &mut slot);
         let result = match tokio::time::timeout(self.timeout, exchange).await {
@@ -352,7 +352,7 @@ impl Upstream {
         let held = slot.insert(self.permit(RequestKind::of(request.method())).await?);
         let answer = self.pool.exchange(request, self.max_body, stage).await?;
         if !answer.parts.status.is_server_error() {
-            held.answered(answer.sent_at);
+            held.answered();
         }
         Ok(ApiAnswer {
             status: answer.parts.status,

@@ -122,18 +122,20 @@ pub(super) struct Slot<'a> {
 }
 
 impl Slot<'_> {
-    /// The API answered the request sent at `sent_at` (not with a 5xx, which a proxy in front
-    /// of a stopped API can answer at once and would pass for a fast API): the time since counts
-    /// towards the API's pace (not the wait for a connection before it went out: opening one,
-    /// with TLS to a distant API, can take longer than the answer).
-    pub(super) fn answered(&mut self, sent_at: Instant) {
-        self.sent_at = Some(sent_at);
+    /// The API answered the request (not with a 5xx, which a proxy in front of a stopped API
+    /// can answer at once and would pass for a fast API): the time since it was [`sent`]
+    /// counts towards the API's pace.
+    ///
+    /// [`sent`]: Slot::sent
+    pub(super) fn answered(&mut self) {
         self.answered = true;
     }
 
-    /// The request went out at `sent_at`, answered or not.
+    /// The request went out at `sent_at`, answered or not: the API's pace is measured from
+    /// here, not from any wait for a connection before (opening one, with TLS to a distant
+    /// API, can take longer than the answer).
     pub(super) fn sent(&mut self, sent_at: Instant) {
-        self.sent_at.get_or_insert(sent_at);
+        self.sent_at = Some(sent_at);
     }
 }
 
@@ -492,7 +494,8 @@ mod tests {
             "two slots to start with"
         );
         assert_eq!(limit.in_flight(), 2);
-        first.answered(Instant::now());
+        first.sent(Instant::now());
+        first.answered();
         drop(first);
         assert_eq!(limit.current(), 3, "an answer while every slot was taken");
         let _third = limit.try_acquire(MESSAGE).unwrap();
@@ -507,7 +510,8 @@ mod tests {
         let mut slot = limit.try_acquire(MESSAGE).unwrap();
         // The slot was held while a connection was opened; the request went out just now.
         std::thread::sleep(Duration::from_millis(50));
-        slot.answered(Instant::now());
+        slot.sent(Instant::now());
+        slot.answered();
         drop(slot);
         let recent = limit.state().paces[MESSAGE.index()].recent.unwrap();
         assert!(recent < Duration::from_millis(50), "counted {recent:?}");
@@ -527,10 +531,12 @@ mod tests {
         tokio::task::yield_now().await;
         // Both answers are counted before the requests they free have run (as when a
         // worker thread reads several answers in one go).
-        first.answered(Instant::now());
+        first.sent(Instant::now());
+        first.answered();
         drop(first);
         assert_eq!(limit.in_flight(), 1, "the freed requests have not run yet");
-        second.answered(Instant::now());
+        second.sent(Instant::now());
+        second.answered();
         drop(second);
         assert_eq!(limit.current(), 4, "each answer grew the limit");
         for waiter in waiters {

@@ -168,12 +168,11 @@ impl Pool {
             let Some(sender) = lease.sender.as_mut() else {
                 return Err(UpstreamError::Broken("no connection".to_owned()));
             };
-            let sent_at = std::time::Instant::now();
-            *stage = Stage::Sent(sent_at);
+            *stage = Stage::Sent(std::time::Instant::now());
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let keep_alive = keeps_alive(&response);
-                    let answer = collect(response, max_body, sent_at).await?;
+                    let answer = collect(response, max_body).await?;
                     if keep_alive {
                         lease.checkin();
                     }
@@ -281,10 +280,9 @@ impl Pool {
         let mut retried = false;
         loop {
             let mut sender = self.shared_h2().await?;
-            let sent_at = std::time::Instant::now();
-            *stage = Stage::Sent(sent_at);
+            *stage = Stage::Sent(std::time::Instant::now());
             match sender.try_send_request(request).await {
-                Ok(response) => return collect(response, max_body, sent_at).await,
+                Ok(response) => return collect(response, max_body).await,
                 Err(mut error) => match error.take_message() {
                     // Handed back unsent: the connection closed (after the API's GOAWAY, e.g.
                     // nginx after `http2_max_requests`) before it took the request. Once more
@@ -523,19 +521,13 @@ fn keeps_alive(response: &Response<Incoming>) -> bool {
     !close && response.version() == http::Version::HTTP_11
 }
 
-/// The API's answer to one request: its head, its whole body, and when the request went out
-/// on a connection (after any wait for one), which the API's pace is measured from.
+/// The API's answer to one request: its head and its whole body.
 pub(super) struct Answer {
     pub(super) parts: http::response::Parts,
     pub(super) body: Bytes,
-    pub(super) sent_at: std::time::Instant,
 }
 
-async fn collect(
-    response: Response<Incoming>,
-    max_body: usize,
-    sent_at: std::time::Instant,
-) -> Result<Answer, UpstreamError> {
+async fn collect(response: Response<Incoming>, max_body: usize) -> Result<Answer, UpstreamError> {
     let (parts, body) = response.into_parts();
     let body = Limited::new(body, max_body)
         .collect()
@@ -548,11 +540,7 @@ async fn collect(
             }
         })?
         .to_bytes();
-    Ok(Answer {
-        parts,
-        body,
-        sent_at,
-    })
+    Ok(Answer { parts, body })
 }
 
 /// Closes idle connections that expired, until the pool is gone: the [`WARM_IDLE`] most
