@@ -601,6 +601,17 @@ fn reap_idle<T>(
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn http2_connection_whose_pings_go_unanswered_is_closed() {
+        // The API's end stays open but never reads nor answers: a host gone dark.
+        let (gateway_end, _api_end) = tokio::io::duplex(1 << 16);
+        let sender = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
+        tokio::time::sleep(H2_KEEP_ALIVE_INTERVAL - Duration::from_secs(1)).await;
+        assert!(!sender.is_closed(), "open until a ping is due");
+        tokio::time::sleep(H2_KEEP_ALIVE_TIMEOUT + Duration::from_secs(2)).await;
+        assert!(sender.is_closed(), "closed once a ping went unanswered");
+    }
+
     #[test]
     fn idle_list_gives_back_a_burst_room() {
         let mut idle: Vec<u64> = Vec::with_capacity(1024);
