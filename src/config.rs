@@ -49,9 +49,11 @@ pub struct Config {
     pub max_queued_messages: usize,
     /// Bytes queued for one socket before further pushes get `503`.
     pub max_queued_bytes: usize,
-    /// A socket whose writes make no progress for this long is closed (`1008 slow consumer`).
+    /// A socket whose writes make no progress for this long is closed (`1008 slow consumer`);
+    /// so is a control connection whose answers go unread.
     pub write_timeout: Duration,
-    /// A client must complete its upgrade request within this time.
+    /// A client must complete its upgrade request within this time; a control connection must
+    /// have sent its first request.
     pub handshake_timeout: Duration,
     /// Send a ping when nothing was received for this long; `None` disables pings.
     pub ping_interval: Option<Duration>,

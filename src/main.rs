@@ -103,7 +103,8 @@ struct Args {
     #[argh(option, default = "1 << 20", from_str_fn(parse_size))]
     max_queued_bytes: usize,
 
-    /// close a socket whose writes make no progress for this long with 1008 (default 30s)
+    /// close a socket whose writes make no progress for this long with 1008, and a control
+    /// connection whose answers go unread (default 30s)
     #[argh(
         option,
         default = "Duration::from_secs(30)",
@@ -111,7 +112,8 @@ struct Args {
     )]
     write_timeout: Duration,
 
-    /// time a client has to complete its upgrade request (default 10s)
+    /// time a client has to complete its upgrade request, and a control connection its first
+    /// request (default 10s)
     #[argh(
         option,
         default = "Duration::from_secs(10)",

@@ -8,6 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -457,12 +458,14 @@ pub(crate) async fn accept_control(
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
         connections.spawn(async move {
-            // Telling HTTP/1.1 from h2c waits for the first bytes without a deadline of its
-            // own: a connection that sends nothing within --handshake-timeout, or before the
-            // shutdown starts, loses its slot.
-            let deadline = shared.config.handshake_timeout;
+            // The first request's head must be in within --handshake-timeout of the accept.
+            // Telling HTTP/1.1 from h2c waits for the first bytes, and then for the rest of
+            // h2c's opening, without a deadline of its own: a connection that sends nothing,
+            // or only the start of that opening, loses its slot, as does one still silent
+            // when the shutdown starts.
+            let first_request_by = tokio::time::Instant::now() + shared.config.handshake_timeout;
             let spoke = tokio::select! {
-                within = tokio::time::timeout(deadline, spoke(&stream)) => {
+                within = tokio::time::timeout_at(first_request_by, spoke(&stream)) => {
                     matches!(within, Ok(true))
                 }
                 _ = stop.cancelled() => false,
@@ -470,14 +473,26 @@ pub(crate) async fn accept_control(
             if !spoke {
                 return;
             }
+            let requested = Arc::new(AtomicBool::new(false));
             let service_shared = Arc::clone(&shared);
-            let service =
-                service_fn(move |request| control::handle(request, Arc::clone(&service_shared)));
+            let service_requested = Arc::clone(&requested);
+            let service = service_fn(move |request| {
+                service_requested.store(true, Ordering::Relaxed);
+                control::handle(request, Arc::clone(&service_shared))
+            });
+            let no_request_in_time = async {
+                tokio::time::sleep_until(first_request_by).await;
+                if requested.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
             let builder = control_http(shared.config.handshake_timeout);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let io = WritesThatStall::new(stream, shared.config.write_timeout);
+            let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
+                _ = no_request_in_time => {}
                 _ = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
@@ -488,6 +503,96 @@ pub(crate) async fn accept_control(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// A control connection's stream that fails a write making no progress for `limit`: a peer
+/// that sends requests but never reads the answers gives its control slot back, as a
+/// websocket client that stops reading is closed after `--write-timeout`.
+struct WritesThatStall<S> {
+    inner: S,
+    limit: Duration,
+    /// Since when the pending write has waited; none while writes go through.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WritesThatStall<S> {
+    fn new(inner: S, limit: Duration) -> WritesThatStall<S> {
+        WritesThatStall {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes on a write's `result`: a ready one ends any stall, a pending one fails once it
+    /// has waited `limit`.
+    fn after<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.stalled = None;
+            return result;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer read nothing for {limit:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WritesThatStall<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WritesThatStall<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after(cx, result)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.after(cx, result)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// HTTP/2 streams one control connection may carry at once.

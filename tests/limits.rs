@@ -856,6 +856,49 @@ async fn a_control_connection_that_sends_nothing_is_dropped_after_the_handshake_
 }
 
 #[tokio::test]
+async fn a_control_connection_that_stops_inside_the_h2c_preface_is_dropped_after_the_handshake_timeout(
+) {
+    let (_api, gateway) = with_short_handshake_timeout().await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+    // The first 3 of the 24 bytes that open h2c: not yet HTTP/1.1, not yet HTTP/2.
+    stream.write_all(b"PRI").await.unwrap();
+    let took = time_until_dropped(&mut stream, started).await;
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "dropped after {took:?}"
+    );
+    assert_eq!(gateway.control("GET", "/healthz", b"").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_control_client_that_never_reads_its_answers_is_dropped_after_the_write_timeout() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.write_timeout = Duration::from_millis(500);
+    let gateway = TestGateway::start(config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(gateway.control).await.unwrap();
+    let (_reader, mut writer) = stream.into_split();
+    // Requests one after another, their answers never read: once the buffers between are
+    // full the gateway's writes stall, and then it stops reading too.
+    let requests = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(256);
+    let started = Instant::now();
+    let outcome = loop {
+        match tokio::time::timeout(Duration::from_secs(3), writer.write_all(&requests)).await {
+            Ok(Ok(())) if started.elapsed() < Duration::from_secs(20) => continue,
+            Ok(Ok(())) => break "still reading after 20 s",
+            Ok(Err(_)) => break "hung up",
+            Err(_) => break "stalled for 3 s without hanging up",
+        }
+    };
+    assert_eq!(outcome, "hung up");
+    // The slot is back: the listener still serves.
+    assert_eq!(gateway.control("GET", "/healthz", b"").await.status, 200);
+}
+
+#[tokio::test]
 async fn a_client_that_trickles_its_headers_is_dropped_after_the_handshake_timeout() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
