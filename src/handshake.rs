@@ -9,7 +9,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{
-    HeaderName, HeaderValue, CONNECTION, ORIGIN, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT,
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, ORIGIN, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT,
     SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -183,6 +183,14 @@ async fn route(
             ))
         }
     };
+    if headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+        // Credentials are one value: which of several would the API's answer be about?
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalReason::BadRequest,
+            "more than one Authorization header\n",
+        ));
+    }
     let client_id = ClientId::from_path(path).map_err(|e| Refusal {
         status: StatusCode::BAD_REQUEST,
         reason: RefusalReason::BadRequest,
@@ -222,11 +230,22 @@ async fn route(
         .upstream
         .context(connection_id, client_id.clone(), headers)
         .map_err(|e| api_failure(&client_id, connection_id, &e))?;
-    let answer = shared
+    let answer = match shared
         .upstream
         .connect(&context, connect_headers(headers, &request, &peer))
         .await
-        .map_err(|e| api_failure(&client_id, connection_id, &e))?;
+    {
+        Ok(answer) => answer,
+        Err(error) => {
+            let refusal = api_failure(&client_id, connection_id, &error);
+            if error.may_have_reached_the_api() {
+                // The API may have approved it (and recorded the connection) after all: tell
+                // it that this connection is gone, as for any other.
+                session::departed_before_opening(shared, context, &error, permit);
+            }
+            return Err(refusal);
+        }
+    };
 
     if answer.status.is_server_error() {
         tracing::warn!(
@@ -239,7 +258,7 @@ async fn route(
             "the API failed\n",
         ));
     }
-    if !answer.status.is_success() || answer.body.as_ref() != b"ok" {
+    if answer.status != StatusCode::OK || answer.body.as_ref() != b"ok" {
         let status = if answer.status.is_client_error() {
             answer.status
         } else {

@@ -52,6 +52,12 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether the API may have received the request, and acted on it: it was sent, and then
+    /// its time ran out or its connection broke.
+    pub fn may_have_reached_the_api(&self) -> bool {
+        matches!(self, UpstreamError::Timeout(_) | UpstreamError::Broken(_))
+    }
+
     /// A short text fit for a websocket close reason (at most 123 bytes).
     pub fn close_reason(&self) -> &'static str {
         match self {
@@ -225,7 +231,7 @@ impl Upstream {
             client_id,
             uri,
             connection_id_header,
-            cookie: upgrade_headers.get(COOKIE).cloned(),
+            cookie: joined_cookies(upgrade_headers),
             authorization: upgrade_headers.get(AUTHORIZATION).cloned(),
         })
     }
@@ -401,6 +407,24 @@ impl Upstream {
             Ok(Err(_)) | Err(_) => Err(UpstreamError::Overloaded),
         }
     }
+}
+
+/// The upgrade request's cookies as one `Cookie` value: several lines are joined with `; `, as
+/// HTTP/2 joins its cookie fields, so that every message carries all of them.
+fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut lines = headers.get_all(COOKIE).iter();
+    let first = lines.next()?;
+    let Some(second) = lines.next() else {
+        return Some(first.clone());
+    };
+    let mut joined = Vec::with_capacity(first.len() + second.len() + 2);
+    for line in [first, second].into_iter().chain(lines) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(line.as_bytes());
+    }
+    HeaderValue::from_bytes(&joined).ok()
 }
 
 /// How far a request got before `--upstream-timeout` ran out, which says what the timeout

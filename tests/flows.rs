@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_websockets::{CloseCode, Message};
 
 async fn setup() -> (MockApi, TestGateway) {
@@ -454,6 +455,110 @@ async fn cookie_and_authorization_are_sent_again_with_every_message() {
         assert_eq!(post.header("cookie"), Some("sid=42"));
         assert_eq!(post.header("authorization"), Some("Bearer abc"));
     }
+}
+
+#[tokio::test]
+async fn cookie_lines_of_the_upgrade_are_joined_for_every_message() {
+    let (api, gateway) = setup().await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.public)
+        .await
+        .unwrap();
+    let request = upgrade_request("/a", &["Cookie: theme=dark", "Cookie: sid=42"]);
+    stream.write_all(&request).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "the 101 arrives");
+        head.push(byte[0]);
+    }
+    assert_eq!(parse_response(&head).unwrap().status, 101);
+    let frame = common::raw_ws::encode_client_frame(true, common::raw_ws::TEXT, b"one");
+    stream.write_all(&frame).await.unwrap();
+    let post = api.wait_for("POST", 1).await.remove(0);
+    assert_eq!(post.header("cookie"), Some("theme=dark; sid=42"));
+}
+
+#[tokio::test]
+async fn an_upgrade_with_two_authorization_headers_gets_400() {
+    let (api, gateway) = setup().await;
+    let request = upgrade_request(
+        "/a",
+        &["Authorization: Bearer one", "Authorization: Bearer two"],
+    );
+    let response = raw_exchange(gateway.public, &request).await;
+    assert_eq!(response.status, 400);
+    assert!(
+        response.text().contains("Authorization"),
+        "{}",
+        response.text()
+    );
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+}
+
+#[tokio::test]
+async fn only_200_with_ok_opens_the_websocket() {
+    let api = MockApi::with_script(|seen| match seen.method.as_str() {
+        "GET" => Reply::status(202, "ok"),
+        _ => Reply::ok(""),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/a", &[])).await;
+    assert_eq!(response.status, 403);
+}
+
+#[tokio::test]
+async fn a_connect_that_times_out_after_it_was_sent_is_followed_by_a_delete() {
+    // The API decides too late: it may have recorded the connection, so it hears it is gone.
+    let slow = MockApi::with_script(|_| Reply::ok("ok").after(Duration::from_secs(1))).await;
+    let mut config = test_config(&slow);
+    config.upstream_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 504);
+    let get = slow.wait_for("GET", 1).await.remove(0);
+    let delete = slow.wait_for("DELETE", 1).await.remove(0);
+    assert_eq!(delete.uri, "/alice");
+    assert_eq!(delete.body, Bytes::from_static(b"upstream timeout"));
+    assert_eq!(
+        delete.header("x-close-code"),
+        None,
+        "there never was a websocket"
+    );
+    assert_eq!(
+        delete.header("x-connection-id"),
+        get.header("x-connection-id")
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["connections_opened"], 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_while_the_api_decides_still_gets_its_delete() {
+    let api = MockApi::with_script(|seen| match seen.method.as_str() {
+        "GET" => Reply::ok("ok").after(Duration::from_millis(300)),
+        _ => Reply::ok(""),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut stream = tokio::net::TcpStream::connect(gateway.public)
+        .await
+        .unwrap();
+    stream
+        .write_all(&upgrade_request("/leaver", &[]))
+        .await
+        .unwrap();
+    api.wait_for("GET", 1).await;
+    drop(stream);
+    let delete = api.wait_for("DELETE", 1).await.remove(0);
+    assert_eq!(delete.uri, "/leaver");
+    assert_eq!(delete.body, Bytes::from_static(b"EOF"));
+    let get = api.seen_with("GET").remove(0);
+    assert_eq!(
+        delete.header("x-connection-id"),
+        get.header("x-connection-id")
+    );
+    assert_accounting(&gateway, &api).await;
 }
 
 #[tokio::test]
