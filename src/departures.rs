@@ -14,9 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::StatusCode;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
-use crate::upstream::{ConnectionContext, UpstreamError};
+use crate::upstream::{ApiAnswer, ConnectionContext, UpstreamError};
 use crate::Shared;
 
 /// Further tries of a DELETE that could not be sent, waiting 250 ms, 500 ms, ... 8 s before each.
@@ -44,6 +46,9 @@ pub(crate) struct Departure {
 #[derive(Default)]
 pub(crate) struct Departures {
     state: Mutex<QueueState>,
+    /// Fired when the shutdown's grace period is over: the DELETEs not sent by then are given
+    /// up, each logged and counted.
+    abandoned: CancellationToken,
 }
 
 #[derive(Default)]
@@ -60,6 +65,18 @@ impl Departures {
     /// Departures whose DELETE has not started yet.
     pub(crate) fn waiting(&self) -> usize {
         self.state().waiting.len()
+    }
+
+    /// Gives up on every DELETE not sent yet (the shutdown's grace period is over): the
+    /// senders stop, and log each one, queued or being sent, with its ClientId and count it
+    /// in `disconnects_failed`.
+    pub(crate) fn abandon(&self) {
+        self.abandoned.cancel();
+    }
+
+    /// Everything still queued, for a sender that is giving up.
+    fn take_all(&self) -> VecDeque<Departure> {
+        std::mem::take(&mut self.state().waiting)
     }
 
     /// Queues `departure`; starts a sender task (tracked, so shutdown waits for it) when fewer
@@ -111,21 +128,39 @@ fn allowed_senders(api_slots: usize) -> usize {
     (api_slots / 2).max(1)
 }
 
-/// One sender: sends queued DELETEs one after another until the queue is empty.
+/// One sender: sends queued DELETEs one after another until the queue is empty, or until
+/// they are abandoned.
 async fn send_departures(shared: Arc<Shared>) {
     while let Some(departure) = shared
         .departures
         .next_or_retire(shared.upstream.concurrency_limit())
     {
-        notify_api(
-            &shared,
-            &departure.context,
-            departure.reason,
-            departure.code,
-        )
-        .await;
+        let told = tokio::select! {
+            biased;
+            _ = shared.departures.abandoned.cancelled() => false,
+            _ = notify_api(&shared, &departure.context, departure.reason, departure.code) => true,
+        };
         drop(departure.permit);
+        if !told {
+            not_told_in_time(&shared, &departure.context);
+            for left in shared.departures.take_all() {
+                not_told_in_time(&shared, &left.context);
+            }
+        }
     }
+}
+
+/// Logs and counts a DELETE given up at the end of the shutdown's grace period.
+fn not_told_in_time(shared: &Shared, context: &ConnectionContext) {
+    shared
+        .metrics
+        .disconnects_failed
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        client_id = %context.client_id,
+        connection_id = %context.connection_id,
+        "the API was not told of this disconnect: the shutdown grace period ran out first"
+    );
 }
 
 /// Sends one DELETE, trying again while it could not be sent; counts and logs the outcome.
@@ -145,12 +180,9 @@ async fn notify_api(
         .upstream
         .disconnect(context, reason.clone(), code)
         .await;
-    // A DELETE refused before it was sent (no API slot free, API not reachable) is sent again
-    // a few times: the API must hear of every disconnect, and cannot have heard of this one.
     for _ in 0..DELETE_RETRIES {
-        match &result {
-            Err(UpstreamError::Overloaded | UpstreamError::Unreachable(_)) => {}
-            _ => break,
+        if !worth_another_try(&result) {
+            break;
         }
         tokio::time::sleep(backoff).await;
         backoff *= 2;
@@ -159,8 +191,9 @@ async fn notify_api(
             .disconnect(context, reason.clone(), code)
             .await;
     }
+    let unavailable = worth_another_try(&result);
     match result {
-        Ok(answer) => {
+        Ok(answer) if !unavailable => {
             shared
                 .metrics
                 .disconnects_notified
@@ -175,6 +208,18 @@ async fn notify_api(
                 "API answered the DELETE with an error status"
             );
         }
+        Ok(answer) => {
+            shared
+                .metrics
+                .disconnects_failed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                client_id = %context.client_id,
+                connection_id = %context.connection_id,
+                status = %answer.status,
+                "the API was not told of this disconnect: it stayed unavailable"
+            );
+        }
         Err(error) => {
             shared
                 .metrics
@@ -187,6 +232,21 @@ async fn notify_api(
                 "the API was not told of this disconnect"
             );
         }
+    }
+}
+
+/// Whether a DELETE is sent again: one refused before it was sent (no API slot free, the API
+/// not reachable), or answered `502`/`503` (a proxy in front of an API that could not take it:
+/// restarting, no worker free). The API must hear of every disconnect, and cannot have acted
+/// on this one. One that timed out or broke after it was sent is not: the API may have.
+fn worth_another_try(result: &Result<ApiAnswer, UpstreamError>) -> bool {
+    match result {
+        Err(UpstreamError::Overloaded | UpstreamError::Unreachable(_)) => true,
+        Ok(answer) => matches!(
+            answer.status,
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+        ),
+        Err(_) => false,
     }
 }
 

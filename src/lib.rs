@@ -106,6 +106,9 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// How long the DELETE senders get, once the grace period is over, to log what they give up.
+const ABANDON_TIME: Duration = Duration::from_secs(1);
+
 /// What a finished gateway did while draining.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainReport {
@@ -113,6 +116,9 @@ pub struct DrainReport {
     pub sessions_at_shutdown: usize,
     /// Whether every session finished (and sent its DELETE) before the grace period ran out.
     pub completed: bool,
+    /// DELETEs given up when the grace period ran out (the API unreachable or too slow for
+    /// all of them), each logged with its ClientId.
+    pub disconnects_untold: u64,
 }
 
 /// A gateway with its listeners bound, ready to serve.
@@ -281,11 +287,21 @@ impl Gateway {
         let config = &shared.config;
         let grace = config.shutdown_timeout + config.upstream_timeout * 2 + Duration::from_secs(5);
         let completed = server::finishes_within(grace, shared.tasks.wait()).await;
+        let mut disconnects_untold = 0;
         if !completed {
             tracing::warn!(
                 remaining = shared.tasks.len(),
                 "shutdown grace period over; some sessions did not finish"
             );
+            let failed_before = shared.metrics.disconnects_failed.load(Ordering::Relaxed);
+            shared.departures.abandon();
+            // The DELETE senders log what they give up, then end.
+            server::finishes_within(ABANDON_TIME, shared.tasks.wait()).await;
+            disconnects_untold = shared
+                .metrics
+                .disconnects_failed
+                .load(Ordering::Relaxed)
+                .saturating_sub(failed_before);
         }
         stop_control.cancel();
         let _ = control_task.await;
@@ -298,6 +314,7 @@ impl Gateway {
         DrainReport {
             sessions_at_shutdown,
             completed,
+            disconnects_untold,
         }
     }
 }

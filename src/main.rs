@@ -379,6 +379,7 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
     tracing::info!(
         sessions = report.sessions_at_shutdown,
         completed = report.completed,
+        disconnects_untold = report.disconnects_untold,
         "ws2http stopped"
     );
     ExitCode::SUCCESS

@@ -483,6 +483,56 @@ async fn a_delete_that_finds_the_api_unreachable_is_sent_once_it_is_back() {
     assert_accounting(&gateway, &api).await;
 }
 
+#[tokio::test]
+async fn a_delete_answered_503_is_sent_again_until_the_api_takes_it() {
+    // A proxy in front of a restarting API answers 503 twice, then the API is back.
+    let deletes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = deletes.clone();
+    let api = MockApi::with_script(move |seen| match seen.method.as_str() {
+        "DELETE" if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 => {
+            Reply::status(503, "restarting")
+        }
+        _ => echo_script(seen),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut ws = gateway.connect("/restart").await;
+    ws.close().await.unwrap();
+    api.wait_for("DELETE", 3).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        api.seen_with("DELETE").len(),
+        3,
+        "no further DELETE once taken"
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["disconnects_notified"], 1.0);
+    assert_eq!(metrics["disconnects_failed"], 0.0);
+}
+
+#[tokio::test]
+async fn deletes_still_unsent_when_the_shutdown_grace_period_ends_are_given_up_and_counted() {
+    let api = MockApi::start().await;
+    let relay = Relay::start(0, api.addr).await;
+    let mut config = test_config(&api);
+    config.api = format!("http://{}/", relay.addr).parse().unwrap();
+    config.shutdown_timeout = Duration::from_millis(100);
+    config.upstream_timeout = Duration::from_millis(200);
+    let mut gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/stranded").await;
+    relay.cut();
+    ws.close().await.unwrap();
+    // The DELETE finds the API unreachable and waits to try again, past the grace period
+    // (shutdown + 2 x upstream timeout + 5 s).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = tokio::time::timeout(Duration::from_secs(10), gateway.shutdown())
+        .await
+        .expect("the drain ends after its grace period");
+    assert!(!report.completed);
+    assert_eq!(report.disconnects_untold, 1);
+    assert!(api.seen_with("DELETE").is_empty());
+}
+
 /// Waits until the gateway has started `n` API requests (5 s at most).
 async fn wait_for_requests(gateway: &TestGateway, n: f64) {
     let deadline = Instant::now() + Duration::from_secs(5);
