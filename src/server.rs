@@ -246,7 +246,11 @@ pub(crate) async fn accept_public(
             }
             None => {
                 shared.metrics.handshake_refused(RefusalReason::Overloaded);
-                shared.tasks.spawn(refuse_busy(stream));
+                // A TLS client would read a plain-text 503 as a broken handshake, and a TLS
+                // handshake only to refuse is the work the cap holds back: it is just closed.
+                if tls.is_none() {
+                    shared.tasks.spawn(refuse_busy(stream));
+                }
             }
         }
     }

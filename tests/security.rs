@@ -446,6 +446,30 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
 }
 
 #[tokio::test]
+async fn over_the_pending_handshake_cap_a_tls_socket_is_closed_without_plain_text() {
+    let cert = TestCert::new();
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.tls = Some(cert.files());
+    config.max_pending_handshakes = 1;
+    let gateway = TestGateway::start(config).await;
+    // A socket that never starts its TLS handshake holds the only slot.
+    let _holder = TcpStream::connect(gateway.public).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut over = TcpStream::connect(gateway.public).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), over.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "closed within 3 s: {read:?}");
+    assert!(
+        answer.is_empty(),
+        "no bytes a TLS client cannot read: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"overloaded\"}"], 1.0);
+}
+
+#[tokio::test]
 async fn a_slow_tls_handshake_leaves_the_request_head_only_what_remains_of_the_handshake_timeout() {
     let cert = TestCert::new();
     let api = MockApi::start().await;
