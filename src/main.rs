@@ -326,19 +326,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let code = runtime.block_on(serve(config, workers, cpus));
-    if let Err(error) = profiles.finish() {
+    let served = runtime.block_on(serve(config, workers, cpus));
+    if served.is_err() {
+        // Nothing ran: a profile of an earlier run at the same path is kept.
+        profiles.discard();
+    } else if let Err(error) = profiles.finish() {
         tracing::error!(%error, "profile not written");
     }
-    code
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => code,
+    }
 }
 
-async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
+/// Serves until a signal has drained the gateway; Err with the exit code if it never started.
+async fn serve(config: Config, workers: usize, cpus: usize) -> Result<(), ExitCode> {
     let gateway = match Gateway::bind(config.clone()).await {
         Ok(gateway) => gateway,
         Err(error) => {
             eprintln!("ws2http: {error}");
-            return ExitCode::from(2);
+            return Err(ExitCode::from(2));
         }
     };
     let budget = gateway.budget();
@@ -382,7 +389,7 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> ExitCode {
         disconnects_untold = report.disconnects_untold,
         "ws2http stopped"
     );
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one ends the process at once.

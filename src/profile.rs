@@ -189,6 +189,14 @@ impl ProfileGuard {
         };
         cpu_result.and(heap_result)
     }
+
+    /// Stops profiling without writing anything (the gateway never started): a profile left
+    /// by an earlier run at the same path stays as it was.
+    pub fn discard(self) {
+        if self.heap.is_some() {
+            let _ = heap::deactivate();
+        }
+    }
 }
 
 /// A heap profile in pprof protobuf form (gzipped, for GET /debug/pprof/heap); Err when heap
@@ -236,11 +244,21 @@ fn write_cpu_profile(
 }
 
 /// Writes `bytes` to `path`, naming the file in the error.
+/// Writes `bytes` to `path` at once: into `<path>.partial` beside it, then renamed, so that
+/// a process stopped mid-write (a second Ctrl-C) leaves the file as it was, not cut short.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ProfileError> {
-    std::fs::write(path, bytes).map_err(|source| ProfileError::Write {
-        path: path.to_owned(),
-        source,
-    })
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    std::fs::write(&partial, bytes)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|source| {
+            let _ = std::fs::remove_file(&partial);
+            ProfileError::Write {
+                path: path.to_owned(),
+                source,
+            }
+        })
 }
 
 /// jemalloc heap profiling through `jemalloc_pprof`.
@@ -463,6 +481,33 @@ mod tests {
         for heap in [false, true] {
             assert!(cpu_blocklist(heap).contains(&"libgcc"));
         }
+    }
+
+    #[test]
+    fn a_discarded_profile_leaves_an_earlier_one_in_place() {
+        let _profilers = PROFILERS.lock().unwrap_or_else(|e| e.into_inner());
+        let path = temp_path("discarded-cpu.pb");
+        std::fs::write(&path, b"an earlier run's profile").unwrap();
+        let guard = start(Some(path.clone()), None).unwrap();
+        guard.discard();
+        assert_eq!(std::fs::read(&path).unwrap(), b"an earlier run's profile");
+    }
+
+    #[test]
+    fn a_profile_is_written_whole_with_nothing_left_beside_it() {
+        let dir = temp_path("written-whole");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cpu.pb");
+        std::fs::write(&path, b"an earlier run's profile").unwrap();
+        write_file(&path, b"the new one").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"the new one");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["cpu.pb"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

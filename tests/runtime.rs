@@ -43,3 +43,26 @@ async fn current_thread_with_worker_threads_exits_2_naming_both_flags() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_gateway_that_cannot_start_leaves_an_earlier_profile_in_place() {
+    let api = MockApi::start().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let path = std::env::temp_dir().join(format!("ws2http-{}-kept-cpu.pb", std::process::id()));
+    std::fs::write(&path, b"an earlier run's profile").unwrap();
+    let mut binary = Binary::start(
+        &api.base(),
+        &[
+            "--control-listen",
+            &taken,
+            "--cpuprofile",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let status = binary.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(2), "{}", binary.stderr());
+    assert_eq!(std::fs::read(&path).unwrap(), b"an earlier run's profile");
+    std::fs::remove_file(&path).unwrap();
+}
