@@ -339,7 +339,9 @@ impl Metrics {
                 "upstream_latency_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
             );
         }
-        let count = self.latency_count.load(Ordering::Relaxed);
+        // Read after the buckets, the count can still lag one just observed (they are separate
+        // counters): never show fewer in all than in the buckets below.
+        let count = self.latency_count.load(Ordering::Relaxed).max(cumulative);
         let _ = writeln!(
             out,
             "upstream_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
@@ -354,6 +356,24 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scrape_between_a_bucket_and_the_count_still_shows_a_cumulative_histogram() {
+        let metrics = Metrics::default();
+        metrics.observe_upstream_latency(Duration::from_millis(3));
+        // An observation caught halfway: its bucket counted, the total not yet.
+        bump(&metrics.latency_buckets[0]);
+        let load = UpstreamLoad {
+            connections_open: 0,
+            requests_in_flight: 0,
+            concurrency_limit: 1,
+            requests_waiting: 0,
+        };
+        let text = metrics.render(load, 0);
+        assert!(text.contains("upstream_latency_seconds_bucket{le=\"10\"} 2"), "{text}");
+        assert!(text.contains("upstream_latency_seconds_bucket{le=\"+Inf\"} 2"), "{text}");
+        assert!(text.contains("\nupstream_latency_seconds_count 2\n"), "{text}");
+    }
 
     #[test]
     fn render_lists_ws2api_counters_the_upstream_gauges_and_the_histogram() {
