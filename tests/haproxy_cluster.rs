@@ -10,7 +10,9 @@ mod cluster;
 
 use std::process::Command;
 
-use cluster::{run_failover_scenario, Failure, ProxyKind};
+use cluster::{
+    run_busy_node_scenario, run_failover_scenario, run_spelling_scenario, Failure, ProxyKind,
+};
 
 #[test]
 fn shipped_haproxy_cfg_passes_haproxy_check() {
@@ -42,4 +44,18 @@ async fn haproxy_routes_every_push_to_its_socket_and_moves_only_a_dead_nodes_cli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_closes_a_hung_nodes_sockets_so_its_clients_move_with_their_pushes() {
     run_failover_scenario(ProxyKind::Haproxy, Failure::Hang).await;
+}
+
+/// A client that opens `/a!1` gets the pushes the API sends to `/a%211`: HAProxy hashes
+/// the percent-decoded ClientId, as the gateway reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_sends_a_push_to_its_socket_whichever_way_the_client_id_is_encoded() {
+    run_spelling_scenario(ProxyKind::Haproxy).await;
+}
+
+/// A node busy with handshakes answers its health check `503`; HAProxy keeps it UP
+/// instead of closing all its websockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_keeps_a_node_whose_handshake_slots_are_all_taken_up() {
+    run_busy_node_scenario().await;
 }

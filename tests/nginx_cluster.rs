@@ -9,7 +9,7 @@ mod cluster;
 
 use std::process::Command;
 
-use cluster::{run_failover_scenario, Failure, ProxyKind, ScratchDir};
+use cluster::{run_failover_scenario, run_spelling_scenario, Failure, ProxyKind, ScratchDir};
 
 #[test]
 fn shipped_nginx_conf_passes_nginx_test() {
@@ -37,4 +37,11 @@ fn shipped_nginx_conf_passes_nginx_test() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_routes_every_push_to_its_socket_and_moves_only_a_dead_nodes_clients() {
     run_failover_scenario(ProxyKind::Nginx, Failure::Crash).await;
+}
+
+/// A client that opens `/a!1` gets the pushes the API sends to `/a%211`: nginx hashes
+/// the percent-decoded ClientId (`$uri`), as the gateway reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_sends_a_push_to_its_socket_whichever_way_the_client_id_is_encoded() {
+    run_spelling_scenario(ProxyKind::Nginx).await;
 }

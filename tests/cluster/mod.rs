@@ -345,6 +345,11 @@ pub struct GatewayNode {
 impl GatewayNode {
     /// Starts node `node` (0-based) with explicit free ports, calling `api_base`.
     pub fn start(node: usize, api_base: &str, dir: &Path) -> Self {
+        GatewayNode::start_with(node, api_base, dir, &[])
+    }
+
+    /// Like [`GatewayNode::start`], with `extra` flags.
+    pub fn start_with(node: usize, api_base: &str, dir: &Path, extra: &[&str]) -> Self {
         let public = loopback(free_port());
         let control = loopback(free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ws2http"));
@@ -353,7 +358,8 @@ impl GatewayNode {
             .arg("--control-listen")
             .arg(control.to_string())
             .arg("--api")
-            .arg(api_base);
+            .arg(api_base)
+            .args(extra);
         let name = format!("gateway gw{}", node + 1);
         let mut proc_ = Proc::spawn(&name, cmd, &dir.join(format!("gw{}.log", node + 1)));
         wait_for_port(public, &mut proc_);
@@ -671,6 +677,133 @@ fn connect_nodes(log: &ApiLog) -> BTreeMap<String, Vec<usize>> {
     map
 }
 
+/// Waits (5 s at most) until HAProxy's stats show every node UP in both backends.
+pub async fn wait_all_up(http: &Http, stats: SocketAddr) -> bool {
+    for _ in 0..100 {
+        if all_up_now(http, stats).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Whether HAProxy's stats show every node UP in both backends now.
+pub async fn all_up_now(http: &Http, stats: SocketAddr) -> bool {
+    let st = haproxy_status(http, stats).await;
+    (1..=NODES).all(|n| {
+        ["ws2http_public", "ws2http_push"].iter().all(|px| {
+            st.get(&(px.to_string(), format!("gw{n}")))
+                .map(String::as_str)
+                == Some("UP")
+        })
+    })
+}
+
+/// ClientIds with characters that a client and an API may write differently in a path
+/// (raw here, percent-encoded there: JavaScript's `encodeURIComponent` leaves `!'()*` as
+/// they are, PHP's `rawurlencode` encodes them), each paired with its encoded spelling.
+const SPELLINGS: [(&str, &str); 8] = [
+    ("a!1", "a%211"),
+    ("b(2)", "b%282%29"),
+    ("c*3", "c%2A3"),
+    ("d'4", "d%274"),
+    ("e@5", "e%405"),
+    ("f:6", "f%3A6"),
+    ("g=7", "g%3D7"),
+    ("h,8", "h%2C8"),
+];
+
+/// A client that connects with one spelling of its ClientId gets the pushes sent to the
+/// other: the proxy hashes the ClientId as the gateway reads it (percent-decoded), not the
+/// bytes of the path.
+pub async fn run_spelling_scenario(kind: ProxyKind) {
+    let scratch = ScratchDir::new(match kind {
+        ProxyKind::Haproxy => "haproxy-spelling",
+        ProxyKind::Nginx => "nginx-spelling",
+    });
+    let dir = scratch.0.clone();
+    let api = MockApi::start().await;
+    let nodes: Vec<GatewayNode> = (0..NODES)
+        .map(|i| GatewayNode::start(i, &api.base_url(i), &dir))
+        .collect();
+    let proxy = match kind {
+        ProxyKind::Haproxy => start_haproxy(&nodes, &dir),
+        ProxyKind::Nginx => start_nginx(&nodes, &dir),
+    };
+    let http = http_client();
+    let logs = format!("logs in {}", dir.display());
+    if let Some(stats) = proxy.stats {
+        assert!(wait_all_up(&http, stats).await, "not all UP; {logs}");
+    }
+    for (raw, encoded) in SPELLINGS {
+        let url: http::Uri = format!("ws://{}/{raw}", proxy.public).parse().unwrap();
+        let (mut ws, _) = ClientBuilder::from_uri(url)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{raw} connects: {e}; {logs}"));
+        let push = format!("http://{}/{encoded}", proxy.push);
+        let (status, body) = http_call(&http, Method::POST, &push, "push:hello").await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "push to {encoded} for {raw}: {body}; {logs}"
+        );
+        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{raw} got no push; {logs}"));
+        let got = got.expect("open").expect("no error");
+        assert_eq!(got.as_text(), Some("push:hello"), "{raw}; {logs}");
+    }
+    drop(proxy);
+    drop(nodes);
+}
+
+/// A node whose handshake slots are all taken (a connect storm, sockets that send nothing)
+/// answers HAProxy's health check `503`, at once or after its 250 ms grace: busy, not dead.
+/// It stays UP, so its websockets are not closed by `on-marked-down shutdown-sessions`.
+// Only the HAProxy tests use it: nginx has no active health checks.
+#[allow(dead_code)]
+pub async fn run_busy_node_scenario() {
+    let scratch = ScratchDir::new("haproxy-busy-node");
+    let dir = scratch.0.clone();
+    let api = MockApi::start().await;
+    let nodes: Vec<GatewayNode> = (0..NODES)
+        .map(|i| {
+            let extra: &[&str] = if i == 0 {
+                &["--max-pending-handshakes", "2"]
+            } else {
+                &[]
+            };
+            GatewayNode::start_with(i, &api.base_url(i), &dir, extra)
+        })
+        .collect();
+    let proxy = start_haproxy(&nodes, &dir);
+    let stats = proxy.stats.expect("HAProxy has a stats page");
+    let http = http_client();
+    let logs = format!("logs in {}", dir.display());
+    assert!(wait_all_up(&http, stats).await, "not all UP; {logs}");
+    // Both of gw1's handshake slots, held by sockets that never send a request (for its
+    // --handshake-timeout, 10 s).
+    let holders: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(nodes[0].public).expect("connect to gw1"))
+        .collect();
+    // Ten check intervals (200 ms, fall 2).
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let st = haproxy_status(&http, stats).await;
+        let gw1 = st.get(&("ws2http_public".to_owned(), "gw1".to_owned()));
+        assert_eq!(
+            gw1.map(String::as_str),
+            Some("UP"),
+            "gw1 while busy; {logs}"
+        );
+    }
+    drop(holders);
+    drop(proxy);
+    drop(nodes);
+}
+
 /// The whole test, for either proxy:
 ///
 /// 1. 3 gateways, the proxy, [`CLIENTS`] clients connecting with query strings;
@@ -708,21 +841,7 @@ pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
         assert_eq!(status, StatusCode::OK, "{url}: {body}; {logs}");
     }
     if let Some(stats) = proxy.stats {
-        let mut all_up = false;
-        for _ in 0..100 {
-            let st = haproxy_status(&http, stats).await;
-            all_up = (1..=NODES).all(|n| {
-                ["ws2http_public", "ws2http_push"].iter().all(|px| {
-                    st.get(&(px.to_string(), format!("gw{n}")))
-                        .map(String::as_str)
-                        == Some("UP")
-                })
-            });
-            if all_up {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let all_up = wait_all_up(&http, stats).await;
         assert!(all_up, "haproxy does not see all nodes UP; {logs}");
     }
 
