@@ -70,6 +70,9 @@ pub struct Config {
     pub control_unix_socket: Option<PathBuf>,
     /// Bearer token required on the control listener (all but `/healthz`).
     pub control_token: Option<String>,
+    /// Secret sent to the API with every request as `X-Ws2http-Token`, so that the API can
+    /// refuse its four calls from anyone but its gateways.
+    pub api_token: Option<String>,
     /// Origins allowed to open a websocket; `None` forwards Origin for the API to judge.
     pub allowed_origins: Option<Vec<String>>,
     /// Certificate chain and key (PEM) to serve `wss://` on the public listener.
@@ -165,6 +168,7 @@ impl Default for Config {
             shutdown_delete_concurrency: 64,
             control_unix_socket: None,
             control_token: None,
+            api_token: None,
             allowed_origins: None,
             tls: None,
         }

@@ -157,6 +157,11 @@ struct Args {
     #[argh(option)]
     control_token: Option<String>,
 
+    /// secret sent to the API with every request as X-Ws2http-Token, for the API to tell its
+    /// gateways from other callers (also from WS2HTTP_API_TOKEN)
+    #[argh(option)]
+    api_token: Option<String>,
+
     /// origins allowed to open a websocket, comma-separated or repeated (default: any; the
     /// API judges the forwarded Origin)
     #[argh(option)]
@@ -215,6 +220,18 @@ fn config_from(args: &Args) -> Result<Config, String> {
     {
         return Err("--control-token must be non-empty and without spaces".to_owned());
     }
+    let api_token = match &args.api_token {
+        Some(token) => Some(token.clone()),
+        None => std::env::var("WS2HTTP_API_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    if api_token
+        .as_deref()
+        .is_some_and(|t| t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err("--api-token must be non-empty visible ASCII, without spaces".to_owned());
+    }
     let origins: Vec<String> = args
         .allowed_origins
         .iter()
@@ -255,6 +272,7 @@ fn config_from(args: &Args) -> Result<Config, String> {
         shutdown_timeout: args.shutdown_timeout,
         shutdown_delete_concurrency: args.shutdown_delete_concurrency,
         control_token: token,
+        api_token,
         allowed_origins: (!origins.is_empty()).then_some(origins),
         tls,
     })

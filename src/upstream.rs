@@ -32,6 +32,8 @@ use crate::metrics::{Metrics, UpstreamLoad};
 pub static X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-id");
 /// Header carrying the websocket close code on a DELETE.
 pub static X_CLOSE_CODE: HeaderName = HeaderName::from_static("x-close-code");
+/// Header carrying `--api-token` on every API request.
+pub static X_WS2HTTP_TOKEN: HeaderName = HeaderName::from_static("x-ws2http-token");
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-stream");
 
@@ -152,6 +154,8 @@ pub struct Upstream {
     max_wait: Duration,
     timeout: Duration,
     max_body: usize,
+    /// `--api-token`, sent with every request.
+    api_token: Option<HeaderValue>,
     metrics: Arc<Metrics>,
 }
 
@@ -212,6 +216,7 @@ impl Upstream {
             max_wait: config.upstream_max_wait,
             timeout: config.upstream_timeout,
             max_body: config.max_message_size,
+            api_token: api_token_header(config)?,
             metrics,
         })
     }
@@ -263,6 +268,11 @@ impl Upstream {
             X_CONNECTION_ID.clone(),
             context.connection_id_header.clone(),
         );
+        if let Some(token) = &self.api_token {
+            request
+                .headers_mut()
+                .insert(X_WS2HTTP_TOKEN.clone(), token.clone());
+        }
         self.send(request).await
     }
 
@@ -316,6 +326,9 @@ impl Upstream {
         }
         if let Some(authorization) = &context.authorization {
             headers.insert(AUTHORIZATION, authorization.clone());
+        }
+        if let Some(token) = &self.api_token {
+            headers.insert(X_WS2HTTP_TOKEN.clone(), token.clone());
         }
         request
     }
@@ -407,6 +420,18 @@ impl Upstream {
             Ok(Err(_)) | Err(_) => Err(UpstreamError::Overloaded),
         }
     }
+}
+
+/// `--api-token` as a header value (kept out of debug output).
+fn api_token_header(config: &Config) -> Result<Option<HeaderValue>, UpstreamSetupError> {
+    let Some(token) = &config.api_token else {
+        return Ok(None);
+    };
+    let mut value = HeaderValue::from_str(token).map_err(|_| {
+        UpstreamSetupError("--api-token must be visible ASCII (it is sent as a header)".to_owned())
+    })?;
+    value.set_sensitive(true);
+    Ok(Some(value))
 }
 
 /// The upgrade request's cookies as one `Cookie` value: several lines are joined with `; `, as

@@ -179,6 +179,66 @@ async fn the_binary_takes_the_control_token_from_the_environment_or_the_flag() {
     assert_eq!(metrics_status(open.control, None).await, 200);
 }
 
+#[tokio::test]
+async fn the_api_token_goes_with_every_api_request_and_a_client_cannot_set_it() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.api_token = Some("gateway-secret".to_owned());
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway
+        .try_connect("/alice", &[("x-ws2http-token", "forged")])
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut ws, "hi").await, "echo:hi");
+    ws.close().await.unwrap();
+    api.wait_for("DELETE", 1).await;
+    let seen = api.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for request in &seen {
+        let tokens: Vec<_> = request
+            .headers
+            .iter()
+            .filter(|(k, _)| *k == "x-ws2http-token")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(
+            tokens,
+            ["gateway-secret"],
+            "{} {}",
+            request.method,
+            request.uri
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_binary_takes_the_api_token_from_the_environment_or_the_flag() {
+    for (args, envs) in [
+        (&["--api-token", "flag-secret"][..], &[][..]),
+        (&[][..], &[("WS2HTTP_API_TOKEN", "flag-secret")][..]),
+    ] {
+        let api = MockApi::start().await;
+        let binary = Binary::start_ready(&api.base(), args, envs).await;
+        let mut ws = binary.connect("/bob").await;
+        ws.send(Message::text("x")).await.unwrap();
+        let post = api.wait_for("POST", 1).await.remove(0);
+        assert_eq!(
+            post.header("x-ws2http-token"),
+            Some("flag-secret"),
+            "{args:?} {envs:?}"
+        );
+    }
+    let api = MockApi::start().await;
+    let mut binary = Binary::start(&api.base(), &["--api-token", "two words"], &[]);
+    let status = binary.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(2), "{}", binary.stderr());
+    assert!(
+        binary.stderr().contains("--api-token"),
+        "{}",
+        binary.stderr()
+    );
+}
+
 const EXPOSED_WARNING: &str = "not on loopback and has no --control-token";
 
 /// Runs the binary with `args` until it is up, stops it, and returns everything it logged.
