@@ -126,6 +126,10 @@ wait_port() { # host port name log
   exit 1
 }
 
+# The gateways send this secret with every API call (X-Ws2http-Token), and the PHP example
+# takes its three calls on /<ClientId> only with it (both read WS2HTTP_API_TOKEN).
+export WS2HTTP_API_TOKEN="${WS2HTTP_API_TOKEN:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
+
 # The API.
 if [ -n "${WS2HTTP_API_URL:-}" ]; then
   api_url="$WS2HTTP_API_URL"

@@ -46,6 +46,10 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
+# The PHP example takes its three calls on /<ClientId> only from a caller with this secret,
+# and the gateway sends it with each (both read WS2HTTP_API_TOKEN).
+export WS2HTTP_API_TOKEN="${WS2HTTP_API_TOKEN:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
+
 echo "demo: PHP example on http://$host:$php_port/ (log: $state/php.log)"
 (
   cd "$root/php-api-example"

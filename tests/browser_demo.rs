@@ -45,7 +45,7 @@ fn two_tabs_of_the_demo_page_chat_through_the_gateway() {
         &php.base_url(),
         stack::free_port(),
         control_port,
-        &[],
+        &["--api-token", stack::API_TOKEN],
     );
     let page_url = format!("http://{}/?ws={}", php.addr, gateway.ws_url());
     let shot = artifacts_dir().join("demo.png");

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use stack::{
-    assert_silent, json_int, json_str, next_text, send_text, ws_connect, Gateway, PhpExample, Ws,
+    assert_silent, json_int, json_str, next_text, send_text, ws_connect, Gateway, Login,
+    PhpExample, Ws, API_TOKEN,
 };
 use tokio_websockets::{CloseCode, Message};
 
@@ -33,15 +34,25 @@ impl Stack {
             &php.base_url(),
             stack::free_port(),
             control_port,
-            &[],
+            &["--api-token", API_TOKEN],
         );
         Stack { php, gateway }
     }
 
-    /// Logs `name` in as `client_id` and connects with `?token=`.
-    async fn join(&self, name: &str, client_id: &str) -> Ws {
-        let token = self.php.login(name, client_id);
-        let url = format!("{}{client_id}?token={token}", self.gateway.ws_url());
+    /// Logs `name` in and connects with `?token=`.
+    async fn join(&self, name: &str) -> Ws {
+        let login = self.php.login(name);
+        self.connect_as(name, &login).await
+    }
+
+    /// Connects with `login`'s ClientId and token (again, for a reconnect).
+    async fn connect_as(&self, name: &str, login: &Login) -> Ws {
+        let url = format!(
+            "{}{}?token={}",
+            self.gateway.ws_url(),
+            login.client_id,
+            login.token
+        );
         ws_connect(&url, &[])
             .await
             .unwrap_or_else(|e| panic!("{name} could not connect: {e:?}"))
@@ -95,7 +106,10 @@ async fn connect_is_accepted_with_a_valid_token_and_refused_without_one() {
     );
 
     // A token issued for another ClientId is refused too.
-    let token = s.php.login("alice", "alice-1");
+    let Login {
+        client_id: alice_id,
+        token,
+    } = s.php.login("alice");
     let status = ws_connect(&format!("{base}mallory?token={token}"), &[])
         .await
         .expect_err("a token for another client id must be refused");
@@ -111,13 +125,13 @@ async fn connect_is_accepted_with_a_valid_token_and_refused_without_one() {
         'A'
     };
     let forged = format!("{}{flipped}{}", &token[..mid], &token[mid + 1..]);
-    let status = ws_connect(&format!("{base}alice-1?token={forged}"), &[])
+    let status = ws_connect(&format!("{base}{alice_id}?token={forged}"), &[])
         .await
         .expect_err("a forged token must be refused");
     assert!(matches!(status, Some(s) if s >= 400), "status {status:?}");
 
     // The right token opens the socket, and the API knows who it is.
-    let mut alice = ws_connect(&format!("{base}alice-1?token={token}"), &[])
+    let mut alice = ws_connect(&format!("{base}{alice_id}?token={token}"), &[])
         .await
         .expect("connect with a valid token");
     send_text(&mut alice, r#"{"type":"who"}"#).await;
@@ -129,12 +143,15 @@ async fn connect_is_accepted_with_a_valid_token_and_refused_without_one() {
 async fn connect_accepts_the_cookie_only_from_the_page_origin() {
     let s = Stack::start();
     let base = s.gateway.ws_url();
-    let token = s.php.login("carol", "carol-1");
+    let Login {
+        client_id: carol_id,
+        token,
+    } = s.php.login("carol");
     let cookie = format!("ws2http_token={token}");
 
     // The cookie from another site's page: cross-site websocket hijacking, refused.
     let status = ws_connect(
-        &format!("{base}carol-1"),
+        &format!("{base}{carol_id}"),
         &[("Cookie", &cookie), ("Origin", "http://evil.example")],
     )
     .await
@@ -144,7 +161,7 @@ async fn connect_accepts_the_cookie_only_from_the_page_origin() {
     // The same cookie from the page that logged in is accepted.
     let origin = s.php.origin();
     let mut carol = ws_connect(
-        &format!("{base}carol-1"),
+        &format!("{base}{carol_id}"),
         &[("Cookie", &cookie), ("Origin", &origin)],
     )
     .await
@@ -157,7 +174,7 @@ async fn connect_accepts_the_cookie_only_from_the_page_origin() {
 #[tokio::test]
 async fn a_message_gets_the_api_reply_back_on_the_same_socket() {
     let s = Stack::start();
-    let mut alice = s.join("alice", "alice-1").await;
+    let mut alice = s.join("alice").await;
 
     send_text(&mut alice, r#"{"type":"say","text":"anyone here?"}"#).await;
     let reply = expect_event(&mut alice, "sent").await;
@@ -183,8 +200,8 @@ async fn a_chat_message_is_pushed_to_every_other_member_and_not_to_the_sender() 
     let s = Stack::start();
     let names = ["alice", "bob", "carol", "dave"];
     let mut sockets = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let ws = s.join(name, &format!("{name}-{i}")).await;
+    for name in names.iter() {
+        let ws = s.join(name).await;
         // Everyone already in the room hears about the newcomer, in join order.
         for (earlier, sock) in sockets.iter_mut().enumerate() {
             let ev = expect_event(sock, "joined").await;
@@ -235,10 +252,10 @@ async fn a_chat_message_is_pushed_to_every_other_member_and_not_to_the_sender() 
 #[tokio::test]
 async fn a_closed_socket_is_reported_to_the_api_and_the_others_hear_who_left() {
     let s = Stack::start();
-    let mut alice = s.join("alice", "alice-1").await;
-    let mut bob = s.join("bob", "bob-1").await;
+    let mut alice = s.join("alice").await;
+    let mut bob = s.join("bob").await;
     expect_event(&mut alice, "joined").await;
-    let mut carol = s.join("carol", "carol-1").await;
+    let mut carol = s.join("carol").await;
     expect_event(&mut alice, "joined").await;
     expect_event(&mut bob, "joined").await;
 
@@ -271,14 +288,15 @@ async fn a_closed_socket_is_reported_to_the_api_and_the_others_hear_who_left() {
 #[tokio::test]
 async fn a_replaced_connection_closing_late_does_not_remove_the_member() {
     let s = Stack::start();
-    let mut old_alice = s.join("alice", "alice-1").await;
-    let mut bob = s.join("bob", "bob-1").await;
+    let alice_login = s.php.login("alice");
+    let mut old_alice = s.connect_as("alice", &alice_login).await;
+    let mut bob = s.join("bob").await;
     expect_event(&mut old_alice, "joined").await;
 
     // alice connects again with the same ClientId (a reload, or a reconnect after a
     // node died): the gateway closes the older socket (4000) and DELETEs it, but the API
     // keeps the member because that DELETE carries the older X-Connection-Id.
-    let mut alice = s.join("alice", "alice-1").await;
+    let mut alice = s.connect_as("alice", &alice_login).await;
     let ev = expect_event(&mut bob, "joined").await;
     assert_eq!(json_str(&ev, "name").as_deref(), Some("alice"));
     let mut close = None;
@@ -301,4 +319,81 @@ async fn a_replaced_connection_closing_late_does_not_remove_the_member() {
     assert_eq!(json_int(&reply, "delivered"), Some(1), "{reply}");
     let ev = expect_event(&mut alice, "message").await;
     assert_eq!(json_str(&ev, "text").as_deref(), Some("are you back?"));
+}
+
+#[tokio::test]
+async fn the_calls_meant_for_the_gateway_are_refused_to_anyone_else() {
+    let s = Stack::start();
+    let alice = s.php.login("alice");
+    let mut ws = s.connect_as("alice", &alice).await;
+    let path = format!("/{}", alice.client_id);
+    // A caller that found the app's port, without the gateway's X-Ws2http-Token.
+    for (method, headers) in [
+        ("DELETE", vec![]),
+        ("POST", vec![]),
+        ("GET", vec![]),
+        ("DELETE", vec![("X-Ws2http-Token", "guessed")]),
+    ] {
+        let res = stack::http_request(s.php.addr, method, &path, &headers, b"");
+        assert_eq!(res.status, 401, "{method} {headers:?}: {}", res.text());
+    }
+    // alice is still a member: her messages are taken.
+    send_text(&mut ws, r#"{"type":"who"}"#).await;
+    let reply = expect_event(&mut ws, "members").await;
+    assert_eq!(json_str(&reply, "you").as_deref(), Some("alice"));
+}
+
+#[tokio::test]
+async fn login_chooses_the_client_id_whatever_the_caller_asks_for() {
+    let s = Stack::start();
+    let alice = s.php.login("alice");
+    let res = stack::http_request(
+        s.php.addr,
+        "POST",
+        "/auth/login",
+        &[("Content-Type", "application/json")],
+        format!(r#"{{"name":"mallory","clientId":"{}"}}"#, alice.client_id).as_bytes(),
+    );
+    assert_eq!(res.status, 200, "{}", res.text());
+    let given = json_str(&res.text(), "clientId").expect("a clientId");
+    assert_ne!(given, alice.client_id);
+    assert_eq!(given.len(), 24, "{given}");
+}
+
+#[tokio::test]
+async fn a_member_who_is_still_connecting_is_not_dropped_by_a_push_that_finds_no_socket() {
+    let s = Stack::start();
+    let mut alice = s.join("alice").await;
+    // alice talks without pause; each message pushes to every other member, racing the
+    // newcomers' connects: their rows exist before their sockets do.
+    let talking = tokio::spawn(async move {
+        for i in 0..400 {
+            send_text(&mut alice, &format!("message {i}")).await;
+            while !next_text(&mut alice, WAIT)
+                .await
+                .contains(r#""type":"sent""#)
+            {}
+        }
+        alice
+    });
+    // Kept open: a newcomer that left would be a "left" event for the next ones.
+    let mut newcomers = Vec::new();
+    for i in 0..8 {
+        let name = format!("newcomer{i}");
+        let mut ws = s.join(&name).await;
+        send_text(&mut ws, r#"{"type":"who"}"#).await;
+        let reply = loop {
+            let text = next_text(&mut ws, WAIT).await;
+            if json_str(&text, "type").as_deref() != Some("message") {
+                break text;
+            }
+        };
+        newcomers.push(ws);
+        assert_eq!(
+            json_str(&reply, "type").as_deref(),
+            Some("members"),
+            "{name}: {reply}"
+        );
+    }
+    talking.abort();
 }

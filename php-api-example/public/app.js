@@ -1,6 +1,6 @@
 // ws2http chat demo: plain JS, no build step.
 //
-// 1. POST /auth/login {name, clientId} to the PHP API -> a signed token.
+// 1. POST /auth/login {name} to the PHP API -> a ClientId it chose, and a signed token.
 // 2. Open a websocket to the gateway: <ws base><clientId>?token=<token>. ws2http asks the
 //    API (GET /<clientId>?token=…) whether to accept it.
 // 3. Messages typed here go to the API (POST /<clientId>); the API pushes them to the
@@ -31,12 +31,6 @@
   let retries = 0;
 
   $('ws-url').textContent = wsBase;
-
-  function randomId() {
-    const bytes = new Uint8Array(12);
-    crypto.getRandomValues(bytes);
-    return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
-  }
 
   function setStatus(state, text) {
     statusEl.className = 'status ' + state;
@@ -143,7 +137,7 @@
       const res = await fetch('/auth/login', {
         method: 'POST',
         headers: { 'Content-Type': 'application/json' },
-        body: JSON.stringify({ name, clientId: randomId() }),
+        body: JSON.stringify({ name }),
       });
       const data = await res.json();
       if (!res.ok) throw new Error(data.error || res.statusText);

@@ -7,11 +7,14 @@
 //                               refuses it (ws2http answers the client with an error)
 //   POST   /<ClientId>          a websocket message; the response body is the reply
 //   DELETE /<ClientId>          the websocket closed; body = close reason
-//   POST   /auth/login          demo login: {name, clientId} -> {token, clientId, name}
+//   POST   /auth/login          demo login: {name} -> {token, clientId, name}; the ClientId
+//                               is chosen here, never by the caller
 //   GET    /  and /static/…     the demo page
 //
 // A ClientId is one path segment of [A-Za-z0-9_-]{1,64}, so it never collides with the
-// page's own paths.
+// page's own paths. With WS2HTTP_API_TOKEN set (the gateway's --api-token), the three calls
+// on /<ClientId> are only taken from a caller that sends it as X-Ws2http-Token: the
+// gateways, not a browser that found the app's port.
 
 declare(strict_types=1);
 
@@ -21,12 +24,15 @@ final class App
 {
     public const COOKIE = 'ws2http_token';
     private const CLIENT_ID = '/^[A-Za-z0-9_-]{1,64}$/';
+    /** A member this young may still be connecting: its socket opens after our `ok`. */
+    private const JOIN_GRACE_SECONDS = 60;
 
     private ?Store $store = null;
 
     /**
      * @param string        $dbPath         SQLite file for membership and the token secret
      * @param list<string>  $allowedOrigins extra origins allowed to use the cookie
+     * @param string|null   $apiToken       the gateways' --api-token, required on the calls
      */
     public function __construct(
         private string $dbPath,
@@ -34,6 +40,7 @@ final class App
         private string $publicDir,
         private ?string $secret = null,
         private array $allowedOrigins = [],
+        private ?string $apiToken = null,
     ) {
     }
 
@@ -51,6 +58,7 @@ final class App
             dirname(__DIR__) . '/public',
             $env('WS2HTTP_SECRET') ?: null,
             $origins,
+            $env('WS2HTTP_API_TOKEN') ?: null,
         );
     }
 
@@ -79,6 +87,9 @@ final class App
         $clientId = rawurldecode(substr($path, 1));
         if (preg_match(self::CLIENT_ID, $clientId) !== 1) {
             return new Response(404, 'not found');
+        }
+        if ($this->apiToken !== null && !hash_equals($this->apiToken, $req->header('x-ws2http-token'))) {
+            return new Response(401, 'unauthorized: only the gateway makes these calls');
         }
         return match ($req->method) {
             'GET' => $this->connect($req, $clientId),
@@ -186,7 +197,9 @@ final class App
     /**
      * Pushes $event to every member but $except through the gateway's control API and
      * returns how many took it. A member the gateway does not know (404) has gone
-     * without us hearing of it yet, so it is dropped from the room.
+     * without us hearing of it yet, so it is dropped from the room, unless it joined in
+     * the last minute: its socket opens only once its connect call has answered `ok`, and
+     * a push racing that answer finds no socket yet.
      *
      * @param array<string,mixed> $event
      */
@@ -198,9 +211,10 @@ final class App
             $status = $this->gateway->push($member['client_id'], $body);
             if ($status === 200) {
                 $delivered++;
-            } elseif ($status === 404) {
-                $this->store()->leave($member['client_id']);
-            } else {
+            } elseif ($status === 404 && (int) $member['joined_at'] < time() - self::JOIN_GRACE_SECONDS) {
+                // That very connection only: a newer one of the same ClientId stays.
+                $this->store()->leave($member['client_id'], $member['connection_id']);
+            } elseif ($status !== 404) {
                 error_log("ws2http example: push to {$member['client_id']} failed with status $status");
             }
         }
@@ -209,7 +223,11 @@ final class App
 
     // ---- the demo page ----------------------------------------------------------
 
-    /** POST /auth/login {"name":…, "clientId":…} (JSON or form): a token for the page. */
+    /**
+     * POST /auth/login {"name":…} (JSON or form): a token for the page, for a ClientId
+     * chosen here. A caller that could choose its ClientId could take over another
+     * member's socket (the gateway replaces an older connection of the same ClientId).
+     */
     private function login(Request $req): Response
     {
         $in = json_decode($req->body, true);
@@ -220,12 +238,7 @@ final class App
         if ($name === '') {
             return self::json(['error' => 'pick a name'], 400);
         }
-        $clientId = self::str($in['clientId'] ?? '');
-        if ($clientId === '') {
-            $clientId = bin2hex(random_bytes(12));
-        } elseif (preg_match(self::CLIENT_ID, $clientId) !== 1) {
-            return self::json(['error' => 'clientId must be 1-64 of A-Z a-z 0-9 _ -'], 400);
-        }
+        $clientId = bin2hex(random_bytes(12));
         $scheme = $req->header('x-forwarded-proto') ?: 'http';
         $origin = $req->header('origin') ?: $scheme . '://' . $req->header('host');
         $token = $this->tokens()->issue($clientId, $name, $origin);

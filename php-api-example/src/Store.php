@@ -98,12 +98,13 @@ final class Store
     /**
      * Every member except $clientId, oldest first.
      *
-     * @return list<array{client_id:string,name:string}>
+     * @return list<array{client_id:string,name:string,connection_id:string,joined_at:int}>
      */
     public function others(string $clientId): array
     {
         $q = $this->db->prepare(
-            'SELECT client_id, name FROM members WHERE client_id <> ? ORDER BY joined_at, client_id'
+            'SELECT client_id, name, connection_id, joined_at FROM members WHERE client_id <> ?'
+            . ' ORDER BY joined_at, client_id'
         );
         $q->execute([$clientId]);
         return $q->fetchAll();

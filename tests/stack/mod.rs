@@ -137,6 +137,18 @@ pub fn wait_for_port(addr: SocketAddr, proc: &mut Proc, timeout: Duration) {
     }
 }
 
+/// The secret the PHP example requires on the gateway's calls (`WS2HTTP_API_TOKEN`); its
+/// gateway runs with `--api-token` set to it.
+pub const API_TOKEN: &str = "php-example-api-token";
+
+/// A login's answer: the ClientId the example chose, and the token for it.
+pub struct Login {
+    /// The ClientId to open the websocket on.
+    pub client_id: String,
+    /// The signed token for `?token=` or the cookie.
+    pub token: String,
+}
+
 /// The PHP example API served by `php -S` with its router script.
 pub struct PhpExample {
     /// Where it listens (127.0.0.1:port).
@@ -160,6 +172,7 @@ impl PhpExample {
             .current_dir(&example)
             .env("WS2HTTP_PUSH_URL", push_url)
             .env("WS2HTTP_DB", dir.path().join("chat.sqlite"))
+            .env("WS2HTTP_API_TOKEN", API_TOKEN)
             .env("PHP_CLI_SERVER_WORKERS", "4");
         let mut proc = Proc::spawn("php -S (php-cli)", cmd);
         wait_for_port(addr, &mut proc, Duration::from_secs(15));
@@ -180,9 +193,9 @@ impl PhpExample {
         format!("http://{}", self.addr)
     }
 
-    /// Logs `name` in for `client_id` through `POST /auth/login`; returns the token.
-    pub fn login(&self, name: &str, client_id: &str) -> String {
-        let body = format!(r#"{{"name":"{name}","clientId":"{client_id}"}}"#);
+    /// Logs `name` in through `POST /auth/login`.
+    pub fn login(&self, name: &str) -> Login {
+        let body = format!(r#"{{"name":"{name}"}}"#);
         let res = http_request(
             self.addr,
             "POST",
@@ -191,7 +204,10 @@ impl PhpExample {
             body.as_bytes(),
         );
         assert_eq!(res.status, 200, "login failed: {}", res.text());
-        json_str(&res.text(), "token").expect("token in login reply")
+        Login {
+            client_id: json_str(&res.text(), "clientId").expect("clientId in login reply"),
+            token: json_str(&res.text(), "token").expect("token in login reply"),
+        }
     }
 }
 
