@@ -370,9 +370,18 @@ mod tests {
             requests_waiting: 0,
         };
         let text = metrics.render(load, 0);
-        assert!(text.contains("upstream_latency_seconds_bucket{le=\"10\"} 2"), "{text}");
-        assert!(text.contains("upstream_latency_seconds_bucket{le=\"+Inf\"} 2"), "{text}");
-        assert!(text.contains("\nupstream_latency_seconds_count 2\n"), "{text}");
+        assert!(
+            text.contains("upstream_latency_seconds_bucket{le=\"10\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("upstream_latency_seconds_bucket{le=\"+Inf\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nupstream_latency_seconds_count 2\n"),
+            "{text}"
+        );
     }
 
     #[test]
