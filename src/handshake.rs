@@ -26,9 +26,9 @@ use crate::upstream::{ConnectHeaders, ConnectionContext, UpstreamError};
 use crate::Shared;
 
 const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-/// Request headers passed on to the API's connect GET as they are.
-const FORWARDED_HEADERS: [HeaderName; 5] = [
-    http::header::COOKIE,
+/// Request headers passed on to the API's connect GET as they are (and `Cookie`, its lines
+/// joined into one: see `Upstream::connect`).
+const FORWARDED_HEADERS: [HeaderName; 4] = [
     http::header::AUTHORIZATION,
     http::header::ORIGIN,
     http::header::USER_AGENT,

@@ -269,6 +269,10 @@ impl Upstream {
             context.connection_id_header.clone(),
         );
         if let Some(token) = &self.api_token {
+        // One line, as with every message: PHP, for one, reads two lines as one cookie.
+        if let Some(cookie) = &context.cookie {
+            request.headers_mut().insert(COOKIE, cookie.clone());
+        }
             request
                 .headers_mut()
                 .insert(X_WS2HTTP_TOKEN.clone(), token.clone());

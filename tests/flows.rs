@@ -458,7 +458,7 @@ async fn cookie_and_authorization_are_sent_again_with_every_message() {
 }
 
 #[tokio::test]
-async fn cookie_lines_of_the_upgrade_are_joined_for_every_message() {
+async fn cookie_lines_of_the_upgrade_are_joined_for_the_get_and_every_message() {
     let (api, gateway) = setup().await;
     let mut stream = tokio::net::TcpStream::connect(gateway.public)
         .await
@@ -476,6 +476,14 @@ async fn cookie_lines_of_the_upgrade_are_joined_for_every_message() {
     stream.write_all(&frame).await.unwrap();
     let post = api.wait_for("POST", 1).await.remove(0);
     assert_eq!(post.header("cookie"), Some("theme=dark; sid=42"));
+    let get = api.seen_with("GET").remove(0);
+    let cookies: Vec<_> = get.headers.iter().filter(|(k, _)| *k == "cookie").collect();
+    assert_eq!(
+        cookies.len(),
+        1,
+        "one Cookie line on the GET too: {cookies:?}"
+    );
+    assert_eq!(get.header("cookie"), Some("theme=dark; sid=42"));
 }
 
 #[tokio::test]
