@@ -2,7 +2,9 @@
 //! may connect, answers `101` (or the refusal), and hands the upgraded socket to a session.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -22,7 +24,7 @@ use crate::identity::{ClientId, ConnectionId};
 use crate::metrics::RefusalReason;
 use crate::server::Io;
 use crate::session::{self, Command, SessionHandle};
-use crate::upstream::{ConnectHeaders, ConnectionContext, UpstreamError};
+use crate::upstream::{ApiAnswer, ConnectHeaders, ConnectionContext, UpstreamError};
 use crate::Shared;
 
 const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -226,26 +228,36 @@ async fn route(
         .map_err(|_| overloaded("too many connections\n"))?;
 
     let connection_id = ConnectionId::next();
-    let context = shared
-        .upstream
-        .context(connection_id, client_id.clone(), headers)
-        .map_err(|e| api_failure(&client_id, connection_id, &e))?;
-    let answer = match shared
-        .upstream
-        .connect(&context, connect_headers(headers, &request, &peer))
-        .await
-    {
-        Ok(answer) => answer,
-        Err(error) => {
-            let refusal = api_failure(&client_id, connection_id, &error);
-            if error.may_have_reached_the_api() {
-                // The API may have approved it (and recorded the connection) after all: tell
-                // it that this connection is gone, as for any other.
-                session::departed_before_opening(shared, context, &error, permit);
-            }
-            return Err(refusal);
+    let context = Arc::new(
+        shared
+            .upstream
+            .context(connection_id, client_id.clone(), headers)
+            .map_err(|e| api_failure(&client_id, connection_id, &e))?,
+    );
+    let connect_request = Box::pin(ask_the_api(
+        Arc::clone(shared),
+        Arc::clone(&context),
+        connect_headers(headers, &request, &peer),
+    ));
+    let mut pending = PendingApproval {
+        request: Some(connect_request),
+        shared: Arc::clone(shared),
+        context: Arc::clone(&context),
+        permit: Some(permit),
+        if_abandoned: ABANDONED_BY_CLIENT,
+    };
+    let waited = tokio::time::timeout(shared.config.upstream_timeout, pending.answer()).await;
+    let answer = match waited {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(error)) => return Err(api_failure(&client_id, connection_id, &error)),
+        Err(_) => {
+            // Dropping `pending` leaves the request to finish on its own (see there).
+            pending.if_abandoned = ABANDONED_AFTER_TIMEOUT;
+            let error = UpstreamError::Timeout(shared.config.upstream_timeout);
+            return Err(api_failure(&client_id, connection_id, &error));
         }
     };
+    let permit = pending.settled();
 
     if answer.status.is_server_error() {
         tracing::warn!(
@@ -258,7 +270,7 @@ async fn route(
             "the API failed\n",
         ));
     }
-    if answer.status != StatusCode::OK || answer.body.as_ref() != b"ok" {
+    if !approves(&answer) {
         let status = if answer.status.is_client_error() {
             answer.status
         } else {
@@ -312,11 +324,118 @@ async fn route(
     shared.tasks.spawn(start_session(
         on_upgrade,
         handle,
-        Arc::new(context),
+        context,
         session_shared,
         permit,
     ));
     Ok(response)
+}
+
+/// Whether the API's answer to a connect request lets the websocket open: `200` and `ok`.
+fn approves(answer: &ApiAnswer) -> bool {
+    answer.status == StatusCode::OK && answer.body.as_ref() == b"ok"
+}
+
+/// The API's answer to a connect request, computed apart from the handshake that waits for
+/// it, so that it can go on when the handshake stops waiting.
+type ConnectRequest = Pin<Box<dyn Future<Output = Result<ApiAnswer, UpstreamError>> + Send>>;
+
+/// `GET {api}<ClientId>` for `context`'s connection.
+async fn ask_the_api(
+    shared: Arc<Shared>,
+    context: Arc<ConnectionContext>,
+    headers: ConnectHeaders,
+) -> Result<ApiAnswer, UpstreamError> {
+    shared.upstream.connect(&context, headers).await
+}
+
+/// DELETE body when the client left while the API was deciding on it.
+const ABANDONED_BY_CLIENT: &str = "EOF";
+/// DELETE body when the API took longer than `--upstream-timeout` to decide.
+const ABANDONED_AFTER_TIMEOUT: &str = "upstream timeout";
+
+/// A connect request the handshake is waiting for, with what a DELETE for it would need.
+///
+/// If the handshake stops waiting (the client hung up, or `--upstream-timeout` passed and it
+/// got `504`), the request is not cut short: the API may be approving the connection, and
+/// recording it, right now. It finishes in a task of its own (for at most another
+/// `--upstream-timeout`), and an approval it brings, or no answer at all, is undone with a
+/// DELETE, which then can only reach the API after its answer. The abandoned connection
+/// never registers, so it cannot replace a newer one of the same ClientId.
+struct PendingApproval {
+    request: Option<ConnectRequest>,
+    shared: Arc<Shared>,
+    context: Arc<ConnectionContext>,
+    /// The connection's place under `--max-connections`: the session's, or the DELETE's.
+    permit: Option<OwnedSemaphorePermit>,
+    /// Body of the DELETE if the handshake stops waiting.
+    if_abandoned: &'static str,
+}
+
+impl PendingApproval {
+    /// The API's answer (the request is done with, whatever it is).
+    async fn answer(&mut self) -> Result<ApiAnswer, UpstreamError> {
+        let Some(request) = self.request.as_mut() else {
+            return Err(UpstreamError::Broken(
+                "connect request already answered".to_owned(),
+            ));
+        };
+        let answer = request.await;
+        self.request = None;
+        answer
+    }
+
+    /// The connection permit, once the handshake has its answer.
+    fn settled(mut self) -> OwnedSemaphorePermit {
+        self.request = None;
+        self.permit
+            .take()
+            .expect("the permit is taken only here or when dropped")
+    }
+}
+
+impl Drop for PendingApproval {
+    fn drop(&mut self) {
+        let (Some(request), Some(permit)) = (self.request.take(), self.permit.take()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let settle = settle_abandoned(
+            request,
+            Arc::clone(&self.shared),
+            Arc::clone(&self.context),
+            self.if_abandoned,
+            permit,
+        );
+        self.shared.tasks.spawn_on(settle, &runtime);
+    }
+}
+
+/// Lets an abandoned connect request finish, and DELETEs the connection if the API approved
+/// it, or never said.
+async fn settle_abandoned(
+    request: ConnectRequest,
+    shared: Arc<Shared>,
+    context: Arc<ConnectionContext>,
+    reason: &'static str,
+    permit: OwnedSemaphorePermit,
+) {
+    let undo = match request.await {
+        Ok(answer) => approves(&answer),
+        Err(error) => error.outcome_unknown(),
+    };
+    tracing::debug!(
+        client_id = %context.client_id,
+        connection_id = %context.connection_id,
+        reason,
+        undo,
+        "connect request finished after its handshake ended"
+    );
+    if undo {
+        session::departed_before_opening(&shared, context, reason, permit);
+    }
 }
 
 fn overloaded(body: &'static str) -> Refusal {

@@ -341,10 +341,6 @@ where
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(head_deadline)
-        // A client that hangs up while the API decides on it does not cut the connect
-        // request short: once the API has answered, the 101 fails to go out and the session
-        // ends as any other, with its DELETE (the API may have recorded the connection).
-        .half_close(true)
         .keep_alive(false)
         .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(io, service)

@@ -333,23 +333,22 @@ pub(crate) fn abandoned(
     depart(&shared, context, Ending::eof(), permit);
 }
 
-/// Tells the API of a connection that never opened although its connect request may have
-/// reached the API (its time ran out, or its connection broke, after it was sent): the API may
-/// have approved and recorded it. The DELETE's body is the failure's reason; no close code,
-/// as there was never a websocket.
+/// Tells the API of a connection that never opened although the API approved it (or never
+/// said): its handshake ended first. The DELETE's body is `reason`; no close code, as there
+/// was never a websocket.
 pub(crate) fn departed_before_opening(
     shared: &Arc<Shared>,
-    context: ConnectionContext,
-    error: &UpstreamError,
+    context: Arc<ConnectionContext>,
+    reason: &str,
     permit: OwnedSemaphorePermit,
 ) {
     let ending = Ending {
         why: CloseReason::UpstreamFailure,
         send_close: None,
-        api_reason: error.close_reason().to_owned(),
+        api_reason: reason.to_owned(),
         api_code: None,
     };
-    depart(shared, Arc::new(context), ending, permit);
+    depart(shared, context, ending, permit);
 }
 
 /// Counts pushes that were accepted but will never be written.

@@ -5,6 +5,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,10 +55,10 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether the API may have received the request, and acted on it: it was sent, and then
-    /// its time ran out or its connection broke.
-    pub fn may_have_reached_the_api(&self) -> bool {
-        matches!(self, UpstreamError::Timeout(_) | UpstreamError::Broken(_))
+    /// Whether the API may have acted on the request without our learning its answer: it was
+    /// sent, and its time ran out.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, UpstreamError::Timeout(_))
     }
 
     /// A short text fit for a websocket close reason (at most 123 bytes).
@@ -268,16 +269,19 @@ impl Upstream {
             X_CONNECTION_ID.clone(),
             context.connection_id_header.clone(),
         );
-        if let Some(token) = &self.api_token {
         // One line, as with every message: PHP, for one, reads two lines as one cookie.
         if let Some(cookie) = &context.cookie {
             request.headers_mut().insert(COOKIE, cookie.clone());
         }
+        if let Some(token) = &self.api_token {
             request
                 .headers_mut()
                 .insert(X_WS2HTTP_TOKEN.clone(), token.clone());
         }
-        self.send(request).await
+        // The handshake waits --upstream-timeout for the answer; one that comes later is
+        // still wanted (see handshake.rs, `PendingApproval`), for as long again.
+        self.send_within(request, self.timeout.saturating_mul(2))
+            .await
     }
 
     /// `POST {api}<ClientId>` with one message as the body.
@@ -337,7 +341,21 @@ impl Upstream {
         request
     }
 
-    async fn send(&self, request: Request<Full<Bytes>>) -> Result<ApiAnswer, UpstreamError> {
+    /// Sends `request` and reads its answer within `--upstream-timeout`. (Not an `async fn`: a
+    /// layer of its own would add to every request's future.)
+    fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<ApiAnswer, UpstreamError>> + Send + '_ {
+        self.send_within(request, self.timeout)
+    }
+
+    /// Sends `request` and reads its answer within `limit`.
+    async fn send_within(
+        &self,
+        request: Request<Full<Bytes>>,
+        limit: Duration,
+    ) -> Result<ApiAnswer, UpstreamError> {
         let started = Instant::now();
         self.metrics
             .requests_started
@@ -347,9 +365,9 @@ impl Upstream {
         // out (for the API's pace) from the stage, also when the deadline drops the exchange.
         let mut slot = None;
         let exchange = self.exchange(request, &mut stage, &mut slot);
-        let result = match tokio::time::timeout(self.timeout, exchange).await {
+        let result = match tokio::time::timeout(limit, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(stage.timed_out(self.timeout)),
+            Err(_) => Err(stage.timed_out(limit)),
         };
         if let (Some(slot), Stage::Sent(sent_at)) = (slot.as_mut(), stage) {
             slot.sent(sent_at);

@@ -516,9 +516,14 @@ async fn only_200_with_ok_opens_the_websocket() {
 }
 
 #[tokio::test]
-async fn a_connect_that_times_out_after_it_was_sent_is_followed_by_a_delete() {
-    // The API decides too late: it may have recorded the connection, so it hears it is gone.
-    let slow = MockApi::with_script(|_| Reply::ok("ok").after(Duration::from_secs(1))).await;
+async fn a_connect_approved_after_the_timeout_is_undone_with_a_delete_after_the_answer() {
+    // The API decides too late for the client (504), but it did approve and may have
+    // recorded the connection: it hears the connection is gone, after its own answer.
+    let slow = MockApi::with_script(|seen| match seen.method.as_str() {
+        "GET" => Reply::ok("ok").after(Duration::from_millis(450)),
+        _ => Reply::ok(""),
+    })
+    .await;
     let mut config = test_config(&slow);
     config.upstream_timeout = Duration::from_millis(300);
     let gateway = TestGateway::start(config).await;
@@ -537,8 +542,29 @@ async fn a_connect_that_times_out_after_it_was_sent_is_followed_by_a_delete() {
         delete.header("x-connection-id"),
         get.header("x-connection-id")
     );
+    assert!(
+        delete.at >= get.at + Duration::from_millis(450),
+        "the DELETE came {:?} after the GET, before its answer",
+        delete.at - get.at
+    );
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["connections_opened"], 0.0);
+}
+
+#[tokio::test]
+async fn a_connect_refused_after_the_timeout_gets_no_delete() {
+    let slow = MockApi::with_script(|seen| match seen.method.as_str() {
+        "GET" => Reply::status(403, "no").after(Duration::from_millis(450)),
+        _ => Reply::ok(""),
+    })
+    .await;
+    let mut config = test_config(&slow);
+    config.upstream_timeout = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
+    assert_eq!(response.status, 504);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(slow.seen_with("DELETE").is_empty(), "{:?}", slow.seen());
 }
 
 #[tokio::test]
@@ -556,17 +582,55 @@ async fn a_client_that_hangs_up_while_the_api_decides_still_gets_its_delete() {
         .write_all(&upgrade_request("/leaver", &[]))
         .await
         .unwrap();
-    api.wait_for("GET", 1).await;
+    let get = api.wait_for("GET", 1).await.remove(0);
     drop(stream);
     let delete = api.wait_for("DELETE", 1).await.remove(0);
     assert_eq!(delete.uri, "/leaver");
     assert_eq!(delete.body, Bytes::from_static(b"EOF"));
-    let get = api.seen_with("GET").remove(0);
     assert_eq!(
         delete.header("x-connection-id"),
         get.header("x-connection-id")
     );
+    assert!(
+        delete.at >= get.at + Duration::from_millis(300),
+        "after the answer"
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["connections_opened"], 0.0, "it never opened");
     assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn an_abandoned_connect_approved_late_does_not_replace_the_newer_socket() {
+    // A browser reload while the API is slow: the first attempt is given up, the second
+    // opens; the first one's late approval must not close the second.
+    let api = MockApi::with_script(|seen| match seen.method.as_str() {
+        "GET" if seen.uri.contains("attempt=1") => {
+            Reply::ok("ok").after(Duration::from_millis(600))
+        }
+        _ => echo_script(seen),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut first = tokio::net::TcpStream::connect(gateway.public)
+        .await
+        .unwrap();
+    first
+        .write_all(&upgrade_request("/reloader?attempt=1", &[]))
+        .await
+        .unwrap();
+    let first_get = api.wait_for("GET", 1).await.remove(0);
+    drop(first);
+    let mut second = gateway.connect("/reloader?attempt=2").await;
+    assert_eq!(round_trip(&mut second, "before").await, "echo:before");
+    let delete = api.wait_for("DELETE", 1).await.remove(0);
+    assert_eq!(
+        delete.header("x-connection-id"),
+        first_get.header("x-connection-id"),
+        "the DELETE is the abandoned attempt's"
+    );
+    assert_eq!(round_trip(&mut second, "after").await, "echo:after");
+    assert_eq!(api.seen_with("DELETE").len(), 1);
 }
 
 #[tokio::test]
