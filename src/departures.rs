@@ -9,7 +9,7 @@
 //! crowd held, and no DELETE is refused for lack of a waiting place.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -49,6 +49,8 @@ pub(crate) struct Departures {
     /// Fired when the shutdown's grace period is over: the DELETEs not sent by then are given
     /// up, each logged and counted.
     abandoned: CancellationToken,
+    /// DELETEs given up that way.
+    given_up: AtomicU64,
 }
 
 #[derive(Default)]
@@ -72,6 +74,11 @@ impl Departures {
     /// in `disconnects_failed`.
     pub(crate) fn abandon(&self) {
         self.abandoned.cancel();
+    }
+
+    /// DELETEs given up at the end of the shutdown's grace period.
+    pub(crate) fn given_up(&self) -> u64 {
+        self.given_up.load(Ordering::Relaxed)
     }
 
     /// Everything still queued, for a sender that is giving up.
@@ -150,16 +157,19 @@ async fn send_departures(shared: Arc<Shared>) {
     }
 }
 
-/// Logs and counts a DELETE given up at the end of the shutdown's grace period.
+/// Logs and counts a DELETE given up at the end of the shutdown's grace period: not sent, or
+/// sent and not answered (the API may have it).
 fn not_told_in_time(shared: &Shared, context: &ConnectionContext) {
     shared
         .metrics
         .disconnects_failed
         .fetch_add(1, Ordering::Relaxed);
+    shared.departures.given_up.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(
         client_id = %context.client_id,
         connection_id = %context.connection_id,
-        "the API was not told of this disconnect: the shutdown grace period ran out first"
+        "DELETE given up: the shutdown grace period ran out before the API took it \
+         (not sent, or not answered)"
     );
 }
 

@@ -117,7 +117,7 @@ pub struct DrainReport {
     /// Whether every session finished (and sent its DELETE) before the grace period ran out.
     pub completed: bool,
     /// DELETEs given up when the grace period ran out (the API unreachable or too slow for
-    /// all of them), each logged with its ClientId.
+    /// all of them; not sent, or sent and not answered), each logged with its ClientId.
     pub disconnects_untold: u64,
 }
 
@@ -293,15 +293,10 @@ impl Gateway {
                 remaining = shared.tasks.len(),
                 "shutdown grace period over; some sessions did not finish"
             );
-            let failed_before = shared.metrics.disconnects_failed.load(Ordering::Relaxed);
             shared.departures.abandon();
             // The DELETE senders log what they give up, then end.
             server::finishes_within(ABANDON_TIME, shared.tasks.wait()).await;
-            disconnects_untold = shared
-                .metrics
-                .disconnects_failed
-                .load(Ordering::Relaxed)
-                .saturating_sub(failed_before);
+            disconnects_untold = shared.departures.given_up();
         }
         stop_control.cancel();
         let _ = control_task.await;
