@@ -759,9 +759,9 @@ pub async fn run_spelling_scenario(kind: ProxyKind) {
     drop(nodes);
 }
 
-/// A node whose handshake slots are all taken (a connect storm, sockets that send nothing)
-/// answers HAProxy's health check `503`, at once or after its 250 ms grace: busy, not dead.
-/// It stays UP, so its websockets are not closed by `on-marked-down shutdown-sessions`.
+/// A node whose handshake slots are all taken (a connect storm, sockets that send nothing),
+/// with more sockets queued behind them, is busy, not dead: it stays UP, so its websockets
+/// are not closed by `on-marked-down shutdown-sessions`.
 // Only the HAProxy tests use it: nginx has no active health checks.
 #[allow(dead_code)]
 pub async fn run_busy_node_scenario() {
@@ -784,12 +784,14 @@ pub async fn run_busy_node_scenario() {
     let logs = format!("logs in {}", dir.display());
     assert!(wait_all_up(&http, stats).await, "not all UP; {logs}");
     // Both of gw1's handshake slots, held by sockets that never send a request (for its
-    // --handshake-timeout, 10 s).
-    let holders: Vec<TcpStream> = (0..2)
+    // --handshake-timeout, 10 s), and 50 more queued behind them: the accept loop gives
+    // each 250 ms to find a slot, so a check among them would wait 12 s.
+    let holders: Vec<TcpStream> = (0..52)
         .map(|_| TcpStream::connect(nodes[0].public).expect("connect to gw1"))
         .collect();
-    // Ten check intervals (200 ms, fall 2).
-    for _ in 0..20 {
+    // 40 check intervals (200 ms, fall 2): long enough for two checks that wait behind
+    // the queue to time out (timeout check 3s).
+    for _ in 0..80 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let st = haproxy_status(&http, stats).await;
         let gw1 = st.get(&("ws2http_public".to_owned(), "gw1".to_owned()));
