@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -234,27 +234,46 @@ async fn route(
             .context(connection_id, client_id.clone(), headers)
             .map_err(|e| api_failure(&client_id, connection_id, &e))?,
     );
+    let sent = Arc::new(AtomicBool::new(false));
     let connect_request = Box::pin(ask_the_api(
         Arc::clone(shared),
         Arc::clone(&context),
         connect_headers(headers, &request, &peer),
+        Arc::clone(&sent),
     ));
     let mut pending = PendingApproval {
         request: Some(connect_request),
         shared: Arc::clone(shared),
         context: Arc::clone(&context),
         permit: Some(permit),
+        sent,
         if_abandoned: ABANDONED_BY_CLIENT,
     };
     let waited = tokio::time::timeout(shared.config.upstream_timeout, pending.answer()).await;
     let answer = match waited {
         Ok(Ok(answer)) => answer,
-        Ok(Err(error)) => return Err(api_failure(&client_id, connection_id, &error)),
-        Err(_) => {
+        Ok(Err(error)) => {
+            let refusal = api_failure(&client_id, connection_id, &error);
+            // Its connection broke after it went out: the API may have approved it.
+            if error.outcome_unknown() && pending.went_out() {
+                pending.undo(error.close_reason());
+            }
+            return Err(refusal);
+        }
+        Err(_) if pending.went_out() => {
             // Dropping `pending` leaves the request to finish on its own (see there).
             pending.if_abandoned = ABANDONED_AFTER_TIMEOUT;
             let error = UpstreamError::Timeout(shared.config.upstream_timeout);
             return Err(api_failure(&client_id, connection_id, &error));
+        }
+        // Still waiting for an API slot or connection: the gateway's overload, and nothing
+        // the API saw (dropping `pending` drops the request).
+        Err(_) => {
+            return Err(api_failure(
+                &client_id,
+                connection_id,
+                &UpstreamError::Overloaded,
+            ))
         }
     };
     let permit = pending.settled();
@@ -340,13 +359,14 @@ fn approves(answer: &ApiAnswer) -> bool {
 /// it, so that it can go on when the handshake stops waiting.
 type ConnectRequest = Pin<Box<dyn Future<Output = Result<ApiAnswer, UpstreamError>> + Send>>;
 
-/// `GET {api}<ClientId>` for `context`'s connection.
+/// `GET {api}<ClientId>` for `context`'s connection; `sent` tells whether it went out.
 async fn ask_the_api(
     shared: Arc<Shared>,
     context: Arc<ConnectionContext>,
     headers: ConnectHeaders,
+    sent: Arc<AtomicBool>,
 ) -> Result<ApiAnswer, UpstreamError> {
-    shared.upstream.connect(&context, headers).await
+    shared.upstream.connect(&context, headers, &sent).await
 }
 
 /// DELETE body when the client left while the API was deciding on it.
@@ -357,17 +377,20 @@ const ABANDONED_AFTER_TIMEOUT: &str = "upstream timeout";
 /// A connect request the handshake is waiting for, with what a DELETE for it would need.
 ///
 /// If the handshake stops waiting (the client hung up, or `--upstream-timeout` passed and it
-/// got `504`), the request is not cut short: the API may be approving the connection, and
-/// recording it, right now. It finishes in a task of its own (for at most another
-/// `--upstream-timeout`), and an approval it brings, or no answer at all, is undone with a
-/// DELETE, which then can only reach the API after its answer. The abandoned connection
-/// never registers, so it cannot replace a newer one of the same ClientId.
+/// got `504`) after the request went out, the request is not cut short: the API may be
+/// approving the connection, and recording it, right now. It finishes in a task of its own
+/// (for at most another `--upstream-timeout`), and an approval it brings, or no answer at
+/// all, is undone with a DELETE, which then reaches the API after its answer (when there was
+/// one). A request not sent yet is simply dropped: the API never saw it. The abandoned
+/// connection never registers, so it cannot replace a newer one of the same ClientId.
 struct PendingApproval {
     request: Option<ConnectRequest>,
     shared: Arc<Shared>,
     context: Arc<ConnectionContext>,
     /// The connection's place under `--max-connections`: the session's, or the DELETE's.
     permit: Option<OwnedSemaphorePermit>,
+    /// Whether the request has gone out to the API.
+    sent: Arc<AtomicBool>,
     /// Body of the DELETE if the handshake stops waiting.
     if_abandoned: &'static str,
 }
@@ -385,6 +408,25 @@ impl PendingApproval {
         answer
     }
 
+    /// Whether the request has gone out to the API.
+    fn went_out(&self) -> bool {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    /// DELETEs the connection now, with `reason`: its request failed in a way that leaves
+    /// the API's answer unknown.
+    fn undo(mut self, reason: &str) {
+        self.request = None;
+        if let Some(permit) = self.permit.take() {
+            session::departed_before_opening(
+                &self.shared,
+                Arc::clone(&self.context),
+                reason,
+                permit,
+            );
+        }
+    }
+
     /// The connection permit, once the handshake has its answer.
     fn settled(mut self) -> OwnedSemaphorePermit {
         self.request = None;
@@ -396,6 +438,10 @@ impl PendingApproval {
 
 impl Drop for PendingApproval {
     fn drop(&mut self) {
+        if !self.went_out() {
+            // Dropping the request cancels it: the API never saw it.
+            return;
+        }
         let (Some(request), Some(permit)) = (self.request.take(), self.permit.take()) else {
             return;
         };
@@ -406,6 +452,7 @@ impl Drop for PendingApproval {
             request,
             Arc::clone(&self.shared),
             Arc::clone(&self.context),
+            Arc::clone(&self.sent),
             self.if_abandoned,
             permit,
         );
@@ -419,12 +466,13 @@ async fn settle_abandoned(
     request: ConnectRequest,
     shared: Arc<Shared>,
     context: Arc<ConnectionContext>,
+    sent: Arc<AtomicBool>,
     reason: &'static str,
     permit: OwnedSemaphorePermit,
 ) {
     let undo = match request.await {
         Ok(answer) => approves(&answer),
-        Err(error) => error.outcome_unknown(),
+        Err(error) => error.outcome_unknown() && sent.load(Ordering::Acquire),
     };
     tracing::debug!(
         client_id = %context.client_id,

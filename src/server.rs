@@ -293,7 +293,9 @@ async fn serve_public(
 ) {
     let _ = stream.set_nodelay(true);
     let handshake_timeout = shared.config.handshake_timeout;
-    let limit = handshake_timeout + shared.config.upstream_timeout;
+    // A margin over the request head's and the API's own deadlines, so that those answer
+    // (a 504, say) rather than this cut.
+    let limit = handshake_timeout + shared.config.upstream_timeout + Duration::from_secs(1);
     let peer = Peer {
         remote,
         tls: tls.is_some(),

@@ -6,7 +6,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,10 +55,10 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether the API may have acted on the request without our learning its answer: it was
-    /// sent, and its time ran out.
+    /// Whether the API may have acted on the request without our learning its answer, if it
+    /// was sent: its time ran out, or its connection broke (a reset, a cut-off answer).
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self, UpstreamError::Timeout(_))
+        matches!(self, UpstreamError::Timeout(_) | UpstreamError::Broken(_))
     }
 
     /// A short text fit for a websocket close reason (at most 123 bytes).
@@ -254,11 +254,13 @@ impl Upstream {
             .map_err(|e: http::uri::InvalidUri| UpstreamError::Broken(e.to_string()))
     }
 
-    /// `GET {api}<ClientId>?<query>`: may this client connect?
+    /// `GET {api}<ClientId>?<query>`: may this client connect? `sent` tells, all along,
+    /// whether the request has gone out to the API (true) or not yet, or came back unsent.
     pub async fn connect(
         &self,
         context: &ConnectionContext,
         headers: ConnectHeaders,
+        sent: &AtomicBool,
     ) -> Result<ApiAnswer, UpstreamError> {
         let uri = self.uri(&context.client_id, headers.query.as_deref())?;
         let mut request = Request::new(Full::new(Bytes::new()));
@@ -280,7 +282,7 @@ impl Upstream {
         }
         // The handshake waits --upstream-timeout for the answer; one that comes later is
         // still wanted (see handshake.rs, `PendingApproval`), for as long again.
-        self.send_within(request, self.timeout.saturating_mul(2))
+        self.send_within(request, self.timeout.saturating_mul(2), Some(sent))
             .await
     }
 
@@ -347,29 +349,31 @@ impl Upstream {
         &self,
         request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<ApiAnswer, UpstreamError>> + Send + '_ {
-        self.send_within(request, self.timeout)
+        self.send_within(request, self.timeout, None)
     }
 
-    /// Sends `request` and reads its answer within `limit`.
+    /// Sends `request` and reads its answer within `limit`; `watcher`, if given, tells
+    /// whether it went out (see [`Progress`]).
     async fn send_within(
         &self,
         request: Request<Full<Bytes>>,
         limit: Duration,
+        watcher: Option<&AtomicBool>,
     ) -> Result<ApiAnswer, UpstreamError> {
         let started = Instant::now();
         self.metrics
             .requests_started
             .fetch_add(1, Ordering::Relaxed);
-        let mut stage = Stage::Waiting;
+        let mut progress = Progress::new(watcher);
         // Kept here rather than in the exchange, so that the slot learns when its request went
         // out (for the API's pace) from the stage, also when the deadline drops the exchange.
         let mut slot = None;
-        let exchange = self.exchange(request, &mut stage, &mut slot);
+        let exchange = self.exchange(request, &mut progress, &mut slot);
         let result = match tokio::time::timeout(limit, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(stage.timed_out(limit)),
+            Err(_) => Err(progress.stage.timed_out(limit)),
         };
-        if let (Some(slot), Stage::Sent(sent_at)) = (slot.as_mut(), stage) {
+        if let (Some(slot), Stage::Sent(sent_at)) = (slot.as_mut(), progress.stage) {
             slot.sent(sent_at);
         }
         drop(slot);
@@ -387,11 +391,11 @@ impl Upstream {
     async fn exchange<'a>(
         &'a self,
         request: Request<Full<Bytes>>,
-        stage: &mut Stage,
+        progress: &mut Progress<'_>,
         slot: &mut Option<Slot<'a>>,
     ) -> Result<ApiAnswer, UpstreamError> {
         let held = slot.insert(self.permit(RequestKind::of(request.method())).await?);
-        let answer = self.pool.exchange(request, self.max_body, stage).await?;
+        let answer = self.pool.exchange(request, self.max_body, progress).await?;
         if !answer.parts.status.is_server_error() {
             held.answered();
         }
@@ -492,6 +496,38 @@ impl Stage {
         match self {
             Stage::Waiting => UpstreamError::Overloaded,
             Stage::Sent(_) => UpstreamError::Timeout(limit),
+        }
+    }
+}
+
+/// Where a request is, as the pool moves it along: its [`Stage`], mirrored to `watcher` (if
+/// any) for a caller that must know whether it went out even after it stopped waiting for it.
+pub(super) struct Progress<'a> {
+    stage: Stage,
+    watcher: Option<&'a AtomicBool>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(watcher: Option<&'a AtomicBool>) -> Progress<'a> {
+        Progress {
+            stage: Stage::Waiting,
+            watcher,
+        }
+    }
+
+    /// The request is being written to an API connection, from now on.
+    pub(super) fn sent(&mut self) {
+        self.stage = Stage::Sent(Instant::now());
+        if let Some(watcher) = self.watcher {
+            watcher.store(true, Ordering::Release);
+        }
+    }
+
+    /// The request came back unsent (a closed connection handed it back): waiting again.
+    pub(super) fn unsent(&mut self) {
+        self.stage = Stage::Waiting;
+        if let Some(watcher) = self.watcher {
+            watcher.store(false, Ordering::Release);
         }
     }
 }

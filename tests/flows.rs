@@ -520,12 +520,12 @@ async fn a_connect_approved_after_the_timeout_is_undone_with_a_delete_after_the_
     // The API decides too late for the client (504), but it did approve and may have
     // recorded the connection: it hears the connection is gone, after its own answer.
     let slow = MockApi::with_script(|seen| match seen.method.as_str() {
-        "GET" => Reply::ok("ok").after(Duration::from_millis(450)),
+        "GET" => Reply::ok("ok").after(Duration::from_millis(1300)),
         _ => Reply::ok(""),
     })
     .await;
     let mut config = test_config(&slow);
-    config.upstream_timeout = Duration::from_millis(300);
+    config.upstream_timeout = Duration::from_millis(1000);
     let gateway = TestGateway::start(config).await;
     let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
     assert_eq!(response.status, 504);
@@ -543,7 +543,7 @@ async fn a_connect_approved_after_the_timeout_is_undone_with_a_delete_after_the_
         get.header("x-connection-id")
     );
     assert!(
-        delete.at >= get.at + Duration::from_millis(450),
+        delete.at >= get.at + Duration::from_millis(1300),
         "the DELETE came {:?} after the GET, before its answer",
         delete.at - get.at
     );
@@ -554,16 +554,22 @@ async fn a_connect_approved_after_the_timeout_is_undone_with_a_delete_after_the_
 #[tokio::test]
 async fn a_connect_refused_after_the_timeout_gets_no_delete() {
     let slow = MockApi::with_script(|seen| match seen.method.as_str() {
-        "GET" => Reply::status(403, "no").after(Duration::from_millis(450)),
+        "GET" => Reply::status(403, "no").after(Duration::from_millis(1300)),
         _ => Reply::ok(""),
     })
     .await;
     let mut config = test_config(&slow);
-    config.upstream_timeout = Duration::from_millis(300);
+    config.upstream_timeout = Duration::from_millis(1000);
     let gateway = TestGateway::start(config).await;
     let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
     assert_eq!(response.status, 504);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The answer (at 1.3 s) has come and gone; the background's own limit (2 s) too.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        gateway.metrics().await["requests_failed"],
+        1.0,
+        "the late 403 came back"
+    );
     assert!(slow.seen_with("DELETE").is_empty(), "{:?}", slow.seen());
 }
 
@@ -631,6 +637,103 @@ async fn an_abandoned_connect_approved_late_does_not_replace_the_newer_socket() 
     );
     assert_eq!(round_trip(&mut second, "after").await, "echo:after");
     assert_eq!(api.seen_with("DELETE").len(), 1);
+}
+
+#[tokio::test]
+async fn a_connect_whose_api_connection_breaks_after_sending_gets_502_and_a_delete() {
+    // An API that reads the GET and drops the connection without an answer (it crashed, a
+    // proxy reset it): it may have recorded the connection first.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let deletes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = deletes.clone();
+    let api = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        return;
+                    }
+                    data.extend_from_slice(&chunk[..n]);
+                    let Some(head) = parse_head(&data) else {
+                        continue;
+                    };
+                    if data.starts_with(b"GET ") {
+                        return; // dropped, unanswered
+                    }
+                    if data.len() < head.0 + head.1 {
+                        continue;
+                    }
+                    let body = String::from_utf8_lossy(&data[head.0..head.0 + head.1]);
+                    seen.lock().unwrap().push(body.into_owned());
+                    data.drain(..head.0 + head.1);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mock = MockApi::start().await;
+    let mut config = test_config(&mock);
+    config.api = format!("http://{addr}/").parse().unwrap();
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/crashed", &[])).await;
+    assert_eq!(response.status, 502);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while deletes.lock().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no DELETE");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*deletes.lock().unwrap(), ["upstream error"]);
+    api.abort();
+}
+
+/// The end of an HTTP/1.1 request head in `data` and its Content-Length, once complete.
+fn parse_head(data: &[u8]) -> Option<(usize, usize)> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Some((end, length))
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_connect_was_sent_costs_the_api_nothing() {
+    // One API slot, held by a slow message: the next client's GET waits for it.
+    let api = MockApi::with_slow_posts("late", Duration::from_millis(800)).await;
+    let mut config = test_config(&api);
+    config.upstream_max_connections = Some(1);
+    config.upstream_min_concurrency = 1;
+    let gateway = TestGateway::start(config).await;
+    let mut busy = gateway.connect("/busy").await;
+    busy.send(Message::text("slow")).await.unwrap();
+    api.wait_for("POST", 1).await;
+    let mut waiting = tokio::net::TcpStream::connect(gateway.public)
+        .await
+        .unwrap();
+    waiting
+        .write_all(&upgrade_request("/gone", &[]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(waiting);
+    assert_eq!(next_text(&mut busy).await, "late");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let for_gone: Vec<_> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.uri == "/gone")
+        .collect();
+    assert!(for_gone.is_empty(), "the API heard of it: {for_gone:?}");
 }
 
 #[tokio::test]

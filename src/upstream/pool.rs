@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tower_service::Service;
 
-use super::{error_chain, Stage, UpstreamError};
+use super::{error_chain, Progress, UpstreamError};
 
 /// Connections being opened at once; further requests wait for one of them or an idle one.
 const MAX_CONNECTING: usize = 32;
@@ -143,14 +143,14 @@ impl Pool {
         &self,
         mut request: Request<Body>,
         max_body: usize,
-        stage: &mut Stage,
+        progress: &mut Progress<'_>,
     ) -> Result<Answer, UpstreamError> {
         if self.http2 {
             // Out of line: a rare path's state would otherwise be part of every HTTP/1
             // request's future (see the sizes test), and its temporaries part of the stack
             // frame every HTTP/1 request's `poll` touches (32 KiB; bench/README.md,
             // "Shallow worker stacks").
-            return out_of_line(self.exchange_h2(request, max_body, stage)).await;
+            return out_of_line(self.exchange_h2(request, max_body, progress)).await;
         }
         let path = request
             .uri()
@@ -168,7 +168,7 @@ impl Pool {
             let Some(sender) = lease.sender.as_mut() else {
                 return Err(UpstreamError::Broken("no connection".to_owned()));
             };
-            *stage = Stage::Sent(std::time::Instant::now());
+            progress.sent();
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let keep_alive = keeps_alive(&response);
@@ -184,7 +184,7 @@ impl Pool {
                     Some(unsent) if lease.reused && !retried => {
                         request = unsent;
                         retried = true;
-                        *stage = Stage::Waiting;
+                        progress.unsent();
                     }
                     _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
                 },
@@ -270,7 +270,7 @@ impl Pool {
         &self,
         mut request: Request<Body>,
         max_body: usize,
-        stage: &mut Stage,
+        progress: &mut Progress<'_>,
     ) -> Result<Answer, UpstreamError> {
         let mut parts = request.uri().clone().into_parts();
         parts.scheme = Some(self.scheme.clone());
@@ -280,7 +280,7 @@ impl Pool {
         let mut retried = false;
         loop {
             let mut sender = self.shared_h2().await?;
-            *stage = Stage::Sent(std::time::Instant::now());
+            progress.sent();
             match sender.try_send_request(request).await {
                 Ok(response) => return collect(response, max_body).await,
                 Err(mut error) => match error.take_message() {
@@ -291,7 +291,7 @@ impl Pool {
                     Some(unsent) if !retried => {
                         request = unsent;
                         retried = true;
-                        *stage = Stage::Waiting;
+                        progress.unsent();
                         self.forget_h2();
                     }
                     _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
