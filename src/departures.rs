@@ -218,27 +218,19 @@ async fn notify_api(
                 "API answered the DELETE with an error status"
             );
         }
-        Ok(answer) => {
+        failed => {
             shared
                 .metrics
                 .disconnects_failed
                 .fetch_add(1, Ordering::Relaxed);
+            let why = match failed {
+                Ok(answer) => format!("it stayed unavailable ({})", answer.status),
+                Err(error) => error.to_string(),
+            };
             tracing::warn!(
                 client_id = %context.client_id,
                 connection_id = %context.connection_id,
-                status = %answer.status,
-                "the API was not told of this disconnect: it stayed unavailable"
-            );
-        }
-        Err(error) => {
-            shared
-                .metrics
-                .disconnects_failed
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                client_id = %context.client_id,
-                connection_id = %context.connection_id,
-                %error,
+                why,
                 "the API was not told of this disconnect"
             );
         }

@@ -581,13 +581,7 @@ async fn a_client_that_hangs_up_while_the_api_decides_still_gets_its_delete() {
     })
     .await;
     let gateway = TestGateway::start(test_config(&api)).await;
-    let mut stream = tokio::net::TcpStream::connect(gateway.public)
-        .await
-        .unwrap();
-    stream
-        .write_all(&upgrade_request("/leaver", &[]))
-        .await
-        .unwrap();
+    let stream = upgrade_request_sent(&gateway, "/leaver").await;
     let get = api.wait_for("GET", 1).await.remove(0);
     drop(stream);
     let delete = api.wait_for("DELETE", 1).await.remove(0);
@@ -618,13 +612,7 @@ async fn an_abandoned_connect_approved_late_does_not_replace_the_newer_socket() 
     })
     .await;
     let gateway = TestGateway::start(test_config(&api)).await;
-    let mut first = tokio::net::TcpStream::connect(gateway.public)
-        .await
-        .unwrap();
-    first
-        .write_all(&upgrade_request("/reloader?attempt=1", &[]))
-        .await
-        .unwrap();
+    let first = upgrade_request_sent(&gateway, "/reloader?attempt=1").await;
     let first_get = api.wait_for("GET", 1).await.remove(0);
     drop(first);
     let mut second = gateway.connect("/reloader?attempt=2").await;
@@ -694,6 +682,15 @@ async fn a_connect_whose_api_connection_breaks_after_sending_gets_502_and_a_dele
     api.abort();
 }
 
+/// A raw socket to the gateway that has sent the upgrade request for `path` and reads nothing.
+async fn upgrade_request_sent(gateway: &TestGateway, path: &str) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(gateway.public)
+        .await
+        .unwrap();
+    stream.write_all(&upgrade_request(path, &[])).await.unwrap();
+    stream
+}
+
 /// The end of an HTTP/1.1 request head in `data` and its Content-Length, once complete.
 fn parse_head(data: &[u8]) -> Option<(usize, usize)> {
     let end = data.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
@@ -717,13 +714,7 @@ async fn a_client_that_leaves_before_its_connect_was_sent_costs_the_api_nothing(
     let mut busy = gateway.connect("/busy").await;
     busy.send(Message::text("slow")).await.unwrap();
     api.wait_for("POST", 1).await;
-    let mut waiting = tokio::net::TcpStream::connect(gateway.public)
-        .await
-        .unwrap();
-    waiting
-        .write_all(&upgrade_request("/gone", &[]))
-        .await
-        .unwrap();
+    let waiting = upgrade_request_sent(&gateway, "/gone").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(waiting);
     assert_eq!(next_text(&mut busy).await, "late");
