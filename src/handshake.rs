@@ -276,7 +276,9 @@ async fn route(
             ))
         }
     };
-    let permit = pending.settled();
+    let Some(permit) = pending.settled() else {
+        return Err(overloaded("internal error\n"));
+    };
 
     if answer.status.is_server_error() {
         tracing::warn!(
@@ -427,12 +429,11 @@ impl PendingApproval {
         }
     }
 
-    /// The connection permit, once the handshake has its answer.
-    fn settled(mut self) -> OwnedSemaphorePermit {
+    /// The connection permit, once the handshake has its answer (always there: only this,
+    /// `undo` and the drop take it, and each takes `self`).
+    fn settled(mut self) -> Option<OwnedSemaphorePermit> {
         self.request = None;
-        self.permit
-            .take()
-            .expect("the permit is taken only here or when dropped")
+        self.permit.take()
     }
 }
 
