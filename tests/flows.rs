@@ -682,6 +682,41 @@ async fn a_connect_whose_api_connection_breaks_after_sending_gets_502_and_a_dele
     api.abort();
 }
 
+#[tokio::test]
+async fn a_connect_still_waiting_for_an_api_slot_at_the_timeout_gets_503_and_is_dropped() {
+    // One API slot, held by a slow connect GET (for twice --upstream-timeout: its handshake
+    // gives up after one, the GET goes on) past the next client's --upstream-timeout.
+    let api = MockApi::with_script(|seen| match seen.uri.as_str() {
+        "/holder" => Reply::ok("ok").after(Duration::from_millis(1500)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.upstream_max_connections = Some(1);
+    config.upstream_min_concurrency = 1;
+    config.upstream_timeout = Duration::from_millis(500);
+    let gateway = TestGateway::start(config).await;
+    let public = gateway.public;
+    let holder =
+        tokio::spawn(async move { raw_exchange(public, &upgrade_request("/holder", &[])).await });
+    api.wait_for("GET", 1).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/waiting", &[])).await;
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert_eq!(response.header("retry-after"), Some("1"));
+    assert_eq!(holder.await.unwrap().status, 504);
+    // The holder's GET lets go of the slot at 1 s; the waiting one was never sent.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let for_waiting: Vec<_> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.uri == "/waiting")
+        .collect();
+    assert!(
+        for_waiting.is_empty(),
+        "the API heard of it: {for_waiting:?}"
+    );
+}
+
 /// A raw socket to the gateway that has sent the upgrade request for `path` and reads nothing.
 async fn upgrade_request_sent(gateway: &TestGateway, path: &str) -> tokio::net::TcpStream {
     let mut stream = tokio::net::TcpStream::connect(gateway.public)
