@@ -198,6 +198,15 @@ struct Args {
     version: bool,
 }
 
+/// A secret given by its flag, or else by the environment variable `name` (unset or empty:
+/// none); the variable keeps it out of the process list.
+fn flag_or_env(flag: &Option<String>, name: &str) -> Option<String> {
+    match flag {
+        Some(value) => Some(value.clone()),
+        None => std::env::var(name).ok().filter(|v| !v.is_empty()),
+    }
+}
+
 /// Turns the flags into a [`Config`], or a one-line error naming the flag.
 fn config_from(args: &Args) -> Result<Config, String> {
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -208,24 +217,14 @@ fn config_from(args: &Args) -> Result<Config, String> {
         (None, None) => None,
         _ => return Err("--tls-cert and --tls-key go together".to_owned()),
     };
-    let token = match &args.control_token {
-        Some(token) => Some(token.clone()),
-        None => std::env::var("WS2HTTP_CONTROL_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty()),
-    };
+    let token = flag_or_env(&args.control_token, "WS2HTTP_CONTROL_TOKEN");
     if token
         .as_deref()
         .is_some_and(|t| t.trim().is_empty() || t.contains(char::is_whitespace))
     {
         return Err("--control-token must be non-empty and without spaces".to_owned());
     }
-    let api_token = match &args.api_token {
-        Some(token) => Some(token.clone()),
-        None => std::env::var("WS2HTTP_API_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty()),
-    };
+    let api_token = flag_or_env(&args.api_token, "WS2HTTP_API_TOKEN");
     if api_token
         .as_deref()
         .is_some_and(|t| t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
