@@ -1,6 +1,7 @@
-//! HTTP/2 to the API (`--upstream-http2`) when the API's connection goes away: the requests it
-//! had taken fail with 1011, and one it handed back unsent goes out once more on a fresh
-//! connection and is answered.
+//! HTTP/2 to the API (`--upstream-http2`) when the API's connection goes away or turns a stream
+//! away: a request the API did not process (handed back unsent, above a GOAWAY's last stream
+//! id, reset with REFUSED_STREAM) goes out once more and is answered; the requests it may have
+//! processed fail with 1011.
 
 mod common;
 
@@ -160,4 +161,176 @@ async fn h2c_request_handed_back_unsent_by_a_dropped_connection_is_sent_again() 
         (1011, "upstream error".to_owned())
     );
     assert_eq!(api.posts(), ["first", "third"]);
+}
+
+/// How the hand-written API below turns away a POST.
+#[derive(Clone, Copy, PartialEq)]
+enum TurnAway {
+    /// A GOAWAY whose last stream id is below the POST's stream: the connection takes no more.
+    GoAway,
+    /// RST_STREAM with REFUSED_STREAM: the connection stays open for more streams.
+    RefusedStream,
+    /// RST_STREAM with INTERNAL_ERROR: the API may have processed the request.
+    InternalError,
+}
+
+/// An h2c API written frame by frame, because no HTTP/2 server library refuses a chosen stream
+/// on cue. It answers every stream `200` with the body `ok`, except the POSTs whose numbers
+/// (counting from 1 over all connections) are in `refused`, which it turns away.
+struct FrameApi {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    posts: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FrameApi {
+    async fn start(turn_away: TurnAway, refused: std::ops::Range<usize>) -> FrameApi {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let posts = Arc::new(AtomicUsize::new(0));
+        let (counted, seen) = (connections.clone(), posts.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let (seen, refused) = (seen.clone(), refused.clone());
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    socket.read_exact(&mut preface).await?;
+                    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+                    socket.write_all(&frame(0x4, 0, 0, &[])).await?;
+                    loop {
+                        let mut head = [0u8; 9];
+                        socket.read_exact(&mut head).await?;
+                        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let (kind, flags) = (head[3], head[4]);
+                        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                        let mut payload = vec![0u8; length];
+                        socket.read_exact(&mut payload).await?;
+                        let reply = match kind {
+                            // SETTINGS (not an ACK): acknowledge.
+                            0x4 if flags & 0x1 == 0 => frame(0x4, 0x1, 0, &[]),
+                            // PING: answer.
+                            0x6 if flags & 0x1 == 0 => frame(0x6, 0x1, 0, &payload),
+                            // HEADERS without END_STREAM: a POST, whose DATA follows.
+                            0x1 if flags & 0x1 == 0
+                                && refused.contains(&(seen.fetch_add(1, Ordering::SeqCst) + 1)) =>
+                            {
+                                refusal(turn_away, stream)
+                            }
+                            // Any other HEADERS: `:status: 200` (HPACK static index 8), `ok`.
+                            0x1 => {
+                                let mut answer = frame(0x1, 0x4, stream, &[0x88]);
+                                answer.extend(frame(0x0, 0x1, stream, b"ok"));
+                                answer
+                            }
+                            _ => continue,
+                        };
+                        socket.write_all(&reply).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), std::io::Error>(())
+                });
+            }
+        });
+        FrameApi {
+            addr,
+            connections,
+            posts,
+            task,
+        }
+    }
+}
+
+impl Drop for FrameApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One HTTP/2 frame: type, flags, stream id, payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = (payload.len() as u32).to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags];
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// The frame that turns `stream` away.
+fn refusal(turn_away: TurnAway, stream: u32) -> Vec<u8> {
+    match turn_away {
+        // GOAWAY: last stream id (the one before), NO_ERROR.
+        TurnAway::GoAway => {
+            let mut payload = (stream - 2).to_be_bytes().to_vec();
+            payload.extend(0u32.to_be_bytes());
+            frame(0x7, 0, 0, &payload)
+        }
+        TurnAway::RefusedStream => frame(0x3, 0, stream, &0x7u32.to_be_bytes()),
+        TurnAway::InternalError => frame(0x3, 0, stream, &0x2u32.to_be_bytes()),
+    }
+}
+
+/// A gateway speaking h2c to `api`, and one client of it.
+async fn gateway_and_client(api: &FrameApi) -> (TestGateway, Ws) {
+    let gateway = TestGateway::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        control_listen: "127.0.0.1:0".parse().unwrap(),
+        api: format!("http://{}/", api.addr).parse().unwrap(),
+        upstream_http2: true,
+        upstream_timeout: Duration::from_secs(5),
+        shutdown_timeout: Duration::from_secs(5),
+        ..Config::default()
+    })
+    .await;
+    let client = gateway.connect("/turned-away").await;
+    (gateway, client)
+}
+
+#[tokio::test]
+async fn h2c_request_above_the_apis_goaway_is_sent_again_on_a_new_connection() {
+    let api = FrameApi::start(TurnAway::GoAway, 1..2).await;
+    let (_gateway, mut client) = gateway_and_client(&api).await;
+
+    assert_eq!(round_trip(&mut client, "first").await, "ok");
+    assert_eq!(api.posts.load(Ordering::SeqCst), 2);
+    assert_eq!(api.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn h2c_request_reset_with_refused_stream_is_sent_again_on_the_same_connection() {
+    let api = FrameApi::start(TurnAway::RefusedStream, 1..2).await;
+    let (_gateway, mut client) = gateway_and_client(&api).await;
+
+    assert_eq!(round_trip(&mut client, "first").await, "ok");
+    assert_eq!(api.posts.load(Ordering::SeqCst), 2);
+    assert_eq!(api.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn h2c_request_refused_twice_fails_after_one_more_try() {
+    let api = FrameApi::start(TurnAway::RefusedStream, 1..usize::MAX).await;
+    let (_gateway, mut client) = gateway_and_client(&api).await;
+
+    client.send(Message::text("first")).await.unwrap();
+    assert_eq!(
+        close_frame(&mut client).await,
+        (1011, "upstream error".to_owned())
+    );
+    assert_eq!(api.posts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn h2c_request_reset_with_another_error_is_not_sent_again() {
+    let api = FrameApi::start(TurnAway::InternalError, 1..2).await;
+    let (_gateway, mut client) = gateway_and_client(&api).await;
+
+    client.send(Message::text("first")).await.unwrap();
+    assert_eq!(
+        close_frame(&mut client).await,
+        (1011, "upstream error".to_owned())
+    );
+    assert_eq!(api.posts.load(Ordering::SeqCst), 1);
 }

@@ -280,22 +280,36 @@ impl Pool {
         let mut retried = false;
         loop {
             let mut sender = self.shared_h2().await?;
+            // A stream the API turns away unprocessed comes back without its request: this
+            // copy (the body's `Bytes` shared, not copied) is what goes out once more.
+            let spare = (!retried).then(|| copy_request(&request));
             progress.sent();
             match sender.try_send_request(request).await {
                 Ok(response) => return collect(response, max_body).await,
-                Err(mut error) => match error.take_message() {
-                    // Handed back unsent: the connection closed (after the API's GOAWAY, e.g.
-                    // nginx after `http2_max_requests`) before it took the request. Once more
-                    // on a fresh one. A stream the GOAWAY cut off comes back without its
-                    // request, and its error does not say whether the API processed it.
-                    Some(unsent) if !retried => {
-                        request = unsent;
-                        retried = true;
-                        progress.unsent();
-                        self.forget_h2();
+                Err(mut error) => {
+                    let refusal = unprocessed_by_api(error.error());
+                    match (error.take_message(), spare) {
+                        // Handed back unsent: the connection closed (after the API's GOAWAY,
+                        // e.g. nginx after `http2_max_requests`) before it took the request.
+                        // Once more, on a fresh connection.
+                        (Some(unsent), Some(_)) => {
+                            request = unsent;
+                            self.forget_h2();
+                        }
+                        // Sent, and the API said it did not process it (RFC 9113, 8.7): a
+                        // stream above a GOAWAY's last stream id, or reset with
+                        // REFUSED_STREAM. Once more; after a GOAWAY, on a fresh connection.
+                        (None, Some(spare)) if refusal.is_some() => {
+                            request = spare;
+                            if refusal == Some(Refusal::GoingAway) {
+                                self.forget_h2();
+                            }
+                        }
+                        _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
                     }
-                    _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
-                },
+                    retried = true;
+                    progress.unsent();
+                }
             }
         }
     }
@@ -363,6 +377,41 @@ impl Pool {
             }
         }
     }
+}
+
+/// How the API told an HTTP/2 request it had not processed it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Refusal {
+    /// The stream was above the last stream id of the API's GOAWAY: the connection takes no
+    /// more streams.
+    GoingAway,
+    /// The stream was reset with REFUSED_STREAM: the connection still takes others.
+    RefusedStream,
+}
+
+/// Whether `error` says that the API did not process the request, so that sending it again
+/// cannot do anything twice.
+fn unprocessed_by_api(error: &hyper::Error) -> Option<Refusal> {
+    let h2 = std::error::Error::source(error)?.downcast_ref::<h2::Error>()?;
+    if !h2.is_remote() {
+        None
+    } else if h2.is_go_away() {
+        Some(Refusal::GoingAway)
+    } else if h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Some(Refusal::RefusedStream)
+    } else {
+        None
+    }
+}
+
+/// A second copy of `request` for one more try: the headers are copied, the body is shared.
+fn copy_request(request: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 /// Opens a TCP (or TLS) connection to `origin`.
