@@ -8,7 +8,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -479,36 +478,106 @@ pub(crate) async fn accept_control(
             if !spoke {
                 return;
             }
-            let requested = Arc::new(AtomicBool::new(false));
+            // Idle (no request in flight) for --handshake-timeout, counted from the accept
+            // before the first request: closed, so that a client holding connections it does
+            // not use gives their slots back. hyper's header read timeout does the same for
+            // HTTP/1.1, which waits for a request head whenever it is idle; nothing in hyper
+            // does it for h2c, which is kept alive by its pings.
+            let activity = Arc::new(ControlActivity::new(first_request_by));
             let service_shared = Arc::clone(&shared);
-            let service_requested = Arc::clone(&requested);
+            let service_activity = Arc::clone(&activity);
             let service = service_fn(move |request| {
-                service_requested.store(true, Ordering::Relaxed);
-                control::handle(request, Arc::clone(&service_shared))
-            });
-            let no_request_in_time = async {
-                tokio::time::sleep_until(first_request_by).await;
-                if requested.load(Ordering::Relaxed) {
-                    std::future::pending::<()>().await;
+                let busy = ControlActivity::begin(&service_activity);
+                let handled = control::handle(request, Arc::clone(&service_shared));
+                async move {
+                    let answer = handled.await;
+                    drop(busy);
+                    answer
                 }
-            };
+            });
+            let idle_limit = shared.config.handshake_timeout;
             let builder = control_http(shared.config.handshake_timeout);
             let io = WritesThatStall::new(stream, shared.config.write_timeout);
             let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = no_request_in_time => {}
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
-                }
+            let closing = tokio::select! {
+                _ = connection.as_mut() => false,
+                _ = activity.idle_for(idle_limit) => true,
+                _ = stop.cancelled() => true,
+            };
+            if closing {
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
             }
             drop(slot);
         });
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Whether a control connection has requests in flight, and since when it has had none.
+struct ControlActivity {
+    state: std::sync::Mutex<ControlIdleness>,
+}
+
+struct ControlIdleness {
+    in_flight: usize,
+    /// When the last request in flight finished (or the connection was accepted).
+    idle_since: tokio::time::Instant,
+}
+
+/// One request in flight on a control connection, until dropped (answered, or given up).
+struct ControlRequest(Arc<ControlActivity>);
+
+impl ControlActivity {
+    /// A connection idle since `since`.
+    fn new(since: tokio::time::Instant) -> ControlActivity {
+        ControlActivity {
+            state: std::sync::Mutex::new(ControlIdleness {
+                in_flight: 0,
+                idle_since: since,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ControlIdleness> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a request in flight until the returned guard is dropped.
+    fn begin(activity: &Arc<ControlActivity>) -> ControlRequest {
+        activity.state().in_flight += 1;
+        ControlRequest(Arc::clone(activity))
+    }
+
+    /// Finishes once the connection has had no request in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let next_look = {
+                let state = self.state();
+                if state.in_flight > 0 {
+                    tokio::time::Instant::now() + limit
+                } else {
+                    state.idle_since + limit
+                }
+            };
+            if next_look <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(next_look).await;
+        }
+    }
+}
+
+impl Drop for ControlRequest {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.in_flight -= 1;
+        if state.in_flight == 0 {
+            state.idle_since = tokio::time::Instant::now();
+        }
+    }
 }
 
 /// A control connection's stream that fails a write making no progress for `limit`: a peer

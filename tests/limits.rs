@@ -922,6 +922,88 @@ async fn a_control_connection_that_stops_inside_the_h2c_preface_is_dropped_after
 }
 
 #[tokio::test]
+async fn an_idle_http1_control_connection_is_closed_after_the_handshake_timeout() {
+    let (_api, gateway) = with_short_handshake_timeout().await;
+    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 12];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let took = time_until_dropped(&mut stream, Instant::now()).await;
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "dropped {took:?} after its answer"
+    );
+}
+
+/// An h2c connection to `control`: its sender, and the task that drives it, which ends when
+/// the gateway closes the connection.
+async fn control_h2c(
+    control: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(control).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driving = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, driving)
+}
+
+/// The status of `GET /healthz` over `sender`.
+async fn healthz_h2c(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
+    control: std::net::SocketAddr,
+) -> u16 {
+    let request = hyper::Request::get(format!("http://{control}/healthz"))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    sender.ready().await.unwrap();
+    let answer = sender.send_request(request).await.unwrap();
+    answer.status().as_u16()
+}
+
+#[tokio::test]
+async fn an_idle_h2c_control_connection_is_closed_after_the_handshake_timeout() {
+    let (_api, gateway) = with_short_handshake_timeout().await;
+    let (mut sender, driving) = control_h2c(gateway.control).await;
+    assert_eq!(healthz_h2c(&mut sender, gateway.control).await, 200);
+    let answered = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), driving)
+        .await
+        .expect("the connection was still open after 10s")
+        .unwrap();
+    let took = answered.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
+        "closed {took:?} after its answer"
+    );
+    assert!(sender.is_closed());
+}
+
+#[tokio::test]
+async fn an_h2c_control_connection_in_use_stays_open_past_the_handshake_timeout() {
+    let (_api, gateway) = with_short_handshake_timeout().await;
+    let (mut sender, driving) = control_h2c(gateway.control).await;
+    // A request every 100 ms for 1.2 s: never 300 ms without one.
+    for _ in 0..12 {
+        assert_eq!(healthz_h2c(&mut sender, gateway.control).await, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!driving.is_finished());
+}
+
+#[tokio::test]
 async fn a_control_client_that_never_reads_its_answers_is_dropped_after_the_write_timeout() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
