@@ -409,7 +409,8 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> Result<(), ExitCo
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT; a second one ends the process at once.
+/// Resolves on the first SIGTERM or SIGINT; a second one ends the process at once (once a
+/// profile file being written is in place).
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -430,6 +431,8 @@ async fn shutdown_signal() {
             _ = int.recv() => {}
         }
         eprintln!("ws2http: second signal, exiting without draining");
+        // A profile file being written is finished first (no longer than the write takes).
+        let _no_more_writes = profile::writes_finished();
         std::process::exit(1);
     });
 }

@@ -243,13 +243,24 @@ fn write_cpu_profile(
     write_file(path, &bytes)
 }
 
-/// Writes `bytes` to `path`, naming the file in the error.
+/// Held while a profile file is written and renamed into place.
+static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Waits until a profile file being written is in place, and holds back any other write for
+/// as long as the returned guard lives: for a process about to exit at once (a second
+/// Ctrl-C), which then leaves neither a file cut short nor a stray `<path>.partial`.
+pub fn writes_finished() -> std::sync::MutexGuard<'static, ()> {
+    WRITING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Writes `bytes` to `path` at once: into `<path>.partial` beside it, then renamed, so that
-/// a process stopped mid-write (a second Ctrl-C) leaves the file as it was, not cut short.
+/// a process stopped mid-write (by SIGKILL) leaves the file as it was, not cut short. The
+/// error names the file.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ProfileError> {
     let mut partial = path.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
+    let _writing = writes_finished();
     std::fs::write(&partial, bytes)
         .and_then(|()| std::fs::rename(&partial, path))
         .map_err(|source| {
@@ -392,6 +403,27 @@ mod tests {
         let path = std::env::temp_dir().join(format!("ws2http-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         path
+    }
+
+    #[test]
+    fn a_profile_write_waits_while_an_exit_holds_writes_back() {
+        let path = temp_path("held-back.pb");
+        let partial = PathBuf::from(format!("{}.partial", path.display()));
+        let held = writes_finished();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || write_file(&path, b"profile"))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !path.exists() && !partial.exists(),
+            "written while held back"
+        );
+        drop(held);
+        writer.join().unwrap().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"profile");
+        assert!(!partial.exists());
+        let _ = std::fs::remove_file(&path);
     }
 
     /// Burns CPU for `duration` in a frame with a recognisable name.
