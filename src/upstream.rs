@@ -22,7 +22,7 @@ use crate::config::Config;
 mod limit;
 mod pool;
 use limit::{ConcurrencyLimit, RequestKind, Slot};
-use pool::{Dialer, Pool};
+use pool::{ApiAddress, Dialer, Pool};
 
 /// How long an unused API connection is kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -182,7 +182,7 @@ impl Upstream {
         max_waiting: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Upstream, UpstreamSetupError> {
-        let dialer = match &config.api_unix_socket {
+        let address = match &config.api_unix_socket {
             Some(path) => {
                 if config.api.is_https() {
                     return Err(UpstreamSetupError(format!(
@@ -191,9 +191,13 @@ impl Upstream {
                         path.display()
                     )));
                 }
-                Dialer::UnixSocket(Arc::new(path.clone()), connect_timeout(config))
+                ApiAddress::UnixSocket(Arc::new(path.clone()))
             }
-            None => Dialer::Network(network_connector(config)?, connect_timeout(config)),
+            None => ApiAddress::Network(network_connector(config)?),
+        };
+        let dialer = Dialer {
+            address,
+            timeout: connect_timeout(config),
         };
         let origin: Uri = config
             .api

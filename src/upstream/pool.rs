@@ -47,15 +47,23 @@ const REAP_PERIOD: Duration = Duration::from_millis(500);
 
 type Body = Full<Bytes>;
 
-/// How a new API connection is opened.
+/// How a new API connection is opened: where to, and how long it may take.
 #[derive(Clone)]
-pub(super) enum Dialer {
-    /// TCP to the origin's host and port, with TLS for `https://`; name lookup, connect and
-    /// TLS handshake together within the timeout.
-    Network(HttpsConnector<HttpConnector>, Duration),
-    /// A Unix stream socket at this path (plain HTTP); a connect that does not complete
-    /// within the timeout fails.
-    UnixSocket(Arc<PathBuf>, Duration),
+pub(super) struct Dialer {
+    /// Where the API listens.
+    pub(super) address: ApiAddress,
+    /// Opening a connection (name lookup, connect and TLS handshake together) that takes
+    /// longer fails.
+    pub(super) timeout: Duration,
+}
+
+/// Where the API listens.
+#[derive(Clone)]
+pub(super) enum ApiAddress {
+    /// TCP to the origin's host and port, with TLS for `https://`.
+    Network(HttpsConnector<HttpConnector>),
+    /// A Unix stream socket at this path (plain HTTP).
+    UnixSocket(Arc<PathBuf>),
 }
 
 /// The pooled connections to one API origin.
@@ -367,13 +375,14 @@ impl Pool {
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
-        match &self.dialer {
-            Dialer::Network(connector, timeout) => {
-                let connecting = connect_network(connector.clone(), self.origin.clone(), *timeout);
+        let timeout = self.dialer.timeout;
+        match &self.dialer.address {
+            ApiAddress::Network(connector) => {
+                let connecting = connect_network(connector.clone(), self.origin.clone(), timeout);
                 handshake_h2(connecting.await?).await
             }
-            Dialer::UnixSocket(path, timeout) => {
-                handshake_h2(connect_unix_socket(path, *timeout).await?).await
+            ApiAddress::UnixSocket(path) => {
+                handshake_h2(connect_unix_socket(path, timeout).await?).await
             }
         }
     }
@@ -448,11 +457,12 @@ async fn connect_unix_socket(
 
 /// Opens an HTTP/1.1 connection to the API and spawns the task that drives it.
 async fn open_h1(dialer: Dialer, origin: Uri) -> Result<http1::SendRequest<Body>, UpstreamError> {
-    match dialer {
-        Dialer::Network(connector, timeout) => {
+    let timeout = dialer.timeout;
+    match dialer.address {
+        ApiAddress::Network(connector) => {
             handshake_h1(connect_network(connector, origin, timeout).await?).await
         }
-        Dialer::UnixSocket(path, timeout) => {
+        ApiAddress::UnixSocket(path) => {
             handshake_h1(connect_unix_socket(&path, timeout).await?).await
         }
     }
