@@ -115,16 +115,7 @@ impl Drop for OneStreamApi {
 #[tokio::test]
 async fn h2c_request_handed_back_unsent_by_a_dropped_connection_is_sent_again() {
     let api = OneStreamApi::start().await;
-    let gateway = TestGateway::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        control_listen: "127.0.0.1:0".parse().unwrap(),
-        api: format!("http://{}/", api.addr).parse().unwrap(),
-        upstream_http2: true,
-        upstream_timeout: Duration::from_secs(5),
-        shutdown_timeout: Duration::from_secs(5),
-        ..Config::default()
-    })
-    .await;
+    let gateway = h2c_gateway(api.addr).await;
     let mut on_the_wire = gateway.connect("/on-the-wire").await;
     let mut waiting_for_a_stream = gateway.connect("/waiting-for-a-stream").await;
     let mut not_yet_taken = gateway.connect("/not-yet-taken").await;
@@ -273,64 +264,68 @@ fn refusal(turn_away: TurnAway, stream: u32) -> Vec<u8> {
     }
 }
 
-/// A gateway speaking h2c to `api`, and one client of it.
-async fn gateway_and_client(api: &FrameApi) -> (TestGateway, Ws) {
-    let gateway = TestGateway::start(Config {
+/// A gateway speaking h2c to the API at `api`.
+async fn h2c_gateway(api: SocketAddr) -> TestGateway {
+    TestGateway::start(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         control_listen: "127.0.0.1:0".parse().unwrap(),
-        api: format!("http://{}/", api.addr).parse().unwrap(),
+        api: format!("http://{api}/").parse().unwrap(),
         upstream_http2: true,
         upstream_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(5),
         ..Config::default()
     })
-    .await;
+    .await
+}
+
+/// A gateway speaking h2c to `api`, and one client of it.
+async fn gateway_and_client(api: &FrameApi) -> (TestGateway, Ws) {
+    let gateway = h2c_gateway(api.addr).await;
     let client = gateway.connect("/turned-away").await;
     (gateway, client)
 }
 
-#[tokio::test]
-async fn h2c_request_above_the_apis_goaway_is_sent_again_on_a_new_connection() {
-    let api = FrameApi::start(TurnAway::GoAway, 1..2).await;
+/// Checks that the first message's POST, turned away once by `turn_away`, is answered on its
+/// second try, after the API had seen `connections` connections in all.
+async fn assert_answered_on_the_second_try(turn_away: TurnAway, connections: usize) {
+    let api = FrameApi::start(turn_away, 1..2).await;
     let (_gateway, mut client) = gateway_and_client(&api).await;
 
     assert_eq!(round_trip(&mut client, "first").await, "ok");
     assert_eq!(api.posts.load(Ordering::SeqCst), 2);
-    assert_eq!(api.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(api.connections.load(Ordering::SeqCst), connections);
+}
+
+/// Checks that the first message, its POSTs turned away by `turn_away` while their numbers are
+/// in `refused`, closes its client with 1011 after the API saw `posts` POSTs.
+async fn assert_failed_after(turn_away: TurnAway, refused: std::ops::Range<usize>, posts: usize) {
+    let api = FrameApi::start(turn_away, refused).await;
+    let (_gateway, mut client) = gateway_and_client(&api).await;
+
+    client.send(Message::text("first")).await.unwrap();
+    assert_eq!(
+        close_frame(&mut client).await,
+        (1011, "upstream error".to_owned())
+    );
+    assert_eq!(api.posts.load(Ordering::SeqCst), posts);
+}
+
+#[tokio::test]
+async fn h2c_request_above_the_apis_goaway_is_sent_again_on_a_new_connection() {
+    assert_answered_on_the_second_try(TurnAway::GoAway, 2).await;
 }
 
 #[tokio::test]
 async fn h2c_request_reset_with_refused_stream_is_sent_again_on_the_same_connection() {
-    let api = FrameApi::start(TurnAway::RefusedStream, 1..2).await;
-    let (_gateway, mut client) = gateway_and_client(&api).await;
-
-    assert_eq!(round_trip(&mut client, "first").await, "ok");
-    assert_eq!(api.posts.load(Ordering::SeqCst), 2);
-    assert_eq!(api.connections.load(Ordering::SeqCst), 1);
+    assert_answered_on_the_second_try(TurnAway::RefusedStream, 1).await;
 }
 
 #[tokio::test]
 async fn h2c_request_refused_twice_fails_after_one_more_try() {
-    let api = FrameApi::start(TurnAway::RefusedStream, 1..usize::MAX).await;
-    let (_gateway, mut client) = gateway_and_client(&api).await;
-
-    client.send(Message::text("first")).await.unwrap();
-    assert_eq!(
-        close_frame(&mut client).await,
-        (1011, "upstream error".to_owned())
-    );
-    assert_eq!(api.posts.load(Ordering::SeqCst), 2);
+    assert_failed_after(TurnAway::RefusedStream, 1..usize::MAX, 2).await;
 }
 
 #[tokio::test]
 async fn h2c_request_reset_with_another_error_is_not_sent_again() {
-    let api = FrameApi::start(TurnAway::InternalError, 1..2).await;
-    let (_gateway, mut client) = gateway_and_client(&api).await;
-
-    client.send(Message::text("first")).await.unwrap();
-    assert_eq!(
-        close_frame(&mut client).await,
-        (1011, "upstream error".to_owned())
-    );
-    assert_eq!(api.posts.load(Ordering::SeqCst), 1);
+    assert_failed_after(TurnAway::InternalError, 1..2, 1).await;
 }
