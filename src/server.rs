@@ -468,7 +468,8 @@ pub(crate) async fn accept_control(
             // h2c's opening, without a deadline of its own: a connection that sends nothing,
             // or only the start of that opening, loses its slot, as does one still silent
             // when the shutdown starts.
-            let first_request_by = tokio::time::Instant::now() + shared.config.handshake_timeout;
+            let accepted = tokio::time::Instant::now();
+            let first_request_by = accepted + shared.config.handshake_timeout;
             let spoke = tokio::select! {
                 within = tokio::time::timeout_at(first_request_by, spoke(&stream)) => {
                     matches!(within, Ok(true))
@@ -483,7 +484,7 @@ pub(crate) async fn accept_control(
             // not use gives their slots back. hyper's header read timeout does the same for
             // HTTP/1.1, which waits for a request head whenever it is idle; nothing in hyper
             // does it for h2c, which is kept alive by its pings.
-            let activity = Arc::new(ControlActivity::new(first_request_by));
+            let activity = Arc::new(ControlActivity::new(accepted));
             let service_shared = Arc::clone(&shared);
             let service_activity = Arc::clone(&activity);
             let service = service_fn(move |request| {
@@ -501,13 +502,26 @@ pub(crate) async fn accept_control(
             let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
             let closing = tokio::select! {
-                _ = connection.as_mut() => false,
-                _ = activity.idle_for(idle_limit) => true,
-                _ = stop.cancelled() => true,
+                _ = connection.as_mut() => None,
+                _ = activity.idle_for(idle_limit, None) => Some(shared.config.write_timeout),
+                _ = stop.cancelled() => Some(CONTROL_CLOSING_GRACE),
             };
-            if closing {
+            if let Some(limit) = closing {
+                // After the graceful shutdown (h2c: a GOAWAY and a ping the client may never
+                // answer), the connection goes once it has had no request in flight for
+                // CONTROL_CLOSING_GRACE: answers still being written (a large heap profile
+                // read slowly, a request that crossed the GOAWAY) get up to --write-timeout
+                // when the connection was idle, and CONTROL_CLOSING_GRACE when the gateway
+                // stops.
                 connection.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+                let quiet = tokio::time::Instant::now() + CONTROL_CLOSING_GRACE;
+                let _ = tokio::time::timeout(limit, async {
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        _ = activity.idle_for(CONTROL_CLOSING_GRACE, Some(quiet)) => {}
+                    }
+                })
+                .await;
             }
             drop(slot);
         });
@@ -551,15 +565,16 @@ impl ControlActivity {
         ControlRequest(Arc::clone(activity))
     }
 
-    /// Finishes once the connection has had no request in flight for `limit`.
-    async fn idle_for(&self, limit: Duration) {
+    /// Finishes once the connection has had no request in flight for `limit`, and not
+    /// before `not_before`.
+    async fn idle_for(&self, limit: Duration, not_before: Option<tokio::time::Instant>) {
         loop {
             let next_look = {
                 let state = self.state();
                 if state.in_flight > 0 {
                     tokio::time::Instant::now() + limit
                 } else {
-                    state.idle_since + limit
+                    (state.idle_since + limit).max(not_before.unwrap_or(state.idle_since))
                 }
             };
             if next_look <= tokio::time::Instant::now() {
@@ -670,6 +685,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WritesThatStall<S> {
     }
 }
 
+/// How long a control connection being closed may stay without a request in flight.
+const CONTROL_CLOSING_GRACE: Duration = Duration::from_secs(1);
 /// HTTP/2 streams one control connection may carry at once.
 const MAX_CONTROL_STREAMS: u32 = 256;
 /// Ping an idle HTTP/2 control connection this often; close it if the answer takes longer than
