@@ -163,6 +163,10 @@ enum TurnAway {
     RefusedStream,
     /// RST_STREAM with INTERNAL_ERROR: the API may have processed the request.
     InternalError,
+    /// With one stream at a time allowed on each connection: the POST is held until
+    /// [`FrameApi::release`] is notified, and then answered after a GOAWAY whose last stream
+    /// id is the POST's own, which turns away the request waiting for its stream.
+    HoldThenGoAway,
 }
 
 /// An h2c API written frame by frame, because no HTTP/2 server library refuses a chosen stream
@@ -172,6 +176,7 @@ struct FrameApi {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     posts: Arc<AtomicUsize>,
+    release: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -182,24 +187,35 @@ impl FrameApi {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let posts = Arc::new(AtomicUsize::new(0));
-        let (counted, seen) = (connections.clone(), posts.clone());
+        let release = Arc::new(Notify::new());
+        let (counted, seen, released) = (connections.clone(), posts.clone(), release.clone());
+        let settings = if turn_away == TurnAway::HoldThenGoAway {
+            // SETTINGS_MAX_CONCURRENT_STREAMS = 1.
+            vec![0, 0x3, 0, 0, 0, 1]
+        } else {
+            Vec::new()
+        };
         let task = tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
+            while let Ok((socket, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                let (seen, refused) = (seen.clone(), refused.clone());
+                let (seen, refused, released) = (seen.clone(), refused.clone(), released.clone());
+                let (mut reader, writer) = socket.into_split();
+                let writer = Arc::new(tokio::sync::Mutex::new(writer));
+                let settings = settings.clone();
                 tokio::spawn(async move {
                     let mut preface = [0u8; 24];
-                    socket.read_exact(&mut preface).await?;
+                    reader.read_exact(&mut preface).await?;
                     assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-                    socket.write_all(&frame(0x4, 0, 0, &[])).await?;
+                    let opening = frame(0x4, 0, 0, &settings);
+                    writer.lock().await.write_all(&opening).await?;
                     loop {
                         let mut head = [0u8; 9];
-                        socket.read_exact(&mut head).await?;
+                        reader.read_exact(&mut head).await?;
                         let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
                         let (kind, flags) = (head[3], head[4]);
                         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
                         let mut payload = vec![0u8; length];
-                        socket.read_exact(&mut payload).await?;
+                        reader.read_exact(&mut payload).await?;
                         let reply = match kind {
                             // SETTINGS (not an ACK): acknowledge.
                             0x4 if flags & 0x1 == 0 => frame(0x4, 0x1, 0, &[]),
@@ -209,17 +225,23 @@ impl FrameApi {
                             0x1 if flags & 0x1 == 0
                                 && refused.contains(&(seen.fetch_add(1, Ordering::SeqCst) + 1)) =>
                             {
-                                refusal(turn_away, stream)
+                                if turn_away != TurnAway::HoldThenGoAway {
+                                    refusal(turn_away, stream)
+                                } else {
+                                    let (writer, released) = (writer.clone(), released.clone());
+                                    tokio::spawn(async move {
+                                        released.notified().await;
+                                        let mut last = refusal(turn_away, stream);
+                                        last.extend(answer_ok(stream));
+                                        writer.lock().await.write_all(&last).await
+                                    });
+                                    continue;
+                                }
                             }
-                            // Any other HEADERS: `:status: 200` (HPACK static index 8), `ok`.
-                            0x1 => {
-                                let mut answer = frame(0x1, 0x4, stream, &[0x88]);
-                                answer.extend(frame(0x0, 0x1, stream, b"ok"));
-                                answer
-                            }
+                            0x1 => answer_ok(stream),
                             _ => continue,
                         };
-                        socket.write_all(&reply).await?;
+                        writer.lock().await.write_all(&reply).await?;
                     }
                     #[allow(unreachable_code)]
                     Ok::<(), std::io::Error>(())
@@ -230,6 +252,7 @@ impl FrameApi {
             addr,
             connections,
             posts,
+            release,
             task,
         }
     }
@@ -239,6 +262,13 @@ impl Drop for FrameApi {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The answer to `stream`: `:status: 200` (HPACK static index 8), then the body `ok`.
+fn answer_ok(stream: u32) -> Vec<u8> {
+    let mut answer = frame(0x1, 0x4, stream, &[0x88]);
+    answer.extend(frame(0x0, 0x1, stream, b"ok"));
+    answer
 }
 
 /// One HTTP/2 frame: type, flags, stream id, payload.
@@ -254,14 +284,19 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 fn refusal(turn_away: TurnAway, stream: u32) -> Vec<u8> {
     match turn_away {
         // GOAWAY: last stream id (the one before), NO_ERROR.
-        TurnAway::GoAway => {
-            let mut payload = (stream - 2).to_be_bytes().to_vec();
-            payload.extend(0u32.to_be_bytes());
-            frame(0x7, 0, 0, &payload)
-        }
+        TurnAway::GoAway => go_away(stream - 2),
+        // GOAWAY: last stream id this one, NO_ERROR.
+        TurnAway::HoldThenGoAway => go_away(stream),
         TurnAway::RefusedStream => frame(0x3, 0, stream, &0x7u32.to_be_bytes()),
         TurnAway::InternalError => frame(0x3, 0, stream, &0x2u32.to_be_bytes()),
     }
+}
+
+/// A GOAWAY frame with `last_stream` and NO_ERROR.
+fn go_away(last_stream: u32) -> Vec<u8> {
+    let mut payload = last_stream.to_be_bytes().to_vec();
+    payload.extend(0u32.to_be_bytes());
+    frame(0x7, 0, 0, &payload)
 }
 
 /// A gateway speaking h2c to the API at `api`.
@@ -328,4 +363,31 @@ async fn h2c_request_refused_twice_fails_after_one_more_try() {
 #[tokio::test]
 async fn h2c_request_reset_with_another_error_is_not_sent_again() {
     assert_failed_after(TurnAway::InternalError, 1..2, 1).await;
+}
+
+#[tokio::test]
+async fn h2c_request_waiting_for_a_stream_when_the_api_goes_away_is_sent_on_a_new_connection() {
+    let api = FrameApi::start(TurnAway::HoldThenGoAway, 1..2).await;
+    let gateway = h2c_gateway(api.addr).await;
+    let mut on_the_wire = gateway.connect("/on-the-wire").await;
+    let mut waiting = gateway.connect("/waiting-for-a-stream").await;
+
+    // The API allows one stream at a time and holds the first POST: the second waits inside
+    // the HTTP/2 connection for a stream, unsent.
+    on_the_wire.send(Message::text("first")).await.unwrap();
+    for _ in 0..500 {
+        if api.posts.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    waiting.send(Message::text("second")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(api.posts.load(Ordering::SeqCst), 1, "one stream at a time");
+    api.release.notify_one();
+
+    assert_eq!(next_text(&mut on_the_wire).await, "ok");
+    assert_eq!(next_text(&mut waiting).await, "ok");
+    assert_eq!(api.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(api.posts.load(Ordering::SeqCst), 2);
 }

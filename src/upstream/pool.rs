@@ -84,7 +84,16 @@ struct State {
     idle: Vec<Idle>,
     open: usize,
     connecting: usize,
-    shared: Option<http2::SendRequest<Body>>,
+    shared: Option<SharedH2>,
+    /// HTTP/2 connections opened so far, to number them.
+    h2_opened: u64,
+}
+
+/// The HTTP/2 connection requests share, and its number (in the order opened).
+#[derive(Clone)]
+struct SharedH2 {
+    sender: http2::SendRequest<Body>,
+    number: u64,
 }
 
 struct Idle {
@@ -287,7 +296,7 @@ impl Pool {
             Uri::from_parts(parts).map_err(|e| UpstreamError::Broken(e.to_string()))?;
         let mut retried = false;
         loop {
-            let mut sender = self.shared_h2().await?;
+            let SharedH2 { mut sender, number } = self.shared_h2().await?;
             // A stream the API turns away unprocessed comes back without its request: this
             // copy (the body's `Bytes` shared, not copied) is what goes out once more.
             let spare = (!retried).then(|| copy_request(&request));
@@ -302,15 +311,16 @@ impl Pool {
                         // Once more, on a fresh connection.
                         (Some(unsent), Some(_)) => {
                             request = unsent;
-                            self.forget_h2();
+                            self.forget_h2(number);
                         }
-                        // Sent, and the API said it did not process it (RFC 9113, 8.7): a
-                        // stream above a GOAWAY's last stream id, or reset with
-                        // REFUSED_STREAM. Once more; after a GOAWAY, on a fresh connection.
+                        // Not processed (RFC 9113, 8.7): a stream above a GOAWAY's last
+                        // stream id, one reset with REFUSED_STREAM, or one that was still
+                        // waiting for the API to allow another stream when the connection
+                        // ended. Once more; unless refused alone, on a fresh connection.
                         (None, Some(spare)) if refusal.is_some() => {
                             request = spare;
-                            if refusal == Some(Refusal::GoingAway) {
-                                self.forget_h2();
+                            if refusal != Some(Refusal::RefusedStream) {
+                                self.forget_h2(number);
                             }
                         }
                         _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
@@ -322,14 +332,17 @@ impl Pool {
         }
     }
 
-    /// Stops sharing the current HTTP/2 connection, so that the next request opens another;
-    /// requests still on it finish there. (A handle cannot tell whether it is the one that
-    /// turned a request away; at worst a fresh connection is replaced once more.)
-    fn forget_h2(&self) {
-        self.state().shared = None;
+    /// Stops sharing HTTP/2 connection number `number`, if it is still the shared one, so that
+    /// the next request opens another; requests still on it finish there. (Many requests
+    /// turned away by one GOAWAY thus replace it once, not once each.)
+    fn forget_h2(&self, number: u64) {
+        let mut state = self.state();
+        if state.shared.as_ref().map(|shared| shared.number) == Some(number) {
+            state.shared = None;
+        }
     }
 
-    async fn shared_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    async fn shared_h2(&self) -> Result<SharedH2, UpstreamError> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -337,7 +350,7 @@ impl Pool {
             let connect = {
                 let mut state = self.state();
                 match &state.shared {
-                    Some(sender) if !sender.is_closed() => Some(sender.clone()),
+                    Some(shared) if !shared.sender.is_closed() => Some(shared.clone()),
                     _ => {
                         state.shared = None;
                         None
@@ -354,18 +367,24 @@ impl Pool {
                 })
             };
             match connect {
-                Ok(mut sender) => {
-                    if sender.ready().await.is_ok() {
-                        return Ok(sender);
+                Ok(mut shared) => {
+                    if shared.sender.ready().await.is_ok() {
+                        return Ok(shared);
                     }
-                    self.state().shared = None;
+                    self.forget_h2(shared.number);
                 }
                 Err(true) => {
                     let opening = Opening { pool: self };
-                    let opened = self.connect_h2().await;
-                    if let Ok(sender) = &opened {
-                        self.state().shared = Some(sender.clone());
-                    }
+                    let opened = self.connect_h2().await.map(|sender| {
+                        let mut state = self.state();
+                        state.h2_opened += 1;
+                        let shared = SharedH2 {
+                            sender,
+                            number: state.h2_opened,
+                        };
+                        state.shared = Some(shared.clone());
+                        shared
+                    });
                     drop(opening);
                     return opened;
                 }
@@ -388,7 +407,7 @@ impl Pool {
     }
 }
 
-/// How the API told an HTTP/2 request it had not processed it.
+/// How an HTTP/2 request that failed is known not to have been processed by the API.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Refusal {
     /// The stream was above the last stream id of the API's GOAWAY: the connection takes no
@@ -396,11 +415,19 @@ enum Refusal {
     GoingAway,
     /// The stream was reset with REFUSED_STREAM: the connection still takes others.
     RefusedStream,
+    /// The request never got a stream: it was waiting inside hyper for the API to allow one
+    /// more (its SETTINGS_MAX_CONCURRENT_STREAMS) when the connection ended, and hyper
+    /// dropped it without its request ("dispatch task is gone"). With a body that cannot
+    /// fail, as ours, that is the only user error a sent request can end with.
+    NeverSent,
 }
 
 /// Whether `error` says that the API did not process the request, so that sending it again
 /// cannot do anything twice.
 fn unprocessed_by_api(error: &hyper::Error) -> Option<Refusal> {
+    if error.is_user() {
+        return Some(Refusal::NeverSent);
+    }
     let h2 = std::error::Error::source(error)?.downcast_ref::<h2::Error>()?;
     if !h2.is_remote() {
         None
