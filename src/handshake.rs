@@ -22,6 +22,7 @@ use tokio_websockets::{Config as WsConfig, Limits, ServerBuilder};
 
 use crate::identity::{ClientId, ConnectionId};
 use crate::metrics::RefusalReason;
+use crate::registry::Insertion;
 use crate::server::Io;
 use crate::session::{self, Command, SessionHandle};
 use crate::upstream::{ApiAnswer, ConnectHeaders, ConnectionContext, UpstreamError};
@@ -327,14 +328,28 @@ async fn route(
         .metrics
         .connections_opened
         .fetch_add(1, Ordering::Relaxed);
-    if let Some(older) = shared.registry.insert(Arc::clone(&handle)) {
-        tracing::debug!(
-            client_id = %handle.client_id,
-            older = %older.connection_id,
-            newer = %connection_id,
-            "same ClientId connected again; closing the older connection with 4000"
-        );
-        older.command(Command::Replaced);
+    match shared.registry.insert(Arc::clone(&handle)) {
+        Insertion::First => {}
+        Insertion::Replaced(older) => {
+            tracing::debug!(
+                client_id = %handle.client_id,
+                older = %older.connection_id,
+                newer = %connection_id,
+                "same ClientId connected again; closing the older connection with 4000"
+            );
+            older.command(Command::Replaced);
+        }
+        Insertion::Superseded(newer) => {
+            // Its approval came after a connection that began later had opened: it opens
+            // only to be closed as replaced, as if it had opened first.
+            tracing::debug!(
+                client_id = %handle.client_id,
+                older = %connection_id,
+                newer = %newer.connection_id,
+                "approved after a newer connection of the same ClientId; closing it with 4000"
+            );
+            handle.command(Command::Replaced);
+        }
     }
     if shared.is_draining() {
         handle.command(Command::Shutdown);

@@ -11,6 +11,17 @@ const SHARDS: usize = 16;
 /// A shard's table is never shrunk below this many entries.
 const MIN_SHARD_CAPACITY: usize = 64;
 
+/// What [`Registry::insert`] did with a session.
+pub enum Insertion {
+    /// The ClientId had no session here; now it has this one.
+    First,
+    /// The session replaced this older one of the same ClientId, which is to be closed.
+    Replaced(Arc<SessionHandle>),
+    /// Not inserted: this session of the same ClientId is of a connection that began its
+    /// handshake later, and keeps the ClientId; the one offered is to be closed.
+    Superseded(Arc<SessionHandle>),
+}
+
 /// The connected clients of this gateway.
 pub struct Registry {
     shards: [Mutex<HashMap<ClientId, Arc<SessionHandle>>>; SHARDS],
@@ -33,10 +44,21 @@ impl Registry {
         self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes `handle` the session of its ClientId; returns the session it replaces, if any.
-    pub fn insert(&self, handle: Arc<SessionHandle>) -> Option<Arc<SessionHandle>> {
-        self.shard(&handle.client_id)
-            .insert(handle.client_id.clone(), handle)
+    /// Makes `handle` the session of its ClientId, unless the session there now is of a
+    /// connection whose handshake began later (a newer [`ConnectionId`]): the newer connection
+    /// keeps the ClientId, whichever of the two the API approved last.
+    pub fn insert(&self, handle: Arc<SessionHandle>) -> Insertion {
+        let mut shard = self.shard(&handle.client_id);
+        match shard.get_mut(&handle.client_id) {
+            None => {
+                shard.insert(handle.client_id.clone(), handle);
+                Insertion::First
+            }
+            Some(current) if current.connection_id > handle.connection_id => {
+                Insertion::Superseded(Arc::clone(current))
+            }
+            Some(current) => Insertion::Replaced(std::mem::replace(current, handle)),
+        }
     }
 
     /// The current session of `client_id`.
@@ -109,13 +131,33 @@ mod tests {
         let registry = Registry::default();
         let old = handle("a");
         let new = handle("a");
-        assert!(registry.insert(old.clone()).is_none());
-        let replaced = registry.insert(new.clone()).unwrap();
+        assert!(matches!(registry.insert(old.clone()), Insertion::First));
+        let Insertion::Replaced(replaced) = registry.insert(new.clone()) else {
+            panic!("the older one is replaced");
+        };
         assert_eq!(replaced.connection_id, old.connection_id);
         assert_eq!(
             registry.get(&new.client_id).unwrap().connection_id,
             new.connection_id
         );
+    }
+
+    #[test]
+    fn an_older_connection_inserted_after_a_newer_one_does_not_replace_it() {
+        let registry = Registry::default();
+        let old = handle("a");
+        let new = handle("a");
+        assert!(matches!(registry.insert(new.clone()), Insertion::First));
+        let Insertion::Superseded(keeping) = registry.insert(old.clone()) else {
+            panic!("the older one is not inserted");
+        };
+        assert_eq!(keeping.connection_id, new.connection_id);
+        assert_eq!(
+            registry.get(&new.client_id).unwrap().connection_id,
+            new.connection_id
+        );
+        assert!(!registry.remove(&old.client_id, old.connection_id));
+        assert_eq!(registry.len(), 1);
     }
 
     #[test]

@@ -902,6 +902,38 @@ async fn two_hundred_connections_each_get_their_own_twenty_replies() {
 // ---- the same ClientId twice ----
 
 #[tokio::test]
+async fn a_connection_approved_after_a_newer_one_of_its_client_id_is_closed_as_replaced() {
+    // Two tabs of one client: the first one's GET is slow, the second connects meanwhile.
+    // The second came later, so it is the newer and it stays, whichever approval came last.
+    let api = MockApi::with_script(|seen| match seen.method.as_str() {
+        "GET" if seen.uri.contains("tab=1") => Reply::ok("ok").after(Duration::from_millis(600)),
+        _ => echo_script(seen),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let (mut first, mut second) = tokio::join!(gateway.connect("/two-tabs?tab=1"), async {
+        api.wait_for("GET", 1).await;
+        gateway.connect("/two-tabs?tab=2").await
+    });
+    let (code, reason) = close_frame(&mut first).await;
+    assert_eq!((code, reason.as_str()), (4000, "replaced"));
+    let deletes = api.wait_for("DELETE", 1).await;
+    assert_eq!(deletes[0].body, Bytes::from_static(b"replaced"));
+    assert_eq!(
+        deletes[0].header("x-connection-id"),
+        api.seen_with("GET")[0].header("x-connection-id"),
+        "the DELETE is the first tab's"
+    );
+    let response = gateway.control("POST", "/two-tabs", b"to the newer").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(next_text(&mut second).await, "to the newer");
+    assert_eq!(
+        round_trip(&mut second, "still here").await,
+        "echo:still here"
+    );
+}
+
+#[tokio::test]
 async fn a_second_connection_with_the_same_client_id_replaces_the_first() {
     let (api, gateway) = setup().await;
     let mut older = gateway.connect("/dup").await;
