@@ -479,9 +479,9 @@ pub(crate) async fn accept_control(
             if !spoke {
                 return;
             }
-            // Idle (no request in flight) for --handshake-timeout, counted from the accept
-            // before the first request: closed, so that a client holding connections it does
-            // not use gives their slots back. hyper's header read timeout does the same for
+            // Idle (no request in flight, no answer waiting for the peer to read) for
+            // --handshake-timeout, counted from the accept before the first request: closed,
+            // so that a client holding connections it does not use gives their slots back. hyper's header read timeout does the same for
             // HTTP/1.1, which waits for a request head whenever it is idle; nothing in hyper
             // does it for h2c, which is kept alive by its pings.
             let activity = Arc::new(ControlActivity::new(accepted));
@@ -498,30 +498,35 @@ pub(crate) async fn accept_control(
             });
             let idle_limit = shared.config.handshake_timeout;
             let builder = control_http(shared.config.handshake_timeout);
-            let io = WritesThatStall::new(stream, shared.config.write_timeout);
+            let io =
+                WritesThatStall::new(stream, shared.config.write_timeout, Arc::clone(&activity));
             let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
-            let closing = tokio::select! {
+            let stopping = tokio::select! {
                 _ = connection.as_mut() => None,
-                _ = activity.idle_for(idle_limit, None) => Some(shared.config.write_timeout),
-                _ = stop.cancelled() => Some(CONTROL_CLOSING_GRACE),
+                _ = activity.idle_for(idle_limit, None) => Some(false),
+                _ = stop.cancelled() => Some(true),
             };
-            if let Some(limit) = closing {
-                // After the graceful shutdown (h2c: a GOAWAY and a ping the client may never
-                // answer), the connection goes once it has had no request in flight for
-                // CONTROL_CLOSING_GRACE: answers still being written (a large heap profile
-                // read slowly, a request that crossed the GOAWAY) get up to --write-timeout
-                // when the connection was idle, and CONTROL_CLOSING_GRACE when the gateway
-                // stops.
+            if let Some(stopping) = stopping {
+                // After the graceful shutdown (h2c: a GOAWAY, and a ping the client may never
+                // answer), the connection goes once it has been idle for
+                // CONTROL_CLOSING_GRACE. Answers still being written (a large heap profile
+                // read slowly, a request that crossed the GOAWAY) keep it busy for as long as
+                // the peer reads, each write for at most --write-timeout (WritesThatStall);
+                // once the gateway stops, for at most CONTROL_CLOSING_GRACE more.
                 connection.as_mut().graceful_shutdown();
                 let quiet = tokio::time::Instant::now() + CONTROL_CLOSING_GRACE;
-                let _ = tokio::time::timeout(limit, async {
-                    tokio::select! {
-                        _ = connection.as_mut() => {}
-                        _ = activity.idle_for(CONTROL_CLOSING_GRACE, Some(quiet)) => {}
+                let stop_waiting = async {
+                    if !stopping {
+                        stop.cancelled().await;
                     }
-                })
-                .await;
+                    tokio::time::sleep(CONTROL_CLOSING_GRACE).await;
+                };
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    _ = activity.idle_for(CONTROL_CLOSING_GRACE, Some(quiet)) => {}
+                    _ = stop_waiting => {}
+                }
             }
             drop(slot);
         });
@@ -530,15 +535,24 @@ pub(crate) async fn accept_control(
     connections.wait().await;
 }
 
-/// Whether a control connection has requests in flight, and since when it has had none.
+/// Whether a control connection is busy (requests in flight, or an answer waiting for the
+/// peer to read), and since when it has been idle.
 struct ControlActivity {
     state: std::sync::Mutex<ControlIdleness>,
 }
 
 struct ControlIdleness {
     in_flight: usize,
-    /// When the last request in flight finished (or the connection was accepted).
+    /// A write is waiting for the peer to read (a large answer read slowly).
+    write_waiting: bool,
+    /// When the connection last became idle (or was accepted).
     idle_since: tokio::time::Instant,
+}
+
+impl ControlIdleness {
+    fn busy(&self) -> bool {
+        self.in_flight > 0 || self.write_waiting
+    }
 }
 
 /// One request in flight on a control connection, until dropped (answered, or given up).
@@ -550,6 +564,7 @@ impl ControlActivity {
         ControlActivity {
             state: std::sync::Mutex::new(ControlIdleness {
                 in_flight: 0,
+                write_waiting: false,
                 idle_since: since,
             }),
         }
@@ -565,13 +580,27 @@ impl ControlActivity {
         ControlRequest(Arc::clone(activity))
     }
 
-    /// Finishes once the connection has had no request in flight for `limit`, and not
-    /// before `not_before`.
+    /// Notes that a write started or stopped waiting for the peer to read.
+    fn set_write_waiting(&self, waiting: bool) {
+        let mut state = self.state();
+        state.write_waiting = waiting;
+        if !state.busy() {
+            state.idle_since = tokio::time::Instant::now();
+        }
+    }
+
+    /// Whether a request is in flight or a write waits for the peer.
+    #[cfg(test)]
+    fn busy(&self) -> bool {
+        self.state().busy()
+    }
+
+    /// Finishes once the connection has been idle for `limit`, and not before `not_before`.
     async fn idle_for(&self, limit: Duration, not_before: Option<tokio::time::Instant>) {
         loop {
             let next_look = {
                 let state = self.state();
-                if state.in_flight > 0 {
+                if state.busy() {
                     tokio::time::Instant::now() + limit
                 } else {
                     (state.idle_since + limit).max(not_before.unwrap_or(state.idle_since))
@@ -589,7 +618,7 @@ impl Drop for ControlRequest {
     fn drop(&mut self) {
         let mut state = self.0.state();
         state.in_flight -= 1;
-        if state.in_flight == 0 {
+        if !state.busy() {
             state.idle_since = tokio::time::Instant::now();
         }
     }
@@ -598,19 +627,22 @@ impl Drop for ControlRequest {
 /// A control connection's stream that fails a write making no progress for `limit`: a peer
 /// that sends requests but never reads the answers gives its control slot back, as a
 /// websocket client that stops reading is closed after `--write-timeout`.
+/// While a write waits, the connection counts as busy in its [`ControlActivity`].
 struct WritesThatStall<S> {
     inner: S,
     limit: Duration,
     /// Since when the pending write has waited; none while writes go through.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    activity: Arc<ControlActivity>,
 }
 
 impl<S> WritesThatStall<S> {
-    fn new(inner: S, limit: Duration) -> WritesThatStall<S> {
+    fn new(inner: S, limit: Duration, activity: Arc<ControlActivity>) -> WritesThatStall<S> {
         WritesThatStall {
             inner,
             limit,
             stalled: None,
+            activity,
         }
     }
 
@@ -622,13 +654,17 @@ impl<S> WritesThatStall<S> {
         result: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if result.is_ready() {
-            self.stalled = None;
+            if self.stalled.take().is_some() {
+                self.activity.set_write_waiting(false);
+            }
             return result;
         }
         let limit = self.limit;
-        let stalled = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        let activity = &self.activity;
+        let stalled = self.stalled.get_or_insert_with(|| {
+            activity.set_write_waiting(true);
+            Box::pin(tokio::time::sleep(limit))
+        });
         match stalled.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -685,7 +721,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WritesThatStall<S> {
     }
 }
 
-/// How long a control connection being closed may stay without a request in flight.
+/// How long a control connection being closed may stay idle (or, once the gateway stops,
+/// busy).
 const CONTROL_CLOSING_GRACE: Duration = Duration::from_secs(1);
 /// HTTP/2 streams one control connection may carry at once.
 const MAX_CONTROL_STREAMS: u32 = 256;
@@ -722,4 +759,43 @@ fn control_http(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
 /// Runs `future`, giving up after `limit`; says whether it finished.
 pub(crate) async fn finishes_within<F: Future>(limit: Duration, future: F) -> bool {
     tokio::time::timeout(limit, future).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_control_answer_waiting_for_the_peer_to_read_keeps_its_connection_busy() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let activity = Arc::new(ControlActivity::new(tokio::time::Instant::now()));
+        let mut io = WritesThatStall::new(near, Duration::from_secs(30), Arc::clone(&activity));
+        assert!(!activity.busy());
+        let writing = tokio::spawn(async move { io.write_all(&[7u8; 1024]).await });
+        for _ in 0..100 {
+            if activity.busy() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(activity.busy(), "the answer waits for the peer");
+
+        let mut answer = vec![0u8; 1024];
+        far.read_exact(&mut answer).await.unwrap();
+        writing.await.unwrap().unwrap();
+        assert!(!activity.busy(), "all of it was read");
+    }
+
+    #[tokio::test]
+    async fn a_control_connection_is_idle_once_its_last_request_is_answered() {
+        let activity = Arc::new(ControlActivity::new(tokio::time::Instant::now()));
+        let first = ControlActivity::begin(&activity);
+        let second = ControlActivity::begin(&activity);
+        drop(first);
+        assert!(activity.busy());
+        drop(second);
+        assert!(!activity.busy());
+    }
 }

@@ -365,29 +365,57 @@ async fn h2c_request_reset_with_another_error_is_not_sent_again() {
     assert_failed_after(TurnAway::InternalError, 1..2, 1).await;
 }
 
-#[tokio::test]
-async fn h2c_request_waiting_for_a_stream_when_the_api_goes_away_is_sent_on_a_new_connection() {
+/// Two clients of a gateway in front of an API that allows one stream at a time: the first
+/// one's message is held at the API, the second one's (`second`) waits for a stream inside
+/// the gateway's HTTP/2 connection, and then the API answers the first after a GOAWAY that
+/// ends the connection. Returns the API and the two clients.
+async fn message_waiting_for_a_stream_when_the_api_goes_away(
+    second: &str,
+) -> (FrameApi, TestGateway, Ws, Ws) {
     let api = FrameApi::start(TurnAway::HoldThenGoAway, 1..2).await;
     let gateway = h2c_gateway(api.addr).await;
     let mut on_the_wire = gateway.connect("/on-the-wire").await;
     let mut waiting = gateway.connect("/waiting-for-a-stream").await;
 
-    // The API allows one stream at a time and holds the first POST: the second waits inside
-    // the HTTP/2 connection for a stream, unsent.
     on_the_wire.send(Message::text("first")).await.unwrap();
+    waiting
+        .send(Message::text(second.to_owned()))
+        .await
+        .unwrap();
+    // Both requests have their API slot, and the second has had time to reach hyper.
     for _ in 0..500 {
-        if api.posts.load(Ordering::SeqCst) == 1 {
+        let in_flight = gateway.metrics().await["upstream_requests_in_flight"];
+        if in_flight == 2.0 && api.posts.load(Ordering::SeqCst) == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    waiting.send(Message::text("second")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(api.posts.load(Ordering::SeqCst), 1, "one stream at a time");
     api.release.notify_one();
-
     assert_eq!(next_text(&mut on_the_wire).await, "ok");
+    (api, gateway, on_the_wire, waiting)
+}
+
+#[tokio::test]
+async fn h2c_request_waiting_for_a_stream_when_the_api_goes_away_is_sent_on_a_new_connection() {
+    let (api, _gateway, _first, mut waiting) =
+        message_waiting_for_a_stream_when_the_api_goes_away("second").await;
+
     assert_eq!(next_text(&mut waiting).await, "ok");
     assert_eq!(api.connections.load(Ordering::SeqCst), 2);
     assert_eq!(api.posts.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn h2c_request_without_a_body_waiting_for_a_stream_when_the_api_goes_away_fails() {
+    // Its head alone is a whole request, which h2 may have sent just before the end: it may
+    // have been processed, so it is not sent again.
+    let (_api, _gateway, _first, mut waiting) =
+        message_waiting_for_a_stream_when_the_api_goes_away("").await;
+
+    assert_eq!(
+        close_frame(&mut waiting).await,
+        (1011, "upstream error".to_owned())
+    );
 }

@@ -300,11 +300,12 @@ impl Pool {
             // A stream the API turns away unprocessed comes back without its request: this
             // copy (the body's `Bytes` shared, not copied) is what goes out once more.
             let spare = (!retried).then(|| copy_request(&request));
+            let has_body = hyper::body::Body::size_hint(request.body()).exact() != Some(0);
             progress.sent();
             match sender.try_send_request(request).await {
                 Ok(response) => return collect(response, max_body).await,
                 Err(mut error) => {
-                    let refusal = unprocessed_by_api(error.error());
+                    let refusal = unprocessed_by_api(error.error(), has_body);
                     match (error.take_message(), spare) {
                         // Handed back unsent: the connection closed (after the API's GOAWAY,
                         // e.g. nginx after `http2_max_requests`) before it took the request.
@@ -314,9 +315,10 @@ impl Pool {
                             self.forget_h2(number);
                         }
                         // Not processed (RFC 9113, 8.7): a stream above a GOAWAY's last
-                        // stream id, one reset with REFUSED_STREAM, or one that was still
-                        // waiting for the API to allow another stream when the connection
-                        // ended. Once more; unless refused alone, on a fresh connection.
+                        // stream id, one reset with REFUSED_STREAM, or a request with a body
+                        // still waiting for the API to allow another stream when the
+                        // connection ended. Once more; unless refused alone, on a fresh
+                        // connection.
                         (None, Some(spare)) if refusal.is_some() => {
                             request = spare;
                             if refusal != Some(Refusal::RefusedStream) {
@@ -415,18 +417,21 @@ enum Refusal {
     GoingAway,
     /// The stream was reset with REFUSED_STREAM: the connection still takes others.
     RefusedStream,
-    /// The request never got a stream: it was waiting inside hyper for the API to allow one
-    /// more (its SETTINGS_MAX_CONCURRENT_STREAMS) when the connection ended, and hyper
-    /// dropped it without its request ("dispatch task is gone"). With a body that cannot
-    /// fail, as ours, that is the only user error a sent request can end with.
-    NeverSent,
+    /// The request was waiting inside hyper for the API to allow one more stream (its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS) when the connection ended, and hyper dropped it
+    /// without its request ("dispatch task is gone"; with a body that cannot fail, as ours,
+    /// the only user error a request can end with). h2 may have opened its stream just
+    /// before, but hyper writes a body only after it has the stream back, so the API saw at
+    /// most the head of a request with a body, then a reset: never a whole request. (A
+    /// request without a body ends with its head, so it is not counted here.)
+    NeverWhole,
 }
 
 /// Whether `error` says that the API did not process the request, so that sending it again
-/// cannot do anything twice.
-fn unprocessed_by_api(error: &hyper::Error) -> Option<Refusal> {
+/// cannot do anything twice; `has_body` tells whether the request had a body.
+fn unprocessed_by_api(error: &hyper::Error, has_body: bool) -> Option<Refusal> {
     if error.is_user() {
-        return Some(Refusal::NeverSent);
+        return has_body.then_some(Refusal::NeverWhole);
     }
     let h2 = std::error::Error::source(error)?.downcast_ref::<h2::Error>()?;
     if !h2.is_remote() {
