@@ -48,16 +48,17 @@ impl Registry {
     /// connection whose handshake began later (a newer [`ConnectionId`]): the newer connection
     /// keeps the ClientId, whichever of the two the API approved last.
     pub fn insert(&self, handle: Arc<SessionHandle>) -> Insertion {
+        use std::collections::hash_map::Entry;
         let mut shard = self.shard(&handle.client_id);
-        match shard.get_mut(&handle.client_id) {
-            None => {
-                shard.insert(handle.client_id.clone(), handle);
+        match shard.entry(handle.client_id.clone()) {
+            Entry::Vacant(place) => {
+                place.insert(handle);
                 Insertion::First
             }
-            Some(current) if current.connection_id > handle.connection_id => {
-                Insertion::Superseded(Arc::clone(current))
+            Entry::Occupied(place) if place.get().connection_id > handle.connection_id => {
+                Insertion::Superseded(Arc::clone(place.get()))
             }
-            Some(current) => Insertion::Replaced(std::mem::replace(current, handle)),
+            Entry::Occupied(mut place) => Insertion::Replaced(place.insert(handle)),
         }
     }
 
