@@ -523,6 +523,7 @@ mod tests {
         let guard = start(Some(path.clone()), None).unwrap();
         guard.discard();
         assert_eq!(std::fs::read(&path).unwrap(), b"an earlier run's profile");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
