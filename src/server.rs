@@ -481,9 +481,10 @@ pub(crate) async fn accept_control(
             }
             // Idle (no request in flight, no answer waiting for the peer to read) for
             // --handshake-timeout, counted from the accept before the first request: closed,
-            // so that a client holding connections it does not use gives their slots back. hyper's header read timeout does the same for
-            // HTTP/1.1, which waits for a request head whenever it is idle; nothing in hyper
-            // does it for h2c, which is kept alive by its pings.
+            // so that a client holding connections it does not use gives their slots back.
+            // hyper's header read timeout does the same for HTTP/1.1, which waits for a
+            // request head whenever it is idle; nothing in hyper does it for h2c, which is
+            // kept alive by its pings.
             let activity = Arc::new(ControlActivity::new(accepted));
             let service_shared = Arc::clone(&shared);
             let service_activity = Arc::clone(&activity);
@@ -626,8 +627,8 @@ impl Drop for ControlRequest {
 
 /// A control connection's stream that fails a write making no progress for `limit`: a peer
 /// that sends requests but never reads the answers gives its control slot back, as a
-/// websocket client that stops reading is closed after `--write-timeout`.
-/// While a write waits, the connection counts as busy in its [`ControlActivity`].
+/// websocket client that stops reading is closed after `--write-timeout`. While a write
+/// waits, the connection counts as busy in its [`ControlActivity`].
 struct WritesThatStall<S> {
     inner: S,
     limit: Duration,
