@@ -203,7 +203,11 @@ impl Pool {
                         retried = true;
                         progress.unsent();
                     }
-                    _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
+                    // Handed back all the same (a fresh connection the API closed at once, or
+                    // a second stale one): it never went out, so the API cannot have acted on
+                    // it, and a DELETE may be tried again.
+                    Some(_) => return Err(never_sent(progress, error.error())),
+                    None => return Err(UpstreamError::Broken(error_chain(error.error()))),
                 },
             }
         }
@@ -314,6 +318,8 @@ impl Pool {
                             request = unsent;
                             self.forget_h2(number);
                         }
+                        // Handed back again: it never went out.
+                        (Some(_), None) => return Err(never_sent(progress, error.error())),
                         // Not processed (RFC 9113, 8.7): a stream above a GOAWAY's last
                         // stream id, one reset with REFUSED_STREAM, or a request with a body
                         // still waiting for the API to allow another stream when the
@@ -407,6 +413,16 @@ impl Pool {
             }
         }
     }
+}
+
+/// The error for a request hyper handed back without sending it: marked unsent, and
+/// [`UpstreamError::Unreachable`] (the API cannot have acted on it).
+fn never_sent(progress: &mut Progress<'_>, error: &hyper::Error) -> UpstreamError {
+    progress.unsent();
+    UpstreamError::Unreachable(format!(
+        "the connection closed before the request went out: {}",
+        error_chain(error)
+    ))
 }
 
 /// How an HTTP/2 request that failed is known not to have been processed by the API.
