@@ -117,7 +117,29 @@ impl std::str::FromStr for ApiBase {
             Some("http") | Some("https") => {}
             _ => return Err(format!("`{s}` must start with http:// or https://")),
         }
-        if uri.host().is_none() {
+        let Some(authority) = uri.authority() else {
+            return Err(format!("`{s}` has no host"));
+        };
+        if authority.as_str().contains('@') {
+            // It would be sent as the Host header, and the password logged at start-up.
+            return Err(format!(
+                "`{s}` has a user name or password; the API is called without them (use \
+                 --api-token to prove the caller)"
+            ));
+        }
+        // `http` keeps a port it cannot read as text, and the connector then falls back to
+        // 80 or 443 without a word.
+        let host_port = authority.as_str();
+        let port = host_port
+            .rfind(':')
+            .filter(|&colon| colon > host_port.rfind(']').unwrap_or(0))
+            .map(|colon| &host_port[colon + 1..]);
+        if port.is_some_and(|port| port.parse::<u16>().is_err()) {
+            return Err(format!(
+                "`{s}` has a port that is not a number from 0 to 65535"
+            ));
+        }
+        if authority.host().is_empty() {
             return Err(format!("`{s}` has no host"));
         }
         if uri.query().is_some() {
@@ -338,6 +360,17 @@ mod tests {
         assert!("ftp://x/".parse::<ApiBase>().is_err());
         assert!("127.0.0.1:8000".parse::<ApiBase>().is_err());
         assert!("http://x/?a=b".parse::<ApiBase>().is_err());
+    }
+
+    #[test]
+    fn api_base_with_a_bad_port_or_credentials_is_refused() {
+        let port = "http://api:99999/".parse::<ApiBase>().unwrap_err();
+        assert!(port.contains("port"), "{port}");
+        assert!("http://api:8o00/".parse::<ApiBase>().is_err());
+        let credentials = "http://user:secret@api/".parse::<ApiBase>().unwrap_err();
+        assert!(credentials.contains("password"), "{credentials}");
+        assert!("http://api:8000/".parse::<ApiBase>().is_ok());
+        assert!("http://[::1]:8000/".parse::<ApiBase>().is_ok());
     }
 
     #[test]

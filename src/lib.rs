@@ -195,7 +195,7 @@ impl Gateway {
         };
         let shared = Arc::new(Shared {
             connection_permits: Arc::new(Semaphore::new(budget.max_connections)),
-            shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency.max(1)),
+            shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency),
             // Half the API slots at most: a crowd leaving at once leaves the other half to the
             // clients that stay, whose messages would otherwise wait behind its DELETEs.
             departures: Departures::default(),
@@ -356,6 +356,14 @@ fn validate(config: &Config) -> Result<(), StartError> {
     }
     if config.upstream_max_connections == Some(0) {
         return fail("--upstream-max-connections must be at least 1");
+    }
+    if config.shutdown_delete_concurrency == 0 {
+        return fail("--shutdown-delete-concurrency must be at least 1");
+    }
+    if config.api_ca.is_some() && (!config.api.is_https() || config.api_unix_socket.is_some()) {
+        return fail(
+            "--api-ca is for an https:// API reached over TCP; this API is called in plain HTTP",
+        );
     }
     if config.shutdown_delete_concurrency > Semaphore::MAX_PERMITS {
         return fail(&format!(

@@ -199,13 +199,50 @@ struct Args {
 }
 
 /// A secret given by its flag, or else by the environment variable `name` (unset or empty:
-/// none); the variable keeps it out of the process list.
-fn flag_or_env(flag: &Option<String>, name: &str) -> Option<String> {
-    match flag {
-        Some(value) => Some(value.clone()),
-        None => std::env::var(name).ok().filter(|v| !v.is_empty()),
+/// none); the variable keeps it out of the process list. With it, the name to give in an
+/// error about its value: the flag's, or the variable's.
+fn flag_or_env<'a>(
+    flag: &Option<String>,
+    flag_name: &'a str,
+    name: &'a str,
+) -> Result<(Option<String>, &'a str), String> {
+    match (flag, std::env::var(name)) {
+        (Some(value), _) => Ok((Some(value.clone()), flag_name)),
+        (None, Ok(value)) => Ok(((!value.is_empty()).then_some(value), name)),
+        (None, Err(std::env::VarError::NotPresent)) => Ok((None, name)),
+        (None, Err(std::env::VarError::NotUnicode(_))) => Err(format!("{name} is not valid UTF-8")),
     }
 }
+
+/// Whether `token` can travel in an HTTP header as given: visible ASCII, no spaces.
+fn is_header_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Checks one `--allowed-origins` entry: an origin as browsers send it, `scheme://host[:port]`.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let shape = || {
+        format!(
+            "--allowed-origins: `{origin}` is not an origin; give scheme://host[:port] as a \
+             browser sends it (e.g. https://app.example.com), without a path or a trailing /"
+        )
+    };
+    let (scheme, rest) = origin.split_once("://").ok_or_else(shape)?;
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    let rest_ok = !rest.is_empty()
+        && !rest.contains(|c: char| "/?#@*".contains(c) || c.is_whitespace() || c.is_control());
+    if scheme_ok && rest_ok {
+        Ok(())
+    } else {
+        Err(shape())
+    }
+}
+
+/// Worker threads the runtime may be asked for; more is a typo, not a machine.
+const MAX_WORKER_THREADS: usize = 1024;
 
 /// Turns the flags into a [`Config`], or a one-line error naming the flag.
 fn config_from(args: &Args) -> Result<Config, String> {
@@ -217,19 +254,21 @@ fn config_from(args: &Args) -> Result<Config, String> {
         (None, None) => None,
         _ => return Err("--tls-cert and --tls-key go together".to_owned()),
     };
-    let token = flag_or_env(&args.control_token, "WS2HTTP_CONTROL_TOKEN");
-    if token
-        .as_deref()
-        .is_some_and(|t| t.trim().is_empty() || t.contains(char::is_whitespace))
-    {
-        return Err("--control-token must be non-empty and without spaces".to_owned());
+    let (token, given_as) = flag_or_env(
+        &args.control_token,
+        "--control-token",
+        "WS2HTTP_CONTROL_TOKEN",
+    )?;
+    if token.as_deref().is_some_and(|t| !is_header_token(t)) {
+        return Err(format!(
+            "{given_as} must be non-empty visible ASCII, without spaces"
+        ));
     }
-    let api_token = flag_or_env(&args.api_token, "WS2HTTP_API_TOKEN");
-    if api_token
-        .as_deref()
-        .is_some_and(|t| t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
-    {
-        return Err("--api-token must be non-empty visible ASCII, without spaces".to_owned());
+    let (api_token, given_as) = flag_or_env(&args.api_token, "--api-token", "WS2HTTP_API_TOKEN")?;
+    if api_token.as_deref().is_some_and(|t| !is_header_token(t)) {
+        return Err(format!(
+            "{given_as} must be non-empty visible ASCII, without spaces"
+        ));
     }
     let origins: Vec<String> = args
         .allowed_origins
@@ -238,8 +277,24 @@ fn config_from(args: &Args) -> Result<Config, String> {
         .map(|o| o.trim().to_owned())
         .filter(|o| !o.is_empty())
         .collect();
-    if args.worker_threads == Some(0) {
-        return Err("--worker-threads must be at least 1".to_owned());
+    if !args.allowed_origins.is_empty() && origins.is_empty() {
+        // An empty list would allow every origin: the opposite of what was asked.
+        return Err("--allowed-origins names no origin".to_owned());
+    }
+    for origin in &origins {
+        check_origin(origin)?;
+    }
+    match args.worker_threads {
+        Some(0) => return Err("--worker-threads must be at least 1".to_owned()),
+        Some(n) if n > MAX_WORKER_THREADS => {
+            return Err(format!(
+                "--worker-threads {n} is over {MAX_WORKER_THREADS}; one per CPU is the default"
+            ))
+        }
+        _ => {}
+    }
+    if args.cpuprofile.is_some() && args.cpuprofile == args.memprofile {
+        return Err("--cpuprofile and --memprofile name the same file".to_owned());
     }
     if args.current_thread && args.worker_threads.is_some() {
         return Err("--current-thread and --worker-threads exclude each other".to_owned());
@@ -277,8 +332,47 @@ fn config_from(args: &Args) -> Result<Config, String> {
     })
 }
 
+/// What to log: `RUST_LOG` if set, else `info`. A `RUST_LOG` that does not parse is said on
+/// stderr (logging then stays at `info`), not ignored without a word.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    if std::env::var_os(EnvFilter::DEFAULT_ENV).is_none() {
+        return EnvFilter::new("info");
+    }
+    EnvFilter::try_from_default_env().unwrap_or_else(|error| {
+        eprintln!("ws2http: RUST_LOG: {error}; logging at info");
+        EnvFilter::new("info")
+    })
+}
+
+/// The command line, or which argument is not valid UTF-8 (and after which flag).
+fn arguments() -> Result<Vec<String>, String> {
+    let mut arguments = Vec::new();
+    for argument in std::env::args_os() {
+        match argument.into_string() {
+            Ok(argument) => arguments.push(argument),
+            Err(bad) => {
+                let bad = bad.to_string_lossy();
+                return Err(match arguments.last().filter(|a| a.starts_with("--")) {
+                    Some(flag) if arguments.len() > 1 => {
+                        format!("{flag}: `{bad}` is not valid UTF-8")
+                    }
+                    _ => format!("argument `{bad}` is not valid UTF-8"),
+                });
+            }
+        }
+    }
+    Ok(arguments)
+}
+
 fn main() -> ExitCode {
-    let raw: Vec<String> = std::env::args().collect();
+    let raw = match arguments() {
+        Ok(raw) => raw,
+        Err(message) => {
+            eprintln!("ws2http: {message}");
+            return ExitCode::from(2);
+        }
+    };
     let strings: Vec<&str> = raw.iter().map(String::as_str).collect();
     let args = match Args::from_args(&["ws2http"], strings.get(1..).unwrap_or(&[])) {
         Ok(args) => args,
@@ -310,10 +404,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
         .init();
 
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -336,6 +427,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for (flag, path) in [
+        ("--cpuprofile", &args.cpuprofile),
+        ("--memprofile", &args.memprofile),
+    ] {
+        if let Some(Err(error)) = path.as_deref().map(profile::check_writable) {
+            eprintln!("ws2http: {flag}: {error}");
+            return ExitCode::from(2);
+        }
+    }
     let profiles = match profile::start(args.cpuprofile.clone(), args.memprofile.clone()) {
         Ok(guard) => guard,
         Err(error) => {

@@ -243,6 +243,26 @@ fn write_cpu_profile(
     write_file(path, &bytes)
 }
 
+/// Where a profile for `path` is written before it is renamed into place.
+fn partial_path(path: &Path) -> PathBuf {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    PathBuf::from(partial)
+}
+
+/// Checks at start-up that a profile can be written at `path` (its directory exists and
+/// takes files), so that a run's profile is not lost at its end: creates the file the
+/// profile goes through first, and removes it.
+pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
+    let partial = partial_path(path);
+    std::fs::File::create(&partial)
+        .and_then(|_| std::fs::remove_file(&partial))
+        .map_err(|source| ProfileError::Write {
+            path: path.to_owned(),
+            source,
+        })
+}
+
 /// Held while a profile file is written and renamed into place.
 static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -257,9 +277,7 @@ pub fn writes_finished() -> std::sync::MutexGuard<'static, ()> {
 /// a process stopped mid-write (by SIGKILL) leaves the file as it was, not cut short. The
 /// error names the file.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ProfileError> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
+    let partial = partial_path(path);
     let _writing = writes_finished();
     std::fs::write(&partial, bytes)
         .and_then(|()| std::fs::rename(&partial, path))
@@ -403,6 +421,19 @@ mod tests {
         let path = std::env::temp_dir().join(format!("ws2http-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         path
+    }
+
+    #[test]
+    fn a_profile_path_in_a_missing_directory_is_refused_at_start() {
+        let missing = temp_path("no-such-dir").join("cpu.pb");
+        let error = check_writable(&missing).unwrap_err().to_string();
+        assert!(error.contains("cpu.pb"), "{error}");
+        let fine = temp_path("checked.pb");
+        check_writable(&fine).unwrap();
+        assert!(
+            !fine.exists() && !partial_path(&fine).exists(),
+            "nothing left"
+        );
     }
 
     #[test]

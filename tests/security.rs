@@ -622,6 +622,128 @@ async fn bad_tls_settings_stop_the_binary_at_start_naming_the_flag() {
     }
 }
 
+#[tokio::test]
+async fn bad_settings_stop_the_binary_at_start_naming_the_setting() {
+    let api = MockApi::start().await;
+    let missing_dir = std::env::temp_dir().join("ws2http-no-such-dir/cpu.pb");
+    let missing_dir = missing_dir.to_string_lossy().into_owned();
+    let profile = std::env::temp_dir().join(format!("ws2http-{}-both.pb", std::process::id()));
+    let profile = profile.to_string_lossy().into_owned();
+    // Flags, environment, and what the one line on stderr says.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 11] = [
+        // An empty list would allow every origin.
+        (
+            &["--allowed-origins", ""],
+            &[],
+            "--allowed-origins names no origin",
+        ),
+        (
+            &["--allowed-origins", " , "],
+            &[],
+            "--allowed-origins names no origin",
+        ),
+        // Never equal to what a browser sends: every browser would get 403.
+        (
+            &["--allowed-origins", "https://app.example.com/"],
+            &[],
+            "--allowed-origins: `https://app.example.com/`",
+        ),
+        (&["--allowed-origins", "*"], &[], "--allowed-origins: `*`"),
+        // A token no client can send in a header.
+        (
+            &["--control-token", "\u{1}abc"],
+            &[],
+            "--control-token must be",
+        ),
+        (
+            &[],
+            &[("WS2HTTP_CONTROL_TOKEN", "two words")],
+            "WS2HTTP_CONTROL_TOKEN must be",
+        ),
+        (
+            &["--api-ca", "/etc/hostname"],
+            &[],
+            "--api-ca is for an https:// API",
+        ),
+        (
+            &["--worker-threads", "100000"],
+            &[],
+            "--worker-threads 100000 is over",
+        ),
+        (
+            &["--cpuprofile", &missing_dir],
+            &[],
+            "--cpuprofile: cannot write profile",
+        ),
+        (
+            &["--cpuprofile", &profile, "--memprofile", &profile],
+            &[],
+            "name the same file",
+        ),
+        (
+            &["--shutdown-delete-concurrency", "0"],
+            &[],
+            "must be at least 1",
+        ),
+    ];
+    for (args, envs, message) in cases {
+        let mut binary = Binary::start(&api.base(), args, envs);
+        let status = binary.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(
+            status.code(),
+            Some(2),
+            "{args:?} {envs:?}: {}",
+            binary.stderr()
+        );
+        let log = binary.stderr();
+        assert!(
+            log.contains(message),
+            "{args:?} {envs:?}: no `{message}` in {log}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_api_url_with_a_bad_port_or_a_password_stops_the_binary_naming_the_flag() {
+    for api in [
+        "http://127.0.0.1:99999/",
+        "http://user:secret@127.0.0.1:8000/",
+    ] {
+        let mut binary = Binary::start(api, &[], &[]);
+        let status = binary.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(status.code(), Some(2), "{api}: {}", binary.stderr());
+        assert!(
+            binary.stderr().contains("--api"),
+            "{api}: {}",
+            binary.stderr()
+        );
+        assert!(
+            !binary.stderr().contains("started"),
+            "{api}: {}",
+            binary.stderr()
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_argument_that_is_not_utf8_stops_the_binary_naming_its_flag() {
+    use std::os::unix::ffi::OsStrExt;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ws2http"))
+        .arg("--tls-cert")
+        .arg(std::ffi::OsStr::from_bytes(b"/srv/\xff.pem"))
+        .env_remove("WS2HTTP_CONTROL_TOKEN")
+        .output()
+        .expect("run ws2http");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("ws2http: --tls-cert: ") && stderr.contains("not valid UTF-8"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
 /// A TLS front for the mock API: terminates TLS with `cert` and relays bytes to the API.
 async fn tls_front(api: &MockApi, cert: &TestCert) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
