@@ -231,10 +231,12 @@ fn disconnect<B>(
         }
     };
     match shared.registry.get(client_id) {
-        Some(session) => {
-            session.command(Command::Close { code, reason });
+        Some(session) if session.command(Command::Close { code, reason }) => {
             text_response(StatusCode::OK, "ok")
         }
+        // Already closing (replaced, shutting down, or closed by an earlier DELETE): its
+        // close code and DELETE reason are already decided, and are not these.
+        Some(_) => text_response(StatusCode::NOT_FOUND, "client is disconnecting\n"),
         None => text_response(StatusCode::NOT_FOUND, "client not connected\n"),
     }
 }

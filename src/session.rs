@@ -157,15 +157,17 @@ impl SessionHandle {
         Ok(())
     }
 
-    /// Asks the session to end; the first command given wins.
-    pub fn command(&self, command: Command) {
+    /// Asks the session to end; the first command given wins. Says whether this one did (a
+    /// session already ending keeps the reason and code it had).
+    pub fn command(&self, command: Command) -> bool {
         let mut mailbox = self.mailbox();
         if mailbox.closed || mailbox.command.is_some() {
-            return;
+            return false;
         }
         mailbox.command = Some(command);
         drop(mailbox);
         self.waker.wake();
+        true
     }
 
     /// Pushes waiting in the mailbox.
@@ -359,6 +361,16 @@ fn count_undelivered(shared: &Shared, undelivered: usize) {
             .pushes_undelivered
             .fetch_add(undelivered as u64, Ordering::Relaxed);
     }
+}
+
+/// What of an API answer goes back on the socket: its body, and whether it is binary; none
+/// for an empty body or `204`.
+fn reply(answer: ApiAnswer) -> Option<(Bytes, bool)> {
+    if answer.body.is_empty() || answer.status == http::StatusCode::NO_CONTENT {
+        return None;
+    }
+    let binary = answer.is_binary() || std::str::from_utf8(&answer.body).is_err();
+    Some((answer.body, binary))
 }
 
 /// The websocket message for a payload.
@@ -620,11 +632,9 @@ where
     }
 
     fn on_answer(&mut self, answer: ApiAnswer) {
-        if answer.body.is_empty() || answer.status == http::StatusCode::NO_CONTENT {
-            return;
+        if let Some((payload, binary)) = reply(answer) {
+            self.send(payload, binary);
         }
-        let binary = answer.is_binary() || std::str::from_utf8(&answer.body).is_err();
-        self.send(answer.body, binary);
     }
 
     fn send(&mut self, payload: Bytes, binary: bool) {
@@ -720,11 +730,20 @@ where
         let Session {
             mut socket,
             mut in_flight,
+            answered,
             handle,
             context,
             shared,
             ..
         } = self;
+        // Replies the API gave while the socket was backed up: they go out first, ahead of
+        // the queued pushes (the messages they answer came in before the close).
+        let replies: Vec<(Bytes, bool)> = answered
+            .into_iter()
+            .map_while(Result::ok)
+            .filter_map(reply)
+            .collect();
+        let mut replies_sent = 0;
         shared
             .registry
             .remove(&handle.client_id, handle.connection_id);
@@ -739,6 +758,12 @@ where
             // stopped taking writes; all within the close's time limit.
             let deliver = ending.why != CloseReason::SlowConsumer;
             let handshake = async {
+                for (payload, binary) in replies.into_iter().filter(|_| deliver) {
+                    if socket.feed(data_message(payload, binary)).await.is_err() {
+                        break;
+                    }
+                    replies_sent += 1;
+                }
                 while let Some(push) = if deliver { queued.pop_front() } else { None } {
                     if socket
                         .feed(data_message(push.payload, push.binary))
@@ -764,8 +789,8 @@ where
             let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
         }
         drop(socket);
-        if delivered > 0 {
-            let delivered = delivered as u64;
+        if delivered + replies_sent > 0 {
+            let delivered = (delivered + replies_sent) as u64;
             handle.messages_out.fetch_add(delivered, Ordering::Relaxed);
             shared
                 .metrics
@@ -836,8 +861,8 @@ mod tests {
     #[test]
     fn mailbox_refuses_pushes_once_a_close_was_asked() {
         let h = handle();
-        h.command(Command::Replaced);
-        h.command(Command::Shutdown);
+        assert!(h.command(Command::Replaced), "the first command is taken");
+        assert!(!h.command(Command::Shutdown), "a later one says it was not");
         assert_eq!(h.push(message(1), 10, 100), Err(PushError::Closed));
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);

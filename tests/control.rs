@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use futures_util::SinkExt;
+use tokio_websockets::Message;
 
 async fn setup() -> (MockApi, TestGateway) {
     let api = MockApi::start().await;
@@ -51,6 +53,62 @@ async fn delete_closes_the_socket_with_the_given_code_and_reason_and_tells_the_a
     // Gone now: another push or close finds nobody.
     assert_eq!(gateway.control("POST", "/alice", b"late").await.status, 404);
     assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn a_second_delete_while_the_socket_closes_gets_404_and_changes_nothing() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    let first = gateway
+        .control("DELETE", "/alice?code=4001&reason=first", b"")
+        .await;
+    assert_eq!(first.status, 200);
+    let second = gateway
+        .control("DELETE", "/alice?code=4002&reason=second", b"")
+        .await;
+    // 404 either way: closing (`client is disconnecting`), or already gone.
+    assert_eq!(second.status, 404, "{}", second.text());
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (4001, "first"));
+    let delete = &api.wait_for("DELETE", 1).await[0];
+    assert_eq!(delete.header("x-close-code"), Some("4001"));
+}
+
+#[tokio::test]
+async fn replies_waiting_for_a_backed_up_socket_go_out_before_a_control_close() {
+    const BIG: usize = 16 << 20;
+    let api = MockApi::with_script(|seen| match (seen.method.as_str(), &seen.body[..]) {
+        // Late, so that the second message is read (and answered) before the socket backs up.
+        ("POST", b"big") => Reply::ok(vec![b'x'; BIG]).after(Duration::from_millis(300)),
+        _ => echo_script(seen),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.max_message_size = 2 * BIG;
+    config.pipeline = 2;
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/slow-reader").await;
+    // The first reply fills the socket's buffers (the client reads nothing yet), so the
+    // second waits in the gateway when the close comes.
+    ws.send(Message::text("big")).await.unwrap();
+    ws.send(Message::text("small")).await.unwrap();
+    api.wait_for("POST", 2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let response = gateway
+        .control("DELETE", "/slow-reader?code=4001&reason=bye", b"")
+        .await;
+    assert_eq!(response.status, 200);
+
+    match next_data(&mut ws).await {
+        big if big.as_payload().len() == BIG => {}
+        other => panic!(
+            "expected the big reply first, got {} bytes",
+            other.as_payload().len()
+        ),
+    }
+    assert_eq!(next_text(&mut ws).await, "echo:small");
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (4001, "bye"));
 }
 
 #[tokio::test]
