@@ -363,6 +363,58 @@ fn count_undelivered(shared: &Shared, undelivered: usize) {
     }
 }
 
+/// Closes the websocket for `ending`: the `replies` and then the `queued` pushes go out before
+/// the close frame (a push and then a DELETE on the control API arrive in that order), unless
+/// the socket has stopped taking writes; all within the close's time limit. Returns how many
+/// pushes and how many replies went out.
+async fn close_socket<S>(
+    mut socket: WebSocketStream<S>,
+    ending: &Ending,
+    replies: Vec<(Bytes, bool)>,
+    mut queued: VecDeque<Outbound>,
+) -> (usize, usize)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut delivered, mut replies_sent) = (0, 0);
+    if let Some((code, reason)) = &ending.send_close {
+        let code = CloseCode::try_from(*code).unwrap_or(CloseCode::NORMAL_CLOSURE);
+        let close = Message::close(Some(code), reason);
+        let deliver = ending.why != CloseReason::SlowConsumer;
+        let handshake = async {
+            for (payload, binary) in replies.into_iter().filter(|_| deliver) {
+                if socket.feed(data_message(payload, binary)).await.is_err() {
+                    break;
+                }
+                replies_sent += 1;
+            }
+            while let Some(push) = if deliver { queued.pop_front() } else { None } {
+                if socket
+                    .feed(data_message(push.payload, push.binary))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                delivered += 1;
+            }
+            // Errors here mean the peer is gone already; the DELETE still goes out.
+            let _ = socket.send(close).await;
+            while let Some(Ok(_)) = socket.next().await {}
+        };
+        let limit = if ending.why == CloseReason::SlowConsumer {
+            Duration::from_millis(100)
+        } else {
+            CLOSE_HANDSHAKE_TIMEOUT
+        };
+        let _ = tokio::time::timeout(limit, handshake).await;
+    } else {
+        // Flush a close acknowledgement the library may have queued.
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
+    }
+    (delivered, replies_sent)
+}
+
 /// What of an API answer goes back on the socket: its body, and whether it is binary; none
 /// for an empty body or `204`.
 fn reply(answer: ApiAnswer) -> Option<(Bytes, bool)> {
@@ -728,7 +780,7 @@ where
 
     async fn finish(self, ending: Ending, permit: OwnedSemaphorePermit) {
         let Session {
-            mut socket,
+            socket,
             mut in_flight,
             answered,
             handle,
@@ -743,52 +795,18 @@ where
             .map_while(Result::ok)
             .filter_map(reply)
             .collect();
-        let mut replies_sent = 0;
         shared
             .registry
             .remove(&handle.client_id, handle.connection_id);
-        let mut queued = handle.close_mailbox();
+        let queued = handle.close_mailbox();
         let accepted = queued.len();
-        let mut delivered = 0;
-        if let Some((code, reason)) = &ending.send_close {
-            let code = CloseCode::try_from(*code).unwrap_or(CloseCode::NORMAL_CLOSURE);
-            let close = Message::close(Some(code), reason);
-            // Pushes the API was told were queued go out before the close frame (a push and
-            // then a DELETE on the control API arrive in that order), unless the socket has
-            // stopped taking writes; all within the close's time limit.
-            let deliver = ending.why != CloseReason::SlowConsumer;
-            let handshake = async {
-                for (payload, binary) in replies.into_iter().filter(|_| deliver) {
-                    if socket.feed(data_message(payload, binary)).await.is_err() {
-                        break;
-                    }
-                    replies_sent += 1;
-                }
-                while let Some(push) = if deliver { queued.pop_front() } else { None } {
-                    if socket
-                        .feed(data_message(push.payload, push.binary))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    delivered += 1;
-                }
-                // Errors here mean the peer is gone already; the DELETE still goes out.
-                let _ = socket.send(close).await;
-                while let Some(Ok(_)) = socket.next().await {}
-            };
-            let limit = if ending.why == CloseReason::SlowConsumer {
-                Duration::from_millis(100)
-            } else {
-                CLOSE_HANDSHAKE_TIMEOUT
-            };
-            let _ = tokio::time::timeout(limit, handshake).await;
-        } else {
-            // Flush a close acknowledgement the library may have queued.
-            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
-        }
-        drop(socket);
+        // The socket is closed (and dropped) apart from the requests still at the API, which
+        // are driven meanwhile: their answers (which can no longer be sent) free their API
+        // slot and connection as they come, and are not timed as if the API had taken the
+        // close handshake's time to answer.
+        let closing = close_socket(socket, &ending, replies, queued);
+        let answers = async { while in_flight.next().await.is_some() {} };
+        let ((delivered, replies_sent), ()) = futures_util::future::join(closing, answers).await;
         if delivered + replies_sent > 0 {
             let delivered = (delivered + replies_sent) as u64;
             handle.messages_out.fetch_add(delivered, Ordering::Relaxed);
@@ -816,8 +834,8 @@ where
             reason = ending.why.label(),
             "websocket closed"
         );
-        // The API hears of the close only after it has answered every earlier message.
-        while in_flight.next().await.is_some() {}
+        // The API hears of the close only after it has answered every earlier message (all
+        // of them are answered by now).
         depart(&shared, context, ending, permit);
     }
 }

@@ -112,6 +112,30 @@ async fn replies_waiting_for_a_backed_up_socket_go_out_before_a_control_close() 
 }
 
 #[tokio::test]
+async fn a_request_still_at_the_api_when_its_socket_closes_frees_its_slot_when_answered() {
+    let api = MockApi::with_slow_posts("late", Duration::from_millis(300)).await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    // A client that reads nothing from here on: it never answers the close, so the close
+    // handshake waits its full 2 s.
+    let mut ws = gateway.connect("/closing").await;
+    ws.send(Message::text("m")).await.unwrap();
+    api.wait_for("POST", 1).await;
+    let response = gateway.control("DELETE", "/closing", b"").await;
+    assert_eq!(response.status, 200);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["upstream_requests_in_flight"], 0.0,
+        "answered after 300 ms: its API slot is free before the close handshake ends"
+    );
+    // The DELETE still comes after that answer.
+    let delete = api.wait_for("DELETE", 1).await.remove(0);
+    let post = api.seen_with("POST").remove(0);
+    assert!(delete.at >= post.at + Duration::from_millis(300));
+    drop(ws);
+}
+
+#[tokio::test]
 async fn delete_without_a_code_closes_with_1000() {
     let (api, gateway) = setup().await;
     let mut ws = gateway.connect("/alice").await;
