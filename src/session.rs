@@ -377,6 +377,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut delivered, mut replies_sent) = (0, 0);
+    let (mut pushes_fed, mut replies_fed) = (0, 0);
     if let Some((code, reason)) = &ending.send_close {
         let code = CloseCode::try_from(*code).unwrap_or(CloseCode::NORMAL_CLOSURE);
         let close = Message::close(Some(code), reason);
@@ -386,7 +387,7 @@ where
                 if socket.feed(data_message(payload, binary)).await.is_err() {
                     break;
                 }
-                replies_sent += 1;
+                replies_fed += 1;
             }
             while let Some(push) = if deliver { queued.pop_front() } else { None } {
                 if socket
@@ -396,10 +397,13 @@ where
                 {
                     break;
                 }
-                delivered += 1;
+                pushes_fed += 1;
             }
-            // Errors here mean the peer is gone already; the DELETE still goes out.
-            let _ = socket.send(close).await;
+            // Errors here mean the peer is gone already; the DELETE still goes out. What was
+            // fed counts as sent once the close frame behind it is flushed.
+            if socket.send(close).await.is_ok() {
+                (delivered, replies_sent) = (pushes_fed, replies_fed);
+            }
             while let Some(Ok(_)) = socket.next().await {}
         };
         let limit = if ending.why == CloseReason::SlowConsumer {
@@ -507,7 +511,10 @@ where
             Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed(e)),
             Poll::Pending => false,
         };
-        match self.handle.poll_mailbox(cx, writable) {
+        // Once the client's close frame is in, pushes stay queued: the socket takes no more
+        // data, and finish() counts them undelivered.
+        let take_push = writable && self.peer_close.is_none();
+        match self.handle.poll_mailbox(cx, take_push) {
             MailboxEvent::Command(command) => return Poll::Ready(Event::Command(command)),
             MailboxEvent::Message(message) => return Poll::Ready(Event::Push(message)),
             MailboxEvent::Empty => {}
@@ -561,15 +568,7 @@ where
         match event {
             Event::Frame(Some(Ok(message))) => self.on_message(message),
             Event::Frame(Some(Err(error))) => Some(self.on_read_error(error)),
-            Event::Frame(None) => Some(match self.peer_close.take() {
-                Some((code, reason)) => Ending {
-                    why: CloseReason::Client,
-                    send_close: None,
-                    api_reason: reason,
-                    api_code: code,
-                },
-                None => Ending::eof(),
-            }),
+            Event::Frame(None) => Some(self.client_left()),
             Event::Answer(Ok(answer)) => {
                 self.on_answer(answer);
                 None
@@ -625,9 +624,24 @@ where
                     %error,
                     "write to websocket failed"
                 );
-                Some(Ending::eof())
+                Some(self.client_left())
             }
             Event::Timer => self.on_timer(),
+        }
+    }
+
+    /// The ending when the client's socket is gone: with the code and reason of its close
+    /// frame if it sent one (a client that resets right after its close frame keeps them),
+    /// else `EOF`.
+    fn client_left(&mut self) -> Ending {
+        match self.peer_close.take() {
+            Some((code, reason)) => Ending {
+                why: CloseReason::Client,
+                send_close: None,
+                api_reason: reason,
+                api_code: code,
+            },
+            None => Ending::eof(),
         }
     }
 
@@ -670,7 +684,7 @@ where
             tokio_websockets::Error::Protocol(e) => {
                 (CloseReason::ProtocolError, 1002, e.to_string())
             }
-            _ => return Ending::eof(),
+            _ => return self.client_left(),
         };
         tracing::debug!(
             client_id = %self.handle.client_id,
