@@ -6,7 +6,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -368,6 +368,9 @@ impl Upstream {
         self.metrics
             .requests_started
             .fetch_add(1, Ordering::Relaxed);
+        // A request dropped before it ends (a connect its client gave up on) counts as failed,
+        // so that started = succeeded + failed once nothing is in flight.
+        let mut unfinished = FailedIfDropped(Some(&self.metrics.requests_failed));
         let mut progress = Progress::new(watcher);
         // Kept here rather than in the exchange, so that the slot learns when its request went
         // out (for the API's pace) from the stage, also when the deadline drops the exchange.
@@ -383,6 +386,7 @@ impl Upstream {
         drop(slot);
         self.metrics.observe_upstream_latency(started.elapsed());
         let succeeded = matches!(&result, Ok(answer) if answer.status.is_success());
+        unfinished.0 = None;
         let counter = if succeeded {
             &self.metrics.requests_succeeded
         } else {
@@ -500,6 +504,17 @@ impl Stage {
         match self {
             Stage::Waiting => UpstreamError::Overloaded,
             Stage::Sent(_) => UpstreamError::Timeout(limit),
+        }
+    }
+}
+
+/// Counts a request as failed if dropped while still armed (`Some`).
+struct FailedIfDropped<'a>(Option<&'a AtomicU64>);
+
+impl Drop for FailedIfDropped<'_> {
+    fn drop(&mut self) {
+        if let Some(failed) = self.0 {
+            failed.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

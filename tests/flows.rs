@@ -715,6 +715,13 @@ async fn a_connect_still_waiting_for_an_api_slot_at_the_timeout_gets_503_and_is_
         for_waiting.is_empty(),
         "the API heard of it: {for_waiting:?}"
     );
+    // The dropped GET counts as a failed request: nothing is left as started and unfinished.
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["requests_started"],
+        metrics["requests_failed"] + metrics["requests_succeeded"],
+        "{metrics:?}"
+    );
 }
 
 /// A raw socket to the gateway that has sent the upgrade request for `path` and reads nothing.
