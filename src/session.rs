@@ -210,6 +210,12 @@ impl SessionHandle {
     }
 
     /// Refuses further pushes and commands; hands back the pushes still queued.
+    /// Takes no more pushes or commands: the client has sent its close frame, and the socket
+    /// takes no more data (a push then gets `404`; those already queued count undelivered).
+    fn refuse_more(&self) {
+        self.mailbox().closed = true;
+    }
+
     fn close_mailbox(&self) -> VecDeque<Outbound> {
         let mut mailbox = self.mailbox();
         mailbox.closed = true;
@@ -361,6 +367,46 @@ fn count_undelivered(shared: &Shared, undelivered: usize) {
             .pushes_undelivered
             .fetch_add(undelivered as u64, Ordering::Relaxed);
     }
+}
+
+/// Counts a closed websocket: `sent` data messages went out while it closed, `delivered` of
+/// the `accepted` pushes it still had.
+fn record_close(
+    shared: &Shared,
+    handle: &SessionHandle,
+    why: CloseReason,
+    accepted: usize,
+    sent: usize,
+    delivered: usize,
+) {
+    if sent > 0 {
+        handle
+            .messages_out
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        shared
+            .metrics
+            .messages_sent
+            .fetch_add(sent as u64, Ordering::Relaxed);
+    }
+    // Counted against what was taken, so that one lost in a write that failed or ran out of
+    // time is counted too.
+    let undelivered = accepted - delivered;
+    if undelivered > 0 {
+        tracing::debug!(
+            client_id = %handle.client_id,
+            connection_id = %handle.connection_id,
+            undelivered,
+            "pushes still queued when the websocket closed were not delivered"
+        );
+    }
+    count_undelivered(shared, undelivered);
+    shared.metrics.connection_closed(why);
+    tracing::debug!(
+        client_id = %handle.client_id,
+        connection_id = %handle.connection_id,
+        reason = why.label(),
+        "websocket closed"
+    );
 }
 
 /// Closes the websocket for `ending`: the `replies` and then the `queued` pushes go out before
@@ -666,8 +712,10 @@ where
             // 1005 stands for "the frame had no code"; the API then gets no X-Close-Code.
             let code = Some(u16::from(code)).filter(|c| *c != 1005);
             self.peer_close = Some((code, reason.to_owned()));
+            self.handle.refuse_more();
         } else if message.is_close() {
             self.peer_close = Some((None, String::new()));
+            self.handle.refuse_more();
         }
         None
     }
@@ -804,8 +852,11 @@ where
         } = self;
         // Replies the API gave while the socket was backed up: they go out first, ahead of
         // the queued pushes (the messages they answer came in before the close).
+        // After an API failure none go out: the failed message's reply is missing, and a
+        // client matching replies by position would take the next one for it.
         let replies: Vec<(Bytes, bool)> = answered
             .into_iter()
+            .take_while(|_| ending.why != CloseReason::UpstreamFailure)
             .map_while(Result::ok)
             .filter_map(reply)
             .collect();
@@ -818,36 +869,21 @@ where
         // are driven meanwhile: their answers (which can no longer be sent) free their API
         // slot and connection as they come, and are not timed as if the API had taken the
         // close handshake's time to answer.
-        let closing = close_socket(socket, &ending, replies, queued);
-        let answers = async { while in_flight.next().await.is_some() {} };
-        let ((delivered, replies_sent), ()) = futures_util::future::join(closing, answers).await;
-        if delivered + replies_sent > 0 {
-            let delivered = (delivered + replies_sent) as u64;
-            handle.messages_out.fetch_add(delivered, Ordering::Relaxed);
-            shared
-                .metrics
-                .messages_sent
-                .fetch_add(delivered, Ordering::Relaxed);
-        }
-        // Counted against what was taken, so that one lost in a write that failed or ran out
-        // of time is counted too.
-        let undelivered = accepted - delivered;
-        if undelivered > 0 {
-            tracing::debug!(
-                client_id = %handle.client_id,
-                connection_id = %handle.connection_id,
-                undelivered,
-                "pushes still queued when the websocket closed were not delivered"
+        let why = ending.why;
+        let closing = async {
+            let (delivered, replies_sent) = close_socket(socket, &ending, replies, queued).await;
+            // Counted as soon as the socket is closed, not when the API has answered too.
+            record_close(
+                &shared,
+                &handle,
+                why,
+                accepted,
+                delivered + replies_sent,
+                delivered,
             );
-        }
-        count_undelivered(&shared, undelivered);
-        shared.metrics.connection_closed(ending.why);
-        tracing::debug!(
-            client_id = %handle.client_id,
-            connection_id = %handle.connection_id,
-            reason = ending.why.label(),
-            "websocket closed"
-        );
+        };
+        let answers = async { while in_flight.next().await.is_some() {} };
+        futures_util::future::join(closing, answers).await;
         // The API hears of the close only after it has answered every earlier message (all
         // of them are answered by now).
         depart(&shared, context, ending, permit);
@@ -888,6 +924,14 @@ mod tests {
         let h = handle();
         assert_eq!(h.push(message(150), 10, 100), Ok(()));
         assert_eq!(h.push(message(1), 10, 100), Err(PushError::QueueFull));
+    }
+
+    #[test]
+    fn mailbox_refuses_pushes_and_commands_once_the_client_sent_its_close() {
+        let h = handle();
+        h.refuse_more();
+        assert_eq!(h.push(message(1), 10, 100), Err(PushError::Closed));
+        assert!(!h.command(Command::Shutdown), "nothing left to shut down");
     }
 
     #[test]
