@@ -219,8 +219,27 @@ fn is_header_token(token: &str) -> bool {
     !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Checks one `--allowed-origins` entry: an origin as browsers send it, `scheme://host[:port]`.
+/// Checks one `--allowed-origins` entry: an origin as browsers send it, `scheme://host[:port]`
+/// (or `null`, what sandboxed frames and `file://` pages send), so that an entry never
+/// matches nothing without a word.
 fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "null" {
+        return Ok(());
+    }
+    if !origin.is_ascii() {
+        return Err(format!(
+            "--allowed-origins: `{origin}` is not ASCII; browsers send a host name in its \
+             punycode form (xn--...)"
+        ));
+    }
+    let lower = origin.to_ascii_lowercase();
+    if (lower.starts_with("http://") && lower.ends_with(":80"))
+        || (lower.starts_with("https://") && lower.ends_with(":443"))
+    {
+        return Err(format!(
+            "--allowed-origins: `{origin}`: browsers leave the default port out of an origin"
+        ));
+    }
     let shape = || {
         format!(
             "--allowed-origins: `{origin}` is not an origin; give scheme://host[:port] as a \
@@ -535,4 +554,39 @@ async fn shutdown_signal() {
         let _no_more_writes = profile::writes_finished();
         std::process::exit(1);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_as_browsers_send_them_are_taken() {
+        for origin in [
+            "https://app.example.com",
+            "http://127.0.0.1:8080",
+            "http://[::1]:8080",
+            "HTTPS://App.Example.com",
+            "https://xn--bcher-kva.example",
+            "null",
+        ] {
+            assert_eq!(check_origin(origin), Ok(()), "{origin}");
+        }
+    }
+
+    #[test]
+    fn entries_no_browser_sends_are_refused() {
+        for origin in [
+            "https://app.example.com/",
+            "app.example.com",
+            "*",
+            "https://*.example.com",
+            "https://app.example.com:443",
+            "http://app.example.com:80",
+            "https://bücher.example",
+            "https://user@app.example.com",
+        ] {
+            assert!(check_origin(origin).is_err(), "{origin}");
+        }
+    }
 }

@@ -251,12 +251,18 @@ fn partial_path(path: &Path) -> PathBuf {
 }
 
 /// Checks at start-up that a profile can be written at `path` (its directory exists and
-/// takes files), so that a run's profile is not lost at its end: creates the file the
-/// profile goes through first, and removes it.
+/// takes new files), so that a run's profile is not lost at its end: creates a new file of
+/// its own beside it (never opening one that exists: a FIFO, a symlink, a user's file) and
+/// removes it.
 pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
-    let partial = partial_path(path);
-    std::fs::File::create(&partial)
-        .and_then(|_| std::fs::remove_file(&partial))
+    let mut probe = path.as_os_str().to_owned();
+    probe.push(format!(".{}.check", std::process::id()));
+    let probe = PathBuf::from(probe);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
         .map_err(|source| ProfileError::Write {
             path: path.to_owned(),
             source,
@@ -428,12 +434,20 @@ mod tests {
         let missing = temp_path("no-such-dir").join("cpu.pb");
         let error = check_writable(&missing).unwrap_err().to_string();
         assert!(error.contains("cpu.pb"), "{error}");
-        let fine = temp_path("checked.pb");
+        let dir = temp_path("checked");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A FILE.partial already there (left by a stopped run, or a user's) is not opened.
+        let fine = dir.join("cpu.pb");
+        std::fs::write(partial_path(&fine), b"kept").unwrap();
         check_writable(&fine).unwrap();
-        assert!(
-            !fine.exists() && !partial_path(&fine).exists(),
-            "nothing left"
-        );
+        assert_eq!(std::fs::read(partial_path(&fine)).unwrap(), b"kept");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["cpu.pb.partial"], "nothing else left");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

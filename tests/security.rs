@@ -631,7 +631,7 @@ async fn bad_settings_stop_the_binary_at_start_naming_the_setting() {
     let profile = profile.to_string_lossy().into_owned();
     // Flags, environment, and what the one line on stderr says.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 11] = [
+    let cases: [Case; 12] = [
         // An empty list would allow every origin.
         (
             &["--allowed-origins", ""],
@@ -650,6 +650,11 @@ async fn bad_settings_stop_the_binary_at_start_naming_the_setting() {
             "--allowed-origins: `https://app.example.com/`",
         ),
         (&["--allowed-origins", "*"], &[], "--allowed-origins: `*`"),
+        (
+            &["--allowed-origins", "https://app.example.com:443"],
+            &[],
+            "leave the default port out",
+        ),
         // A token no client can send in a header.
         (
             &["--control-token", "\u{1}abc"],
