@@ -220,8 +220,8 @@ fn is_header_token(token: &str) -> bool {
 }
 
 /// Checks one `--allowed-origins` entry: an origin as browsers send it, `scheme://host[:port]`
-/// (or `null`, what sandboxed frames and `file://` pages send), so that an entry never
-/// matches nothing without a word.
+/// (or `null`, what sandboxed frames and `file://` pages send), so that no entry silently
+/// matches nothing.
 fn check_origin(origin: &str) -> Result<(), String> {
     if origin == "null" {
         return Ok(());

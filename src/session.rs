@@ -209,13 +209,13 @@ impl SessionHandle {
         MailboxEvent::Empty
     }
 
-    /// Refuses further pushes and commands; hands back the pushes still queued.
     /// Takes no more pushes or commands: the client has sent its close frame, and the socket
     /// takes no more data (a push then gets `404`; those already queued count undelivered).
     fn refuse_more(&self) {
         self.mailbox().closed = true;
     }
 
+    /// Refuses further pushes and commands; hands back the pushes still queued.
     fn close_mailbox(&self) -> VecDeque<Outbound> {
         let mut mailbox = self.mailbox();
         mailbox.closed = true;
