@@ -194,6 +194,14 @@ async fn route(
             "more than one Authorization header\n",
         ));
     }
+    if headers.get_all(ORIGIN).iter().nth(1).is_some() {
+        // One would be checked against --allowed-origins and the API would see both.
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalReason::BadRequest,
+            "more than one Origin header\n",
+        ));
+    }
     let client_id = ClientId::from_path(path).map_err(|e| Refusal {
         status: StatusCode::BAD_REQUEST,
         reason: RefusalReason::BadRequest,
@@ -311,6 +319,23 @@ async fn route(
         return Err(refusal);
     }
 
+    // RFC 6455, 4.1: a subprotocol the client did not offer fails the connection in the
+    // client, after the API has counted it open; the API's answer is refused here instead,
+    // and the connection it approved is undone with a DELETE.
+    let protocol = answer.headers.get(SEC_WEBSOCKET_PROTOCOL);
+    if protocol.is_some_and(|chosen| !offered(headers, chosen)) {
+        tracing::warn!(
+            %client_id, %connection_id, chosen = ?protocol,
+            "API chose a subprotocol the client did not offer; client told 502"
+        );
+        session::departed_before_opening(shared, Arc::clone(&context), UNOFFERED_PROTOCOL, permit);
+        return Err(Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            RefusalReason::ApiFailure,
+            "the API chose a subprotocol the client did not offer\n",
+        ));
+    }
+
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let out = response.headers_mut();
@@ -319,7 +344,7 @@ async fn route(
     let accept = HeaderValue::try_from(accept_key(key.as_bytes()))
         .map_err(|_| overloaded("internal error\n"))?;
     out.insert(SEC_WEBSOCKET_ACCEPT, accept);
-    if let Some(protocol) = answer.headers.get(SEC_WEBSOCKET_PROTOCOL) {
+    if let Some(protocol) = protocol {
         out.insert(SEC_WEBSOCKET_PROTOCOL, protocol.clone());
     }
 
@@ -365,6 +390,23 @@ async fn route(
         permit,
     ));
     Ok(response)
+}
+
+/// DELETE body for a connection the API approved with a subprotocol the client did not offer.
+const UNOFFERED_PROTOCOL: &str = "subprotocol not offered";
+
+/// Whether `chosen` (the API's `Sec-WebSocket-Protocol`) is one of the subprotocols the
+/// client's `Sec-WebSocket-Protocol` lines offered, exactly (a single token, not a list).
+fn offered(request: &HeaderMap, chosen: &HeaderValue) -> bool {
+    let Ok(chosen) = chosen.to_str() else {
+        return false;
+    };
+    request
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|line| line.to_str().ok())
+        .flat_map(|line| line.split(','))
+        .any(|offer| offer.trim() == chosen)
 }
 
 /// Whether the API's answer to a connect request lets the websocket open: `200` and `ok`.
@@ -557,7 +599,8 @@ fn connect_headers(
             chain.push_str(", ");
         }
     }
-    chain.push_str(&peer.remote.ip().to_string());
+    // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; the API gets a.b.c.d.
+    chain.push_str(&peer.remote.ip().to_canonical().to_string());
     if let Ok(value) = HeaderValue::try_from(chain) {
         forwarded.insert(X_FORWARDED_FOR.clone(), value);
     }

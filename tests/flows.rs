@@ -195,6 +195,61 @@ async fn the_api_chosen_subprotocol_is_echoed_to_the_client() {
 }
 
 #[tokio::test]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_forwarded_as_ipv4() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.listen = "[::]:0".parse().unwrap();
+    let gateway = TestGateway::start(config).await;
+    let ipv4 = std::net::SocketAddr::from(([127, 0, 0, 1], gateway.public.port()));
+    let response = raw_exchange(ipv4, &upgrade_request("/dual", &[])).await;
+    assert_eq!(response.status, 101);
+    let get = &api.wait_for("GET", 1).await[0];
+    assert_eq!(get.header("x-forwarded-for"), Some("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn a_subprotocol_the_client_did_not_offer_gets_502_and_its_approval_a_delete() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "GET" => Reply::ok("ok").header("sec-websocket-protocol", "chat.v2"),
+        _ => Reply::ok(""),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    for (path, offer) in [
+        ("/offers-another", &["Sec-WebSocket-Protocol: chat.v1"][..]),
+        ("/offers-none", &[][..]),
+    ] {
+        let response = raw_exchange(gateway.public, &upgrade_request(path, offer)).await;
+        assert_eq!(response.status, 502, "{path}: {}", response.text());
+    }
+    let deletes = api.wait_for("DELETE", 2).await;
+    for delete in &deletes {
+        assert_eq!(delete.body, Bytes::from_static(b"subprotocol not offered"));
+    }
+    assert_eq!(gateway.metrics().await["connections_opened"], 0.0);
+}
+
+#[tokio::test]
+async fn two_origin_lines_get_400_and_no_api_call() {
+    let (api, gateway) = setup().await;
+    let response = raw_exchange(
+        gateway.public,
+        &upgrade_request(
+            "/twice",
+            &[
+                "Origin: https://allowed.example",
+                "Origin: https://other.example",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(response.status, 400);
+    assert_eq!(response.text(), "more than one Origin header\n");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+}
+
+#[tokio::test]
 async fn api_4xx_is_relayed_with_retry_after() {
     let api =
         MockApi::with_script(|_| Reply::status(429, "slow down").header("retry-after", "7")).await;
