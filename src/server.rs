@@ -17,7 +17,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
@@ -272,15 +272,42 @@ async fn handshake_slot(pending: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit
 }
 
 async fn accept_failed(which: &str, error: &io::Error) {
+    // One connection's own trouble (it was reset while it waited in the backlog): the next
+    // is taken at once. Anything else (out of descriptors or memory) is waited out a little,
+    // rather than retried in a tight loop.
+    if matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    ) {
+        tracing::debug!(%error, "accept on the {which} listener: a connection went away");
+        return;
+    }
     tracing::warn!(%error, "accept on the {which} listener failed; backing off");
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
 
 /// Answers `503` to a socket over a connection cap (pending handshakes, control connections),
-/// without parsing anything.
-async fn refuse_busy(mut stream: impl AsyncWrite + Unpin) {
+/// without parsing anything. The request is read and dropped after the answer (for at most
+/// 1 s, 64 KiB): a socket closed with unread data is reset, and some clients (Windows, macOS,
+/// proxies) then lose the `503` and see only the reset.
+async fn refuse_busy(mut stream: impl AsyncRead + AsyncWrite + Unpin) {
     let reply = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(reply).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left -= n.min(left),
+            }
+        }
+        Ok::<(), io::Error>(())
+    })
+    .await;
 }
 
 async fn serve_public(
