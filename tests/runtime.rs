@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::binary::Binary;
 use common::*;
 use futures_util::SinkExt;
@@ -30,14 +28,12 @@ async fn the_binary_on_the_current_thread_runtime_round_trips_and_pushes() {
 #[tokio::test]
 async fn current_thread_with_worker_threads_exits_2_naming_both_flags() {
     let api = MockApi::start().await;
-    let mut binary = Binary::start(
+    let log = Binary::refused_at_start(
         &api.base(),
         &["--current-thread", "--worker-threads", "2"],
         &[],
-    );
-    let status = binary.wait_exit(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(2), "{}", binary.stderr());
-    let log = binary.stderr();
+    )
+    .await;
     assert!(
         log.contains("--current-thread") && log.contains("--worker-threads"),
         "{log}"
@@ -51,7 +47,7 @@ async fn a_gateway_that_cannot_start_leaves_an_earlier_profile_in_place() {
     let taken = taken.local_addr().unwrap().to_string();
     let path = std::env::temp_dir().join(format!("ws2http-{}-kept-cpu.pb", std::process::id()));
     std::fs::write(&path, b"an earlier run's profile").unwrap();
-    let mut binary = Binary::start(
+    Binary::refused_at_start(
         &api.base(),
         &[
             "--control-listen",
@@ -60,9 +56,8 @@ async fn a_gateway_that_cannot_start_leaves_an_earlier_profile_in_place() {
             path.to_str().unwrap(),
         ],
         &[],
-    );
-    let status = binary.wait_exit(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(2), "{}", binary.stderr());
+    )
+    .await;
     assert_eq!(std::fs::read(&path).unwrap(), b"an earlier run's profile");
     std::fs::remove_file(&path).unwrap();
 }

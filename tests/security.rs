@@ -229,14 +229,8 @@ async fn the_binary_takes_the_api_token_from_the_environment_or_the_flag() {
         );
     }
     let api = MockApi::start().await;
-    let mut binary = Binary::start(&api.base(), &["--api-token", "two words"], &[]);
-    let status = binary.wait_exit(Duration::from_secs(10)).await;
-    assert_eq!(status.code(), Some(2), "{}", binary.stderr());
-    assert!(
-        binary.stderr().contains("--api-token"),
-        "{}",
-        binary.stderr()
-    );
+    let log = Binary::refused_at_start(&api.base(), &["--api-token", "two words"], &[]).await;
+    assert!(log.contains("--api-token"), "{log}");
 }
 
 const EXPOSED_WARNING: &str = "not on loopback and has no --control-token";
@@ -614,10 +608,7 @@ async fn bad_tls_settings_stop_the_binary_at_start_naming_the_flag() {
         (&["--api-ca", &missing], "--api-ca"),
     ];
     for (args, flag) in cases {
-        let mut binary = Binary::start(&api.base(), args, &[]);
-        let status = binary.wait_exit(Duration::from_secs(10)).await;
-        assert_eq!(status.code(), Some(2), "{args:?}: {}", binary.stderr());
-        let log = binary.stderr();
+        let log = Binary::refused_at_start(&api.base(), args, &[]).await;
         assert!(log.contains(flag), "{args:?}: no `{flag}` in {log}");
     }
 }
@@ -693,15 +684,7 @@ async fn bad_settings_stop_the_binary_at_start_naming_the_setting() {
         ),
     ];
     for (args, envs, message) in cases {
-        let mut binary = Binary::start(&api.base(), args, envs);
-        let status = binary.wait_exit(Duration::from_secs(10)).await;
-        assert_eq!(
-            status.code(),
-            Some(2),
-            "{args:?} {envs:?}: {}",
-            binary.stderr()
-        );
-        let log = binary.stderr();
+        let log = Binary::refused_at_start(&api.base(), args, envs).await;
         assert!(
             log.contains(message),
             "{args:?} {envs:?}: no `{message}` in {log}"
@@ -715,19 +698,9 @@ async fn an_api_url_with_a_bad_port_or_a_password_stops_the_binary_naming_the_fl
         "http://127.0.0.1:99999/",
         "http://user:secret@127.0.0.1:8000/",
     ] {
-        let mut binary = Binary::start(api, &[], &[]);
-        let status = binary.wait_exit(Duration::from_secs(10)).await;
-        assert_eq!(status.code(), Some(2), "{api}: {}", binary.stderr());
-        assert!(
-            binary.stderr().contains("--api"),
-            "{api}: {}",
-            binary.stderr()
-        );
-        assert!(
-            !binary.stderr().contains("started"),
-            "{api}: {}",
-            binary.stderr()
-        );
+        let log = Binary::refused_at_start(api, &[], &[]).await;
+        assert!(log.contains("--api"), "{api}: {log}");
+        assert!(!log.contains("started"), "{api}: {log}");
     }
 }
 

@@ -142,6 +142,16 @@ impl Binary {
     }
 
     /// What the process wrote to stderr so far, without colours.
+    /// Starts the binary as [`Binary::start`] does, for settings it must refuse: checks that
+    /// it exits with status 2 within 10 s, and returns what it wrote on stderr.
+    pub async fn refused_at_start(api: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
+        let mut binary = Binary::start(api, args, envs);
+        let status = binary.wait_exit(Duration::from_secs(10)).await;
+        let stderr = binary.stderr();
+        assert_eq!(status.code(), Some(2), "{args:?} {envs:?}: {stderr}");
+        stderr
+    }
+
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
