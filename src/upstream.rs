@@ -271,19 +271,7 @@ impl Upstream {
         *request.method_mut() = Method::GET;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers.forwarded;
-        request.headers_mut().insert(
-            X_CONNECTION_ID.clone(),
-            context.connection_id_header.clone(),
-        );
-        // One line, as with every message: PHP, for one, reads two lines as one cookie.
-        if let Some(cookie) = &context.cookie {
-            request.headers_mut().insert(COOKIE, cookie.clone());
-        }
-        if let Some(token) = &self.api_token {
-            request
-                .headers_mut()
-                .insert(X_WS2HTTP_TOKEN.clone(), token.clone());
-        }
+        self.add_connection_headers(context, request.headers_mut());
         // The handshake waits --upstream-timeout for the answer; one that comes later is
         // still wanted (see handshake.rs, `PendingApproval`), for as long again.
         self.send_within(request, self.timeout.saturating_mul(2), Some(sent))
@@ -330,7 +318,14 @@ impl Upstream {
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
         *request.uri_mut() = context.uri.clone();
-        let headers = request.headers_mut();
+        self.add_connection_headers(context, request.headers_mut());
+        request
+    }
+
+    /// What every request about `context`'s connection carries, the connect GET included:
+    /// `X-Connection-Id`, the upgrade's cookies as one line (PHP, for one, reads two lines as
+    /// one cookie), its `Authorization`, and `--api-token`.
+    fn add_connection_headers(&self, context: &ConnectionContext, headers: &mut HeaderMap) {
         headers.insert(
             X_CONNECTION_ID.clone(),
             context.connection_id_header.clone(),
@@ -344,7 +339,6 @@ impl Upstream {
         if let Some(token) = &self.api_token {
             headers.insert(X_WS2HTTP_TOKEN.clone(), token.clone());
         }
-        request
     }
 
     /// Sends `request` and reads its answer within `--upstream-timeout`. (Not an `async fn`: a
