@@ -111,6 +111,17 @@ impl Sender {
     }
 }
 
+/// CPU time (user, system; µs) this process has used so far.
+fn own_cpu_us() -> (u64, u64) {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return (0, 0);
+    }
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    (us(ru.ru_utime), us(ru.ru_stime))
+}
+
 #[derive(FromArgs)]
 /// Push messages through ws2http's control API to many client ids and time it.
 struct Args {
@@ -194,6 +205,7 @@ async fn main() {
     let hist = Arc::new(Mutex::new(stats::new_hist()));
     let statuses: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let t0 = Instant::now();
+    let cpu0 = own_cpu_us();
     // With --http2, task k starts on shared connection k % --connections, opened on first use.
     let shared_h2: Arc<Vec<OnceCell<http2::SendRequest<Full<Bytes>>>>> = Arc::new(
         (0..args.connections.max(1))
@@ -269,6 +281,9 @@ async fn main() {
     }
     while tasks.join_next().await.is_some() {}
     let elapsed = t0.elapsed().as_secs_f64();
+    let cpu1 = own_cpu_us();
+    let (user_us, sys_us) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+    let per_push = |us: u64| ((us as f64 / total.max(1) as f64) * 100.0).round() / 100.0;
     let statuses = statuses.lock().unwrap().clone();
     let ok = statuses.get("200").copied().unwrap_or(0);
     let report = json!({
@@ -283,13 +298,16 @@ async fn main() {
         "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
         "pushes_per_s": if elapsed > 0.0 { (total as f64 / elapsed).round() } else { 0.0 },
         "http_latency": stats::summary(&hist.lock().unwrap()),
+        "push_cpu_us_per_push": per_push(user_us + sys_us),
+        "push_sys_us_per_push": per_push(sys_us),
     });
     println!("{report}");
     if !args.quiet {
         let l = &report["http_latency"];
         eprintln!(
-            "  pushes {total} ({ok} ok) in {:.3} s = {} pushes/s\n  statuses {}\n  control API latency p50 {} p90 {} p99 {} p99.9 {} max {} ms",
-            elapsed, report["pushes_per_s"], report["statuses"], l["p50_ms"], l["p90_ms"], l["p99_ms"], l["p999_ms"], l["max_ms"]
+            "  pushes {total} ({ok} ok) in {:.3} s = {} pushes/s\n  statuses {}\n  control API latency p50 {} p90 {} p99 {} p99.9 {} max {} ms\n  this tool's CPU {} µs per push (kernel {})",
+            elapsed, report["pushes_per_s"], report["statuses"], l["p50_ms"], l["p90_ms"], l["p99_ms"], l["p999_ms"], l["max_ms"],
+            report["push_cpu_us_per_push"], report["push_sys_us_per_push"]
         );
     }
 }
