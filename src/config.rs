@@ -200,6 +200,12 @@ impl Default for Config {
 /// Descriptors kept free for listeners, logs, profiles and the like.
 pub const RESERVED_DESCRIPTORS: usize = 64;
 
+/// Sockets over a connection cap (pending handshakes, control connections) handled at once:
+/// waiting a moment for a handshake slot, or being answered `503`. One more is closed at once,
+/// so that a crowd over the caps cannot spend the descriptors the websockets were promised,
+/// nor make the sockets behind it wait in the listen backlog.
+pub const OVER_CAP_SOCKETS: usize = 64;
+
 /// Control connections served at once, over the TCP and Unix control listeners together; one
 /// more is answered `503` and closed. Budgeted like the API pool, so that a crowd of pushers
 /// cannot take the descriptors the websockets were promised.
@@ -219,6 +225,8 @@ pub struct DescriptorBudget {
     pub pending_handshakes: usize,
     /// Control connections at once ([`CONTROL_CONNECTIONS`]).
     pub control_connections: usize,
+    /// Sockets over a cap handled at once ([`OVER_CAP_SOCKETS`]).
+    pub over_cap_sockets: usize,
     /// Requests that may wait for a free API connection at once.
     pub upstream_max_waiting: usize,
 }
@@ -232,14 +240,15 @@ impl DescriptorBudget {
         // Saturating: flags near usize::MAX must fail the check below, not wrap past it.
         let fixed = upstream
             .saturating_add(config.max_pending_handshakes)
-            .saturating_add(CONTROL_CONNECTIONS + RESERVED_DESCRIPTORS);
+            .saturating_add(CONTROL_CONNECTIONS + OVER_CAP_SOCKETS + RESERVED_DESCRIPTORS);
         let room = open_file_limit.saturating_sub(fixed);
         let max_connections = match config.max_connections {
             Some(n) if n > room => {
                 return Err(format!(
                     "--max-connections {n} does not fit the open-file limit {open_file_limit}: \
                      at most {room} with --upstream-max-connections {upstream}, {} pending \
-                     handshakes and {CONTROL_CONNECTIONS} control connections",
+                     handshakes, {CONTROL_CONNECTIONS} control connections and \
+                     {OVER_CAP_SOCKETS} sockets over those caps",
                     config.max_pending_handshakes
                 ))
             }
@@ -247,8 +256,9 @@ impl DescriptorBudget {
             None if room == 0 => {
                 return Err(format!(
                     "the open-file limit {open_file_limit} leaves no room for websockets next to \
-                     --upstream-max-connections {upstream}, --max-pending-handshakes {} and \
-                     {CONTROL_CONNECTIONS} control connections",
+                     --upstream-max-connections {upstream}, --max-pending-handshakes {}, \
+                     {CONTROL_CONNECTIONS} control connections and {OVER_CAP_SOCKETS} sockets \
+                     over those caps",
                     config.max_pending_handshakes
                 ))
             }
@@ -269,6 +279,7 @@ impl DescriptorBudget {
             upstream_max_connections: upstream,
             pending_handshakes: config.max_pending_handshakes,
             control_connections: CONTROL_CONNECTIONS,
+            over_cap_sockets: OVER_CAP_SOCKETS,
             upstream_max_waiting: config.upstream_max_waiting.unwrap_or(default_waiting),
         })
     }
@@ -419,7 +430,7 @@ mod tests {
         assert_eq!(budget.upstream_max_connections, 1024);
         assert_eq!(
             budget.max_connections,
-            20_000 - 1024 - 512 - CONTROL_CONNECTIONS - RESERVED_DESCRIPTORS
+            20_000 - 1024 - 512 - CONTROL_CONNECTIONS - OVER_CAP_SOCKETS - RESERVED_DESCRIPTORS
         );
     }
 

@@ -502,6 +502,7 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> Result<(), ExitCo
         upstream_max_wait = ?config.upstream_max_wait,
         pending_handshakes = budget.pending_handshakes,
         control_connections = budget.control_connections,
+        over_cap_sockets = budget.over_cap_sockets,
         worker_threads = workers,
         cpus,
         "ws2http started"

@@ -236,22 +236,29 @@ pub(crate) async fn accept_public(
                 continue;
             }
         };
-        match handshake_slot(&pending).await {
-            Some(permit) => {
-                let task = serve_public(stream, remote, tls.clone(), Arc::clone(&shared), permit);
-                // Boxed: the task then holds a pointer, and tokio's poll and spawn frames for
-                // it stay small; unboxed they were ~20 KiB of every worker's resident stack.
-                shared.tasks.spawn(Box::pin(task));
-            }
-            None => {
-                shared.metrics.handshake_refused(RefusalReason::Overloaded);
-                // A TLS client would read a plain-text 503 as a broken handshake, and a TLS
-                // handshake only to refuse is the work the cap holds back: it is just closed.
-                if tls.is_none() {
-                    shared.tasks.spawn(refuse_busy(stream));
-                }
-            }
+        if let Ok(permit) = Arc::clone(&pending).try_acquire_owned() {
+            let task = serve_public(stream, remote, tls.clone(), Arc::clone(&shared), permit);
+            // Boxed: the task then holds a pointer, and tokio's poll and spawn frames for it
+            // stay small; unboxed they were ~20 KiB of every worker's resident stack.
+            shared.tasks.spawn(Box::pin(task));
+            continue;
         }
+        // Over the cap: the socket waits for a slot in a task of its own, so that the accept
+        // loop goes on at once, and the sockets behind it in the backlog are answered too.
+        let Ok(place) = Arc::clone(&shared.over_cap).try_acquire_owned() else {
+            shared.metrics.handshake_refused(RefusalReason::Overloaded);
+            tracing::debug!(%remote, "over the handshake cap and no place to wait; closed");
+            continue;
+        };
+        let task = wait_for_handshake_slot(
+            stream,
+            remote,
+            tls.clone(),
+            Arc::clone(&shared),
+            Arc::clone(&pending),
+            place,
+        );
+        shared.tasks.spawn(Box::pin(task));
     }
 }
 
@@ -259,16 +266,36 @@ pub(crate) async fn accept_public(
 /// slot is often moments from free: its upgrade has written the `101` and is handing the socket
 /// to its session, and a client that read the `101` may already be opening its next socket (a
 /// connect storm that never had more handshakes in flight than the cap saw a `503` now and
-/// then). Meanwhile the accept loop waits, and new sockets wait in the listen backlog.
+/// then). It waits in a task of its own, in one of the [`OVER_CAP_SOCKETS`] places, while the
+/// accept loop goes on.
+///
+/// [`OVER_CAP_SOCKETS`]: crate::config::OVER_CAP_SOCKETS
 const HANDSHAKE_SLOT_GRACE: Duration = Duration::from_millis(250);
 
-/// A handshake slot, if one is free now or comes free within [`HANDSHAKE_SLOT_GRACE`].
-async fn handshake_slot(pending: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
-    if let Ok(permit) = Arc::clone(pending).try_acquire_owned() {
-        return Some(permit);
+/// A socket over the pending-handshake cap, holding one of the places for such sockets: served
+/// if a handshake slot comes free within [`HANDSHAKE_SLOT_GRACE`], else refused (`503`, or
+/// closed with TLS).
+async fn wait_for_handshake_slot(
+    stream: TcpStream,
+    remote: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    pending: Arc<Semaphore>,
+    place: OwnedSemaphorePermit,
+) {
+    let waited = tokio::time::timeout(HANDSHAKE_SLOT_GRACE, pending.acquire_owned()).await;
+    if let Ok(Ok(permit)) = waited {
+        drop(place);
+        serve_public(stream, remote, tls, shared, permit).await;
+        return;
     }
-    let waited = tokio::time::timeout(HANDSHAKE_SLOT_GRACE, Arc::clone(pending).acquire_owned());
-    waited.await.ok()?.ok()
+    shared.metrics.handshake_refused(RefusalReason::Overloaded);
+    // A TLS client would read a plain-text 503 as a broken handshake, and a TLS handshake
+    // only to refuse is the work the cap holds back: it is just closed.
+    if tls.is_none() {
+        refuse_busy(stream).await;
+    }
+    drop(place);
 }
 
 async fn accept_failed(which: &str, error: &io::Error) {
@@ -484,7 +511,14 @@ pub(crate) async fn accept_control(
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            connections.spawn(refuse_busy(stream));
+            // Answered 503 while a place for sockets over a cap is free; closed at once when
+            // none is, rather than holding a descriptor the budget does not have.
+            if let Ok(place) = Arc::clone(&shared.over_cap).try_acquire_owned() {
+                connections.spawn(async move {
+                    refuse_busy(stream).await;
+                    drop(place);
+                });
+            }
             continue;
         };
         let shared = Arc::clone(&shared);

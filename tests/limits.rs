@@ -650,6 +650,106 @@ async fn over_the_pending_handshake_cap_a_slot_freed_within_the_grace_serves_the
     assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 0.0);
 }
 
+#[tokio::test]
+async fn over_the_pending_handshake_cap_sockets_wait_side_by_side_not_one_after_another() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.max_pending_handshakes = 1;
+    config.handshake_timeout = Duration::from_secs(10);
+    let gateway = TestGateway::start(config).await;
+    let mut holder = TcpStream::connect(gateway.public).await.unwrap();
+    holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Twenty sockets over the cap at once: each waits its 250 ms beside the others, so all
+    // are answered in about that long (one after another it would take 5 s).
+    let started = Instant::now();
+    let mut over = Vec::new();
+    for i in 0..20 {
+        let public = gateway.public;
+        over.push(tokio::spawn(async move {
+            raw_exchange(public, &upgrade_request(&format!("/over{i}"), &[])).await
+        }));
+    }
+    for answer in over {
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status, 503);
+        assert_eq!(answer.header("retry-after"), Some("1"));
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "all answered after {took:?}");
+    assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 20.0);
+    drop(holder);
+}
+
+/// Reads what the gateway sends on `stream` until it closes (within 3 s).
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "still open after 3 s");
+    answer
+}
+
+#[tokio::test]
+async fn over_the_pending_handshake_cap_with_every_waiting_place_taken_a_socket_is_closed_at_once()
+{
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = Duration::from_secs(10);
+    let budget = ws2http::DescriptorBudget {
+        pending_handshakes: 1,
+        over_cap_sockets: 2,
+        ..ws2http::DescriptorBudget::plan(&config, 20_000).unwrap()
+    };
+    let gateway = TestGateway::start_with_budget(config, budget).await;
+    let mut holder = TcpStream::connect(gateway.public).await.unwrap();
+    holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
+    // Two silent sockets over the cap take both places: 250 ms waiting for a slot, then a
+    // 503 whose socket is drained until they close it (they do not, for 1 s).
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waiting.push(TcpStream::connect(gateway.public).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let mut third = TcpStream::connect(gateway.public).await.unwrap();
+    third
+        .write_all(&upgrade_request("/third", &[]))
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut third).await;
+    assert!(
+        answer.is_empty(),
+        "closed with no answer: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(250), "closed after {took:?}");
+    assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 1.0);
+    // The two that waited were answered 503.
+    for mut stream in waiting {
+        let answer = read_until_closed(&mut stream).await;
+        let answer = parse_response(&answer).expect("an HTTP answer");
+        assert_eq!(answer.status, 503);
+    }
+    // With the places free again, a socket over the cap waits and is answered once more.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = raw_exchange(gateway.public, &upgrade_request("/fourth", &[])).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 4.0);
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    drop(holder);
+}
+
 /// `key=value` out of a log line.
 fn log_field(log: &str, key: &str) -> usize {
     let needle = format!(" {key}=");
@@ -759,6 +859,7 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
             - upstream
             - pending
             - log_field(&log, "control_connections")
+            - log_field(&log, "over_cap_sockets")
             - ws2http::config::RESERVED_DESCRIPTORS,
         "{log}"
     );
@@ -766,6 +867,10 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
     assert_eq!(
         log_field(&log, "control_connections"),
         ws2http::config::CONTROL_CONNECTIONS
+    );
+    assert_eq!(
+        log_field(&log, "over_cap_sockets"),
+        ws2http::config::OVER_CAP_SOCKETS
     );
     assert_eq!(
         log_field(&log, "upstream_min_concurrency"),
@@ -1347,4 +1452,45 @@ async fn control_connections_over_the_budget_get_503_on_either_control_listener(
     let served = raw_http(gateway.control, "GET", "/healthz", &[], b"").await;
     assert_eq!(served.status, 200);
     let _ = std::fs::remove_file(&socket);
+}
+
+#[tokio::test]
+async fn control_connections_over_the_budget_are_closed_at_once_when_no_place_is_left_to_refuse_them(
+) {
+    let api = MockApi::start().await;
+    let config = test_config(&api);
+    let budget = ws2http::DescriptorBudget {
+        control_connections: 1,
+        over_cap_sockets: 1,
+        ..ws2http::DescriptorBudget::plan(&config, 20_000).unwrap()
+    };
+    let gateway = TestGateway::start_with_budget(config, budget).await;
+    let mut held = TcpStream::connect(gateway.control).await.unwrap();
+    held.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // One over the budget is answered 503 and drained: it stays silent, so for 1 s it holds
+    // the only place for sockets over a cap.
+    let mut refused = TcpStream::connect(gateway.control).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut closed = TcpStream::connect(gateway.control).await.unwrap();
+    closed
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let answer = read_until_closed(&mut closed).await;
+    assert!(
+        answer.is_empty(),
+        "closed with no answer: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let answer = read_until_closed(&mut refused).await;
+    assert_eq!(parse_response(&answer).expect("an HTTP answer").status, 503);
+    drop(refused);
+    // Its place free again, the next one over the budget is answered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = raw_http(gateway.control, "GET", "/healthz", &[], b"").await;
+    assert_eq!(again.status, 503);
+    drop(held);
 }
