@@ -285,6 +285,12 @@ impl DescriptorBudget {
     }
 }
 
+/// Whether `token` (`--api-token`, `--control-token`) can travel in an HTTP header as given:
+/// non-empty visible ASCII, no spaces.
+pub fn is_header_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Parses a byte size: `1048576`, `64KiB`, `1MiB`, `2GiB`, `64kB`, `1MB`.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();

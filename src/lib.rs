@@ -363,6 +363,20 @@ fn validate(config: &Config) -> Result<(), StartError> {
     if config.shutdown_delete_concurrency == 0 {
         return fail("--shutdown-delete-concurrency must be at least 1");
     }
+    // The command line checks these too, naming the flag or variable they came from.
+    for (token, flag) in [
+        (&config.api_token, "--api-token"),
+        (&config.control_token, "--control-token"),
+    ] {
+        if token
+            .as_deref()
+            .is_some_and(|t| !config::is_header_token(t))
+        {
+            return fail(&format!(
+                "{flag} must be non-empty visible ASCII, without spaces"
+            ));
+        }
+    }
     if config.api_ca.is_some() && (!config.api.is_https() || config.api_unix_socket.is_some()) {
         return fail(
             "--api-ca is for an https:// API reached over TCP; this API is called in plain HTTP",
@@ -384,4 +398,37 @@ pub async fn run(
 ) -> Result<DrainReport, StartError> {
     let gateway = Gateway::bind(config).await?;
     Ok(gateway.serve(shutdown).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::default()
+    }
+
+    #[test]
+    fn a_token_that_cannot_travel_in_a_header_is_refused_with_its_flag() {
+        for (token, good) in [
+            ("abc123", true),
+            ("two words", false),
+            ("", false),
+            ("é", false),
+        ] {
+            let mut api = config();
+            api.api_token = Some(token.to_owned());
+            let mut control = config();
+            control.control_token = Some(token.to_owned());
+            for (config, flag) in [(api, "--api-token"), (control, "--control-token")] {
+                match validate(&config) {
+                    Ok(()) => assert!(good, "{flag} {token:?} passed"),
+                    Err(error) => {
+                        assert!(!good, "{flag} {token:?}: {error}");
+                        assert!(error.to_string().starts_with(flag), "{error}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use argh::FromArgs;
-use ws2http::config::{parse_duration, parse_size, ApiBase, Config, TlsFiles};
+use ws2http::config::{is_header_token, parse_duration, parse_size, ApiBase, Config, TlsFiles};
 use ws2http::{profile, Gateway};
 
 /// ws2http: holds websocket connections and turns their traffic into plain HTTP requests to
@@ -212,11 +212,6 @@ fn flag_or_env<'a>(
         (None, Err(std::env::VarError::NotPresent)) => Ok((None, name)),
         (None, Err(std::env::VarError::NotUnicode(_))) => Err(format!("{name} is not valid UTF-8")),
     }
-}
-
-/// Whether `token` can travel in an HTTP header as given: visible ASCII, no spaces.
-fn is_header_token(token: &str) -> bool {
-    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Checks one `--allowed-origins` entry: an origin as browsers send it, `scheme://host[:port]`
