@@ -103,6 +103,30 @@ pub fn sample_cpu_and_memory(pid: u32) -> Option<Sample> {
     })
 }
 
+/// The whole machine's CPU time so far, all cores together, from the `cpu` line of
+/// `/proc/stat`: (busy, idle) in microseconds, idle counting `idle` and `iowait`.
+pub fn parse_machine_cpu(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user already).
+    if ticks.len() < 8 {
+        return None;
+    }
+    let idle = ticks[3] + ticks[4];
+    let busy = ticks[..8].iter().sum::<u64>() - idle;
+    let us = |t: u64| t * 1_000_000 / ticks_per_sec();
+    Some((us(busy), us(idle)))
+}
+
+/// [`parse_machine_cpu`] of this machine now.
+pub fn machine_cpu() -> Option<(u64, u64)> {
+    parse_machine_cpu(&fs::read_to_string("/proc/stat").ok()?)
+}
+
 /// Machine-wide TCP counters that explain slow handshakes: `ListenOverflows` and
 /// `ListenDrops` (a listener's accept queue was full) and `TCPSynRetrans` (SYNs sent again, 1 s
 /// later the first time), from the `TcpExt` lines of `/proc/net/netstat`.
@@ -187,6 +211,15 @@ mod tests {
         );
         assert_eq!(d, json!({"ListenOverflows": 5, "TCPSynRetrans": 3}));
         assert!(tcp_counters().get("ListenOverflows").is_some());
+    }
+
+    #[test]
+    fn reads_the_machine_cpu_line() {
+        let stat = "cpu  100 5 50 800 20 3 2 0 0 0\ncpu0 50 2 25 400 10 1 1 0 0 0\nintr 1 2\n";
+        let tick = 1_000_000 / ticks_per_sec();
+        assert_eq!(parse_machine_cpu(stat), Some((160 * tick, 820 * tick)));
+        assert_eq!(parse_machine_cpu("cpu  1 2 3\n"), None);
+        assert!(machine_cpu().is_some_and(|(busy, idle)| busy + idle > 0));
     }
 
     #[test]

@@ -345,6 +345,20 @@ fn last_json(s: &str) -> Value {
 
 /// The gateway's CPU time per push between two samples taken around the push run, and the
 /// kernel's part of it, in µs.
+/// The machine's busy CPU time per push over the push window (every process, all cores), and
+/// the share of the cores left idle: what `push` and `load` cost beside the gateway.
+fn machine_push_cpu(before: (u64, u64), after: (u64, u64), pushes: u64) -> Value {
+    let busy = after.0.saturating_sub(before.0);
+    let idle = after.1.saturating_sub(before.1);
+    if pushes == 0 || busy + idle == 0 {
+        return Value::Null;
+    }
+    json!({
+        "busy_us_per_push": (busy as f64 / pushes as f64 * 100.0).round() / 100.0,
+        "idle_share": (idle as f64 / (busy + idle) as f64 * 1000.0).round() / 1000.0,
+    })
+}
+
 fn per_push_cpu(before: &procstat::Sample, after: &procstat::Sample, pushes: u64) -> Value {
     if pushes == 0 {
         return Value::Null;
@@ -523,6 +537,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         .stderr(Stdio::inherit());
     let mut push_report = Value::Null;
     let mut push_cpu = Value::Null;
+    let mut machine_cpu = Value::Null;
     let load_out = if let Some(count) = sc.push_count {
         let ready =
             std::env::temp_dir().join(format!("ws2http-bench-ready-{}", std::process::id()));
@@ -537,6 +552,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
                 std::thread::sleep(Duration::from_millis(500));
                 eprintln!("--- push to {count} client ids");
                 let before_push = procstat::sample(gpid);
+                let machine_before = procstat::machine_cpu();
                 let mut push_cmd = Command::new(&bins.push);
                 push_cmd
                     .args(["--control", &format!("http://127.0.0.1:{cport}/")])
@@ -554,6 +570,10 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
                 // The gateway's CPU while the pushes ran: taking each POST and writing its frame.
                 if let (Some(b), Some(a)) = (before_push, procstat::sample(gpid)) {
                     push_cpu = per_push_cpu(&b, &a, count);
+                }
+                // And the whole machine's: the gateway, `push` and `load` share its cores.
+                if let (Some(b), Some(a)) = (machine_before, procstat::machine_cpu()) {
+                    machine_cpu = machine_push_cpu(b, a, count);
                 }
                 // Let the last deliveries land, then end the hold.
                 std::thread::sleep(Duration::from_secs(1));
@@ -599,6 +619,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         "gateway_gauges": gateway_gauges,
         "gateway_baseline": baseline.map(procstat::Sample::to_json),
         "gateway_push_cpu": push_cpu,
+        "machine_push_cpu": machine_cpu,
         "gateway_5s_after_leave": soon_after_leave.map(procstat::Sample::to_json),
         "gateway_after_leave": after_leave.map(procstat::Sample::to_json),
         "gateway_exit_code": gw_exit,
@@ -609,6 +630,12 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         "push": push_report,
         "timeline": timeline,
     })
+}
+
+/// A share (0.25) as a whole percentage (`25%`), `—` when missing.
+fn percent(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "—".into(), |x| format!("{:.0}%", x * 100.0))
 }
 
 fn f(v: &Value) -> String {
@@ -694,13 +721,16 @@ fn measured(r: &Value) -> String {
             errs
         ),
         "S5" | "S5b" => format!(
-            "**{} pushes/s** ({} of {} delivered); delivery {}; {} µs CPU/push (kernel {}); {} KiB/conn; {}",
+            "**{} pushes/s** ({} of {} delivered); delivery {}; {} µs CPU/push (kernel {}); `push` {} µs/push, the machine {} µs/push busy, {} idle; {} KiB/conn; {}",
             f(&r["push"]["pushes_per_s"]),
             f(&l["pushes"]),
             f(&r["push"]["count"]),
             lat(&l["push_latency"]),
             f(&r["gateway_push_cpu"]["cpu_us_per_push"]),
             f(&r["gateway_push_cpu"]["sys_us_per_push"]),
+            f(&r["push"]["push_cpu_us_per_push"]),
+            f(&r["machine_push_cpu"]["busy_us_per_push"]),
+            percent(&r["machine_push_cpu"]["idle_share"]),
             f(&g["kib_per_conn"]),
             errs
         ),
