@@ -200,11 +200,15 @@ impl Default for Config {
 /// Descriptors kept free for listeners, logs, profiles and the like.
 pub const RESERVED_DESCRIPTORS: usize = 64;
 
-/// Sockets over a connection cap (pending handshakes, control connections) handled at once:
-/// waiting a moment for a handshake slot, or being answered `503`. One more is closed at once,
-/// so that a crowd over the caps cannot spend the descriptors the websockets were promised,
-/// nor make the sockets behind it wait in the listen backlog.
-pub const OVER_CAP_SOCKETS: usize = 64;
+/// Sockets over `--max-pending-handshakes` handled at once: each waits a moment for a handshake
+/// slot, then is answered `503`. While all are taken the accept loop waits for one, and new
+/// sockets wait in the listen backlog.
+pub const HANDSHAKE_WAITERS: usize = 48;
+
+/// Control connections over [`CONTROL_CONNECTIONS`] being answered `503` at once; while all are
+/// taken the control accept loop waits for one. Apart from [`HANDSHAKE_WAITERS`], so that a
+/// crowd of websocket clients cannot turn a proxy's health check into an unanswered socket.
+pub const CONTROL_REFUSALS: usize = 16;
 
 /// Control connections served at once, over the TCP and Unix control listeners together; one
 /// more is answered `503` and closed. Budgeted like the API pool, so that a crowd of pushers
@@ -225,8 +229,10 @@ pub struct DescriptorBudget {
     pub pending_handshakes: usize,
     /// Control connections at once ([`CONTROL_CONNECTIONS`]).
     pub control_connections: usize,
-    /// Sockets over a cap handled at once ([`OVER_CAP_SOCKETS`]).
-    pub over_cap_sockets: usize,
+    /// Sockets over the pending-handshake cap handled at once ([`HANDSHAKE_WAITERS`]).
+    pub handshake_waiters: usize,
+    /// Control connections over their cap answered at once ([`CONTROL_REFUSALS`]).
+    pub control_refusals: usize,
     /// Requests that may wait for a free API connection at once.
     pub upstream_max_waiting: usize,
 }
@@ -238,9 +244,10 @@ impl DescriptorBudget {
             .upstream_max_connections
             .unwrap_or_else(|| (open_file_limit / 16).clamp(16, 1024));
         // Saturating: flags near usize::MAX must fail the check below, not wrap past it.
+        let over_caps = HANDSHAKE_WAITERS + CONTROL_REFUSALS;
         let fixed = upstream
             .saturating_add(config.max_pending_handshakes)
-            .saturating_add(CONTROL_CONNECTIONS + OVER_CAP_SOCKETS + RESERVED_DESCRIPTORS);
+            .saturating_add(CONTROL_CONNECTIONS + over_caps + RESERVED_DESCRIPTORS);
         let room = open_file_limit.saturating_sub(fixed);
         let max_connections = match config.max_connections {
             Some(n) if n > room => {
@@ -248,7 +255,7 @@ impl DescriptorBudget {
                     "--max-connections {n} does not fit the open-file limit {open_file_limit}: \
                      at most {room} with --upstream-max-connections {upstream}, {} pending \
                      handshakes, {CONTROL_CONNECTIONS} control connections and \
-                     {OVER_CAP_SOCKETS} sockets over those caps",
+                     {over_caps} sockets over those caps",
                     config.max_pending_handshakes
                 ))
             }
@@ -257,8 +264,8 @@ impl DescriptorBudget {
                 return Err(format!(
                     "the open-file limit {open_file_limit} leaves no room for websockets next to \
                      --upstream-max-connections {upstream}, --max-pending-handshakes {}, \
-                     {CONTROL_CONNECTIONS} control connections and {OVER_CAP_SOCKETS} sockets \
-                     over those caps",
+                     {CONTROL_CONNECTIONS} control connections and {over_caps} sockets over \
+                     those caps",
                     config.max_pending_handshakes
                 ))
             }
@@ -279,7 +286,8 @@ impl DescriptorBudget {
             upstream_max_connections: upstream,
             pending_handshakes: config.max_pending_handshakes,
             control_connections: CONTROL_CONNECTIONS,
-            over_cap_sockets: OVER_CAP_SOCKETS,
+            handshake_waiters: HANDSHAKE_WAITERS,
+            control_refusals: CONTROL_REFUSALS,
             upstream_max_waiting: config.upstream_max_waiting.unwrap_or(default_waiting),
         })
     }
@@ -436,7 +444,13 @@ mod tests {
         assert_eq!(budget.upstream_max_connections, 1024);
         assert_eq!(
             budget.max_connections,
-            20_000 - 1024 - 512 - CONTROL_CONNECTIONS - OVER_CAP_SOCKETS - RESERVED_DESCRIPTORS
+            20_000
+                - 1024
+                - 512
+                - CONTROL_CONNECTIONS
+                - HANDSHAKE_WAITERS
+                - CONTROL_REFUSALS
+                - RESERVED_DESCRIPTORS
         );
     }
 

@@ -49,8 +49,6 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) connection_permits: Arc<Semaphore>,
-    /// Places for sockets over a connection cap ([`config::OVER_CAP_SOCKETS`]), both listeners.
-    pub(crate) over_cap: Arc<Semaphore>,
     pub(crate) shutdown_deletes: Semaphore,
     pub(crate) departures: Departures,
     pub(crate) tasks: TaskTracker,
@@ -197,7 +195,6 @@ impl Gateway {
         };
         let shared = Arc::new(Shared {
             connection_permits: Arc::new(Semaphore::new(budget.max_connections)),
-            over_cap: Arc::new(Semaphore::new(budget.over_cap_sockets)),
             shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency),
             // Half the API slots at most: a crowd leaving at once leaves the other half to the
             // clients that stay, whose messages would otherwise wait behind its DELETEs.
@@ -262,10 +259,10 @@ impl Gateway {
             Arc::clone(&shared),
             stop_public.clone(),
         ));
-        let control_slots = Arc::new(Semaphore::new(shared.budget.control_connections));
+        let control_slots = server::ControlSlots::new(&shared.budget);
         let control_task = tokio::spawn(server::accept_control(
             ControlListener::Network(control),
-            Arc::clone(&control_slots),
+            control_slots.clone(),
             Arc::clone(&shared),
             stop_control.clone(),
         ));

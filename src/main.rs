@@ -497,7 +497,8 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> Result<(), ExitCo
         upstream_max_wait = ?config.upstream_max_wait,
         pending_handshakes = budget.pending_handshakes,
         control_connections = budget.control_connections,
-        over_cap_sockets = budget.over_cap_sockets,
+        handshake_waiters = budget.handshake_waiters,
+        control_refusals = budget.control_refusals,
         worker_threads = workers,
         cpus,
         "ws2http started"

@@ -224,6 +224,7 @@ pub(crate) async fn accept_public(
     stop: CancellationToken,
 ) {
     let pending = Arc::new(Semaphore::new(shared.budget.pending_handshakes));
+    let waiters = Arc::new(Semaphore::new(shared.budget.handshake_waiters));
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -237,18 +238,27 @@ pub(crate) async fn accept_public(
             }
         };
         if let Ok(permit) = Arc::clone(&pending).try_acquire_owned() {
-            let task = serve_public(stream, remote, tls.clone(), Arc::clone(&shared), permit);
-            // Boxed: the task then holds a pointer, and tokio's poll and spawn frames for it
-            // stay small; unboxed they were ~20 KiB of every worker's resident stack.
-            shared.tasks.spawn(Box::pin(task));
+            spawn_public(stream, remote, &tls, &shared, permit);
             continue;
         }
         // Over the cap: the socket waits for a slot in a task of its own, so that the accept
-        // loop goes on at once, and the sockets behind it in the backlog are answered too.
-        let Ok(place) = Arc::clone(&shared.over_cap).try_acquire_owned() else {
-            shared.metrics.handshake_refused(RefusalReason::Overloaded);
-            tracing::debug!(%remote, "over the handshake cap and no place to wait; closed");
-            continue;
+        // loop goes on, and the sockets behind it in the backlog are answered too. With every
+        // such place taken, this socket waits here for a slot or a place, and the ones behind
+        // it in the listen backlog: held back, not dropped.
+        let place = match Arc::clone(&waiters).try_acquire_owned() {
+            Ok(place) => place,
+            Err(_) => tokio::select! {
+                _ = stop.cancelled() => break,
+                slot = Arc::clone(&pending).acquire_owned() => {
+                    let Ok(permit) = slot else { break };
+                    spawn_public(stream, remote, &tls, &shared, permit);
+                    continue;
+                }
+                place = Arc::clone(&waiters).acquire_owned() => {
+                    let Ok(place) = place else { break };
+                    place
+                }
+            },
         };
         let task = wait_for_handshake_slot(
             stream,
@@ -257,24 +267,39 @@ pub(crate) async fn accept_public(
             Arc::clone(&shared),
             Arc::clone(&pending),
             place,
+            stop.clone(),
         );
         shared.tasks.spawn(Box::pin(task));
     }
+}
+
+/// Serves a socket that holds a handshake slot, in a task of its own.
+fn spawn_public(
+    stream: TcpStream,
+    remote: SocketAddr,
+    tls: &Option<TlsAcceptor>,
+    shared: &Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) {
+    let task = serve_public(stream, remote, tls.clone(), Arc::clone(shared), permit);
+    // Boxed: the task then holds a pointer, and tokio's poll and spawn frames for it stay
+    // small; unboxed they were ~20 KiB of every worker's resident stack.
+    shared.tasks.spawn(Box::pin(task));
 }
 
 /// How long a socket over the pending-handshake cap waits for a slot before it gets `503`. A
 /// slot is often moments from free: its upgrade has written the `101` and is handing the socket
 /// to its session, and a client that read the `101` may already be opening its next socket (a
 /// connect storm that never had more handshakes in flight than the cap saw a `503` now and
-/// then). It waits in a task of its own, in one of the [`OVER_CAP_SOCKETS`] places, while the
+/// then). It waits in a task of its own, in one of the [`HANDSHAKE_WAITERS`] places, while the
 /// accept loop goes on.
 ///
-/// [`OVER_CAP_SOCKETS`]: crate::config::OVER_CAP_SOCKETS
+/// [`HANDSHAKE_WAITERS`]: crate::config::HANDSHAKE_WAITERS
 const HANDSHAKE_SLOT_GRACE: Duration = Duration::from_millis(250);
 
 /// A socket over the pending-handshake cap, holding one of the places for such sockets: served
-/// if a handshake slot comes free within [`HANDSHAKE_SLOT_GRACE`], else refused (`503`, or
-/// closed with TLS).
+/// if a handshake slot comes free within [`HANDSHAKE_SLOT_GRACE`] and the gateway is not
+/// stopping, else refused (`503`, or closed with TLS).
 async fn wait_for_handshake_slot(
     stream: TcpStream,
     remote: SocketAddr,
@@ -282,9 +307,15 @@ async fn wait_for_handshake_slot(
     shared: Arc<Shared>,
     pending: Arc<Semaphore>,
     place: OwnedSemaphorePermit,
+    stop: CancellationToken,
 ) {
-    let waited = tokio::time::timeout(HANDSHAKE_SLOT_GRACE, pending.acquire_owned()).await;
-    if let Ok(Ok(permit)) = waited {
+    let slot = tokio::select! {
+        waited = tokio::time::timeout(HANDSHAKE_SLOT_GRACE, pending.acquire_owned()) => {
+            waited.ok().and_then(Result::ok)
+        }
+        _ = stop.cancelled() => None,
+    };
+    if let Some(permit) = slot.filter(|_| !stop.is_cancelled()) {
         drop(place);
         serve_public(stream, remote, tls, shared, permit).await;
         return;
@@ -489,11 +520,62 @@ pub(crate) async fn listen_unix(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The control listeners' places, shared by the TCP and Unix listeners: connections served
+/// ([`CONTROL_CONNECTIONS`]) and connections over that being answered `503`
+/// ([`CONTROL_REFUSALS`]).
+///
+/// [`CONTROL_CONNECTIONS`]: crate::config::CONTROL_CONNECTIONS
+/// [`CONTROL_REFUSALS`]: crate::config::CONTROL_REFUSALS
+#[derive(Clone)]
+pub(crate) struct ControlSlots {
+    connections: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+}
+
+/// What becomes of an accepted control connection.
+enum ControlAdmission {
+    /// Served, holding one of the connection slots.
+    Serve(OwnedSemaphorePermit),
+    /// Answered `503`, holding one of the refusal places.
+    Refuse(OwnedSemaphorePermit),
+}
+
+impl ControlSlots {
+    /// The places `budget` gives the control listeners.
+    pub(crate) fn new(budget: &crate::config::DescriptorBudget) -> Self {
+        ControlSlots {
+            connections: Arc::new(Semaphore::new(budget.control_connections)),
+            refusals: Arc::new(Semaphore::new(budget.control_refusals)),
+        }
+    }
+
+    /// A slot, or else a refusal place, for the next control connection. With neither free
+    /// it waits for one (and the connections behind it wait in the listen backlog); `None`
+    /// when `stop` fires first.
+    async fn admit(&self, stop: &CancellationToken) -> Option<ControlAdmission> {
+        if let Ok(slot) = Arc::clone(&self.connections).try_acquire_owned() {
+            return Some(ControlAdmission::Serve(slot));
+        }
+        if let Ok(place) = Arc::clone(&self.refusals).try_acquire_owned() {
+            return Some(ControlAdmission::Refuse(place));
+        }
+        tokio::select! {
+            _ = stop.cancelled() => None,
+            slot = Arc::clone(&self.connections).acquire_owned() => {
+                slot.ok().map(ControlAdmission::Serve)
+            }
+            place = Arc::clone(&self.refusals).acquire_owned() => {
+                place.ok().map(ControlAdmission::Refuse)
+            }
+        }
+    }
+}
+
 /// Serves the control API on `listener` until `stop` fires; `slots` caps the control
 /// connections of all control listeners together.
 pub(crate) async fn accept_control(
     listener: ControlListener,
-    slots: Arc<Semaphore>,
+    slots: ControlSlots,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
@@ -510,16 +592,16 @@ pub(crate) async fn accept_control(
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            // Answered 503 while a place for sockets over a cap is free; closed at once when
-            // none is, rather than holding a descriptor the budget does not have.
-            if let Ok(place) = Arc::clone(&shared.over_cap).try_acquire_owned() {
+        let slot = match slots.admit(&stop).await {
+            Some(ControlAdmission::Serve(slot)) => slot,
+            Some(ControlAdmission::Refuse(place)) => {
                 connections.spawn(async move {
                     refuse_busy(stream).await;
                     drop(place);
                 });
+                continue;
             }
-            continue;
+            None => break,
         };
         let shared = Arc::clone(&shared);
         let stop = stop.clone();

@@ -698,54 +698,57 @@ async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     answer
 }
 
+/// Whether `stream` stays silent and open for `period`: no answer, not closed.
+async fn stays_unanswered(stream: &mut TcpStream, period: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    tokio::time::timeout(period, stream.read(&mut byte))
+        .await
+        .is_err()
+}
+
 #[tokio::test]
-async fn over_the_pending_handshake_cap_with_every_waiting_place_taken_a_socket_is_closed_at_once()
-{
+async fn over_the_pending_handshake_cap_with_every_waiting_place_taken_a_socket_waits_for_one() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
     config.handshake_timeout = Duration::from_secs(10);
     let budget = ws2http::DescriptorBudget {
         pending_handshakes: 1,
-        over_cap_sockets: 2,
+        handshake_waiters: 2,
         ..ws2http::DescriptorBudget::plan(&config, 20_000).unwrap()
     };
     let gateway = TestGateway::start_with_budget(config, budget).await;
     let mut holder = TcpStream::connect(gateway.public).await.unwrap();
     holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
     // Two silent sockets over the cap take both places: 250 ms waiting for a slot, then a
-    // 503 whose socket is drained until they close it (they do not, for 1 s).
+    // 503 whose socket is drained until they close it.
     let mut waiting = Vec::new();
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         waiting.push(TcpStream::connect(gateway.public).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let started = Instant::now();
+    // A third is neither answered nor closed while they hold the places: it waits.
     let mut third = TcpStream::connect(gateway.public).await.unwrap();
     third
         .write_all(&upgrade_request("/third", &[]))
         .await
         .unwrap();
-    let answer = read_until_closed(&mut third).await;
     assert!(
-        answer.is_empty(),
-        "closed with no answer: {:?}",
-        String::from_utf8_lossy(&answer)
+        stays_unanswered(&mut third, Duration::from_millis(500)).await,
+        "answered or closed while every place was taken"
     );
-    let took = started.elapsed();
-    assert!(took < Duration::from_millis(250), "closed after {took:?}");
-    assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 1.0);
-    // The two that waited were answered 503.
-    for mut stream in waiting {
-        let answer = read_until_closed(&mut stream).await;
-        let answer = parse_response(&answer).expect("an HTTP answer");
-        assert_eq!(answer.status, 503);
-    }
-    // With the places free again, a socket over the cap waits and is answered once more.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let refused = raw_exchange(gateway.public, &upgrade_request("/fourth", &[])).await;
-    assert_eq!(refused.status, 503);
-    assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 4.0);
+    // One of them reads its 503 and leaves: the third takes its place, and after its own
+    // 250 ms (the holder still holds the slot) it is answered 503 too.
+    let mut first = waiting.remove(0);
+    let answer = read_until_closed(&mut first).await;
+    assert_eq!(parse_response(&answer).expect("an HTTP answer").status, 503);
+    drop(first);
+    let answer = read_until_closed(&mut third).await;
+    let answer = parse_response(&answer).expect("an HTTP answer");
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    drop(waiting);
+    assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 3.0);
     assert!(api.seen().is_empty(), "{:?}", api.seen());
     drop(holder);
 }
@@ -859,7 +862,8 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
             - upstream
             - pending
             - log_field(&log, "control_connections")
-            - log_field(&log, "over_cap_sockets")
+            - log_field(&log, "handshake_waiters")
+            - log_field(&log, "control_refusals")
             - ws2http::config::RESERVED_DESCRIPTORS,
         "{log}"
     );
@@ -869,8 +873,12 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
         ws2http::config::CONTROL_CONNECTIONS
     );
     assert_eq!(
-        log_field(&log, "over_cap_sockets"),
-        ws2http::config::OVER_CAP_SOCKETS
+        log_field(&log, "handshake_waiters"),
+        ws2http::config::HANDSHAKE_WAITERS
+    );
+    assert_eq!(
+        log_field(&log, "control_refusals"),
+        ws2http::config::CONTROL_REFUSALS
     );
     assert_eq!(
         log_field(&log, "upstream_min_concurrency"),
@@ -1455,42 +1463,35 @@ async fn control_connections_over_the_budget_get_503_on_either_control_listener(
 }
 
 #[tokio::test]
-async fn control_connections_over_the_budget_are_closed_at_once_when_no_place_is_left_to_refuse_them(
-) {
+async fn control_connections_over_the_budget_wait_while_every_place_to_refuse_them_is_taken() {
     let api = MockApi::start().await;
     let config = test_config(&api);
     let budget = ws2http::DescriptorBudget {
         control_connections: 1,
-        over_cap_sockets: 1,
+        control_refusals: 1,
         ..ws2http::DescriptorBudget::plan(&config, 20_000).unwrap()
     };
     let gateway = TestGateway::start_with_budget(config, budget).await;
     let mut held = TcpStream::connect(gateway.control).await.unwrap();
     held.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // One over the budget is answered 503 and drained: it stays silent, so for 1 s it holds
-    // the only place for sockets over a cap.
+    // One over the budget is answered 503 and drained until it closes: it stays silent, so
+    // it holds the only place to refuse from.
     let mut refused = TcpStream::connect(gateway.control).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut closed = TcpStream::connect(gateway.control).await.unwrap();
-    closed
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    let mut next = TcpStream::connect(gateway.control).await.unwrap();
+    next.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
         .await
         .unwrap();
-    let started = Instant::now();
-    let answer = read_until_closed(&mut closed).await;
     assert!(
-        answer.is_empty(),
-        "closed with no answer: {:?}",
-        String::from_utf8_lossy(&answer)
+        stays_unanswered(&mut next, Duration::from_millis(500)).await,
+        "answered or closed while the place was taken"
     );
-    assert!(started.elapsed() < Duration::from_millis(500));
     let answer = read_until_closed(&mut refused).await;
     assert_eq!(parse_response(&answer).expect("an HTTP answer").status, 503);
     drop(refused);
-    // Its place free again, the next one over the budget is answered.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let again = raw_http(gateway.control, "GET", "/healthz", &[], b"").await;
-    assert_eq!(again.status, 503);
+    // Its place free again, the waiting one is answered.
+    let answer = read_until_closed(&mut next).await;
+    assert_eq!(parse_response(&answer).expect("an HTTP answer").status, 503);
     drop(held);
 }
