@@ -311,6 +311,8 @@ where
         write_stalled_since: None,
         written_at_stall: 0,
         unflushed: false,
+        unflushed_messages: 0,
+        unflushed_pushes: 0,
         reading: true,
         listening: true,
         drain_deadline: None,
@@ -409,20 +411,29 @@ fn record_close(
     );
 }
 
+/// What closing a websocket sent.
+struct Closed {
+    /// Queued pushes that went out.
+    pushes: usize,
+    /// Replies that went out.
+    replies: usize,
+    /// Whether the socket was flushed, so that what was handed to it before went out too.
+    flushed: bool,
+}
+
 /// Closes the websocket for `ending`: the `replies` and then the `queued` pushes go out before
 /// the close frame (a push and then a DELETE on the control API arrive in that order), unless
-/// the socket has stopped taking writes; all within the close's time limit. Returns how many
-/// pushes and how many replies went out.
+/// the socket has stopped taking writes; all within the close's time limit.
 async fn close_socket<S>(
     mut socket: WebSocketStream<S>,
     ending: &Ending,
     replies: Vec<(Bytes, bool)>,
     mut queued: VecDeque<Outbound>,
-) -> (usize, usize)
+) -> Closed
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut delivered, mut replies_sent) = (0, 0);
+    let (mut delivered, mut replies_sent, mut flushed) = (0, 0, false);
     let (mut pushes_fed, mut replies_fed) = (0, 0);
     if let Some((code, reason)) = &ending.send_close {
         let code = CloseCode::try_from(*code).unwrap_or(CloseCode::NORMAL_CLOSURE);
@@ -448,7 +459,7 @@ where
             // Errors here mean the peer is gone already; the DELETE still goes out. What was
             // fed counts as sent once the close frame behind it is flushed.
             if socket.send(close).await.is_ok() {
-                (delivered, replies_sent) = (pushes_fed, replies_fed);
+                (delivered, replies_sent, flushed) = (pushes_fed, replies_fed, true);
             }
             while let Some(Ok(_)) = socket.next().await {}
         };
@@ -460,9 +471,14 @@ where
         let _ = tokio::time::timeout(limit, handshake).await;
     } else {
         // Flush a close acknowledgement the library may have queued.
-        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
+        let done = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
+        flushed = matches!(done, Ok(Ok(())));
     }
-    (delivered, replies_sent)
+    Closed {
+        pushes: delivered,
+        replies: replies_sent,
+        flushed,
+    }
 }
 
 /// What of an API answer goes back on the socket: its body, and whether it is binary; none
@@ -519,6 +535,11 @@ struct Session<S> {
     /// Bytes the socket had taken when the stall (or its last progress) was noticed.
     written_at_stall: u64,
     unflushed: bool,
+    /// Data messages handed to the socket since its last completed flush, and how many of them
+    /// are pushes: counted as sent once a flush completes; if the socket closes before one
+    /// does, the pushes among them count as undelivered.
+    unflushed_messages: u32,
+    unflushed_pushes: u32,
     /// False once the gateway stops reading for good (shutdown's drain).
     reading: bool,
     /// Whether the last poll read the socket: false while writes are backed up or every
@@ -580,7 +601,7 @@ where
         let mut write_pending = !writable;
         if writable && self.unflushed {
             match self.socket.poll_flush_unpin(cx) {
-                Poll::Ready(Ok(())) => self.unflushed = false,
+                Poll::Ready(Ok(())) => self.flushed(),
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed(e)),
                 Poll::Pending => write_pending = true,
             }
@@ -639,7 +660,7 @@ where
                 ))
             }
             Event::Push(message) => {
-                self.send(message.payload, message.binary);
+                self.send(message.payload, message.binary, true);
                 None
             }
             Event::Command(Command::Close { code, reason }) => {
@@ -747,11 +768,12 @@ where
 
     fn on_answer(&mut self, answer: ApiAnswer) {
         if let Some((payload, binary)) = reply(answer) {
-            self.send(payload, binary);
+            self.send(payload, binary, false);
         }
     }
 
-    fn send(&mut self, payload: Bytes, binary: bool) {
+    /// Hands a reply, or a push, to the socket; it counts as sent once flushed.
+    fn send(&mut self, payload: Bytes, binary: bool, push: bool) {
         // poll_event only yields pushes and answers when the sink was ready.
         if self
             .socket
@@ -759,12 +781,26 @@ where
             .is_ok()
         {
             self.unflushed = true;
+            self.unflushed_messages += 1;
+            self.unflushed_pushes += u32::from(push);
             self.last_data = Instant::now();
-            self.handle.messages_out.fetch_add(1, Ordering::Relaxed);
+        } else if push {
+            // The socket has failed: the push was taken, and will never be written.
+            count_undelivered(&self.shared, 1);
+        }
+    }
+
+    /// After a completed flush: what was handed to the socket is sent.
+    fn flushed(&mut self) {
+        self.unflushed = false;
+        if self.unflushed_messages > 0 {
+            let sent = u64::from(std::mem::take(&mut self.unflushed_messages));
+            self.unflushed_pushes = 0;
+            self.handle.messages_out.fetch_add(sent, Ordering::Relaxed);
             self.shared
                 .metrics
                 .messages_sent
-                .fetch_add(1, Ordering::Relaxed);
+                .fetch_add(sent, Ordering::Relaxed);
         }
     }
 
@@ -848,6 +884,8 @@ where
             handle,
             context,
             shared,
+            unflushed_messages,
+            unflushed_pushes,
             ..
         } = self;
         // Replies the API gave while the socket was backed up: they go out first, ahead of
@@ -864,21 +902,29 @@ where
             .registry
             .remove(&handle.client_id, handle.connection_id);
         let queued = handle.close_mailbox();
-        let accepted = queued.len();
+        // The pushes still queued, and those handed to the socket whose flush is not done.
+        let accepted = queued.len() + unflushed_pushes as usize;
         // The socket is closed (and dropped) apart from the requests still at the API, which
         // are driven meanwhile: their answers (which can no longer be sent) free their API
         // slot and connection as they come, and are not timed as if the API had taken the
         // close handshake's time to answer.
         let why = ending.why;
         let closing = async {
-            let (delivered, replies_sent) = close_socket(socket, &ending, replies, queued).await;
+            let closed = close_socket(socket, &ending, replies, queued).await;
+            // What was handed to the socket before is sent if the close flushed it.
+            let (earlier_sent, earlier_pushes) = if closed.flushed {
+                (unflushed_messages as usize, unflushed_pushes as usize)
+            } else {
+                (0, 0)
+            };
+            let delivered = closed.pushes + earlier_pushes;
             // Counted as soon as the socket is closed, not when the API has answered too.
             record_close(
                 &shared,
                 &handle,
                 why,
                 accepted,
-                delivered + replies_sent,
+                delivered + closed.replies + earlier_sent - earlier_pushes,
                 delivered,
             );
         };

@@ -196,7 +196,8 @@ async fn a_client_that_does_not_read_gets_pushes_refused_with_503_then_is_closed
 
     // Once the client reads again it finds its data and then the end: a close frame if one
     // still fit into the buffers (then it says 1008), else just the end of the stream.
-    if let Some(close) = raw.until_close(Duration::from_secs(10)).await {
+    let (received, close) = raw.messages_until_close(Duration::from_secs(10)).await;
+    if let Some(close) = close {
         assert_eq!(close.close_code(), Some(1008));
         assert_eq!(close.close_reason(), "slow consumer");
     }
@@ -204,6 +205,20 @@ async fn a_client_that_does_not_read_gets_pushes_refused_with_503_then_is_closed
     assert_eq!(closed_by(&metrics, "slow_consumer"), 1.0);
     assert!(metrics["pushes_refused"] >= 1.0);
     assert_eq!(metrics["pushes_accepted"], accepted as f64);
+    // No push is lost uncounted: each accepted one reached the client or counts undelivered,
+    // the one cut off halfway in the stalled write among them. (One written out in full
+    // together with it may be in both.)
+    let undelivered = metrics["pushes_undelivered"] as usize;
+    assert!(
+        received.len() + undelivered >= accepted,
+        "{} received + {undelivered} undelivered of {accepted}",
+        received.len()
+    );
+    assert!(undelivered >= 1, "the stalled push is undelivered");
+    assert!(
+        received.iter().all(|m| m.len() == chunk.len()),
+        "whole pushes only"
+    );
     assert_accounting(&gateway, &api).await;
 }
 
