@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 
 use crate::handshake::{text_response, RESERVED_NAMES};
 use crate::identity::ClientId;
-use crate::session::{Command, Outbound, PushError};
+use crate::session::{Command, Outbound, PushError, SessionHandle};
 use crate::Shared;
 
 /// Answers one request on the control listener.
@@ -158,14 +158,27 @@ async fn push(
         binary,
     };
     let config = &shared.config;
-    match session.push(message, config.max_queued_messages, config.max_queued_bytes) {
-        Ok(()) => {
-            shared
-                .metrics
-                .pushes_accepted
-                .fetch_add(1, Ordering::Relaxed);
-            text_response(StatusCode::OK, "ok")
+    let accepted = &shared.metrics.pushes_accepted;
+    let push_to = |session: &SessionHandle, message| {
+        session.push(
+            message,
+            config.max_queued_messages,
+            config.max_queued_bytes,
+            accepted,
+        )
+    };
+    let mut pushed = push_to(&session, message.clone());
+    if pushed == Err(PushError::Closed) {
+        // A newer connection may have taken the ClientId since the lookup, as the older one
+        // began to close: the push is for it.
+        if let Some(newer) = shared.registry.get(&client_id) {
+            if newer.connection_id != session.connection_id {
+                pushed = push_to(&newer, message);
+            }
         }
+    }
+    match pushed {
+        Ok(()) => text_response(StatusCode::OK, "ok"),
         Err(PushError::QueueFull) => {
             refused();
             tracing::debug!(%client_id, "push refused: outbound queue full; API told 503");

@@ -203,72 +203,76 @@ impl Metrics {
     /// the number of DELETEs of ended connections queued (`disconnects_waiting`).
     pub fn render(&self, upstream: UpstreamLoad, disconnects_waiting: usize) -> String {
         let mut out = String::with_capacity(4096);
-        let plain: [(&str, &str, &AtomicU64); 12] = [
-            (
-                "connections_opened",
-                "Websockets accepted.",
-                &self.connections_opened,
-            ),
-            (
-                "connections_closed",
-                "Websockets ended.",
-                &self.connections_closed,
-            ),
+        // Each read once, closed before opened, so that one scrape's figures agree with each
+        // other: opened - closed = active, and never fewer opened than closed.
+        let closed = self.connections_closed.load(Ordering::Relaxed);
+        let opened = self.connections_opened.load(Ordering::Relaxed);
+        // Likewise undelivered pushes before accepted ones: none is counted undelivered
+        // before it is counted accepted.
+        let undelivered = self.pushes_undelivered.load(Ordering::Relaxed);
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let plain: [(&str, &str, u64); 12] = [
+            ("connections_opened", "Websockets accepted.", opened),
+            ("connections_closed", "Websockets ended.", closed),
             (
                 "requests_started",
                 "API requests started.",
-                &self.requests_started,
+                load(&self.requests_started),
             ),
             (
                 "requests_failed",
                 "API requests failed (transport error, timeout or non-2xx).",
-                &self.requests_failed,
+                load(&self.requests_failed),
             ),
             (
                 "requests_succeeded",
                 "API requests answered 2xx.",
-                &self.requests_succeeded,
+                load(&self.requests_succeeded),
             ),
             (
                 "messages_received",
                 "Data messages received from clients.",
-                &self.messages_received,
+                load(&self.messages_received),
             ),
             (
                 "messages_sent",
                 "Data messages sent to clients.",
-                &self.messages_sent,
+                load(&self.messages_sent),
             ),
             (
                 "pushes_accepted",
                 "Pushes queued on a socket.",
-                &self.pushes_accepted,
+                load(&self.pushes_accepted),
             ),
-            ("pushes_refused", "Pushes refused.", &self.pushes_refused),
+            (
+                "pushes_refused",
+                "Pushes refused.",
+                load(&self.pushes_refused),
+            ),
             (
                 "pushes_undelivered",
                 "Pushes accepted, then not written: the socket closed first.",
-                &self.pushes_undelivered,
+                undelivered,
             ),
             (
                 "disconnects_notified",
                 "DELETEs delivered to the API.",
-                &self.disconnects_notified,
+                load(&self.disconnects_notified),
             ),
             (
                 "disconnects_failed",
                 "DELETEs that could not be delivered.",
-                &self.disconnects_failed,
+                load(&self.disconnects_failed),
             ),
         ];
         for (name, help, value) in plain {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(out, "{name} {value}");
         }
         let _ = writeln!(
             out,
             "# HELP connections_active Websockets open now.\n# TYPE connections_active gauge\nconnections_active {}",
-            self.connections_active()
+            opened.saturating_sub(closed)
         );
         let gauges = [
             (

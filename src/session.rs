@@ -141,6 +141,7 @@ impl SessionHandle {
         message: Outbound,
         max_messages: usize,
         max_bytes: usize,
+        accepted: &AtomicU64,
     ) -> Result<(), PushError> {
         let mut mailbox = self.mailbox();
         if mailbox.closed || mailbox.command.is_some() {
@@ -152,6 +153,9 @@ impl SessionHandle {
         }
         mailbox.queued_bytes = bytes;
         mailbox.queue.push_back(message);
+        // Counted before the mailbox can be closed on it, so that no push is counted
+        // undelivered before it was counted accepted.
+        accepted.fetch_add(1, Ordering::Relaxed);
         drop(mailbox);
         self.waker.wake();
         Ok(())
@@ -948,6 +952,9 @@ mod tests {
         )
     }
 
+    /// A `pushes_accepted` counter for the tests' pushes.
+    static ACCEPTED: AtomicU64 = AtomicU64::new(0);
+
     fn message(len: usize) -> Outbound {
         Outbound {
             payload: Bytes::from(vec![b'x'; len]),
@@ -956,27 +963,38 @@ mod tests {
     }
 
     #[test]
-    fn mailbox_refuses_pushes_over_its_message_bound() {
+    fn mailbox_refuses_pushes_over_its_message_bound_and_counts_those_it_takes() {
         let h = handle();
-        assert_eq!(h.push(message(1), 2, 100), Ok(()));
-        assert_eq!(h.push(message(1), 2, 100), Ok(()));
-        assert_eq!(h.push(message(1), 2, 100), Err(PushError::QueueFull));
+        let accepted = AtomicU64::new(0);
+        assert_eq!(h.push(message(1), 2, 100, &accepted), Ok(()));
+        assert_eq!(h.push(message(1), 2, 100, &accepted), Ok(()));
+        assert_eq!(
+            h.push(message(1), 2, 100, &accepted),
+            Err(PushError::QueueFull)
+        );
         assert_eq!(h.info().queued, 2);
         assert_eq!(h.info().queued_bytes, 2);
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
     }
 
     #[test]
     fn mailbox_refuses_pushes_over_its_byte_bound_but_takes_one_large_message() {
         let h = handle();
-        assert_eq!(h.push(message(150), 10, 100), Ok(()));
-        assert_eq!(h.push(message(1), 10, 100), Err(PushError::QueueFull));
+        assert_eq!(h.push(message(150), 10, 100, &ACCEPTED), Ok(()));
+        assert_eq!(
+            h.push(message(1), 10, 100, &ACCEPTED),
+            Err(PushError::QueueFull)
+        );
     }
 
     #[test]
     fn mailbox_refuses_pushes_and_commands_once_the_client_sent_its_close() {
         let h = handle();
         h.refuse_more();
-        assert_eq!(h.push(message(1), 10, 100), Err(PushError::Closed));
+        assert_eq!(
+            h.push(message(1), 10, 100, &ACCEPTED),
+            Err(PushError::Closed)
+        );
         assert!(!h.command(Command::Shutdown), "nothing left to shut down");
     }
 
@@ -985,7 +1003,10 @@ mod tests {
         let h = handle();
         assert!(h.command(Command::Replaced), "the first command is taken");
         assert!(!h.command(Command::Shutdown), "a later one says it was not");
-        assert_eq!(h.push(message(1), 10, 100), Err(PushError::Closed));
+        assert_eq!(
+            h.push(message(1), 10, 100, &ACCEPTED),
+            Err(PushError::Closed)
+        );
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         match h.poll_mailbox(&mut cx, true) {
