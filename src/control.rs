@@ -25,6 +25,9 @@ pub(crate) async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path();
     if path == "/healthz" {
+        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return Ok(method_not_allowed("GET, HEAD"));
+        }
         return Ok(text_response(StatusCode::OK, "ok\n"));
     }
     if !authorized(&request, shared.config.control_token.as_deref()) {
@@ -51,11 +54,21 @@ pub(crate) async fn handle(
         return Ok(response);
     }
     if path == "/debug/pprof/heap" {
+        if request.method() != Method::GET {
+            return Ok(method_not_allowed("GET"));
+        }
         return Ok(heap_profile().await);
     }
+    // As on the public listener: a reserved name (however it is spelled, `/%64ebug` too) is no
+    // ClientId.
     let client_id = match ClientId::from_path(path) {
         Ok(id) if !RESERVED_NAMES.contains(&id.as_str()) => id,
-        Ok(_) => return Ok(text_response(StatusCode::NOT_FOUND, "no such endpoint\n")),
+        Ok(_) => {
+            return Ok(text_response(
+                StatusCode::BAD_REQUEST,
+                "this ClientId is reserved\n",
+            ))
+        }
         Err(e) => return Ok(text_response(StatusCode::BAD_REQUEST, format!("{e}\n"))),
     };
     Ok(match *request.method() {

@@ -229,6 +229,35 @@ async fn metrics_are_prometheus_text_and_healthz_answers() {
 }
 
 #[tokio::test]
+async fn reserved_names_get_400_and_the_fixed_endpoints_take_only_their_methods() {
+    let (api, gateway) = setup().await;
+    // A reserved name is no ClientId, spelled plainly or percent-encoded, as on the public
+    // listener.
+    for (method, path) in [
+        ("POST", "/debug"),
+        ("POST", "/%64ebug"),
+        ("DELETE", "/%6Detrics"),
+        ("GET", "/health%7A"),
+    ] {
+        let response = gateway.control(method, path, b"x").await;
+        assert_eq!(response.status, 400, "{method} {path}: {}", response.text());
+        assert_eq!(response.text(), "this ClientId is reserved\n");
+    }
+    for (method, path, allow) in [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/healthz", "GET, HEAD"),
+        ("POST", "/debug/pprof/heap", "GET"),
+        ("POST", "/metrics", "GET"),
+    ] {
+        let response = gateway.control(method, path, b"").await;
+        assert_eq!(response.status, 405, "{method} {path}");
+        assert_eq!(response.header("allow"), Some(allow), "{method} {path}");
+    }
+    assert_eq!(gateway.control("HEAD", "/healthz", b"").await.status, 200);
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+}
+
+#[tokio::test]
 async fn pushes_keep_their_order_on_the_socket() {
     let (_api, gateway) = setup().await;
     let mut ws = gateway.connect("/alice").await;
