@@ -3,15 +3,18 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::handshake::{text_response, RESERVED_NAMES};
 use crate::identity::ClientId;
@@ -117,6 +120,66 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// More push bodies are being read at once than the gateway has memory set aside for.
+#[derive(Debug)]
+struct PushBodiesFull;
+
+impl std::fmt::Display for PushBodiesFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("push bodies being read take all the memory set aside for them")
+    }
+}
+
+impl std::error::Error for PushBodiesFull {}
+
+/// A push's body, each of its bytes taken from the gateway's budget for push bodies being
+/// read (`Shared::push_bodies`) as it arrives and given back once the body is dropped. HTTP/2
+/// hands a stream's data over as it comes, so without it the streams of one control
+/// connection could hold `--max-message-size` each.
+struct BudgetedBody<'a> {
+    inner: Incoming,
+    budget: &'a Semaphore,
+    held: Option<SemaphorePermit<'a>>,
+}
+
+impl hyper::body::Body for BudgetedBody<'_> {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            None => return Poll::Ready(None),
+        };
+        if let Some(data) = frame.data_ref() {
+            let taken = u32::try_from(data.len())
+                .ok()
+                .and_then(|n| this.budget.try_acquire_many(n).ok());
+            let Some(taken) = taken else {
+                return Poll::Ready(Some(Err(Box::new(PushBodiesFull))));
+            };
+            match &mut this.held {
+                Some(held) => held.merge(taken),
+                None => this.held = Some(taken),
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 async fn push(
     request: Request<Incoming>,
     client_id: ClientId,
@@ -133,7 +196,12 @@ async fn push(
     // The body is held to the same deadline as the head (--handshake-timeout): a client that
     // stops halfway would otherwise hold one of the control connections for good.
     let limit = shared.config.handshake_timeout;
-    let collect = Limited::new(request.into_body(), max).collect();
+    let body = BudgetedBody {
+        inner: request.into_body(),
+        budget: &shared.push_bodies,
+        held: None,
+    };
+    let collect = Limited::new(body, max).collect();
     let Ok(collected) = tokio::time::timeout(limit, collect).await else {
         refused();
         return text_response(
@@ -149,6 +217,18 @@ async fn push(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("message larger than --max-message-size ({max} bytes)\n"),
             );
+        }
+        Err(e) if e.is::<PushBodiesFull>() => {
+            refused();
+            tracing::warn!(%client_id, "push refused: {PushBodiesFull}; API told 503");
+            let mut response = text_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{PushBodiesFull}\n"),
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
         }
         Err(_) => {
             refused();

@@ -50,6 +50,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) connection_permits: Arc<Semaphore>,
     pub(crate) shutdown_deletes: Semaphore,
+    /// Bytes of push bodies being read at once, one permit a byte: as many as one body on
+    /// each control connection ([`config::CONTROL_CONNECTIONS`] × `--max-message-size`).
+    pub(crate) push_bodies: Semaphore,
     pub(crate) departures: Departures,
     pub(crate) tasks: TaskTracker,
     draining: AtomicBool,
@@ -196,6 +199,12 @@ impl Gateway {
         let shared = Arc::new(Shared {
             connection_permits: Arc::new(Semaphore::new(budget.max_connections)),
             shutdown_deletes: Semaphore::new(config.shutdown_delete_concurrency),
+            push_bodies: Semaphore::new(
+                config
+                    .max_message_size
+                    .saturating_mul(budget.control_connections)
+                    .min(Semaphore::MAX_PERMITS),
+            ),
             // Half the API slots at most: a crowd leaving at once leaves the other half to the
             // clients that stay, whose messages would otherwise wait behind its DELETEs.
             departures: Departures::default(),

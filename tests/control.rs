@@ -434,3 +434,89 @@ async fn a_push_whose_body_stops_halfway_gets_408_within_the_handshake_timeout()
     assert_eq!(metrics["pushes_refused"], 1.0);
     assert_eq!(metrics["pushes_accepted"], 0.0);
 }
+
+/// A request body that sends `part` bytes and then never ends.
+type StalledBody = http_body_util::StreamBody<
+    futures_util::stream::BoxStream<
+        'static,
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >,
+>;
+
+fn stalled_body(part: usize) -> StalledBody {
+    use futures_util::StreamExt;
+    let first = futures_util::stream::once(async move {
+        Ok(hyper::body::Frame::data(Bytes::from(vec![b'x'; part])))
+    });
+    http_body_util::StreamBody::new(first.chain(futures_util::stream::pending()).boxed())
+}
+
+#[tokio::test]
+async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.max_message_size = 1024;
+    config.handshake_timeout = Duration::from_secs(5);
+    let gateway = TestGateway::start(config).await;
+    let _ws = gateway.connect("/alice").await;
+    // The gateway reads at most one body per control connection's worth at once: 256 × 1,024
+    // bytes. Two h2c connections open 150 streams each, each sending 1,000 bytes of a body
+    // that never ends: the first 262 fit, the other 38 are answered 503 at once (not 408
+    // after the 5 s the bodies have).
+    let mut answers = tokio::task::JoinSet::new();
+    let mut connections = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(gateway.control)
+            .await
+            .unwrap();
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        connections.push(tokio::spawn(connection));
+        for _ in 0..150 {
+            let mut sender = sender.clone();
+            let control = gateway.control;
+            answers.spawn(async move {
+                let request = hyper::Request::post(format!("http://{control}/alice"))
+                    .body(stalled_body(1000))
+                    .unwrap();
+                sender.ready().await.unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                let retry_after = response.headers().get("retry-after").cloned();
+                (response.status().as_u16(), retry_after)
+            });
+        }
+    }
+    let mut refused = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.join_next()).await {
+        let (status, retry_after) = answer.unwrap();
+        assert_eq!(status, 503);
+        assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+        refused += 1;
+    }
+    assert_eq!(refused, 38, "answered within 3 s");
+    assert_eq!(gateway.metrics().await["pushes_refused"], 38.0);
+    // The streams that were let in still wait for the rest of their bodies; when their
+    // connections go, their bytes go back, and a push gets through again.
+    answers.abort_all();
+    for connection in connections {
+        connection.abort();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = gateway.control("POST", "/alice", &[b'y'; 1000]).await;
+        if response.status == 200 {
+            break;
+        }
+        assert_eq!(response.status, 503, "{}", response.text());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the budget never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
