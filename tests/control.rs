@@ -274,10 +274,13 @@ async fn pushes_keep_their_order_on_the_socket() {
     assert_eq!(gateway.metrics().await["pushes_accepted"], 50.0);
 }
 
-/// Opens an HTTP/2 (prior knowledge, h2c) connection to the control listener.
-async fn control_http2(
-    gateway: &TestGateway,
-) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>> {
+/// Opens an HTTP/2 (prior knowledge, h2c) connection to the control listener; it ends once
+/// every sender and request on it is gone.
+async fn control_http2<B>(gateway: &TestGateway) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tcp = tokio::net::TcpStream::connect(gateway.control)
         .await
         .unwrap();
@@ -464,18 +467,8 @@ async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503()
     // that never ends: the first 262 fit, the other 38 are answered 503 at once (not 408
     // after the 5 s the bodies have).
     let mut answers = tokio::task::JoinSet::new();
-    let mut connections = Vec::new();
     for _ in 0..2 {
-        let tcp = tokio::net::TcpStream::connect(gateway.control)
-            .await
-            .unwrap();
-        let (sender, connection) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        connections.push(tokio::spawn(connection));
+        let sender = control_http2::<StalledBody>(&gateway).await;
         for _ in 0..150 {
             let mut sender = sender.clone();
             let control = gateway.control;
@@ -501,11 +494,9 @@ async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503()
     assert_eq!(refused, 38, "answered within 3 s");
     assert_eq!(gateway.metrics().await["pushes_refused"], 38.0);
     // The streams that were let in still wait for the rest of their bodies; when their
-    // connections go, their bytes go back, and a push gets through again.
+    // requests go (and then their connections), their bytes go back, and a push gets
+    // through again.
     answers.abort_all();
-    for connection in connections {
-        connection.abort();
-    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let response = gateway.control("POST", "/alice", &[b'y'; 1000]).await;
