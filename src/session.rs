@@ -371,7 +371,7 @@ fn count_undelivered(shared: &Shared, undelivered: usize) {
         shared
             .metrics
             .pushes_undelivered
-            .fetch_add(undelivered as u64, Ordering::Relaxed);
+            .fetch_add(undelivered as u64, Ordering::Release);
     }
 }
 
@@ -473,10 +473,15 @@ where
             CLOSE_HANDSHAKE_TIMEOUT
         };
         let _ = tokio::time::timeout(limit, handshake).await;
+        // A socket whose peer closed first refuses the close frame, but reading on writes out
+        // what was fed before it.
+        if !flushed && socket.is_write_queue_empty() {
+            (delivered, replies_sent, flushed) = (pushes_fed, replies_fed, true);
+        }
     } else {
         // Flush a close acknowledgement the library may have queued.
         let done = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
-        flushed = matches!(done, Ok(Ok(())));
+        flushed = matches!(done, Ok(Ok(()))) || socket.is_write_queue_empty();
     }
     Closed {
         pushes: delivered,
@@ -539,9 +544,9 @@ struct Session<S> {
     /// Bytes the socket had taken when the stall (or its last progress) was noticed.
     written_at_stall: u64,
     unflushed: bool,
-    /// Data messages handed to the socket since its last completed flush, and how many of them
-    /// are pushes: counted as sent once a flush completes; if the socket closes before one
-    /// does, the pushes among them count as undelivered.
+    /// Data messages handed to the socket and not yet counted as written, and how many of them
+    /// are pushes: counted as sent once the socket's write queue is empty; if the socket closes
+    /// before it is, the pushes among them count as undelivered.
     unflushed_messages: u32,
     unflushed_pushes: u32,
     /// False once the gateway stops reading for good (shutdown's drain).
@@ -582,6 +587,11 @@ where
             Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed(e)),
             Poll::Pending => false,
         };
+        // The library writes its queue out on its own too (poll_ready above, reads): what has
+        // left it is sent, whether or not our own flush has come round.
+        if self.unflushed_messages > 0 && self.socket.is_write_queue_empty() {
+            self.count_sent();
+        }
         // Once the client's close frame is in, pushes stay queued: the socket takes no more
         // data, and finish() counts them undelivered.
         let take_push = writable && self.peer_close.is_none();
@@ -797,6 +807,11 @@ where
     /// After a completed flush: what was handed to the socket is sent.
     fn flushed(&mut self) {
         self.unflushed = false;
+        self.count_sent();
+    }
+
+    /// Counts the messages handed to the socket as sent: they have been written.
+    fn count_sent(&mut self) {
         if self.unflushed_messages > 0 {
             let sent = u64::from(std::mem::take(&mut self.unflushed_messages));
             self.unflushed_pushes = 0;

@@ -206,14 +206,16 @@ async fn a_client_that_does_not_read_gets_pushes_refused_with_503_then_is_closed
     assert!(metrics["pushes_refused"] >= 1.0);
     assert_eq!(metrics["pushes_accepted"], accepted as f64);
     // No push is lost uncounted: each accepted one reached the client or counts undelivered,
-    // the one cut off halfway in the stalled write among them. (One written out in full
-    // together with it may be in both.)
+    // the one cut off halfway in the stalled write among them; and those counted sent are
+    // those the client read.
     let undelivered = metrics["pushes_undelivered"] as usize;
-    assert!(
-        received.len() + undelivered >= accepted,
+    assert_eq!(
+        received.len() + undelivered,
+        accepted,
         "{} received + {undelivered} undelivered of {accepted}",
         received.len()
     );
+    assert_eq!(metrics["messages_sent"] as usize, received.len());
     assert!(undelivered >= 1, "the stalled push is undelivered");
     assert!(
         received.iter().all(|m| m.len() == chunk.len()),

@@ -277,6 +277,16 @@ where
         self.inner.get_mut()
     }
 
+    /// Whether every frame given to the sink has been written to the underlying
+    /// I/O stream: nothing waits in this stream's write queue (the I/O stream
+    /// may still buffer, see [`SinkExt::flush`](futures_sink::Sink::poll_flush)).
+    /// Frames leave the queue on an explicit flush, but also when
+    /// `poll_ready` finds the queue over the flush threshold and when reading
+    /// flushes opportunistically.
+    pub fn is_write_queue_empty(&self) -> bool {
+        !self.frame_queue.has_remaining()
+    }
+
     /// Returns a reference to the inner websocket limits.
     pub fn limits(&self) -> &Limits {
         &self.inner.decoder().limits
