@@ -202,7 +202,8 @@ pub const RESERVED_DESCRIPTORS: usize = 64;
 
 /// Sockets over `--max-pending-handshakes` handled at once: each waits a moment for a handshake
 /// slot, then is answered `503`. While all are taken the accept loop waits for one, and new
-/// sockets wait in the listen backlog.
+/// sockets wait in the listen backlog; the one socket the loop holds meanwhile (one per control
+/// listener too) comes out of [`RESERVED_DESCRIPTORS`].
 pub const HANDSHAKE_WAITERS: usize = 48;
 
 /// Control connections over [`CONTROL_CONNECTIONS`] being answered `503` at once; while all are

@@ -43,8 +43,8 @@ pub(crate) async fn handle(
         return Ok(response);
     }
     if path == "/metrics" {
-        if request.method() != Method::GET {
-            return Ok(method_not_allowed("GET"));
+        if !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return Ok(method_not_allowed("GET, HEAD"));
         }
         let metrics = shared
             .metrics
@@ -135,14 +135,19 @@ impl std::error::Error for PushBodiesFull {}
 /// A push's body, each of its bytes taken from the gateway's budget for push bodies being
 /// read (`Shared::push_bodies`) as it arrives and given back once the body is dropped. HTTP/2
 /// hands a stream's data over as it comes, so without it the streams of one control
-/// connection could hold `--max-message-size` each.
-struct BudgetedBody<'a> {
-    inner: Incoming,
+/// connection could hold `--max-message-size` each. It reads through the size limit, so that
+/// a body over `--max-message-size` is told 413, never 503.
+struct BudgetedBody<'a, B> {
+    inner: B,
     budget: &'a Semaphore,
     held: Option<SemaphorePermit<'a>>,
 }
 
-impl hyper::body::Body for BudgetedBody<'_> {
+impl<B> hyper::body::Body for BudgetedBody<'_, B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -197,11 +202,11 @@ async fn push(
     // stops halfway would otherwise hold one of the control connections for good.
     let limit = shared.config.handshake_timeout;
     let body = BudgetedBody {
-        inner: request.into_body(),
+        inner: Limited::new(request.into_body(), max),
         budget: &shared.push_bodies,
         held: None,
     };
-    let collect = Limited::new(body, max).collect();
+    let collect = body.collect();
     let Ok(collected) = tokio::time::timeout(limit, collect).await else {
         refused();
         return text_response(
@@ -220,7 +225,7 @@ async fn push(
         }
         Err(e) if e.is::<PushBodiesFull>() => {
             refused();
-            tracing::warn!(%client_id, "push refused: {PushBodiesFull}; API told 503");
+            tracing::debug!(%client_id, "push refused: {PushBodiesFull}; API told 503");
             let mut response = text_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{PushBodiesFull}\n"),

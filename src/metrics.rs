@@ -163,7 +163,8 @@ fn bump(counter: &AtomicU64) {
 impl Metrics {
     /// Counts a websocket's end.
     pub fn connection_closed(&self, reason: CloseReason) {
-        bump(&self.connections_closed);
+        // Release: a scrape that reads this count (Acquire) sees the opening counted too.
+        self.connections_closed.fetch_add(1, Ordering::Release);
         let index = CloseReason::ALL.iter().position(|r| *r == reason);
         if let Some(i) = index {
             bump(&self.closed_by_reason[i]);
@@ -205,11 +206,11 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         // Each read once, closed before opened, so that one scrape's figures agree with each
         // other: opened - closed = active, and never fewer opened than closed.
-        let closed = self.connections_closed.load(Ordering::Relaxed);
+        let closed = self.connections_closed.load(Ordering::Acquire);
         let opened = self.connections_opened.load(Ordering::Relaxed);
         // Likewise undelivered pushes before accepted ones: none is counted undelivered
         // before it is counted accepted.
-        let undelivered = self.pushes_undelivered.load(Ordering::Relaxed);
+        let undelivered = self.pushes_undelivered.load(Ordering::Acquire);
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let plain: [(&str, &str, u64); 12] = [
             ("connections_opened", "Websockets accepted.", opened),

@@ -247,7 +247,7 @@ async fn reserved_names_get_400_and_the_fixed_endpoints_take_only_their_methods(
         ("POST", "/healthz", "GET, HEAD"),
         ("DELETE", "/healthz", "GET, HEAD"),
         ("POST", "/debug/pprof/heap", "GET"),
-        ("POST", "/metrics", "GET"),
+        ("POST", "/metrics", "GET, HEAD"),
     ] {
         let response = gateway.control(method, path, b"").await;
         assert_eq!(response.status, 405, "{method} {path}");
@@ -493,6 +493,10 @@ async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503()
     }
     assert_eq!(refused, 38, "answered within 3 s");
     assert_eq!(gateway.metrics().await["pushes_refused"], 38.0);
+    // A push over --max-message-size is told so (413), not to come back later, even with
+    // the budget spent.
+    let oversized = gateway.control("POST", "/alice", &[b'z'; 2000]).await;
+    assert_eq!(oversized.status, 413, "{}", oversized.text());
     // The streams that were let in still wait for the rest of their bodies; when their
     // requests go (and then their connections), their bytes go back, and a push gets
     // through again.

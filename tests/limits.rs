@@ -751,7 +751,7 @@ async fn over_the_pending_handshake_cap_with_every_waiting_place_taken_a_socket_
         .await
         .unwrap();
     assert!(
-        stays_unanswered(&mut third, Duration::from_millis(500)).await,
+        stays_unanswered(&mut third, Duration::from_millis(300)).await,
         "answered or closed while every place was taken"
     );
     // One of them reads its 503 and leaves: the third takes its place, and after its own
@@ -1501,7 +1501,7 @@ async fn control_connections_over_the_budget_wait_while_every_place_to_refuse_th
         .await
         .unwrap();
     assert!(
-        stays_unanswered(&mut next, Duration::from_millis(500)).await,
+        stays_unanswered(&mut next, Duration::from_millis(300)).await,
         "answered or closed while the place was taken"
     );
     let answer = read_until_closed(&mut refused).await;
