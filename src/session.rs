@@ -219,12 +219,13 @@ impl SessionHandle {
         self.mailbox().closed = true;
     }
 
-    /// Refuses further pushes and commands; hands back the pushes still queued.
-    fn close_mailbox(&self) -> VecDeque<Outbound> {
+    /// Refuses further pushes and commands; hands back the pushes still queued, and a command
+    /// taken but not yet seen by the session.
+    fn close_mailbox(&self) -> (VecDeque<Outbound>, Option<Command>) {
         let mut mailbox = self.mailbox();
         mailbox.closed = true;
         mailbox.queued_bytes = 0;
-        std::mem::take(&mut mailbox.queue)
+        (std::mem::take(&mut mailbox.queue), mailbox.command.take())
     }
 }
 
@@ -273,6 +274,21 @@ impl Ending {
             send_close: None,
             api_reason: "EOF".to_owned(),
             api_code: None,
+        }
+    }
+
+    /// This ending, unless a control DELETE was taken (and answered `200`) while the session
+    /// was deciding to end for another reason: then the close is the one the API asked for,
+    /// with its code and reason (sent to the client if the socket still takes it).
+    fn unless_closed_by(self, pending: Option<Command>) -> Ending {
+        match pending {
+            Some(Command::Close { code, reason }) if self.why != CloseReason::Control => Ending {
+                why: CloseReason::Control,
+                send_close: self.send_close.map(|_| (code, reason.clone())),
+                api_reason: reason,
+                api_code: Some(code),
+            },
+            _ => self,
         }
     }
 }
@@ -341,10 +357,11 @@ pub(crate) fn abandoned(
     shared
         .registry
         .remove(&handle.client_id, handle.connection_id);
-    let undelivered = handle.close_mailbox().len();
-    count_undelivered(&shared, undelivered);
-    shared.metrics.connection_closed(CloseReason::Eof);
-    depart(&shared, context, Ending::eof(), permit);
+    let (queued, pending) = handle.close_mailbox();
+    count_undelivered(&shared, queued.len());
+    let ending = Ending::eof().unless_closed_by(pending);
+    shared.metrics.connection_closed(ending.why);
+    depart(&shared, context, ending, permit);
 }
 
 /// Tells the API of a connection that never opened although the API approved it (or never
@@ -920,7 +937,8 @@ where
         shared
             .registry
             .remove(&handle.client_id, handle.connection_id);
-        let queued = handle.close_mailbox();
+        let (queued, pending) = handle.close_mailbox();
+        let ending = ending.unless_closed_by(pending);
         // The pushes still queued, and those handed to the socket whose flush is not done.
         let accepted = queued.len() + unflushed_pushes as usize;
         // The socket is closed (and dropped) apart from the requests still at the API, which
