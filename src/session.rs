@@ -1047,4 +1047,51 @@ mod tests {
             _ => panic!("the first command should win"),
         }
     }
+
+    fn close(code: u16, reason: &str) -> Command {
+        Command::Close {
+            code,
+            reason: reason.to_owned(),
+        }
+    }
+
+    #[test]
+    fn closing_the_mailbox_hands_back_a_command_the_session_never_saw() {
+        let h = handle();
+        assert_eq!(h.push(message(3), 10, 100, &ACCEPTED), Ok(()));
+        assert!(h.command(close(4001, "bye")));
+        let (queued, pending) = h.close_mailbox();
+        assert_eq!(queued.len(), 1);
+        assert!(matches!(pending, Some(Command::Close { code: 4001, .. })));
+        assert!(!h.command(close(4002, "late")), "closed to later commands");
+    }
+
+    #[test]
+    fn a_delete_taken_while_the_session_ended_by_itself_decides_the_close() {
+        // The socket still takes a close frame: it carries the DELETE's code and reason.
+        let idle = Ending::ours(CloseReason::IdleTimeout, 1000, "idle timeout")
+            .unless_closed_by(Some(close(4001, "bye")));
+        assert_eq!(idle.why, CloseReason::Control);
+        assert_eq!(idle.send_close, Some((4001, "bye".to_owned())));
+        assert_eq!(
+            (idle.api_reason.as_str(), idle.api_code),
+            ("bye", Some(4001))
+        );
+        // The socket is gone: nothing to send, but the API hears the DELETE's reason.
+        let gone = Ending::eof().unless_closed_by(Some(close(4001, "bye")));
+        assert_eq!(gone.why, CloseReason::Control);
+        assert_eq!(gone.send_close, None);
+        assert_eq!(
+            (gone.api_reason.as_str(), gone.api_code),
+            ("bye", Some(4001))
+        );
+        // Any other command, or none, leaves the ending as it was.
+        let replaced = Ending::eof().unless_closed_by(Some(Command::Replaced));
+        assert_eq!(
+            (replaced.why, replaced.api_reason.as_str()),
+            (CloseReason::Eof, "EOF")
+        );
+        let alone = Ending::eof().unless_closed_by(None);
+        assert_eq!(alone.why, CloseReason::Eof);
+    }
 }
