@@ -600,7 +600,7 @@ fn connect_headers(
         }
     }
     // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; the API gets a.b.c.d.
-    chain.push_str(&peer.remote.ip().to_canonical().to_string());
+    push_address(&mut chain, peer.remote.ip().to_canonical());
     if let Ok(value) = HeaderValue::try_from(chain) {
         forwarded.insert(X_FORWARDED_FOR.clone(), value);
     }
@@ -611,6 +611,32 @@ fn connect_headers(
     ConnectHeaders {
         forwarded,
         query: request.uri().query().map(str::to_owned),
+    }
+}
+
+/// Appends `ip` to `out`: an IPv4 address digit by digit (as `Display` writes it, without its
+/// formatting machinery, which every connection's X-Forwarded-For went through), IPv6 through
+/// `Display`.
+fn push_address(out: &mut String, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
@@ -650,6 +676,23 @@ async fn start_session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.100.255",
+            "9.99.199.250",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = String::from("x, ");
+            push_address(&mut out, ip);
+            assert_eq!(out, format!("x, {ip}"));
+        }
+    }
 
     #[test]
     fn accept_key_matches_the_rfc_example() {

@@ -178,11 +178,24 @@ impl ConnectionId {
     pub fn get(self) -> u64 {
         self.0
     }
+
+    /// The id as it is shown and sent (`X-Connection-Id`): 16 lowercase hex digits, written
+    /// without the formatting machinery, which every connection's headers went through.
+    pub fn hex(self) -> [u8; 16] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 16];
+        for (i, digit) in out.iter_mut().enumerate() {
+            *digit = DIGITS[((self.0 >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        out
+    }
 }
 
 impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
+        let hex = self.hex();
+        // Hex digits are ASCII.
+        f.write_str(std::str::from_utf8(&hex).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -195,6 +208,15 @@ impl fmt::Debug for ConnectionId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_id_shows_as_16_hex_digits() {
+        for n in [0, 1, 0xabc, 0x0123_4567_89ab_cdef, u64::MAX] {
+            let id = ConnectionId(n);
+            assert_eq!(id.to_string(), format!("{n:016x}"));
+            assert_eq!(&id.hex(), format!("{n:016x}").as_bytes());
+        }
+    }
 
     #[test]
     fn plain_and_encoded_names_are_accepted() {

@@ -234,7 +234,7 @@ impl Upstream {
         upgrade_headers: &HeaderMap,
     ) -> Result<ConnectionContext, UpstreamError> {
         let uri = self.uri(&client_id, None)?;
-        let connection_id_header = HeaderValue::try_from(connection_id.to_string())
+        let connection_id_header = HeaderValue::from_bytes(&connection_id.hex())
             .map_err(|e| UpstreamError::Broken(e.to_string()))?;
         Ok(ConnectionContext {
             connection_id,
