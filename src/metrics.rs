@@ -252,7 +252,7 @@ impl Metrics {
             ),
             (
                 "pushes_undelivered",
-                "Pushes accepted, then not written: the socket closed first.",
+                "Pushes accepted, then not written: the socket closed or stopped taking writes first.",
                 undelivered,
             ),
             (

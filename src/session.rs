@@ -278,16 +278,19 @@ impl Ending {
     }
 
     /// This ending, unless a control DELETE was taken (and answered `200`) while the session
-    /// was deciding to end for another reason: then the close is the one the API asked for,
-    /// with its code and reason (sent to the client if the socket still takes it).
+    /// was deciding to end on a timer of its own or an API failure: then the close is the one
+    /// the API asked for, with its code and reason. Not for the other endings: the client has
+    /// gone or was told already (a protocol error's close frame is the library's), or its
+    /// socket takes no writes (a slow consumer, which keeps its short close).
     fn unless_closed_by(self, pending: Option<Command>) -> Ending {
+        let own_decision = matches!(
+            self.why,
+            CloseReason::IdleTimeout | CloseReason::PingTimeout | CloseReason::UpstreamFailure
+        );
         match pending {
-            Some(Command::Close { code, reason }) if self.why != CloseReason::Control => Ending {
-                why: CloseReason::Control,
-                send_close: self.send_close.map(|_| (code, reason.clone())),
-                api_reason: reason,
-                api_code: Some(code),
-            },
+            Some(Command::Close { code, reason }) if own_decision => {
+                Ending::ours(CloseReason::Control, code, &reason)
+            }
             _ => self,
         }
     }
@@ -357,11 +360,12 @@ pub(crate) fn abandoned(
     shared
         .registry
         .remove(&handle.client_id, handle.connection_id);
-    let (queued, pending) = handle.close_mailbox();
+    // A websocket that never opened: its DELETE says EOF, without a close code, even if a
+    // control DELETE came for it meanwhile.
+    let (queued, _) = handle.close_mailbox();
     count_undelivered(&shared, queued.len());
-    let ending = Ending::eof().unless_closed_by(pending);
-    shared.metrics.connection_closed(ending.why);
-    depart(&shared, context, ending, permit);
+    shared.metrics.connection_closed(CloseReason::Eof);
+    depart(&shared, context, Ending::eof(), permit);
 }
 
 /// Tells the API of a connection that never opened although the API approved it (or never
@@ -455,6 +459,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut delivered, mut replies_sent, mut flushed) = (0, 0, false);
+    let mut written_by_reading = false;
     let (mut pushes_fed, mut replies_fed) = (0, 0);
     if let Some((code, reason)) = &ending.send_close {
         let code = CloseCode::try_from(*code).unwrap_or(CloseCode::NORMAL_CLOSURE);
@@ -482,7 +487,18 @@ where
             if socket.send(close).await.is_ok() {
                 (delivered, replies_sent, flushed) = (pushes_fed, replies_fed, true);
             }
-            while let Some(Ok(_)) = socket.next().await {}
+            // Read to the end. A socket whose peer closed first refuses our close frame, and
+            // ends only once what was fed before is flushed (a failed flush is an error).
+            loop {
+                match socket.next().await {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => break,
+                    None => {
+                        written_by_reading = true;
+                        break;
+                    }
+                }
+            }
         };
         let limit = if ending.why == CloseReason::SlowConsumer {
             Duration::from_millis(100)
@@ -490,15 +506,13 @@ where
             CLOSE_HANDSHAKE_TIMEOUT
         };
         let _ = tokio::time::timeout(limit, handshake).await;
-        // A socket whose peer closed first refuses the close frame, but reading on writes out
-        // what was fed before it.
-        if !flushed && socket.is_write_queue_empty() {
+        if !flushed && written_by_reading && socket.is_write_queue_empty() {
             (delivered, replies_sent, flushed) = (pushes_fed, replies_fed, true);
         }
     } else {
         // Flush a close acknowledgement the library may have queued.
         let done = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
-        flushed = matches!(done, Ok(Ok(()))) || socket.is_write_queue_empty();
+        flushed = matches!(done, Ok(Ok(())));
     }
     Closed {
         pushes: delivered,
@@ -606,8 +620,13 @@ where
         };
         // The library writes its queue out on its own too (poll_ready above, reads): what has
         // left it is sent, whether or not our own flush has come round.
+        // (With TLS the transport buffers too: it is flushed before they count.)
         if self.unflushed_messages > 0 && self.socket.is_write_queue_empty() {
-            self.count_sent();
+            match self.socket.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => self.flushed(),
+                Poll::Ready(Err(e)) => return Poll::Ready(Event::WriteFailed(e)),
+                Poll::Pending => {}
+            }
         }
         // Once the client's close frame is in, pushes stay queued: the socket takes no more
         // data, and finish() counts them undelivered.
@@ -1067,31 +1086,33 @@ mod tests {
     }
 
     #[test]
-    fn a_delete_taken_while_the_session_ended_by_itself_decides_the_close() {
-        // The socket still takes a close frame: it carries the DELETE's code and reason.
-        let idle = Ending::ours(CloseReason::IdleTimeout, 1000, "idle timeout")
-            .unless_closed_by(Some(close(4001, "bye")));
-        assert_eq!(idle.why, CloseReason::Control);
-        assert_eq!(idle.send_close, Some((4001, "bye".to_owned())));
-        assert_eq!(
-            (idle.api_reason.as_str(), idle.api_code),
-            ("bye", Some(4001))
-        );
-        // The socket is gone: nothing to send, but the API hears the DELETE's reason.
-        let gone = Ending::eof().unless_closed_by(Some(close(4001, "bye")));
-        assert_eq!(gone.why, CloseReason::Control);
-        assert_eq!(gone.send_close, None);
-        assert_eq!(
-            (gone.api_reason.as_str(), gone.api_code),
-            ("bye", Some(4001))
-        );
+    fn a_delete_taken_while_the_session_ended_on_its_own_timer_decides_the_close() {
+        // An idle or ping timeout, an API failure: the DELETE's code and reason go to the
+        // client and the API.
+        for why in [
+            CloseReason::IdleTimeout,
+            CloseReason::PingTimeout,
+            CloseReason::UpstreamFailure,
+        ] {
+            let ending = Ending::ours(why, 1000, "own").unless_closed_by(Some(close(4001, "bye")));
+            assert_eq!(
+                ending,
+                Ending::ours(CloseReason::Control, 4001, "bye"),
+                "{why:?}"
+            );
+        }
+        // The client gone or told already, or a socket that takes no writes: as it was.
+        for ending in [
+            Ending::eof(),
+            Ending::ours(CloseReason::ProtocolError, 1002, "protocol error"),
+            Ending::ours(CloseReason::SlowConsumer, 1008, "slow consumer"),
+        ] {
+            let kept = ending.clone().unless_closed_by(Some(close(4001, "bye")));
+            assert_eq!(kept, ending);
+        }
         // Any other command, or none, leaves the ending as it was.
-        let replaced = Ending::eof().unless_closed_by(Some(Command::Replaced));
-        assert_eq!(
-            (replaced.why, replaced.api_reason.as_str()),
-            (CloseReason::Eof, "EOF")
-        );
-        let alone = Ending::eof().unless_closed_by(None);
-        assert_eq!(alone.why, CloseReason::Eof);
+        let idle = Ending::ours(CloseReason::IdleTimeout, 1000, "idle timeout");
+        assert_eq!(idle.clone().unless_closed_by(Some(Command::Replaced)), idle);
+        assert_eq!(idle.clone().unless_closed_by(None), idle);
     }
 }
