@@ -201,6 +201,15 @@ async fn push(
     // The body is held to the same deadline as the head (--handshake-timeout): a client that
     // stops halfway would otherwise hold one of the control connections for good.
     let limit = shared.config.handshake_timeout;
+    // A body announced larger than the limit is told so before any of it is read (and before
+    // the budget could answer 503 to a push that can never fit).
+    if hyper::body::Body::size_hint(request.body()).lower() > max as u64 {
+        refused();
+        return text_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("message larger than --max-message-size ({max} bytes)\n"),
+        );
+    }
     let body = BudgetedBody {
         inner: Limited::new(request.into_body(), max),
         budget: &shared.push_bodies,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_websockets::Message;
 
 async fn setup() -> (MockApi, TestGateway) {
@@ -497,6 +498,23 @@ async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503()
     // the budget spent.
     let oversized = gateway.control("POST", "/alice", &[b'z'; 2000]).await;
     assert_eq!(oversized.status, 413, "{}", oversized.text());
+    // So is one whose first part alone would fit the limit but not what is left of the
+    // budget: its Content-Length says it can never fit.
+    let mut stream = tokio::net::TcpStream::connect(gateway.control)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"POST /alice HTTP/1.1\r\nHost: g\r\nContent-Length: 2000\r\n\r\n")
+        .await
+        .unwrap();
+    stream.write_all(&[b'z'; 500]).await.unwrap();
+    let mut answer = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut answer))
+        .await
+        .expect("answered before the rest of the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     // The streams that were let in still wait for the rest of their bodies; when their
     // requests go (and then their connections), their bytes go back, and a push gets
     // through again.
