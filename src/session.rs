@@ -396,6 +396,17 @@ fn count_undelivered(shared: &Shared, undelivered: usize) {
     }
 }
 
+/// Counts `sent` data messages as sent on `handle`'s websocket.
+fn count_sent_messages(shared: &Shared, handle: &SessionHandle, sent: u64) {
+    if sent > 0 {
+        handle.messages_out.fetch_add(sent, Ordering::Relaxed);
+        shared
+            .metrics
+            .messages_sent
+            .fetch_add(sent, Ordering::Relaxed);
+    }
+}
+
 /// Counts a closed websocket: `sent` data messages went out while it closed, `delivered` of
 /// the `accepted` pushes it still had.
 fn record_close(
@@ -406,15 +417,7 @@ fn record_close(
     sent: usize,
     delivered: usize,
 ) {
-    if sent > 0 {
-        handle
-            .messages_out
-            .fetch_add(sent as u64, Ordering::Relaxed);
-        shared
-            .metrics
-            .messages_sent
-            .fetch_add(sent as u64, Ordering::Relaxed);
-    }
+    count_sent_messages(shared, handle, sent as u64);
     // Counted against what was taken, so that one lost in a write that failed or ran out of
     // time is counted too.
     let undelivered = accepted - delivered;
@@ -458,9 +461,8 @@ async fn close_socket<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut delivered, mut replies_sent, mut flushed) = (0, 0, false);
-    let mut written_by_reading = false;
     let (mut pushes_fed, mut replies_fed) = (0, 0);
+    let (mut flushed, mut written_by_reading) = (false, false);
     if let Some((code, reason)) = &ending.send_close {
         let code = CloseCode::try_from(*code).unwrap_or(CloseCode::NORMAL_CLOSURE);
         let close = Message::close(Some(code), reason);
@@ -484,9 +486,7 @@ where
             }
             // Errors here mean the peer is gone already; the DELETE still goes out. What was
             // fed counts as sent once the close frame behind it is flushed.
-            if socket.send(close).await.is_ok() {
-                (delivered, replies_sent, flushed) = (pushes_fed, replies_fed, true);
-            }
+            flushed = socket.send(close).await.is_ok();
             // Read to the end. A socket whose peer closed first refuses our close frame, and
             // ends only once what was fed before is flushed (a failed flush is an error).
             loop {
@@ -506,17 +506,17 @@ where
             CLOSE_HANDSHAKE_TIMEOUT
         };
         let _ = tokio::time::timeout(limit, handshake).await;
-        if !flushed && written_by_reading && socket.is_write_queue_empty() {
-            (delivered, replies_sent, flushed) = (pushes_fed, replies_fed, true);
-        }
+        flushed = flushed || (written_by_reading && socket.is_write_queue_empty());
     } else {
         // Flush a close acknowledgement the library may have queued.
         let done = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
         flushed = matches!(done, Ok(Ok(())));
     }
+    // What was fed went out only if it was flushed (with nothing fed, `flushed` covers what
+    // was handed to the socket before).
     Closed {
-        pushes: delivered,
-        replies: replies_sent,
+        pushes: if flushed { pushes_fed } else { 0 },
+        replies: if flushed { replies_fed } else { 0 },
         flushed,
     }
 }
@@ -848,15 +848,9 @@ where
 
     /// Counts the messages handed to the socket as sent: they have been written.
     fn count_sent(&mut self) {
-        if self.unflushed_messages > 0 {
-            let sent = u64::from(std::mem::take(&mut self.unflushed_messages));
-            self.unflushed_pushes = 0;
-            self.handle.messages_out.fetch_add(sent, Ordering::Relaxed);
-            self.shared
-                .metrics
-                .messages_sent
-                .fetch_add(sent, Ordering::Relaxed);
-        }
+        let sent = u64::from(std::mem::take(&mut self.unflushed_messages));
+        self.unflushed_pushes = 0;
+        count_sent_messages(&self.shared, &self.handle, sent);
     }
 
     fn on_timer(&mut self) -> Option<Ending> {
@@ -973,15 +967,14 @@ where
             } else {
                 (0, 0)
             };
-            let delivered = closed.pushes + earlier_pushes;
             // Counted as soon as the socket is closed, not when the API has answered too.
             record_close(
                 &shared,
                 &handle,
                 why,
                 accepted,
-                delivered + closed.replies + earlier_sent - earlier_pushes,
-                delivered,
+                closed.pushes + closed.replies + earlier_sent,
+                closed.pushes + earlier_pushes,
             );
         };
         let answers = async { while in_flight.next().await.is_some() {} };
