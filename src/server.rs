@@ -237,28 +237,15 @@ pub(crate) async fn accept_public(
                 continue;
             }
         };
-        if let Ok(permit) = Arc::clone(&pending).try_acquire_owned() {
-            spawn_public(stream, remote, &tls, &shared, permit);
-            continue;
-        }
-        // Over the cap: the socket waits for a slot in a task of its own, so that the accept
-        // loop goes on, and the sockets behind it in the backlog are answered too. With every
-        // such place taken, this socket waits here for a slot or a place, and the ones behind
-        // it in the listen backlog: held back, not dropped.
-        let place = match Arc::clone(&waiters).try_acquire_owned() {
-            Ok(place) => place,
-            Err(_) => tokio::select! {
-                _ = stop.cancelled() => break,
-                slot = Arc::clone(&pending).acquire_owned() => {
-                    let Ok(permit) = slot else { break };
-                    spawn_public(stream, remote, &tls, &shared, permit);
-                    continue;
-                }
-                place = Arc::clone(&waiters).acquire_owned() => {
-                    let Ok(place) = place else { break };
-                    place
-                }
-            },
+        // Over the cap, the socket waits for a slot in a task of its own, so that the accept
+        // loop goes on, and the sockets behind it in the backlog are answered too.
+        let place = match admit(&pending, &waiters, &stop).await {
+            Some(Admission::Slot(permit)) => {
+                spawn_public(stream, remote, &tls, &shared, permit);
+                continue;
+            }
+            Some(Admission::OverCap(place)) => place,
+            None => break,
         };
         let task = wait_for_handshake_slot(
             stream,
@@ -270,6 +257,36 @@ pub(crate) async fn accept_public(
             stop.clone(),
         );
         shared.tasks.spawn(Box::pin(task));
+    }
+}
+
+/// What becomes of an accepted socket: served in a slot, or handled in a place for sockets over
+/// the cap (waiting for a slot, or being answered `503`).
+enum Admission {
+    /// Served, holding one of the slots.
+    Slot(OwnedSemaphorePermit),
+    /// Over the cap, holding one of the places for such sockets.
+    OverCap(OwnedSemaphorePermit),
+}
+
+/// A permit of `slots`, or else of `over_cap`, for the socket just accepted. With neither free
+/// it waits for whichever frees first, and the sockets behind it wait in the listen backlog:
+/// held back, not dropped. `None` when `stop` fires first.
+async fn admit(
+    slots: &Arc<Semaphore>,
+    over_cap: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<Admission> {
+    if let Ok(slot) = Arc::clone(slots).try_acquire_owned() {
+        return Some(Admission::Slot(slot));
+    }
+    if let Ok(place) = Arc::clone(over_cap).try_acquire_owned() {
+        return Some(Admission::OverCap(place));
+    }
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        slot = Arc::clone(slots).acquire_owned() => slot.ok().map(Admission::Slot),
+        place = Arc::clone(over_cap).acquire_owned() => place.ok().map(Admission::OverCap),
     }
 }
 
@@ -532,41 +549,12 @@ pub(crate) struct ControlSlots {
     refusals: Arc<Semaphore>,
 }
 
-/// What becomes of an accepted control connection.
-enum ControlAdmission {
-    /// Served, holding one of the connection slots.
-    Serve(OwnedSemaphorePermit),
-    /// Answered `503`, holding one of the refusal places.
-    Refuse(OwnedSemaphorePermit),
-}
-
 impl ControlSlots {
     /// The places `budget` gives the control listeners.
     pub(crate) fn new(budget: &crate::config::DescriptorBudget) -> Self {
         ControlSlots {
             connections: Arc::new(Semaphore::new(budget.control_connections)),
             refusals: Arc::new(Semaphore::new(budget.control_refusals)),
-        }
-    }
-
-    /// A slot, or else a refusal place, for the next control connection. With neither free
-    /// it waits for one (and the connections behind it wait in the listen backlog); `None`
-    /// when `stop` fires first.
-    async fn admit(&self, stop: &CancellationToken) -> Option<ControlAdmission> {
-        if let Ok(slot) = Arc::clone(&self.connections).try_acquire_owned() {
-            return Some(ControlAdmission::Serve(slot));
-        }
-        if let Ok(place) = Arc::clone(&self.refusals).try_acquire_owned() {
-            return Some(ControlAdmission::Refuse(place));
-        }
-        tokio::select! {
-            _ = stop.cancelled() => None,
-            slot = Arc::clone(&self.connections).acquire_owned() => {
-                slot.ok().map(ControlAdmission::Serve)
-            }
-            place = Arc::clone(&self.refusals).acquire_owned() => {
-                place.ok().map(ControlAdmission::Refuse)
-            }
         }
     }
 }
@@ -592,9 +580,10 @@ pub(crate) async fn accept_control(
                 continue;
             }
         };
-        let slot = match slots.admit(&stop).await {
-            Some(ControlAdmission::Serve(slot)) => slot,
-            Some(ControlAdmission::Refuse(place)) => {
+        // Over the budget, answered 503 in a task of its own.
+        let slot = match admit(&slots.connections, &slots.refusals, &stop).await {
+            Some(Admission::Slot(slot)) => slot,
+            Some(Admission::OverCap(place)) => {
                 connections.spawn(async move {
                     refuse_busy(stream).await;
                     drop(place);
