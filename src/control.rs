@@ -198,6 +198,12 @@ async fn push(
             .fetch_add(1, Ordering::Relaxed);
     };
     let max = shared.config.max_message_size;
+    let too_large = || {
+        text_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("message larger than --max-message-size ({max} bytes)\n"),
+        )
+    };
     // The body is held to the same deadline as the head (--handshake-timeout): a client that
     // stops halfway would otherwise hold one of the control connections for good.
     let limit = shared.config.handshake_timeout;
@@ -205,10 +211,7 @@ async fn push(
     // the budget could answer 503 to a push that can never fit).
     if hyper::body::Body::size_hint(request.body()).lower() > max as u64 {
         refused();
-        return text_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("message larger than --max-message-size ({max} bytes)\n"),
-        );
+        return too_large();
     }
     let body = BudgetedBody {
         inner: Limited::new(request.into_body(), max),
@@ -227,22 +230,12 @@ async fn push(
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             refused();
-            return text_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("message larger than --max-message-size ({max} bytes)\n"),
-            );
+            return too_large();
         }
         Err(e) if e.is::<PushBodiesFull>() => {
             refused();
             tracing::debug!(%client_id, "push refused: {PushBodiesFull}; API told 503");
-            let mut response = text_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{PushBodiesFull}\n"),
-            );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            return response;
+            return come_back_later(format!("{PushBodiesFull}\n"));
         }
         Err(_) => {
             refused();
@@ -289,20 +282,22 @@ async fn push(
         Err(PushError::QueueFull) => {
             refused();
             tracing::debug!(%client_id, "push refused: outbound queue full; API told 503");
-            let mut response = text_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the client's outbound queue is full\n",
-            );
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            response
+            come_back_later("the client's outbound queue is full\n")
         }
         Err(PushError::Closed) => {
             refused();
             text_response(StatusCode::NOT_FOUND, "client is disconnecting\n")
         }
     }
+}
+
+/// `503` with `Retry-After: 1`: a push refused for now, worth sending again shortly.
+fn come_back_later(message: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = text_response(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 fn query_param(query: &str, name: &str) -> Option<Result<String, ()>> {
