@@ -353,28 +353,22 @@ async fn route(
         .metrics
         .connections_opened
         .fetch_add(1, Ordering::Relaxed);
-    match shared.registry.insert(Arc::clone(&handle)) {
-        Insertion::First => {}
-        Insertion::Replaced(older) => {
-            tracing::debug!(
-                client_id = %handle.client_id,
-                older = %older.connection_id,
-                newer = %connection_id,
-                "same ClientId connected again; closing the older connection with 4000"
-            );
-            older.command(Command::Replaced);
-        }
-        Insertion::Superseded(newer) => {
-            // Its approval came after a connection that began later had opened: it opens
-            // only to be closed as replaced, as if it had opened first.
-            tracing::debug!(
-                client_id = %handle.client_id,
-                older = %connection_id,
-                newer = %newer.connection_id,
-                "approved after a newer connection of the same ClientId; closing it with 4000"
-            );
-            handle.command(Command::Replaced);
-        }
+    // Of two connections of one ClientId, the one whose handshake began first is closed as
+    // replaced: the one already there, or this one when its approval came after a newer
+    // connection had opened (it opens only to be closed, as if it had opened first).
+    let replaced = match shared.registry.insert(Arc::clone(&handle)) {
+        Insertion::First => None,
+        Insertion::Replaced(older) => Some((older, Arc::clone(&handle))),
+        Insertion::Superseded(newer) => Some((Arc::clone(&handle), newer)),
+    };
+    if let Some((older, newer)) = replaced {
+        tracing::debug!(
+            client_id = %handle.client_id,
+            older = %older.connection_id,
+            newer = %newer.connection_id,
+            "same ClientId connected again; closing the older connection with 4000"
+        );
+        older.command(Command::Replaced);
     }
     if shared.is_draining() {
         handle.command(Command::Shutdown);
