@@ -198,20 +198,28 @@ struct Args {
     version: bool,
 }
 
-/// A secret given by its flag, or else by the environment variable `name` (unset or empty:
-/// none); the variable keeps it out of the process list. With it, the name to give in an
-/// error about its value: the flag's, or the variable's.
-fn flag_or_env<'a>(
+/// A token given by its flag, or else by the environment variable `name` (unset or empty:
+/// none); the variable keeps it out of the process list. One that cannot travel in a header
+/// is refused, naming where it came from: the flag, or the variable.
+fn token_from(
     flag: &Option<String>,
-    flag_name: &'a str,
-    name: &'a str,
-) -> Result<(Option<String>, &'a str), String> {
-    match (flag, std::env::var(name)) {
-        (Some(value), _) => Ok((Some(value.clone()), flag_name)),
-        (None, Ok(value)) => Ok(((!value.is_empty()).then_some(value), name)),
-        (None, Err(std::env::VarError::NotPresent)) => Ok((None, name)),
-        (None, Err(std::env::VarError::NotUnicode(_))) => Err(format!("{name} is not valid UTF-8")),
+    flag_name: &str,
+    name: &str,
+) -> Result<Option<String>, String> {
+    let (token, given_as) = match (flag, std::env::var(name)) {
+        (Some(value), _) => (Some(value.clone()), flag_name),
+        (None, Ok(value)) => ((!value.is_empty()).then_some(value), name),
+        (None, Err(std::env::VarError::NotPresent)) => (None, name),
+        (None, Err(std::env::VarError::NotUnicode(_))) => {
+            return Err(format!("{name} is not valid UTF-8"))
+        }
+    };
+    if token.as_deref().is_some_and(|t| !is_header_token(t)) {
+        return Err(format!(
+            "{given_as} must be non-empty visible ASCII, without spaces"
+        ));
     }
+    Ok(token)
 }
 
 /// Checks one `--allowed-origins` entry: an origin as browsers send it, `scheme://host[:port]`
@@ -268,22 +276,12 @@ fn config_from(args: &Args) -> Result<Config, String> {
         (None, None) => None,
         _ => return Err("--tls-cert and --tls-key go together".to_owned()),
     };
-    let (token, given_as) = flag_or_env(
+    let token = token_from(
         &args.control_token,
         "--control-token",
         "WS2HTTP_CONTROL_TOKEN",
     )?;
-    if token.as_deref().is_some_and(|t| !is_header_token(t)) {
-        return Err(format!(
-            "{given_as} must be non-empty visible ASCII, without spaces"
-        ));
-    }
-    let (api_token, given_as) = flag_or_env(&args.api_token, "--api-token", "WS2HTTP_API_TOKEN")?;
-    if api_token.as_deref().is_some_and(|t| !is_header_token(t)) {
-        return Err(format!(
-            "{given_as} must be non-empty visible ASCII, without spaces"
-        ));
-    }
+    let api_token = token_from(&args.api_token, "--api-token", "WS2HTTP_API_TOKEN")?;
     let origins: Vec<String> = args
         .allowed_origins
         .iter()
