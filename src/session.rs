@@ -856,9 +856,10 @@ where
     fn on_timer(&mut self) -> Option<Ending> {
         let now = Instant::now();
         let config = &self.shared.config;
-        if !self.listening {
-            // Not reading, so not hearing: --write-timeout and --upstream-timeout bound
-            // this state, and --ping-timeout counts again from when reading resumes.
+        if !self.listening || self.write_stalled_since.is_some() {
+            // Not reading, so not hearing; or our writes wait on the client, and our ping (or
+            // its pong) waits behind them: --write-timeout and --upstream-timeout bound this
+            // state, and --ping-timeout counts again from when it ends.
             self.last_received = now;
         }
         if let Some(since) = self.write_stalled_since {
@@ -1005,6 +1006,127 @@ mod tests {
             payload: Bytes::from(vec![b'x'; len]),
             binary: false,
         }
+    }
+
+    /// A transport under a test session: a client that reads nothing, so that reads bring
+    /// nothing and writes wait for ever; or, `peer_gone`, a TLS layer over a peer that has
+    /// gone: reads find the end, writes are taken into a buffer that no flush ever empties.
+    struct TestTransport {
+        peer_gone: bool,
+    }
+
+    impl AsyncRead for TestTransport {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            // Pending without a wake-up: the session's own timer polls it again.
+            if self.peer_gone {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    impl AsyncWrite for TestTransport {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if self.peer_gone {
+                Poll::Ready(Ok(buf.len()))
+            } else {
+                Poll::Pending
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            if self.peer_gone {
+                Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl WriteProgress for TestTransport {
+        fn bytes_written(&self) -> u64 {
+            0
+        }
+    }
+
+    /// A gateway's shared state (its API nowhere), and a registered connection's parts.
+    async fn test_connection(
+        config: crate::Config,
+    ) -> (
+        crate::Gateway,
+        Arc<SessionHandle>,
+        Arc<ConnectionContext>,
+        OwnedSemaphorePermit,
+    ) {
+        let config = crate::Config {
+            listen: ([127, 0, 0, 1], 0).into(),
+            control_listen: ([127, 0, 0, 1], 0).into(),
+            ..config
+        };
+        let gateway = crate::Gateway::bind(config).await.unwrap();
+        let shared = &gateway.shared;
+        let handle = Arc::new(handle());
+        let context = shared
+            .upstream
+            .context(
+                handle.connection_id,
+                handle.client_id.clone(),
+                &http::HeaderMap::new(),
+            )
+            .unwrap();
+        let permit = Arc::clone(&shared.connection_permits)
+            .try_acquire_owned()
+            .unwrap();
+        shared.registry.insert(Arc::clone(&handle));
+        (gateway, handle, Arc::new(context), permit)
+    }
+
+    fn closed_by(shared: &Shared, reason: CloseReason) -> String {
+        let text = shared
+            .metrics
+            .render(shared.upstream.load(), shared.departures.waiting());
+        let label = format!(
+            "connections_closed_by_reason{{reason=\"{}\"}} ",
+            reason.label()
+        );
+        let line = text.lines().find(|l| l.starts_with(&label)).unwrap();
+        line[label.len()..].to_owned()
+    }
+
+    #[tokio::test]
+    async fn silence_while_a_push_waits_to_be_written_is_no_ping_timeout() {
+        let config = crate::Config {
+            ping_interval: Some(Duration::from_millis(50)),
+            ping_timeout: Duration::from_millis(200),
+            write_timeout: Duration::from_millis(1500),
+            ..crate::Config::default()
+        };
+        let (gateway, handle, context, permit) = test_connection(config).await;
+        let shared = Arc::clone(&gateway.shared);
+        // Small enough for the library to take at once (under its flush threshold), so the
+        // socket still takes writes while the flush waits on a client that reads nothing.
+        assert_eq!(handle.push(message(100), 10, 1 << 20, &ACCEPTED), Ok(()));
+        let socket =
+            tokio_websockets::ServerBuilder::new().serve(TestTransport { peer_gone: false });
+        let session = run(socket, handle, context, Arc::clone(&shared), permit);
+        tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("the session ends on its write timeout");
+        assert_eq!(closed_by(&shared, CloseReason::PingTimeout), "0");
+        assert_eq!(closed_by(&shared, CloseReason::SlowConsumer), "1");
     }
 
     #[test]
