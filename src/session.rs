@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::stream::FuturesOrdered;
 use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 use tokio_websockets::proto::ProtocolError;
@@ -494,7 +494,10 @@ where
                     Some(Ok(_)) => {}
                     Some(Err(_)) => break,
                     None => {
-                        written_by_reading = true;
+                        // The library's queue is out; a transport that buffers too (TLS)
+                        // must flush it before it counts.
+                        written_by_reading =
+                            socket.is_write_queue_empty() && socket.get_mut().flush().await.is_ok();
                         break;
                     }
                 }
@@ -506,7 +509,7 @@ where
             CLOSE_HANDSHAKE_TIMEOUT
         };
         let _ = tokio::time::timeout(limit, handshake).await;
-        flushed = flushed || (written_by_reading && socket.is_write_queue_empty());
+        flushed = flushed || written_by_reading;
     } else {
         // Flush a close acknowledgement the library may have queued.
         let done = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.flush()).await;
@@ -1127,6 +1130,17 @@ mod tests {
             .expect("the session ends on its write timeout");
         assert_eq!(closed_by(&shared, CloseReason::PingTimeout), "0");
         assert_eq!(closed_by(&shared, CloseReason::SlowConsumer), "1");
+    }
+
+    #[tokio::test]
+    async fn a_close_whose_flush_fails_counts_its_pushes_undelivered() {
+        let ending = Ending::ours(CloseReason::Control, 4001, "bye");
+        let socket =
+            tokio_websockets::ServerBuilder::new().serve(TestTransport { peer_gone: true });
+        let queued = VecDeque::from([message(10), message(20)]);
+        let closed = close_socket(socket, &ending, vec![(Bytes::from("r"), false)], queued).await;
+        assert!(!closed.flushed, "nothing was flushed");
+        assert_eq!((closed.pushes, closed.replies), (0, 0));
     }
 
     #[test]
