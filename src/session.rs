@@ -207,10 +207,10 @@ impl SessionHandle {
         if take_message {
             if let Some(message) = mailbox.queue.pop_front() {
                 mailbox.queued_bytes -= message.payload.len();
-                return MailboxEvent::Message(message);
+                return MailboxEvent::Message(message, mailbox.queue.len());
             }
         }
-        MailboxEvent::Empty
+        MailboxEvent::Empty(mailbox.queue.len())
     }
 
     /// Takes no more pushes or commands: the client has sent its close frame, and the socket
@@ -231,8 +231,26 @@ impl SessionHandle {
 
 enum MailboxEvent {
     Command(Command),
-    Message(Outbound),
-    Empty,
+    /// A push, and how many more wait behind it.
+    Message(Outbound, usize),
+    /// No push taken; how many wait.
+    Empty(usize),
+}
+
+/// An API answer that came in while the socket took no writes, or while pushes waited: it
+/// goes out once the pushes queued before it have gone out, ahead of any later push.
+struct Answered {
+    answer: Result<ApiAnswer, UpstreamError>,
+    /// The session's `pushes_taken` once those pushes are out.
+    after_pushes: u32,
+}
+
+impl Answered {
+    /// Whether the pushes queued before it are out, `pushes_taken` having been taken. (The
+    /// counts wrap; the ones compared are never 2^31 apart, as no mailbox holds that many.)
+    fn is_due(&self, pushes_taken: u32) -> bool {
+        pushes_taken.wrapping_sub(self.after_pushes) < 1 << 31
+    }
 }
 
 type AnswerFuture = Pin<Box<dyn Future<Output = Result<ApiAnswer, UpstreamError>> + Send>>;
@@ -324,6 +342,7 @@ where
         socket,
         in_flight: FuturesOrdered::new(),
         answered: VecDeque::new(),
+        pushes_taken: 0,
         handle,
         context,
         timer: Box::pin(tokio::time::sleep_until(now)),
@@ -563,9 +582,12 @@ struct Session<S> {
     socket: WebSocketStream<S>,
     /// The API requests of this connection's messages, answered in the order they were sent.
     in_flight: FuturesOrdered<AnswerFuture>,
-    /// Answers taken from `in_flight` while the socket took no writes, waiting for it in order:
-    /// a request never waits on the client, so its API slot and connection go back at once.
-    answered: VecDeque<Result<ApiAnswer, UpstreamError>>,
+    /// Answers taken from `in_flight` while the socket took no writes (or pushes queued before
+    /// them waited), waiting for it in order: a request never waits on the client, so its API
+    /// slot and connection go back at once.
+    answered: VecDeque<Answered>,
+    /// Pushes taken from the mailbox so far (wrapping).
+    pushes_taken: u32,
     handle: Arc<SessionHandle>,
     context: Arc<ConnectionContext>,
     shared: Arc<Shared>,
@@ -634,22 +656,54 @@ where
         // Once the client's close frame is in, pushes stay queued: the socket takes no more
         // data, and finish() counts them undelivered.
         let take_push = writable && self.peer_close.is_none();
-        match self.handle.poll_mailbox(cx, take_push) {
-            MailboxEvent::Command(command) => return Poll::Ready(Event::Command(command)),
-            MailboxEvent::Message(message) => return Poll::Ready(Event::Push(message)),
-            MailboxEvent::Empty => {}
+        // Answers and pushes go out in the order they came in: an answer goes behind the
+        // pushes queued when it came, ahead of later ones (which cannot hold it back).
+        let mut ready = None;
+        if writable && self.answered.is_empty() {
+            if let Poll::Ready(Some(answer)) = self.in_flight.poll_next_unpin(cx) {
+                ready = Some(answer);
+            }
+        }
+        let answer_due = ready.is_none()
+            && writable
+            && (self.answered.front()).is_some_and(|a| a.is_due(self.pushes_taken));
+        let queued = match self.handle.poll_mailbox(cx, take_push && !answer_due) {
+            MailboxEvent::Command(command) => {
+                if let Some(answer) = ready {
+                    self.answered.push_back(Answered {
+                        answer,
+                        after_pushes: self.pushes_taken,
+                    });
+                }
+                return Poll::Ready(Event::Command(command));
+            }
+            MailboxEvent::Message(message, behind) => {
+                self.pushes_taken = self.pushes_taken.wrapping_add(1);
+                if let Some(answer) = ready {
+                    self.answered.push_back(Answered {
+                        answer,
+                        after_pushes: self.pushes_taken.wrapping_add(behind as u32),
+                    });
+                }
+                return Poll::Ready(Event::Push(message));
+            }
+            MailboxEvent::Empty(queued) => queued,
+        };
+        if let Some(answer) = ready {
+            return Poll::Ready(Event::Answer(answer));
         }
         if writable {
-            if let Some(answer) = self.answered.pop_front() {
-                return Poll::Ready(Event::Answer(answer));
+            if let Some(answered) = self.answered.pop_front() {
+                return Poll::Ready(Event::Answer(answered.answer));
             }
-        }
-        // Polled whether or not the socket takes writes; `answered` is empty when it does.
-        while let Poll::Ready(Some(answer)) = self.in_flight.poll_next_unpin(cx) {
-            if writable {
-                return Poll::Ready(Event::Answer(answer));
+        } else {
+            // (While the socket takes writes, `in_flight` was polled above.)
+            while let Poll::Ready(Some(answer)) = self.in_flight.poll_next_unpin(cx) {
+                self.answered.push_back(Answered {
+                    answer,
+                    after_pushes: self.pushes_taken.wrapping_add(queued as u32),
+                });
             }
-            self.answered.push_back(answer);
         }
         let mut write_pending = !writable;
         if writable && self.unflushed {
@@ -948,7 +1002,7 @@ where
         let replies: Vec<(Bytes, bool)> = answered
             .into_iter()
             .take_while(|_| ending.why != CloseReason::UpstreamFailure)
-            .map_while(Result::ok)
+            .map_while(|answered| answered.answer.ok())
             .filter_map(reply)
             .collect();
         shared
@@ -1107,6 +1161,20 @@ mod tests {
         );
         let line = text.lines().find(|l| l.starts_with(&label)).unwrap();
         line[label.len()..].to_owned()
+    }
+
+    #[test]
+    fn an_answer_is_due_once_the_pushes_before_it_are_taken_also_when_the_count_wraps() {
+        for taken_then in [0, 7, u32::MAX - 1] {
+            let answered = Answered {
+                answer: Err(UpstreamError::Overloaded),
+                after_pushes: taken_then.wrapping_add(2),
+            };
+            assert!(!answered.is_due(taken_then));
+            assert!(!answered.is_due(taken_then.wrapping_add(1)));
+            assert!(answered.is_due(taken_then.wrapping_add(2)));
+            assert!(answered.is_due(taken_then.wrapping_add(1000)));
+        }
     }
 
     #[tokio::test]

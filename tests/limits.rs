@@ -326,6 +326,46 @@ async fn an_api_answer_that_comes_while_the_socket_is_backed_up_frees_its_api_sl
 }
 
 #[tokio::test]
+async fn a_push_that_comes_after_a_reply_waiting_on_a_backed_up_socket_goes_out_after_it() {
+    let api = MockApi::with_slow_posts("reply", Duration::from_millis(1500)).await;
+    let mut config = test_config(&api);
+    config.upstream_timeout = Duration::from_secs(3);
+    config.write_timeout = Duration::from_secs(20);
+    let gateway = TestGateway::start(config).await;
+    let mut raw = RawWs::connect_with_recv_buffer(gateway.public, "/in-turn", Some(4096)).await;
+    raw.send_frame(true, TEXT, b"m1").await;
+    api.wait_for("POST", 1).await;
+    let posted = Instant::now();
+    let pushed = push_until_stalled(&gateway, "/in-turn").await;
+    assert!(
+        posted.elapsed() < Duration::from_millis(1300),
+        "backed up only after {:?}, too late to test anything",
+        posted.elapsed()
+    );
+    // The reply is in (and waits on the socket) before these pushes come.
+    tokio::time::sleep_until(posted + Duration::from_millis(2000)).await;
+    assert_eq!(gateway.metrics().await["upstream_requests_in_flight"], 0.0);
+    for late in ["late 1", "late 2"] {
+        let response = gateway.control("POST", "/in-turn", late.as_bytes()).await;
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+
+    raw.send_frame(true, common::raw_ws::CLOSE, &1000u16.to_be_bytes())
+        .await;
+    let (messages, _) = raw.messages_until_close(Duration::from_secs(5)).await;
+    let tail: Vec<String> = messages[pushed..]
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect();
+    assert_eq!(
+        tail,
+        ["reply", "late 1", "late 2"],
+        "after the {pushed} pushes queued before the reply"
+    );
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
 async fn a_client_that_floods_pings_without_reading_is_not_read_further() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
