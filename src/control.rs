@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::handshake::{text_response, RESERVED_NAMES};
+use crate::handshake::{health, text_response, RESERVED_NAMES};
 use crate::identity::ClientId;
 use crate::session::{Command, Outbound, PushError, SessionHandle};
 use crate::Shared;
@@ -31,7 +31,7 @@ pub(crate) async fn handle(
         if !matches!(*request.method(), Method::GET | Method::HEAD) {
             return Ok(method_not_allowed("GET, HEAD"));
         }
-        return Ok(text_response(StatusCode::OK, "ok\n"));
+        return Ok(health(&shared));
     }
     if !authorized(&request, shared.config.control_token.as_deref()) {
         let mut response =

@@ -57,6 +57,22 @@ pub(crate) fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Respo
     response
 }
 
+/// `/healthz` on either listener: `200 ok`, or `404 draining` once a graceful shutdown has
+/// begun, so that a balancer stops sending new clients while the sockets drain (HAProxy's
+/// `http-check disable-on-404` takes a node answering `404` out of balancing; `503` is
+/// already the control listener's answer when all its connections are taken: busy, not
+/// going away).
+pub(crate) fn health(shared: &Shared) -> Response<Full<Bytes>> {
+    if shared.is_draining() {
+        text_response(
+            StatusCode::NOT_FOUND,
+            "draining: the gateway is shutting down\n",
+        )
+    } else {
+        text_response(StatusCode::OK, "ok\n")
+    }
+}
+
 /// The connection facts the public listener hands to each request.
 #[derive(Clone)]
 pub(crate) struct Peer {
@@ -147,7 +163,7 @@ async fn route(
         .with_header(http::header::ALLOW, HeaderValue::from_static("GET")));
     }
     if path == "/healthz" {
-        return Ok(text_response(StatusCode::OK, "ok\n"));
+        return Ok(health(shared));
     }
     let headers = request.headers();
     if !header_has_token(headers, UPGRADE, "websocket")

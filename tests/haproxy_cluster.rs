@@ -11,7 +11,8 @@ mod cluster;
 use std::process::Command;
 
 use cluster::{
-    run_busy_node_scenario, run_failover_scenario, run_spelling_scenario, Failure, ProxyKind,
+    run_busy_node_scenario, run_draining_node_scenario, run_failover_scenario,
+    run_spelling_scenario, Failure, ProxyKind,
 };
 
 #[test]
@@ -58,4 +59,12 @@ async fn haproxy_sends_a_push_to_its_socket_whichever_way_the_client_id_is_encod
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_keeps_a_node_whose_handshake_slots_are_all_taken_up() {
     run_busy_node_scenario().await;
+}
+
+/// A node that drains (SIGTERM with a message still at the API) answers its health check
+/// `404`; HAProxy's `http-check disable-on-404` takes it out of balancing, so a client whose
+/// ClientId hashed to it opens on another node while it finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_sends_new_clients_elsewhere_while_a_node_drains() {
+    run_draining_node_scenario().await;
 }

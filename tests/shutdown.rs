@@ -110,6 +110,29 @@ async fn shutdown_lets_an_in_flight_post_finish_and_delivers_its_reply_before_th
 }
 
 #[tokio::test]
+async fn the_health_check_answers_404_while_the_gateway_drains() {
+    let api = MockApi::with_slow_posts("done", Duration::from_millis(1500)).await;
+    let mut gateway = TestGateway::start(test_config(&api)).await;
+    let before = gateway.control("GET", "/healthz", b"").await;
+    assert_eq!((before.status, before.text()), (200, "ok\n".to_owned()));
+    let mut busy = gateway.connect("/busy").await;
+    busy.send(Message::text("work")).await.unwrap();
+    api.wait_for("POST", 1).await;
+    let control = gateway.control;
+    let shutdown = tokio::spawn(async move { gateway.shutdown().await });
+    // While the drain waits for the POST, a balancer's check sees the node going away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for method in ["GET", "HEAD"] {
+        let during = raw_http(control, method, "/healthz", &[], b"").await;
+        assert_eq!(during.status, 404, "{method}: {}", during.text());
+    }
+    let during = raw_http(control, "GET", "/healthz", &[], b"").await;
+    assert_eq!(during.text(), "draining: the gateway is shutting down\n");
+    assert!(shutdown.await.unwrap().completed);
+    assert_eq!(next_text(&mut busy).await, "done");
+}
+
+#[tokio::test]
 async fn shutdown_refuses_new_websockets_at_once() {
     let api = MockApi::with_slow_posts("done", Duration::from_millis(1000)).await;
     let mut gateway = TestGateway::start(test_config(&api)).await;
