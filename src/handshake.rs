@@ -574,6 +574,9 @@ fn api_failure(
             "the API did not answer in time\n",
         ),
         UpstreamError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "the API is overloaded\n"),
+        UpstreamError::ResponseTooLarge(_) => {
+            (StatusCode::BAD_GATEWAY, "the API's answer was too large\n")
+        }
         _ => (StatusCode::BAD_GATEWAY, "the API could not be reached\n"),
     };
     tracing::warn!(%client_id, %connection_id, %error, "connect request failed; client told {status}");

@@ -35,6 +35,18 @@ pub static X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-i
 pub static X_CLOSE_CODE: HeaderName = HeaderName::from_static("x-close-code");
 /// Header carrying `--api-token` on every API request.
 pub static X_WS2HTTP_TOKEN: HeaderName = HeaderName::from_static("x-ws2http-token");
+/// Body bytes read of the API's answer to a connect GET or a DELETE, whatever
+/// `--max-message-size` is: neither is a message (a connect's refusal page goes to the
+/// client as its body; a DELETE's is dropped), and `ok` must fit under any setting.
+pub const NOTICE_ANSWER_LIMIT: usize = 64 * 1024;
+
+/// How long a request may take, and how large its answer's body may be.
+#[derive(Clone, Copy)]
+struct Limits {
+    time: Duration,
+    body: usize,
+}
+
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-stream");
 
@@ -50,7 +62,7 @@ pub enum UpstreamError {
     /// No API connection came free: too many requests were already waiting for one, or this
     /// one waited past `--upstream-max-wait`.
     Overloaded,
-    /// The answer's body was larger than `--max-message-size`.
+    /// The answer's body was larger than the bytes given (`--max-message-size` for a reply).
     ResponseTooLarge(usize),
 }
 
@@ -274,8 +286,11 @@ impl Upstream {
         self.add_connection_headers(context, request.headers_mut());
         // The handshake waits --upstream-timeout for the answer; one that comes later is
         // still wanted (see handshake.rs, `PendingApproval`), for as long again.
-        self.send_within(request, self.timeout.saturating_mul(2), Some(sent))
-            .await
+        let limits = Limits {
+            time: self.timeout.saturating_mul(2),
+            body: self.max_body.max(NOTICE_ANSWER_LIMIT),
+        };
+        self.send_within(request, limits, Some(sent)).await
     }
 
     /// `POST {api}<ClientId>` with one message as the body.
@@ -306,7 +321,11 @@ impl Upstream {
                 .headers_mut()
                 .insert(X_CLOSE_CODE.clone(), HeaderValue::from(code));
         }
-        self.send(request).await
+        let limits = Limits {
+            time: self.timeout,
+            body: self.max_body.max(NOTICE_ANSWER_LIMIT),
+        };
+        self.send_within(request, limits, None).await
     }
 
     fn request(
@@ -341,23 +360,29 @@ impl Upstream {
         }
     }
 
-    /// Sends `request` and reads its answer within `--upstream-timeout`. (Not an `async fn`: a
-    /// layer of its own would add to every request's future.)
+    /// Sends a message's `request` and reads its answer (a reply, at most
+    /// `--max-message-size`) within `--upstream-timeout`. (Not an `async fn`: a layer of its
+    /// own would add to every request's future.)
     fn send(
         &self,
         request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<ApiAnswer, UpstreamError>> + Send + '_ {
-        self.send_within(request, self.timeout, None)
+        let limits = Limits {
+            time: self.timeout,
+            body: self.max_body,
+        };
+        self.send_within(request, limits, None)
     }
 
-    /// Sends `request` and reads its answer within `limit`; `watcher`, if given, tells
+    /// Sends `request` and reads its answer within `limits`; `watcher`, if given, tells
     /// whether it went out (see [`Progress`]).
     async fn send_within(
         &self,
         request: Request<Full<Bytes>>,
-        limit: Duration,
+        limits: Limits,
         watcher: Option<&AtomicBool>,
     ) -> Result<ApiAnswer, UpstreamError> {
+        let limit = limits.time;
         let started = Instant::now();
         self.metrics
             .requests_started
@@ -369,7 +394,7 @@ impl Upstream {
         // Kept here rather than in the exchange, so that the slot learns when its request went
         // out (for the API's pace) from the stage, also when the deadline drops the exchange.
         let mut slot = None;
-        let exchange = self.exchange(request, &mut progress, &mut slot);
+        let exchange = self.exchange(request, limits.body, &mut progress, &mut slot);
         let result = match tokio::time::timeout(limit, exchange).await {
             Ok(result) => result,
             Err(_) => Err(progress.stage.timed_out(limit)),
@@ -393,11 +418,12 @@ impl Upstream {
     async fn exchange<'a>(
         &'a self,
         request: Request<Full<Bytes>>,
+        max_body: usize,
         progress: &mut Progress<'_>,
         slot: &mut Option<Slot<'a>>,
     ) -> Result<ApiAnswer, UpstreamError> {
         let held = slot.insert(self.permit(RequestKind::of(request.method())).await?);
-        let answer = self.pool.exchange(request, self.max_body, progress).await?;
+        let answer = self.pool.exchange(request, max_body, progress).await?;
         if !answer.parts.status.is_server_error() {
             held.answered();
         }

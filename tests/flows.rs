@@ -51,6 +51,42 @@ async fn api_ko_refuses_the_handshake_with_403_and_its_body() {
 }
 
 #[tokio::test]
+async fn the_api_s_connect_and_delete_answers_are_not_held_to_max_message_size() {
+    let api = MockApi::with_script(|s| match (s.method.as_str(), s.uri.as_str()) {
+        ("GET", "/login-page") => Reply::status(401, vec![b'p'; 4000]),
+        ("GET", "/huge-page") => Reply::status(401, vec![b'p'; 65 * 1024]),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    // Smaller than `ok` itself.
+    config.max_message_size = 1;
+    let gateway = TestGateway::start(config).await;
+    let ws = gateway.connect("/alice").await;
+    drop(ws);
+    api.wait_for("DELETE", 1).await;
+    // A refusal page larger than any message keeps the API's status and body.
+    let refused = raw_exchange(gateway.public, &upgrade_request("/login-page", &[])).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.body.len(), 4000);
+    // One over 64 KiB is not read: the client is told why.
+    let huge = raw_exchange(gateway.public, &upgrade_request("/huge-page", &[])).await;
+    assert_eq!(
+        (huge.status, huge.text()),
+        (502, "the API's answer was too large\n".to_owned())
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["disconnects_failed"], 0.0,
+        "the DELETE's `ok` was read"
+    );
+    assert_eq!(
+        metrics["requests_failed"], 2.0,
+        "the two refusals, nothing else"
+    );
+}
+
+#[tokio::test]
 async fn api_503_on_connect_gives_the_client_502() {
     let api = MockApi::with_script(|_| Reply::status(503, "down")).await;
     let gateway = TestGateway::start(test_config(&api)).await;
