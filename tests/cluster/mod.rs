@@ -450,6 +450,14 @@ pub fn start_nginx(nodes: &[GatewayNode], dir: &Path) -> ProxyProcess {
         replacements.push((format!("127.0.0.1:719{n};"), format!("{forwarder};")));
     }
     let conf = rewrite(&shipped, &replacements);
+    // Private to its owner, as a checkout under /root is: started as root, nginx's workers
+    // run as `nobody` and cannot reach anything in it (a request body spooled to
+    // client_body_temp would fail).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).expect("chmod scratch dir");
+    }
     let prefix = dir.join("nginx");
     fs::create_dir_all(&prefix).expect("create nginx prefix");
     fs::write(prefix.join("nginx.conf"), conf).expect("write nginx.conf");
@@ -761,6 +769,19 @@ pub async fn run_spelling_scenario(kind: ProxyKind) {
             .unwrap_or_else(|_| panic!("{raw} got no push; {logs}"));
         let got = got.expect("open").expect("no error");
         assert_eq!(got.as_text(), Some("push:hello"), "{raw}; {logs}");
+        // A push far larger than a proxy's default body buffer (8 or 16 KiB).
+        let large = "L".repeat(256 * 1024);
+        let (status, body) = http_call(&http, Method::POST, &push, &large).await;
+        assert_eq!(status, StatusCode::OK, "a 256-KiB push: {body}; {logs}");
+        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{raw} got no large push; {logs}"));
+        let got = got.expect("open").expect("no error");
+        assert_eq!(
+            got.as_text().map(str::len),
+            Some(large.len()),
+            "{raw}; {logs}"
+        );
     }
     drop(proxy);
     drop(nodes);
