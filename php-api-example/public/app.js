@@ -7,13 +7,27 @@
 //    other members through the gateway's control API, and replies to us.
 //
 // The websocket base URL is ?ws=ws://host:port/ on this page's URL, or else
-// ws://<this page's host name>:7001/ (wss:// when the page is https).
+// ws://<this page's host name>:7001/ (wss:// when the page is https). A ?ws= naming
+// another host than this page's is ignored: the login token goes to that URL, and a
+// link could otherwise send it anywhere.
 'use strict';
 
 (function () {
   const params = new URLSearchParams(location.search);
+  function onThisHost(url) {
+    try {
+      const parsed = new URL(url);
+      return (parsed.protocol === 'ws:' || parsed.protocol === 'wss:') && parsed.hostname === location.hostname;
+    } catch (e) {
+      return false;
+    }
+  }
   const wsBase = (function () {
     let base = params.get('ws');
+    if (base && !onThisHost(base)) {
+      console.warn('ignoring ?ws=' + base + ': not a ws:// or wss:// URL on ' + location.hostname);
+      base = null;
+    }
     if (!base) {
       const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
       const host = location.hostname.includes(':') ? '[' + location.hostname + ']' : location.hostname;

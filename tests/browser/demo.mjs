@@ -100,6 +100,25 @@ try {
   const echoed = await alice.$$eval('#messages li.msg.other', (lis) => lis.filter((li) => li.dataset.from === 'Alice').length);
   if (echoed !== 0) problems.push(`Alice saw her own message as another's ${echoed} time(s)`);
 
+  // A ?ws= naming another host is ignored: the login token would go there.
+  const tricked = new URL(pageUrl);
+  const elsewhere = tricked.searchParams.get('ws').replace('127.0.0.1', 'localhost');
+  tricked.searchParams.set('ws', elsewhere);
+  const mallory = await context.newPage();
+  const opened = [];
+  mallory.on('websocket', (ws) => opened.push(ws.url()));
+  await mallory.goto(tricked.toString());
+  await mallory.fill('#name', 'Mallory');
+  await mallory.click('#join');
+  await mallory.waitForTimeout(1500);
+  const shown = await mallory.textContent('#ws-url');
+  if (shown.startsWith(elsewhere.replace(/\/$/, ''))) problems.push(`the page took ?ws=${elsewhere}`);
+  const leaked = opened.filter((url) => url.startsWith(elsewhere.replace(/\/$/, '')));
+  if (leaked.length) problems.push(`a websocket (with the token) went to another host: ${leaked.join(', ')}`);
+  if (!opened.length) problems.push('the page with a foreign ?ws= opened no websocket at all');
+  log(`with a foreign ?ws=, websockets opened to: ${opened.join(', ')}`);
+  await mallory.close();
+
   await bob.screenshot({ path: shotPath });
   await alice.screenshot({ path: shotPath.replace(/\.png$/, '-alice.png') });
   log(`screenshots: ${shotPath}`);
