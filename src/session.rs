@@ -246,11 +246,46 @@ struct Answered {
 }
 
 impl Answered {
-    /// Whether the pushes queued before it are out, `pushes_taken` having been taken. (The
-    /// counts wrap; the ones compared are never 2^31 apart, as no mailbox holds that many.)
+    /// Whether the pushes queued before it are out, `pushes_taken` having been taken.
     fn is_due(&self, pushes_taken: u32) -> bool {
-        pushes_taken.wrapping_sub(self.after_pushes) < 1 << 31
+        is_due(self.after_pushes, pushes_taken)
     }
+}
+
+/// Whether a reply to go out once `pushes_taken` reaches `after_pushes` may go now. (The
+/// counts wrap; the ones compared are never 2^31 apart, as no mailbox holds that many.)
+fn is_due(after_pushes: u32, pushes_taken: u32) -> bool {
+    pushes_taken.wrapping_sub(after_pushes) < 1 << 31
+}
+
+/// A data message a close sends ahead of its close frame.
+enum Outgoing {
+    Reply(Bytes, bool),
+    Push(Outbound),
+}
+
+/// The replies (each with the `after_pushes` of its [`Answered`]) and the `queued` pushes in
+/// the order they came, `pushes_taken` pushes having gone out already: each reply behind the
+/// pushes queued before it, ahead of later ones.
+fn in_arrival_order(
+    replies: Vec<(Bytes, bool, u32)>,
+    queued: VecDeque<Outbound>,
+    mut pushes_taken: u32,
+) -> Vec<Outgoing> {
+    let mut out = Vec::with_capacity(replies.len() + queued.len());
+    let mut queued = queued.into_iter();
+    for (payload, binary, after_pushes) in replies {
+        while !is_due(after_pushes, pushes_taken) {
+            let Some(push) = queued.next() else {
+                break;
+            };
+            out.push(Outgoing::Push(push));
+            pushes_taken = pushes_taken.wrapping_add(1);
+        }
+        out.push(Outgoing::Reply(payload, binary));
+    }
+    out.extend(queued.map(Outgoing::Push));
+    out
 }
 
 type AnswerFuture = Pin<Box<dyn Future<Output = Result<ApiAnswer, UpstreamError>> + Send>>;
@@ -468,14 +503,13 @@ struct Closed {
     flushed: bool,
 }
 
-/// Closes the websocket for `ending`: the `replies` and then the `queued` pushes go out before
-/// the close frame (a push and then a DELETE on the control API arrive in that order), unless
-/// the socket has stopped taking writes; all within the close's time limit.
+/// Closes the websocket for `ending`: the `outgoing` replies and pushes go out, in that
+/// order, before the close frame (a push and then a DELETE on the control API arrive in that
+/// order), unless the socket has stopped taking writes; all within the close's time limit.
 async fn close_socket<S>(
     mut socket: WebSocketStream<S>,
     ending: &Ending,
-    replies: Vec<(Bytes, bool)>,
-    mut queued: VecDeque<Outbound>,
+    outgoing: Vec<Outgoing>,
 ) -> Closed
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -487,21 +521,19 @@ where
         let close = Message::close(Some(code), reason);
         let deliver = ending.why != CloseReason::SlowConsumer;
         let handshake = async {
-            for (payload, binary) in replies.into_iter().filter(|_| deliver) {
+            for message in outgoing.into_iter().filter(|_| deliver) {
+                let (payload, binary, push) = match message {
+                    Outgoing::Reply(payload, binary) => (payload, binary, false),
+                    Outgoing::Push(push) => (push.payload, push.binary, true),
+                };
                 if socket.feed(data_message(payload, binary)).await.is_err() {
                     break;
                 }
-                replies_fed += 1;
-            }
-            while let Some(push) = if deliver { queued.pop_front() } else { None } {
-                if socket
-                    .feed(data_message(push.payload, push.binary))
-                    .await
-                    .is_err()
-                {
-                    break;
+                if push {
+                    pushes_fed += 1;
+                } else {
+                    replies_fed += 1;
                 }
-                pushes_fed += 1;
             }
             // Errors here mean the peer is gone already; the DELETE still goes out. What was
             // fed counts as sent once the close frame behind it is flushed.
@@ -670,9 +702,10 @@ where
         let queued = match self.handle.poll_mailbox(cx, take_push && !answer_due) {
             MailboxEvent::Command(command) => {
                 if let Some(answer) = ready {
+                    let queued = self.handle.queued() as u32;
                     self.answered.push_back(Answered {
                         answer,
-                        after_pushes: self.pushes_taken,
+                        after_pushes: self.pushes_taken.wrapping_add(queued),
                     });
                 }
                 return Poll::Ready(Event::Command(command));
@@ -993,17 +1026,21 @@ where
             shared,
             unflushed_messages,
             unflushed_pushes,
+            pushes_taken,
             ..
         } = self;
-        // Replies the API gave while the socket was backed up: they go out first, ahead of
-        // the queued pushes (the messages they answer came in before the close).
+        // Replies the API gave while the socket was backed up (or pushes waited): they go out
+        // among the queued pushes in the order they came, as they would have had the
+        // connection stayed (the messages they answer came in before the close).
         // After an API failure none go out: the failed message's reply is missing, and a
         // client matching replies by position would take the next one for it.
-        let replies: Vec<(Bytes, bool)> = answered
+        let replies: Vec<(Bytes, bool, u32)> = answered
             .into_iter()
             .take_while(|_| ending.why != CloseReason::UpstreamFailure)
-            .map_while(|answered| answered.answer.ok())
-            .filter_map(reply)
+            .map_while(|answered| Some((answered.answer.ok()?, answered.after_pushes)))
+            .filter_map(|(answer, after_pushes)| {
+                reply(answer).map(|(payload, binary)| (payload, binary, after_pushes))
+            })
             .collect();
         shared
             .registry
@@ -1018,7 +1055,8 @@ where
         // close handshake's time to answer.
         let why = ending.why;
         let closing = async {
-            let closed = close_socket(socket, &ending, replies, queued).await;
+            let outgoing = in_arrival_order(replies, queued, pushes_taken);
+            let closed = close_socket(socket, &ending, outgoing).await;
             // What was handed to the socket before is sent if the close flushed it.
             let (earlier_sent, earlier_pushes) = if closed.flushed {
                 (unflushed_messages as usize, unflushed_pushes as usize)
@@ -1062,6 +1100,36 @@ mod tests {
         Outbound {
             payload: Bytes::from(vec![b'x'; len]),
             binary: false,
+        }
+    }
+
+    #[test]
+    fn a_close_sends_each_reply_behind_the_pushes_queued_before_it() {
+        let names = |out: Vec<Outgoing>| -> Vec<String> {
+            out.into_iter()
+                .map(|o| match o {
+                    Outgoing::Reply(p, _) => format!("r{}", p.len()),
+                    Outgoing::Push(p) => format!("p{}", p.payload.len()),
+                })
+                .collect()
+        };
+        let reply = |len: usize, after: u32| (Bytes::from(vec![b'r'; len]), false, after);
+        let queued = || VecDeque::from([message(1), message(2), message(3)]);
+        for taken in [0, u32::MAX - 1] {
+            // Came after the first queued push, and after the second.
+            let replies = vec![
+                reply(1, taken.wrapping_add(1)),
+                reply(2, taken.wrapping_add(2)),
+            ];
+            assert_eq!(
+                names(in_arrival_order(replies, queued(), taken)),
+                ["p1", "r1", "p2", "r2", "p3"]
+            );
+            // Came before any of them.
+            assert_eq!(
+                names(in_arrival_order(vec![reply(1, taken)], queued(), taken)),
+                ["r1", "p1", "p2", "p3"]
+            );
         }
     }
 
@@ -1206,7 +1274,8 @@ mod tests {
         let socket =
             tokio_websockets::ServerBuilder::new().serve(TestTransport { peer_gone: true });
         let queued = VecDeque::from([message(10), message(20)]);
-        let closed = close_socket(socket, &ending, vec![(Bytes::from("r"), false)], queued).await;
+        let outgoing = in_arrival_order(vec![(Bytes::from("r"), false, 0)], queued, 0);
+        let closed = close_socket(socket, &ending, outgoing).await;
         assert!(!closed.flushed, "nothing was flushed");
         assert_eq!((closed.pushes, closed.replies), (0, 0));
     }

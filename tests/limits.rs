@@ -327,6 +327,19 @@ async fn an_api_answer_that_comes_while_the_socket_is_backed_up_frees_its_api_sl
 
 #[tokio::test]
 async fn a_push_that_comes_after_a_reply_waiting_on_a_backed_up_socket_goes_out_after_it() {
+    reply_and_pushes_in_turn(false).await;
+}
+
+#[tokio::test]
+async fn a_control_delete_sends_a_waiting_reply_and_the_pushes_in_the_order_they_came() {
+    reply_and_pushes_in_turn(true).await;
+}
+
+/// The API answers a message while the client's socket is backed up with pushes, then
+/// pushes twice more; the client reads again after closing itself (or, `api_closes`, after
+/// the API's DELETE closed it): the pushes from before the reply, the reply, the two later
+/// pushes.
+async fn reply_and_pushes_in_turn(api_closes: bool) {
     let api = MockApi::with_slow_posts("reply", Duration::from_millis(1500)).await;
     let mut config = test_config(&api);
     config.upstream_timeout = Duration::from_secs(3);
@@ -350,9 +363,17 @@ async fn a_push_that_comes_after_a_reply_waiting_on_a_backed_up_socket_goes_out_
         assert_eq!(response.status, 200, "{}", response.text());
     }
 
-    raw.send_frame(true, common::raw_ws::CLOSE, &1000u16.to_be_bytes())
-        .await;
-    let (messages, _) = raw.messages_until_close(Duration::from_secs(5)).await;
+    let expected_close = if api_closes {
+        let response = gateway.control("DELETE", "/in-turn?code=4001", b"").await;
+        assert_eq!(response.status, 200, "{}", response.text());
+        4001
+    } else {
+        raw.send_frame(true, common::raw_ws::CLOSE, &1000u16.to_be_bytes())
+            .await;
+        1000
+    };
+    let (messages, close) = raw.messages_until_close(Duration::from_secs(5)).await;
+    assert_eq!(close.and_then(|c| c.close_code()), Some(expected_close));
     let tail: Vec<String> = messages[pushed..]
         .iter()
         .map(|m| String::from_utf8_lossy(m).into_owned())
