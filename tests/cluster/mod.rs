@@ -305,18 +305,22 @@ async fn handle_api(
     };
     let method = req.method().clone();
     let body = req.into_body().collect().await?.to_bytes();
-    if method == Method::POST && body.starts_with(b"slow") {
-        tokio::time::sleep(SLOW_ANSWER).await;
+    if method == Method::POST {
+        // Recorded as it arrives, before a slow answer's wait.
+        log.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .messages
+            .push((node, id));
+        if body.starts_with(b"slow") {
+            tokio::time::sleep(SLOW_ANSWER).await;
+        }
+        return Ok(reply(StatusCode::OK, body));
     }
     let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
     Ok(match method {
         Method::GET => {
             log.connects.push((node, id, query));
             reply(StatusCode::OK, Bytes::from_static(b"ok"))
-        }
-        Method::POST => {
-            log.messages.push((node, id));
-            reply(StatusCode::OK, body)
         }
         Method::DELETE => {
             log.disconnects.push((node, id));
