@@ -1128,6 +1128,23 @@ pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
         "{kind:?}: all of them reconnected {:.1} s after the {failure:?}",
         failed_at.elapsed().as_secs_f64()
     );
+    // The proxy logged the websockets that ended, without the tokens in their query strings.
+    let access_log = match kind {
+        ProxyKind::Haproxy => dir.join("haproxy.log"),
+        ProxyKind::Nginx => dir.join("nginx").join("access.log"),
+    };
+    let logged = fs::read_to_string(&access_log).unwrap_or_default();
+    let victim = victims.iter().next().expect("a victim");
+    assert!(
+        logged.contains(&format!("/{victim}")),
+        "{victim}'s websocket is not in {}; {logs}",
+        access_log.display()
+    );
+    assert!(
+        !logged.contains("token=secret-"),
+        "a client's token is in {}; {logs}",
+        access_log.display()
+    );
 
     if let Some(stats) = proxy.stats {
         let st = haproxy_status(&http, stats).await;
