@@ -33,5 +33,6 @@ deps:
 
 test: deps
 	@$(CARGO) nextest --version >/dev/null 2>&1 || { \
-	  echo "cargo-nextest is missing: cargo install cargo-nextest --locked" >&2; exit 1; }
+	  echo "cargo-nextest is missing; installing it from crates.io (a few minutes)" >&2; \
+	  $(CARGO) install cargo-nextest --locked; }
 	$(CARGO) nextest run --workspace
