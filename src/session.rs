@@ -659,13 +659,26 @@ where
                     && self.answered.is_empty()
                     && self.handle.queued() == 0;
                 if done || Instant::now() >= deadline {
-                    return Ending::ours(CloseReason::Shutdown, 1001, "going away");
+                    let ending = Ending::ours(CloseReason::Shutdown, 1001, "going away");
+                    return self.closed_by_client_first(ending);
                 }
             }
             let event = poll_fn(|cx| self.poll_event(cx)).await;
             if let Some(ending) = self.handle_event(event) {
-                return ending;
+                return self.closed_by_client_first(ending);
             }
+        }
+    }
+
+    /// `ending`, unless the client's close frame came first: then the connection ends as
+    /// the client closed it, with its code and reason for the API, whatever else ended it
+    /// (the library's echo of that frame waiting on a socket that takes no writes, say, or
+    /// the shutdown's drain).
+    fn closed_by_client_first(&mut self, ending: Ending) -> Ending {
+        if self.peer_close.is_some() && ending.why != CloseReason::Client {
+            self.client_left()
+        } else {
+            ending
         }
     }
 
@@ -877,6 +890,12 @@ where
         } else if message.is_close() {
             self.peer_close = Some((None, String::new()));
             self.handle.refuse_more();
+        }
+        if self.peer_close.is_some() {
+            // The library has queued its echo of the close frame: flushed by the session like
+            // its own writes, so that a client that does not read it is held to
+            // --write-timeout, not kept until it hangs up.
+            self.unflushed = true;
         }
         None
     }
@@ -1134,20 +1153,27 @@ mod tests {
     }
 
     /// A transport under a test session: a client that reads nothing, so that reads bring
-    /// nothing and writes wait for ever; or, `peer_gone`, a TLS layer over a peer that has
-    /// gone: reads find the end, writes are taken into a buffer that no flush ever empties.
+    /// nothing (but the `incoming` bytes, once) and writes wait for ever; or, `peer_gone`, a
+    /// TLS layer over a peer that has gone: reads find the end, writes are taken into a
+    /// buffer that no flush ever empties.
     struct TestTransport {
         peer_gone: bool,
+        incoming: Vec<u8>,
     }
 
     impl AsyncRead for TestTransport {
         fn poll_read(
             self: Pin<&mut Self>,
             _cx: &mut Context<'_>,
-            _buf: &mut tokio::io::ReadBuf<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
         ) -> Poll<std::io::Result<()>> {
+            let this = self.get_mut();
+            if !this.incoming.is_empty() {
+                buf.put_slice(&std::mem::take(&mut this.incoming));
+                return Poll::Ready(Ok(()));
+            }
             // Pending without a wake-up: the session's own timer polls it again.
-            if self.peer_gone {
+            if this.peer_gone {
                 Poll::Ready(Ok(()))
             } else {
                 Poll::Pending
@@ -1258,8 +1284,10 @@ mod tests {
         // Small enough for the library to take at once (under its flush threshold), so the
         // socket still takes writes while the flush waits on a client that reads nothing.
         assert_eq!(handle.push(message(100), 10, 1 << 20, &ACCEPTED), Ok(()));
-        let socket =
-            tokio_websockets::ServerBuilder::new().serve(TestTransport { peer_gone: false });
+        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
+            peer_gone: false,
+            incoming: Vec::new(),
+        });
         let session = run(socket, handle, context, Arc::clone(&shared), permit);
         tokio::time::timeout(Duration::from_secs(5), session)
             .await
@@ -1269,10 +1297,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_closes_and_then_reads_nothing_ends_as_it_closed_not_as_a_slow_consumer()
+    {
+        let config = crate::Config {
+            ping_interval: None,
+            write_timeout: Duration::from_millis(300),
+            ..crate::Config::default()
+        };
+        let (gateway, handle, context, permit) = test_connection(config).await;
+        let shared = Arc::clone(&gateway.shared);
+        // Close 4321 `bye`, masked with a zero key; the library's echo of it is never written.
+        let close = vec![0x88, 0x85, 0, 0, 0, 0, 0x10, 0xE1, b'b', b'y', b'e'];
+        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
+            peer_gone: false,
+            incoming: close,
+        });
+        let session = run(socket, handle, context, Arc::clone(&shared), permit);
+        tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("the session ends");
+        assert_eq!(closed_by(&shared, CloseReason::SlowConsumer), "0");
+        assert_eq!(closed_by(&shared, CloseReason::Client), "1");
+    }
+
+    #[tokio::test]
     async fn a_close_whose_flush_fails_counts_its_pushes_undelivered() {
         let ending = Ending::ours(CloseReason::Control, 4001, "bye");
-        let socket =
-            tokio_websockets::ServerBuilder::new().serve(TestTransport { peer_gone: true });
+        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
+            peer_gone: true,
+            incoming: Vec::new(),
+        });
         let queued = VecDeque::from([message(10), message(20)]);
         let outgoing = in_arrival_order(vec![(Bytes::from("r"), false, 0)], queued, 0);
         let closed = close_socket(socket, &ending, outgoing).await;
