@@ -110,13 +110,16 @@ pub enum Verdict {
     OutOfOrder,
     /// The reply names a sequence number that is not in flight (duplicate or invented).
     Unexpected,
+    /// The reply answers a request already given up on and counted missing
+    /// ([`InFlight::give_up`]): neither a reply nor a second error.
+    Late,
 }
 
 impl Verdict {
     /// A short label used as the error kind in reports (`None` for [`Verdict::Ok`]).
     pub fn error_kind(self) -> Option<&'static str> {
         match self {
-            Verdict::Ok(_) => None,
+            Verdict::Ok(_) | Verdict::Late => None,
             Verdict::CrossTalk => Some("reply_crosstalk"),
             Verdict::OutOfOrder => Some("reply_out_of_order"),
             Verdict::Unexpected => Some("reply_unexpected"),
@@ -130,6 +133,10 @@ pub struct InFlight {
     conn: u64,
     next_seq: u64,
     queue: VecDeque<(u64, Instant)>,
+    /// Sequence numbers given up on end below this one ([`InFlight::give_up`]).
+    given_up_below: u64,
+    /// How many were given up on and not yet seen late.
+    given_up: usize,
 }
 
 impl InFlight {
@@ -139,7 +146,19 @@ impl InFlight {
             conn,
             next_seq: 0,
             queue: VecDeque::new(),
+            given_up_below: 0,
+            given_up: 0,
         }
+    }
+
+    /// Stops waiting for the requests in flight and returns how many there were: each is
+    /// counted missing once, and a reply to one of them that still comes is [`Verdict::Late`].
+    pub fn give_up(&mut self) -> usize {
+        let n = self.queue.len();
+        self.queue.clear();
+        self.given_up_below = self.next_seq;
+        self.given_up += n;
+        n
     }
 
     /// Registers a request sent at `at` and returns its sequence number.
@@ -183,6 +202,10 @@ impl InFlight {
                     self.queue.remove(i);
                     Verdict::OutOfOrder
                 }
+                None if seq < self.given_up_below && self.given_up > 0 => {
+                    self.given_up -= 1;
+                    Verdict::Late
+                }
                 None => Verdict::Unexpected,
             },
         }
@@ -192,6 +215,25 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_given_up_on_count_once_and_their_late_replies_are_neither_replies_nor_errors() {
+        let t0 = Instant::now();
+        let mut f = InFlight::new(3);
+        f.sent(t0);
+        f.sent(t0);
+        assert_eq!(f.give_up(), 2, "both counted missing, once");
+        assert_eq!(f.give_up(), 0, "and not again");
+        assert_eq!(f.check(3, 1, t0), Verdict::Late);
+        assert_eq!(f.check(3, 0, t0), Verdict::Late);
+        assert_eq!(
+            f.check(3, 0, t0),
+            Verdict::Unexpected,
+            "a third reply is a duplicate"
+        );
+        assert_eq!(f.check(3, 9, t0), Verdict::Unexpected, "never sent");
+        assert_eq!(Verdict::Late.error_kind(), None);
+    }
 
     #[test]
     fn request_payload_is_padded_and_parses_back() {

@@ -336,10 +336,8 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
             }
         }
         if phase >= CLOSE {
-            if !flight.is_empty() {
-                for _ in 0..flight.len() {
-                    sh.error("reply_missing");
-                }
+            for _ in 0..flight.give_up() {
+                sh.error("reply_missing");
             }
             marks.drain();
             let _ = SinkExt::close(&mut ws).await;
@@ -364,7 +362,8 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
                 }
             }
             _ = tokio::time::sleep_until(drain_deadline.unwrap_or(far)), if drain_deadline.is_some() && !marks.drained => {
-                for _ in 0..flight.len() {
+                // Counted missing once; a reply that still comes is late, not a reply.
+                for _ in 0..flight.give_up() {
                     sh.error("reply_missing");
                 }
                 marks.drain();
@@ -406,6 +405,7 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
                                 marks.drain();
                             }
                         }
+                        Verdict::Late => {}
                         v => sh.error(v.error_kind().unwrap_or("reply_unexpected")),
                     },
                     Reply::Unknown => {
