@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Prefix of a pushed message: `push:<ns since the epoch>`.
+/// Prefix of a pushed message: `push:<ns since the epoch>:<index of the client id it was for>`.
 pub const PUSH_PREFIX: &[u8] = b"push:";
 
 /// Builds a request payload for connection `conn`, sequence `seq`, padded with `x` to `size`
@@ -21,9 +21,9 @@ pub fn request_payload(conn: u64, seq: u64, size: usize) -> Vec<u8> {
     v
 }
 
-/// Builds a push body carrying the current wall-clock time.
-pub fn push_payload() -> String {
-    format!("push:{}", now_ns())
+/// Builds a push body for client id number `target`, carrying the current wall-clock time.
+pub fn push_payload(target: u64) -> String {
+    format!("push:{}:{target}", now_ns())
 }
 
 /// Nanoseconds since the Unix epoch (wall clock, shared by all processes of the machine).
@@ -48,6 +48,9 @@ pub enum Reply {
     Push {
         /// When `push` sent it.
         sent_ns: u128,
+        /// The index of the client id it was pushed to, when it says (`load` checks that it
+        /// came on that client's connection).
+        target: Option<u64>,
     },
     /// Anything else (for example an empty error reply).
     Unknown,
@@ -56,8 +59,17 @@ pub enum Reply {
 /// Parses a received payload into a [`Reply`].
 pub fn parse_reply(b: &[u8]) -> Reply {
     if let Some(rest) = b.strip_prefix(PUSH_PREFIX) {
-        return match parse_u128(rest) {
-            Some(sent_ns) => Reply::Push { sent_ns },
+        let (time, target) = match rest.iter().position(|&c| c == b':') {
+            Some(colon) => (&rest[..colon], Some(&rest[colon + 1..])),
+            None => (rest, None),
+        };
+        let target = match target.map(parse_u128) {
+            None => None,
+            Some(Some(t)) => Some(t as u64),
+            Some(None) => return Reply::Unknown,
+        };
+        return match parse_u128(time) {
+            Some(sent_ns) => Reply::Push { sent_ns, target },
             None => Reply::Unknown,
         };
     }
@@ -251,9 +263,25 @@ mod tests {
         assert_eq!(
             parse_reply(b"push:1700000000123456789"),
             Reply::Push {
-                sent_ns: 1_700_000_000_123_456_789
+                sent_ns: 1_700_000_000_123_456_789,
+                target: None
             }
         );
+        assert_eq!(
+            parse_reply(b"push:1700000000123456789:42"),
+            Reply::Push {
+                sent_ns: 1_700_000_000_123_456_789,
+                target: Some(42)
+            }
+        );
+        assert!(matches!(
+            parse_reply(push_payload(7).as_bytes()),
+            Reply::Push {
+                target: Some(7),
+                ..
+            }
+        ));
+        assert_eq!(parse_reply(b"push:1:x"), Reply::Unknown);
         assert_eq!(parse_reply(b""), Reply::Unknown);
         assert_eq!(parse_reply(b"push:abc"), Reply::Unknown);
         assert_eq!(parse_reply(b"c1;2:"), Reply::Unknown);

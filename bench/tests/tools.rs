@@ -22,8 +22,11 @@ enum Behaviour {
     WrongConnection,
     /// Hold a message and answer the next one first, then the held one.
     SwapPairs,
-    /// Send one `push:<ns>` message right after the handshake, echo nothing.
+    /// Send one push for the client id of the request's path right after the handshake,
+    /// echo nothing.
     PushOnce,
+    /// The same, but the push names the next client id: delivered to the wrong socket.
+    PushToTheWrongClient,
     /// Close every connection with 1001 right after the handshake.
     CloseAtOnce,
 }
@@ -36,9 +39,16 @@ async fn server(b: Behaviour) -> u16 {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
             tokio::spawn(async move {
-                let Ok((_req, mut ws)) = ServerBuilder::new().accept(s).await else {
+                let Ok((req, mut ws)) = ServerBuilder::new().accept(s).await else {
                     return;
                 };
+                // `load` opens /b<index> (its default --id-prefix).
+                let index: u64 = req
+                    .uri()
+                    .path()
+                    .trim_start_matches("/b")
+                    .parse()
+                    .unwrap_or(0);
                 if let Behaviour::CloseAtOnce = b {
                     let _ = ws
                         .send(Message::close(
@@ -49,9 +59,14 @@ async fn server(b: Behaviour) -> u16 {
                     while let Some(Ok(_)) = ws.next().await {}
                     return;
                 }
-                if let Behaviour::PushOnce = b {
+                let push_to = match b {
+                    Behaviour::PushOnce => Some(index),
+                    Behaviour::PushToTheWrongClient => Some(index + 1),
+                    _ => None,
+                };
+                if let Some(target) = push_to {
                     let _ = ws
-                        .send(Message::text(ws2http_bench::proto::push_payload()))
+                        .send(Message::text(ws2http_bench::proto::push_payload(target)))
                         .await;
                 }
                 let mut held: Option<Message> = None;
@@ -61,7 +76,9 @@ async fn server(b: Behaviour) -> u16 {
                     }
                     let reply = match b {
                         Behaviour::Echo => Some(m),
-                        Behaviour::PushOnce | Behaviour::CloseAtOnce => None,
+                        Behaviour::PushOnce
+                        | Behaviour::PushToTheWrongClient
+                        | Behaviour::CloseAtOnce => None,
                         Behaviour::WrongConnection => {
                             let text = String::from_utf8_lossy(m.as_payload()).to_string();
                             let (conn, rest) = text[1..].split_once(':').unwrap();
@@ -222,6 +239,18 @@ async fn idle_connections_time_pushed_messages() {
     assert_eq!(r["pushes"], 8, "{r}");
     assert_eq!(r["push_latency"]["count"], 8, "{r}");
     assert_eq!(r["errors_total"], 0, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_for_another_client_id_is_reported_as_misdelivered() {
+    let port = server(Behaviour::PushToTheWrongClient).await;
+    let r = run_load(
+        port,
+        &["--conns", "8", "--mode", "idle", "--duration", "0.5"],
+    )
+    .await;
+    assert_eq!(r["pushes"], 0, "none counted delivered: {r}");
+    assert_eq!(r["errors"]["push_misdelivered"], 8, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

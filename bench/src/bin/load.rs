@@ -389,7 +389,11 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
                 }
                 let now = Instant::now();
                 match proto::parse_reply(m.as_payload()) {
-                    Reply::Push { sent_ns } => {
+                    Reply::Push { target: Some(target), .. } if target != idx => {
+                        // Pushed to another client id: the gateway delivered it to the wrong socket.
+                        sh.error("push_misdelivered");
+                    }
+                    Reply::Push { sent_ns, .. } => {
                         let lat_ns = proto::now_ns().saturating_sub(sent_ns);
                         stats::record_us(&mut sh.push_latency.lock().unwrap(), (lat_ns / 1000) as u64);
                         sh.pushes.fetch_add(1, Relaxed);

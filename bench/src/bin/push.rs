@@ -254,7 +254,7 @@ async fn main() {
                         req = req.header("authorization", format!("Bearer {t}"));
                     }
                     let req = req
-                        .body(Full::new(Bytes::from(proto::push_payload())))
+                        .body(Full::new(Bytes::from(proto::push_payload(id))))
                         .expect("valid request");
                     s.send(req).await
                 })
