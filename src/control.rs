@@ -393,7 +393,16 @@ async fn heap_profile() -> Response<Full<Bytes>> {
             );
             response
         }
-        Err(error) => text_response(StatusCode::NOT_FOUND, format!("{error}\n")),
+        Err(error @ crate::profile::ProfileError::HeapUnavailable(_)) => {
+            text_response(StatusCode::NOT_FOUND, format!("{error}\n"))
+        }
+        Err(error @ crate::profile::ProfileError::HeapBusy) => {
+            come_back_later(format!("{error}\n"))
+        }
+        Err(error) => {
+            tracing::error!(%error, "heap profile failed; told 500");
+            text_response(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n"))
+        }
     }
 }
 

@@ -305,8 +305,10 @@ fn config_from(args: &Args) -> Result<Config, String> {
         }
         _ => {}
     }
-    if args.cpuprofile.is_some() && args.cpuprofile == args.memprofile {
-        return Err("--cpuprofile and --memprofile name the same file".to_owned());
+    if let (Some(cpu), Some(mem)) = (&args.cpuprofile, &args.memprofile) {
+        if resolved(cpu) == resolved(mem) {
+            return Err("--cpuprofile and --memprofile name the same file".to_owned());
+        }
     }
     if args.current_thread && args.worker_threads.is_some() {
         return Err("--current-thread and --worker-threads exclude each other".to_owned());
@@ -465,6 +467,20 @@ fn main() -> ExitCode {
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(code) => code,
+    }
+}
+
+/// `path` with its directory resolved (links, `.`, `..`), so that two spellings of one file
+/// compare equal; as given when the directory cannot be resolved (the start-up check of the
+/// profile paths then refuses it).
+fn resolved(path: &std::path::Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_owned(),
     }
 }
 

@@ -85,6 +85,8 @@ pub enum ProfileError {
     HeapUnavailable(&'static str),
     /// jemalloc refused a profiling request or its dump could not be converted.
     Heap(String),
+    /// A heap profile is being taken for another request already.
+    HeapBusy,
     /// A profile file could not be written.
     Write {
         /// The file.
@@ -100,6 +102,7 @@ impl fmt::Display for ProfileError {
             Self::Cpu(e) => write!(f, "CPU profiler: {e}"),
             Self::HeapUnavailable(why) => write!(f, "heap profiling unavailable: {why}"),
             Self::Heap(e) => write!(f, "heap profiler: {e}"),
+            Self::HeapBusy => f.write_str("a heap profile is being taken already"),
             Self::Write { path, source } => {
                 write!(f, "cannot write profile {}: {source}", path.display())
             }
@@ -112,7 +115,7 @@ impl std::error::Error for ProfileError {
         match self {
             Self::Cpu(e) => Some(e),
             Self::Write { source, .. } => Some(source),
-            Self::HeapUnavailable(_) | Self::Heap(_) => None,
+            Self::HeapUnavailable(_) | Self::Heap(_) | Self::HeapBusy => None,
         }
     }
 }
@@ -175,15 +178,18 @@ pub fn start(
 impl ProfileGuard {
     /// Writes the profiles (called once at graceful shutdown).
     ///
-    /// Both profiles are attempted even if one fails; the first error is returned.
+    /// Both profiles are attempted even if one fails; the first error is returned. Writes are
+    /// held back ([`writes_finished`]) from the start, building the reports included (which
+    /// can take seconds), so that a second signal meanwhile waits for them.
     pub fn finish(self) -> Result<(), ProfileError> {
+        let writing = writes_finished();
         let cpu_result = match self.cpu {
-            Some((guard, path)) => write_cpu_profile(&guard, &path),
+            Some((guard, path)) => write_cpu_profile(&guard, &path, &writing),
             None => Ok(()),
         };
         let heap_result = match self.heap {
             Some(path) => heap::dump_blocking()
-                .and_then(|profile| write_file(&path, &profile))
+                .and_then(|profile| write_file(&path, &profile, &writing))
                 .and(heap::deactivate()),
             None => Ok(()),
         };
@@ -225,6 +231,7 @@ fn cpu_blocklist(heap_profiling: bool) -> &'static [&'static str] {
 fn write_cpu_profile(
     guard: &pprof::ProfilerGuard<'static>,
     path: &Path,
+    writing: &Writing,
 ) -> Result<(), ProfileError> {
     let report = guard.report().build()?;
     let mut bytes = Vec::new();
@@ -240,13 +247,14 @@ fn write_cpu_profile(
             .encode(&mut bytes)
             .map_err(|e| ProfileError::Cpu(pprof::Error::IoError(std::io::Error::other(e))))?;
     }
-    write_file(path, &bytes)
+    write_file(path, &bytes, writing)
 }
 
-/// Where a profile for `path` is written before it is renamed into place.
+/// Where a profile for `path` is written before it is renamed into place: a name of this
+/// process's own, created new (never a file already there, a user's or a link).
 fn partial_path(path: &Path) -> PathBuf {
     let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
+    partial.push(format!(".{}.partial", std::process::id()));
     PathBuf::from(partial)
 }
 
@@ -255,6 +263,13 @@ fn partial_path(path: &Path) -> PathBuf {
 /// its own beside it (never opening one that exists: a FIFO, a symlink, a user's file) and
 /// removes it.
 pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
+    // A directory would take the probe beside it but never the profile itself.
+    if path.file_name().is_none() || path.is_dir() {
+        return Err(ProfileError::Write {
+            path: path.to_owned(),
+            source: std::io::ErrorKind::IsADirectory.into(),
+        });
+    }
     let mut probe = path.as_os_str().to_owned();
     probe.push(format!(".{}.check", std::process::id()));
     let probe = PathBuf::from(probe);
@@ -269,8 +284,11 @@ pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
         })
 }
 
-/// Held while a profile file is written and renamed into place.
+/// Held while profiles are built, written and renamed into place.
 static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Proof that [`WRITING`] is held.
+type Writing = std::sync::MutexGuard<'static, ()>;
 
 /// Waits until a profile file being written is in place, and holds back any other write for
 /// as long as the returned guard lives: for a process about to exit at once (a second
@@ -279,13 +297,17 @@ pub fn writes_finished() -> std::sync::MutexGuard<'static, ()> {
     WRITING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes `bytes` to `path` at once: into `<path>.partial` beside it, then renamed, so that
-/// a process stopped mid-write (by SIGKILL) leaves the file as it was, not cut short. The
-/// error names the file.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ProfileError> {
+/// Writes `bytes` to `path` at once: into a new partial file beside it ([`partial_path`]),
+/// then renamed, so that a process stopped mid-write (by SIGKILL) leaves the file as it was,
+/// not cut short. The error names the file.
+fn write_file(path: &Path, bytes: &[u8], _writing: &Writing) -> Result<(), ProfileError> {
+    use std::io::Write as _;
     let partial = partial_path(path);
-    let _writing = writes_finished();
-    std::fs::write(&partial, bytes)
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .and_then(|mut file| file.write_all(bytes))
         .and_then(|()| std::fs::rename(&partial, path))
         .map_err(|source| {
             let _ = std::fs::remove_file(&partial);
@@ -373,7 +395,9 @@ mod heap {
             .as_ref()
             .map(Arc::clone)
             .ok_or(ProfileError::HeapUnavailable(NOT_ENABLED))?;
-        let mut guard = ctl.lock_owned().await;
+        // One dump at a time, and none queued behind it: each takes a temporary file and
+        // seconds of symbolizing.
+        let mut guard = ctl.try_lock_owned().map_err(|_| ProfileError::HeapBusy)?;
         tokio::task::spawn_blocking(move || dump_locked(&mut guard))
             .await
             .map_err(|e| ProfileError::Heap(format!("dump task: {e}")))?
@@ -446,18 +470,51 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, ["cpu.pb.partial"], "nothing else left");
+        assert_eq!(
+            names,
+            [partial_path(&fine).file_name().unwrap()],
+            "nothing else left"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_profile_path_that_is_a_directory_is_refused_at_start() {
+        let dir = temp_path("a-directory");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for path in [dir.clone(), PathBuf::from(format!("{}/", dir.display()))] {
+            let error = check_writable(&path).unwrap_err().to_string();
+            assert!(error.contains("a-directory"), "{error}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_profile_is_written_through_a_new_file_never_one_already_there() {
+        let dir = temp_path("partial-link");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cpu.pb");
+        // A link where the partial file goes, to a file that must not be overwritten.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"victim").unwrap();
+        std::os::unix::fs::symlink(&victim, partial_path(&path)).unwrap();
+        let error = write_file(&path, b"profile", &writes_finished()).unwrap_err();
+        assert!(error.to_string().contains("cpu.pb"), "{error}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+        assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_profile_write_waits_while_an_exit_holds_writes_back() {
         let path = temp_path("held-back.pb");
-        let partial = PathBuf::from(format!("{}.partial", path.display()));
+        let partial = partial_path(&path);
         let held = writes_finished();
         let writer = {
             let path = path.clone();
-            std::thread::spawn(move || write_file(&path, b"profile"))
+            std::thread::spawn(move || write_file(&path, b"profile", &writes_finished()))
         };
         std::thread::sleep(Duration::from_millis(100));
         assert!(
@@ -578,7 +635,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("cpu.pb");
         std::fs::write(&path, b"an earlier run's profile").unwrap();
-        write_file(&path, b"the new one").unwrap();
+        write_file(&path, b"the new one", &writes_finished()).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"the new one");
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -653,6 +710,13 @@ mod tests {
             }),
             "no mapping for {exe_name}"
         );
+
+        // While a dump runs, another request is told so at once, not queued behind it.
+        {
+            let _dumping = jemalloc_pprof::PROF_CTL.as_ref().unwrap().lock().await;
+            let busy = heap_profile().await.unwrap_err();
+            assert!(matches!(busy, ProfileError::HeapBusy), "{busy}");
+        }
 
         guard.finish().unwrap();
         drop(kept);

@@ -620,9 +620,15 @@ async fn bad_settings_stop_the_binary_at_start_naming_the_setting() {
     let missing_dir = missing_dir.to_string_lossy().into_owned();
     let profile = std::env::temp_dir().join(format!("ws2http-{}-both.pb", std::process::id()));
     let profile = profile.to_string_lossy().into_owned();
+    // The same file spelled another way: through its directory's `.` entry.
+    let same_profile = std::env::temp_dir()
+        .join(".")
+        .join(format!("ws2http-{}-both.pb", std::process::id()));
+    let same_profile = same_profile.to_string_lossy().into_owned();
+    let a_directory = std::env::temp_dir().to_string_lossy().into_owned();
     // Flags, environment, and what the one line on stderr says.
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 12] = [
+    let cases: [Case; 14] = [
         // An empty list would allow every origin.
         (
             &["--allowed-origins", ""],
@@ -676,6 +682,16 @@ async fn bad_settings_stop_the_binary_at_start_naming_the_setting() {
             &["--cpuprofile", &profile, "--memprofile", &profile],
             &[],
             "name the same file",
+        ),
+        (
+            &["--cpuprofile", &profile, "--memprofile", &same_profile],
+            &[],
+            "name the same file",
+        ),
+        (
+            &["--memprofile", &a_directory],
+            &[],
+            "--memprofile: cannot write profile",
         ),
         (
             &["--shutdown-delete-concurrency", "0"],
