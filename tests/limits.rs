@@ -277,25 +277,38 @@ async fn a_client_that_reads_slowly_but_steadily_is_not_closed_as_slow_consumer(
     assert_accounting(&gateway, &api).await;
 }
 
-#[tokio::test]
-async fn an_api_answer_that_comes_while_the_socket_is_backed_up_frees_its_api_slot_and_arrives_later(
-) {
-    let api = MockApi::with_slow_posts("reply", Duration::from_secs(2)).await;
+/// A client (receive buffer 4 KiB) whose message is at an API that answers `reply` after
+/// `answer_in`, and whose socket the gateway's pushes have backed up meanwhile: the API, the
+/// gateway, the client, the pushes of 128 KiB sent (the last one still queued), and when the
+/// message reached the API.
+async fn backed_up_while_the_api_answers(
+    path: &str,
+    answer_in: Duration,
+) -> (MockApi, TestGateway, RawWs, usize, Instant) {
+    let api = MockApi::with_slow_posts("reply", answer_in).await;
     let mut config = test_config(&api);
     config.upstream_timeout = Duration::from_secs(3);
     config.write_timeout = Duration::from_secs(20);
     let gateway = TestGateway::start(config).await;
-    let mut raw = RawWs::connect_with_recv_buffer(gateway.public, "/backed-up", Some(4096)).await;
+    let mut raw = RawWs::connect_with_recv_buffer(gateway.public, path, Some(4096)).await;
     raw.send_frame(true, TEXT, b"m1").await;
     api.wait_for("POST", 1).await;
     let posted = Instant::now();
-    // While the API takes its 2 s, pushes back the socket up; the client reads nothing.
-    let pushed = push_until_stalled(&gateway, "/backed-up").await;
+    // While the API takes its time, pushes back the socket up; the client reads nothing.
+    let pushed = push_until_stalled(&gateway, path).await;
     assert!(
-        posted.elapsed() < Duration::from_millis(1800),
+        posted.elapsed() + Duration::from_millis(200) < answer_in,
         "backed up only after {:?}, too late to test anything",
         posted.elapsed()
     );
+    (api, gateway, raw, pushed, posted)
+}
+
+#[tokio::test]
+async fn an_api_answer_that_comes_while_the_socket_is_backed_up_frees_its_api_slot_and_arrives_later(
+) {
+    let (api, gateway, mut raw, pushed, posted) =
+        backed_up_while_the_api_answers("/backed-up", Duration::from_secs(2)).await;
     // Past the API's answer and past --upstream-timeout, the socket still backed up.
     tokio::time::sleep_until(posted + Duration::from_millis(3500)).await;
     let metrics = gateway.metrics().await;
@@ -340,21 +353,8 @@ async fn a_control_delete_sends_a_waiting_reply_and_the_pushes_in_the_order_they
 /// the API's DELETE closed it): the pushes from before the reply, the reply, the two later
 /// pushes.
 async fn reply_and_pushes_in_turn(api_closes: bool) {
-    let api = MockApi::with_slow_posts("reply", Duration::from_millis(1500)).await;
-    let mut config = test_config(&api);
-    config.upstream_timeout = Duration::from_secs(3);
-    config.write_timeout = Duration::from_secs(20);
-    let gateway = TestGateway::start(config).await;
-    let mut raw = RawWs::connect_with_recv_buffer(gateway.public, "/in-turn", Some(4096)).await;
-    raw.send_frame(true, TEXT, b"m1").await;
-    api.wait_for("POST", 1).await;
-    let posted = Instant::now();
-    let pushed = push_until_stalled(&gateway, "/in-turn").await;
-    assert!(
-        posted.elapsed() < Duration::from_millis(1300),
-        "backed up only after {:?}, too late to test anything",
-        posted.elapsed()
-    );
+    let (api, gateway, mut raw, pushed, posted) =
+        backed_up_while_the_api_answers("/in-turn", Duration::from_millis(1500)).await;
     // The reply is in (and waits on the socket) before these pushes come.
     tokio::time::sleep_until(posted + Duration::from_millis(2000)).await;
     assert_eq!(gateway.metrics().await["upstream_requests_in_flight"], 0.0);

@@ -791,22 +791,36 @@ pub async fn run_spelling_scenario(kind: ProxyKind) {
     drop(nodes);
 }
 
-/// A node whose handshake slots are all taken (a connect storm, sockets that send nothing),
-/// with more sockets queued behind them, is busy, not dead: it stays UP, so its websockets
-/// are not closed by `on-marked-down shutdown-sessions`.
-// Only the HAProxy tests use it: nginx has no active health checks.
+/// Three gateways behind the shipped HAProxy configuration, every node UP.
+// Only the HAProxy scenarios use it.
 #[allow(dead_code)]
-pub async fn run_busy_node_scenario() {
-    let scratch = ScratchDir::new("haproxy-busy-node");
+pub struct HaproxyCluster {
+    /// HAProxy (dropped first: fields drop in this order).
+    pub proxy: ProxyProcess,
+    /// The gateways.
+    pub nodes: Vec<GatewayNode>,
+    /// The API the nodes call.
+    pub api: MockApi,
+    /// HAProxy's stats page.
+    pub stats: SocketAddr,
+    /// A client for the stats page and the entry points.
+    pub http: Http,
+    /// Where the logs are, for failure messages.
+    pub logs: String,
+    /// The scratch directory (logs), removed last.
+    pub scratch: ScratchDir,
+}
+
+/// Starts a [`HaproxyCluster`] in a scratch directory `name`, the first node with
+/// `first_node_flags`, and waits until HAProxy sees every node UP.
+#[allow(dead_code)]
+pub async fn start_haproxy_cluster(name: &str, first_node_flags: &[&str]) -> HaproxyCluster {
+    let scratch = ScratchDir::new(name);
     let dir = scratch.0.clone();
     let api = MockApi::start().await;
     let nodes: Vec<GatewayNode> = (0..NODES)
         .map(|i| {
-            let extra: &[&str] = if i == 0 {
-                &["--max-pending-handshakes", "2"]
-            } else {
-                &[]
-            };
+            let extra = if i == 0 { first_node_flags } else { &[] };
             GatewayNode::start_with(i, &api.base_url(i), &dir, extra)
         })
         .collect();
@@ -815,27 +829,46 @@ pub async fn run_busy_node_scenario() {
     let http = http_client();
     let logs = format!("logs in {}", dir.display());
     assert!(wait_all_up(&http, stats).await, "not all UP; {logs}");
+    HaproxyCluster {
+        scratch,
+        api,
+        nodes,
+        proxy,
+        stats,
+        http,
+        logs,
+    }
+}
+
+/// A node whose handshake slots are all taken (a connect storm, sockets that send nothing),
+/// with more sockets queued behind them, is busy, not dead: it stays UP, so its websockets
+/// are not closed by `on-marked-down shutdown-sessions`.
+// Only the HAProxy tests use it: nginx has no active health checks.
+#[allow(dead_code)]
+pub async fn run_busy_node_scenario() {
+    let cluster =
+        start_haproxy_cluster("haproxy-busy-node", &["--max-pending-handshakes", "2"]).await;
     // Both of gw1's handshake slots, held by sockets that never send a request (for its
     // --handshake-timeout, 10 s), and 50 more queued behind them: the accept loop gives
     // each 250 ms to find a slot, so a check among them would wait 12 s.
     let holders: Vec<TcpStream> = (0..52)
-        .map(|_| TcpStream::connect(nodes[0].public).expect("connect to gw1"))
+        .map(|_| TcpStream::connect(cluster.nodes[0].public).expect("connect to gw1"))
         .collect();
     // 40 check intervals (200 ms, fall 2): long enough for two checks that wait behind
     // the queue to time out (timeout check 3s).
     for _ in 0..80 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let st = haproxy_status(&http, stats).await;
+        let st = haproxy_status(&cluster.http, cluster.stats).await;
         let gw1 = st.get(&("ws2http_public".to_owned(), "gw1".to_owned()));
         assert_eq!(
             gw1.map(String::as_str),
             Some("UP"),
-            "gw1 while busy; {logs}"
+            "gw1 while busy; {}",
+            cluster.logs
         );
     }
     drop(holders);
-    drop(proxy);
-    drop(nodes);
+    drop(cluster);
 }
 
 /// A node told to stop (SIGTERM) while a message of one of its clients is still at the API
@@ -845,17 +878,16 @@ pub async fn run_busy_node_scenario() {
 // Only the HAProxy tests use it: nginx has no active health checks.
 #[allow(dead_code)]
 pub async fn run_draining_node_scenario() {
-    let scratch = ScratchDir::new("haproxy-draining-node");
-    let dir = scratch.0.clone();
-    let api = MockApi::start().await;
-    let nodes: Vec<GatewayNode> = (0..NODES)
-        .map(|i| GatewayNode::start(i, &api.base_url(i), &dir))
-        .collect();
-    let proxy = start_haproxy(&nodes, &dir);
-    let stats = proxy.stats.expect("HAProxy has a stats page");
-    let http = http_client();
-    let logs = format!("logs in {}", dir.display());
-    assert!(wait_all_up(&http, stats).await, "not all UP; {logs}");
+    let cluster = start_haproxy_cluster("haproxy-draining-node", &[]).await;
+    let HaproxyCluster {
+        api,
+        nodes,
+        proxy,
+        stats,
+        http,
+        logs,
+        ..
+    } = cluster;
     let node_of = |id: &str| {
         let log = api.log.lock().unwrap_or_else(|e| e.into_inner());
         log.connects
