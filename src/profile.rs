@@ -227,12 +227,18 @@ fn cpu_blocklist(heap_profiling: bool) -> &'static [&'static str] {
     }
 }
 
+/// CPU reports begun, for the tests (whether `finish` waits before it begins one).
+#[cfg(test)]
+static REPORTS_BEGUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Builds the CPU report and writes it: a flame graph for `*.svg`, else pprof protobuf.
 fn write_cpu_profile(
     guard: &pprof::ProfilerGuard<'static>,
     path: &Path,
     writing: &Writing,
 ) -> Result<(), ProfileError> {
+    #[cfg(test)]
+    REPORTS_BEGUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let report = guard.report().build()?;
     let mut bytes = Vec::new();
     if path
@@ -436,6 +442,7 @@ mod heap {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+    use std::sync::atomic::Ordering;
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
@@ -508,23 +515,27 @@ mod tests {
     }
 
     #[test]
-    fn a_profile_write_waits_while_an_exit_holds_writes_back() {
+    fn finishing_the_profiles_builds_nothing_while_an_exit_holds_writes_back() {
+        let _serial = PROFILERS.lock().unwrap_or_else(|e| e.into_inner());
         let path = temp_path("held-back.pb");
         let partial = partial_path(&path);
+        let guard = start(Some(path.clone()), None).unwrap();
+        busy_loop_for_profile(Duration::from_millis(50));
+        let begun = REPORTS_BEGUN.load(Ordering::SeqCst);
+        // An exit (a second signal) holds writes back: finish() must not even begin a report,
+        // or the exit would come in the middle of it.
         let held = writes_finished();
-        let writer = {
-            let path = path.clone();
-            std::thread::spawn(move || write_file(&path, b"profile", &writes_finished()))
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(
-            !path.exists() && !partial.exists(),
-            "written while held back"
+        let finisher = std::thread::spawn(move || guard.finish());
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            REPORTS_BEGUN.load(Ordering::SeqCst),
+            begun,
+            "a report was begun while writes were held back"
         );
+        assert!(!path.exists() && !partial.exists());
         drop(held);
-        writer.join().unwrap().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"profile");
-        assert!(!partial.exists());
+        finisher.join().unwrap().unwrap();
+        assert!(path.exists() && !partial.exists());
         let _ = std::fs::remove_file(&path);
     }
 
