@@ -5,8 +5,9 @@
 //!
 //! * a request message sent by `load` starts with `c<conn>:<seq>;` and is padded to the payload
 //!   size; `mock-api` echoes the POST body, so the reply carries the same prefix;
-//! * a pushed message sent by `push` through the control API is `push:<ns since the epoch>` and
-//!   is recognised by `load` as a delivery, whose latency is measured on arrival.
+//! * a pushed message sent by `push` through the control API is `push:<ns since the epoch>:<i>`
+//!   (`i` the index of the client id it was posted to) and is recognised by `load` as a
+//!   delivery, whose latency is measured on arrival (on another client's socket, an error).
 //!
 //! The modules here hold that format ([`proto`]), the latency histograms ([`stats`]), the
 //! reading of another process's RSS and CPU time ([`procstat`]), the source-address-spreading

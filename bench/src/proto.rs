@@ -145,10 +145,8 @@ pub struct InFlight {
     conn: u64,
     next_seq: u64,
     queue: VecDeque<(u64, Instant)>,
-    /// Sequence numbers given up on end below this one ([`InFlight::give_up`]).
-    given_up_below: u64,
-    /// How many were given up on and not yet seen late.
-    given_up: usize,
+    /// The sequence numbers given up on ([`InFlight::give_up`]) whose replies have not come.
+    given_up: VecDeque<u64>,
 }
 
 impl InFlight {
@@ -158,8 +156,7 @@ impl InFlight {
             conn,
             next_seq: 0,
             queue: VecDeque::new(),
-            given_up_below: 0,
-            given_up: 0,
+            given_up: VecDeque::new(),
         }
     }
 
@@ -167,9 +164,8 @@ impl InFlight {
     /// counted missing once, and a reply to one of them that still comes is [`Verdict::Late`].
     pub fn give_up(&mut self) -> usize {
         let n = self.queue.len();
-        self.queue.clear();
-        self.given_up_below = self.next_seq;
-        self.given_up += n;
+        self.given_up
+            .extend(self.queue.drain(..).map(|(seq, _)| seq));
         n
     }
 
@@ -214,11 +210,13 @@ impl InFlight {
                     self.queue.remove(i);
                     Verdict::OutOfOrder
                 }
-                None if seq < self.given_up_below && self.given_up > 0 => {
-                    self.given_up -= 1;
-                    Verdict::Late
-                }
-                None => Verdict::Unexpected,
+                None => match self.given_up.iter().position(|&s| s == seq) {
+                    Some(i) => {
+                        self.given_up.remove(i);
+                        Verdict::Late
+                    }
+                    None => Verdict::Unexpected,
+                },
             },
         }
     }
@@ -245,6 +243,18 @@ mod tests {
         );
         assert_eq!(f.check(3, 9, t0), Verdict::Unexpected, "never sent");
         assert_eq!(Verdict::Late.error_kind(), None);
+        // A duplicate of a reply already counted is no late reply, whatever is given up.
+        let mut g = InFlight::new(4);
+        g.sent(t0);
+        assert!(matches!(g.check(4, 0, t0), Verdict::Ok(_)));
+        g.sent(t0);
+        assert_eq!(g.give_up(), 1);
+        assert_eq!(
+            g.check(4, 0, t0),
+            Verdict::Unexpected,
+            "a duplicate of seq 0"
+        );
+        assert_eq!(g.check(4, 1, t0), Verdict::Late);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!
 //! Each connection is one task. Replies are checked against the request they answer (see
 //! `ws2http_bench::proto`): a reply naming another connection is cross-talk, one that skips the
-//! oldest request in flight is out of order. Pushed messages (`push:<ns>`) are timed on arrival.
+//! oldest request in flight is out of order. Pushed messages (`push:<ns>:<index>`) are timed on
+//! arrival; one for another client id is misdelivered.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -1,6 +1,6 @@
 //! `push`: drives ws2http's control API, `POST /<ClientId>` to many client ids.
 //!
-//! Each body is `push:<ns since the epoch>`; a `load --mode idle` holding the same client ids
+//! Each body is `push:<ns since the epoch>:<index of the client id>`; a `load --mode idle` holding the same client ids
 //! times each message on arrival (its `push_latency`), so delivery latency is measured end to
 //! end across processes with the shared wall clock. This tool reports pushes/s, the HTTP
 //! status counts and the control API's own response latency. It speaks HTTP/1.1 or h2c, over
