@@ -354,12 +354,8 @@ pub struct GatewayNode {
 }
 
 impl GatewayNode {
-    /// Starts node `node` (0-based) with explicit free ports, calling `api_base`.
-    pub fn start(node: usize, api_base: &str, dir: &Path) -> Self {
-        GatewayNode::start_with(node, api_base, dir, &[])
-    }
-
-    /// Like [`GatewayNode::start`], with `extra` flags.
+    /// Starts node `node` (0-based) with explicit free ports, calling `api_base`, with
+    /// `extra` flags.
     pub fn start_with(node: usize, api_base: &str, dir: &Path, extra: &[&str]) -> Self {
         let public = loopback(free_port());
         let control = loopback(free_port());
@@ -737,24 +733,20 @@ const SPELLINGS: [(&str, &str); 8] = [
 /// other: the proxy hashes the ClientId as the gateway reads it (percent-decoded), not the
 /// bytes of the path.
 pub async fn run_spelling_scenario(kind: ProxyKind) {
-    let scratch = ScratchDir::new(match kind {
+    let name = match kind {
         ProxyKind::Haproxy => "haproxy-spelling",
         ProxyKind::Nginx => "nginx-spelling",
-    });
-    let dir = scratch.0.clone();
-    let api = MockApi::start().await;
-    let nodes: Vec<GatewayNode> = (0..NODES)
-        .map(|i| GatewayNode::start(i, &api.base_url(i), &dir))
-        .collect();
-    let proxy = match kind {
-        ProxyKind::Haproxy => start_haproxy(&nodes, &dir),
-        ProxyKind::Nginx => start_nginx(&nodes, &dir),
     };
-    let http = http_client();
-    let logs = format!("logs in {}", dir.display());
-    if let Some(stats) = proxy.stats {
-        assert!(wait_all_up(&http, stats).await, "not all UP; {logs}");
-    }
+    // (A variable first: fields a pattern leaves behind in a temporary would be dropped at
+    // once, the API and the scratch directory with them.)
+    let cluster = start_cluster(kind, name, &[]).await;
+    let Cluster {
+        proxy,
+        nodes,
+        http,
+        logs,
+        ..
+    } = cluster;
     for (raw, encoded) in SPELLINGS {
         let url: http::Uri = format!("ws://{}/{raw}", proxy.public).parse().unwrap();
         let (mut ws, _) = ClientBuilder::from_uri(url)
@@ -791,30 +783,28 @@ pub async fn run_spelling_scenario(kind: ProxyKind) {
     drop(nodes);
 }
 
-/// Three gateways behind the shipped HAProxy configuration, every node UP.
-// Only the HAProxy scenarios use it.
-#[allow(dead_code)]
-pub struct HaproxyCluster {
-    /// HAProxy (dropped first: fields drop in this order).
+/// Three gateways behind one of the shipped proxy configurations, every node UP (as far
+/// as HAProxy's checks can tell; nginx has none).
+pub struct Cluster {
+    /// The proxy (dropped first: fields drop in this order).
     pub proxy: ProxyProcess,
     /// The gateways.
     pub nodes: Vec<GatewayNode>,
     /// The API the nodes call.
     pub api: MockApi,
-    /// HAProxy's stats page.
-    pub stats: SocketAddr,
-    /// A client for the stats page and the entry points.
+    /// A client for the entry points and HAProxy's stats page.
     pub http: Http,
     /// Where the logs are, for failure messages.
     pub logs: String,
+    /// The scratch directory's path.
+    pub dir: PathBuf,
     /// The scratch directory (logs), removed last.
     pub scratch: ScratchDir,
 }
 
-/// Starts a [`HaproxyCluster`] in a scratch directory `name`, the first node with
-/// `first_node_flags`, and waits until HAProxy sees every node UP.
-#[allow(dead_code)]
-pub async fn start_haproxy_cluster(name: &str, first_node_flags: &[&str]) -> HaproxyCluster {
+/// Starts a [`Cluster`] behind `kind` in a scratch directory `name`, the first node with
+/// `first_node_flags`; with HAProxy, waits until it sees every node UP.
+pub async fn start_cluster(kind: ProxyKind, name: &str, first_node_flags: &[&str]) -> Cluster {
     let scratch = ScratchDir::new(name);
     let dir = scratch.0.clone();
     let api = MockApi::start().await;
@@ -824,19 +814,23 @@ pub async fn start_haproxy_cluster(name: &str, first_node_flags: &[&str]) -> Hap
             GatewayNode::start_with(i, &api.base_url(i), &dir, extra)
         })
         .collect();
-    let proxy = start_haproxy(&nodes, &dir);
-    let stats = proxy.stats.expect("HAProxy has a stats page");
+    let proxy = match kind {
+        ProxyKind::Haproxy => start_haproxy(&nodes, &dir),
+        ProxyKind::Nginx => start_nginx(&nodes, &dir),
+    };
     let http = http_client();
     let logs = format!("logs in {}", dir.display());
-    assert!(wait_all_up(&http, stats).await, "not all UP; {logs}");
-    HaproxyCluster {
-        scratch,
-        api,
-        nodes,
+    if let Some(stats) = proxy.stats {
+        assert!(wait_all_up(&http, stats).await, "not all UP; {logs}");
+    }
+    Cluster {
         proxy,
-        stats,
+        nodes,
+        api,
         http,
         logs,
+        dir,
+        scratch,
     }
 }
 
@@ -846,8 +840,13 @@ pub async fn start_haproxy_cluster(name: &str, first_node_flags: &[&str]) -> Hap
 // Only the HAProxy tests use it: nginx has no active health checks.
 #[allow(dead_code)]
 pub async fn run_busy_node_scenario() {
-    let cluster =
-        start_haproxy_cluster("haproxy-busy-node", &["--max-pending-handshakes", "2"]).await;
+    let cluster = start_cluster(
+        ProxyKind::Haproxy,
+        "haproxy-busy-node",
+        &["--max-pending-handshakes", "2"],
+    )
+    .await;
+    let stats = cluster.proxy.stats.expect("HAProxy has a stats page");
     // Both of gw1's handshake slots, held by sockets that never send a request (for its
     // --handshake-timeout, 10 s), and 50 more queued behind them: the accept loop gives
     // each 250 ms to find a slot, so a check among them would wait 12 s.
@@ -858,7 +857,7 @@ pub async fn run_busy_node_scenario() {
     // the queue to time out (timeout check 3s).
     for _ in 0..80 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let st = haproxy_status(&cluster.http, cluster.stats).await;
+        let st = haproxy_status(&cluster.http, stats).await;
         let gw1 = st.get(&("ws2http_public".to_owned(), "gw1".to_owned()));
         assert_eq!(
             gw1.map(String::as_str),
@@ -878,16 +877,16 @@ pub async fn run_busy_node_scenario() {
 // Only the HAProxy tests use it: nginx has no active health checks.
 #[allow(dead_code)]
 pub async fn run_draining_node_scenario() {
-    let cluster = start_haproxy_cluster("haproxy-draining-node", &[]).await;
-    let HaproxyCluster {
+    let cluster = start_cluster(ProxyKind::Haproxy, "haproxy-draining-node", &[]).await;
+    let Cluster {
         api,
         nodes,
         proxy,
-        stats,
         http,
         logs,
         ..
     } = cluster;
+    let stats = proxy.stats.expect("HAProxy has a stats page");
     let node_of = |id: &str| {
         let log = api.log.lock().unwrap_or_else(|e| e.into_inner());
         log.connects
@@ -991,31 +990,25 @@ pub async fn run_draining_node_scenario() {
 /// 5. a second push round reaches every client again, the other nodes' clients on the
 ///    same sockets as before.
 pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
-    let scratch = ScratchDir::new(match kind {
+    let name = match kind {
         ProxyKind::Haproxy => "haproxy-cluster",
         ProxyKind::Nginx => "nginx-cluster",
-    });
-    let dir = scratch.0.clone();
-    let api = MockApi::start().await;
-    let mut nodes: Vec<GatewayNode> = (0..NODES)
-        .map(|i| GatewayNode::start(i, &api.base_url(i), &dir))
-        .collect();
-    let mut proxy = match kind {
-        ProxyKind::Haproxy => start_haproxy(&nodes, &dir),
-        ProxyKind::Nginx => start_nginx(&nodes, &dir),
     };
-    let http = http_client();
-    let logs = format!("logs in {}", dir.display());
+    let Cluster {
+        mut proxy,
+        mut nodes,
+        api,
+        http,
+        logs,
+        dir,
+        scratch: _scratch,
+    } = start_cluster(kind, name, &[]).await;
 
     // Both entry points route to a live gateway before any client starts.
     for entry in [proxy.public, proxy.push] {
         let url = format!("http://{entry}/healthz");
         let (status, body) = http_call(&http, Method::GET, &url, "").await;
         assert_eq!(status, StatusCode::OK, "{url}: {body}; {logs}");
-    }
-    if let Some(stats) = proxy.stats {
-        let all_up = wait_all_up(&http, stats).await;
-        assert!(all_up, "haproxy does not see all nodes UP; {logs}");
     }
 
     // 1. Connect every client.
