@@ -462,7 +462,10 @@ fn main() -> ExitCode {
         // Nothing ran: a profile of an earlier run at the same path is kept.
         profiles.discard();
     } else if let Err(error) = profiles.finish() {
-        tracing::error!(%error, "profile not written");
+        // Drained, but what was asked for is missing: a script that waits for the file
+        // learns it from the status.
+        tracing::error!(%error, "profile not written; exiting with status {PROFILE_NOT_WRITTEN}");
+        return ExitCode::from(PROFILE_NOT_WRITTEN);
     }
     match served {
         Ok(()) => ExitCode::SUCCESS,
@@ -483,6 +486,9 @@ fn resolved(path: &std::path::Path) -> PathBuf {
         _ => path.to_owned(),
     }
 }
+
+/// Exit status of a gateway that drained but could not write a profile it was asked for.
+const PROFILE_NOT_WRITTEN: u8 = 3;
 
 /// Serves until a signal has drained the gateway; Err with the exit code if it never started.
 async fn serve(config: Config, workers: usize, cpus: usize) -> Result<(), ExitCode> {

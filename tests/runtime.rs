@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::binary::Binary;
 use common::*;
 use futures_util::SinkExt;
@@ -37,6 +39,27 @@ async fn current_thread_with_worker_threads_exits_2_naming_both_flags() {
     assert!(
         log.contains("--current-thread") && log.contains("--worker-threads"),
         "{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_profile_that_cannot_be_written_at_shutdown_gives_exit_status_3() {
+    let api = MockApi::start().await;
+    let dir = std::env::temp_dir().join(format!("ws2http-{}-gone-dir", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("cpu.pb");
+    let mut gateway =
+        Binary::start_ready(&api.base(), &["--cpuprofile", path.to_str().unwrap()], &[]).await;
+    // The directory checked at start goes away while the gateway runs.
+    std::fs::remove_dir_all(&dir).unwrap();
+    gateway.signal(libc::SIGTERM);
+    let status = gateway.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(3), "{}", gateway.stderr());
+    assert!(
+        gateway.stderr().contains("profile not written"),
+        "{}",
+        gateway.stderr()
     );
 }
 
