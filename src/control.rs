@@ -21,10 +21,27 @@ use crate::identity::ClientId;
 use crate::session::{Command, Outbound, PushError, SessionHandle};
 use crate::Shared;
 
-/// Answers one request on the control listener.
+/// Push bodies one control connection may be reading at once, in `--max-message-size`s: an
+/// eighth of the gateway's budget ([`crate::config::CONTROL_CONNECTIONS`] of them), so that one
+/// API client's HTTP/2 connection with many large bodies in flight cannot take all of it.
+pub(crate) const CONNECTION_PUSH_BODIES: usize = 32;
+
+/// The push-body bytes one control connection may be reading at once
+/// ([`CONNECTION_PUSH_BODIES`] × `--max-message-size`), one permit a byte.
+pub(crate) fn connection_push_share(max_message_size: usize) -> Semaphore {
+    Semaphore::new(
+        max_message_size
+            .saturating_mul(CONNECTION_PUSH_BODIES)
+            .min(Semaphore::MAX_PERMITS),
+    )
+}
+
+/// Answers one request on the control listener; `push_share` is its connection's share of
+/// the push-body budget ([`connection_push_share`]).
 pub(crate) async fn handle(
     request: Request<Incoming>,
     shared: Arc<Shared>,
+    push_share: Arc<Semaphore>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = request.uri().path();
     if path == "/healthz" {
@@ -75,7 +92,7 @@ pub(crate) async fn handle(
         Err(e) => return Ok(text_response(StatusCode::BAD_REQUEST, format!("{e}\n"))),
     };
     Ok(match *request.method() {
-        Method::POST => push(request, client_id, &shared).await,
+        Method::POST => push(request, client_id, &shared, &push_share).await,
         Method::DELETE => disconnect(&request, &client_id, &shared),
         Method::GET => info(&client_id, &shared),
         _ => method_not_allowed("GET, POST, DELETE"),
@@ -120,27 +137,41 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// More push bodies are being read at once than the gateway has memory set aside for.
+/// More push bodies are being read at once than the gateway, or this control connection's
+/// share of it, has memory set aside for.
 #[derive(Debug)]
-struct PushBodiesFull;
+enum PushBodiesFull {
+    /// The whole gateway's budget.
+    Gateway,
+    /// This connection's share.
+    Connection,
+}
 
 impl std::fmt::Display for PushBodiesFull {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("push bodies being read take all the memory set aside for them")
+        f.write_str(match self {
+            PushBodiesFull::Gateway => {
+                "push bodies being read take all the memory set aside for them"
+            }
+            PushBodiesFull::Connection => {
+                "this connection's push bodies being read take all of its share of the memory set aside for them"
+            }
+        })
     }
 }
 
 impl std::error::Error for PushBodiesFull {}
 
 /// A push's body, each of its bytes taken from the gateway's budget for push bodies being
-/// read (`Shared::push_bodies`) as it arrives and given back once the body is dropped. HTTP/2
-/// hands a stream's data over as it comes, so without it the streams of one control
-/// connection could hold `--max-message-size` each. It reads through the size limit, so that
-/// a body over `--max-message-size` is told 413, never 503.
+/// read (`Shared::push_bodies`) and from its connection's share of it as it arrives, and given
+/// back once the body is dropped. HTTP/2 hands a stream's data over as it comes, so without it
+/// the streams of one control connection could hold `--max-message-size` each. It reads
+/// through the size limit, so that a body over `--max-message-size` is told 413, never 503.
 struct BudgetedBody<'a, B> {
     inner: B,
     budget: &'a Semaphore,
-    held: Option<SemaphorePermit<'a>>,
+    share: &'a Semaphore,
+    held: Option<(SemaphorePermit<'a>, SemaphorePermit<'a>)>,
 }
 
 impl<B> hyper::body::Body for BudgetedBody<'_, B>
@@ -162,15 +193,21 @@ where
             None => return Poll::Ready(None),
         };
         if let Some(data) = frame.data_ref() {
-            let taken = u32::try_from(data.len())
-                .ok()
-                .and_then(|n| this.budget.try_acquire_many(n).ok());
-            let Some(taken) = taken else {
-                return Poll::Ready(Some(Err(Box::new(PushBodiesFull))));
+            let Ok(n) = u32::try_from(data.len()) else {
+                return Poll::Ready(Some(Err(Box::new(PushBodiesFull::Connection))));
+            };
+            let Ok(from_share) = this.share.try_acquire_many(n) else {
+                return Poll::Ready(Some(Err(Box::new(PushBodiesFull::Connection))));
+            };
+            let Ok(from_budget) = this.budget.try_acquire_many(n) else {
+                return Poll::Ready(Some(Err(Box::new(PushBodiesFull::Gateway))));
             };
             match &mut this.held {
-                Some(held) => held.merge(taken),
-                None => this.held = Some(taken),
+                Some((share, budget)) => {
+                    share.merge(from_share);
+                    budget.merge(from_budget);
+                }
+                None => this.held = Some((from_share, from_budget)),
             }
         }
         Poll::Ready(Some(Ok(frame)))
@@ -189,6 +226,7 @@ async fn push(
     request: Request<Incoming>,
     client_id: ClientId,
     shared: &Shared,
+    push_share: &Semaphore,
 ) -> Response<Full<Bytes>> {
     let binary = crate::upstream::is_octet_stream(request.headers());
     let refused = || {
@@ -216,6 +254,7 @@ async fn push(
     let body = BudgetedBody {
         inner: Limited::new(request.into_body(), max),
         budget: &shared.push_bodies,
+        share: push_share,
         held: None,
     };
     let collect = body.collect();
@@ -234,8 +273,8 @@ async fn push(
         }
         Err(e) if e.is::<PushBodiesFull>() => {
             refused();
-            tracing::debug!(%client_id, "push refused: {PushBodiesFull}; API told 503");
-            return come_back_later(format!("{PushBodiesFull}\n"));
+            tracing::debug!(%client_id, "push refused: {e}; API told 503");
+            return come_back_later(format!("{e}\n"));
         }
         Err(_) => {
             refused();

@@ -620,9 +620,16 @@ pub(crate) async fn accept_control(
             let activity = Arc::new(ControlActivity::new(accepted));
             let service_shared = Arc::clone(&shared);
             let service_activity = Arc::clone(&activity);
+            let push_share = Arc::new(control::connection_push_share(
+                shared.config.max_message_size,
+            ));
             let service = service_fn(move |request| {
                 let busy = ControlActivity::begin(&service_activity);
-                let handled = control::handle(request, Arc::clone(&service_shared));
+                let handled = control::handle(
+                    request,
+                    Arc::clone(&service_shared),
+                    Arc::clone(&push_share),
+                );
                 async move {
                     let answer = handled.await;
                     drop(busy);

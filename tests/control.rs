@@ -456,6 +456,51 @@ fn stalled_body(part: usize) -> StalledBody {
 }
 
 #[tokio::test]
+async fn one_control_connection_reads_at_most_its_share_of_push_bodies_at_once() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.max_message_size = 1024;
+    config.handshake_timeout = Duration::from_secs(5);
+    let gateway = TestGateway::start(config).await;
+    let _ws = gateway.connect("/alice").await;
+    // One h2c connection, 40 streams of 1,000 bytes of a body that never ends: its share is
+    // 32 × 1,024 bytes, so 32 fit and 8 are answered 503 at once, although the gateway's
+    // budget (256 × 1,024) has room.
+    let sender = control_http2::<StalledBody>(&gateway).await;
+    let mut answers = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let mut sender = sender.clone();
+        let control = gateway.control;
+        answers.spawn(async move {
+            let request = hyper::Request::post(format!("http://{control}/alice"))
+                .body(stalled_body(1000))
+                .unwrap();
+            sender.ready().await.unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            let text = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            String::from_utf8_lossy(&text).into_owned()
+        });
+    }
+    let mut refused = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.join_next()).await {
+        refused.push(answer.unwrap());
+    }
+    assert_eq!(refused.len(), 8, "answered within 3 s: {refused:?}");
+    assert!(
+        refused[0].contains("this connection's push bodies"),
+        "{}",
+        refused[0]
+    );
+    // Another connection still gets its pushes through.
+    let other = gateway.control("POST", "/alice", &[b'y'; 1000]).await;
+    assert_eq!(other.status, 200, "{}", other.text());
+}
+
+#[tokio::test]
 async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
@@ -464,13 +509,13 @@ async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503()
     let gateway = TestGateway::start(config).await;
     let _ws = gateway.connect("/alice").await;
     // The gateway reads at most one body per control connection's worth at once: 256 × 1,024
-    // bytes. Two h2c connections open 150 streams each, each sending 1,000 bytes of a body
-    // that never ends: the first 262 fit, the other 38 are answered 503 at once (not 408
-    // after the 5 s the bodies have).
+    // bytes. Ten h2c connections open 30 streams each (within each connection's share of 32
+    // bodies), each sending 1,000 bytes of a body that never ends: the first 262 fit, the
+    // other 38 are answered 503 at once (not 408 after the 5 s the bodies have).
     let mut answers = tokio::task::JoinSet::new();
-    for _ in 0..2 {
+    for _ in 0..10 {
         let sender = control_http2::<StalledBody>(&gateway).await;
-        for _ in 0..150 {
+        for _ in 0..30 {
             let mut sender = sender.clone();
             let control = gateway.control;
             answers.spawn(async move {
