@@ -682,6 +682,14 @@ where
         }
     }
 
+    /// Puts an answer in `answered`, to go out once the `queued` pushes waiting now have.
+    fn wait_behind_pushes(&mut self, answer: Result<ApiAnswer, UpstreamError>, queued: usize) {
+        self.answered.push_back(Answered {
+            answer,
+            after_pushes: self.pushes_taken.wrapping_add(queued as u32),
+        });
+    }
+
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let writable = match self.socket.poll_ready_unpin(cx) {
             Poll::Ready(Ok(())) => true,
@@ -715,21 +723,14 @@ where
         let queued = match self.handle.poll_mailbox(cx, take_push && !answer_due) {
             MailboxEvent::Command(command) => {
                 if let Some(answer) = ready {
-                    let queued = self.handle.queued() as u32;
-                    self.answered.push_back(Answered {
-                        answer,
-                        after_pushes: self.pushes_taken.wrapping_add(queued),
-                    });
+                    self.wait_behind_pushes(answer, self.handle.queued());
                 }
                 return Poll::Ready(Event::Command(command));
             }
             MailboxEvent::Message(message, behind) => {
                 self.pushes_taken = self.pushes_taken.wrapping_add(1);
                 if let Some(answer) = ready {
-                    self.answered.push_back(Answered {
-                        answer,
-                        after_pushes: self.pushes_taken.wrapping_add(behind as u32),
-                    });
+                    self.wait_behind_pushes(answer, behind);
                 }
                 return Poll::Ready(Event::Push(message));
             }
@@ -745,10 +746,7 @@ where
         } else {
             // (While the socket takes writes, `in_flight` was polled above.)
             while let Poll::Ready(Some(answer)) = self.in_flight.poll_next_unpin(cx) {
-                self.answered.push_back(Answered {
-                    answer,
-                    after_pushes: self.pushes_taken.wrapping_add(queued as u32),
-                });
+                self.wait_behind_pushes(answer, queued);
             }
         }
         let mut write_pending = !writable;
