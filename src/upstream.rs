@@ -166,7 +166,11 @@ pub struct Upstream {
     /// Longest a request waits for a slot (`--upstream-max-wait`).
     max_wait: Duration,
     timeout: Duration,
+    /// Body bytes read of a reply (`--max-message-size`).
     max_body: usize,
+    /// Body bytes read of the answer to a connect GET or a DELETE ([`NOTICE_ANSWER_LIMIT`]
+    /// or `--max-message-size`, whichever is more).
+    notice_max_body: usize,
     /// `--api-token`, sent with every request.
     api_token: Option<HeaderValue>,
     metrics: Arc<Metrics>,
@@ -233,6 +237,7 @@ impl Upstream {
             max_wait: config.upstream_max_wait,
             timeout: config.upstream_timeout,
             max_body: config.max_message_size,
+            notice_max_body: config.max_message_size.max(NOTICE_ANSWER_LIMIT),
             api_token: api_token_header(config)?,
             metrics,
         })
@@ -288,7 +293,7 @@ impl Upstream {
         // still wanted (see handshake.rs, `PendingApproval`), for as long again.
         let limits = Limits {
             time: self.timeout.saturating_mul(2),
-            body: self.max_body.max(NOTICE_ANSWER_LIMIT),
+            body: self.notice_max_body,
         };
         self.send_within(request, limits, Some(sent)).await
     }
@@ -323,7 +328,7 @@ impl Upstream {
         }
         let limits = Limits {
             time: self.timeout,
-            body: self.max_body.max(NOTICE_ANSWER_LIMIT),
+            body: self.notice_max_body,
         };
         self.send_within(request, limits, None).await
     }
