@@ -1211,22 +1211,21 @@ mod tests {
         }
     }
 
-    /// A gateway's shared state (its API nowhere), and a registered connection's parts.
-    async fn test_connection(
+    /// Runs a session of a gateway with `config` (its API nowhere) over a client that sends
+    /// `incoming` and reads nothing, with `pushed` queued first, until it ends (within 5 s);
+    /// returns the gateway's shared state, to read how it ended.
+    async fn run_until_it_ends(
         config: crate::Config,
-    ) -> (
-        crate::Gateway,
-        Arc<SessionHandle>,
-        Arc<ConnectionContext>,
-        OwnedSemaphorePermit,
-    ) {
+        pushed: Option<Outbound>,
+        incoming: Vec<u8>,
+    ) -> Arc<Shared> {
         let config = crate::Config {
             listen: ([127, 0, 0, 1], 0).into(),
             control_listen: ([127, 0, 0, 1], 0).into(),
             ..config
         };
         let gateway = crate::Gateway::bind(config).await.unwrap();
-        let shared = &gateway.shared;
+        let shared = Arc::clone(&gateway.shared);
         let handle = Arc::new(handle());
         let context = shared
             .upstream
@@ -1240,7 +1239,24 @@ mod tests {
             .try_acquire_owned()
             .unwrap();
         shared.registry.insert(Arc::clone(&handle));
-        (gateway, handle, Arc::new(context), permit)
+        if let Some(message) = pushed {
+            assert_eq!(handle.push(message, 10, 1 << 20, &ACCEPTED), Ok(()));
+        }
+        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
+            peer_gone: false,
+            incoming,
+        });
+        let session = run(
+            socket,
+            handle,
+            Arc::new(context),
+            Arc::clone(&shared),
+            permit,
+        );
+        tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("the session ends");
+        shared
     }
 
     fn closed_by(shared: &Shared, reason: CloseReason) -> String {
@@ -1277,19 +1293,9 @@ mod tests {
             write_timeout: Duration::from_millis(1500),
             ..crate::Config::default()
         };
-        let (gateway, handle, context, permit) = test_connection(config).await;
-        let shared = Arc::clone(&gateway.shared);
         // Small enough for the library to take at once (under its flush threshold), so the
         // socket still takes writes while the flush waits on a client that reads nothing.
-        assert_eq!(handle.push(message(100), 10, 1 << 20, &ACCEPTED), Ok(()));
-        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
-            peer_gone: false,
-            incoming: Vec::new(),
-        });
-        let session = run(socket, handle, context, Arc::clone(&shared), permit);
-        tokio::time::timeout(Duration::from_secs(5), session)
-            .await
-            .expect("the session ends on its write timeout");
+        let shared = run_until_it_ends(config, Some(message(100)), Vec::new()).await;
         assert_eq!(closed_by(&shared, CloseReason::PingTimeout), "0");
         assert_eq!(closed_by(&shared, CloseReason::SlowConsumer), "1");
     }
@@ -1302,18 +1308,9 @@ mod tests {
             write_timeout: Duration::from_millis(300),
             ..crate::Config::default()
         };
-        let (gateway, handle, context, permit) = test_connection(config).await;
-        let shared = Arc::clone(&gateway.shared);
         // Close 4321 `bye`, masked with a zero key; the library's echo of it is never written.
         let close = vec![0x88, 0x85, 0, 0, 0, 0, 0x10, 0xE1, b'b', b'y', b'e'];
-        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
-            peer_gone: false,
-            incoming: close,
-        });
-        let session = run(socket, handle, context, Arc::clone(&shared), permit);
-        tokio::time::timeout(Duration::from_secs(5), session)
-            .await
-            .expect("the session ends");
+        let shared = run_until_it_ends(config, None, close).await;
         assert_eq!(closed_by(&shared, CloseReason::SlowConsumer), "0");
         assert_eq!(closed_by(&shared, CloseReason::Client), "1");
     }

@@ -455,67 +455,33 @@ fn stalled_body(part: usize) -> StalledBody {
     http_body_util::StreamBody::new(first.chain(futures_util::stream::pending()).boxed())
 }
 
-#[tokio::test]
-async fn one_control_connection_reads_at_most_its_share_of_push_bodies_at_once() {
+/// A gateway whose messages are at most 1,024 bytes and whose control connections wait 5 s
+/// for a body, with a client `/alice` connected.
+async fn gateway_for_push_bodies() -> (MockApi, TestGateway, Ws) {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
     config.max_message_size = 1024;
     config.handshake_timeout = Duration::from_secs(5);
     let gateway = TestGateway::start(config).await;
-    let _ws = gateway.connect("/alice").await;
-    // One h2c connection, 40 streams of 1,000 bytes of a body that never ends: its share is
-    // 32 × 1,024 bytes, so 32 fit and 8 are answered 503 at once, although the gateway's
-    // budget (256 × 1,024) has room.
-    let sender = control_http2::<StalledBody>(&gateway).await;
-    let mut answers = tokio::task::JoinSet::new();
-    for _ in 0..40 {
-        let mut sender = sender.clone();
-        let control = gateway.control;
-        answers.spawn(async move {
-            let request = hyper::Request::post(format!("http://{control}/alice"))
-                .body(stalled_body(1000))
-                .unwrap();
-            sender.ready().await.unwrap();
-            let response = sender.send_request(request).await.unwrap();
-            let text = http_body_util::BodyExt::collect(response.into_body())
-                .await
-                .unwrap()
-                .to_bytes();
-            String::from_utf8_lossy(&text).into_owned()
-        });
-    }
-    let mut refused = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.join_next()).await {
-        refused.push(answer.unwrap());
-    }
-    assert_eq!(refused.len(), 8, "answered within 3 s: {refused:?}");
-    assert!(
-        refused[0].contains("this connection's push bodies"),
-        "{}",
-        refused[0]
-    );
-    // Another connection still gets its pushes through.
-    let other = gateway.control("POST", "/alice", &[b'y'; 1000]).await;
-    assert_eq!(other.status, 200, "{}", other.text());
+    let ws = gateway.connect("/alice").await;
+    (api, gateway, ws)
 }
 
-#[tokio::test]
-async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503() {
-    let api = MockApi::start().await;
-    let mut config = test_config(&api);
-    config.max_message_size = 1024;
-    config.handshake_timeout = Duration::from_secs(5);
-    let gateway = TestGateway::start(config).await;
-    let _ws = gateway.connect("/alice").await;
-    // The gateway reads at most one body per control connection's worth at once: 256 × 1,024
-    // bytes. Ten h2c connections open 30 streams each (within each connection's share of 32
-    // bodies), each sending 1,000 bytes of a body that never ends: the first 262 fit, the
-    // other 38 are answered 503 at once (not 408 after the 5 s the bodies have).
+/// What a push whose body stalls was answered: status, `Retry-After`, body.
+type StalledAnswer = (u16, Option<hyper::header::HeaderValue>, String);
+
+/// Opens `connections` h2c connections to the control listener with `streams` pushes to
+/// `/alice` on each, every one sending 1,000 bytes of a body that never ends. Returns the
+/// pushes still waiting, and the answers given within 3 s.
+async fn stalled_pushes(
+    gateway: &TestGateway,
+    connections: usize,
+    streams: usize,
+) -> (tokio::task::JoinSet<StalledAnswer>, Vec<StalledAnswer>) {
     let mut answers = tokio::task::JoinSet::new();
-    for _ in 0..10 {
-        let sender = control_http2::<StalledBody>(&gateway).await;
-        for _ in 0..30 {
+    for _ in 0..connections {
+        let sender = control_http2::<StalledBody>(gateway).await;
+        for _ in 0..streams {
             let mut sender = sender.clone();
             let control = gateway.control;
             answers.spawn(async move {
@@ -524,20 +490,59 @@ async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503()
                     .unwrap();
                 sender.ready().await.unwrap();
                 let response = sender.send_request(request).await.unwrap();
+                let status = response.status().as_u16();
                 let retry_after = response.headers().get("retry-after").cloned();
-                (response.status().as_u16(), retry_after)
+                let text = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                (
+                    status,
+                    retry_after,
+                    String::from_utf8_lossy(&text).into_owned(),
+                )
             });
         }
     }
-    let mut refused = 0;
+    let mut answered = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while let Ok(Some(answer)) = tokio::time::timeout_at(deadline, answers.join_next()).await {
-        let (status, retry_after) = answer.unwrap();
-        assert_eq!(status, 503);
-        assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
-        refused += 1;
+        answered.push(answer.unwrap());
     }
-    assert_eq!(refused, 38, "answered within 3 s");
+    (answers, answered)
+}
+
+#[tokio::test]
+async fn one_control_connection_reads_at_most_its_share_of_push_bodies_at_once() {
+    let (_api, gateway, _ws) = gateway_for_push_bodies().await;
+    // One h2c connection, 40 streams of 1,000 bytes of a body that never ends: its share is
+    // 32 × 1,024 bytes, so 32 fit and 8 are answered 503 at once, although the gateway's
+    // budget (256 × 1,024) has room.
+    let (_waiting, refused) = stalled_pushes(&gateway, 1, 40).await;
+    assert_eq!(refused.len(), 8, "answered within 3 s: {refused:?}");
+    assert!(
+        refused[0].2.contains("this connection's push bodies"),
+        "{}",
+        refused[0].2
+    );
+    // Another connection still gets its pushes through.
+    let other = gateway.control("POST", "/alice", &[b'y'; 1000]).await;
+    assert_eq!(other.status, 200, "{}", other.text());
+}
+
+#[tokio::test]
+async fn push_bodies_being_read_over_http2_are_bounded_and_the_excess_gets_503() {
+    let (_api, gateway, _ws) = gateway_for_push_bodies().await;
+    // The gateway reads at most one body per control connection's worth at once: 256 × 1,024
+    // bytes. Ten h2c connections open 30 streams each (within each connection's share of 32
+    // bodies), each sending 1,000 bytes of a body that never ends: the first 262 fit, the
+    // other 38 are answered 503 at once (not 408 after the 5 s the bodies have).
+    let (mut answers, refused) = stalled_pushes(&gateway, 10, 30).await;
+    for (status, retry_after, _) in &refused {
+        assert_eq!(*status, 503);
+        assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+    }
+    assert_eq!(refused.len(), 38, "answered within 3 s");
     assert_eq!(gateway.metrics().await["pushes_refused"], 38.0);
     // A push over --max-message-size is told so (413), not to come back later, even with
     // the budget spent.
