@@ -7,6 +7,9 @@
 //! second and gateway RSS over time; `-latency.svg`: latency percentiles per scenario).
 //!
 //! `cargo run --release -p ws2http-bench --bin scenarios -- [--quick] [--only S1,S3]`
+//!
+//! With `--tally FILES...` it runs nothing and counts, over earlier results, how many runs met
+//! each target and each of its criteria.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use argh::FromArgs;
 use serde_json::{json, Value};
-use ws2http_bench::{gauges, loopback, procstat};
+use ws2http_bench::{gauges, loopback, procstat, usage_error};
 
 #[derive(FromArgs)]
 /// Run the standard ws2http benchmark scenarios S1–S5 and write results and plots.
@@ -52,6 +55,13 @@ struct Args {
     /// label stored with the results (e.g. the allocator or a flag under test)
     #[argh(option, default = "String::new()")]
     label: String,
+    /// run nothing: count, over the result files given, how many runs met each scenario's
+    /// target and each criterion of it, with the least, median and most value measured
+    #[argh(switch)]
+    tally: bool,
+    /// result files (`bench/results/*.json`) for --tally
+    #[argh(positional)]
+    files: Vec<PathBuf>,
 }
 
 /// One scenario of the standard set.
@@ -839,82 +849,283 @@ fn trim(x: f64) -> String {
 /// The criteria of a scenario's target with the measured values (`None` when a figure is
 /// missing, so the scenario cannot be judged).
 fn checks(r: &Value, quick: bool) -> Option<Vec<Check>> {
+    criteria(r, quick)?.into_iter().map(Result::ok).collect()
+}
+
+/// A criterion of a target whose figure a run did not record (an older bench wrote fewer).
+struct Unrecorded {
+    what: &'static str,
+    limit: Option<f64>,
+    at_most: bool,
+}
+
+/// Each criterion of a scenario's target, measured or unrecorded; `None` for a scenario
+/// without a target.
+fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
     let l = &r["load"];
     let g = &l["gateway"];
     let num = |v: &Value| v.as_f64();
-    let c = |what, value, limit, at_most| Check {
-        what,
-        value,
-        limit,
-        at_most,
+    let c = |what, value: Option<f64>, limit: Option<f64>, at_most| match (value, limit) {
+        (Some(value), Some(limit)) => Ok(Check {
+            what,
+            value,
+            limit,
+            at_most,
+        }),
+        (_, limit) => Err(Unrecorded {
+            what,
+            limit,
+            at_most,
+        }),
     };
+    let difference = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
     Some(match r["id"].as_str()? {
         "S1" => {
-            let base = num(&r["gateway_baseline"]["rss_kib"])?;
-            let after = num(&r["gateway_after_leave"]["rss_kib"])?;
+            let base = num(&r["gateway_baseline"]["rss_kib"]);
+            let after = num(&r["gateway_after_leave"]["rss_kib"]);
             vec![
-                c("KiB/conn", num(&g["kib_per_conn_end"])?, 4.0, true),
+                c("KiB/conn", num(&g["kib_per_conn_end"]), Some(4.0), true),
                 c(
                     "RSS after leave, MiB",
-                    after / 1024.0,
-                    base * 1.10 / 1024.0,
+                    after.map(|after| after / 1024.0),
+                    base.map(|base| base * 1.10 / 1024.0),
                     true,
                 ),
             ]
         }
-        "S2" => vec![c("µs CPU/conn", num(&g["cpu_us_per_conn"])?, 40.0, true)],
+        "S2" => vec![c(
+            "µs CPU/conn",
+            num(&g["cpu_us_per_conn"]),
+            Some(40.0),
+            true,
+        )],
         "S3a" | "S3b" => {
-            let mut v = vec![c("µs CPU/msg", num(&g["cpu_us_per_msg"])?, 12.0, true)];
+            let mut v = vec![c("µs CPU/msg", num(&g["cpu_us_per_msg"]), Some(12.0), true)];
             if !quick {
                 let floor = if r["id"] == "S3a" { 47_250.0 } else { 42_000.0 };
-                v.push(c("replies/s", num(&l["replies_per_s"])?, floor, false));
+                v.push(c("replies/s", num(&l["replies_per_s"]), Some(floor), false));
             }
             v
         }
         "S4" => {
             // A load generator short of CPU sends late and spares the gateway the load the
             // target is about: the run counts only if the clients sent (nearly) all of it.
-            let (sent, asked) = sent_and_asked(l)?;
+            let sent = sent_and_asked(l).map(|(sent, asked)| sent / asked * 100.0);
             vec![
-                c("errors", num(&l["errors_total"])?, 0.0, true),
-                c("p99 ms", num(&l["latency"]["p99_ms"])?, 10.0, true),
+                c("errors", num(&l["errors_total"]), Some(0.0), true),
+                c("p99 ms", num(&l["latency"]["p99_ms"]), Some(10.0), true),
+                c("% of the rate asked sent", sent, Some(99.0), false),
+            ]
+        }
+        "S5" | "S5b" => {
+            let count = num(&r["push"]["count"]);
+            vec![
                 c(
-                    "% of the rate asked sent",
-                    sent / asked * 100.0,
-                    99.0,
+                    "pushes/s",
+                    num(&r["push"]["pushes_per_s"]),
+                    Some(50_000.0),
                     false,
+                ),
+                // Every push answered 200 and delivered: failures must not pass for speed.
+                c(
+                    "pushes not answered 200",
+                    difference(count, num(&r["push"]["ok"])),
+                    Some(0.0),
+                    true,
+                ),
+                c(
+                    "pushes not delivered",
+                    difference(count, num(&l["pushes"])),
+                    Some(0.0),
+                    true,
+                ),
+                c(
+                    "p99 delivery ms",
+                    num(&l["push_latency"]["p99_ms"]),
+                    Some(20.0),
+                    true,
                 ),
             ]
         }
-        "S5" | "S5b" => vec![
-            c(
-                "pushes/s",
-                num(&r["push"]["pushes_per_s"])?,
-                50_000.0,
-                false,
-            ),
-            // Every push answered 200 and delivered: failures must not pass for speed.
-            c(
-                "pushes not answered 200",
-                num(&r["push"]["count"])? - num(&r["push"]["ok"])?,
-                0.0,
-                true,
-            ),
-            c(
-                "pushes not delivered",
-                num(&r["push"]["count"])? - num(&l["pushes"])?,
-                0.0,
-                true,
-            ),
-            c(
-                "p99 delivery ms",
-                num(&l["push_latency"]["p99_ms"])?,
-                20.0,
-                true,
-            ),
-        ],
         _ => return None,
     })
+}
+
+/// What `--tally` gathers for one criterion of a target over many runs.
+struct CriterionTally {
+    what: &'static str,
+    /// Runs whose value met the criterion.
+    met: usize,
+    /// The value of every run that recorded it.
+    values: Vec<f64>,
+    /// The limit, unless it differs from run to run (S1's RSS, against each run's baseline).
+    limit: Option<f64>,
+    at_most: bool,
+}
+
+/// What `--tally` gathers for one scenario over many runs.
+struct ScenarioTally {
+    id: String,
+    runs: usize,
+    /// Runs that recorded every figure of the target.
+    judged: usize,
+    met: usize,
+    criteria: Vec<CriterionTally>,
+}
+
+impl ScenarioTally {
+    fn criterion(&mut self, what: &'static str) -> &mut CriterionTally {
+        let at = match self.criteria.iter().position(|c| c.what == what) {
+            Some(at) => at,
+            None => {
+                self.criteria.push(CriterionTally {
+                    what,
+                    met: 0,
+                    values: Vec::new(),
+                    limit: None,
+                    at_most: true,
+                });
+                self.criteria.len() - 1
+            }
+        };
+        &mut self.criteria[at]
+    }
+}
+
+/// `n` and `noun`, with an `s` unless `n` is 1.
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// The middle of `sorted` (the mean of the two middle values for an even count).
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// `--tally`: over full-set runs (the JSON `scenarios` writes; quick runs are left out, their
+/// sizes are not the targets'), how many met each scenario's target and each criterion of it.
+fn tally(runs: &[Value]) -> String {
+    let mut scenarios: Vec<ScenarioTally> = Vec::new();
+    let full: Vec<&Value> = runs
+        .iter()
+        .filter(|run| run["quick"].as_bool() != Some(true))
+        .collect();
+    for r in full
+        .iter()
+        .flat_map(|run| run["scenarios"].as_array().into_iter().flatten())
+    {
+        let Some(criteria) = criteria(r, false) else {
+            continue;
+        };
+        let id = r["id"].as_str().unwrap_or("?");
+        let at = match scenarios.iter().position(|s| s.id == id) {
+            Some(at) => at,
+            None => {
+                scenarios.push(ScenarioTally {
+                    id: id.to_owned(),
+                    runs: 0,
+                    judged: 0,
+                    met: 0,
+                    criteria: Vec::new(),
+                });
+                scenarios.len() - 1
+            }
+        };
+        let scenario = &mut scenarios[at];
+        scenario.runs += 1;
+        if let Some(met) = verdict(r, false) {
+            scenario.judged += 1;
+            scenario.met += usize::from(met);
+        }
+        for criterion in criteria {
+            match criterion {
+                Ok(check) => {
+                    let tally = scenario.criterion(check.what);
+                    tally.met += usize::from(check.ok());
+                    tally.limit = match (tally.values.is_empty(), tally.limit) {
+                        (true, _) => Some(check.limit),
+                        (false, Some(limit)) if limit == check.limit => Some(limit),
+                        _ => None,
+                    };
+                    tally.at_most = check.at_most;
+                    tally.values.push(check.value);
+                }
+                Err(unrecorded) => {
+                    let tally = scenario.criterion(unrecorded.what);
+                    if tally.values.is_empty() {
+                        tally.limit = unrecorded.limit;
+                        tally.at_most = unrecorded.at_most;
+                    }
+                }
+            }
+        }
+    }
+    let mut out = format!(
+        "{} ({} left out)\n",
+        plural(full.len(), "full-set run"),
+        plural(runs.len() - full.len(), "quick run")
+    );
+    for s in &scenarios {
+        let _ = writeln!(
+            out,
+            "{}: target met in {} of the {} that recorded all its figures ({} in all)",
+            s.id,
+            s.met,
+            plural(s.judged, "run"),
+            plural(s.runs, "run")
+        );
+        for c in &s.criteria {
+            let sign = if c.at_most { "≤" } else { "≥" };
+            let limit = c.limit.map_or_else(|| "each run's limit".to_owned(), trim);
+            let mut values = c.values.clone();
+            values.sort_by(f64::total_cmp);
+            let spread = match (values.first(), values.last()) {
+                (Some(least), Some(most)) => format!(
+                    " (least {}, median {}, most {})",
+                    trim(*least),
+                    trim(median(&values)),
+                    trim(*most)
+                ),
+                _ => String::new(),
+            };
+            let unrecorded = s.runs - values.len();
+            let unrecorded = if unrecorded > 0 {
+                format!("; not recorded in {unrecorded}")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "  {} {sign} {limit}: met in {} of {}{spread}{unrecorded}",
+                c.what,
+                c.met,
+                values.len()
+            );
+        }
+    }
+    out
+}
+
+/// `--tally FILES`: reads the result files and prints the tally, or says which file failed.
+fn tally_files(files: &[PathBuf]) -> Result<String, String> {
+    let runs = files
+        .iter()
+        .map(|file| {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))
+        })
+        .collect::<Result<Vec<Value>, String>>()?;
+    Ok(tally(&runs))
 }
 
 /// Whether the scenario met its target (`None` when it could not be judged).
@@ -1153,6 +1364,21 @@ fn build_gateway(root: &Path) -> Result<(), String> {
 
 fn main() {
     let args: Args = argh::from_env();
+    match (args.tally, args.files.is_empty()) {
+        (true, true) => usage_error("scenarios", "--tally needs result files to count"),
+        (true, false) => match tally_files(&args.files) {
+            Ok(report) => {
+                print!("{report}");
+                return;
+            }
+            Err(e) => usage_error("scenarios", &format!("--tally: {e}")),
+        },
+        (false, false) => usage_error(
+            "scenarios",
+            "result files are read only with --tally (did you mean --only?)",
+        ),
+        (false, true) => {}
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
@@ -1433,6 +1659,53 @@ mod tests {
         assert_eq!(verdict(&s1(4.1, 1000, 1000), false), Some(false));
         // Missing figures are not judged rather than passed.
         assert_eq!(verdict(&json!({"id": "S2", "load": {}}), false), None);
+    }
+
+    #[test]
+    fn tally_counts_runs_that_met_each_criterion_and_leaves_quick_runs_out() {
+        let s2 = |us: f64| json!({"id": "S2", "load": {"gateway": {"cpu_us_per_conn": us}}});
+        let s1 = |base: u64, after: u64| {
+            json!({"id": "S1", "load": {"gateway": {"kib_per_conn_end": 3.0}},
+                   "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}})
+        };
+        // An older run without S5's delivery count: counted as run, not as judged.
+        let s5_old = json!({"id": "S5", "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10},
+                            "load": {"push_latency": {"p99_ms": 5.0}}});
+        let runs = [
+            json!({"scenarios": [s2(39.0), s1(1000, 1100), s5_old]}),
+            json!({"scenarios": [s2(45.0), s1(2000, 2300)]}),
+            json!({"scenarios": [s2(41.0)]}),
+            json!({"quick": true, "scenarios": [s2(10.0)]}),
+        ];
+        let report = tally(&runs);
+        assert!(
+            report.starts_with("3 full-set runs (1 quick run left out)"),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "S2: target met in 1 of the 3 runs that recorded all its figures (3 runs in all)"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains("µs CPU/conn ≤ 40: met in 1 of 3 (least 39, median 41, most 45)"),
+            "{report}"
+        );
+        assert!(
+            report.contains("RSS after leave, MiB ≤ each run's limit: met in 1 of 2"),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "S5: target met in 0 of the 0 runs that recorded all its figures (1 run in all)"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains("pushes not delivered ≤ 0: met in 0 of 0; not recorded in 1"),
+            "{report}"
+        );
     }
 
     #[test]
