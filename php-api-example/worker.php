@@ -20,6 +20,13 @@ use Spiral\RoadRunner\Worker;
 use Ws2httpExample\App;
 use Ws2httpExample\Request;
 
+// This port serves the page to browsers too: without the gateways' token anyone could
+// speak as a member (POST /<ClientId>) or remove one (DELETE).
+if ((string) getenv('WS2HTTP_API_TOKEN') === '') {
+    fwrite(STDERR, "worker.php: set WS2HTTP_API_TOKEN to the gateways' --api-token\n");
+    exit(1);
+}
+
 $factory = new Psr17Factory();
 $psr7 = new PSR7Worker(Worker::create(), $factory, $factory, $factory);
 $app = App::fromEnv();

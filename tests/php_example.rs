@@ -158,6 +158,13 @@ async fn connect_accepts_the_cookie_only_from_the_page_origin() {
     .expect_err("cookie from a foreign origin must be refused");
     assert!(matches!(status, Some(s) if s >= 400), "status {status:?}");
 
+    // The cookie with no Origin at all: a browser always sends one on a websocket, so this
+    // is no page's request; refused too (a client that is not a browser uses ?token=).
+    let status = ws_connect(&format!("{base}{carol_id}"), &[("Cookie", &cookie)])
+        .await
+        .expect_err("cookie without an Origin must be refused");
+    assert_eq!(status, Some(403), "status");
+
     // The same cookie from the page that logged in is accepted.
     let origin = s.php.origin();
     let mut carol = ws_connect(
@@ -396,4 +403,145 @@ async fn a_member_who_is_still_connecting_is_not_dropped_by_a_push_that_finds_no
         );
     }
     talking.abort();
+}
+
+#[tokio::test]
+async fn the_login_cookie_is_secure_when_the_page_came_over_https() {
+    let s = Stack::start();
+    let login = |headers: &[(&str, &str)]| {
+        let mut all = vec![("Content-Type", "application/json")];
+        all.extend_from_slice(headers);
+        let res = stack::http_request(
+            s.php.addr,
+            "POST",
+            "/auth/login",
+            &all,
+            br#"{"name":"dan"}"#,
+        );
+        assert_eq!(res.status, 200, "{}", res.text());
+        res.header("set-cookie").expect("a cookie").to_owned()
+    };
+    let behind_tls = login(&[("X-Forwarded-Proto", "https")]);
+    assert!(behind_tls.ends_with("; Secure"), "{behind_tls}");
+    let plain = login(&[]);
+    assert!(!plain.contains("Secure"), "{plain}");
+}
+
+#[tokio::test]
+async fn the_database_holding_the_token_secret_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Stack::start();
+    // The first login makes the app open its database (and the secret in it).
+    s.php.login("erin");
+    let mode = std::fs::metadata(s.php.database())
+        .expect("the database exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {:o}", mode & 0o777);
+}
+
+/// Runs `script` (PHP, with `$store`, a `Store` on a fresh database, and `$argv[1]` = `arg`)
+/// in `workers` processes at once; returns what each printed.
+fn run_store_script(script: &str, workers: &[&str]) -> Vec<String> {
+    let dir = stack::TempDir::new("php-store");
+    let file = dir.path().join("script.php");
+    let store = stack::repo_root().join("php-api-example/src/Store.php");
+    std::fs::write(
+        &file,
+        format!(
+            "<?php\ndeclare(strict_types=1);\nrequire {store:?};\n\
+             $store = new Ws2httpExample\\Store({db:?});\n{script}\n",
+            db = dir.path().join("store.sqlite"),
+        ),
+    )
+    .expect("write the script");
+    let children: Vec<_> = workers
+        .iter()
+        .map(|arg| {
+            std::process::Command::new("php")
+                .arg(&file)
+                .arg(arg)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("php (php-cli) runs")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().expect("php ends");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "php failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            text
+        })
+        .collect()
+}
+
+#[test]
+fn members_join_and_leave_in_several_workers_at_once_without_a_locked_database() {
+    // Each worker joins and leaves members of its own; their transactions interleave. A
+    // leave that read before another worker wrote must still be able to write.
+    let printed = run_store_script(
+        r#"$failed = 0;
+        for ($i = 0; $i < 2000; $i++) {
+            $id = $argv[1] . '-' . $i;
+            try {
+                $store->join($id, 'x', 'c');
+                if ($store->leave($id, 'c') === null) { $failed++; }
+            } catch (\Throwable $e) {
+                $failed++;
+                fwrite(STDERR, $e->getMessage() . "
+");
+            }
+        }
+        echo "failed $failed";"#,
+        &["a", "b", "c"],
+    );
+    for worker in printed {
+        assert_eq!(worker, "failed 0");
+    }
+}
+
+#[test]
+fn of_two_racing_connects_the_member_row_keeps_the_newer_connection() {
+    // X-Connection-Ids of one gateway process share their first 6 hex digits; the greater
+    // is the newer connection, which the gateway keeps whichever GET the API answers last.
+    let printed = run_store_script(
+        r#"$store->join('amy', 'newer', 'abcdef000000000a');
+        $store->join('amy', 'older', 'abcdef0000000005');
+        echo $store->member('amy')['name'], ' ';
+        $store->join('amy', 'other gateway', '1234560000000001');
+        echo $store->member('amy')['name'], ' ';
+        // The older connection's DELETE (after its 4000) leaves the newer one's row.
+        echo $store->leave('amy', 'abcdef0000000005') === null ? 'kept' : 'removed';"#,
+        &[""],
+    );
+    assert_eq!(printed, ["newer other gateway kept"]);
+}
+
+#[test]
+fn every_php_file_of_the_example_parses() {
+    let root = stack::repo_root().join("php-api-example");
+    let mut files = vec![root.join("router.php"), root.join("worker.php")];
+    for entry in std::fs::read_dir(root.join("src")).expect("src/") {
+        files.push(entry.expect("an entry").path());
+    }
+    for file in files {
+        let out = std::process::Command::new("php")
+            .arg("-l")
+            .arg(&file)
+            .output()
+            .expect("php (php-cli) runs");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }

@@ -50,7 +50,8 @@ final class App
         $env = static fn (string $k, string $d = ''): string => (string) (getenv($k) ?: $d);
         $origins = array_values(array_filter(array_map('trim', explode(',', $env('WS2HTTP_ALLOWED_ORIGINS')))));
         return new self(
-            $env('WS2HTTP_DB', sys_get_temp_dir() . '/ws2http-chat.sqlite'),
+            // Not the shared temp dir: the file holds the token secret (Store makes it 0600).
+            $env('WS2HTTP_DB', dirname(__DIR__) . '/var/chat.sqlite'),
             new Gateway(
                 $env('WS2HTTP_PUSH_URL', 'http://127.0.0.1:7002/'),
                 $env('WS2HTTP_CONTROL_TOKEN') ?: null,
@@ -105,9 +106,10 @@ final class App
      * Connect. ws2http forwards the client's query string and its Cookie, Origin,
      * Authorization and User-Agent headers. The token comes from ?token= or, failing
      * that, from the ws2http_token cookie. A cookie is sent by the browser on its own,
-     * so then the Origin must be the page that logged in (or listed in
+     * so then the Origin must be there and be the page that logged in (or listed in
      * WS2HTTP_ALLOWED_ORIGINS): that stops another site from opening a websocket with
-     * the user's cookie (cross-site websocket hijacking).
+     * the user's cookie (cross-site websocket hijacking). Browsers always send Origin on
+     * a websocket; other clients use ?token=.
      */
     private function connect(Request $req, string $clientId): Response
     {
@@ -125,7 +127,10 @@ final class App
             return new Response(401, 'unauthorized: ' . $claims);
         }
         $origin = $req->header('origin');
-        if ($fromCookie && $origin !== '' && $origin !== $claims['o'] && !in_array($origin, $this->allowedOrigins, true)) {
+        if ($fromCookie && $origin === '') {
+            return new Response(403, 'forbidden: the cookie is taken only with an Origin (or use ?token=)');
+        }
+        if ($fromCookie && $origin !== $claims['o'] && !in_array($origin, $this->allowedOrigins, true)) {
             return new Response(403, 'forbidden: origin ' . $origin . ' may not use the cookie');
         }
 
@@ -243,6 +248,10 @@ final class App
         $origin = $req->header('origin') ?: $scheme . '://' . $req->header('host');
         $token = $this->tokens()->issue($clientId, $name, $origin);
         $cookie = self::COOKIE . '=' . $token . '; Path=/; Max-Age=86400; HttpOnly; SameSite=Strict';
+        if ($scheme === 'https') {
+            // Served over TLS (the proxy in front says so): never sent over plain ws:// or http://.
+            $cookie .= '; Secure';
+        }
         return self::json(['clientId' => $clientId, 'name' => $name, 'token' => $token], 200, ['Set-Cookie' => $cookie]);
     }
 

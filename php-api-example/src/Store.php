@@ -2,7 +2,10 @@
 // Chat membership kept in SQLite, so it is shared by every PHP process that serves
 // the API: `php -S` with PHP_CLI_SERVER_WORKERS, php-fpm children, RoadRunner
 // workers. WAL mode plus a busy timeout lets concurrent requests wait for each other
-// instead of failing with "database is locked".
+// instead of failing with "database is locked"; a read that leads to a write takes the
+// write lock first (BEGIN IMMEDIATE), since a read snapshot another worker has written
+// past cannot wait its way into a write. The file holds the token secret: it is
+// readable by its owner only.
 
 declare(strict_types=1);
 
@@ -16,6 +19,7 @@ final class Store
 
     public function __construct(string $path)
     {
+        self::createPrivate($path);
         $this->db = new PDO('sqlite:' . $path, null, null, [
             PDO::ATTR_ERRMODE => PDO::ERRMODE_EXCEPTION,
             PDO::ATTR_DEFAULT_FETCH_MODE => PDO::FETCH_ASSOC,
@@ -32,6 +36,30 @@ final class Store
             )'
         );
         $this->db->exec('CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)');
+    }
+
+    /**
+     * Creates $path (and its directory) readable by this user only, or makes an existing
+     * file so; SQLite gives its -wal and -shm files the same mode. Fails if the file is
+     * someone else's: they could read the secret, or have chosen it.
+     */
+    private static function createPrivate(string $path): void
+    {
+        $dir = dirname($path);
+        if (!is_dir($dir) && !@mkdir($dir, 0700, true) && !is_dir($dir)) {
+            throw new \RuntimeException("WS2HTTP_DB: cannot create the directory $dir");
+        }
+        $old = umask(0077);
+        try {
+            if (!file_exists($path) && !@touch($path)) {
+                throw new \RuntimeException("WS2HTTP_DB: cannot create $path");
+            }
+        } finally {
+            umask($old);
+        }
+        if (!@chmod($path, 0600)) {
+            throw new \RuntimeException("WS2HTTP_DB: $path is not this user's file (cannot make it private)");
+        }
     }
 
     /**
@@ -52,11 +80,22 @@ final class Store
         return (string) $value;
     }
 
-    /** Records that $clientId is connected as $name (replacing an older connection). */
+    /**
+     * Records that $clientId is connected as $name, replacing an older connection. Two
+     * connects of one ClientId can reach the API in either order (two tabs opening at
+     * once); the gateway keeps the newer connection, so the row does too: of two
+     * X-Connection-Ids from one gateway process (the same first 6 hex digits) the greater
+     * is the newer. Ids from different gateways cannot be ordered: the later call wins.
+     */
     public function join(string $clientId, string $name, string $connectionId): void
     {
         $this->db->prepare(
-            'INSERT OR REPLACE INTO members (client_id, name, connection_id, joined_at) VALUES (?, ?, ?, ?)'
+            'INSERT INTO members (client_id, name, connection_id, joined_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT (client_id) DO UPDATE SET
+                 name = excluded.name, connection_id = excluded.connection_id, joined_at = excluded.joined_at
+             WHERE NOT (length(members.connection_id) = 16 AND length(excluded.connection_id) = 16
+                 AND substr(members.connection_id, 1, 6) = substr(excluded.connection_id, 1, 6)
+                 AND members.connection_id > excluded.connection_id)'
         )->execute([$clientId, $name, $connectionId, time()]);
     }
 
@@ -78,7 +117,10 @@ final class Store
      */
     public function leave(string $clientId, string $connectionId = ''): ?array
     {
-        $this->db->beginTransaction();
+        // The write lock before the read: between a deferred transaction's SELECT and its
+        // DELETE another worker may commit, and SQLite then refuses the DELETE at once
+        // ("database is locked"), busy timeout or not.
+        $this->db->exec('BEGIN IMMEDIATE');
         try {
             $row = $this->member($clientId);
             if ($row !== null && ($connectionId === '' || $row['connection_id'] === ''
@@ -87,9 +129,13 @@ final class Store
             } else {
                 $row = null;
             }
-            $this->db->commit();
+            $this->db->exec('COMMIT');
         } catch (\Throwable $e) {
-            $this->db->rollBack();
+            try {
+                $this->db->exec('ROLLBACK');
+            } catch (\Throwable) {
+                // no transaction left to end: the error above says what happened
+            }
             throw $e;
         }
         return $row;

@@ -154,7 +154,7 @@ pub struct PhpExample {
     /// Where it listens (127.0.0.1:port).
     pub addr: SocketAddr,
     proc: Proc,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl PhpExample {
@@ -176,11 +176,12 @@ impl PhpExample {
             .env("PHP_CLI_SERVER_WORKERS", "4");
         let mut proc = Proc::spawn("php -S (php-cli)", cmd);
         wait_for_port(addr, &mut proc, Duration::from_secs(15));
-        PhpExample {
-            addr,
-            proc,
-            _dir: dir,
-        }
+        PhpExample { addr, proc, dir }
+    }
+
+    /// Its SQLite file (`WS2HTTP_DB`): members and the token secret.
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("chat.sqlite")
     }
 
     /// `http://127.0.0.1:port/`, the API base the gateway appends ClientIds to.
