@@ -11,8 +11,9 @@ use std::sync::Arc;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, ORIGIN, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT,
-    SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, ORIGIN, RETRY_AFTER,
+    SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION,
+    UPGRADE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -183,6 +184,29 @@ async fn route(
             RefusalReason::BadRequest,
             "websocket upgrades need HTTP/1.1\n",
         ));
+    }
+    // RFC 9112, 3.2: a request without a Host line, or with two, is answered 400; RFC 6455,
+    // 11.3.1 and 11.3.5: the key and the version appear once (which of two keys would the
+    // accept answer?).
+    for (name, what) in [
+        (&HOST, "exactly one Host header is needed\n"),
+        (
+            &SEC_WEBSOCKET_KEY,
+            "more than one Sec-WebSocket-Key header\n",
+        ),
+        (
+            &SEC_WEBSOCKET_VERSION,
+            "more than one Sec-WebSocket-Version header\n",
+        ),
+    ] {
+        let lines = headers.get_all(name).iter().count();
+        if lines > 1 || (lines == 0 && *name == HOST) {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                RefusalReason::BadRequest,
+                what,
+            ));
+        }
     }
     if headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
         return Err(Refusal::new(

@@ -17,6 +17,8 @@ pub struct ClientId(Arc<str>);
 pub enum ClientIdError {
     /// The path is `/` or empty.
     Empty,
+    /// The request target is not a path (`*`, the asterisk form of `OPTIONS *`).
+    NotAPath,
     /// More than one path segment (`/a/b`) or a trailing slash.
     ExtraSegments,
     /// A `%` not followed by two hex digits.
@@ -35,6 +37,7 @@ impl fmt::Display for ClientIdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             ClientIdError::Empty => "the path names no ClientId",
+            ClientIdError::NotAPath => "the request target is not a path such as /alice",
             ClientIdError::ExtraSegments => "the ClientId must be the only path segment",
             ClientIdError::BadPercentEncoding => "the ClientId has malformed percent-encoding",
             ClientIdError::TooLong => "the ClientId is longer than 256 bytes",
@@ -52,7 +55,11 @@ impl std::error::Error for ClientIdError {}
 impl ClientId {
     /// Reads the ClientId from a request path such as `/alice%20b`.
     pub fn from_path(path: &str) -> Result<ClientId, ClientIdError> {
-        let segment = path.strip_prefix('/').unwrap_or(path);
+        let segment = match path.strip_prefix('/') {
+            Some(segment) => segment,
+            None if path.is_empty() => return Err(ClientIdError::Empty),
+            None => return Err(ClientIdError::NotAPath),
+        };
         if segment.is_empty() {
             return Err(ClientIdError::Empty);
         }
@@ -235,6 +242,8 @@ mod tests {
         let cases = [
             ("/", ClientIdError::Empty),
             ("", ClientIdError::Empty),
+            ("*", ClientIdError::NotAPath),
+            ("alice", ClientIdError::NotAPath),
             ("/a/b", ClientIdError::ExtraSegments),
             ("/a/", ClientIdError::ExtraSegments),
             ("/a%2", ClientIdError::BadPercentEncoding),

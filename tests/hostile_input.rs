@@ -268,6 +268,29 @@ fn handshake_cases() -> Vec<Refused> {
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
             400,
         ),
+        // RFC 9112: exactly one Host; RFC 6455: one key, one version; a target that is a path.
+        refused(
+            "no Host",
+            "GET /nohost HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            400,
+        ),
+        refused(
+            "two Host lines",
+            upgrade_request("/twohosts", &["Host: other"]),
+            400,
+        ),
+        refused(
+            "two Sec-WebSocket-Key lines",
+            upgrade_request("/twokeys", &["Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA=="]),
+            400,
+        ),
+        refused(
+            "two Sec-WebSocket-Version lines",
+            upgrade_request("/twoversions", &["Sec-WebSocket-Version: 8"]),
+            400,
+        ),
+        refused("asterisk-form target", upgrade_request("*", &[]), 400),
         // Sec-WebSocket-Key.
         refused("missing Sec-WebSocket-Key", upgrade_with_key(None), 400),
         refused("empty Sec-WebSocket-Key", upgrade_with_key(Some("")), 400),
