@@ -98,6 +98,22 @@ impl ApiBase {
         &self.0
     }
 
+    /// The API's address when its host is an IP address (the port as given, or the scheme's).
+    pub fn ip_address(&self) -> Option<SocketAddr> {
+        let uri: Uri = self.0.parse().ok()?;
+        let host = uri.host()?;
+        let ip: std::net::IpAddr = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .parse()
+            .ok()?;
+        let port = uri
+            .port_u16()
+            .unwrap_or(if self.is_https() { 443 } else { 80 });
+        Some(SocketAddr::new(ip, port))
+    }
+
     /// Whether the API is reached over TLS (the scheme is case-insensitive: `HTTPS://` too).
     pub fn is_https(&self) -> bool {
         self.0
@@ -254,9 +270,9 @@ impl DescriptorBudget {
             Some(n) if n > room => {
                 return Err(format!(
                     "--max-connections {n} does not fit the open-file limit {open_file_limit}: \
-                     at most {room} with --upstream-max-connections {upstream}, {} pending \
-                     handshakes, {CONTROL_CONNECTIONS} control connections and \
-                     {over_caps} sockets over those caps",
+                     at most {room} with --upstream-max-connections {upstream}, \
+                     --max-pending-handshakes {}, {CONTROL_CONNECTIONS} control connections \
+                     and {over_caps} sockets over those caps",
                     config.max_pending_handshakes
                 ))
             }
@@ -490,5 +506,32 @@ mod tests {
         };
         let err = DescriptorBudget::plan(&config, 20_000).unwrap_err();
         assert!(err.contains("--max-connections"), "{err}");
+        // The flag that takes the room is named too, not only the one that asks for it.
+        let config = Config {
+            max_connections: Some(1),
+            max_pending_handshakes: 99_999_999,
+            ..Config::default()
+        };
+        let err = DescriptorBudget::plan(&config, 20_000).unwrap_err();
+        assert!(err.contains("--max-pending-handshakes 99999999"), "{err}");
+    }
+
+    #[test]
+    fn the_api_address_is_known_when_its_host_is_an_ip_address() {
+        let ip = |base: &str| base.parse::<ApiBase>().unwrap().ip_address();
+        assert_eq!(
+            ip("http://127.0.0.1:7002/"),
+            Some(([127, 0, 0, 1], 7002).into())
+        );
+        assert_eq!(ip("http://127.0.0.1/"), Some(([127, 0, 0, 1], 80).into()));
+        assert_eq!(
+            ip("https://10.0.0.1/api/"),
+            Some(([10, 0, 0, 1], 443).into())
+        );
+        assert_eq!(
+            ip("http://[::1]:8000/"),
+            Some((std::net::Ipv6Addr::LOCALHOST, 8000).into())
+        );
+        assert_eq!(ip("http://api.internal:7002/"), None);
     }
 }

@@ -148,14 +148,20 @@ pub fn open_file_limit() -> usize {
     }
 }
 
+/// Checks every setting of `config` and splits this process's open-file limit for it: what
+/// [`Gateway::bind`] does before it binds anything, for a caller that wants to know before it
+/// starts anything else.
+pub fn check(config: &Config) -> Result<DescriptorBudget, StartError> {
+    // A flag that is wrong on its own is named before the budget it would upset.
+    validate(config)?;
+    DescriptorBudget::plan(config, open_file_limit()).map_err(StartError::Config)
+}
+
 impl Gateway {
     /// Binds both listeners and prepares the API client, with the descriptor budget derived from
     /// this process's open-file limit.
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
-        // A flag that is wrong on its own is named before the budget it would upset.
-        validate(&config)?;
-        let budget =
-            DescriptorBudget::plan(&config, open_file_limit()).map_err(StartError::Config)?;
+        let budget = check(&config)?;
         Gateway::bind_with_budget(config, budget).await
     }
 
@@ -337,6 +343,9 @@ fn validate(config: &Config) -> Result<(), StartError> {
     if config.max_queued_messages == 0 {
         return fail("--max-queued-messages must be at least 1");
     }
+    if config.max_queued_bytes == 0 {
+        return fail("--max-queued-bytes must be at least 1 byte");
+    }
     if let Some(interval) = config.ping_interval {
         if config.ping_timeout <= interval {
             return fail("--ping-timeout must be longer than --ping-interval");
@@ -388,6 +397,9 @@ fn validate(config: &Config) -> Result<(), StartError> {
             "--api-ca is for an https:// API reached over TCP; this API is called in plain HTTP",
         );
     }
+    if let Some(message) = calls_itself(config) {
+        return fail(&message);
+    }
     if config.shutdown_delete_concurrency > Semaphore::MAX_PERMITS {
         return fail(&format!(
             "--shutdown-delete-concurrency must be at most {}",
@@ -395,6 +407,47 @@ fn validate(config: &Config) -> Result<(), StartError> {
         ));
     }
     Ok(())
+}
+
+/// Why `config` would have the gateway send its API calls to itself, if it would: `--api` an
+/// IP address and port one of its listeners takes, or `--api-unix-socket` the path of its
+/// `--control-unix-socket`. (A host name is not resolved here.)
+fn calls_itself(config: &Config) -> Option<String> {
+    if let (Some(api), Some(control)) = (&config.api_unix_socket, &config.control_unix_socket) {
+        let resolved = |path: &std::path::Path| {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let dir = std::fs::canonicalize(dir.unwrap_or(std::path::Path::new("."))).ok();
+            (dir, path.file_name().map(ToOwned::to_owned))
+        };
+        if api == control || resolved(api) == resolved(control) {
+            return Some(format!(
+                "--api-unix-socket {} is this gateway's own --control-unix-socket: the API \
+                 must be another server",
+                api.display()
+            ));
+        }
+    }
+    if config.api_unix_socket.is_some() {
+        return None;
+    }
+    let api = config.api.ip_address()?;
+    [
+        ("--listen", config.listen),
+        ("--control-listen", config.control_listen),
+    ]
+    .into_iter()
+    .find(|(_, listener)| {
+        let same_ip = listener.ip() == api.ip()
+            || (listener.ip().is_unspecified()
+                && (api.ip().is_loopback() || api.ip().is_unspecified()));
+        listener.port() != 0 && listener.port() == api.port() && same_ip
+    })
+    .map(|(flag, listener)| {
+        format!(
+            "--api {} is this gateway's own {flag} {listener}: the API must be another server",
+            config.api.as_str()
+        )
+    })
 }
 
 /// Binds and serves `config` until `shutdown` resolves.

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use argh::FromArgs;
 use ws2http::config::{is_header_token, parse_duration, parse_size, ApiBase, Config, TlsFiles};
@@ -40,7 +41,7 @@ struct Args {
     max_message_size: usize,
 
     /// websocket connections held at once (default: what the open-file limit leaves after the
-    /// API connections and pending handshakes)
+    /// API connections, pending handshakes, 256 control connections and 128 spare)
     #[argh(option)]
     max_connections: Option<usize>,
 
@@ -57,7 +58,7 @@ struct Args {
     upstream_timeout: Duration,
 
     /// concurrent API requests and pooled API connections (default: open-file limit / 16, at
-    /// most 1024)
+    /// least 16, at most 1024)
     #[argh(option)]
     upstream_max_connections: Option<usize>,
 
@@ -415,6 +416,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Every flag and the descriptor budget are checked before anything starts (logging, the
+    // runtime, the profilers): a wrong value is one line naming the flag.
+    if let Err(error) = ws2http::check(&config) {
+        eprintln!("ws2http: {error}");
+        return ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -430,11 +437,26 @@ fn main() -> ExitCode {
         builder.worker_threads(workers);
         (workers, builder)
     };
-    let runtime = match builder
+    // tokio panics, rather than return an error, when the system refuses a worker thread (a
+    // container's pids limit, systemd's TasksMax), and the process then hung with the threads
+    // it had: exit 1 with one line instead.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|info| {
+        let why = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        eprintln!("ws2http: cannot start the runtime: {why}");
+        std::process::exit(1);
+    }));
+    let built = builder
         .on_thread_park(profile::on_worker_park)
         .enable_all()
-        .build()
-    {
+        .build();
+    std::panic::set_hook(default_hook);
+    let runtime = match built {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("ws2http: cannot start the runtime: {error}");
@@ -492,6 +514,9 @@ const PROFILE_NOT_WRITTEN: u8 = 3;
 
 /// Serves until a signal has drained the gateway; Err with the exit code if it never started.
 async fn serve(config: Config, workers: usize, cpus: usize) -> Result<(), ExitCode> {
+    // Before anything is bound or logged: a SIGTERM sent as soon as the start-up lines
+    // appear must drain, not kill the process with the default action.
+    let signals = ShutdownSignals::install();
     let gateway = match Gateway::bind(config.clone()).await {
         Ok(gateway) => gateway,
         Err(error) => {
@@ -535,7 +560,7 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> Result<(), ExitCo
              reaches it can push to and disconnect every client"
         );
     }
-    let report = gateway.serve(shutdown_signal()).await;
+    let report = gateway.serve(signals.first()).await;
     tracing::info!(
         sessions = report.sessions_at_shutdown,
         completed = report.completed,
@@ -545,32 +570,46 @@ async fn serve(config: Config, workers: usize, cpus: usize) -> Result<(), ExitCo
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT; a second one ends the process at once (once a
-/// profile file being written is in place).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, taken over from their default action (ending the process) as soon
+/// as this is made.
+struct ShutdownSignals(Option<(Signal, Signal)>);
+
+impl ShutdownSignals {
+    fn install() -> Self {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => ShutdownSignals(Some((term, int))),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                ShutdownSignals(None)
+            }
+        }
     }
-    tokio::spawn(async move {
+
+    /// Resolves on the first SIGTERM or SIGINT (also one that came before this was polled); a
+    /// second one ends the process at once (once a profile file being written is in place).
+    async fn first(self) {
+        let Some((mut term, mut int)) = self.0 else {
+            std::future::pending::<()>().await;
+            return;
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        eprintln!("ws2http: second signal, exiting without draining");
-        // A profile file being written is finished first (no longer than the write takes).
-        let _no_more_writes = profile::writes_finished();
-        std::process::exit(1);
-    });
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("ws2http: second signal, exiting without draining");
+            // A profile file being written is finished first (no longer than the write takes).
+            let _no_more_writes = profile::writes_finished();
+            std::process::exit(1);
+        });
+    }
 }
 
 #[cfg(test)]

@@ -997,6 +997,11 @@ async fn a_zero_or_out_of_range_limit_stops_the_binary_naming_the_flag() {
     for (flag, value, message) in [
         ("--idle-timeout", "0s", "--idle-timeout must be more than 0"),
         (
+            "--max-queued-bytes",
+            "0",
+            "--max-queued-bytes must be at least 1 byte",
+        ),
+        (
             "--max-connections",
             "0",
             "--max-connections must be at least 1",

@@ -1,5 +1,7 @@
-//! The binary's runtime flags: `--current-thread` serves websockets and pushes on one thread,
-//! and refuses to be combined with `--worker-threads`.
+//! The binary's runtime and process life: `--current-thread` serves websockets and pushes on
+//! one thread and refuses to be combined with `--worker-threads`; a runtime the system refuses
+//! threads for, a wrong flag next to a profile, a signal right after start-up, a gateway told
+//! to call itself.
 
 mod common;
 
@@ -83,4 +85,134 @@ async fn a_gateway_that_cannot_start_leaves_an_earlier_profile_in_place() {
     .await;
     assert_eq!(std::fs::read(&path).unwrap(), b"an earlier run's profile");
     std::fs::remove_file(&path).unwrap();
+}
+
+#[tokio::test]
+async fn a_runtime_the_system_refuses_threads_for_exits_1_naming_the_cause() {
+    use std::os::unix::process::CommandExt;
+    let api = MockApi::start().await;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ws2http"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .args(["--api", &api.base(), "--worker-threads", "1024"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // 1 GiB of address space: far from enough for 1,024 thread stacks, as a container's
+    // limits would refuse them.
+    // SAFETY: only setrlimit(2), between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().expect("spawn ws2http");
+    let pid = child.id();
+    let output = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await;
+    let Ok(output) = output else {
+        // SAFETY: kill(2) on the child this test spawned.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("the gateway hung instead of exiting");
+    };
+    let output = output.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot start the runtime"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_wrong_flag_next_to_a_profile_is_one_line_on_stderr() {
+    let api = MockApi::start().await;
+    let path = std::env::temp_dir().join(format!("ws2http-{}-one-line.pb", std::process::id()));
+    let log = Binary::refused_at_start(
+        &api.base(),
+        &["--pipeline", "0", "--cpuprofile", path.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(log.lines().count(), 1, "{log}");
+    assert!(log.contains("--pipeline"), "{log}");
+    assert!(
+        !path.exists(),
+        "no profile for a gateway that never started"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_right_after_the_first_start_up_line_drains_and_exits_0() {
+    let api = MockApi::start().await;
+    for run in 0..20 {
+        let api = api.base();
+        // Read in this thread and signalled from it, as a supervisor that stops a process as
+        // soon as it says it started: no time for the gateway to get further.
+        let (status, stderr) = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ws2http"))
+                .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+                .args(["--api", &api])
+                .env("RUST_LOG", "info")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn ws2http");
+            let pid = child.id() as i32;
+            let mut stderr = String::new();
+            let mut signalled = false;
+            for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+                let line = line.unwrap_or_default();
+                if !signalled && line.contains("ws2http started") {
+                    // SAFETY: kill(2) on the child spawned here.
+                    unsafe { libc::kill(pid, libc::SIGTERM) };
+                    signalled = true;
+                }
+                stderr.push_str(&line);
+                stderr.push('\n');
+            }
+            (child.wait().expect("wait"), stderr)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status.code(), Some(0), "run {run}: {stderr}");
+        assert!(stderr.contains("ws2http stopped"), "run {run}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_told_to_call_itself_is_refused_at_start() {
+    let api_port = common::binary::free_port();
+    let own = format!("127.0.0.1:{api_port}");
+    let log = Binary::refused_at_start(
+        &format!("http://127.0.0.1:{api_port}/"),
+        &["--control-listen", &own],
+        &[],
+    )
+    .await;
+    assert!(
+        log.contains("is this gateway's own --control-listen"),
+        "{log}"
+    );
+    let socket = std::env::temp_dir().join(format!("ws2http-{}-self.sock", std::process::id()));
+    let socket = socket.to_str().unwrap();
+    let log = Binary::refused_at_start(
+        "http://api/",
+        &["--api-unix-socket", socket, "--control-unix-socket", socket],
+        &[],
+    )
+    .await;
+    assert!(
+        log.contains("--api-unix-socket") && log.contains("--control-unix-socket"),
+        "{log}"
+    );
 }
