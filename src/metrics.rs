@@ -124,7 +124,8 @@ impl RefusalReason {
 /// All counters of one gateway.
 #[derive(Default)]
 pub struct Metrics {
-    /// Websockets accepted (101 sent).
+    /// Websockets accepted: approved by the API and registered, as their `101` goes out (one
+    /// whose upgrade then fails, its client gone, is counted closed with reason `eof`).
     pub connections_opened: AtomicU64,
     /// Websockets ended, for any reason.
     pub connections_closed: AtomicU64,

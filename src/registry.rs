@@ -2,6 +2,7 @@
 //! Sharded so that thousands of connects and pushes a second do not queue on one lock.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::identity::{ClientId, ConnectionId};
@@ -25,23 +26,29 @@ pub enum Insertion {
 /// The connected clients of this gateway.
 pub struct Registry {
     shards: [Mutex<HashMap<ClientId, Arc<SessionHandle>>>; SHARDS],
+    /// Picks a ClientId's shard; keyed at random per gateway, so that clients cannot choose
+    /// ClientIds that all wait on one lock.
+    shard_keys: RandomState,
 }
 
 impl Default for Registry {
     fn default() -> Self {
         Registry {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shard_keys: RandomState::new(),
         }
     }
 }
 
 impl Registry {
+    fn shard_index(&self, client_id: &ClientId) -> usize {
+        (self.shard_keys.hash_one(client_id) as usize) % SHARDS
+    }
+
     fn shard(&self, client_id: &ClientId) -> MutexGuard<'_, HashMap<ClientId, Arc<SessionHandle>>> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::hash::DefaultHasher::new();
-        client_id.hash(&mut hasher);
-        let index = (hasher.finish() as usize) % SHARDS;
-        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+        self.shards[self.shard_index(client_id)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes `handle` the session of its ClientId, unless the session there now is of a
@@ -216,5 +223,22 @@ mod tests {
             assert!(registry.remove(&h.client_id, h.connection_id));
         }
         assert_eq!(capacity(&registry), 0, "empty tables are given back");
+    }
+
+    #[test]
+    fn client_ids_that_share_a_shard_in_one_gateway_spread_in_another() {
+        // Ids chosen to crowd one lock of one gateway: with keys of its own, another gateway
+        // (or the same after a restart) spreads them, so no fixed list crowds every gateway.
+        let one = Registry::default();
+        let crowded: Vec<ClientId> = (0..100_000)
+            .map(|i| ClientId::from_path(&format!("/c{i}")).unwrap())
+            .filter(|id| one.shard_index(id) == 0)
+            .take(64)
+            .collect();
+        assert_eq!(crowded.len(), 64);
+        let other = Registry::default();
+        let shards: std::collections::HashSet<usize> =
+            crowded.iter().map(|id| other.shard_index(id)).collect();
+        assert!(shards.len() > 1, "all 64 on shard {shards:?} again");
     }
 }
