@@ -365,6 +365,42 @@ async fn an_api_that_never_answers_the_connection_attempt_gives_502_not_504() {
 }
 
 #[tokio::test]
+async fn a_message_to_an_api_that_is_gone_closes_the_socket_1011_upstream_unreachable() {
+    // Connection: close on every answer, so that each request opens a connection of its own:
+    // once the API stops listening, the message's request cannot be sent at all.
+    let api = MockApi::with_script(|s| echo_script(s).header("connection", "close")).await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut ws = gateway.connect("/gone-api").await;
+    assert_eq!(round_trip(&mut ws, "before").await, "echo:before");
+    api.stop();
+    // The listener is gone once its task is; connecting is then refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(api.addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the API still listens"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ws.send(Message::text("after")).await.unwrap();
+    assert_eq!(
+        close_frame(&mut ws).await,
+        (1011, "upstream unreachable".to_owned())
+    );
+    // Counted once the session has ended (its close handshake done or given up).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = gateway.metrics().await;
+        let closed = metrics["connections_closed_by_reason{reason=\"upstream_failure\"}"];
+        if closed == 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn plain_gets_get_426_and_healthz_200_without_asking_the_api() {
     let (api, gateway) = setup().await;
     let plain = raw_http(gateway.public, "GET", "/alice", &[], b"").await;
