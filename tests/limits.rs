@@ -411,6 +411,8 @@ async fn a_client_that_floods_pings_without_reading_is_not_read_further() {
     );
     let delete = api.wait_for("DELETE", 1).await[0].clone();
     assert_eq!(delete.body, Bytes::from_static(b"slow consumer"));
+    assert_eq!(delete.header("x-close-code"), Some("1008"));
+    assert_eq!(closed_by(&gateway.metrics().await, "slow_consumer"), 1.0);
     assert!(api.seen_with("POST").is_empty());
     assert_accounting(&gateway, &api).await;
 }
@@ -537,7 +539,9 @@ impl Relay {
 #[tokio::test]
 async fn a_delete_that_finds_the_api_unreachable_is_sent_once_it_is_back() {
     let api = MockApi::start().await;
-    let relay = Relay::start(0, api.addr).await;
+    // Bound again after the cut: a port below the ephemeral range, which no outgoing
+    // connection of another test can take meanwhile.
+    let relay = Relay::start(common::binary::free_port(), api.addr).await;
     let mut config = test_config(&api);
     config.api = format!("http://{}/", relay.addr).parse().unwrap();
     let gateway = TestGateway::start(config).await;
@@ -1443,8 +1447,8 @@ async fn quick_5xx_answers_do_not_grow_the_concurrency_limit() {
 
 #[tokio::test]
 async fn requests_waiting_for_an_api_slot_time_out_within_the_upstream_timeout() {
-    let api = MockApi::with_slow_posts("late", Duration::from_secs(5)).await;
-    let timeout = Duration::from_millis(1000);
+    let api = MockApi::with_slow_posts("late", Duration::from_secs(10)).await;
+    let timeout = Duration::from_secs(2);
     let mut config = test_config(&api);
     config.upstream_max_connections = Some(1);
     config.upstream_timeout = timeout;
@@ -1468,11 +1472,9 @@ async fn requests_waiting_for_an_api_slot_time_out_within_the_upstream_timeout()
     for task in tasks {
         let ((code, reason), took) = task.await.unwrap();
         closes.push((code, reason));
-        // Waiting for the one slot counts against the deadline: nobody waits for the others.
-        assert!(
-            took < timeout + Duration::from_millis(400),
-            "closed {took:?} after sending"
-        );
+        // Waiting for the one slot counts against the deadline: nobody waits for the others
+        // (which would be 2 or 3 timeouts).
+        assert!(took < timeout * 8 / 5, "closed {took:?} after sending");
     }
     // The first was sent and timed out at the API: 1011. The others waited for the one
     // connection; one whose time ran out before it was sent is told to try again later

@@ -61,8 +61,10 @@ fn assert_one_delete_per_connection(api: &MockApi) {
 #[tokio::test]
 async fn shutdown_lets_an_in_flight_post_finish_and_delivers_its_reply_before_the_1001() {
     let api = MockApi::with_script(|s| match s.method.as_str() {
+        // Long enough for the idle socket's close and a /metrics request to come first on a
+        // loaded machine, within --shutdown-timeout (5 s).
         "POST" => Reply::ok(format!("done:{}", String::from_utf8_lossy(&s.body)))
-            .after(Duration::from_millis(600)),
+            .after(Duration::from_secs(3)),
         _ => Reply::ok("ok"),
     })
     .await;
@@ -105,7 +107,7 @@ async fn shutdown_lets_an_in_flight_post_finish_and_delivers_its_reply_before_th
         assert_eq!(delete.header("x-close-code"), Some("1001"));
     }
     let busy_delete = deletes.iter().find(|d| d.uri == "/busy").unwrap();
-    assert!(busy_delete.at >= post.at + Duration::from_millis(600));
+    assert!(busy_delete.at >= post.at + Duration::from_secs(3));
     assert_one_delete_per_connection(&api);
 }
 

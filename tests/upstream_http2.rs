@@ -129,7 +129,17 @@ async fn h2c_request_handed_back_unsent_by_a_dropped_connection_is_sent_again() 
         .send(Message::text("second"))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The second has its API slot (then time to reach hyper's connection) before the third
+    // is sent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gateway.metrics().await["upstream_requests_in_flight"] < 2.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second never left"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     not_yet_taken.send(Message::text("third")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -390,7 +400,7 @@ async fn message_waiting_for_a_stream_when_the_api_goes_away(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(api.posts.load(Ordering::SeqCst), 1, "one stream at a time");
     api.release.notify_one();
     assert_eq!(next_text(&mut on_the_wire).await, "ok");

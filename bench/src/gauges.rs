@@ -233,7 +233,7 @@ mod tests {
     fn a_poller_reads_a_metrics_endpoint_until_finished() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        std::thread::spawn(move || {
+        let server = std::thread::spawn(move || {
             for stream in listener.incoming().flatten().take(3) {
                 let mut stream = stream;
                 let mut request = [0u8; 512];
@@ -247,7 +247,10 @@ mod tests {
             }
         });
         let poller = Poller::start(port, Duration::from_millis(20));
-        std::thread::sleep(Duration::from_millis(150));
+        // Three reads served, then the listener is gone: every read after fails. Some time
+        // for the third answer to be parsed and a later read to fail (15 periods).
+        server.join().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
         let json = poller.finish();
         assert_eq!(json["max"]["upstream_disconnects_waiting"], 4);
         let read = json["samples"].as_array().map_or(0, Vec::len);
