@@ -409,17 +409,38 @@ fn validate(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
+/// `path` with its directory resolved (links, `.`, `..`), so that two spellings of one file
+/// compare equal; as given when the directory cannot be resolved.
+pub fn resolved_path(path: &std::path::Path) -> std::path::PathBuf {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_owned(),
+    }
+}
+
+/// Whether a connection to `api` can land on a listener bound to `listener` (the same port
+/// assumed): the same address; a loopback or unspecified target of a listener on all addresses
+/// (of its family, or any for `[::]`, which takes IPv4 too); an unspecified target of a
+/// loopback listener.
+fn reaches(api: std::net::IpAddr, listener: std::net::IpAddr) -> bool {
+    let local = |ip: std::net::IpAddr| ip.is_loopback() || ip.is_unspecified();
+    let same_family = api.is_ipv4() == listener.is_ipv4();
+    api == listener
+        || (listener.is_unspecified() && local(api) && (same_family || listener.is_ipv6()))
+        || (api.is_unspecified() && local(listener) && same_family)
+}
+
 /// Why `config` would have the gateway send its API calls to itself, if it would: `--api` an
-/// IP address and port one of its listeners takes, or `--api-unix-socket` the path of its
-/// `--control-unix-socket`. (A host name is not resolved here.)
+/// IP address and port that reach one of its listeners (see [`reaches`]), or
+/// `--api-unix-socket` the path of its `--control-unix-socket`. A host name is not resolved
+/// here, and a listener on all addresses is not matched with the host's other addresses.
 fn calls_itself(config: &Config) -> Option<String> {
     if let (Some(api), Some(control)) = (&config.api_unix_socket, &config.control_unix_socket) {
-        let resolved = |path: &std::path::Path| {
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-            let dir = std::fs::canonicalize(dir.unwrap_or(std::path::Path::new("."))).ok();
-            (dir, path.file_name().map(ToOwned::to_owned))
-        };
-        if api == control || resolved(api) == resolved(control) {
+        if api == control || resolved_path(api) == resolved_path(control) {
             return Some(format!(
                 "--api-unix-socket {} is this gateway's own --control-unix-socket: the API \
                  must be another server",
@@ -437,10 +458,7 @@ fn calls_itself(config: &Config) -> Option<String> {
     ]
     .into_iter()
     .find(|(_, listener)| {
-        let same_ip = listener.ip() == api.ip()
-            || (listener.ip().is_unspecified()
-                && (api.ip().is_loopback() || api.ip().is_unspecified()));
-        listener.port() != 0 && listener.port() == api.port() && same_ip
+        listener.port() != 0 && listener.port() == api.port() && reaches(api.ip(), listener.ip())
     })
     .map(|(flag, listener)| {
         format!(
@@ -461,6 +479,25 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_api_address_reaches_a_listener_of_its_own_or_a_wildcard_of_its_family() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(super::reaches(ip("127.0.0.1"), ip("127.0.0.1")));
+        assert!(super::reaches(ip("127.0.0.1"), ip("0.0.0.0")));
+        assert!(
+            super::reaches(ip("127.0.0.1"), ip("::")),
+            "[::] is dual-stack"
+        );
+        assert!(super::reaches(ip("::1"), ip("::")));
+        assert!(super::reaches(ip("0.0.0.0"), ip("127.0.0.1")));
+        assert!(
+            !super::reaches(ip("::1"), ip("0.0.0.0")),
+            "IPv4 wildcard, IPv6 target"
+        );
+        assert!(!super::reaches(ip("127.0.0.2"), ip("127.0.0.1")));
+        assert!(!super::reaches(ip("10.0.0.1"), ip("127.0.0.1")));
+    }
+
     use super::*;
 
     fn config() -> Config {

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use argh::FromArgs;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use ws2http::config::{is_header_token, parse_duration, parse_size, ApiBase, Config, TlsFiles};
 use ws2http::{profile, Gateway};
 
@@ -307,7 +307,7 @@ fn config_from(args: &Args) -> Result<Config, String> {
         _ => {}
     }
     if let (Some(cpu), Some(mem)) = (&args.cpuprofile, &args.memprofile) {
-        if resolved(cpu) == resolved(mem) {
+        if ws2http::resolved_path(cpu) == ws2http::resolved_path(mem) {
             return Err("--cpuprofile and --memprofile name the same file".to_owned());
         }
     }
@@ -492,20 +492,6 @@ fn main() -> ExitCode {
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(code) => code,
-    }
-}
-
-/// `path` with its directory resolved (links, `.`, `..`), so that two spellings of one file
-/// compare equal; as given when the directory cannot be resolved (the start-up check of the
-/// profile paths then refuses it).
-fn resolved(path: &std::path::Path) -> PathBuf {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => std::path::Path::new("."),
-    };
-    match (std::fs::canonicalize(dir), path.file_name()) {
-        (Ok(dir), Some(name)) => dir.join(name),
-        _ => path.to_owned(),
     }
 }
 
