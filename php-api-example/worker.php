@@ -10,6 +10,14 @@ declare(strict_types=1);
 
 ini_set('display_errors', 'stderr');
 
+// This port serves the page to browsers too: without the gateways' token anyone could
+// speak as a member (POST /<ClientId>) or remove one (DELETE). Checked before anything is
+// loaded, so that the message is the first thing said.
+if ((string) getenv('WS2HTTP_API_TOKEN') === '') {
+    fwrite(STDERR, "worker.php: set WS2HTTP_API_TOKEN to the gateways' --api-token\n");
+    exit(1);
+}
+
 require __DIR__ . '/vendor/autoload.php';
 require __DIR__ . '/src/bootstrap.php';
 
@@ -19,13 +27,6 @@ use Spiral\RoadRunner\Http\PSR7Worker;
 use Spiral\RoadRunner\Worker;
 use Ws2httpExample\App;
 use Ws2httpExample\Request;
-
-// This port serves the page to browsers too: without the gateways' token anyone could
-// speak as a member (POST /<ClientId>) or remove one (DELETE).
-if ((string) getenv('WS2HTTP_API_TOKEN') === '') {
-    fwrite(STDERR, "worker.php: set WS2HTTP_API_TOKEN to the gateways' --api-token\n");
-    exit(1);
-}
 
 $factory = new Psr17Factory();
 $psr7 = new PSR7Worker(Worker::create(), $factory, $factory, $factory);

@@ -368,7 +368,8 @@ async fn an_api_that_never_answers_the_connection_attempt_gives_502_not_504() {
 async fn a_message_to_an_api_that_is_gone_closes_the_socket_1011_upstream_unreachable() {
     // Connection: close on every answer, so that each request opens a connection of its own:
     // once the API stops listening, the message's request cannot be sent at all.
-    let api = MockApi::with_script(|s| echo_script(s).header("connection", "close")).await;
+    let api =
+        MockApi::with_script_on_a_kept_port(|s| echo_script(s).header("connection", "close")).await;
     let gateway = TestGateway::start(test_config(&api)).await;
     let mut ws = gateway.connect("/gone-api").await;
     assert_eq!(round_trip(&mut ws, "before").await, "echo:before");

@@ -545,3 +545,18 @@ fn every_php_file_of_the_example_parses() {
         );
     }
 }
+
+#[test]
+fn the_roadrunner_worker_refuses_to_start_without_the_gateways_token() {
+    // Its port serves the page to browsers too: without the token check anyone could speak
+    // as a member. (RoadRunner itself is not run here; the refusal comes before it is needed.)
+    let out = std::process::Command::new("php")
+        .arg("worker.php")
+        .current_dir(stack::repo_root().join("php-api-example"))
+        .env_remove("WS2HTTP_API_TOKEN")
+        .output()
+        .expect("php (php-cli) runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("WS2HTTP_API_TOKEN"), "{stderr}");
+}

@@ -95,6 +95,9 @@ async fn a_runtime_the_system_refuses_threads_for_exits_1_naming_the_cause() {
     command
         .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
         .args(["--api", &api.base(), "--worker-threads", "1024"])
+        // One jemalloc arena: the workers already started must not be the ones to run out of
+        // address space first (an abort, not the refusal under test), however many CPUs.
+        .env("_RJEM_MALLOC_CONF", "narenas:1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -154,9 +157,11 @@ async fn sigterm_right_after_the_first_start_up_line_drains_and_exits_0() {
     let api = MockApi::start().await;
     for run in 0..20 {
         let api = api.base();
+        let pid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let child_pid = std::sync::Arc::clone(&pid);
         // Read in this thread and signalled from it, as a supervisor that stops a process as
         // soon as it says it started: no time for the gateway to get further.
-        let (status, stderr) = tokio::task::spawn_blocking(move || {
+        let ended = tokio::task::spawn_blocking(move || {
             use std::io::BufRead;
             let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ws2http"))
                 .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
@@ -168,6 +173,7 @@ async fn sigterm_right_after_the_first_start_up_line_drains_and_exits_0() {
                 .spawn()
                 .expect("spawn ws2http");
             let pid = child.id() as i32;
+            child_pid.store(pid, std::sync::atomic::Ordering::SeqCst);
             let mut stderr = String::new();
             let mut signalled = false;
             for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
@@ -181,9 +187,13 @@ async fn sigterm_right_after_the_first_start_up_line_drains_and_exits_0() {
                 stderr.push('\n');
             }
             (child.wait().expect("wait"), stderr)
-        })
-        .await
-        .unwrap();
+        });
+        let Ok(ended) = tokio::time::timeout(Duration::from_secs(30), ended).await else {
+            // SAFETY: kill(2) on the child spawned above; the reading thread then ends.
+            unsafe { libc::kill(pid.load(std::sync::atomic::Ordering::SeqCst), libc::SIGKILL) };
+            panic!("run {run}: the gateway did not exit within 30 s of its SIGTERM");
+        };
+        let (status, stderr) = ended.unwrap();
         assert_eq!(status.code(), Some(0), "run {run}: {stderr}");
         assert!(stderr.contains("ws2http stopped"), "run {run}: {stderr}");
     }

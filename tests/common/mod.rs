@@ -126,6 +126,24 @@ impl MockApi {
         MockApi::on_listener(listener, Arc::new(script)).await
     }
 
+    /// The same on a port below the kernel's ephemeral range (`binary::free_port`): for a
+    /// test that stops the API and must not find another test's server on its port after.
+    pub async fn with_script_on_a_kept_port(
+        script: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> MockApi {
+        // A port free a moment ago can be taken by another test's server before this binds it.
+        let mut attempts = 0;
+        let listener = loop {
+            attempts += 1;
+            match TcpListener::bind(("127.0.0.1", binary::free_port())).await {
+                Ok(listener) => break listener,
+                Err(e) if attempts >= 5 => panic!("no port for the mock API: {e}"),
+                Err(_) => continue,
+            }
+        };
+        MockApi::on_listener(listener, Arc::new(script)).await
+    }
+
     /// An API that answers every POST with `reply` after `delay`, and everything else `ok` at
     /// once: a slow API for the tests of waiting, timeouts and draining.
     pub async fn with_slow_posts(reply: &'static str, delay: Duration) -> MockApi {
