@@ -691,7 +691,8 @@ async fn over_the_pending_handshake_cap_a_socket_gets_503_after_a_short_grace() 
     // It waited 250 ms for a slot to come free, no longer.
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(250) && waited < Duration::from_secs(1),
+        // (Not until the 3-s handshake timeout: the bound leaves a loaded machine room.)
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
         "answered after {waited:?}"
     );
     assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 1.0);
@@ -758,7 +759,10 @@ async fn over_the_pending_handshake_cap_sockets_wait_side_by_side_not_one_after_
         assert_eq!(answer.header("retry-after"), Some("1"));
     }
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(2), "all answered after {took:?}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "all answered after {took:?}"
+    );
     assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 20.0);
     drop(holder);
 }
