@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use argh::FromArgs;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use ws2http::config::{is_header_token, parse_duration, parse_size, ApiBase, Config, TlsFiles};
+use ws2http::config::{
+    is_header_token, parse_duration, parse_size, ApiBase, Config, DescriptorBudget, TlsFiles,
+};
 use ws2http::{profile, Gateway};
 
 /// ws2http: holds websocket connections and turns their traffic into plain HTTP requests to
@@ -418,10 +420,13 @@ fn main() -> ExitCode {
     };
     // Every flag and the descriptor budget are checked before anything starts (logging, the
     // runtime, the profilers): a wrong value is one line naming the flag.
-    if let Err(error) = ws2http::check(&config) {
-        eprintln!("ws2http: {error}");
-        return ExitCode::from(2);
-    }
+    let budget = match ws2http::check(&config) {
+        Ok(budget) => budget,
+        Err(error) => {
+            eprintln!("ws2http: {error}");
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -479,7 +484,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let served = runtime.block_on(serve(config, workers, cpus));
+    let served = runtime.block_on(serve(config, budget, workers, cpus));
     if served.is_err() {
         // Nothing ran: a profile of an earlier run at the same path is kept.
         profiles.discard();
@@ -499,11 +504,17 @@ fn main() -> ExitCode {
 const PROFILE_NOT_WRITTEN: u8 = 3;
 
 /// Serves until a signal has drained the gateway; Err with the exit code if it never started.
-async fn serve(config: Config, workers: usize, cpus: usize) -> Result<(), ExitCode> {
+async fn serve(
+    config: Config,
+    budget: DescriptorBudget,
+    workers: usize,
+    cpus: usize,
+) -> Result<(), ExitCode> {
     // Before anything is bound or logged: a SIGTERM sent as soon as the start-up lines
     // appear must drain, not kill the process with the default action.
     let signals = ShutdownSignals::install();
-    let gateway = match Gateway::bind(config.clone()).await {
+    // The budget `check` planned before the runtime started, not planned again.
+    let gateway = match Gateway::bind_with_budget(config.clone(), budget).await {
         Ok(gateway) => gateway,
         Err(error) => {
             eprintln!("ws2http: {error}");
