@@ -75,22 +75,6 @@ async fn a_second_delete_while_the_socket_closes_gets_404_and_changes_nothing() 
     assert_eq!(delete.header("x-close-code"), Some("4001"));
 }
 
-/// Waits until no API request of `gateway` is in flight (`within` at most).
-async fn wait_until_no_request_in_flight(gateway: &TestGateway, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let in_flight = gateway.metrics().await["upstream_requests_in_flight"];
-        if in_flight == 0.0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{in_flight} requests still in flight after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn replies_waiting_for_a_backed_up_socket_go_out_before_a_control_close() {
     const BIG: usize = 16 << 20;
@@ -111,7 +95,13 @@ async fn replies_waiting_for_a_backed_up_socket_go_out_before_a_control_close() 
     ws.send(Message::text("small")).await.unwrap();
     api.wait_for("POST", 2).await;
     // Both answers are in the gateway (the big one read whole), not at the API.
-    wait_until_no_request_in_flight(&gateway, Duration::from_secs(10)).await;
+    gateway
+        .wait_for_metric(
+            "upstream_requests_in_flight",
+            |n| n == 0.0,
+            Duration::from_secs(10),
+        )
+        .await;
     let response = gateway
         .control("DELETE", "/slow-reader?code=4001&reason=bye", b"")
         .await;
@@ -141,7 +131,13 @@ async fn a_request_still_at_the_api_when_its_socket_closes_frees_its_slot_when_a
     let response = gateway.control("DELETE", "/closing", b"").await;
     assert_eq!(response.status, 200);
     // Answered after 300 ms: its API slot is free before the close handshake ends (2 s).
-    wait_until_no_request_in_flight(&gateway, Duration::from_millis(1800)).await;
+    gateway
+        .wait_for_metric(
+            "upstream_requests_in_flight",
+            |n| n == 0.0,
+            Duration::from_millis(1800),
+        )
+        .await;
     // The DELETE still comes after that answer.
     let delete = api.wait_for("DELETE", 1).await.remove(0);
     let post = api.seen_with("POST").remove(0);

@@ -389,16 +389,13 @@ async fn a_message_to_an_api_that_is_gone_closes_the_socket_1011_upstream_unreac
         (1011, "upstream unreachable".to_owned())
     );
     // Counted once the session has ended (its close handshake done or given up).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = gateway.metrics().await;
-        let closed = metrics["connections_closed_by_reason{reason=\"upstream_failure\"}"];
-        if closed == 1.0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{metrics:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gateway
+        .wait_for_metric(
+            "connections_closed_by_reason{reason=\"upstream_failure\"}",
+            |n| n == 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
 }
 
 #[tokio::test]

@@ -617,15 +617,13 @@ async fn deletes_still_unsent_when_the_shutdown_grace_period_ends_are_given_up_a
 
 /// Waits until the gateway has started `n` API requests (5 s at most).
 async fn wait_for_requests(gateway: &TestGateway, n: f64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let started = gateway.metrics().await["requests_started"];
-        if started >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{started} API requests, not {n}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gateway
+        .wait_for_metric(
+            "requests_started",
+            |started| started >= n,
+            Duration::from_secs(5),
+        )
+        .await;
 }
 
 // ---- --max-connections ----

@@ -131,14 +131,13 @@ async fn h2c_request_handed_back_unsent_by_a_dropped_connection_is_sent_again() 
         .unwrap();
     // The second has its API slot (then time to reach hyper's connection) before the third
     // is sent.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while gateway.metrics().await["upstream_requests_in_flight"] < 2.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the second never left"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gateway
+        .wait_for_metric(
+            "upstream_requests_in_flight",
+            |n| n >= 2.0,
+            Duration::from_secs(10),
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     not_yet_taken.send(Message::text("third")).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -413,6 +413,23 @@ impl TestGateway {
         assert_eq!(response.status, 200);
         parse_metrics(&response.text())
     }
+
+    /// Reads `/metrics` every 20 ms until `name`'s value satisfies `done`; panics with all the
+    /// metrics if it does not within `within`.
+    pub async fn wait_for_metric(&self, name: &str, done: impl Fn(f64) -> bool, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let metrics = self.metrics().await;
+            if metrics.get(name).copied().is_some_and(&done) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} not there after {within:?}: {metrics:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for TestGateway {
