@@ -252,6 +252,23 @@ impl Answered {
     }
 }
 
+/// Moves the answers at the head of `in_flight` that have already come in (in message order,
+/// up to the first still at the API) to the end of `answered`, each to go out once
+/// `after_pushes` pushes have.
+fn take_finished(
+    in_flight: &mut FuturesOrdered<AnswerFuture>,
+    answered: &mut VecDeque<Answered>,
+    after_pushes: u32,
+) {
+    use futures_util::FutureExt as _;
+    while let Some(Some(answer)) = in_flight.next().now_or_never() {
+        answered.push_back(Answered {
+            answer,
+            after_pushes,
+        });
+    }
+}
+
 /// Whether a reply to go out once `pushes_taken` reaches `after_pushes` may go now. (The
 /// counts wrap; the ones compared are never 2^31 apart, as no mailbox holds that many.)
 fn is_due(after_pushes: u32, pushes_taken: u32) -> bool {
@@ -372,35 +389,51 @@ pub(crate) fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + WriteProgress,
 {
-    let now = Instant::now();
-    let mut session = Session {
-        socket,
-        in_flight: FuturesOrdered::new(),
-        answered: VecDeque::new(),
-        pushes_taken: 0,
-        handle,
-        context,
-        timer: Box::pin(tokio::time::sleep_until(now)),
-        timer_at: now,
-        last_received: now,
-        last_data: now,
-        last_ping: now,
-        write_stalled_since: None,
-        written_at_stall: 0,
-        unflushed: false,
-        unflushed_messages: 0,
-        unflushed_pushes: 0,
-        reading: true,
-        listening: true,
-        drain_deadline: None,
-        peer_close: None,
-        shared,
-    };
-    session.schedule_timer(now);
+    let mut session = Session::new(socket, handle, context, shared);
     async move {
         let ending = session.run_loop().await;
         // Boxed so that the closing steps' state does not enlarge every idle connection's task.
         Box::pin(session.finish(ending, permit)).await;
+    }
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + WriteProgress,
+{
+    /// A session of a websocket that has just opened.
+    fn new(
+        socket: WebSocketStream<S>,
+        handle: Arc<SessionHandle>,
+        context: Arc<ConnectionContext>,
+        shared: Arc<Shared>,
+    ) -> Session<S> {
+        let now = Instant::now();
+        let mut session = Session {
+            socket,
+            in_flight: FuturesOrdered::new(),
+            answered: VecDeque::new(),
+            pushes_taken: 0,
+            handle,
+            context,
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            timer_at: now,
+            last_received: now,
+            last_data: now,
+            last_ping: now,
+            write_stalled_since: None,
+            written_at_stall: 0,
+            unflushed: false,
+            unflushed_messages: 0,
+            unflushed_pushes: 0,
+            reading: true,
+            listening: true,
+            drain_deadline: None,
+            peer_close: None,
+            shared,
+        };
+        session.schedule_timer(now);
+        session
     }
 }
 
@@ -1037,7 +1070,7 @@ where
         let Session {
             socket,
             mut in_flight,
-            answered,
+            mut answered,
             handle,
             context,
             shared,
@@ -1046,6 +1079,13 @@ where
             pushes_taken,
             ..
         } = self;
+        // Answers that came in but were not taken yet (the close was noticed in the same
+        // wake-up) count as given: they go out behind every push queued now.
+        take_finished(
+            &mut in_flight,
+            &mut answered,
+            pushes_taken.wrapping_add(handle.queued() as u32),
+        );
         // Replies the API gave while the socket was backed up (or pushes waited): they go out
         // among the queued pushes in the order they came, as they would have had the
         // connection stayed (the messages they answer came in before the close).
@@ -1259,6 +1299,111 @@ mod tests {
         shared
     }
 
+    /// A client that keeps what the gateway writes, all of it taken at once, and whose
+    /// reads find the end (after whatever the session reads first).
+    struct RecordingClient {
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncRead for RecordingClient {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for RecordingClient {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl WriteProgress for RecordingClient {
+        fn bytes_written(&self) -> u64 {
+            self.written.lock().unwrap().len() as u64
+        }
+    }
+
+    /// The frames in what a server wrote (unmasked, each under 126 bytes): opcode, payload.
+    fn frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while bytes.len() >= 2 {
+            let (opcode, len) = (bytes[0] & 0x0f, usize::from(bytes[1] & 0x7f));
+            assert!(len < 126, "a test frame is short");
+            out.push((opcode, bytes[2..2 + len].to_vec()));
+            bytes = &bytes[2 + len..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn answers_in_when_a_control_close_is_seen_go_out_before_its_close_frame() {
+        let config = crate::Config {
+            listen: ([127, 0, 0, 1], 0).into(),
+            control_listen: ([127, 0, 0, 1], 0).into(),
+            ping_interval: None,
+            pipeline: 2,
+            ..crate::Config::default()
+        };
+        let gateway = crate::Gateway::bind(config).await.unwrap();
+        let shared = Arc::clone(&gateway.shared);
+        let handle = Arc::new(handle());
+        let context = shared
+            .upstream
+            .context(
+                handle.connection_id,
+                handle.client_id.clone(),
+                &http::HeaderMap::new(),
+            )
+            .unwrap();
+        let permit = Arc::clone(&shared.connection_permits)
+            .try_acquire_owned()
+            .unwrap();
+        shared.registry.insert(Arc::clone(&handle));
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let socket = tokio_websockets::ServerBuilder::new().serve(RecordingClient {
+            written: Arc::clone(&written),
+        });
+        let mut session = Session::new(
+            socket,
+            Arc::clone(&handle),
+            Arc::new(context),
+            Arc::clone(&shared),
+        );
+        // Both answers are in when the session next wakes, and so is the API's DELETE.
+        session.in_flight.push_back(answer("a1"));
+        session.in_flight.push_back(answer("a2"));
+        assert!(handle.command(close(4001, "bye")));
+        let ending = tokio::time::timeout(Duration::from_secs(5), session.run_loop())
+            .await
+            .expect("the session sees the close");
+        tokio::time::timeout(Duration::from_secs(5), session.finish(ending, permit))
+            .await
+            .expect("the session ends");
+        let mut close_frame = 4001u16.to_be_bytes().to_vec();
+        close_frame.extend_from_slice(b"bye");
+        assert_eq!(
+            frames(&written.lock().unwrap()),
+            [(1, b"a1".to_vec()), (1, b"a2".to_vec()), (8, close_frame)]
+        );
+    }
+
     fn closed_by(shared: &Shared, reason: CloseReason) -> String {
         let text = shared
             .metrics
@@ -1283,6 +1428,49 @@ mod tests {
             assert!(answered.is_due(taken_then.wrapping_add(2)));
             assert!(answered.is_due(taken_then.wrapping_add(1000)));
         }
+    }
+
+    /// An API answer that has come in, with `body`.
+    fn answer(body: &'static str) -> AnswerFuture {
+        Box::pin(std::future::ready(Ok(ApiAnswer {
+            status: http::StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: Bytes::from_static(body.as_bytes()),
+        })))
+    }
+
+    #[test]
+    fn answers_that_came_in_before_the_close_was_seen_are_kept_in_order() {
+        let mut in_flight = FuturesOrdered::new();
+        in_flight.push_back(answer("a1"));
+        in_flight.push_back(answer("a2"));
+        in_flight.push_back(Box::pin(std::future::pending()) as AnswerFuture);
+        // Came in after the one still at the API: it waits for it, as its reply would.
+        in_flight.push_back(answer("a4"));
+        let mut answered = VecDeque::from([Answered {
+            answer: Err(UpstreamError::Overloaded),
+            after_pushes: 1,
+        }]);
+        take_finished(&mut in_flight, &mut answered, 5);
+        let bodies: Vec<_> = answered
+            .iter()
+            .map(|a| match &a.answer {
+                Ok(answer) => (
+                    String::from_utf8_lossy(&answer.body).into_owned(),
+                    a.after_pushes,
+                ),
+                Err(_) => ("error".to_owned(), a.after_pushes),
+            })
+            .collect();
+        assert_eq!(
+            bodies,
+            [("error".into(), 1), ("a1".into(), 5), ("a2".into(), 5)]
+        );
+        assert_eq!(
+            in_flight.len(),
+            2,
+            "the one at the API and the one behind it stay"
+        );
     }
 
     #[tokio::test]
