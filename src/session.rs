@@ -777,8 +777,12 @@ where
                 return Poll::Ready(Event::Answer(answered.answer));
             }
         } else {
-            // (While the socket takes writes, `in_flight` was polled above.)
+            // (While the socket takes writes, `in_flight` was polled above.) A failure ends
+            // the connection now: no reply goes out after it anyway (see finish()).
             while let Poll::Ready(Some(answer)) = self.in_flight.poll_next_unpin(cx) {
+                if answer.is_err() {
+                    return Poll::Ready(Event::Answer(answer));
+                }
                 self.wait_behind_pushes(answer, queued);
             }
         }

@@ -305,6 +305,26 @@ async fn backed_up_while_the_api_answers(
 }
 
 #[tokio::test]
+async fn an_api_failure_while_the_socket_is_backed_up_closes_it_at_once_as_an_upstream_failure() {
+    // The API takes longer than --upstream-timeout (3 s) while pushes back the socket up:
+    // the failure ends the connection then, not --write-timeout (20 s) later as a slow
+    // consumer.
+    let (api, gateway, _raw, _pushed, posted) =
+        backed_up_while_the_api_answers("/failed-while-backed-up", Duration::from_secs(10)).await;
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    let took = posted.elapsed();
+    assert!(
+        took < Duration::from_secs(8),
+        "the DELETE came {took:?} after the message"
+    );
+    assert_eq!(delete.body, Bytes::from_static(b"upstream timeout"));
+    assert_eq!(delete.header("x-close-code"), Some("1011"));
+    let metrics = gateway.metrics().await;
+    assert_eq!(closed_by(&metrics, "upstream_failure"), 1.0);
+    assert_eq!(closed_by(&metrics, "slow_consumer"), 0.0);
+}
+
+#[tokio::test]
 async fn an_api_answer_that_comes_while_the_socket_is_backed_up_frees_its_api_slot_and_arrives_later(
 ) {
     let (api, gateway, mut raw, pushed, posted) =
