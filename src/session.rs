@@ -961,8 +961,10 @@ where
     }
 
     fn on_answer(&mut self, answer: ApiAnswer) {
-        if let Some((payload, binary)) = reply(answer) {
-            self.send(payload, binary, false);
+        match reply(answer) {
+            Some((payload, binary)) => self.send(payload, binary, false),
+            // An answer without a reply ends the exchange all the same: not idle till now.
+            None => self.last_data = Instant::now(),
         }
     }
 
@@ -1025,7 +1027,14 @@ where
             return Some(Ending::ours(CloseReason::PingTimeout, 1001, "ping timeout"));
         }
         if let Some(idle) = config.idle_timeout {
-            if now >= self.last_data + idle {
+            // A message at the API, or data going out to a slow reader, is no idleness: the
+            // idle time counts from when that is done.
+            let busy = !self.in_flight.is_empty()
+                || !self.answered.is_empty()
+                || self.write_stalled_since.is_some();
+            if busy {
+                self.last_data = now;
+            } else if now >= self.last_data + idle {
                 return Some(Ending::ours(CloseReason::IdleTimeout, 1000, "idle timeout"));
             }
         }

@@ -162,3 +162,36 @@ async fn a_client_waiting_on_a_slow_api_answer_is_not_closed_for_ping_timeout() 
     assert_eq!(closed_by(&gateway.metrics().await, "ping_timeout"), 0.0);
     assert_accounting(&gateway, &api).await;
 }
+
+#[tokio::test]
+async fn a_message_at_a_slow_api_is_no_idleness() {
+    // The API takes longer than --idle-timeout: the connection is busy, not idle, and the
+    // idle time counts again from the answer (one with a reply, and one without).
+    let api = MockApi::with_script(|seen| match (seen.method.as_str(), seen.body.as_ref()) {
+        ("POST", b"quiet") => Reply::status(204, "").after(Duration::from_millis(2500)),
+        ("POST", _) => Reply::ok("late reply").after(Duration::from_millis(2500)),
+        _ => echo_script(seen),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.ping_interval = None;
+    config.idle_timeout = Some(Duration::from_secs(1));
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/patient").await;
+    assert_eq!(round_trip(&mut ws, "question").await, "late reply");
+    ws.send(Message::text("quiet")).await.unwrap();
+    api.wait_for("POST", 2).await;
+    let asked = Instant::now();
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (1000, "idle timeout"));
+    let took = asked.elapsed();
+    // 2.5 s at the API, then 1 s idle; closed at 1 s it would have been idle while busy.
+    assert!(
+        took >= Duration::from_millis(3300),
+        "closed {took:?} after the message"
+    );
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.body, Bytes::from_static(b"idle timeout"));
+    assert_eq!(closed_by(&gateway.metrics().await, "idle_timeout"), 1.0);
+    assert_accounting(&gateway, &api).await;
+}
