@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TlsFiles;
 use crate::handshake::{self, Peer};
 use crate::metrics::RefusalReason;
-use crate::session::WriteProgress;
+use crate::session::TransferProgress;
 use crate::{control, Shared};
 
 /// Largest request head (request line + headers) accepted; larger gets `431`.
@@ -57,8 +57,10 @@ pub(crate) struct Io {
     transport: Transport,
     /// Bytes the client sent after its upgrade request, read by hyper before the upgrade.
     prefix: Bytes,
-    /// Bytes written so far (see [`WriteProgress`]).
+    /// Bytes written so far (see [`TransferProgress`]).
     written: u64,
+    /// Whether bytes were read since the session last asked (see [`TransferProgress`]).
+    took_reads: bool,
 }
 
 enum Transport {
@@ -75,6 +77,7 @@ impl Io {
                     transport: Transport::Plain(parts.io.into_inner()),
                     prefix: detach(parts.read_buf),
                     written: 0,
+                    took_reads: false,
                 })
             }
             Err(upgraded) => upgraded,
@@ -84,6 +87,7 @@ impl Io {
                 transport: Transport::Tls(Box::new(parts.io.into_inner())),
                 prefix: detach(parts.read_buf),
                 written: 0,
+                took_reads: false,
             }),
             Err(_) => Err(io::Error::other("upgraded connection of an unknown type")),
         }
@@ -114,10 +118,13 @@ impl AsyncRead for Io {
             this.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
-        match &mut this.transport {
+        let before = buf.filled().len();
+        let result = match &mut this.transport {
             Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        };
+        this.took_reads |= buf.filled().len() > before;
+        result
     }
 }
 
@@ -176,9 +183,13 @@ impl AsyncWrite for Io {
     }
 }
 
-impl WriteProgress for Io {
+impl TransferProgress for Io {
     fn bytes_written(&self) -> u64 {
         self.written
+    }
+
+    fn took_reads(&mut self) -> bool {
+        std::mem::take(&mut self.took_reads)
     }
 }
 

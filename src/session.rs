@@ -367,10 +367,14 @@ impl Ending {
 }
 
 /// A socket that counts the bytes written to it, so a session whose writes are stalled can tell
-/// a client that reads slowly (still progressing) from one that stopped reading.
-pub(crate) trait WriteProgress {
+/// a client that reads slowly (still progressing) from one that stopped reading, and notes
+/// bytes read, so that a client sending one long frame slowly is heard before the frame ends.
+pub(crate) trait TransferProgress {
     /// Bytes written to the socket so far.
     fn bytes_written(&self) -> u64;
+
+    /// Whether any bytes were read since the last call.
+    fn took_reads(&mut self) -> bool;
 }
 
 /// Runs an accepted connection until it ends; then hands its DELETE, with the connection's
@@ -387,7 +391,7 @@ pub(crate) fn run<S>(
     permit: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + WriteProgress,
+    S: AsyncRead + AsyncWrite + Unpin + Send + TransferProgress,
 {
     let mut session = Session::new(socket, handle, context, shared);
     async move {
@@ -399,7 +403,7 @@ where
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + WriteProgress,
+    S: AsyncRead + AsyncWrite + Unpin + Send + TransferProgress,
 {
     /// A session of a websocket that has just opened.
     fn new(
@@ -683,7 +687,7 @@ struct Session<S> {
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + WriteProgress,
+    S: AsyncRead + AsyncWrite + Unpin + Send + TransferProgress,
 {
     async fn run_loop(&mut self) -> Ending {
         loop {
@@ -1002,6 +1006,10 @@ where
     fn on_timer(&mut self) -> Option<Ending> {
         let now = Instant::now();
         let config = &self.shared.config;
+        if self.socket.get_mut().took_reads() {
+            // Part of a frame came in: the client is there, though no whole frame is yet.
+            self.last_received = now;
+        }
         if !self.listening || self.write_stalled_since.is_some() {
             // Not reading, so not hearing; or our writes wait on the client, and our ping (or
             // its pong) waits behind them: --write-timeout and --upstream-timeout bound this
@@ -1258,9 +1266,13 @@ mod tests {
         }
     }
 
-    impl WriteProgress for TestTransport {
+    impl TransferProgress for TestTransport {
         fn bytes_written(&self) -> u64 {
             0
+        }
+
+        fn took_reads(&mut self) -> bool {
+            false
         }
     }
 
@@ -1347,9 +1359,13 @@ mod tests {
         }
     }
 
-    impl WriteProgress for RecordingClient {
+    impl TransferProgress for RecordingClient {
         fn bytes_written(&self) -> u64 {
             self.written.lock().unwrap().len() as u64
+        }
+
+        fn took_reads(&mut self) -> bool {
+            false
         }
     }
 

@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::raw_ws::{RawWs, CLOSE, PING};
+use common::raw_ws::{encode_client_frame, RawWs, CLOSE, PING, TEXT};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_websockets::{CloseCode, Message};
 
@@ -194,4 +195,38 @@ async fn a_message_at_a_slow_api_is_no_idleness() {
     assert_eq!(delete.body, Bytes::from_static(b"idle timeout"));
     assert_eq!(closed_by(&gateway.metrics().await, "idle_timeout"), 1.0);
     assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn a_client_sending_one_long_frame_slowly_is_not_closed_for_ping_timeout() {
+    // Its bytes keep coming, but no whole frame (so no pong) for longer than --ping-timeout.
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.ping_interval = Some(Duration::from_millis(100));
+    config.ping_timeout = Duration::from_millis(500);
+    let gateway = TestGateway::start(config).await;
+    let mut ws = RawWs::connect(gateway.public, "/slow-sender").await;
+    let payload = vec![b'x'; 3000];
+    let frame = encode_client_frame(true, TEXT, &payload);
+    let started = Instant::now();
+    for chunk in frame.chunks(100) {
+        ws.stream.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert!(
+        started.elapsed() > Duration::from_millis(1500),
+        "slower than the timeout"
+    );
+    let reply = loop {
+        let frame = ws
+            .read_frame(Duration::from_secs(5))
+            .await
+            .expect("the connection stays open");
+        assert_ne!(frame.opcode, CLOSE, "closed: {}", frame.close_reason());
+        if frame.opcode == TEXT {
+            break frame.payload;
+        }
+    };
+    assert_eq!(reply.len(), "echo:".len() + payload.len());
+    assert_eq!(closed_by(&gateway.metrics().await, "ping_timeout"), 0.0);
 }
