@@ -385,13 +385,31 @@ fn disconnect<B>(
         }
     };
     match shared.registry.get(client_id) {
-        Some(session) if session.command(Command::Close { code, reason }) => {
+        Some(session) => close_connection(shared, session, code, reason),
+        None => text_response(StatusCode::NOT_FOUND, "client not connected\n"),
+    }
+}
+
+/// Closes `session`, the connection found for a control DELETE, with `code` and `reason`; if
+/// it is closing already because a newer connection of its ClientId has replaced it since it
+/// was found, the newer one is closed instead (the DELETE is for the ClientId, as a push is).
+fn close_connection(
+    shared: &Shared,
+    session: Arc<SessionHandle>,
+    code: u16,
+    reason: String,
+) -> Response<Full<Bytes>> {
+    let close = |session: &SessionHandle, reason| session.command(Command::Close { code, reason });
+    if close(&session, reason.clone()) {
+        return text_response(StatusCode::OK, "ok");
+    }
+    match shared.registry.get(&session.client_id) {
+        Some(newer) if newer.connection_id != session.connection_id && close(&newer, reason) => {
             text_response(StatusCode::OK, "ok")
         }
         // Already closing (replaced, shutting down, or closed by an earlier DELETE): its
         // close code and DELETE reason are already decided, and are not these.
-        Some(_) => text_response(StatusCode::NOT_FOUND, "client is disconnecting\n"),
-        None => text_response(StatusCode::NOT_FOUND, "client not connected\n"),
+        _ => text_response(StatusCode::NOT_FOUND, "client is disconnecting\n"),
     }
 }
 
@@ -490,6 +508,39 @@ fn rfc3339(time: SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_delete_that_found_a_connection_replaced_since_closes_the_newer_one() {
+        let config = crate::Config {
+            listen: ([127, 0, 0, 1], 0).into(),
+            control_listen: ([127, 0, 0, 1], 0).into(),
+            ..crate::Config::default()
+        };
+        let gateway = crate::Gateway::bind(config).await.unwrap();
+        let shared = &gateway.shared;
+        let client_id = ClientId::from_path("/amy").unwrap();
+        let connection = |n: u16| {
+            Arc::new(SessionHandle::new(
+                crate::identity::ConnectionId::next(),
+                client_id.clone(),
+                ([127, 0, 0, 1], n).into(),
+            ))
+        };
+        let (older, newer) = (connection(1), connection(2));
+        shared.registry.insert(Arc::clone(&older));
+        // The DELETE found `older`; then `newer` opened and replaced it.
+        shared.registry.insert(Arc::clone(&newer));
+        assert!(older.command(Command::Replaced));
+        let response = close_connection(shared, older, 4001, "bye".to_owned());
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            !newer.command(Command::Shutdown),
+            "the newer connection has a close command already"
+        );
+        // With no newer connection, a connection already closing is told so.
+        let response = close_connection(shared, newer, 4001, "bye".to_owned());
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
 
     #[test]
     fn tokens_compare_equal_only_when_identical() {
