@@ -293,6 +293,48 @@ async fn a_closed_socket_is_reported_to_the_api_and_the_others_hear_who_left() {
 }
 
 #[tokio::test]
+async fn a_delete_that_reaches_the_api_twice_tells_the_others_once() {
+    // A proxy's 502 to a DELETE the API had acted on makes the gateway send it again: the
+    // second, with the same X-Connection-Id, finds nobody to remove and is answered 200.
+    let s = Stack::start();
+    let mut alice = s.join("alice").await;
+    let bob_login = s.php.login("bob");
+    let mut bob = s.connect_as("bob", &bob_login).await;
+    expect_event(&mut alice, "joined").await;
+    let info = stack::http_request(
+        s.gateway.control,
+        "GET",
+        &format!("/{}", bob_login.client_id),
+        &[],
+        b"",
+    );
+    let connection_id = json_str(&info.text(), "connection_id").expect("bob's connection id");
+
+    bob.send(Message::close(Some(CloseCode::NORMAL_CLOSURE), "bye"))
+        .await
+        .expect("send close");
+    let ev = expect_event(&mut alice, "left").await;
+    assert_eq!(json_str(&ev, "name").as_deref(), Some("bob"));
+
+    let again = stack::http_request(
+        s.php.addr,
+        "DELETE",
+        &format!("/{}", bob_login.client_id),
+        &[
+            ("X-Ws2http-Token", API_TOKEN),
+            ("X-Connection-Id", &connection_id),
+            ("X-Close-Code", "1000"),
+        ],
+        b"bye",
+    );
+    assert_eq!(again.status, 200, "{}", again.text());
+    // A second "left" would have been pushed before that answer, so ahead of this reply.
+    send_text(&mut alice, r#"{"type":"who"}"#).await;
+    let reply = expect_event(&mut alice, "members").await;
+    assert!(reply.contains(r#""members":[]"#), "{reply}");
+}
+
+#[tokio::test]
 async fn a_replaced_connection_closing_late_does_not_remove_the_member() {
     let s = Stack::start();
     let alice_login = s.php.login("alice");
