@@ -186,6 +186,57 @@ async fn rate_mode_sends_about_one_message_per_interval() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_mode_times_a_late_message_from_its_schedule_and_catches_up() {
+    use std::os::unix::process::CommandExt;
+    let port = server(Behaviour::Echo).await;
+    let ready = std::env::temp_dir().join(format!("ws2http-bench-late-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    // `load` and its worker in a process group of their own, so that both can be stopped.
+    let mut load = Command::new(env!("CARGO_BIN_EXE_load"));
+    load.args(["--url", &format!("ws://127.0.0.1:{port}/"), "--quiet"])
+        .args(["--conns", "1", "--mode", "rate", "--interval-ms", "10"])
+        .args(["--duration", "2"])
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let child = load.spawn().expect("load starts");
+    let group = child.id() as libc::pid_t;
+    while !ready.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load generator gets no CPU for 400 ms, as on a machine short of it: the ticks due
+    // meanwhile are sent late.
+    // SAFETY: signals to the process group of our own child.
+    unsafe { libc::kill(-group, libc::SIGSTOP) };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    unsafe { libc::kill(-group, libc::SIGCONT) };
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("load ends");
+    let _ = std::fs::remove_file(&ready);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: Value = serde_json::from_str(stdout.lines().last().expect("a report line")).unwrap();
+    assert_eq!(r["errors_total"], 0, "{r}");
+    // The wait counts: the first message due in the stall waited about 400 ms for its send.
+    let max = r["latency"]["max_ms"].as_f64().unwrap();
+    assert!(
+        max >= 300.0,
+        "latency timed from the send, not the schedule: {r}"
+    );
+    // The missed ticks were sent once the generator woke: about 2 s / 10 ms of them, not 40
+    // fewer (a loaded machine's wake-ups aside).
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(
+        sent >= 185,
+        "the late ticks were skipped ({sent} sent): {r}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_naming_another_connection_are_reported_as_crosstalk() {
     let port = server(Behaviour::WrongConnection).await;
     let r = run_load(

@@ -288,10 +288,20 @@ fn make_msg(sh: &Shared, idx: u64, seq: u64) -> Message {
     }
 }
 
-async fn send_next(sh: &Shared, ws: &mut Ws, idx: u64, flight: &mut InFlight) -> bool {
+/// Sends the connection's next request, its latency to be timed from `timed_from`: in rate mode
+/// the instant its tick was scheduled (a message the load generator sends late, short of CPU,
+/// counts its wait too, rather than the wait being left out: coordinated omission), in flood
+/// mode the send itself (a closed loop has no schedule).
+async fn send_next(
+    sh: &Shared,
+    ws: &mut Ws,
+    idx: u64,
+    flight: &mut InFlight,
+    timed_from: Instant,
+) -> bool {
     let seq = flight.next_seq();
     let msg = make_msg(sh, idx, seq);
-    flight.sent(Instant::now());
+    flight.sent(timed_from);
     sh.sent.fetch_add(1, Relaxed);
     match ws.send(msg).await {
         Ok(()) => true,
@@ -302,6 +312,16 @@ async fn send_next(sh: &Shared, ws: &mut Ws, idx: u64, flight: &mut InFlight) ->
     }
 }
 
+/// The timer of a rate-mode connection: first tick at `first`, then one per `interval`. Ticks
+/// missed while the load generator was busy come at once (`Burst`), each returning the instant
+/// it was scheduled for, so the schedule never shifts: the load asked is the load sent, and
+/// latency is timed from the schedule.
+fn rate_ticker(first: tokio::time::Instant, interval: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(first, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    ticker
+}
+
 /// Runs one established connection through the phases until close or loss.
 async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> End {
     let mut phase_rx = sh.phase.clone();
@@ -310,8 +330,7 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
     // Spread the first tick of each connection evenly over one interval.
     let offset =
         interval.mul_f64((idx % sh.args.conns.max(1)) as f64 / sh.args.conns.max(1) as f64);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = rate_ticker(tokio::time::Instant::now() + offset, interval);
     let mut started = false;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
@@ -322,7 +341,7 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
             ticker.reset_after(offset);
             if sh.mode == Mode::Flood {
                 for _ in 0..sh.args.in_flight.max(1) {
-                    if !send_next(sh, &mut ws, idx, &mut flight).await {
+                    if !send_next(sh, &mut ws, idx, &mut flight, Instant::now()).await {
                         return End::Lost;
                     }
                 }
@@ -357,8 +376,8 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
                     return End::Finished;
                 }
             }
-            _ = ticker.tick(), if ticking => {
-                if !send_next(sh, &mut ws, idx, &mut flight).await {
+            scheduled = ticker.tick(), if ticking => {
+                if !send_next(sh, &mut ws, idx, &mut flight, scheduled.into_std()).await {
                     return End::Lost;
                 }
             }
@@ -403,7 +422,7 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
                         Verdict::Ok(rtt) => {
                             stats::record(&mut sh.latency.lock().unwrap(), rtt);
                             sh.replies.fetch_add(1, Relaxed);
-                            if sh.mode == Mode::Flood && phase == GO && !send_next(sh, &mut ws, idx, &mut flight).await {
+                            if sh.mode == Mode::Flood && phase == GO && !send_next(sh, &mut ws, idx, &mut flight, Instant::now()).await {
                                 return End::Lost;
                             }
                             if phase >= STOP && flight.is_empty() {
@@ -1089,4 +1108,30 @@ fn table(r: &Value) -> String {
         row("gateway CPU % (msg phase)", f(&g["cpu_pct_message_phase"]));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_rate_ticker_catches_up_on_its_schedule() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let period = Duration::from_millis(30);
+            let start = tokio::time::Instant::now();
+            let mut ticker = rate_ticker(start, period);
+            assert_eq!(ticker.tick().await, start);
+            // The load generator stalls for 3.5 periods, as on a machine short of CPU.
+            std::thread::sleep(period * 7 / 2);
+            // The missed ticks come at once, each saying when it was due, and the schedule
+            // goes on from there rather than from the late wake-up.
+            for k in 1..=4 {
+                assert_eq!(ticker.tick().await, start + period * k, "tick {k}");
+            }
+        });
+    }
 }
