@@ -1,4 +1,5 @@
-//! Reading another process's resident memory and CPU time from `/proc`.
+//! Reading another process's resident memory and CPU time from `/proc`, and its CPU time to the
+//! nanosecond from its CPU-time clock.
 
 use std::fs;
 
@@ -17,6 +18,11 @@ pub struct Sample {
     pub cpu_us: u64,
     /// The part of it spent in the kernel on the process's behalf (`stime`), microseconds.
     pub sys_us: u64,
+    /// User plus system CPU time in nanoseconds from the process's CPU-time clock
+    /// ([`process_cpu_ns`]); `None` when the clock could not be read. `cpu_us` and `sys_us`
+    /// come in clock ticks (10 ms here), too coarse for a total over a few hundred ms: totals
+    /// use this one when both samples have it ([`Sample::cpu_us_since`]).
+    pub cpu_ns: Option<u64>,
     /// Open file descriptors (entries of `/proc/PID/fd`); `None` when not counted (see
     /// [`sample_cpu_and_memory`]) or unreadable.
     pub fds: Option<u64>,
@@ -31,9 +37,52 @@ impl Sample {
             "rss_file_kib": self.rss_file_kib,
             "cpu_us": self.cpu_us,
             "sys_us": self.sys_us,
+            "cpu_ns": self.cpu_ns,
             "fds": self.fds,
         })
     }
+
+    /// The CPU time the process used from `earlier` to this sample, µs: from the CPU-time clock
+    /// when both samples read it (nanoseconds), else from `utime + stime` (clock ticks).
+    pub fn cpu_us_since(&self, earlier: &Sample) -> f64 {
+        match (self.cpu_ns, earlier.cpu_ns) {
+            (Some(now), Some(then)) => now.saturating_sub(then) as f64 / 1000.0,
+            _ => self.cpu_us.saturating_sub(earlier.cpu_us) as f64,
+        }
+    }
+
+    /// Whether [`Sample::cpu_us_since`] from `earlier` reads the CPU-time clock (true) or clock
+    /// ticks (false).
+    pub fn cpu_clock_since(&self, earlier: &Sample) -> bool {
+        self.cpu_ns.is_some() && earlier.cpu_ns.is_some()
+    }
+}
+
+/// The CPU time (user plus system, all threads) process `pid` has used so far, in nanoseconds,
+/// from its CPU-time clock (`clock_getcpuclockid` + `clock_gettime`): the scheduler's own
+/// accounting, where `/proc/PID/stat` rounds to clock ticks. `None` when the process is gone or
+/// its clock cannot be read, and for pids no process can have: 0 (which would mean this
+/// process) and 2^28 or more (whose clock id wraps, as `(!pid << 3) | 2`, onto another's).
+pub fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|&pid| pid > 0 && pid < 1 << 28)?;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: clock_getcpuclockid writes one clockid_t through the pointer it is given.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
+        return None;
+    }
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through the pointer it is given.
+    if unsafe { libc::clock_gettime(clock, &mut now) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(now.tv_sec).ok()?;
+    let nanos = u64::try_from(now.tv_nsec).ok()?;
+    Some(secs * 1_000_000_000 + nanos)
 }
 
 /// Clock ticks per second used by `/proc/PID/stat`.
@@ -86,9 +135,10 @@ pub fn sample(pid: u32) -> Option<Sample> {
     })
 }
 
-/// Samples process `pid`'s memory and CPU time only (two small reads of `/proc`), cheap enough to
-/// take every 250 ms beside a loaded gateway; `fds` is `None`.
+/// Samples process `pid`'s memory and CPU time only (two small reads of `/proc` and its CPU-time
+/// clock), cheap enough to take every 250 ms beside a loaded gateway; `fds` is `None`.
 pub fn sample_cpu_and_memory(pid: u32) -> Option<Sample> {
+    let cpu_ns = process_cpu_ns(pid);
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (user, system) = parse_user_system_ticks(&stat)?;
@@ -99,6 +149,7 @@ pub fn sample_cpu_and_memory(pid: u32) -> Option<Sample> {
         rss_file_kib: parse_status_kib(&status, "RssFile").unwrap_or(0),
         cpu_us: us(user + system),
         sys_us: us(system),
+        cpu_ns,
         fds: None,
     })
 }
@@ -227,6 +278,62 @@ mod tests {
         let s = sample(std::process::id()).expect("own process readable");
         assert!(s.rss_kib > 0);
         assert!(s.fds.is_some_and(|n| n > 0));
+    }
+
+    #[test]
+    fn the_cpu_clock_sees_a_few_milliseconds_that_clock_ticks_round_away() {
+        let pid = std::process::id();
+        let before = process_cpu_ns(pid).expect("own CPU clock readable");
+        // About 3 ms of CPU: less than one 10-ms clock tick.
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < std::time::Duration::from_millis(3) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let used = process_cpu_ns(pid).expect("own CPU clock readable") - before;
+        assert!(
+            (2_000_000..500_000_000).contains(&used),
+            "{used} ns for about 3 ms of spinning"
+        );
+        assert_eq!(process_cpu_ns(0), None, "pid 0 is not a process to sample");
+        // i32::MAX's clock id would wrap onto this process's own.
+        assert_eq!(process_cpu_ns(i32::MAX as u32), None, "not a pid");
+        let gone = (1..4_194_304u32)
+            .rev()
+            .find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .expect("a free pid");
+        assert_eq!(process_cpu_ns(gone), None, "no such process");
+        assert!(sample(pid).is_some_and(|s| s.cpu_ns.is_some()));
+        // Another process's clock reads as well (the gateway is never this process).
+        let mut other = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep starts");
+        let read = process_cpu_ns(other.id());
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(read.is_some(), "another process's CPU clock");
+    }
+
+    #[test]
+    fn cpu_totals_use_the_clock_when_both_samples_read_it_and_ticks_otherwise() {
+        let at = |cpu_us, cpu_ns| Sample {
+            cpu_us,
+            cpu_ns,
+            ..Default::default()
+        };
+        let (before, after) = (at(10_000, Some(12_345_000)), at(10_000, Some(15_845_500)));
+        assert_eq!(after.cpu_us_since(&before), 3_500.5);
+        assert!(after.cpu_clock_since(&before));
+        // The clock missing in either sample (process gone, no permission): the ticks.
+        let (before, after) = (at(10_000, Some(12_345_000)), at(20_000, None));
+        assert_eq!(after.cpu_us_since(&before), 10_000.0);
+        assert!(!after.cpu_clock_since(&before));
+        assert_eq!(at(10_000, None).cpu_us_since(&at(20_000, None)), 0.0);
+        // Serialized beside the tick-based figures, whose names do not change.
+        let json = after.to_json();
+        assert_eq!(json["cpu_us"], 20_000);
+        assert!(json["cpu_ns"].is_null());
     }
 
     #[test]

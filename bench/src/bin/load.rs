@@ -707,6 +707,36 @@ fn children_cpu_us() -> u64 {
     us(ru.ru_utime) + us(ru.ru_stime)
 }
 
+/// The gateway's CPU figures from its samples before connecting, when connected and at the end
+/// of the message phase: µs per connection (connect phase) and per message (message phase), the
+/// kernel's share of each, and the share of a core used in the message phase. The totals come
+/// from the gateway's CPU-time clock when the samples read it (`cpu_from_clock`), else from
+/// clock ticks; the kernel's share always from ticks (`stime`).
+fn gateway_cpu(
+    [before, connected, end]: [&procstat::Sample; 3],
+    established: u64,
+    msgs: u64,
+    message_phase_s: f64,
+) -> Value {
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    let per = |total: f64, n: u64| if n > 0 { r2(total / n as f64) } else { 0.0 };
+    let ticks = |later: &procstat::Sample, earlier: &procstat::Sample| {
+        later.sys_us.saturating_sub(earlier.sys_us) as f64
+    };
+    let connect = connected.cpu_us_since(before);
+    let message = end.cpu_us_since(connected);
+    json!({
+        "cpu_us_per_conn": per(connect, established),
+        "cpu_us_per_msg": per(message, msgs),
+        // The kernel's share of the two figures above (system time: syscalls, and on
+        // loopback the peer's TCP receive path that a send runs).
+        "sys_us_per_conn": per(ticks(connected, before), established),
+        "sys_us_per_msg": per(ticks(end, connected), msgs),
+        "cpu_pct_message_phase": if message_phase_s > 0.0 { r2(message / 1e4 / message_phase_s) } else { 0.0 },
+        "cpu_from_clock": connected.cpu_clock_since(before) && end.cpu_clock_since(connected),
+    })
+}
+
 fn gw_sample(pid: Option<u32>) -> Option<procstat::Sample> {
     pid.and_then(procstat::sample)
 }
@@ -773,7 +803,7 @@ async fn parent(args: Args) -> i32 {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prev_replies = 0u64;
     let mut prev_pushes = 0u64;
-    let mut prev_cpu: Option<u64> = before.map(|s| s.cpu_us);
+    let mut prev_cpu: Option<procstat::Sample> = before;
     let mut prev_t = 0.0f64;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
@@ -869,10 +899,10 @@ async fn parent(args: Args) -> i32 {
                 // several percent of a core from the machine under test.
                 let gw = args.gateway_pid.and_then(procstat::sample_cpu_and_memory);
                 let cpu_pct = match (gw, prev_cpu) {
-                    (Some(g), Some(pc)) => Some(((g.cpu_us.saturating_sub(pc)) as f64 / 1e4 / dt * 10.0).round() / 10.0),
+                    (Some(g), Some(pc)) => Some((g.cpu_us_since(&pc) / 1e4 / dt * 10.0).round() / 10.0),
                     _ => None,
                 };
-                prev_cpu = gw.map(|g| g.cpu_us);
+                prev_cpu = gw;
                 timeline.push(json!({
                     "t": (t * 10.0).round() / 10.0,
                     "phase": PHASE_NAMES[phase as usize],
@@ -946,7 +976,7 @@ async fn parent(args: Args) -> i32 {
             .max()
             .unwrap_or(0);
         let r2 = |x: f64| (x * 100.0).round() / 100.0;
-        json!({
+        let mut figures = json!({
             "pid": pid,
             "before": b.to_json(),
             "connected": c.to_json(),
@@ -954,14 +984,14 @@ async fn parent(args: Args) -> i32 {
             "rss_peak_kib": peak,
             "kib_per_conn": if established > 0 { r2(c.rss_kib.saturating_sub(b.rss_kib) as f64 / established as f64) } else { 0.0 },
             "kib_per_conn_end": if established > 0 { r2(e.rss_kib.saturating_sub(b.rss_kib) as f64 / established as f64) } else { 0.0 },
-            "cpu_us_per_conn": if established > 0 { r2(c.cpu_us.saturating_sub(b.cpu_us) as f64 / established as f64) } else { 0.0 },
-            "cpu_us_per_msg": if msgs > 0 { r2(e.cpu_us.saturating_sub(c.cpu_us) as f64 / msgs as f64) } else { 0.0 },
-            // The kernel's share of the two figures above (system time: syscalls, and on
-            // loopback the peer's TCP receive path that a send runs).
-            "sys_us_per_conn": if established > 0 { r2(c.sys_us.saturating_sub(b.sys_us) as f64 / established as f64) } else { 0.0 },
-            "sys_us_per_msg": if msgs > 0 { r2(e.sys_us.saturating_sub(c.sys_us) as f64 / msgs as f64) } else { 0.0 },
-            "cpu_pct_message_phase": if message_phase_s > 0.0 { r2(e.cpu_us.saturating_sub(c.cpu_us) as f64 / 1e4 / message_phase_s) } else { 0.0 },
-        })
+        });
+        if let (Some(figures), Value::Object(cpu)) = (
+            figures.as_object_mut(),
+            gateway_cpu([&b, &c, &e], established, msgs, message_phase_s),
+        ) {
+            figures.extend(cpu);
+        }
+        figures
     });
     let report = json!({
         "tool": "load",
@@ -1113,6 +1143,34 @@ fn table(r: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_cpu_totals_come_from_the_clock_and_the_kernel_share_from_ticks() {
+        let at = |cpu_us, sys_us, cpu_ns| procstat::Sample {
+            cpu_us,
+            sys_us,
+            cpu_ns,
+            ..Default::default()
+        };
+        // 10,000 connections took 0.523 s by the clock, 0.5 s (50 ticks) by /proc; 20,000
+        // messages 1.0013 s by the clock, 1.01 s by /proc, over 2 s.
+        let before = at(0, 0, Some(1_000_000));
+        let connected = at(500_000, 300_000, Some(524_000_000));
+        let end = at(1_510_000, 900_000, Some(1_525_300_000));
+        let cpu = gateway_cpu([&before, &connected, &end], 10_000, 20_000, 2.0);
+        assert_eq!(cpu["cpu_us_per_conn"], 52.3, "{cpu}");
+        assert_eq!(cpu["cpu_us_per_msg"], 50.07, "{cpu}");
+        assert_eq!(cpu["sys_us_per_conn"], 30.0, "{cpu}");
+        assert_eq!(cpu["sys_us_per_msg"], 30.0, "{cpu}");
+        assert_eq!(cpu["cpu_pct_message_phase"], 50.07, "{cpu}");
+        assert_eq!(cpu["cpu_from_clock"], true, "{cpu}");
+        // The gateway gone before the last sample's clock read: that phase falls back to ticks.
+        let end = at(1_510_000, 900_000, None);
+        let cpu = gateway_cpu([&before, &connected, &end], 10_000, 20_000, 2.0);
+        assert_eq!(cpu["cpu_us_per_conn"], 52.3, "{cpu}");
+        assert_eq!(cpu["cpu_us_per_msg"], 50.5, "{cpu}");
+        assert_eq!(cpu["cpu_from_clock"], false, "{cpu}");
+    }
 
     #[test]
     fn a_late_rate_ticker_catches_up_on_its_schedule() {

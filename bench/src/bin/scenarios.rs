@@ -359,8 +359,6 @@ fn last_json(s: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The gateway's CPU time per push between two samples taken around the push run, and the
-/// kernel's part of it, in µs.
 /// The machine's busy CPU time per push over the push window (every process, all cores), and
 /// the share of the cores left idle: what `push` and `load` cost beside the gateway.
 fn machine_push_cpu(before: (u64, u64), after: (u64, u64), pushes: u64) -> Value {
@@ -375,14 +373,19 @@ fn machine_push_cpu(before: (u64, u64), after: (u64, u64), pushes: u64) -> Value
     })
 }
 
+/// The gateway's CPU time per push between two samples taken around the push run, and the
+/// kernel's part of it, in µs.
 fn per_push_cpu(before: &procstat::Sample, after: &procstat::Sample, pushes: u64) -> Value {
     if pushes == 0 {
         return Value::Null;
     }
-    let per = |a: u64, b: u64| (a.saturating_sub(b) as f64 / pushes as f64 * 100.0).round() / 100.0;
+    let per = |total: f64| (total / pushes as f64 * 100.0).round() / 100.0;
     json!({
-        "cpu_us_per_push": per(after.cpu_us, before.cpu_us),
-        "sys_us_per_push": per(after.sys_us, before.sys_us),
+        // The total from the gateway's CPU-time clock when both samples read it, else ticks;
+        // the kernel's share from ticks.
+        "cpu_us_per_push": per(after.cpu_us_since(before)),
+        "sys_us_per_push": per(after.sys_us.saturating_sub(before.sys_us) as f64),
+        "cpu_from_clock": after.cpu_clock_since(before),
     })
 }
 
@@ -1631,8 +1634,25 @@ mod tests {
             ..Default::default()
         };
         let v = per_push_cpu(&sample(1_000, 400), &sample(31_000, 20_400), 1_000);
-        assert_eq!(v, json!({"cpu_us_per_push": 30.0, "sys_us_per_push": 20.0}));
+        assert_eq!(
+            v,
+            json!({"cpu_us_per_push": 30.0, "sys_us_per_push": 20.0, "cpu_from_clock": false})
+        );
         assert_eq!(per_push_cpu(&sample(0, 0), &sample(5, 5), 0), Value::Null);
+        // With the CPU-time clock in both samples, the total comes from it.
+        let clocked = |cpu_us, sys_us, cpu_ns| procstat::Sample {
+            cpu_ns: Some(cpu_ns),
+            ..sample(cpu_us, sys_us)
+        };
+        let v = per_push_cpu(
+            &clocked(1_000, 400, 1_234_000),
+            &clocked(31_000, 20_400, 26_734_000),
+            1_000,
+        );
+        assert_eq!(
+            v,
+            json!({"cpu_us_per_push": 25.5, "sys_us_per_push": 20.0, "cpu_from_clock": true})
+        );
     }
 
     #[test]
