@@ -888,7 +888,20 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
         }),
     };
     let difference = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
-    Some(match r["id"].as_str()? {
+    // A figure from a run that lost clients or replies is not the figure the target is about:
+    // every scenario's clients must all connect and see no error (S4 counts errors itself).
+    let clean = || {
+        [
+            c("errors", num(&l["errors_total"]), Some(0.0), true),
+            c(
+                "connections established",
+                num(&l["established"]),
+                num(&l["conns"]),
+                false,
+            ),
+        ]
+    };
+    let mut v = match r["id"].as_str()? {
         "S1" => {
             let base = num(&r["gateway_baseline"]["rss_kib"]);
             let after = num(&r["gateway_after_leave"]["rss_kib"]);
@@ -963,7 +976,11 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
             ]
         }
         _ => return None,
-    })
+    };
+    if r["id"] != "S4" {
+        v.extend(clean());
+    }
+    Some(v)
 }
 
 /// Figures `--tally` counts against a limit beside the target's criteria, without a say in the
@@ -1669,7 +1686,7 @@ mod tests {
 
     #[test]
     fn s1_reports_the_growth_over_the_warmed_and_the_start_up_baseline() {
-        let r = json!({"id": "S1", "load": {"gateway": {"kib_per_conn_end": 3.7}},
+        let r = json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": 3.7}},
                        "gateway_cold_baseline": {"rss_kib": 7000},
                        "gateway_baseline": {"rss_kib": 7500},
                        "gateway_after_leave": {"rss_kib": 7875}});
@@ -1709,7 +1726,7 @@ mod tests {
         );
         let s5 = |ok: u64, delivered: u64| {
             json!({"id": "S5", "push": {"pushes_per_s": 60_000.0, "count": 15000, "ok": ok},
-                   "load": {"pushes": delivered, "push_latency": {"p99_ms": 5.0}}})
+                   "load": {"errors_total": 0, "established": 10, "conns": 10, "pushes": delivered, "push_latency": {"p99_ms": 5.0}}})
         };
         assert_eq!(verdict(&s5(15000, 15000), false), Some(true));
         assert_eq!(
@@ -1723,7 +1740,7 @@ mod tests {
             "a push lost"
         );
         let s1 = |kib: f64, base: u64, after: u64| {
-            json!({"id": "S1", "load": {"gateway": {"kib_per_conn_end": kib}},
+            json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": kib}},
                    "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}})
         };
         assert_eq!(verdict(&s1(3.9, 1000, 1100), false), Some(true));
@@ -1740,9 +1757,55 @@ mod tests {
     }
 
     #[test]
+    fn every_scenario_but_s4_also_needs_no_error_and_every_connection_up() {
+        let good = [
+            json!({"id": "S1", "load": {"gateway": {"kib_per_conn_end": 3.0}},
+                   "gateway_baseline": {"rss_kib": 1000}, "gateway_after_leave": {"rss_kib": 1000}}),
+            json!({"id": "S2", "load": {"gateway": {"cpu_us_per_conn": 30.0}}}),
+            json!({"id": "S3a", "load": {"replies_per_s": 60_000.0,
+                   "gateway": {"cpu_us_per_msg": 10.0}}}),
+            json!({"id": "S3b", "load": {"replies_per_s": 60_000.0,
+                   "gateway": {"cpu_us_per_msg": 10.0}}}),
+            json!({"id": "S5", "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10},
+                   "load": {"pushes": 10, "push_latency": {"p99_ms": 5.0}}}),
+            json!({"id": "S5b", "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10},
+                   "load": {"pushes": 10, "push_latency": {"p99_ms": 5.0}}}),
+        ];
+        let with = |r: &Value, errors: u64, established: u64| {
+            let mut r = r.clone();
+            r["load"]["errors_total"] = json!(errors);
+            r["load"]["established"] = json!(established);
+            r["load"]["conns"] = json!(10);
+            r
+        };
+        for r in &good {
+            let id = &r["id"];
+            // Without the figures, the run cannot be judged rather than passing.
+            assert_eq!(verdict(r, false), None, "{id}");
+            assert_eq!(verdict(&with(r, 0, 10), false), Some(true), "{id}");
+            assert_eq!(
+                verdict(&with(r, 1, 10), false),
+                Some(false),
+                "{id}: an error"
+            );
+            assert_eq!(
+                verdict(&with(r, 0, 9), false),
+                Some(false),
+                "{id}: a client never connected"
+            );
+        }
+        let missed = markdown(&[with(&good[1], 3, 7)], false);
+        assert!(
+            missed.contains("errors 3 vs ≤ 0")
+                && missed.contains("connections established 7 vs ≥ 10"),
+            "{missed}"
+        );
+    }
+
+    #[test]
     fn s3_floors_are_two_and_a_half_times_the_top_of_ws2api_range() {
         let s3 = |id: &str, replies: f64| {
-            json!({"id": id, "load": {"replies_per_s": replies,
+            json!({"id": id, "load": {"errors_total": 0, "established": 10, "conns": 10, "replies_per_s": replies,
                    "gateway": {"cpu_us_per_msg": 10.0}}})
         };
         // 2.5 × 20.4k and 2.5 × 19.9k: the top of ws2api's ranges, not the bottom.
@@ -1758,14 +1821,14 @@ mod tests {
 
     #[test]
     fn tally_counts_runs_that_met_each_criterion_and_leaves_quick_runs_out() {
-        let s2 = |us: f64| json!({"id": "S2", "load": {"gateway": {"cpu_us_per_conn": us}}});
+        let s2 = |us: f64| json!({"id": "S2", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"cpu_us_per_conn": us}}});
         let s1 = |base: u64, after: u64| {
-            json!({"id": "S1", "load": {"gateway": {"kib_per_conn_end": 3.0}},
+            json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": 3.0}},
                    "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}})
         };
         // An older run without S5's delivery count: counted as run, not as judged.
         let s5_old = json!({"id": "S5", "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10},
-                            "load": {"push_latency": {"p99_ms": 5.0}}});
+                            "load": {"errors_total": 0, "established": 10, "conns": 10, "push_latency": {"p99_ms": 5.0}}});
         let runs = [
             json!({"scenarios": [s2(39.0), s1(1000, 1100), s5_old]}),
             json!({"scenarios": [s2(45.0), s1(2000, 2300)]}),
@@ -1806,7 +1869,7 @@ mod tests {
     #[test]
     fn tally_also_counts_s1_against_the_start_up_figure_without_changing_the_verdict() {
         let s1 = |cold: u64, base: u64, after: u64| {
-            json!({"id": "S1", "load": {"gateway": {"kib_per_conn_end": 3.0}},
+            json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": 3.0}},
                    "gateway_cold_baseline": {"rss_kib": cold},
                    "gateway_baseline": {"rss_kib": base},
                    "gateway_after_leave": {"rss_kib": after}})
@@ -1834,7 +1897,7 @@ mod tests {
         );
         // A run without the start-up figure says so.
         let old = json!({"scenarios": [{"id": "S1",
-            "load": {"gateway": {"kib_per_conn_end": 3.0}},
+            "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": 3.0}},
             "gateway_baseline": {"rss_kib": 1000}, "gateway_after_leave": {"rss_kib": 1000}}]});
         let report = tally(&[old]);
         assert!(
@@ -1845,8 +1908,9 @@ mod tests {
 
     #[test]
     fn markdown_has_one_row_per_scenario() {
-        let rows =
-            [json!({"id": "S2", "title": "storm", "load": {"gateway": {"cpu_us_per_conn": 30.0}}})];
+        let rows = [
+            json!({"id": "S2", "title": "storm", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"cpu_us_per_conn": 30.0}}}),
+        ];
         let md = markdown(&rows, false);
         assert_eq!(md.lines().count(), 3, "{md}");
         assert!(
