@@ -50,7 +50,7 @@ struct Args {
     #[argh(switch)]
     no_build: bool,
     /// worker threads of the mock API (default 1)
-    #[argh(option, default = "1")]
+    #[argh(option, default = "DEFAULT_MOCK_THREADS")]
     mock_threads: usize,
     /// label stored with the results (e.g. the allocator or a flag under test)
     #[argh(option, default = "String::new()")]
@@ -80,6 +80,9 @@ struct Scenario {
     ws2api: &'static str,
 }
 
+/// Worker threads of the mock API unless `--mock-threads` says otherwise: the standard set-up,
+/// the only one `--tally` counts.
+const DEFAULT_MOCK_THREADS: usize = 1;
 /// Handshakes in flight per `load` process: two processes stay under the gateway's default
 /// cap of 512 pending handshakes, above which it answers 503 by design.
 const CONNECT_CONCURRENCY: usize = 224;
@@ -1073,14 +1076,44 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
-/// `--tally`: over full-set runs (the JSON `scenarios` writes; quick runs are left out, their
-/// sizes are not the targets'), how many met each scenario's target and each criterion of it.
+/// Why `--tally` leaves a run out (`None`: it counts): the quick set, whose sizes are not the
+/// targets', and runs of anything but the standard set-up: gateway flags under test, Unix
+/// sockets, or a mock API with other than [`DEFAULT_MOCK_THREADS`] threads (a run that did not
+/// record its thread count had the default).
+fn left_out(run: &Value) -> Option<&'static str> {
+    let gateway_args = &run["gateway_args"];
+    if run["quick"].as_bool() == Some(true) {
+        Some("quick (their sizes are not the targets')")
+    } else if !gateway_args.is_null() && gateway_args.as_array().is_none_or(|a| !a.is_empty()) {
+        Some("with --gateway-arg (not the default gateway)")
+    } else if run["unix_sockets"].as_bool() == Some(true) {
+        Some("with --unix-sockets (the API over a Unix socket)")
+    } else if run["mock_threads"]
+        .as_u64()
+        .is_some_and(|n| n != DEFAULT_MOCK_THREADS as u64)
+    {
+        Some("with --mock-threads other than 1")
+    } else {
+        None
+    }
+}
+
+/// `--tally`: over the standard full-set runs (the JSON `scenarios` writes; see [`left_out`] for
+/// the runs it does not count, which it says), how many met each scenario's target and each
+/// criterion of it. A run that did not record a figure counts as not meeting it.
 fn tally(runs: &[Value]) -> String {
     let mut scenarios: Vec<ScenarioTally> = Vec::new();
-    let full: Vec<&Value> = runs
-        .iter()
-        .filter(|run| run["quick"].as_bool() != Some(true))
-        .collect();
+    let mut reasons: Vec<(&'static str, usize)> = Vec::new();
+    let mut full: Vec<&Value> = Vec::new();
+    for run in runs {
+        match left_out(run) {
+            None => full.push(run),
+            Some(why) => match reasons.iter_mut().find(|(reason, _)| *reason == why) {
+                Some((_, n)) => *n += 1,
+                None => reasons.push((why, 1)),
+            },
+        }
+    }
     for r in full
         .iter()
         .flat_map(|run| run["scenarios"].as_array().into_iter().flatten())
@@ -1136,19 +1169,29 @@ fn tally(runs: &[Value]) -> String {
             }
         }
     }
-    let mut out = format!(
-        "{} ({} left out)\n",
-        plural(full.len(), "full-set run"),
-        plural(runs.len() - full.len(), "quick run")
-    );
+    let left = if reasons.is_empty() {
+        "none left out".to_owned()
+    } else {
+        let why: Vec<String> = reasons
+            .iter()
+            .map(|(why, n)| format!("{n} {why}"))
+            .collect();
+        format!("{} left out: {}", runs.len() - full.len(), why.join(", "))
+    };
+    let mut out = format!("{} counted ({left})\n", plural(full.len(), "full-set run"));
     for s in &scenarios {
+        let unjudged = s.runs - s.judged;
+        let unjudged = if unjudged > 0 {
+            format!("; {unjudged} did not record every figure")
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "{}: target met in {} of the {} that recorded all its figures ({} in all)",
+            "{}: target met in {} of {}{unjudged}",
             s.id,
             s.met,
-            plural(s.judged, "run"),
-            plural(s.runs, "run")
+            plural(s.runs, "run"),
         );
         for c in &s.criteria {
             let sign = if c.at_most { "≤" } else { "≥" };
@@ -1166,7 +1209,7 @@ fn tally(runs: &[Value]) -> String {
             };
             let unrecorded = s.runs - values.len();
             let unrecorded = if unrecorded > 0 {
-                format!("; not recorded in {unrecorded}")
+                format!("; {unrecorded} did not record it")
             } else {
                 String::new()
             };
@@ -1178,9 +1221,7 @@ fn tally(runs: &[Value]) -> String {
             let _ = writeln!(
                 out,
                 "  {} {sign} {limit}{aside}: met in {} of {}{spread}{unrecorded}",
-                c.what,
-                c.met,
-                values.len()
+                c.what, c.met, s.runs
             );
         }
     }
@@ -1531,6 +1572,7 @@ fn main() {
             .map(|s| s.lines().count()),
         "gateway_args": args.gateway_arg,
         "unix_sockets": args.unix_sockets,
+        "mock_threads": args.mock_threads,
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "loopback": machine,
         "scenarios": results,
@@ -1820,30 +1862,46 @@ mod tests {
     }
 
     #[test]
-    fn tally_counts_runs_that_met_each_criterion_and_leaves_quick_runs_out() {
-        let s2 = |us: f64| json!({"id": "S2", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"cpu_us_per_conn": us}}});
-        let s1 = |base: u64, after: u64| {
-            json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": 3.0}},
-                   "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}})
+    fn tally_counts_runs_that_met_each_criterion_and_leaves_out_runs_not_of_the_standard_set() {
+        let clean = json!({"errors_total": 0, "established": 10, "conns": 10});
+        let s2 = |us: f64| {
+            let mut s2 = json!({"id": "S2", "load": clean.clone()});
+            s2["load"]["gateway"] = json!({"cpu_us_per_conn": us});
+            s2
         };
-        // An older run without S5's delivery count: counted as run, not as judged.
-        let s5_old = json!({"id": "S5", "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10},
-                            "load": {"errors_total": 0, "established": 10, "conns": 10, "push_latency": {"p99_ms": 5.0}}});
+        let s1 = |base: u64, after: u64| {
+            let mut s1 = json!({"id": "S1", "load": clean.clone(),
+                   "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}});
+            s1["load"]["gateway"] = json!({"kib_per_conn_end": 3.0});
+            s1
+        };
+        // An older run without S5's delivery count: not met, and said so.
+        let mut s5_old = json!({"id": "S5", "load": clean.clone(),
+                                "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10}});
+        s5_old["load"]["push_latency"] = json!({"p99_ms": 5.0});
         let runs = [
             json!({"scenarios": [s2(39.0), s1(1000, 1100), s5_old]}),
-            json!({"scenarios": [s2(45.0), s1(2000, 2300)]}),
+            json!({"mock_threads": 1, "gateway_args": [], "unix_sockets": false,
+                   "scenarios": [s2(45.0), s1(2000, 2300)]}),
             json!({"scenarios": [s2(41.0)]}),
             json!({"quick": true, "scenarios": [s2(10.0)]}),
+            json!({"gateway_args": ["--upstream-http2"], "scenarios": [s2(11.0)]}),
+            json!({"unix_sockets": true, "scenarios": [s2(12.0)]}),
+            json!({"mock_threads": 2, "scenarios": [s2(13.0)]}),
+            json!({"quick": true, "scenarios": [s2(14.0)]}),
         ];
         let report = tally(&runs);
         assert!(
-            report.starts_with("3 full-set runs (1 quick run left out)"),
+            report.starts_with(
+                "3 full-set runs counted (5 left out: 2 quick (their sizes are not the \
+                 targets'), 1 with --gateway-arg (not the default gateway), 1 with \
+                 --unix-sockets (the API over a Unix socket), 1 with --mock-threads other than \
+                 1)\n"
+            ),
             "{report}"
         );
         assert!(
-            report.contains(
-                "S2: target met in 1 of the 3 runs that recorded all its figures (3 runs in all)"
-            ),
+            report.contains("S2: target met in 1 of 3 runs\n"),
             "{report}"
         );
         assert!(
@@ -1855,14 +1913,17 @@ mod tests {
             "{report}"
         );
         assert!(
-            report.contains(
-                "S5: target met in 0 of the 0 runs that recorded all its figures (1 run in all)"
-            ),
+            report.contains("S5: target met in 0 of 1 run; 1 did not record every figure"),
             "{report}"
         );
         assert!(
-            report.contains("pushes not delivered ≤ 0: met in 0 of 0; not recorded in 1"),
+            report.contains("pushes not delivered ≤ 0: met in 0 of 1; 1 did not record it"),
             "{report}"
+        );
+        assert!(
+            tally(&runs[..1]).starts_with("1 full-set run counted (none left out)"),
+            "{}",
+            tally(&runs[..1])
         );
     }
 
@@ -1884,10 +1945,7 @@ mod tests {
             .iter()
             .all(|run| verdict(&run["scenarios"][0], false) == Some(true)));
         let report = tally(&runs);
-        assert!(
-            report.contains("S1: target met in 3 of the 3 runs"),
-            "{report}"
-        );
+        assert!(report.contains("S1: target met in 3 of 3 runs"), "{report}");
         assert!(
             report.contains(
                 "% RSS after leave over the start-up figure ≤ 10 (informational, not part of \
@@ -1901,7 +1959,7 @@ mod tests {
             "gateway_baseline": {"rss_kib": 1000}, "gateway_after_leave": {"rss_kib": 1000}}]});
         let report = tally(&[old]);
         assert!(
-            report.contains("the target): met in 0 of 0; not recorded in 1"),
+            report.contains("the target): met in 0 of 1; 1 did not record it"),
             "{report}"
         );
     }
