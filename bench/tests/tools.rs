@@ -29,6 +29,9 @@ enum Behaviour {
     PushToTheWrongClient,
     /// Close every connection with 1001 right after the handshake.
     CloseAtOnce,
+    /// Hold every connection without ever reading from it: the client's sends block once the
+    /// socket buffers are full.
+    Stall,
 }
 
 /// Starts a websocket server with the given behaviour; returns its port.
@@ -49,6 +52,10 @@ async fn server(b: Behaviour) -> u16 {
                     .trim_start_matches("/b")
                     .parse()
                     .unwrap_or(0);
+                if let Behaviour::Stall = b {
+                    // `ws` stays open, and unread, for as long as the test runs.
+                    std::future::pending::<()>().await;
+                }
                 if let Behaviour::CloseAtOnce = b {
                     let _ = ws
                         .send(Message::close(
@@ -78,7 +85,8 @@ async fn server(b: Behaviour) -> u16 {
                         Behaviour::Echo => Some(m),
                         Behaviour::PushOnce
                         | Behaviour::PushToTheWrongClient
-                        | Behaviour::CloseAtOnce => None,
+                        | Behaviour::CloseAtOnce
+                        | Behaviour::Stall => None,
                         Behaviour::WrongConnection => {
                             let text = String::from_utf8_lossy(m.as_payload()).to_string();
                             let (conn, rest) = text[1..].split_once(':').unwrap();
@@ -234,6 +242,42 @@ async fn rate_mode_times_a_late_message_from_its_schedule_and_catches_up() {
         sent >= 185,
         "the late ticks were skipped ({sent} sent): {r}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stuck_in_a_send_is_stopped_at_the_report_deadline() {
+    let port = server(Behaviour::Stall).await;
+    let started = std::time::Instant::now();
+    // 64 messages of 1 MB in flight to a server that never reads: far more than the socket
+    // buffers hold, so the worker's first sends never finish and it never drains.
+    let load = tokio::process::Command::new(env!("CARGO_BIN_EXE_load"))
+        .args(["--url", &format!("ws://127.0.0.1:{port}/"), "--quiet"])
+        .args(["--conns", "1", "--mode", "flood", "--in-flight", "64"])
+        .args([
+            "--payload",
+            "1000000",
+            "--duration",
+            "0.5",
+            "--drain-ms",
+            "200",
+        ])
+        .args(["--report-grace", "1"])
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), load)
+        .await
+        .expect("load ended by itself")
+        .expect("load runs");
+    let elapsed = started.elapsed();
+    assert!(!out.status.success(), "a timed-out run exits non-zero");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: Value = serde_json::from_str(stdout.lines().last().expect("a report line")).unwrap();
+    assert_eq!(r["timed_out"], true, "{r}");
+    assert_eq!(r["errors"]["worker_timeout"], 1, "{r}");
+    assert_eq!(r["established"], 1, "{r}");
+    // The duration, the drain and the grace (1.7 s), with room for a slow machine.
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

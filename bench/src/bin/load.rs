@@ -84,6 +84,10 @@ struct Args {
     /// after the message phase, wait at most this long for replies still in flight (default 5000)
     #[argh(option, default = "5000")]
     drain_ms: u64,
+    /// seconds, after the message phase and --drain-ms, that the parent waits for the workers'
+    /// reports; then it stops them and reports what it has, `worker_timeout` (default 30)
+    #[argh(option, default = "30.0")]
+    report_grace: f64,
     /// client id prefix; connection i uses <prefix><i> (default b)
     #[argh(option, default = "String::from(\"b\")")]
     id_prefix: String,
@@ -737,6 +741,23 @@ fn gateway_cpu(
     })
 }
 
+/// When the parent stops waiting for the workers' reports: `grace` after the message phase's
+/// end (`stop_at`) and the drain that follows it.
+fn report_deadline(
+    stop_at: tokio::time::Instant,
+    drain: Duration,
+    grace: Duration,
+) -> tokio::time::Instant {
+    stop_at + drain + grace
+}
+
+/// The end of the message phase on a signal: now, or the end already set if it is earlier (a
+/// signal during the drain must not move the report deadline later).
+fn stop_now(stop_at: Option<tokio::time::Instant>) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    stop_at.map_or(now, |stop_at| stop_at.min(now))
+}
+
 fn gw_sample(pid: Option<u32>) -> Option<procstat::Sample> {
     pid.and_then(procstat::sample)
 }
@@ -819,7 +840,9 @@ async fn parent(args: Args) -> i32 {
         tokio::time::Instant::now() + Duration::from_secs_f64(args.connect_timeout.max(1.0));
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
     let mut interrupted = false;
-    let mut close_deadline: Option<tokio::time::Instant> = None;
+    let mut timed_out = false;
+    let drain = Duration::from_millis(args.drain_ms);
+    let grace = Duration::from_secs_f64(args.report_grace.max(0.0));
 
     async fn tell(stdins: &mut [Option<tokio::process::ChildStdin>], cmd: &str) {
         for s in stdins.iter_mut().flatten() {
@@ -859,20 +882,26 @@ async fn parent(args: Args) -> i32 {
             t_drained = Some(Instant::now());
             phase = CLOSE;
             tell(&mut stdins, "close").await;
-            close_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(30));
         }
-        if phase == CLOSE
-            && (children.iter().all(|c| c.report.is_some() || c.gone)
-                || close_deadline.is_some_and(|d| tokio::time::Instant::now() >= d))
-        {
+        if phase == CLOSE && children.iter().all(|c| c.report.is_some() || c.gone) {
+            break;
+        }
+        let deadline = stop_at.map(|stop_at| report_deadline(stop_at, drain, grace));
+        if phase >= STOP && deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            // A worker that neither drained nor reported in time (a connection stuck in a
+            // send, say) must not keep the run, and whoever waits on it, forever.
+            timed_out = true;
+            if end_sample.is_none() {
+                end_sample = gw_sample(args.gateway_pid);
+                t_drained = Some(Instant::now());
+            }
             break;
         }
 
         let wake = match phase {
             CONNECT => connect_deadline,
             GO => stop_at.unwrap_or(far),
-            CLOSE => close_deadline.unwrap_or(far),
-            _ => far,
+            _ => deadline.unwrap_or(far),
         };
         tokio::select! {
             msg = line_rx.recv() => {
@@ -917,16 +946,18 @@ async fn parent(args: Args) -> i32 {
                 prev_pushes = pushes;
                 prev_t = t;
             }
-            _ = term.recv() => { interrupted = true; stop_at = Some(tokio::time::Instant::now()); }
-            _ = tokio::signal::ctrl_c() => { interrupted = true; stop_at = Some(tokio::time::Instant::now()); }
+            _ = term.recv() => { interrupted = true; stop_at = Some(stop_now(stop_at)); }
+            _ = tokio::signal::ctrl_c() => { interrupted = true; stop_at = Some(stop_now(stop_at)); }
             _ = tokio::time::sleep_until(wake) => {}
         }
     }
     for mut c in procs {
-        if tokio::time::timeout(Duration::from_secs(5), c.wait())
-            .await
-            .is_err()
-        {
+        // Past the report deadline, no more waiting: the workers are stopped at once.
+        let ended = !timed_out
+            && tokio::time::timeout(Duration::from_secs(5), c.wait())
+                .await
+                .is_ok();
+        if !ended {
             let _ = c.start_kill();
             let _ = c.wait().await;
         }
@@ -941,7 +972,12 @@ async fn parent(args: Args) -> i32 {
     let mut connect_elapsed = 0.0f64;
     for c in &children {
         let Some(r) = &c.report else {
-            *errors.entry("worker_lost".into()).or_default() += 1;
+            let kind = if timed_out {
+                "worker_timeout"
+            } else {
+                "worker_lost"
+            };
+            *errors.entry(kind.into()).or_default() += 1;
             continue;
         };
         stats::add_pairs(&mut latency, &r["latency"]);
@@ -954,7 +990,9 @@ async fn parent(args: Args) -> i32 {
         }
         connect_elapsed = connect_elapsed.max(r["connect_elapsed_s"].as_f64().unwrap_or(0.0));
     }
-    let rep = |k: &str| sum_field(&children, |c| c.report.as_ref(), k);
+    // A worker that did not report (lost, or stopped at the report deadline) still counts with
+    // the totals of its last progress tick: what the parent has of it.
+    let rep = |k: &str| sum_field(&children, |c| c.report.as_ref().or(Some(&c.last_tick)), k);
     let established = sum_field(&children, |c| c.connected.as_ref(), "established");
     let replies = rep("replies");
     let pushes = rep("pushes");
@@ -1005,6 +1043,7 @@ async fn parent(args: Args) -> i32 {
         "ramp": args.ramp,
         "duration_s": args.duration,
         "interrupted": interrupted,
+        "timed_out": timed_out,
         "established": established,
         "connect_failures": rep("connect_failures"),
         "reconnects": rep("reconnects"),
@@ -1031,7 +1070,7 @@ async fn parent(args: Args) -> i32 {
     if !args.quiet {
         eprintln!("{}", table(&report));
     }
-    if children.iter().all(|c| c.report.is_some()) {
+    if !timed_out && children.iter().all(|c| c.report.is_some()) {
         0
     } else {
         1
@@ -1143,6 +1182,28 @@ fn table(r: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_report_deadline_follows_the_stop_and_a_late_signal_does_not_move_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let stop_at = tokio::time::Instant::now();
+            let deadline =
+                report_deadline(stop_at, Duration::from_secs(5), Duration::from_secs(30));
+            assert_eq!(deadline - stop_at, Duration::from_secs(35));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // SIGTERM during the drain: the stop stays when it was.
+            assert_eq!(stop_now(Some(stop_at)), stop_at);
+            // SIGTERM before the planned stop: it comes now.
+            let planned = tokio::time::Instant::now() + Duration::from_secs(60);
+            let now = stop_now(Some(planned));
+            assert!(now < planned && now >= stop_at);
+            assert!(stop_now(None) >= stop_at);
+        });
+    }
 
     #[test]
     fn gateway_cpu_totals_come_from_the_clock_and_the_kernel_share_from_ticks() {

@@ -80,6 +80,15 @@ struct Scenario {
     ws2api: &'static str,
 }
 
+/// How long `push` may run before the runner stops it (15,000 pushes take a second or two).
+const PUSH_LIMIT: Duration = Duration::from_secs(120);
+/// How long `load`, sent SIGTERM past its limit, has to report before it is killed: its drain
+/// and its wait for its workers (`--report-grace`), with room to spare.
+const LOAD_STOP_GRACE: Duration = Duration::from_secs(45);
+/// Seconds `load` may take beyond its `--duration`: its connect phase (at most its default
+/// `--connect-timeout`, 120 s), the drain (its default `--drain-ms`, 5 s), its own wait for its
+/// workers' reports (`--report-grace`, 30 s), and a minute to spare.
+const LOAD_LIMIT_BEYOND_DURATION_S: f64 = 120.0 + 5.0 + 30.0 + 60.0;
 /// Worker threads of the mock API unless `--mock-threads` says otherwise: the standard set-up,
 /// the only one `--tally` counts.
 const DEFAULT_MOCK_THREADS: usize = 1;
@@ -355,6 +364,69 @@ fn stop(mut child: Child, grace: Duration) -> (Option<i32>, String) {
     }
 }
 
+/// What a child run by [`output_within`] printed on stdout, and whether it had to be stopped.
+#[derive(Debug)]
+struct Finished {
+    /// Everything the child wrote on stdout.
+    stdout: String,
+    /// Whether it ran past its limit and was stopped.
+    timed_out: bool,
+}
+
+/// Runs `command` with its stdout piped (read as it comes, so a long report cannot block it)
+/// for at most `limit`; past it, SIGTERM (on which `load` stops and reports), and SIGKILL
+/// `grace` later. A child that does not end by itself must not hold the whole run.
+fn output_within(
+    command: &mut Command,
+    limit: Duration,
+    grace: Duration,
+) -> std::io::Result<Finished> {
+    let mut child = command.stdout(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take();
+    let (read, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut stdout) = stdout {
+            let _ = stdout.read_to_end(&mut bytes);
+        }
+        let _ = read.send(String::from_utf8_lossy(&bytes).into_owned());
+    });
+    let deadline = Instant::now() + limit;
+    let mut timed_out = false;
+    while child.try_wait()?.is_none() {
+        if Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        timed_out = true;
+        sigterm(&child);
+        let killed_at = Instant::now() + grace;
+        while child.try_wait()?.is_none() && Instant::now() < killed_at {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait()?;
+        break;
+    }
+    // End of file once the child and whatever inherited its stdout are gone.
+    let stdout = done
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap_or_default();
+    Ok(Finished { stdout, timed_out })
+}
+
+/// How long the runner lets `load` with `load_args` run: its `--duration` (10 s when not given,
+/// as in `load`) and [`LOAD_LIMIT_BEYOND_DURATION_S`].
+fn load_limit(load_args: &[String]) -> Duration {
+    let duration = load_args
+        .iter()
+        .position(|arg| arg == "--duration")
+        .and_then(|at| load_args.get(at + 1))
+        .and_then(|seconds| seconds.parse::<f64>().ok())
+        .unwrap_or(10.0);
+    Duration::from_secs_f64(duration.max(0.0) + LOAD_LIMIT_BEYOND_DURATION_S)
+}
+
 fn last_json(s: &str) -> Value {
     s.lines()
         .rev()
@@ -446,17 +518,23 @@ fn utc_stamp() -> String {
 /// baseline taken after a failed warm-up can be told apart.
 fn warm_up(bins: &Bins, port: u16, idle_secs: u64) -> Value {
     eprintln!("--- warm-up: {WARM_UP_CLIENTS} clients, then {idle_secs} s idle");
-    let out = Command::new(&bins.load)
-        .args(["--url", &format!("ws://127.0.0.1:{port}/")])
-        .args(["--conns", &WARM_UP_CLIENTS.to_string()])
-        .args(["--mode", "rate", "--interval-ms", "200", "--duration", "1"])
-        .args(["--id-prefix", "warm", "--quiet"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output();
+    let load_args = a(&["--mode", "rate", "--interval-ms", "200", "--duration", "1"]);
+    let out = output_within(
+        Command::new(&bins.load)
+            .args(["--url", &format!("ws://127.0.0.1:{port}/")])
+            .args(["--conns", &WARM_UP_CLIENTS.to_string()])
+            .args(&load_args)
+            .args(["--id-prefix", "warm", "--quiet"])
+            .stderr(Stdio::inherit()),
+        load_limit(&load_args),
+        LOAD_STOP_GRACE,
+    );
     let summary = match out {
-        Ok(o) => {
-            let report = last_json(&String::from_utf8_lossy(&o.stdout));
+        Ok(Finished {
+            timed_out: true, ..
+        }) => json!({"error": "load: did not finish in time, stopped"}),
+        Ok(Finished { stdout, .. }) => {
+            let report = last_json(&stdout);
             json!({
                 "clients": WARM_UP_CLIENTS,
                 "established": report["established"],
@@ -558,6 +636,8 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut push_report = Value::Null;
+    // The children that did not finish in time and were stopped.
+    let mut stopped: Vec<String> = Vec::new();
     let mut push_cpu = Value::Null;
     let mut machine_cpu = Value::Null;
     let load_out = if let Some(count) = sc.push_count {
@@ -585,10 +665,15 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
                 if let Some(path) = &control_socket {
                     push_cmd.arg("--unix-socket").arg(path);
                 }
-                let out = push_cmd.output();
-                push_report = out
-                    .map(|o| last_json(&String::from_utf8_lossy(&o.stdout)))
-                    .unwrap_or(Value::Null);
+                match output_within(&mut push_cmd, PUSH_LIMIT, Duration::from_secs(5)) {
+                    Ok(Finished { stdout, timed_out }) => {
+                        push_report = last_json(&stdout);
+                        if timed_out {
+                            stopped.push(format!("push (after {} s)", PUSH_LIMIT.as_secs()));
+                        }
+                    }
+                    Err(e) => eprintln!("push: {e}"),
+                }
                 // The whole machine's CPU while the pushes ran (the gateway, `push` and `load`
                 // share its cores), read before the gateway's own sample, whose listing of
                 // 15,000 descriptors would otherwise count as the machine's.
@@ -608,10 +693,16 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
             Err(e) => format!("{{\"error\":\"load: {e}\"}}"),
         }
     } else {
-        load_cmd
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+        let limit = load_limit(&sc.load_args);
+        match output_within(&mut load_cmd, limit, LOAD_STOP_GRACE) {
+            Ok(Finished { stdout, timed_out }) => {
+                if timed_out {
+                    stopped.push(format!("load (after {} s)", limit.as_secs()));
+                }
+                stdout
+            }
+            Err(e) => format!("{{\"error\":\"load: {e}\"}}"),
+        }
     };
     let load_report = last_json(&load_out);
     let gateway_gauges = gauges.finish();
@@ -657,6 +748,13 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
     });
     if sc.id == "S2" {
         result["gateway_whole_life_cpu_us_per_conn"] = json!(whole_life_cpu_us_per_conn(&result));
+    }
+    if !stopped.is_empty() {
+        // Its figures stay in the JSON, but a run cut short is not judged ([`criteria`]).
+        result["error"] = json!(format!(
+            "did not finish in time, stopped: {}",
+            stopped.join(", ")
+        ));
     }
     result
 }
@@ -1004,6 +1102,22 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
     };
     if r["id"] != "S4" {
         v.extend(clean());
+    }
+    if !r["error"].is_null() {
+        // A scenario that failed or was cut short (a child stopped at its time limit) may
+        // have figures, but not the ones its target is about: none counts.
+        v = v
+            .into_iter()
+            .map(|criterion| {
+                criterion.and_then(|check| {
+                    Err(Unrecorded {
+                        what: check.what,
+                        limit: Some(check.limit),
+                        at_most: check.at_most,
+                    })
+                })
+            })
+            .collect();
     }
     Some(v)
 }
@@ -1662,6 +1776,87 @@ mod tests {
             spawn_listening(&mut talker, "listening on", ["listening on "]).unwrap();
         let _ = child.wait();
         assert_eq!(ports, [4242]);
+    }
+
+    #[test]
+    fn a_child_that_does_not_end_is_stopped_at_its_limit_with_what_it_printed() {
+        let finished = output_within(
+            Command::new("sh").args(["-c", "echo done"]),
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(finished.stdout, "done\n");
+        assert!(!finished.timed_out);
+
+        let started = Instant::now();
+        let finished = output_within(
+            Command::new("sh").args(["-c", "echo partial; exec sleep 30"]),
+            Duration::from_millis(300),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(finished.stdout, "partial\n");
+        assert!(finished.timed_out);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "SIGTERM ends it"
+        );
+
+        // One that ignores SIGTERM is killed after the grace.
+        let started = Instant::now();
+        let finished = output_within(
+            Command::new("sh").args([
+                "-c",
+                "trap '' TERM; echo stubborn; while :; do sleep 0.1; done",
+            ]),
+            Duration::from_millis(300),
+            Duration::from_millis(500),
+        )
+        .unwrap();
+        assert_eq!(finished.stdout, "stubborn\n");
+        assert!(finished.timed_out);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn load_may_run_its_duration_and_its_own_deadlines_with_a_minute_to_spare() {
+        let s4 = scenarios(false)
+            .into_iter()
+            .find(|sc| sc.id == "S4")
+            .unwrap();
+        assert_eq!(load_limit(&s4.load_args), Duration::from_secs(60 + 215));
+        assert_eq!(
+            load_limit(&a(&["--conns", "4"])),
+            Duration::from_secs(10 + 215)
+        );
+        assert_eq!(
+            load_limit(&a(&["--duration", "1.5"])),
+            Duration::from_secs_f64(216.5)
+        );
+    }
+
+    #[test]
+    fn a_scenario_cut_short_is_not_judged_whatever_its_figures() {
+        let mut r = json!({"id": "S2", "load": {"errors_total": 0, "established": 10,
+                           "conns": 10, "gateway": {"cpu_us_per_conn": 30.0}}});
+        assert_eq!(verdict(&r, false), Some(true));
+        r["error"] = json!("did not finish in time, stopped: load (after 216 s)");
+        assert_eq!(verdict(&r, false), None);
+        let report = tally(&[json!({"scenarios": [r.clone()]})]);
+        assert!(
+            report.contains("S2: target met in 0 of 1 run; 1 did not record every figure"),
+            "{report}"
+        );
+        let md = markdown(&[r], false);
+        assert!(
+            md.contains("error: did not finish in time") && md.contains("(not judged)"),
+            "{md}"
+        );
     }
 
     #[test]
