@@ -180,26 +180,15 @@ async fn notify_api(
     reason: Bytes,
     code: Option<u16>,
 ) {
-    let _permit = if shared.is_draining() {
-        shared.shutdown_deletes.acquire().await.ok()
-    } else {
-        None
-    };
     let mut backoff = DELETE_RETRY_BACKOFF;
-    let mut result = shared
-        .upstream
-        .disconnect(context, reason.clone(), code)
-        .await;
+    let mut result = send_delete(shared, context, reason.clone(), code).await;
     for _ in 0..DELETE_RETRIES {
         if !worth_another_try(&result) {
             break;
         }
         tokio::time::sleep(backoff).await;
         backoff *= 2;
-        result = shared
-            .upstream
-            .disconnect(context, reason.clone(), code)
-            .await;
+        result = send_delete(shared, context, reason.clone(), code).await;
     }
     let unavailable = worth_another_try(&result);
     match result {
@@ -235,6 +224,22 @@ async fn notify_api(
             );
         }
     }
+}
+
+/// One try of a DELETE; while shutting down, as one of at most `--shutdown-delete-concurrency`
+/// (checked at each try, so that a retry waiting when the drain began keeps to it too).
+async fn send_delete(
+    shared: &Shared,
+    context: &ConnectionContext,
+    reason: Bytes,
+    code: Option<u16>,
+) -> Result<ApiAnswer, UpstreamError> {
+    let _permit = if shared.is_draining() {
+        shared.shutdown_deletes.acquire().await.ok()
+    } else {
+        None
+    };
+    shared.upstream.disconnect(context, reason, code).await
 }
 
 /// Whether a DELETE is sent again: one refused before it was sent (no API slot free, the API
