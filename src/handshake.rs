@@ -325,21 +325,24 @@ async fn route(
             ))
         }
     };
-    let Some(permit) = pending.settled() else {
-        return Err(overloaded("internal error\n"));
-    };
-
     if answer.status.is_server_error() {
+        // A 5xx says nothing of what the API did before it failed: a proxy answers 502 when
+        // the worker died after recording the connection, 504 when it gave up while the
+        // worker goes on. Undone like a connection that broke after the GET went out.
         tracing::warn!(
             %client_id, %connection_id, status = %answer.status,
-            "API failed the connect request; client told 502"
+            "API failed the connect request; client told 502, the API gets a DELETE `{UPSTREAM_FAILED}`"
         );
+        pending.undo(UPSTREAM_FAILED);
         return Err(Refusal::new(
             StatusCode::BAD_GATEWAY,
             RefusalReason::ApiFailure,
             "the API failed\n",
         ));
     }
+    let Some(permit) = pending.settled() else {
+        return Err(overloaded("internal error\n"));
+    };
     if !approves(&answer) {
         let status = if answer.status.is_client_error() {
             answer.status
@@ -466,14 +469,18 @@ async fn ask_the_api(
 const ABANDONED_BY_CLIENT: &str = "EOF";
 /// DELETE body when the API took longer than `--upstream-timeout` to decide.
 const ABANDONED_AFTER_TIMEOUT: &str = "upstream timeout";
+/// DELETE body when the API answered the connect GET with a 5xx: the close reason of a
+/// connection that broke after the GET went out (`UpstreamError::Broken`), whose outcome is
+/// as unknown.
+const UPSTREAM_FAILED: &str = "upstream error";
 
 /// A connect request the handshake is waiting for, with what a DELETE for it would need.
 ///
 /// If the handshake stops waiting (the client hung up, or `--upstream-timeout` passed and it
 /// got `504`) after the request went out, the request is not cut short: the API may be
 /// approving the connection, and recording it, right now. It finishes in a task of its own
-/// (for at most another `--upstream-timeout`), and an approval it brings, or no answer at
-/// all, is undone with a DELETE, which then reaches the API after its answer (when there was
+/// (for at most another `--upstream-timeout`), and an approval it brings, a 5xx, or no answer
+/// at all, is undone with a DELETE, which then reaches the API after its answer (when there was
 /// one). A request not sent yet is simply dropped: the API never saw it. The abandoned
 /// connection never registers, so it cannot replace a newer one of the same ClientId.
 struct PendingApproval {
@@ -507,7 +514,7 @@ impl PendingApproval {
     }
 
     /// DELETEs the connection now, with `reason`: its request failed in a way that leaves
-    /// the API's answer unknown.
+    /// unknown what the API did (it broke after it went out, or was answered with a 5xx).
     fn undo(mut self, reason: &str) {
         self.request = None;
         if let Some(permit) = self.permit.take() {
@@ -553,7 +560,7 @@ impl Drop for PendingApproval {
 }
 
 /// Lets an abandoned connect request finish, and DELETEs the connection if the API approved
-/// it, or never said.
+/// it, failed it with a 5xx (it may have recorded the connection first), or never said.
 async fn settle_abandoned(
     request: ConnectRequest,
     shared: Arc<Shared>,
@@ -563,7 +570,7 @@ async fn settle_abandoned(
     permit: OwnedSemaphorePermit,
 ) {
     let undo = match request.await {
-        Ok(answer) => approves(&answer),
+        Ok(answer) => approves(&answer) || answer.status.is_server_error(),
         Err(error) => error.outcome_unknown() && sent.load(Ordering::Acquire),
     };
     tracing::debug!(

@@ -95,6 +95,75 @@ async fn api_503_on_connect_gives_the_client_502() {
 }
 
 #[tokio::test]
+async fn a_connect_answered_5xx_gets_502_and_its_connection_a_delete() {
+    // A proxy in front of PHP-FPM answers 502 when the worker died after recording the
+    // connection; the application itself may fail with 500 after doing so. Either way the
+    // API may hold a connection nobody opened: it hears it is gone.
+    let api = MockApi::with_script(|seen| match (seen.method.as_str(), seen.uri.as_str()) {
+        ("GET", "/worker-died") => Reply::status(502, "Bad Gateway"),
+        ("GET", "/app-failed") => Reply::status(500, "oops"),
+        ("GET", "/refused") => Reply::status(403, "no"),
+        _ => Reply::ok(""),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    for (n, path) in ["/worker-died", "/app-failed"].into_iter().enumerate() {
+        let response = raw_exchange(gateway.public, &upgrade_request(path, &[])).await;
+        assert_eq!(response.status, 502, "{path}: {}", response.text());
+        let get = api.wait_for("GET", n + 1).await.remove(n);
+        let delete = api.wait_for("DELETE", n + 1).await.remove(n);
+        assert_eq!(delete.uri, path);
+        assert_eq!(delete.body, Bytes::from_static(b"upstream error"));
+        assert_eq!(
+            delete.header("x-close-code"),
+            None,
+            "there never was a websocket"
+        );
+        assert_eq!(
+            delete.header("x-connection-id"),
+            get.header("x-connection-id")
+        );
+    }
+    // A 4xx stays a refusal: the API said no, and knows it.
+    let refused = raw_exchange(gateway.public, &upgrade_request("/refused", &[])).await;
+    assert_eq!(refused.status, 403);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(api.seen_with("DELETE").len(), 2, "one DELETE per 5xx");
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["connections_opened"], 0.0);
+    assert_eq!(metrics["disconnects_notified"], 2.0);
+}
+
+#[tokio::test]
+async fn a_connect_failed_with_a_5xx_after_the_timeout_is_undone_with_a_delete() {
+    // A proxy that gave up on a slow worker (504) after the handshake stopped waiting: the
+    // worker may go on and record the connection.
+    let slow = MockApi::with_script(|seen| match seen.method.as_str() {
+        "GET" => Reply::status(504, "Gateway Timeout").after(Duration::from_millis(1300)),
+        _ => Reply::ok(""),
+    })
+    .await;
+    let mut config = test_config(&slow);
+    config.upstream_timeout = Duration::from_millis(1000);
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/late-5xx", &[])).await;
+    assert_eq!(response.status, 504);
+    let get = slow.wait_for("GET", 1).await.remove(0);
+    let delete = slow.wait_for("DELETE", 1).await.remove(0);
+    assert_eq!(delete.uri, "/late-5xx");
+    assert_eq!(delete.body, Bytes::from_static(b"upstream timeout"));
+    assert_eq!(delete.header("x-close-code"), None);
+    assert_eq!(
+        delete.header("x-connection-id"),
+        get.header("x-connection-id")
+    );
+    assert!(
+        delete.at >= get.at + Duration::from_millis(1300),
+        "after the answer"
+    );
+}
+
+#[tokio::test]
 async fn a_message_round_trips_through_the_api() {
     let (api, gateway) = setup().await;
     let mut ws = gateway.connect("/alice").await;
