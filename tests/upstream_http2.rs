@@ -151,14 +151,20 @@ async fn h2c_request_handed_back_unsent_by_a_dropped_connection_is_sent_again() 
 
     assert_eq!(next_text(&mut not_yet_taken).await, "echo:third");
     assert_eq!(api.connections.load(Ordering::SeqCst), 2);
-    // The two the connection had taken cannot be known unprocessed: no second try.
+    // The first was sent and lost with the socket: it cannot be known unprocessed, no
+    // second try.
     assert_eq!(
         close_frame(&mut on_the_wire).await,
         (1011, "upstream error".to_owned())
     );
+    // The second, waiting in the connection for a stream, was dropped by hyper with the
+    // connection (at most its head went out) and went out once more, on the new connection
+    // beside the third, where the API (one stream at a time, its SETTINGS not yet read by
+    // the gateway) refused it with REFUSED_STREAM: unprocessed twice, so never sent, as if
+    // the API could not be reached.
     assert_eq!(
         close_frame(&mut waiting_for_a_stream).await,
-        (1011, "upstream error".to_owned())
+        (1011, "upstream unreachable".to_owned())
     );
     assert_eq!(api.posts(), ["first", "third"]);
 }
@@ -341,16 +347,18 @@ async fn assert_answered_on_the_second_try(turn_away: TurnAway, connections: usi
 }
 
 /// Checks that the first message, its POSTs turned away by `turn_away` while their numbers are
-/// in `refused`, closes its client with 1011 after the API saw `posts` POSTs.
-async fn assert_failed_after(turn_away: TurnAway, refused: std::ops::Range<usize>, posts: usize) {
+/// in `refused`, closes its client with 1011 and `reason` after the API saw `posts` POSTs.
+async fn assert_failed_after(
+    turn_away: TurnAway,
+    refused: std::ops::Range<usize>,
+    posts: usize,
+    reason: &str,
+) {
     let api = FrameApi::start(turn_away, refused).await;
     let (_gateway, mut client) = gateway_and_client(&api).await;
 
     client.send(Message::text("first")).await.unwrap();
-    assert_eq!(
-        close_frame(&mut client).await,
-        (1011, "upstream error".to_owned())
-    );
+    assert_eq!(close_frame(&mut client).await, (1011, reason.to_owned()));
     assert_eq!(api.posts.load(Ordering::SeqCst), posts);
 }
 
@@ -366,12 +374,43 @@ async fn h2c_request_reset_with_refused_stream_is_sent_again_on_the_same_connect
 
 #[tokio::test]
 async fn h2c_request_refused_twice_fails_after_one_more_try() {
-    assert_failed_after(TurnAway::RefusedStream, 1..usize::MAX, 2).await;
+    // Unprocessed both times: it never reached the API, as if the API could not be reached.
+    assert_failed_after(
+        TurnAway::RefusedStream,
+        1..usize::MAX,
+        2,
+        "upstream unreachable",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn h2c_request_reset_with_another_error_is_not_sent_again() {
-    assert_failed_after(TurnAway::InternalError, 1..2, 1).await;
+    assert_failed_after(TurnAway::InternalError, 1..2, 1, "upstream error").await;
+}
+
+#[tokio::test]
+async fn h2c_delete_refused_twice_is_sent_again_later_and_reaches_the_api() {
+    // The DELETE of a client that dropped carries its reason (`EOF`) as a body, so the API
+    // counts it among its POSTs (the requests with a body) and refuses the first two: both
+    // tries of the first attempt. The API processed neither, so it must still hear of it.
+    let api = FrameApi::start(TurnAway::RefusedStream, 1..3).await;
+    let (gateway, client) = gateway_and_client(&api).await;
+    drop(client);
+
+    gateway
+        .wait_for_metric(
+            "disconnects_notified",
+            |n| n == 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        api.posts.load(Ordering::SeqCst),
+        3,
+        "refused twice, then taken"
+    );
+    assert_eq!(gateway.metrics().await["disconnects_failed"], 0.0);
 }
 
 /// Two clients of a gateway in front of an API that allows one stream at a time: the first

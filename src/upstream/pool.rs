@@ -331,6 +331,11 @@ impl Pool {
                                 self.forget_h2(number);
                             }
                         }
+                        // Not processed again: the API did not act on it either time, so it
+                        // fails as never sent (a DELETE is sent again later, not lost).
+                        (None, None) if refusal.is_some() => {
+                            return Err(refused_again(progress, error.error()))
+                        }
                         _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
                     }
                     retried = true;
@@ -421,6 +426,18 @@ fn never_sent(progress: &mut Progress<'_>, error: &hyper::Error) -> UpstreamErro
     progress.unsent();
     UpstreamError::Unreachable(format!(
         "the connection closed before the request went out: {}",
+        error_chain(error)
+    ))
+}
+
+/// The error for a request the API turned away unprocessed (see [`unprocessed_by_api`]) on
+/// its second try, its first having come back unprocessed too: marked unsent, and
+/// [`UpstreamError::Unreachable`], as for one [`never_sent`] (the API cannot have acted on it,
+/// so a DELETE may be tried again).
+fn refused_again(progress: &mut Progress<'_>, error: &hyper::Error) -> UpstreamError {
+    progress.unsent();
+    UpstreamError::Unreachable(format!(
+        "the API turned the request away unprocessed twice: {}",
         error_chain(error)
     ))
 }
