@@ -22,7 +22,7 @@ use crate::config::Config;
 mod limit;
 mod pool;
 use limit::{ConcurrencyLimit, RequestKind, Slot};
-use pool::{ApiAddress, Dialer, Pool};
+use pool::{ApiAddress, BodyLimit, Dialer, Pool};
 
 /// How long an unused API connection is kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,16 +35,19 @@ pub static X_CONNECTION_ID: HeaderName = HeaderName::from_static("x-connection-i
 pub static X_CLOSE_CODE: HeaderName = HeaderName::from_static("x-close-code");
 /// Header carrying `--api-token` on every API request.
 pub static X_WS2HTTP_TOKEN: HeaderName = HeaderName::from_static("x-ws2http-token");
-/// Body bytes read of the API's answer to a connect GET or a DELETE, whatever
-/// `--max-message-size` is: neither is a message (a connect's refusal page goes to the
-/// client as its body; a DELETE's is dropped), and `ok` must fit under any setting.
-pub const NOTICE_ANSWER_LIMIT: usize = 64 * 1024;
+/// Body bytes read of the API's answer to a connect GET, whatever `--max-message-size` is:
+/// it is not a message (a refusal page goes to the client as its body), and `ok` must fit
+/// under any setting.
+pub const CONNECT_ANSWER_LIMIT: usize = 64 * 1024;
+/// Body bytes read of the API's answer to a DELETE: only its status counts, so a larger body
+/// is left unread (its connection closed instead of reused) and the answer stands.
+pub const DISCONNECT_ANSWER_LIMIT: usize = 4 * 1024;
 
-/// How long a request may take, and how large its answer's body may be.
+/// How long a request may take, and how much of its answer's body is read.
 #[derive(Clone, Copy)]
 struct Limits {
     time: Duration,
-    body: usize,
+    body: BodyLimit,
 }
 
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
@@ -122,7 +125,8 @@ pub struct ApiAnswer {
     pub status: StatusCode,
     /// Its headers.
     pub headers: HeaderMap,
-    /// Its body, read in full.
+    /// Its body, read in full (of the answer to a DELETE, at most its first
+    /// [`DISCONNECT_ANSWER_LIMIT`] bytes).
     pub body: Bytes,
 }
 
@@ -168,9 +172,9 @@ pub struct Upstream {
     timeout: Duration,
     /// Body bytes read of a reply (`--max-message-size`).
     max_body: usize,
-    /// Body bytes read of the answer to a connect GET or a DELETE ([`NOTICE_ANSWER_LIMIT`]
-    /// or `--max-message-size`, whichever is more).
-    notice_max_body: usize,
+    /// Body bytes read of the answer to a connect GET ([`CONNECT_ANSWER_LIMIT`] or
+    /// `--max-message-size`, whichever is more).
+    connect_max_body: usize,
     /// `--api-token`, sent with every request.
     api_token: Option<HeaderValue>,
     metrics: Arc<Metrics>,
@@ -237,7 +241,7 @@ impl Upstream {
             max_wait: config.upstream_max_wait,
             timeout: config.upstream_timeout,
             max_body: config.max_message_size,
-            notice_max_body: config.max_message_size.max(NOTICE_ANSWER_LIMIT),
+            connect_max_body: config.max_message_size.max(CONNECT_ANSWER_LIMIT),
             api_token: api_token_header(config)?,
             metrics,
         })
@@ -293,7 +297,7 @@ impl Upstream {
         // still wanted (see handshake.rs, `PendingApproval`), for as long again.
         let limits = Limits {
             time: self.timeout.saturating_mul(2),
-            body: self.notice_max_body,
+            body: BodyLimit::Whole(self.connect_max_body),
         };
         self.send_within(request, limits, Some(sent)).await
     }
@@ -312,7 +316,9 @@ impl Upstream {
         self.send(request).await
     }
 
-    /// `DELETE {api}<ClientId>` with the close reason as the body.
+    /// `DELETE {api}<ClientId>` with the close reason as the body. The answer's status is what
+    /// counts: of its body at most [`DISCONNECT_ANSWER_LIMIT`] bytes are read, and a larger
+    /// one does not fail the request.
     pub async fn disconnect(
         &self,
         context: &ConnectionContext,
@@ -328,7 +334,7 @@ impl Upstream {
         }
         let limits = Limits {
             time: self.timeout,
-            body: self.notice_max_body,
+            body: BodyLimit::Head(DISCONNECT_ANSWER_LIMIT),
         };
         self.send_within(request, limits, None).await
     }
@@ -374,7 +380,7 @@ impl Upstream {
     ) -> impl Future<Output = Result<ApiAnswer, UpstreamError>> + Send + '_ {
         let limits = Limits {
             time: self.timeout,
-            body: self.max_body,
+            body: BodyLimit::Whole(self.max_body),
         };
         self.send_within(request, limits, None)
     }
@@ -423,12 +429,12 @@ impl Upstream {
     async fn exchange<'a>(
         &'a self,
         request: Request<Full<Bytes>>,
-        max_body: usize,
+        body_limit: BodyLimit,
         progress: &mut Progress<'_>,
         slot: &mut Option<Slot<'a>>,
     ) -> Result<ApiAnswer, UpstreamError> {
         let held = slot.insert(self.permit(RequestKind::of(request.method())).await?);
-        let answer = self.pool.exchange(request, max_body, progress).await?;
+        let answer = self.pool.exchange(request, body_limit, progress).await?;
         if !answer.parts.status.is_server_error() {
             held.answered();
         }

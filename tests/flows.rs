@@ -87,6 +87,34 @@ async fn the_api_s_connect_and_delete_answers_are_not_held_to_max_message_size()
 }
 
 #[tokio::test]
+async fn a_delete_answered_with_a_large_body_counts_as_told() {
+    // An API (or a framework's error page) that answers the DELETE with far more than any
+    // message: its status is all the gateway needs.
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "DELETE" => Reply::ok(vec![b'd'; 2 * 1024 * 1024]),
+        _ => echo_script(s),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    for (n, path) in ["/first", "/second"].into_iter().enumerate() {
+        let mut ws = gateway.connect(path).await;
+        assert_eq!(round_trip(&mut ws, "hi").await, "echo:hi");
+        drop(ws);
+        gateway
+            .wait_for_metric(
+                "disconnects_notified",
+                |told| told == (n + 1) as f64,
+                Duration::from_secs(10),
+            )
+            .await;
+    }
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["disconnects_failed"], 0.0, "{metrics:?}");
+    assert_eq!(metrics["requests_failed"], 0.0, "{metrics:?}");
+    assert_eq!(api.seen_with("DELETE").len(), 2, "each sent once");
+}
+
+#[tokio::test]
 async fn api_503_on_connect_gives_the_client_502() {
     let api = MockApi::with_script(|_| Reply::status(503, "down")).await;
     let gateway = TestGateway::start(test_config(&api)).await;

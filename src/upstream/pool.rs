@@ -155,11 +155,11 @@ impl Pool {
         state.open + usize::from(state.shared.is_some())
     }
 
-    /// Sends `request` and reads its whole answer, at most `max_body` bytes of body.
+    /// Sends `request` and reads its answer, as much of its body as `body_limit` says.
     pub(super) async fn exchange(
         &self,
         mut request: Request<Body>,
-        max_body: usize,
+        body_limit: BodyLimit,
         progress: &mut Progress<'_>,
     ) -> Result<Answer, UpstreamError> {
         if self.http2 {
@@ -167,7 +167,7 @@ impl Pool {
             // request's future (see the sizes test), and its temporaries part of the stack
             // frame every HTTP/1 request's `poll` touches (32 KiB; bench/README.md,
             // "Shallow worker stacks").
-            return out_of_line(self.exchange_h2(request, max_body, progress)).await;
+            return out_of_line(self.exchange_h2(request, body_limit, progress)).await;
         }
         let path = request
             .uri()
@@ -189,8 +189,10 @@ impl Pool {
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let keep_alive = keeps_alive(&response);
-                    let answer = collect(response, max_body).await?;
-                    if keep_alive {
+                    let (answer, read_to_end) = collect(response, body_limit).await?;
+                    // A connection whose answer was left partly unread takes no other
+                    // request (hyper closes it): dropping the lease frees its slot.
+                    if keep_alive && read_to_end {
                         lease.checkin();
                     }
                     return Ok(answer);
@@ -290,7 +292,7 @@ impl Pool {
     async fn exchange_h2(
         &self,
         mut request: Request<Body>,
-        max_body: usize,
+        body_limit: BodyLimit,
         progress: &mut Progress<'_>,
     ) -> Result<Answer, UpstreamError> {
         let mut parts = request.uri().clone().into_parts();
@@ -307,7 +309,8 @@ impl Pool {
             let has_body = hyper::body::Body::size_hint(request.body()).exact() != Some(0);
             progress.sent();
             match sender.try_send_request(request).await {
-                Ok(response) => return collect(response, max_body).await,
+                // A body left unread resets its stream only.
+                Ok(response) => return Ok(collect(response, body_limit).await?.0),
                 Err(mut error) => {
                     let refusal = unprocessed_by_api(error.error(), has_body);
                     match (error.take_message(), spare) {
@@ -645,26 +648,75 @@ fn keeps_alive(response: &Response<Incoming>) -> bool {
     !close && response.version() == http::Version::HTTP_11
 }
 
-/// The API's answer to one request: its head and its whole body.
+/// How much of an answer's body is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BodyLimit {
+    /// All of it, at most this many bytes: a larger body fails the request
+    /// ([`UpstreamError::ResponseTooLarge`]).
+    Whole(usize),
+    /// At most this many bytes, for an answer whose status is all that counts: a larger body
+    /// is left unread and the answer stands, with the bytes read until then.
+    Head(usize),
+}
+
+/// The API's answer to one request: its head and its body (all of it, or as much as its
+/// [`BodyLimit`] let be read).
 pub(super) struct Answer {
     pub(super) parts: http::response::Parts,
     pub(super) body: Bytes,
 }
 
-async fn collect(response: Response<Incoming>, max_body: usize) -> Result<Answer, UpstreamError> {
+/// Reads `response`'s body as `limit` says; also tells whether it was read to its end (a
+/// [`BodyLimit::Head`] answer's may not be, and then its connection cannot take another
+/// request).
+async fn collect(
+    response: Response<Incoming>,
+    limit: BodyLimit,
+) -> Result<(Answer, bool), UpstreamError> {
     let (parts, body) = response.into_parts();
-    let body = Limited::new(body, max_body)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                UpstreamError::ResponseTooLarge(max_body)
-            } else {
-                UpstreamError::Broken(error_chain(&*e))
-            }
-        })?
-        .to_bytes();
-    Ok(Answer { parts, body })
+    let (body, read_to_end) = match limit {
+        BodyLimit::Whole(max_body) => {
+            let body = Limited::new(body, max_body)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        UpstreamError::ResponseTooLarge(max_body)
+                    } else {
+                        UpstreamError::Broken(error_chain(&*e))
+                    }
+                })?
+                .to_bytes();
+            (body, true)
+        }
+        BodyLimit::Head(max_body) => read_head(body, max_body).await?,
+    };
+    Ok((Answer { parts, body }, read_to_end))
+}
+
+/// Reads `body` up to `max_body` bytes: all of it and `true` if it fits, else the data frames
+/// that fitted and `false`, the rest left unread.
+async fn read_head<B>(mut body: B, max_body: usize) -> Result<(Bytes, bool), UpstreamError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + 'static,
+{
+    let announced = body.size_hint().lower();
+    if usize::try_from(announced).map_or(true, |announced| announced > max_body) {
+        return Ok((Bytes::new(), false));
+    }
+    let mut read: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| UpstreamError::Broken(error_chain(&e)))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if read.len() + data.len() > max_body {
+            return Ok((Bytes::from(read), false));
+        }
+        read.extend_from_slice(&data);
+    }
+    Ok((Bytes::from(read), true))
 }
 
 /// Closes idle connections that expired, until the pool is gone: the [`WARM_IDLE`] most
@@ -734,6 +786,33 @@ mod tests {
         assert!(!sender.is_closed(), "open until a ping is due");
         tokio::time::sleep(H2_KEEP_ALIVE_TIMEOUT + Duration::from_secs(2)).await;
         assert!(sender.is_closed(), "closed once a ping went unanswered");
+    }
+
+    /// A body of `chunks`, one data frame each, that does not say its length.
+    fn unannounced_body(
+        chunks: &[&'static [u8]],
+    ) -> impl hyper::body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+        let frames: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = chunks
+            .iter()
+            .map(|chunk| Ok(hyper::body::Frame::data(Bytes::from_static(chunk))))
+            .collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_head_read_stops_at_its_limit_and_says_so() {
+        let (head, whole) = read_head(unannounced_body(&[b"ab", b"cd"]), 4)
+            .await
+            .unwrap();
+        assert_eq!((head.as_ref(), whole), (&b"abcd"[..], true), "fits");
+        let (head, whole) = read_head(unannounced_body(&[b"ab", b"cd", b"e"]), 4)
+            .await
+            .unwrap();
+        assert_eq!((head.as_ref(), whole), (&b"abcd"[..], false), "one over");
+        // A body that says it is larger is not read at all.
+        let announced = Full::new(Bytes::from_static(b"abcde"));
+        let (head, whole) = read_head(announced, 4).await.unwrap();
+        assert_eq!((head.len(), whole), (0, false));
     }
 
     #[test]
