@@ -20,6 +20,11 @@ const SLOW_SLACK: Duration = Duration::from_millis(5);
 const PACE_WINDOW: Duration = Duration::from_secs(10);
 /// After a slow answer, the limit grows by one per round of answers for this long.
 const CAUTIOUS_FOR: Duration = Duration::from_secs(10);
+/// How far over the slow mark (see [`Pace::slow_mark`]) the time of a request that went
+/// unanswered past it is recorded: it counts as one slow answer, whatever it held its slot
+/// for (a 30 s timeout recorded whole against a 1 ms pace would keep the recent answers slow
+/// for the next fifty, each lowering the limit once more).
+const UNANSWERED_OVER_SLOW_MARK: Duration = Duration::from_millis(1);
 
 /// Which of the API's paces an answer counts towards: connecting, a message and disconnecting
 /// are different work for the API and may take very different times.
@@ -209,7 +214,9 @@ impl LimitState {
     /// (none, when the limit shrank by this one; two, when it grew). A request sent but not
     /// answered (it failed, timed out, got a 5xx) says nothing of the API's pace unless it was
     /// out longer than a slow answer would take (a timeout, an API that hung up after a long
-    /// wait): then it counts as that slow answer.
+    /// wait): then it counts as one slow answer, recorded as just over the slow mark
+    /// ([`UNANSWERED_OVER_SLOW_MARK`]) however long it was out, so that the answers after it
+    /// are judged on their own times.
     fn release(
         &mut self,
         kind: RequestKind,
@@ -218,13 +225,16 @@ impl LimitState {
         now: Instant,
     ) -> usize {
         let pace = &mut self.paces[kind.index()];
-        let took = match outcome {
-            Outcome::Answered(took) => took,
-            Outcome::Unanswered(out) if pace.slow_answer(out) => out,
-            Outcome::Unanswered(_) | Outcome::NotSent => return 1,
+        let (took, slow_by_itself) = match outcome {
+            Outcome::Answered(took) => (took, false),
+            Outcome::Unanswered(out) => match pace.slow_mark() {
+                Some(mark) if out > mark => (out.min(mark + UNANSWERED_OVER_SLOW_MARK), true),
+                _ => return 1,
+            },
+            Outcome::NotSent => return 1,
         };
         pace.record(took, now);
-        if pace.slow() {
+        if slow_by_itself || pace.slow() {
             self.last_slow = Some(now);
             if self.limit > self.floor {
                 self.limit -= 1;
@@ -292,11 +302,14 @@ impl Pace {
     /// Whether an answer that took `took` would be well over the fastest one (never, before
     /// the first answer).
     fn slow_answer(&self, took: Duration) -> bool {
-        self.fastest
-            .iter()
-            .flatten()
-            .min()
-            .is_some_and(|fastest| took > *fastest * 2 + SLOW_SLACK)
+        self.slow_mark().is_some_and(|mark| took > mark)
+    }
+
+    /// The time an answer must take longer than to be slow: twice the fastest one plus
+    /// [`SLOW_SLACK`] (`None` before the first answer).
+    fn slow_mark(&self) -> Option<Duration> {
+        let fastest = self.fastest.iter().flatten().min()?;
+        Some(*fastest * 2 + SLOW_SLACK)
     }
 }
 
@@ -440,7 +453,7 @@ mod tests {
             "shrank: its slot is not given back"
         );
         assert_eq!(state.limit, 9);
-        assert!(state.paces[MESSAGE.index()].slow());
+        assert_eq!(state.last_slow, Some(now), "counted as a slow answer");
         // Before any answer there is no pace to judge by: no signal.
         let mut fresh = LimitState::new(4, 100);
         assert_eq!(
@@ -448,6 +461,35 @@ mod tests {
             1
         );
         assert_eq!(fresh.limit, 4);
+    }
+
+    #[test]
+    fn one_timeout_lowers_the_limit_once_and_the_fast_answers_after_it_grow_it_again() {
+        let mut state = LimitState::new(4, 100);
+        let now = Instant::now();
+        for _ in 0..6 {
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now);
+        }
+        assert_eq!(state.limit, 10);
+        // One request out for 30 s, unanswered, against a 1 ms pace.
+        let timed_out = Duration::from_secs(30);
+        state.release(MESSAGE, Outcome::Unanswered(timed_out), true, now);
+        assert_eq!(state.limit, 9, "one slow event");
+        // The API answers at its pace again: none of these is slow, and for a while after the
+        // slow event the limit grows by one per round of answers.
+        let mut lowest = state.limit;
+        for _ in 0..20 {
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now);
+            lowest = lowest.min(state.limit);
+        }
+        assert_eq!(lowest, 9, "no answer after the timeout counted as slow");
+        assert!(state.limit >= 10, "grew again: {}", state.limit);
+        assert!(!state.paces[MESSAGE.index()].slow());
+        // Each further timeout is one more slow event, however long it was out.
+        let limit = state.limit;
+        state.release(MESSAGE, Outcome::Unanswered(timed_out), true, now);
+        state.release(MESSAGE, Outcome::Unanswered(timed_out * 2), true, now);
+        assert_eq!(state.limit, limit - 2);
     }
 
     #[test]
