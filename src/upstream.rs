@@ -522,7 +522,8 @@ fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     /// Not sent yet: waiting for an API slot or connection, or opening one (which fails on
-    /// its own, as unreachable, within half the time: [`connect_timeout`]).
+    /// its own, as unreachable, within half the time: [`connect_timeout`]; so does a request
+    /// that waited for another's attempt, with it).
     Waiting,
     /// Written, or being written, to an API connection since this moment.
     Sent(Instant),

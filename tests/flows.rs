@@ -431,10 +431,14 @@ async fn an_unreachable_api_gives_502_and_a_slow_one_504() {
     assert_eq!(response.status, 504);
 }
 
-#[tokio::test]
-async fn an_api_that_never_answers_the_connection_attempt_gives_502_not_504() {
-    // A listener whose accept queue is full drops further SYNs: connecting hangs, as with an
-    // API host that is down behind a firewall. Nothing was sent, so this is "unreachable".
+/// An address whose connection attempts hang, as with an API host that is down behind a
+/// firewall: a listener whose accept queue is full drops further SYNs. The attempts hang while
+/// the returned listener and queued connections are kept.
+async fn black_holed_address() -> (
+    std::net::SocketAddr,
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = socket.listen(1).unwrap();
@@ -446,6 +450,13 @@ async fn an_api_that_never_answers_the_connection_attempt_gives_502_not_504() {
             queued.push(stream);
         }
     }
+    (addr, listener, queued)
+}
+
+#[tokio::test]
+async fn an_api_that_never_answers_the_connection_attempt_gives_502_not_504() {
+    // Nothing was sent, so this is "unreachable".
+    let (addr, _listener, _queued) = black_holed_address().await;
     let api = MockApi::start().await;
     let mut config = test_config(&api);
     config.api = format!("http://{addr}/").parse().unwrap();
@@ -458,7 +469,65 @@ async fn an_api_that_never_answers_the_connection_attempt_gives_502_not_504() {
         "{}",
         response.text()
     );
-    drop(queued);
+}
+
+/// Connects `clients` clients at once to a gateway in front of an API host that never
+/// answers a connection attempt (over HTTP/2 if `http2`), and checks that each is told `502`
+/// (unreachable) when the attempt it waited for fails, at half of `--upstream-timeout`, not
+/// `503` (overloaded) when its own time runs out while it tries once more.
+async fn clients_waiting_for_a_failing_connection_attempt_get_502(clients: usize, http2: bool) {
+    let (addr, _listener, _queued) = black_holed_address().await;
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.api = format!("http://{addr}/").parse().unwrap();
+    config.upstream_http2 = http2;
+    config.upstream_timeout = Duration::from_secs(2);
+    let gateway = TestGateway::start(config).await;
+    let started = tokio::time::Instant::now();
+    let handshakes: Vec<_> = (0..clients)
+        .map(|n| {
+            let public = gateway.public;
+            tokio::spawn(async move {
+                let response = raw_exchange(public, &upgrade_request(&format!("/c{n}"), &[])).await;
+                (response.status, response.text(), started.elapsed())
+            })
+        })
+        .collect();
+    let mut told = Vec::new();
+    for handshake in handshakes {
+        told.push(handshake.await.unwrap());
+    }
+    let not_unreachable: Vec<_> = told
+        .iter()
+        .filter(|(status, text, _)| *status != 502 || !text.contains("could not be reached"))
+        .collect();
+    assert!(
+        not_unreachable.is_empty(),
+        "{} of {clients} not told 502 unreachable: {not_unreachable:?}",
+        not_unreachable.len()
+    );
+    let slowest = told.iter().map(|(_, _, after)| *after).max().unwrap();
+    assert!(
+        slowest < Duration::from_millis(1800),
+        "the last was told after {slowest:?}, the attempts failed at 1 s"
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"api_failure\"}"],
+        clients as f64
+    );
+}
+
+#[tokio::test]
+async fn clients_waiting_for_the_h2_connection_attempt_that_fails_get_its_502() {
+    // One attempt at a time opens the shared HTTP/2 connection: the others wait for it.
+    clients_waiting_for_a_failing_connection_attempt_get_502(20, true).await;
+}
+
+#[tokio::test]
+async fn clients_waiting_for_http1_connection_attempts_that_fail_get_their_502() {
+    // At most 32 HTTP/1 connections are opened at once: the others wait for them.
+    clients_waiting_for_a_failing_connection_attempt_get_502(40, false).await;
 }
 
 #[tokio::test]

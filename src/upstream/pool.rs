@@ -1,8 +1,10 @@
 //! Keep-alive connections to the API, at most `max_open` of them: a request takes an idle
 //! connection, or opens one (a few at a time, so a connect storm does not open a connection per
-//! waiting request), or waits for one to come back. HTTP/2 (`--upstream-http2`) shares one
-//! multiplexed connection instead. Connections go over TCP (or TLS) to the API's host, or to a
-//! Unix socket on this machine (`--api-unix-socket`).
+//! waiting request), or waits for one to come back; a waiting request fails with an attempt to
+//! open one that fails meanwhile (the API host unreachable) instead of trying again past its
+//! deadline. HTTP/2 (`--upstream-http2`) shares one multiplexed connection instead. Connections
+//! go over TCP (or TLS) to the API's host, or to a Unix socket on this machine
+//! (`--api-unix-socket`).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -87,6 +89,43 @@ struct State {
     shared: Option<SharedH2>,
     /// HTTP/2 connections opened so far, to number them.
     h2_opened: u64,
+    /// Attempts to open a connection that failed so far: a waiting request notes the count
+    /// when it begins to wait, to learn later whether one failed meanwhile.
+    open_failures: u64,
+    /// Why the latest attempt to open a connection failed, while no attempt has succeeded
+    /// since (each is an [`UpstreamError::Unreachable`]; this is its text).
+    last_open_failure: Option<String>,
+}
+
+impl State {
+    /// Notes how an attempt to open a connection ended.
+    fn attempt_ended<T>(&mut self, outcome: &Result<T, UpstreamError>) {
+        match outcome {
+            Ok(_) => self.last_open_failure = None,
+            Err(error) => {
+                self.open_failures += 1;
+                self.last_open_failure = Some(match error {
+                    UpstreamError::Unreachable(why) => why.clone(),
+                    other => other.to_string(),
+                });
+            }
+        }
+    }
+
+    /// The error for a request that began to wait for a connection when `failures_at_wait`
+    /// attempts had failed (`None`: it has not waited): the latest attempt's failure, if that
+    /// attempt ended since, and failed. Such a request would otherwise start an attempt of its
+    /// own only now, and run out of time in it: with an API host that never answers, the
+    /// deadline of a request that waited half of it comes in the middle of its attempt.
+    fn failed_while_waiting(&self, failures_at_wait: Option<u64>) -> Option<UpstreamError> {
+        if failures_at_wait? == self.open_failures {
+            return None;
+        }
+        let why = self.last_open_failure.as_ref()?;
+        Some(UpstreamError::Unreachable(format!(
+            "the connection attempt this request waited for failed: {why}"
+        )))
+    }
 }
 
 /// The HTTP/2 connection requests share, and its number (in the order opened).
@@ -105,6 +144,17 @@ enum Next {
     Reuse(http1::SendRequest<Body>),
     Connect,
     Wait,
+    /// The attempt the request waited for failed: it fails the same way.
+    Fail(UpstreamError),
+}
+
+/// What a request for the shared HTTP/2 connection does next.
+enum NextH2 {
+    Use(SharedH2),
+    Connect,
+    Wait,
+    /// The attempt the request waited for failed: it fails the same way.
+    Fail(UpstreamError),
 }
 
 impl Pool {
@@ -216,7 +266,11 @@ impl Pool {
     }
 
     /// An open connection for one request: an idle one, a new one, or one that comes free.
+    /// A request that waited while an attempt to open one failed fails with it (unless an idle
+    /// connection is there for it).
     async fn checkout(&self) -> Result<Lease<'_>, UpstreamError> {
+        // Failed attempts when this request began to wait, if it did.
+        let mut failures_at_wait = None;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -234,12 +288,18 @@ impl Pool {
                 }
                 match found {
                     Some(sender) => Next::Reuse(sender),
-                    None if state.open < self.max_open && state.connecting < MAX_CONNECTING => {
-                        state.open += 1;
-                        state.connecting += 1;
-                        Next::Connect
-                    }
-                    None => Next::Wait,
+                    None => match state.failed_while_waiting(failures_at_wait) {
+                        Some(error) => Next::Fail(error),
+                        None if state.open < self.max_open && state.connecting < MAX_CONNECTING => {
+                            state.open += 1;
+                            state.connecting += 1;
+                            Next::Connect
+                        }
+                        None => {
+                            failures_at_wait.get_or_insert(state.open_failures);
+                            Next::Wait
+                        }
+                    },
                 }
             };
             match next {
@@ -275,16 +335,19 @@ impl Pool {
                         self.origin.clone(),
                     )))
                     .await;
-                    drop(opening);
                     let sender = opened.unwrap_or_else(|e| {
                         Err(UpstreamError::Unreachable(format!(
                             "opening the connection failed: {e}"
                         )))
                     });
+                    // Noted before the requests waiting for it are woken (by `opening`).
+                    self.state().attempt_ended(&sender);
+                    drop(opening);
                     lease.sender = Some(sender?);
                     return Ok(lease);
                 }
                 Next::Wait => changed.await,
+                Next::Fail(error) => return Err(error),
             }
         }
     }
@@ -358,41 +421,50 @@ impl Pool {
         }
     }
 
+    /// The shared HTTP/2 connection, opened by this request if there is none and no other
+    /// request is opening it. A request that waited while another opened it fails as that
+    /// attempt did, if it failed.
     async fn shared_h2(&self) -> Result<SharedH2, UpstreamError> {
+        // Failed attempts when this request began to wait, if it did.
+        let mut failures_at_wait = None;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let connect = {
+            let next = {
                 let mut state = self.state();
                 match &state.shared {
-                    Some(shared) if !shared.sender.is_closed() => Some(shared.clone()),
+                    Some(shared) if !shared.sender.is_closed() => NextH2::Use(shared.clone()),
                     _ => {
                         state.shared = None;
-                        None
+                        match state.failed_while_waiting(failures_at_wait) {
+                            Some(error) => NextH2::Fail(error),
+                            None if state.connecting == 0 => {
+                                state.connecting = 1;
+                                NextH2::Connect
+                            }
+                            None => {
+                                failures_at_wait.get_or_insert(state.open_failures);
+                                NextH2::Wait
+                            }
+                        }
                     }
                 }
-                .map(Ok)
-                .unwrap_or_else(|| {
-                    if state.connecting == 0 {
-                        state.connecting = 1;
-                        Err(true)
-                    } else {
-                        Err(false)
-                    }
-                })
             };
-            match connect {
-                Ok(mut shared) => {
+            match next {
+                NextH2::Use(mut shared) => {
                     if shared.sender.ready().await.is_ok() {
                         return Ok(shared);
                     }
                     self.forget_h2(shared.number);
                 }
-                Err(true) => {
+                NextH2::Connect => {
                     let opening = Opening { pool: self };
-                    let opened = self.connect_h2().await.map(|sender| {
-                        let mut state = self.state();
+                    let opened = self.connect_h2().await;
+                    let mut state = self.state();
+                    // Noted before the requests waiting for it are woken (by `opening`).
+                    state.attempt_ended(&opened);
+                    let opened = opened.map(|sender| {
                         state.h2_opened += 1;
                         let shared = SharedH2 {
                             sender,
@@ -401,10 +473,12 @@ impl Pool {
                         state.shared = Some(shared.clone());
                         shared
                     });
+                    drop(state);
                     drop(opening);
                     return opened;
                 }
-                Err(false) => changed.await,
+                NextH2::Wait => changed.await,
+                NextH2::Fail(error) => return Err(error),
             }
         }
     }
