@@ -1276,14 +1276,17 @@ mod tests {
         }
     }
 
-    /// Runs a session of a gateway with `config` (its API nowhere) over a client that sends
-    /// `incoming` and reads nothing, with `pushed` queued first, until it ends (within 5 s);
-    /// returns the gateway's shared state, to read how it ended.
-    async fn run_until_it_ends(
+    /// A gateway bound with `config` on ports 0 (its API nowhere) and one connection
+    /// registered in it: the gateway's shared state, the connection's handle, its context and
+    /// its place under `--max-connections`.
+    async fn one_connection(
         config: crate::Config,
-        pushed: Option<Outbound>,
-        incoming: Vec<u8>,
-    ) -> Arc<Shared> {
+    ) -> (
+        Arc<Shared>,
+        Arc<SessionHandle>,
+        ConnectionContext,
+        OwnedSemaphorePermit,
+    ) {
         let config = crate::Config {
             listen: ([127, 0, 0, 1], 0).into(),
             control_listen: ([127, 0, 0, 1], 0).into(),
@@ -1304,6 +1307,18 @@ mod tests {
             .try_acquire_owned()
             .unwrap();
         shared.registry.insert(Arc::clone(&handle));
+        (shared, handle, context, permit)
+    }
+
+    /// Runs a session of a gateway with `config` (its API nowhere) over a client that sends
+    /// `incoming` and reads nothing, with `pushed` queued first, until it ends (within 5 s);
+    /// returns the gateway's shared state, to read how it ended.
+    async fn run_until_it_ends(
+        config: crate::Config,
+        pushed: Option<Outbound>,
+        incoming: Vec<u8>,
+    ) -> Arc<Shared> {
+        let (shared, handle, context, permit) = one_connection(config).await;
         if let Some(message) = pushed {
             assert_eq!(handle.push(message, 10, 1 << 20, &ACCEPTED), Ok(()));
         }
@@ -1384,27 +1399,11 @@ mod tests {
     #[tokio::test]
     async fn answers_in_when_a_control_close_is_seen_go_out_before_its_close_frame() {
         let config = crate::Config {
-            listen: ([127, 0, 0, 1], 0).into(),
-            control_listen: ([127, 0, 0, 1], 0).into(),
             ping_interval: None,
             pipeline: 2,
             ..crate::Config::default()
         };
-        let gateway = crate::Gateway::bind(config).await.unwrap();
-        let shared = Arc::clone(&gateway.shared);
-        let handle = Arc::new(handle());
-        let context = shared
-            .upstream
-            .context(
-                handle.connection_id,
-                handle.client_id.clone(),
-                &http::HeaderMap::new(),
-            )
-            .unwrap();
-        let permit = Arc::clone(&shared.connection_permits)
-            .try_acquire_owned()
-            .unwrap();
-        shared.registry.insert(Arc::clone(&handle));
+        let (shared, handle, context, permit) = one_connection(config).await;
         let written = Arc::new(Mutex::new(Vec::new()));
         let socket = tokio_websockets::ServerBuilder::new().serve(RecordingClient {
             written: Arc::clone(&written),

@@ -166,16 +166,8 @@ async fn a_connect_answered_5xx_gets_502_and_its_connection_a_delete() {
 async fn a_connect_failed_with_a_5xx_after_the_timeout_is_undone_with_a_delete() {
     // A proxy that gave up on a slow worker (504) after the handshake stopped waiting: the
     // worker may go on and record the connection.
-    let slow = MockApi::with_script(|seen| match seen.method.as_str() {
-        "GET" => Reply::status(504, "Gateway Timeout").after(Duration::from_millis(1300)),
-        _ => Reply::ok(""),
-    })
-    .await;
-    let mut config = test_config(&slow);
-    config.upstream_timeout = Duration::from_millis(1000);
-    let gateway = TestGateway::start(config).await;
-    let response = raw_exchange(gateway.public, &upgrade_request("/late-5xx", &[])).await;
-    assert_eq!(response.status, 504);
+    let (slow, _gateway) =
+        connect_answered_after_the_timeout(504, "Gateway Timeout", "/late-5xx").await;
     let get = slow.wait_for("GET", 1).await.remove(0);
     let delete = slow.wait_for("DELETE", 1).await.remove(0);
     assert_eq!(delete.uri, "/late-5xx");
@@ -810,16 +802,7 @@ async fn only_200_with_ok_opens_the_websocket() {
 async fn a_connect_approved_after_the_timeout_is_undone_with_a_delete_after_the_answer() {
     // The API decides too late for the client (504), but it did approve and may have
     // recorded the connection: it hears the connection is gone, after its own answer.
-    let slow = MockApi::with_script(|seen| match seen.method.as_str() {
-        "GET" => Reply::ok("ok").after(Duration::from_millis(1300)),
-        _ => Reply::ok(""),
-    })
-    .await;
-    let mut config = test_config(&slow);
-    config.upstream_timeout = Duration::from_millis(1000);
-    let gateway = TestGateway::start(config).await;
-    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
-    assert_eq!(response.status, 504);
+    let (slow, gateway) = connect_answered_after_the_timeout(200, "ok", "/alice").await;
     let get = slow.wait_for("GET", 1).await.remove(0);
     let delete = slow.wait_for("DELETE", 1).await.remove(0);
     assert_eq!(delete.uri, "/alice");
@@ -844,16 +827,7 @@ async fn a_connect_approved_after_the_timeout_is_undone_with_a_delete_after_the_
 
 #[tokio::test]
 async fn a_connect_refused_after_the_timeout_gets_no_delete() {
-    let slow = MockApi::with_script(|seen| match seen.method.as_str() {
-        "GET" => Reply::status(403, "no").after(Duration::from_millis(1300)),
-        _ => Reply::ok(""),
-    })
-    .await;
-    let mut config = test_config(&slow);
-    config.upstream_timeout = Duration::from_millis(1000);
-    let gateway = TestGateway::start(config).await;
-    let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
-    assert_eq!(response.status, 504);
+    let (slow, gateway) = connect_answered_after_the_timeout(403, "no", "/alice").await;
     // The answer (at 1.3 s) has come and gone; the background's own limit (2 s) too.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
@@ -1303,4 +1277,24 @@ async fn an_api_that_closes_every_connection_loses_no_message() {
         }
     }
     assert_eq!(gateway.metrics().await["requests_failed"], 0.0);
+}
+
+/// A gateway (`--upstream-timeout` 1 s) in front of an API that answers a connect GET with
+/// `status` and `body` only after 1.3 s, once a client at `path` has been told `504`.
+async fn connect_answered_after_the_timeout(
+    status: u16,
+    body: &'static str,
+    path: &str,
+) -> (MockApi, TestGateway) {
+    let slow = MockApi::with_script(move |seen| match seen.method.as_str() {
+        "GET" => Reply::status(status, body).after(Duration::from_millis(1300)),
+        _ => Reply::ok(""),
+    })
+    .await;
+    let mut config = test_config(&slow);
+    config.upstream_timeout = Duration::from_millis(1000);
+    let gateway = TestGateway::start(config).await;
+    let response = raw_exchange(gateway.public, &upgrade_request(path, &[])).await;
+    assert_eq!(response.status, 504);
+    (slow, gateway)
 }

@@ -437,14 +437,20 @@ mod tests {
         assert!(!state.paces[MESSAGE.index()].slow());
     }
 
-    #[test]
-    fn a_request_that_held_its_slot_past_the_apis_pace_without_an_answer_counts_as_slow() {
+    /// A limit from 4 that fast answers, all slots taken, have grown to 10; and their time.
+    fn grown_to_ten() -> (LimitState, Instant) {
         let mut state = LimitState::new(4, 100);
         let now = Instant::now();
         for _ in 0..6 {
             state.release(MESSAGE, Outcome::Answered(FAST), true, now);
         }
         assert_eq!(state.limit, 10);
+        (state, now)
+    }
+
+    #[test]
+    fn a_request_that_held_its_slot_past_the_apis_pace_without_an_answer_counts_as_slow() {
+        let (mut state, now) = grown_to_ten();
         // A timeout: no answer after holding the slot for 30 s.
         let timed_out = Duration::from_secs(30);
         assert_eq!(
@@ -465,12 +471,7 @@ mod tests {
 
     #[test]
     fn one_timeout_lowers_the_limit_once_and_the_fast_answers_after_it_grow_it_again() {
-        let mut state = LimitState::new(4, 100);
-        let now = Instant::now();
-        for _ in 0..6 {
-            state.release(MESSAGE, Outcome::Answered(FAST), true, now);
-        }
-        assert_eq!(state.limit, 10);
+        let (mut state, now) = grown_to_ten();
         // One request out for 30 s, unanswered, against a 1 ms pace.
         let timed_out = Duration::from_secs(30);
         state.release(MESSAGE, Outcome::Unanswered(timed_out), true, now);
