@@ -140,17 +140,7 @@ async fn a_connect_answered_5xx_gets_502_and_its_connection_a_delete() {
         assert_eq!(response.status, 502, "{path}: {}", response.text());
         let get = api.wait_for("GET", n + 1).await.remove(n);
         let delete = api.wait_for("DELETE", n + 1).await.remove(n);
-        assert_eq!(delete.uri, path);
-        assert_eq!(delete.body, Bytes::from_static(b"upstream error"));
-        assert_eq!(
-            delete.header("x-close-code"),
-            None,
-            "there never was a websocket"
-        );
-        assert_eq!(
-            delete.header("x-connection-id"),
-            get.header("x-connection-id")
-        );
+        assert_undoes(&delete, &get, path, "upstream error");
     }
     // A 4xx stays a refusal: the API said no, and knows it.
     let refused = raw_exchange(gateway.public, &upgrade_request("/refused", &[])).await;
@@ -805,17 +795,7 @@ async fn a_connect_approved_after_the_timeout_is_undone_with_a_delete_after_the_
     let (slow, gateway) = connect_answered_after_the_timeout(200, "ok", "/alice").await;
     let get = slow.wait_for("GET", 1).await.remove(0);
     let delete = slow.wait_for("DELETE", 1).await.remove(0);
-    assert_eq!(delete.uri, "/alice");
-    assert_eq!(delete.body, Bytes::from_static(b"upstream timeout"));
-    assert_eq!(
-        delete.header("x-close-code"),
-        None,
-        "there never was a websocket"
-    );
-    assert_eq!(
-        delete.header("x-connection-id"),
-        get.header("x-connection-id")
-    );
+    assert_undoes(&delete, &get, "/alice", "upstream timeout");
     assert!(
         delete.at >= get.at + Duration::from_millis(1300),
         "the DELETE came {:?} after the GET, before its answer",
@@ -1297,4 +1277,20 @@ async fn connect_answered_after_the_timeout(
     let response = raw_exchange(gateway.public, &upgrade_request(path, &[])).await;
     assert_eq!(response.status, 504);
     (slow, gateway)
+}
+
+/// `delete` undoes the connection `get` asked for: its path and X-Connection-Id, body
+/// `reason`, and no X-Close-Code (there never was a websocket).
+fn assert_undoes(delete: &Seen, get: &Seen, path: &str, reason: &str) {
+    assert_eq!(delete.uri, path);
+    assert_eq!(delete.body, Bytes::from(reason.to_owned()));
+    assert_eq!(
+        delete.header("x-close-code"),
+        None,
+        "there never was a websocket"
+    );
+    assert_eq!(
+        delete.header("x-connection-id"),
+        get.header("x-connection-id")
+    );
 }
