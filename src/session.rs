@@ -750,8 +750,12 @@ where
         // pushes queued when it came, ahead of later ones (which cannot hold it back).
         let mut ready = None;
         if writable && self.answered.is_empty() {
-            if let Poll::Ready(Some(answer)) = self.in_flight.poll_next_unpin(cx) {
-                ready = Some(answer);
+            match self.in_flight.poll_next_unpin(cx) {
+                // A failure is never parked behind pushes: it ends the connection now (the
+                // pushes queued still go out first, see finish()).
+                Poll::Ready(Some(failed @ Err(_))) => return Poll::Ready(Event::Answer(failed)),
+                Poll::Ready(Some(answer)) => ready = Some(answer),
+                _ => {}
             }
         }
         let answer_due = ready.is_none()
@@ -805,8 +809,9 @@ where
                 self.written_at_stall = self.socket.get_ref().bytes_written();
                 self.schedule_timer(now);
             }
-        } else {
-            self.write_stalled_since = None;
+        } else if self.write_stalled_since.take().is_some() {
+            // The stalled write went out: not idle till now.
+            self.last_data = Instant::now();
         }
         // Read only while writes flow: each ping read queues a pong, so a client that sends
         // pings but never reads would otherwise grow our write queue without bound.
@@ -1102,19 +1107,21 @@ where
         } = self;
         // Answers that came in but were not taken yet (the close was noticed in the same
         // wake-up) count as given: they go out behind every push queued now.
-        take_finished(
-            &mut in_flight,
-            &mut answered,
-            pushes_taken.wrapping_add(handle.queued() as u32),
-        );
+        // After an API failure nothing behind it goes out: the failed message's reply is
+        // missing, and a client matching replies by position would take the next one for it.
+        if ending.why != CloseReason::UpstreamFailure {
+            take_finished(
+                &mut in_flight,
+                &mut answered,
+                pushes_taken.wrapping_add(handle.queued() as u32),
+            );
+        }
         // Replies the API gave while the socket was backed up (or pushes waited): they go out
         // among the queued pushes in the order they came, as they would have had the
-        // connection stayed (the messages they answer came in before the close).
-        // After an API failure none go out: the failed message's reply is missing, and a
-        // client matching replies by position would take the next one for it.
+        // connection stayed (the messages they answer came in before the close, and before
+        // any failure: an answer that failed is never parked among them).
         let replies: Vec<(Bytes, bool, u32)> = answered
             .into_iter()
-            .take_while(|_| ending.why != CloseReason::UpstreamFailure)
             .map_while(|answered| Some((answered.answer.ok()?, answered.after_pushes)))
             .filter_map(|(answer, after_pushes)| {
                 reply(answer).map(|(payload, binary)| (payload, binary, after_pushes))
@@ -1465,6 +1472,72 @@ mod tests {
             headers: http::HeaderMap::new(),
             body: Bytes::from_static(body.as_bytes()),
         })))
+    }
+
+    #[tokio::test]
+    async fn after_an_api_failure_the_replies_before_it_go_out_and_none_after_it() {
+        let config = crate::Config {
+            ping_interval: None,
+            pipeline: 3,
+            ..crate::Config::default()
+        };
+        let (shared, handle, context, permit) = one_connection(config).await;
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let socket = tokio_websockets::ServerBuilder::new().serve(RecordingClient {
+            written: Arc::clone(&written),
+        });
+        let mut session = Session::new(socket, handle, Arc::new(context), shared);
+        // The first message's reply waited for the socket; the second failed; the third's
+        // answer came in too, after the failure.
+        session.answered.push_back(Answered {
+            answer: Ok(ApiAnswer {
+                status: http::StatusCode::OK,
+                headers: http::HeaderMap::new(),
+                body: Bytes::from_static(b"a1"),
+            }),
+            after_pushes: 0,
+        });
+        session.in_flight.push_back(answer("a3"));
+        let ending = Ending::ours(CloseReason::UpstreamFailure, 1011, "upstream timeout");
+        tokio::time::timeout(Duration::from_secs(5), session.finish(ending, permit))
+            .await
+            .expect("the session ends");
+        let mut close_frame = 1011u16.to_be_bytes().to_vec();
+        close_frame.extend_from_slice(b"upstream timeout");
+        assert_eq!(
+            frames(&written.lock().unwrap()),
+            [(1, b"a1".to_vec()), (8, close_frame)]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_api_failure_taken_while_a_push_waits_ends_the_connection_as_a_failure() {
+        // The failure and a push come in together; the push backs the socket up. The failure
+        // must not wait behind it until --write-timeout calls the client a slow consumer.
+        let config = crate::Config {
+            ping_interval: None,
+            write_timeout: Duration::from_millis(500),
+            ..crate::Config::default()
+        };
+        let (shared, handle, context, _permit) = one_connection(config).await;
+        assert_eq!(
+            handle.push(message(64 * 1024), 10, 1 << 20, &ACCEPTED),
+            Ok(())
+        );
+        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
+            peer_gone: false,
+            incoming: Vec::new(),
+        });
+        let mut session = Session::new(socket, handle, Arc::new(context), shared);
+        session
+            .in_flight
+            .push_back(Box::pin(std::future::ready(Err(UpstreamError::Timeout(
+                Duration::from_secs(1),
+            )))));
+        let ending = tokio::time::timeout(Duration::from_secs(5), session.run_loop())
+            .await
+            .expect("the session ends");
+        assert_eq!(ending.why, CloseReason::UpstreamFailure, "{ending:?}");
     }
 
     #[test]
