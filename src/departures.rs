@@ -244,8 +244,10 @@ async fn send_delete(
 
 /// Whether a DELETE is sent again: one refused before it was sent (no API slot free, the API
 /// not reachable), or answered `502`/`503` (a proxy in front of an API that could not take it:
-/// restarting, no worker free). The API must hear of every disconnect, and cannot have acted
-/// on this one. One that timed out or broke after it was sent is not: the API may have.
+/// restarting, no worker free). The API must hear of every disconnect; a 503 says it did not
+/// act on this one, a 502 usually means so too, though a worker that failed after its write
+/// makes the API see the DELETE twice (README, "The DELETE is not lost"). One that timed out
+/// or broke after it was sent is not: the API may have acted.
 fn worth_another_try(result: &Result<ApiAnswer, UpstreamError>) -> bool {
     match result {
         Err(UpstreamError::Overloaded | UpstreamError::Unreachable(_)) => true,

@@ -326,14 +326,18 @@ async fn route(
         }
     };
     if answer.status.is_server_error() {
-        // A 5xx says nothing of what the API did before it failed: a proxy answers 502 when
-        // the worker died after recording the connection, 504 when it gave up while the
-        // worker goes on. Undone like a connection that broke after the GET went out.
-        tracing::warn!(
-            %client_id, %connection_id, status = %answer.status,
-            "API failed the connect request; client told 502, the API gets a DELETE `{UPSTREAM_FAILED}`"
-        );
-        pending.undo(UPSTREAM_FAILED);
+        if failed_after_acting(answer.status) {
+            tracing::warn!(
+                %client_id, %connection_id, status = %answer.status,
+                "API failed the connect request; client told 502, the API gets a DELETE `{UPSTREAM_FAILED}`"
+            );
+            pending.undo(UPSTREAM_FAILED);
+        } else {
+            tracing::warn!(
+                %client_id, %connection_id, status = %answer.status,
+                "API could not take the connect request; client told 502"
+            );
+        }
         return Err(Refusal::new(
             StatusCode::BAD_GATEWAY,
             RefusalReason::ApiFailure,
@@ -559,8 +563,19 @@ impl Drop for PendingApproval {
     }
 }
 
+/// Whether a 5xx answer to a connect GET leaves unknown what the API did, so that the
+/// connection is undone with a DELETE: a proxy answers 502 when the worker died after recording
+/// the connection, 504 when it gave up while the worker goes on, and an application 500 may
+/// come after its write. Not a 503, which says the request was not processed (RFC 9110,
+/// 15.6.4), as the DELETE's own retry rule takes it (a refused connect would otherwise queue a
+/// DELETE that a proxy in maintenance answers 503 for its every retry).
+fn failed_after_acting(status: StatusCode) -> bool {
+    status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE
+}
+
 /// Lets an abandoned connect request finish, and DELETEs the connection if the API approved
-/// it, failed it with a 5xx (it may have recorded the connection first), or never said.
+/// it, failed it with a 5xx other than 503 (it may have recorded the connection first), or
+/// never said.
 async fn settle_abandoned(
     request: ConnectRequest,
     shared: Arc<Shared>,
@@ -570,7 +585,7 @@ async fn settle_abandoned(
     permit: OwnedSemaphorePermit,
 ) {
     let undo = match request.await {
-        Ok(answer) => approves(&answer) || answer.status.is_server_error(),
+        Ok(answer) => approves(&answer) || failed_after_acting(answer.status),
         Err(error) => error.outcome_unknown() && sent.load(Ordering::Acquire),
     };
     tracing::debug!(

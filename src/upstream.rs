@@ -297,7 +297,7 @@ impl Upstream {
         // still wanted (see handshake.rs, `PendingApproval`), for as long again.
         let limits = Limits {
             time: self.timeout.saturating_mul(2),
-            body: BodyLimit::Whole(self.connect_max_body),
+            body: BodyLimit::WholeUnlessServerError(self.connect_max_body),
         };
         self.send_within(request, limits, Some(sent)).await
     }

@@ -125,31 +125,47 @@ async fn api_503_on_connect_gives_the_client_502() {
 #[tokio::test]
 async fn a_connect_answered_5xx_gets_502_and_its_connection_a_delete() {
     // A proxy in front of PHP-FPM answers 502 when the worker died after recording the
-    // connection; the application itself may fail with 500 after doing so. Either way the
-    // API may hold a connection nobody opened: it hears it is gone.
+    // connection; the application itself may fail with 500 after doing so, with a debug page
+    // larger than any answer the gateway reads. Either way the API may hold a connection
+    // nobody opened: it hears it is gone.
     let api = MockApi::with_script(|seen| match (seen.method.as_str(), seen.uri.as_str()) {
         ("GET", "/worker-died") => Reply::status(502, "Bad Gateway"),
         ("GET", "/app-failed") => Reply::status(500, "oops"),
+        ("GET", "/debug-page") => Reply::status(500, vec![b'x'; 200 * 1024]),
+        ("GET", "/maintenance") => Reply::status(503, "down for maintenance"),
         ("GET", "/refused") => Reply::status(403, "no"),
         _ => Reply::ok(""),
     })
     .await;
-    let gateway = TestGateway::start(test_config(&api)).await;
-    for (n, path) in ["/worker-died", "/app-failed"].into_iter().enumerate() {
+    let mut config = test_config(&api);
+    // Answers to a connect are read up to 64 KiB at this size.
+    config.max_message_size = 64 * 1024;
+    let gateway = TestGateway::start(config).await;
+    for (n, path) in ["/worker-died", "/app-failed", "/debug-page"]
+        .into_iter()
+        .enumerate()
+    {
         let response = raw_exchange(gateway.public, &upgrade_request(path, &[])).await;
         assert_eq!(response.status, 502, "{path}: {}", response.text());
         let get = api.wait_for("GET", n + 1).await.remove(n);
         let delete = api.wait_for("DELETE", n + 1).await.remove(n);
         assert_undoes(&delete, &get, path, "upstream error");
     }
+    // A 503 says the request was not processed (RFC 9110): 502 for the client, no DELETE.
+    let unavailable = raw_exchange(gateway.public, &upgrade_request("/maintenance", &[])).await;
+    assert_eq!(unavailable.status, 502);
     // A 4xx stays a refusal: the API said no, and knows it.
     let refused = raw_exchange(gateway.public, &upgrade_request("/refused", &[])).await;
     assert_eq!(refused.status, 403);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(api.seen_with("DELETE").len(), 2, "one DELETE per 5xx");
+    assert_eq!(
+        api.seen_with("DELETE").len(),
+        3,
+        "one DELETE per 5xx but the 503"
+    );
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["connections_opened"], 0.0);
-    assert_eq!(metrics["disconnects_notified"], 2.0);
+    assert_eq!(metrics["disconnects_notified"], 3.0);
 }
 
 #[tokio::test]

@@ -731,6 +731,9 @@ pub(super) enum BodyLimit {
     /// At most this many bytes, for an answer whose status is all that counts: a larger body
     /// is left unread and the answer stands, with the bytes read until then.
     Head(usize),
+    /// As `Whole`, but of a 5xx answer only as much as `Head` reads: for a connect GET, whose
+    /// failure is judged by its status alone (and undone), however large its error page.
+    WholeUnlessServerError(usize),
 }
 
 /// The API's answer to one request: its head and its body (all of it, or as much as its
@@ -748,22 +751,26 @@ async fn collect(
     limit: BodyLimit,
 ) -> Result<(Answer, bool), UpstreamError> {
     let (parts, body) = response.into_parts();
-    let (body, read_to_end) = match limit {
-        BodyLimit::Whole(max_body) => {
-            let body = Limited::new(body, max_body)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        UpstreamError::ResponseTooLarge(max_body)
-                    } else {
-                        UpstreamError::Broken(error_chain(&*e))
-                    }
-                })?
-                .to_bytes();
-            (body, true)
-        }
-        BodyLimit::Head(max_body) => read_head(body, max_body).await?,
+    let (max_body, whole) = match limit {
+        BodyLimit::Whole(max_body) => (max_body, true),
+        BodyLimit::Head(max_body) => (max_body, false),
+        BodyLimit::WholeUnlessServerError(max_body) => (max_body, !parts.status.is_server_error()),
+    };
+    let (body, read_to_end) = if whole {
+        let body = Limited::new(body, max_body)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    UpstreamError::ResponseTooLarge(max_body)
+                } else {
+                    UpstreamError::Broken(error_chain(&*e))
+                }
+            })?
+            .to_bytes();
+        (body, true)
+    } else {
+        read_head(body, max_body).await?
     };
     Ok((Answer { parts, body }, read_to_end))
 }
