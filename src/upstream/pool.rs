@@ -114,11 +114,17 @@ impl State {
 
     /// The error for a request that began to wait for a connection when `failures_at_wait`
     /// attempts had failed (`None`: it has not waited): the latest attempt's failure, if that
-    /// attempt ended since, and failed. Such a request would otherwise start an attempt of its
+    /// attempt ended since, and failed, and no established connection is open that could come
+    /// back for it. Such a request would otherwise start an attempt of its
     /// own only now, and run out of time in it: with an API host that never answers, the
     /// deadline of a request that waited half of it comes in the middle of its attempt.
     fn failed_while_waiting(&self, failures_at_wait: Option<u64>) -> Option<UpstreamError> {
         if failures_at_wait? == self.open_failures {
+            return None;
+        }
+        // An established HTTP/1.1 connection, busy now, may come back for it: it was waiting
+        // for a place, not only for the attempt that failed.
+        if self.open > self.connecting {
             return None;
         }
         let why = self.last_open_failure.as_ref()?;
@@ -856,6 +862,31 @@ fn reap_idle<T>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_waiter_fails_with_a_failed_attempt_only_when_no_established_connection_may_come_back() {
+        let after_a_failure = |open, connecting| State {
+            open,
+            connecting,
+            open_failures: 1,
+            last_open_failure: Some("refused".to_owned()),
+            ..State::default()
+        };
+        // Waiting since before the failure, with only attempts open: it fails as they did.
+        let state = after_a_failure(1, 1);
+        assert!(matches!(
+            state.failed_while_waiting(Some(0)),
+            Some(UpstreamError::Unreachable(_))
+        ));
+        // A busy established connection will come back: it waits on.
+        assert!(after_a_failure(2, 1)
+            .failed_while_waiting(Some(0))
+            .is_none());
+        // No failure since it began to wait, or it never waited.
+        assert!(state.failed_while_waiting(Some(1)).is_none());
+        assert!(state.failed_while_waiting(None).is_none());
+    }
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
