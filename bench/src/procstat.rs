@@ -284,16 +284,31 @@ mod tests {
     fn the_cpu_clock_sees_a_few_milliseconds_that_clock_ticks_round_away() {
         let pid = std::process::id();
         let before = process_cpu_ns(pid).expect("own CPU clock readable");
-        // About 3 ms of CPU: less than one 10-ms clock tick.
-        let spin = std::time::Instant::now();
+        // 3 ms of this thread's CPU, however long a loaded machine takes to give it: less
+        // than one 10-ms clock tick.
+        let thread_cpu_ns = || {
+            let mut now = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `now` is a valid timespec for clock_gettime to write.
+            let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+            assert_eq!(status, 0, "this thread's CPU clock");
+            now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+        };
+        let (spin_from, wall) = (thread_cpu_ns(), std::time::Instant::now());
         let mut x = 0u64;
-        while spin.elapsed() < std::time::Duration::from_millis(3) {
+        while thread_cpu_ns() - spin_from < 3_000_000 {
+            assert!(
+                wall.elapsed() < std::time::Duration::from_secs(10),
+                "no CPU in 10 s"
+            );
             x = std::hint::black_box(x.wrapping_add(1));
         }
         let used = process_cpu_ns(pid).expect("own CPU clock readable") - before;
         assert!(
-            (2_000_000..500_000_000).contains(&used),
-            "{used} ns for about 3 ms of spinning"
+            (3_000_000..500_000_000).contains(&used),
+            "{used} ns for 3 ms of this thread's spinning"
         );
         assert_eq!(process_cpu_ns(0), None, "pid 0 is not a process to sample");
         // i32::MAX's clock id would wrap onto this process's own.

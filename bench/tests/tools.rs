@@ -211,8 +211,16 @@ async fn rate_mode_times_a_late_message_from_its_schedule_and_catches_up() {
         .process_group(0);
     let child = load.spawn().expect("load starts");
     let group = child.id() as libc::pid_t;
-    while !ready.exists() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let connected = tokio::time::timeout(Duration::from_secs(30), async {
+        while !ready.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if connected.is_err() {
+        // SAFETY: a signal to the process group of our own child.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        panic!("load did not connect within 30 s");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // The load generator gets no CPU for 400 ms, as on a machine short of it: the ticks due
@@ -220,11 +228,20 @@ async fn rate_mode_times_a_late_message_from_its_schedule_and_catches_up() {
     // SAFETY: signals to the process group of our own child.
     unsafe { libc::kill(-group, libc::SIGSTOP) };
     tokio::time::sleep(Duration::from_millis(400)).await;
+    // SAFETY: as above.
     unsafe { libc::kill(-group, libc::SIGCONT) };
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .expect("load ends");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        // SAFETY: as above.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+        panic!("load did not end within 60 s of a 2-s run");
+    })
+    .unwrap()
+    .expect("load ends");
     let _ = std::fs::remove_file(&ready);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let r: Value = serde_json::from_str(stdout.lines().last().expect("a report line")).unwrap();
