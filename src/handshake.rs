@@ -403,10 +403,14 @@ async fn route(
     // Of two connections of one ClientId, the one whose handshake began first is closed as
     // replaced: the one already there, or this one when its approval came after a newer
     // connection had opened (it opens only to be closed, as if it had opened first).
+    // (The registry tells a connection it replaces itself, under the ClientId's lock.)
     let replaced = match shared.registry.insert(Arc::clone(&handle)) {
         Insertion::First => None,
         Insertion::Replaced(older) => Some((older, Arc::clone(&handle))),
-        Insertion::Superseded(newer) => Some((Arc::clone(&handle), newer)),
+        Insertion::Superseded(newer) => {
+            handle.command(Command::Replaced);
+            Some((Arc::clone(&handle), newer))
+        }
     };
     if let Some((older, newer)) = replaced {
         tracing::debug!(
@@ -415,7 +419,6 @@ async fn route(
             newer = %newer.connection_id,
             "same ClientId connected again; closing the older connection with 4000"
         );
-        older.command(Command::Replaced);
     }
     if shared.is_draining() {
         handle.command(Command::Shutdown);

@@ -6,7 +6,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::identity::{ClientId, ConnectionId};
-use crate::session::SessionHandle;
+use crate::session::{Command, SessionHandle};
 
 const SHARDS: usize = 16;
 /// A shard's table is never shrunk below this many entries.
@@ -16,7 +16,8 @@ const MIN_SHARD_CAPACITY: usize = 64;
 pub enum Insertion {
     /// The ClientId had no session here; now it has this one.
     First,
-    /// The session replaced this older one of the same ClientId, which is to be closed.
+    /// The session replaced this older one of the same ClientId, which has been told to
+    /// close as replaced.
     Replaced(Arc<SessionHandle>),
     /// Not inserted: this session of the same ClientId is of a connection that began its
     /// handshake later, and keeps the ClientId; the one offered is to be closed.
@@ -53,7 +54,10 @@ impl Registry {
 
     /// Makes `handle` the session of its ClientId, unless the session there now is of a
     /// connection whose handshake began later (a newer [`ConnectionId`]): the newer connection
-    /// keeps the ClientId, whichever of the two the API approved last.
+    /// keeps the ClientId, whichever of the two the API approved last. A session it replaces
+    /// gets [`Command::Replaced`] under the ClientId's lock, so that a control DELETE finds
+    /// either the older connection still open or the newer one, never the older one unmapped
+    /// but not yet told (its DELETE would close the older one and leave the newer open).
     pub fn insert(&self, handle: Arc<SessionHandle>) -> Insertion {
         use std::collections::hash_map::Entry;
         let mut shard = self.shard(&handle.client_id);
@@ -65,7 +69,11 @@ impl Registry {
             Entry::Occupied(place) if place.get().connection_id > handle.connection_id => {
                 Insertion::Superseded(Arc::clone(place.get()))
             }
-            Entry::Occupied(mut place) => Insertion::Replaced(place.insert(handle)),
+            Entry::Occupied(mut place) => {
+                let older = place.insert(handle);
+                older.command(Command::Replaced);
+                Insertion::Replaced(older)
+            }
         }
     }
 
@@ -148,6 +156,9 @@ mod tests {
             registry.get(&new.client_id).unwrap().connection_id,
             new.connection_id
         );
+        // Told to close as it was unmapped: a later command is not taken.
+        assert!(!old.command(Command::Shutdown), "the older one was told");
+        assert!(new.command(Command::Shutdown), "the newer one was not");
     }
 
     #[test]
