@@ -264,7 +264,7 @@ impl Pool {
                     // Handed back all the same (a fresh connection the API closed at once, or
                     // a second stale one): it never went out, so the API cannot have acted on
                     // it, and a DELETE may be tried again.
-                    Some(_) => return Err(never_sent(progress, error.error())),
+                    Some(_) => return Err(never_sent(progress, Unsent::HandedBack, error.error())),
                     None => return Err(UpstreamError::Broken(error_chain(error.error()))),
                 },
             }
@@ -391,7 +391,9 @@ impl Pool {
                             self.forget_h2(number);
                         }
                         // Handed back again: it never went out.
-                        (Some(_), None) => return Err(never_sent(progress, error.error())),
+                        (Some(_), None) => {
+                            return Err(never_sent(progress, Unsent::HandedBack, error.error()))
+                        }
                         // Not processed (RFC 9113, 8.7): a stream above a GOAWAY's last
                         // stream id, one reset with REFUSED_STREAM, or a request with a body
                         // still waiting for the API to allow another stream when the
@@ -406,7 +408,7 @@ impl Pool {
                         // Not processed again: the API did not act on it either time, so it
                         // fails as never sent (a DELETE is sent again later, not lost).
                         (None, None) if refusal.is_some() => {
-                            return Err(refused_again(progress, error.error()))
+                            return Err(never_sent(progress, Unsent::RefusedTwice, error.error()))
                         }
                         _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
                     }
@@ -503,26 +505,24 @@ impl Pool {
     }
 }
 
-/// The error for a request hyper handed back without sending it: marked unsent, and
-/// [`UpstreamError::Unreachable`] (the API cannot have acted on it).
-fn never_sent(progress: &mut Progress<'_>, error: &hyper::Error) -> UpstreamError {
-    progress.unsent();
-    UpstreamError::Unreachable(format!(
-        "the connection closed before the request went out: {}",
-        error_chain(error)
-    ))
+/// Why a request failed that the API cannot have acted on: hyper handed it back without
+/// sending it, or the API turned it away unprocessed (see [`unprocessed_by_api`]) on both its
+/// tries.
+#[derive(Clone, Copy)]
+enum Unsent {
+    HandedBack,
+    RefusedTwice,
 }
 
-/// The error for a request the API turned away unprocessed (see [`unprocessed_by_api`]) on
-/// its second try, its first having come back unprocessed too: marked unsent, and
-/// [`UpstreamError::Unreachable`], as for one [`never_sent`] (the API cannot have acted on it,
-/// so a DELETE may be tried again).
-fn refused_again(progress: &mut Progress<'_>, error: &hyper::Error) -> UpstreamError {
+/// The error for a request the API cannot have acted on (`why`): marked unsent, and
+/// [`UpstreamError::Unreachable`], so that a DELETE may be tried again.
+fn never_sent(progress: &mut Progress<'_>, why: Unsent, error: &hyper::Error) -> UpstreamError {
     progress.unsent();
-    UpstreamError::Unreachable(format!(
-        "the API turned the request away unprocessed twice: {}",
-        error_chain(error)
-    ))
+    let what = match why {
+        Unsent::HandedBack => "the connection closed before the request went out",
+        Unsent::RefusedTwice => "the API turned the request away unprocessed twice",
+    };
+    UpstreamError::Unreachable(format!("{what}: {}", error_chain(error)))
 }
 
 /// How an HTTP/2 request that failed is known not to have been processed by the API.
