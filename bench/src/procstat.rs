@@ -72,6 +72,11 @@ pub fn process_cpu_ns(pid: u32) -> Option<u64> {
     if unsafe { libc::clock_getcpuclockid(pid, &mut clock) } != 0 {
         return None;
     }
+    clock_ns(clock)
+}
+
+/// The time on `clock` in nanoseconds; `None` if it cannot be read.
+fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -286,16 +291,8 @@ mod tests {
         let before = process_cpu_ns(pid).expect("own CPU clock readable");
         // 3 ms of this thread's CPU, however long a loaded machine takes to give it: less
         // than one 10-ms clock tick.
-        let thread_cpu_ns = || {
-            let mut now = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: `now` is a valid timespec for clock_gettime to write.
-            let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-            assert_eq!(status, 0, "this thread's CPU clock");
-            now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-        };
+        let thread_cpu_ns =
+            || clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).expect("this thread's CPU clock");
         let (spin_from, wall) = (thread_cpu_ns(), std::time::Instant::now());
         let mut x = 0u64;
         while thread_cpu_ns() - spin_from < 3_000_000 {
