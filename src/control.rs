@@ -511,12 +511,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_delete_that_found_a_connection_replaced_since_closes_the_newer_one() {
-        let config = crate::Config {
-            listen: ([127, 0, 0, 1], 0).into(),
-            control_listen: ([127, 0, 0, 1], 0).into(),
-            ..crate::Config::default()
-        };
-        let gateway = crate::Gateway::bind(config).await.unwrap();
+        let gateway = crate::Gateway::bind_on_free_ports(crate::Config::default()).await;
         let shared = &gateway.shared;
         let client_id = ClientId::from_path("/amy").unwrap();
         let connection = |n: u16| {

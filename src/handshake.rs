@@ -778,26 +778,8 @@ mod tests {
     /// was kept twice; see README, "Example: the heap of 5,000 idle websockets").
     #[tokio::test]
     async fn a_session_task_stays_small() {
-        let config = crate::Config {
-            listen: ([127, 0, 0, 1], 0).into(),
-            control_listen: ([127, 0, 0, 1], 0).into(),
-            ..crate::Config::default()
-        };
-        let gateway = crate::Gateway::bind(config).await.unwrap();
-        let shared = Arc::clone(&gateway.shared);
-        let client_id = ClientId::from_path("/a").unwrap();
-        let context = shared
-            .upstream
-            .context(ConnectionId::next(), client_id.clone(), &HeaderMap::new())
-            .unwrap();
-        let handle = Arc::new(SessionHandle::new(
-            ConnectionId::next(),
-            client_id,
-            ([127, 0, 0, 1], 1).into(),
-        ));
-        let permit = Arc::clone(&shared.connection_permits)
-            .try_acquire_owned()
-            .unwrap();
+        let (shared, handle, context, permit) =
+            session::one_connection(crate::Config::default()).await;
         let on_upgrade = hyper::upgrade::on(Request::new(()));
         let session = start_session(
             on_upgrade,

@@ -157,6 +157,19 @@ pub fn check(config: &Config) -> Result<DescriptorBudget, StartError> {
     DescriptorBudget::plan(config, open_file_limit()).map_err(StartError::Config)
 }
 
+#[cfg(test)]
+impl Gateway {
+    /// For unit tests: binds with `config`, its listeners on free loopback ports.
+    pub(crate) async fn bind_on_free_ports(config: Config) -> Gateway {
+        let config = Config {
+            listen: ([127, 0, 0, 1], 0).into(),
+            control_listen: ([127, 0, 0, 1], 0).into(),
+            ..config
+        };
+        Gateway::bind(config).await.unwrap()
+    }
+}
+
 impl Gateway {
     /// Binds both listeners and prepares the API client, with the descriptor budget derived from
     /// this process's open-file limit.

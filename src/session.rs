@@ -1166,6 +1166,40 @@ where
     }
 }
 
+/// For unit tests: a gateway bound with `config` on free loopback ports and one connection
+/// registered in it: the gateway's shared state, the connection's handle, its context and its
+/// place under `--max-connections`.
+#[cfg(test)]
+pub(crate) async fn one_connection(
+    config: crate::Config,
+) -> (
+    Arc<Shared>,
+    Arc<SessionHandle>,
+    ConnectionContext,
+    OwnedSemaphorePermit,
+) {
+    let gateway = crate::Gateway::bind_on_free_ports(config).await;
+    let shared = Arc::clone(&gateway.shared);
+    let handle = Arc::new(SessionHandle::new(
+        ConnectionId::next(),
+        ClientId::from_path("/a").unwrap(),
+        ([127, 0, 0, 1], 1).into(),
+    ));
+    let context = shared
+        .upstream
+        .context(
+            handle.connection_id,
+            handle.client_id.clone(),
+            &http::HeaderMap::new(),
+        )
+        .unwrap();
+    let permit = Arc::clone(&shared.connection_permits)
+        .try_acquire_owned()
+        .unwrap();
+    shared.registry.insert(Arc::clone(&handle));
+    (shared, handle, context, permit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1281,40 +1315,6 @@ mod tests {
         fn took_reads(&mut self) -> bool {
             false
         }
-    }
-
-    /// A gateway bound with `config` on ports 0 (its API nowhere) and one connection
-    /// registered in it: the gateway's shared state, the connection's handle, its context and
-    /// its place under `--max-connections`.
-    async fn one_connection(
-        config: crate::Config,
-    ) -> (
-        Arc<Shared>,
-        Arc<SessionHandle>,
-        ConnectionContext,
-        OwnedSemaphorePermit,
-    ) {
-        let config = crate::Config {
-            listen: ([127, 0, 0, 1], 0).into(),
-            control_listen: ([127, 0, 0, 1], 0).into(),
-            ..config
-        };
-        let gateway = crate::Gateway::bind(config).await.unwrap();
-        let shared = Arc::clone(&gateway.shared);
-        let handle = Arc::new(handle());
-        let context = shared
-            .upstream
-            .context(
-                handle.connection_id,
-                handle.client_id.clone(),
-                &http::HeaderMap::new(),
-            )
-            .unwrap();
-        let permit = Arc::clone(&shared.connection_permits)
-            .try_acquire_owned()
-            .unwrap();
-        shared.registry.insert(Arc::clone(&handle));
-        (shared, handle, context, permit)
     }
 
     /// Runs a session of a gateway with `config` (its API nowhere) over a client that sends
