@@ -1410,17 +1410,7 @@ mod tests {
             pipeline: 2,
             ..crate::Config::default()
         };
-        let (shared, handle, context, permit) = one_connection(config).await;
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let socket = tokio_websockets::ServerBuilder::new().serve(RecordingClient {
-            written: Arc::clone(&written),
-        });
-        let mut session = Session::new(
-            socket,
-            Arc::clone(&handle),
-            Arc::new(context),
-            Arc::clone(&shared),
-        );
+        let (mut session, handle, permit, written) = recorded_session(config).await;
         // Both answers are in when the session next wakes, and so is the API's DELETE.
         session.in_flight.push_back(answer("a1"));
         session.in_flight.push_back(answer("a2"));
@@ -1465,13 +1455,37 @@ mod tests {
         }
     }
 
-    /// An API answer that has come in, with `body`.
-    fn answer(body: &'static str) -> AnswerFuture {
-        Box::pin(std::future::ready(Ok(ApiAnswer {
+    /// A `200` answer with `body`.
+    fn ok_answer(body: &'static str) -> ApiAnswer {
+        ApiAnswer {
             status: http::StatusCode::OK,
             headers: http::HeaderMap::new(),
             body: Bytes::from_static(body.as_bytes()),
-        })))
+        }
+    }
+
+    /// An API answer that has come in, with `body`.
+    fn answer(body: &'static str) -> AnswerFuture {
+        Box::pin(std::future::ready(Ok(ok_answer(body))))
+    }
+
+    /// A session of a gateway with `config` (its API nowhere) over a [`RecordingClient`]:
+    /// the session, its handle, its place under `--max-connections`, and what it writes.
+    async fn recorded_session(
+        config: crate::Config,
+    ) -> (
+        Session<RecordingClient>,
+        Arc<SessionHandle>,
+        OwnedSemaphorePermit,
+        Arc<Mutex<Vec<u8>>>,
+    ) {
+        let (shared, handle, context, permit) = one_connection(config).await;
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let socket = tokio_websockets::ServerBuilder::new().serve(RecordingClient {
+            written: Arc::clone(&written),
+        });
+        let session = Session::new(socket, Arc::clone(&handle), Arc::new(context), shared);
+        (session, handle, permit, written)
     }
 
     #[tokio::test]
@@ -1481,20 +1495,11 @@ mod tests {
             pipeline: 3,
             ..crate::Config::default()
         };
-        let (shared, handle, context, permit) = one_connection(config).await;
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let socket = tokio_websockets::ServerBuilder::new().serve(RecordingClient {
-            written: Arc::clone(&written),
-        });
-        let mut session = Session::new(socket, handle, Arc::new(context), shared);
+        let (mut session, _handle, permit, written) = recorded_session(config).await;
         // The first message's reply waited for the socket; the second failed; the third's
         // answer came in too, after the failure.
         session.answered.push_back(Answered {
-            answer: Ok(ApiAnswer {
-                status: http::StatusCode::OK,
-                headers: http::HeaderMap::new(),
-                body: Bytes::from_static(b"a1"),
-            }),
+            answer: Ok(ok_answer("a1")),
             after_pushes: 0,
         });
         session.in_flight.push_back(answer("a3"));
