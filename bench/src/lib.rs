@@ -4,7 +4,8 @@
 //! every reply can be checked against the request it answers:
 //!
 //! * a request message sent by `load` starts with `c<conn>:<seq>;` and is padded to the payload
-//!   size; `mock-api` echoes the POST body, so the reply carries the same prefix;
+//!   size; `mock-api` echoes the POST body, so the reply carries the same prefix, and `load`
+//!   checks every byte of it against what it sent;
 //! * a pushed message sent by `push` through the control API is `push:<ns since the epoch>:<i>`
 //!   (`i` the index of the client id it was posted to) and is recognised by `load` as a
 //!   delivery, whose latency is measured on arrival (on another client's socket, an error).

@@ -3,7 +3,9 @@
 //! A request is `c<conn>:<seq>;` followed by padding; the echoed reply must carry the prefix of
 //! the oldest request still in flight on the same connection. Anything else is classified as
 //! cross-talk (another connection's reply), out of order (a later request of ours answered
-//! first), or unexpected (no such request, or not our format at all).
+//! first), or unexpected (no such request, or not our format at all). A reply that names the
+//! right request must also be, byte for byte, what `mock-api` sends back for it ([`EchoShape`]),
+//! else it is corrupted.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,14 +13,59 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Prefix of a pushed message: `push:<ns since the epoch>:<index of the client id it was for>`.
 pub const PUSH_PREFIX: &[u8] = b"push:";
 
+/// The byte that pads a request to its size.
+const PAD: u8 = b'x';
+
+/// The longest request head, `c<u64::MAX>:<u64::MAX>;`.
+const HEAD_MAX: usize = 1 + 20 + 1 + 20 + 1;
+
+/// Writes the head `c<conn>:<seq>;` of a request into `buf` (no allocation) and returns its
+/// length.
+fn request_head(conn: u64, seq: u64, buf: &mut [u8; HEAD_MAX]) -> usize {
+    use std::io::Write;
+    let mut rest = &mut buf[..];
+    write!(rest, "c{conn}:{seq};").expect("HEAD_MAX holds any head");
+    HEAD_MAX - rest.len()
+}
+
 /// Builds a request payload for connection `conn`, sequence `seq`, padded with `x` to `size`
 /// bytes (never shorter than the prefix itself).
 pub fn request_payload(conn: u64, seq: u64, size: usize) -> Vec<u8> {
-    let mut v = format!("c{conn}:{seq};").into_bytes();
+    let mut head = [0; HEAD_MAX];
+    let n = request_head(conn, seq, &mut head);
+    let mut v = head[..n].to_vec();
     if v.len() < size {
-        v.resize(size, b'x');
+        v.resize(size, PAD);
     }
     v
+}
+
+/// What the reply to a request of `load` must be, byte for byte: the request's payload as
+/// `mock-api` echoes it, in full or (`--reply-bytes`) its first bytes only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EchoShape {
+    /// The request size asked (`load --payload`): the head, padded with `x` up to it.
+    pub payload: usize,
+    /// `mock-api --reply-bytes`: it echoes at most this many bytes; 0 echoes the whole body.
+    pub reply_bytes: usize,
+}
+
+impl EchoShape {
+    /// True when `reply` is exactly what `mock-api` returns for the request (`conn`, `seq`):
+    /// the same head in the same digits, the padding unchanged, nothing missing or added. It
+    /// compares bytes against a head written on the stack: no allocation per reply.
+    pub fn matches(&self, reply: &[u8], conn: u64, seq: u64) -> bool {
+        let mut head = [0; HEAD_MAX];
+        let head_len = request_head(conn, seq, &mut head);
+        let mut len = head_len.max(self.payload);
+        if self.reply_bytes > 0 {
+            len = len.min(self.reply_bytes);
+        }
+        let in_head = head_len.min(len);
+        reply.len() == len
+            && reply[..in_head] == head[..in_head]
+            && reply[in_head..].iter().all(|&b| b == PAD)
+    }
 }
 
 /// Builds a push body for client id number `target`, carrying the current wall-clock time.
@@ -122,6 +169,9 @@ pub enum Verdict {
     OutOfOrder,
     /// The reply names a sequence number that is not in flight (duplicate or invented).
     Unexpected,
+    /// The reply names the oldest request in flight, which it answers, but its bytes are not
+    /// what the API sends back for it (a tail changed, cut short or extended).
+    Corrupted,
     /// The reply answers a request already given up on and counted missing
     /// ([`InFlight::give_up`]): neither a reply nor a second error.
     Late,
@@ -135,7 +185,14 @@ impl Verdict {
             Verdict::CrossTalk => Some("reply_crosstalk"),
             Verdict::OutOfOrder => Some("reply_out_of_order"),
             Verdict::Unexpected => Some("reply_unexpected"),
+            Verdict::Corrupted => Some("reply_corrupted"),
         }
+    }
+
+    /// True when the verdict took the oldest request in flight off the queue as answered
+    /// (well or corrupted): in flood mode its slot is free for the next request.
+    pub fn answered(self) -> bool {
+        matches!(self, Verdict::Ok(_) | Verdict::Corrupted)
     }
 }
 
@@ -190,6 +247,23 @@ impl InFlight {
     /// True when no request awaits a reply.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// Checks an echo reply `body`, naming (`conn`, `seq`), received at `now`: first as
+    /// [`InFlight::check`] does, then, if it answers the oldest request in flight, its whole
+    /// body against `shape` ([`Verdict::Corrupted`] when it differs).
+    pub fn check_echo(
+        &mut self,
+        body: &[u8],
+        conn: u64,
+        seq: u64,
+        shape: &EchoShape,
+        now: Instant,
+    ) -> Verdict {
+        match self.check(conn, seq, now) {
+            Verdict::Ok(_) if !shape.matches(body, conn, seq) => Verdict::Corrupted,
+            v => v,
+        }
     }
 
     /// Checks an echo reply naming (`conn`, `seq`) received at `now`.
@@ -266,6 +340,78 @@ mod tests {
         // Never truncated below the prefix.
         let short = request_payload(123456, 999, 4);
         assert_eq!(short, b"c123456:999;");
+    }
+
+    #[test]
+    fn only_the_exact_echo_of_a_request_matches() {
+        let whole = EchoShape {
+            payload: 64,
+            reply_bytes: 0,
+        };
+        let sent = request_payload(42, 7, 64);
+        assert!(whole.matches(&sent, 42, 7));
+        let mut changed = sent.clone();
+        *changed.last_mut().unwrap() = b'y';
+        assert!(!whole.matches(&changed, 42, 7), "tail changed");
+        assert!(!whole.matches(&sent[..63], 42, 7), "cut short");
+        let mut longer = sent.clone();
+        longer.push(b'x');
+        assert!(
+            !whole.matches(&longer, 42, 7),
+            "extended, even with padding"
+        );
+        assert!(!whole.matches(&sent, 42, 8), "another request's reply");
+        // The head in other digits parses to the same numbers but is not what was sent.
+        let mut zero = b"c042:7;".to_vec();
+        zero.resize(64, b'x');
+        assert_eq!(parse_reply(&zero), Reply::Echo { conn: 42, seq: 7 });
+        assert!(!whole.matches(&zero, 42, 7), "leading zero");
+        // A head longer than the payload is sent unpadded, and so echoed.
+        let short = EchoShape {
+            payload: 4,
+            reply_bytes: 0,
+        };
+        assert!(short.matches(b"c123456:999;", 123456, 999));
+        assert!(!short.matches(b"c123456:999;x", 123456, 999));
+        // mock-api --reply-bytes 16 echoes the first 16 bytes only.
+        let cut = EchoShape {
+            payload: 64,
+            reply_bytes: 16,
+        };
+        assert!(cut.matches(&sent[..16], 42, 7));
+        assert!(!cut.matches(&sent, 42, 7));
+        let big = EchoShape {
+            payload: 8,
+            reply_bytes: 100,
+        };
+        assert!(big.matches(&request_payload(1, 2, 8), 1, 2));
+        assert!(whole.matches(&request_payload(u64::MAX, u64::MAX, 64), u64::MAX, u64::MAX));
+    }
+
+    #[test]
+    fn a_corrupted_echo_answers_its_request_but_is_an_error() {
+        let t0 = Instant::now();
+        let shape = EchoShape {
+            payload: 16,
+            reply_bytes: 0,
+        };
+        let mut f = InFlight::new(5);
+        f.sent(t0);
+        f.sent(t0);
+        let bad = b"c5:0;xxxxxxxxxxz";
+        assert_eq!(f.check_echo(bad, 5, 0, &shape, t0), Verdict::Corrupted);
+        assert_eq!(f.len(), 1, "the request it answers is no longer in flight");
+        assert!(Verdict::Corrupted.answered());
+        assert_eq!(Verdict::Corrupted.error_kind(), Some("reply_corrupted"));
+        let good = request_payload(5, 1, 16);
+        assert!(matches!(
+            f.check_echo(&good, 5, 1, &shape, t0),
+            Verdict::Ok(_)
+        ));
+        // The other verdicts come first: a corrupted cross-talk reply is cross-talk.
+        f.sent(t0);
+        assert_eq!(f.check_echo(bad, 6, 2, &shape, t0), Verdict::CrossTalk);
+        assert!(!Verdict::OutOfOrder.answered());
     }
 
     #[test]

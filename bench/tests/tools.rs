@@ -22,6 +22,14 @@ enum Behaviour {
     WrongConnection,
     /// Hold a message and answer the next one first, then the held one.
     SwapPairs,
+    /// Echo with the last byte changed.
+    CorruptLastByte,
+    /// Echo without the last byte.
+    CutLastByte,
+    /// Echo with one more padding byte.
+    AppendPadding,
+    /// Echo the first 16 bytes only, as `mock-api --reply-bytes 16`.
+    EchoFirst16,
     /// Send one push for the client id of the request's path right after the handshake,
     /// echo nothing.
     PushOnce,
@@ -83,6 +91,21 @@ async fn server(b: Behaviour) -> u16 {
                     }
                     let reply = match b {
                         Behaviour::Echo => Some(m),
+                        Behaviour::CorruptLastByte
+                        | Behaviour::CutLastByte
+                        | Behaviour::AppendPadding
+                        | Behaviour::EchoFirst16 => {
+                            let mut body = m.as_payload().to_vec();
+                            match b {
+                                Behaviour::CorruptLastByte => *body.last_mut().unwrap() = b'y',
+                                Behaviour::CutLastByte => {
+                                    body.pop();
+                                }
+                                Behaviour::AppendPadding => body.push(b'x'),
+                                _ => body.truncate(16),
+                            }
+                            Some(Message::text(String::from_utf8(body).unwrap()))
+                        }
                         Behaviour::PushOnce
                         | Behaviour::PushToTheWrongClient
                         | Behaviour::CloseAtOnce
@@ -339,6 +362,56 @@ async fn swapped_replies_are_reported_as_out_of_order() {
     assert!(
         r["errors"]["reply_out_of_order"].as_u64().unwrap() > 0,
         "{r}"
+    );
+}
+
+/// Runs a 0.5-s flood of 4 connections, 2 messages in flight each, 64-byte messages.
+async fn short_flood(port: u16, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "--conns",
+        "4",
+        "--mode",
+        "flood",
+        "--in-flight",
+        "2",
+        "--duration",
+        "0.5",
+        "--drain-ms",
+        "500",
+    ];
+    args.extend_from_slice(extra);
+    run_load(port, &args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_with_a_changed_missing_or_extra_tail_are_reported_as_corrupted() {
+    for b in [
+        Behaviour::CorruptLastByte,
+        Behaviour::CutLastByte,
+        Behaviour::AppendPadding,
+    ] {
+        let port = server(b).await;
+        let r = short_flood(port, &[]).await;
+        assert_eq!(r["replies"], 0, "none counted a reply: {r}");
+        let corrupted = r["errors"]["reply_corrupted"].as_u64().unwrap_or(0);
+        // Each one answered its request, so the flood went on and none is missing.
+        assert!(corrupted > 8, "{r}");
+        assert_eq!(r["sent"].as_u64(), Some(corrupted), "{r}");
+        assert_eq!(r["errors_total"].as_u64(), Some(corrupted), "{r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_cut_as_the_api_was_told_pass_only_when_load_is_told_too() {
+    let port = server(Behaviour::EchoFirst16).await;
+    let told = short_flood(port, &["--reply-bytes", "16"]).await;
+    assert_eq!(told["errors_total"], 0, "{told}");
+    assert!(told["replies"].as_u64().unwrap() > 8, "{told}");
+    let not_told = short_flood(port, &[]).await;
+    assert_eq!(not_told["replies"], 0, "{not_told}");
+    assert!(
+        not_told["errors"]["reply_corrupted"].as_u64().unwrap() > 8,
+        "{not_told}"
     );
 }
 

@@ -8,7 +8,8 @@
 //!
 //! Each connection is one task. Replies are checked against the request they answer (see
 //! `ws2http_bench::proto`): a reply naming another connection is cross-talk, one that skips the
-//! oldest request in flight is out of order. Pushed messages (`push:<ns>:<index>`) are timed on
+//! oldest request in flight is out of order, one that answers it with other bytes than the API
+//! sends back (`--reply-bytes` as given to `mock-api`) is corrupted. Pushed messages (`push:<ns>:<index>`) are timed on
 //! arrival; one for another client id is misdelivered.
 
 use std::collections::BTreeMap;
@@ -60,6 +61,10 @@ struct Args {
     /// message size in bytes (default 64)
     #[argh(option, default = "64")]
     payload: usize,
+    /// the API echoes only the first N bytes of each message, as `mock-api --reply-bytes N`:
+    /// replies are checked against that; 0 = the whole message (default 0)
+    #[argh(option, default = "0")]
+    reply_bytes: usize,
     /// send binary messages instead of text
     #[argh(switch)]
     binary: bool,
@@ -163,6 +168,8 @@ fn main() {
 struct Shared {
     args: Args,
     mode: Mode,
+    /// What each reply must be, byte for byte.
+    echo: proto::EchoShape,
     dst: SocketAddr,
     base_url: String,
     phase: watch::Receiver<u8>,
@@ -422,10 +429,19 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
                         stats::record_us(&mut sh.push_latency.lock().unwrap(), (lat_ns / 1000) as u64);
                         sh.pushes.fetch_add(1, Relaxed);
                     }
-                    Reply::Echo { conn, seq } => match flight.check(conn, seq, now) {
-                        Verdict::Ok(rtt) => {
-                            stats::record(&mut sh.latency.lock().unwrap(), rtt);
-                            sh.replies.fetch_add(1, Relaxed);
+                    Reply::Echo { conn, seq } => {
+                        let verdict = flight.check_echo(m.as_payload(), conn, seq, &sh.echo, now);
+                        match verdict {
+                            Verdict::Ok(rtt) => {
+                                stats::record(&mut sh.latency.lock().unwrap(), rtt);
+                                sh.replies.fetch_add(1, Relaxed);
+                            }
+                            Verdict::Late => {}
+                            v => sh.error(v.error_kind().unwrap_or("reply_unexpected")),
+                        }
+                        // A corrupted reply is an error, not a reply, but it did answer its
+                        // request: the closed loop goes on rather than losing a slot.
+                        if verdict.answered() {
                             if sh.mode == Mode::Flood && phase == GO && !send_next(sh, &mut ws, idx, &mut flight, Instant::now()).await {
                                 return End::Lost;
                             }
@@ -433,9 +449,7 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
                                 marks.drain();
                             }
                         }
-                        Verdict::Late => {}
-                        v => sh.error(v.error_kind().unwrap_or("reply_unexpected")),
-                    },
+                    }
                     Reply::Unknown => {
                         if m.as_payload().is_empty() {
                             sh.error("reply_empty");
@@ -544,6 +558,10 @@ async fn worker(args: Args, mode: Mode, first: u64, count: u64) {
     let sh = Arc::new(Shared {
         args: args.clone(),
         mode,
+        echo: proto::EchoShape {
+            payload: args.payload,
+            reply_bytes: args.reply_bytes,
+        },
         dst,
         base_url,
         phase: phase_rx,
@@ -1037,6 +1055,7 @@ async fn parent(args: Args) -> i32 {
         "conns": args.conns,
         "processes": p,
         "payload": args.payload,
+        "reply_bytes": args.reply_bytes,
         "binary": args.binary,
         "in_flight": args.in_flight,
         "interval_ms": args.interval_ms,
