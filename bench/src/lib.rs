@@ -8,7 +8,8 @@
 //!   checks every byte of it against what it sent;
 //! * a pushed message sent by `push` through the control API is `push:<ns since the epoch>:<i>`
 //!   (`i` the index of the client id it was posted to) and is recognised by `load` as a
-//!   delivery, whose latency is measured on arrival (on another client's socket, an error).
+//!   delivery, whose latency is measured on arrival (on another client's socket, or not newer
+//!   than the newest push its connection had, an error).
 //!
 //! The modules here hold that format ([`proto`]), the latency histograms ([`stats`]), the
 //! reading of another process's RSS and CPU time ([`procstat`]), the source-address-spreading

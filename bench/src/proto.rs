@@ -81,6 +81,65 @@ pub fn now_ns() -> u128 {
         .unwrap_or(0)
 }
 
+/// What a connection remembers of the pushes it has had: the send time of the newest, so that a
+/// push delivered twice, or after a newer one, is caught.
+///
+/// Why one number is enough: a push carries the wall-clock time at which `push` built it, and
+/// `push` sends the pushes for one client id one after another (round `r + 1` only once every
+/// POST of round `r` was answered), while the gateway answers a POST only once the push is
+/// queued on the client's socket, behind the ones before it. So the pushes one connection gets
+/// come with strictly increasing send times, and a push that is not newer than the newest seen
+/// is an error: the same push again ([`PushVerdict::Duplicate`]), or an older one after a newer
+/// ([`PushVerdict::OutOfOrder`]: a repeat of an earlier one, or one delivered late). That is
+/// 8 bytes per connection, at 15,000 connections, where keeping every push seen would grow
+/// with the run; and successive `push` runs against the same `load` keep working, their times
+/// being later. Two `push` runs at once to the same client ids (or the wall clock stepped
+/// back during a run) would be reported as out of order: run one at a time.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LastPush {
+    /// Send time of the newest push seen, ns since the epoch; 0 before the first.
+    newest_ns: u64,
+}
+
+/// The outcome of checking a push against the ones its connection had before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushVerdict {
+    /// Newer than every push before it: a delivery.
+    Delivered,
+    /// The same send time as the newest push seen: that push delivered again.
+    Duplicate,
+    /// Older than a push already seen: delivered again, or out of order.
+    OutOfOrder,
+}
+
+impl PushVerdict {
+    /// A short label used as the error kind in reports (`None` for a delivery).
+    pub fn error_kind(self) -> Option<&'static str> {
+        match self {
+            PushVerdict::Delivered => None,
+            PushVerdict::Duplicate => Some("push_duplicate"),
+            PushVerdict::OutOfOrder => Some("push_out_of_order"),
+        }
+    }
+}
+
+impl LastPush {
+    /// Checks a push sent at `sent_ns` (ns since the epoch) and remembers it if it is the
+    /// newest.
+    pub fn check(&mut self, sent_ns: u128) -> PushVerdict {
+        // ns since the epoch fit a u64 until 2554.
+        let sent_ns = u64::try_from(sent_ns).unwrap_or(u64::MAX);
+        if sent_ns > self.newest_ns {
+            self.newest_ns = sent_ns;
+            PushVerdict::Delivered
+        } else if sent_ns == self.newest_ns {
+            PushVerdict::Duplicate
+        } else {
+            PushVerdict::OutOfOrder
+        }
+    }
+}
+
 /// What a received message is, judged by its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {
@@ -412,6 +471,33 @@ mod tests {
         f.sent(t0);
         assert_eq!(f.check_echo(bad, 6, 2, &shape, t0), Verdict::CrossTalk);
         assert!(!Verdict::OutOfOrder.answered());
+    }
+
+    #[test]
+    fn a_push_not_newer_than_the_newest_seen_is_a_duplicate_or_out_of_order() {
+        let mut last = LastPush::default();
+        assert_eq!(last.check(1_000), PushVerdict::Delivered);
+        assert_eq!(last.check(1_000), PushVerdict::Duplicate);
+        assert_eq!(last.check(3_000), PushVerdict::Delivered);
+        assert_eq!(
+            last.check(2_000),
+            PushVerdict::OutOfOrder,
+            "older, after a newer"
+        );
+        assert_eq!(
+            last.check(1_000),
+            PushVerdict::OutOfOrder,
+            "an old one again"
+        );
+        assert_eq!(last.check(3_000), PushVerdict::Duplicate);
+        assert_eq!(last.check(3_001), PushVerdict::Delivered);
+        assert_eq!(PushVerdict::Delivered.error_kind(), None);
+        assert_eq!(PushVerdict::Duplicate.error_kind(), Some("push_duplicate"));
+        assert_eq!(
+            PushVerdict::OutOfOrder.error_kind(),
+            Some("push_out_of_order")
+        );
+        assert_eq!(std::mem::size_of::<LastPush>(), 8, "small per connection");
     }
 
     #[test]

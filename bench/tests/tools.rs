@@ -1,7 +1,8 @@
 //! End-to-end checks of the bench tools against small websocket servers written here:
-//! `load` must count clean echoes as replies, and must catch cross-talk, reordering and
-//! pushes; `mock-api` must answer GET/POST/DELETE as the gateway expects and report counters;
-//! `loopback` must report the round trips it made.
+//! `load` must count clean echoes as replies, and must catch cross-talk, reordering, corrupted
+//! replies and pushes misdelivered, repeated or out of order; `push` must send one client id's
+//! pushes one after another; `mock-api` must answer GET/POST/DELETE as the gateway expects and
+//! report counters; `loopback` must report the round trips it made.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -35,6 +36,12 @@ enum Behaviour {
     PushOnce,
     /// The same, but the push names the next client id: delivered to the wrong socket.
     PushToTheWrongClient,
+    /// Send two pushes for the client id, the older first.
+    PushTwoInOrder,
+    /// Send one push for the client id twice.
+    PushTheSameTwice,
+    /// Send two pushes for the client id, the newer first.
+    PushTwoNewerFirst,
     /// Close every connection with 1001 right after the handshake.
     CloseAtOnce,
     /// Hold every connection without ever reading from it: the client's sends block once the
@@ -84,6 +91,20 @@ async fn server(b: Behaviour) -> u16 {
                         .send(Message::text(ws2http_bench::proto::push_payload(target)))
                         .await;
                 }
+                let sent = ws2http_bench::proto::now_ns();
+                let (older, newer) = (
+                    format!("push:{sent}:{index}"),
+                    format!("push:{}:{index}", sent + 1_000),
+                );
+                let pushes = match b {
+                    Behaviour::PushTwoInOrder => vec![older, newer],
+                    Behaviour::PushTheSameTwice => vec![older.clone(), older],
+                    Behaviour::PushTwoNewerFirst => vec![newer, older],
+                    _ => vec![],
+                };
+                for p in pushes {
+                    let _ = ws.send(Message::text(p)).await;
+                }
                 let mut held: Option<Message> = None;
                 while let Some(Ok(m)) = ws.next().await {
                     if !(m.is_text() || m.is_binary()) {
@@ -108,6 +129,9 @@ async fn server(b: Behaviour) -> u16 {
                         }
                         Behaviour::PushOnce
                         | Behaviour::PushToTheWrongClient
+                        | Behaviour::PushTwoInOrder
+                        | Behaviour::PushTheSameTwice
+                        | Behaviour::PushTwoNewerFirst
                         | Behaviour::CloseAtOnce
                         | Behaviour::Stall => None,
                         Behaviour::WrongConnection => {
@@ -438,6 +462,112 @@ async fn a_push_for_another_client_id_is_reported_as_misdelivered() {
     .await;
     assert_eq!(r["pushes"], 0, "none counted delivered: {r}");
     assert_eq!(r["errors"]["push_misdelivered"], 8, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_delivered_twice_or_after_a_newer_one_is_an_error_not_a_delivery() {
+    let idle = ["--conns", "8", "--mode", "idle", "--duration", "0.5"];
+    let port = server(Behaviour::PushTwoInOrder).await;
+    let r = run_load(port, &idle).await;
+    assert_eq!(r["pushes"], 16, "{r}");
+    assert_eq!(r["errors_total"], 0, "{r}");
+    let port = server(Behaviour::PushTheSameTwice).await;
+    let r = run_load(port, &idle).await;
+    assert_eq!(r["pushes"], 8, "the first of each pair: {r}");
+    assert_eq!(r["push_latency"]["count"], 8, "{r}");
+    assert_eq!(r["errors"]["push_duplicate"], 8, "{r}");
+    assert_eq!(r["errors_total"], 8, "{r}");
+    let port = server(Behaviour::PushTwoNewerFirst).await;
+    let r = run_load(port, &idle).await;
+    assert_eq!(r["pushes"], 8, "{r}");
+    assert_eq!(r["errors"]["push_out_of_order"], 8, "{r}");
+    assert_eq!(r["errors_total"], 8, "{r}");
+}
+
+/// A control API for `push`: answers each `POST /b<id>` 200 after 20 ms and records, per
+/// client id, the send times in the bodies in the order they came, and whether a POST for an id
+/// came while another for it was still unanswered. Returns its port and the record.
+async fn control_api() -> (u16, std::sync::Arc<std::sync::Mutex<ControlLog>>) {
+    use http_body_util::{BodyExt, Full};
+    let log = std::sync::Arc::new(std::sync::Mutex::new(ControlLog::default()));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let shared = log.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let log = shared.clone();
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let id = req.uri().path().trim_start_matches("/b").to_string();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let sent: u128 = String::from_utf8_lossy(&body)
+                            .split(':')
+                            .nth(1)
+                            .and_then(|t| t.parse().ok())
+                            .expect("push:<ns>:<i>");
+                        {
+                            let mut log = log.lock().unwrap();
+                            if !log.in_flight.insert(id.clone()) {
+                                log.overlaps += 1;
+                            }
+                            log.sent.entry(id.clone()).or_default().push(sent);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        log.lock().unwrap().in_flight.remove(&id);
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+            );
+        }
+    });
+    (port, log)
+}
+
+/// What [`control_api`] saw.
+#[derive(Default)]
+struct ControlLog {
+    /// Client ids with a POST unanswered.
+    in_flight: std::collections::HashSet<String>,
+    /// POSTs that came for a client id while another for it was unanswered.
+    overlaps: u64,
+    /// Per client id, the send times of its pushes in the order they came.
+    sent: std::collections::HashMap<String, Vec<u128>>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_sends_the_rounds_for_one_client_id_one_after_another() {
+    let (port, log) = control_api().await;
+    // 3 client ids, 4 rounds, 8 POSTs in flight: room for several rounds at once.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_push"))
+        .args(["--control", &format!("http://127.0.0.1:{port}/"), "--quiet"])
+        .args(["--count", "3", "--rounds", "4", "--concurrency", "8"])
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .expect("push runs");
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(r["ok"], 12, "{r}");
+    let log = log.lock().unwrap();
+    assert_eq!(
+        log.overlaps, 0,
+        "a client id's next push came before the last was answered"
+    );
+    assert_eq!(log.sent.len(), 3);
+    for (id, sent) in &log.sent {
+        assert_eq!(sent.len(), 4, "client id {id}");
+        assert!(
+            sent.windows(2).all(|w| w[0] < w[1]),
+            "client id {id}: send times {sent:?} not increasing in arrival order"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

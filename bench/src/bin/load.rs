@@ -9,8 +9,10 @@
 //! Each connection is one task. Replies are checked against the request they answer (see
 //! `ws2http_bench::proto`): a reply naming another connection is cross-talk, one that skips the
 //! oldest request in flight is out of order, one that answers it with other bytes than the API
-//! sends back (`--reply-bytes` as given to `mock-api`) is corrupted. Pushed messages (`push:<ns>:<index>`) are timed on
-//! arrival; one for another client id is misdelivered.
+//! sends back (`--reply-bytes` as given to `mock-api`) is corrupted. Pushed messages
+//! (`push:<ns>:<index>`) are timed on arrival; one for another client id is misdelivered, and
+//! one not newer than the newest its connection had is a duplicate or out of order
+//! (`proto::LastPush`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -333,8 +335,15 @@ fn rate_ticker(first: tokio::time::Instant, interval: Duration) -> tokio::time::
     ticker
 }
 
-/// Runs one established connection through the phases until close or loss.
-async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> End {
+/// Runs one established connection through the phases until close or loss. `last_push` is the
+/// connection's memory of the pushes it had, kept over reconnects.
+async fn session(
+    sh: &Shared,
+    idx: u64,
+    mut ws: Ws,
+    marks: &mut Marks<'_>,
+    last_push: &mut proto::LastPush,
+) -> End {
     let mut phase_rx = sh.phase.clone();
     let mut flight = InFlight::new(idx);
     let interval = Duration::from_millis(sh.args.interval_ms.max(1));
@@ -424,11 +433,15 @@ async fn session(sh: &Shared, idx: u64, mut ws: Ws, marks: &mut Marks<'_>) -> En
                         // Pushed to another client id: the gateway delivered it to the wrong socket.
                         sh.error("push_misdelivered");
                     }
-                    Reply::Push { sent_ns, .. } => {
-                        let lat_ns = proto::now_ns().saturating_sub(sent_ns);
-                        stats::record_us(&mut sh.push_latency.lock().unwrap(), (lat_ns / 1000) as u64);
-                        sh.pushes.fetch_add(1, Relaxed);
-                    }
+                    Reply::Push { sent_ns, .. } => match last_push.check(sent_ns).error_kind() {
+                        // Delivered twice, or after a newer push: an error, not a delivery.
+                        Some(kind) => sh.error(kind),
+                        None => {
+                            let lat_ns = proto::now_ns().saturating_sub(sent_ns);
+                            stats::record_us(&mut sh.push_latency.lock().unwrap(), (lat_ns / 1000) as u64);
+                            sh.pushes.fetch_add(1, Relaxed);
+                        }
+                    },
                     Reply::Echo { conn, seq } => {
                         let verdict = flight.check_echo(m.as_payload(), conn, seq, &sh.echo, now);
                         match verdict {
@@ -476,6 +489,7 @@ async fn conn_task(
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     let mut attempt = 0u64;
+    let mut last_push = proto::LastPush::default();
     loop {
         if sh.phase() >= STOP {
             return;
@@ -492,7 +506,7 @@ async fn conn_task(
                 sh.open.fetch_add(1, Relaxed);
                 marks.settle();
                 backoff = Duration::from_millis(100);
-                let end = session(&sh, idx, ws, &mut marks).await;
+                let end = session(&sh, idx, ws, &mut marks, &mut last_push).await;
                 sh.open.fetch_sub(1, Relaxed);
                 if matches!(end, End::Finished) || !sh.args.reconnect {
                     return;

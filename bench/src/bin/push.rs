@@ -2,7 +2,9 @@
 //!
 //! Each body is `push:<ns since the epoch>:<index of the client id>`; a `load --mode idle` holding the same client ids
 //! times each message on arrival (its `push_latency`), so delivery latency is measured end to
-//! end across processes with the shared wall clock. This tool reports pushes/s, the HTTP
+//! end across processes with the shared wall clock, and each connection checks that its pushes
+//! come newer each time (none twice, none out of order: see `Rounds` for why they must). This
+//! tool reports pushes/s, the HTTP
 //! status counts and the control API's own response latency. It speaks HTTP/1.1 or h2c, over
 //! TCP or the gateway's `--control-unix-socket`.
 
@@ -111,6 +113,53 @@ impl Sender {
     }
 }
 
+/// Hands out the indices of the pushes to the tasks, round by round: round `r` is the indices
+/// `r * count .. (r + 1) * count`, one push per client id, and a task asking past it waits
+/// until every task has finished round `r`.
+///
+/// So the pushes for one client id go out one after another, round `r + 1` once the POST of
+/// round `r` was answered (or given up on), and reach the gateway, and the client's socket, in
+/// the order of the send times they carry: `load` relies on it to catch a push delivered twice
+/// (`proto::LastPush`). With one round, as the scenarios run, nothing waits.
+struct Rounds {
+    next: AtomicU64,
+    count: u64,
+    rounds: u64,
+    /// Every task, at the end of each round but the last.
+    barrier: tokio::sync::Barrier,
+}
+
+impl Rounds {
+    /// Rounds of `count` pushes each, shared by `tasks` tasks.
+    fn new(count: u64, rounds: u64, tasks: usize) -> Self {
+        Rounds {
+            next: AtomicU64::new(0),
+            count,
+            rounds,
+            barrier: tokio::sync::Barrier::new(tasks),
+        }
+    }
+
+    /// The next push for a task that is in round `*round` (0 at its start): its index, or
+    /// `None` when all are taken. Every task must call it until `None`, or the others wait.
+    async fn take(&self, round: &mut u64) -> Option<u64> {
+        while *round < self.rounds {
+            let end = (*round + 1) * self.count;
+            if let Ok(i) = self
+                .next
+                .fetch_update(Relaxed, Relaxed, |n| (n < end).then_some(n + 1))
+            {
+                return Some(i);
+            }
+            *round += 1;
+            if *round < self.rounds {
+                self.barrier.wait().await;
+            }
+        }
+        None
+    }
+}
+
 /// CPU time (user, system; µs) this process has used so far.
 fn own_cpu_us() -> (u64, u64) {
     // SAFETY: getrusage fills the struct it is given.
@@ -201,7 +250,11 @@ async fn main() {
         ),
     };
     let total = args.count * args.rounds;
-    let next = Arc::new(AtomicU64::new(0));
+    let rounds = Arc::new(Rounds::new(
+        args.count,
+        args.rounds,
+        args.concurrency.max(1),
+    ));
     let hist = Arc::new(Mutex::new(stats::new_hist()));
     let statuses: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let t0 = Instant::now();
@@ -216,20 +269,17 @@ async fn main() {
     let mut tasks = tokio::task::JoinSet::new();
     for k in 0..args.concurrency.max(1) {
         let (shared_h2, dst) = (shared_h2.clone(), dst.clone());
-        let (next, hist, statuses) = (next.clone(), hist.clone(), statuses.clone());
+        let (rounds, hist, statuses) = (rounds.clone(), hist.clone(), statuses.clone());
         let (authority, path_base) = (authority.clone(), path_base.clone());
         let (prefix, token) = (args.id_prefix.clone(), args.token.clone());
-        let (first, count, timeout) = (args.first, args.count.max(1), args.timeout_ms);
+        let (first, count, timeout) = (args.first, args.count, args.timeout_ms);
         tasks.spawn(async move {
             // HTTP/1.1: one keep-alive connection per task. HTTP/2: a shared connection. Either
             // way the task opens a connection of its own after an error.
             let mut sender: Option<Sender> = None;
             let mut use_shared = http2;
-            loop {
-                let i = next.fetch_add(1, Relaxed);
-                if i >= total {
-                    break;
-                }
+            let mut round = 0;
+            while let Some(i) = rounds.take(&mut round).await {
                 let id = first + i % count;
                 let started = Instant::now();
                 let outcome = tokio::time::timeout(Duration::from_millis(timeout), async {
@@ -310,5 +360,58 @@ async fn main() {
             elapsed, report["pushes_per_s"], report["statuses"], l["p50_ms"], l["p90_ms"], l["p99_ms"], l["p999_ms"], l["max_ms"],
             report["push_cpu_us_per_push"], report["push_sys_us_per_push"]
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_push_of_a_round_is_taken_before_every_push_of_the_one_before_is_done() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            // 5 client ids, 3 rounds, 4 tasks: without the wait, a fast task would start round
+            // 1 while a slow one still has a push of round 0.
+            let (count, rounds, tasks) = (5, 3, 4);
+            let shared = Arc::new(Rounds::new(count, rounds, tasks));
+            // (index, taken at, done at) of every push.
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let mut set = tokio::task::JoinSet::new();
+            for k in 0..tasks as u64 {
+                let (shared, log) = (shared.clone(), log.clone());
+                set.spawn(async move {
+                    let mut round = 0;
+                    while let Some(i) = shared.take(&mut round).await {
+                        let taken = tokio::time::Instant::now();
+                        // Task 0 is slow.
+                        let ms = if k == 0 { 30 } else { 2 };
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        log.lock()
+                            .unwrap()
+                            .push((i, taken, tokio::time::Instant::now()));
+                    }
+                });
+            }
+            while set.join_next().await.is_some() {}
+            let log = log.lock().unwrap();
+            let mut indices: Vec<u64> = log.iter().map(|&(i, _, _)| i).collect();
+            indices.sort();
+            assert_eq!(
+                indices,
+                (0..count * rounds).collect::<Vec<_>>(),
+                "each once"
+            );
+            for &(i, taken, _) in log.iter() {
+                for &(j, _, done) in log.iter() {
+                    if j / count < i / count {
+                        assert!(done <= taken, "push {i} taken before push {j} was done");
+                    }
+                }
+            }
+        });
     }
 }
