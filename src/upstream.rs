@@ -521,9 +521,9 @@ fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
 /// means: only a request that was sent may have reached the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
-    /// Not sent yet: waiting for an API slot or connection, or opening one (which fails on
-    /// its own, as unreachable, within half the time: [`connect_timeout`]; so does a request
-    /// that waited for another's attempt, with it).
+    /// Not sent yet: waiting for an API slot, connection or HTTP/2 stream, or opening a
+    /// connection (which fails on its own, as unreachable, within half the time:
+    /// [`connect_timeout`]; so does a request that waited for another's attempt, with it).
     Waiting,
     /// Written, or being written, to an API connection since this moment.
     Sent(Instant),

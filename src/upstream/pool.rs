@@ -2,14 +2,16 @@
 //! connection, or opens one (a few at a time, so a connect storm does not open a connection per
 //! waiting request), or waits for one to come back; a waiting request fails with an attempt to
 //! open one that fails meanwhile (the API host unreachable) instead of trying again past its
-//! deadline. HTTP/2 (`--upstream-http2`) shares one multiplexed connection instead. Connections
-//! go over TCP (or TLS) to the API's host, or to a Unix socket on this machine
-//! (`--api-unix-socket`).
+//! deadline. HTTP/2 (`--upstream-http2`) shares one multiplexed connection instead, whose
+//! streams requests take as the API allows (its SETTINGS_MAX_CONCURRENT_STREAMS): the others
+//! wait here, known unsent when that connection ends. Connections go over TCP (or TLS) to the
+//! API's host, or to a Unix socket on this machine (`--api-unix-socket`).
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +34,9 @@ use super::{error_chain, Progress, UpstreamError};
 
 /// Connections being opened at once; further requests wait for one of them or an idle one.
 const MAX_CONNECTING: usize = 32;
+/// How often a request waiting for a stream of an HTTP/2 connection looks at the API's limit
+/// again, in case it was raised.
+const STREAM_RECHECK: Duration = Duration::from_millis(50);
 /// How often an HTTP/2 connection to the API is pinged (idle or not).
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before that connection is closed.
@@ -134,11 +139,80 @@ impl State {
     }
 }
 
-/// The HTTP/2 connection requests share, and its number (in the order opened).
+/// The HTTP/2 connection requests share, its streams, and its number (in the order opened).
 #[derive(Clone)]
 struct SharedH2 {
     sender: http2::SendRequest<Body>,
+    streams: Arc<Streams>,
     number: u64,
+}
+
+/// The streams requests hold on one HTTP/2 connection, at most as many as the API allows at
+/// once (its SETTINGS_MAX_CONCURRENT_STREAMS, as h2 knows it: 100 until the API's SETTINGS
+/// come). A request beyond them waits here, not inside hyper: when the connection ends, hyper
+/// fails a request it holds waiting for a stream without giving it back or saying whether h2
+/// had just sent it, while one waiting here is known unsent and goes on another connection. (Nearly always: a stream that ended by a reset, an answer left unread or a
+/// request given up, counts in h2 until the reset is written, and an API may lower its limit
+/// at any time; a request handed to hyper meanwhile may still wait there for a moment.)
+struct Streams {
+    /// Streams held now.
+    held: Mutex<usize>,
+    /// A stream was given back, or the connection ended.
+    freed: Notify,
+    /// The API's limit now.
+    limit: StreamLimit,
+}
+
+/// Reads the API's limit on streams from its connection (0 once it ended).
+type StreamLimit = Box<dyn Fn() -> usize + Send + Sync>;
+
+/// One stream of an HTTP/2 connection, held by one request; given back when dropped.
+struct Stream(Arc<Streams>);
+
+impl Streams {
+    fn new(limit: StreamLimit) -> Streams {
+        Streams {
+            held: Mutex::new(0),
+            freed: Notify::new(),
+            limit,
+        }
+    }
+
+    /// A stream of `sender`'s connection for one request, once the API allows one more;
+    /// `None` if the connection ended first (the request was not given to it).
+    async fn take(self: &Arc<Self>, sender: &http2::SendRequest<Body>) -> Option<Stream> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if sender.is_closed() {
+                return None;
+            }
+            let limit = (self.limit)();
+            {
+                let mut held = lock(&self.held);
+                if *held < limit {
+                    *held += 1;
+                    return Some(Stream(self.clone()));
+                }
+            }
+            // A limit the API raised frees no stream and wakes no one: look again now and then.
+            let _ = tokio::time::timeout(STREAM_RECHECK, freed).await;
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        *lock(&self.0.held) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Locks `mutex`, also when a panic poisoned it (its data stays consistent: every change
+/// under these locks is a single step).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Idle {
@@ -371,7 +445,18 @@ impl Pool {
             Uri::from_parts(parts).map_err(|e| UpstreamError::Broken(e.to_string()))?;
         let mut retried = false;
         loop {
-            let SharedH2 { mut sender, number } = self.shared_h2().await?;
+            let SharedH2 {
+                mut sender,
+                streams,
+                number,
+            } = self.shared_h2().await?;
+            // Beyond the API's limit on streams, the request waits here, where it is known
+            // unsent (see `Streams`): if the connection ends meanwhile, it goes on a new one,
+            // and that is not one of its tries.
+            let Some(_stream) = streams.take(&sender).await else {
+                self.forget_h2(number);
+                continue;
+            };
             // A stream the API turns away unprocessed comes back without its request: this
             // copy (the body's `Bytes` shared, not copied) is what goes out once more.
             let spare = (!retried).then(|| copy_request(&request));
@@ -472,10 +557,11 @@ impl Pool {
                     let mut state = self.state();
                     // Noted before the requests waiting for it are woken (by `opening`).
                     state.attempt_ended(&opened);
-                    let opened = opened.map(|sender| {
+                    let opened = opened.map(|(sender, streams)| {
                         state.h2_opened += 1;
                         let shared = SharedH2 {
                             sender,
+                            streams,
                             number: state.h2_opened,
                         };
                         state.shared = Some(shared.clone());
@@ -491,7 +577,7 @@ impl Pool {
         }
     }
 
-    async fn connect_h2(&self) -> Result<http2::SendRequest<Body>, UpstreamError> {
+    async fn connect_h2(&self) -> Result<OpenedH2, UpstreamError> {
         let timeout = self.dialer.timeout;
         match &self.dialer.address {
             ApiAddress::Network(connector) => {
@@ -539,7 +625,9 @@ enum Refusal {
     /// the only user error a request can end with). h2 may have opened its stream just
     /// before, but hyper writes a body only after it has the stream back, so the API saw at
     /// most the head of a request with a body, then a reset: never a whole request. (A
-    /// request without a body ends with its head, so it is not counted here.)
+    /// request without a body ends with its head, so it is not counted here.) Rare: requests
+    /// wait for a stream in [`Streams`], and reach hyper beyond the API's limit only in the
+    /// moments its note names.
     NeverWhole,
 }
 
@@ -629,8 +717,11 @@ where
     Ok(sender)
 }
 
+/// A new HTTP/2 connection to the API: its sender and its streams.
+type OpenedH2 = (http2::SendRequest<Body>, Arc<Streams>);
+
 /// Starts HTTP/2 (prior knowledge) on an open connection and spawns the task that drives it.
-async fn handshake_h2<T>(io: T) -> Result<http2::SendRequest<Body>, UpstreamError>
+async fn handshake_h2<T>(io: T) -> Result<OpenedH2, UpstreamError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -644,8 +735,39 @@ where
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
-    drive(connection, "HTTP/2");
-    Ok(sender)
+    Ok((sender, drive_h2(connection)))
+}
+
+/// Spawns the task that drives an HTTP/2 connection until it closes, and returns its
+/// [`Streams`], which read the API's limit from it (under a lock it is polled under too).
+fn drive_h2<T>(connection: http2::Connection<T, Body, TokioExecutor>) -> Arc<Streams>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    // Taken out once it ends: the connection's state (h2's handle on the socket among it)
+    // must not outlive it in the streams' hands.
+    let connection = Arc::new(Mutex::new(Some(connection)));
+    let read = connection.clone();
+    let streams = Arc::new(Streams::new(Box::new(move || {
+        lock(&read)
+            .as_ref()
+            .map_or(0, |connection| connection.current_max_send_streams())
+    })));
+    let ended = streams.clone();
+    tokio::spawn(async move {
+        let outcome = std::future::poll_fn(|cx| match lock(&connection).as_mut() {
+            Some(connection) => Pin::new(connection).poll(cx),
+            None => Poll::Ready(Ok(())),
+        })
+        .await;
+        lock(&connection).take();
+        // The requests waiting for one of its streams go to another connection.
+        ended.freed.notify_waiters();
+        if let Err(error) = outcome {
+            tracing::debug!(%error, protocol = "HTTP/2", "API connection ended with an error");
+        }
+    });
+    streams
 }
 
 /// Spawns the task that drives an API connection (`protocol` names it in the log) until it
@@ -893,7 +1015,7 @@ mod tests {
     async fn http2_connection_whose_pings_go_unanswered_is_closed() {
         // The API's end stays open but never reads nor answers: a host gone dark.
         let (gateway_end, _api_end) = tokio::io::duplex(1 << 16);
-        let sender = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
+        let (sender, _streams) = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
         tokio::time::sleep(H2_KEEP_ALIVE_INTERVAL - Duration::from_secs(1)).await;
         assert!(!sender.is_closed(), "open until a ping is due");
         tokio::time::sleep(H2_KEEP_ALIVE_TIMEOUT + Duration::from_secs(2)).await;
