@@ -22,7 +22,7 @@ use crate::config::Config;
 mod limit;
 mod pool;
 use limit::{ConcurrencyLimit, RequestKind, Slot};
-use pool::{ApiAddress, BodyLimit, Dialer, Pool};
+use pool::{ApiAddress, BodyLimit, Dialer, FailedAttempts, Pool};
 
 /// How long an unused API connection is kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -433,8 +433,12 @@ impl Upstream {
         progress: &mut Progress<'_>,
         slot: &mut Option<Slot<'a>>,
     ) -> Result<ApiAnswer, UpstreamError> {
-        let held = slot.insert(self.permit(RequestKind::of(request.method())).await?);
-        let answer = self.pool.exchange(request, body_limit, progress).await?;
+        let (held, waited) = self.permit(RequestKind::of(request.method())).await?;
+        let held = slot.insert(held);
+        let answer = self
+            .pool
+            .exchange(request, body_limit, progress, waited)
+            .await?;
         if !answer.parts.status.is_server_error() {
             held.answered();
         }
@@ -471,17 +475,24 @@ impl Upstream {
         }
     }
 
-    async fn permit(&self, kind: RequestKind) -> Result<Slot<'_>, UpstreamError> {
+    /// An API slot for a request of `kind`, and, if it had to wait for one, how many attempts
+    /// to open a connection had failed when it began to: one that failed while it waited
+    /// fails it too (see `pool.rs`).
+    async fn permit(
+        &self,
+        kind: RequestKind,
+    ) -> Result<(Slot<'_>, Option<FailedAttempts>), UpstreamError> {
         if let Ok(slot) = self.slots.try_acquire(kind) {
-            return Ok(slot);
+            return Ok((slot, None));
         }
+        let waited = self.pool.failed_attempts();
         // Counted until this future ends, also when a timeout drops it while it waits.
         let _waiting = Waiting::enter(&self.waiting);
         if self.waiting.load(Ordering::Relaxed) > self.max_waiting {
             return Err(UpstreamError::Overloaded);
         }
         match tokio::time::timeout(self.max_wait, self.slots.acquire(kind)).await {
-            Ok(Ok(slot)) => Ok(slot),
+            Ok(Ok(slot)) => Ok((slot, Some(waited))),
             Ok(Err(_)) | Err(_) => Err(UpstreamError::Overloaded),
         }
     }
@@ -523,7 +534,8 @@ fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
 enum Stage {
     /// Not sent yet: waiting for an API slot, connection or HTTP/2 stream, or opening a
     /// connection (which fails on its own, as unreachable, within half the time:
-    /// [`connect_timeout`]; so does a request that waited for another's attempt, with it).
+    /// [`connect_timeout`]; so does a request that waited for another's attempt, or for a
+    /// slot while an attempt failed, with it).
     Waiting,
     /// Written, or being written, to an API connection since this moment.
     Sent(Instant),
@@ -803,6 +815,77 @@ mod tests {
         );
         let disconnect = upstream.disconnect(&context, Bytes::new(), None);
         assert!(std::mem::size_of_val(&disconnect) <= 3072);
+    }
+
+    /// An address whose connection attempts hang, as those to an API host down behind a
+    /// firewall do: a listener whose accept queue is full drops further SYNs (for as long as
+    /// the returned listener and queued connections are kept).
+    async fn black_holed_address() -> (
+        std::net::SocketAddr,
+        tokio::net::TcpListener,
+        Vec<tokio::net::TcpStream>,
+    ) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            let connect = tokio::net::TcpStream::connect(addr);
+            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), connect).await
+            {
+                queued.push(stream);
+            }
+        }
+        (addr, listener, queued)
+    }
+
+    /// Sends six messages at once, with two API slots, to an API host that never answers a
+    /// connection attempt (over HTTP/2 if `http2`), and checks that each fails as unreachable
+    /// when the attempts fail, at half of the 2 s timeout: also the four that waited for a
+    /// slot, which would otherwise start an attempt of their own only once the slots came
+    /// free, and run out of time in it (overloaded, at the full timeout).
+    async fn requests_waiting_for_a_slot_fail_with_the_attempts_that_failed(http2: bool) {
+        let (addr, _listener, _queued) = black_holed_address().await;
+        let config = Config {
+            api: format!("http://{addr}/").parse().unwrap(),
+            upstream_http2: http2,
+            upstream_timeout: Duration::from_secs(2),
+            upstream_min_concurrency: 2,
+            ..Config::default()
+        };
+        let upstream = Upstream::new(&config, 2, 64, Arc::new(Metrics::default())).unwrap();
+        let contexts: Vec<_> = (0..6)
+            .map(|n| {
+                let client_id = ClientId::from_path(&format!("/c{n}")).unwrap();
+                upstream
+                    .context(ConnectionId::next(), client_id, &HeaderMap::new())
+                    .unwrap()
+            })
+            .collect();
+        let started = Instant::now();
+        let outcomes = futures_util::future::join_all(contexts.iter().map(|context| async {
+            let outcome = upstream.message(context, Bytes::new(), false).await;
+            (outcome, started.elapsed())
+        }))
+        .await;
+        for (outcome, after) in &outcomes {
+            assert!(
+                matches!(outcome, Err(UpstreamError::Unreachable(_)))
+                    && *after < Duration::from_millis(1800),
+                "{outcome:?} after {after:?}; the attempts failed at 1 s"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn http1_requests_waiting_for_a_slot_fail_with_the_attempts_that_failed() {
+        requests_waiting_for_a_slot_fail_with_the_attempts_that_failed(false).await;
+    }
+
+    #[tokio::test]
+    async fn h2_requests_waiting_for_a_slot_fail_with_the_attempt_that_failed() {
+        requests_waiting_for_a_slot_fail_with_the_attempts_that_failed(true).await;
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Keep-alive connections to the API, at most `max_open` of them: a request takes an idle
 //! connection, or opens one (a few at a time, so a connect storm does not open a connection per
-//! waiting request), or waits for one to come back; a waiting request fails with an attempt to
-//! open one that fails meanwhile (the API host unreachable) instead of trying again past its
-//! deadline. HTTP/2 (`--upstream-http2`) shares one multiplexed connection instead, whose
+//! waiting request), or waits for one to come back; a request that waited (for a connection,
+//! or for an API slot before) fails with an attempt to open one that failed meanwhile (the API
+//! host unreachable) instead of trying again past its deadline. HTTP/2 (`--upstream-http2`) shares one multiplexed connection instead, whose
 //! streams requests take as the API allows (its SETTINGS_MAX_CONCURRENT_STREAMS): the others
 //! wait here, known unsent when that connection ends. Connections go over TCP (or TLS) to the
 //! API's host, or to a Unix socket on this machine (`--api-unix-socket`).
@@ -117,12 +117,13 @@ impl State {
         }
     }
 
-    /// The error for a request that began to wait for a connection when `failures_at_wait`
-    /// attempts had failed (`None`: it has not waited): the latest attempt's failure, if that
-    /// attempt ended since, and failed, and no established connection is open that could come
-    /// back for it. Such a request would otherwise start an attempt of its
-    /// own only now, and run out of time in it: with an API host that never answers, the
-    /// deadline of a request that waited half of it comes in the middle of its attempt.
+    /// The error for a request that began to wait (for an API slot or a connection) when
+    /// `failures_at_wait` attempts had failed (`None`: it has not waited): the latest
+    /// attempt's failure, if that attempt ended since, and failed, and no established
+    /// connection is open that could come back for it. Such a request would otherwise start an
+    /// attempt of its own only now, and run out of time in it: with an API host that never
+    /// answers, the deadline of a request that waited half of it comes in the middle of its
+    /// attempt.
     fn failed_while_waiting(&self, failures_at_wait: Option<u64>) -> Option<UpstreamError> {
         if failures_at_wait? == self.open_failures {
             return None;
@@ -138,6 +139,13 @@ impl State {
         )))
     }
 }
+
+/// How many attempts to open a connection had failed when a request began to wait for an API
+/// slot: if one fails while it waits, it fails with it (see [`State::failed_while_waiting`]),
+/// as a request that waited for a connection does, instead of starting an attempt of its own
+/// only once a slot comes free.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FailedAttempts(u64);
 
 /// The HTTP/2 connection requests share, its streams, and its number (in the order opened).
 #[derive(Clone)]
@@ -285,19 +293,27 @@ impl Pool {
         state.open + usize::from(state.shared.is_some())
     }
 
-    /// Sends `request` and reads its answer, as much of its body as `body_limit` says.
+    /// Attempts to open a connection that failed so far, for a request that begins to wait
+    /// for an API slot.
+    pub(super) fn failed_attempts(&self) -> FailedAttempts {
+        FailedAttempts(self.state().open_failures)
+    }
+
+    /// Sends `request` and reads its answer, as much of its body as `body_limit` says;
+    /// `waited` tells whether it waited for an API slot, and since when.
     pub(super) async fn exchange(
         &self,
         mut request: Request<Body>,
         body_limit: BodyLimit,
         progress: &mut Progress<'_>,
+        mut waited: Option<FailedAttempts>,
     ) -> Result<Answer, UpstreamError> {
         if self.http2 {
             // Out of line: a rare path's state would otherwise be part of every HTTP/1
             // request's future (see the sizes test), and its temporaries part of the stack
             // frame every HTTP/1 request's `poll` touches (32 KiB; bench/README.md,
             // "Shallow worker stacks").
-            return out_of_line(self.exchange_h2(request, body_limit, progress)).await;
+            return out_of_line(self.exchange_h2(request, body_limit, progress, waited)).await;
         }
         let path = request
             .uri()
@@ -311,7 +327,7 @@ impl Pool {
             .or_insert_with(|| self.host.clone());
         let mut retried = false;
         loop {
-            let mut lease = self.checkout().await?;
+            let mut lease = self.checkout(waited.take()).await?;
             let Some(sender) = lease.sender.as_mut() else {
                 return Err(UpstreamError::Broken("no connection".to_owned()));
             };
@@ -346,11 +362,11 @@ impl Pool {
     }
 
     /// An open connection for one request: an idle one, a new one, or one that comes free.
-    /// A request that waited while an attempt to open one failed fails with it (unless an idle
-    /// connection is there for it).
-    async fn checkout(&self) -> Result<Lease<'_>, UpstreamError> {
+    /// A request that waited (here, or for an API slot since `waited`) while an attempt to
+    /// open one failed fails with it (unless an idle connection is there for it).
+    async fn checkout(&self, waited: Option<FailedAttempts>) -> Result<Lease<'_>, UpstreamError> {
         // Failed attempts when this request began to wait, if it did.
-        let mut failures_at_wait = None;
+        let mut failures_at_wait = waited.map(|FailedAttempts(failed)| failed);
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -437,6 +453,7 @@ impl Pool {
         mut request: Request<Body>,
         body_limit: BodyLimit,
         progress: &mut Progress<'_>,
+        mut waited: Option<FailedAttempts>,
     ) -> Result<Answer, UpstreamError> {
         let mut parts = request.uri().clone().into_parts();
         parts.scheme = Some(self.scheme.clone());
@@ -449,7 +466,7 @@ impl Pool {
                 mut sender,
                 streams,
                 number,
-            } = self.shared_h2().await?;
+            } = self.shared_h2(waited.take()).await?;
             // Beyond the API's limit on streams, the request waits here, where it is known
             // unsent (see `Streams`): if the connection ends meanwhile, it goes on a new one,
             // and that is not one of its tries.
@@ -515,11 +532,11 @@ impl Pool {
     }
 
     /// The shared HTTP/2 connection, opened by this request if there is none and no other
-    /// request is opening it. A request that waited while another opened it fails as that
-    /// attempt did, if it failed.
-    async fn shared_h2(&self) -> Result<SharedH2, UpstreamError> {
+    /// request is opening it. A request that waited while another opened it (or for an API
+    /// slot since `waited` while an attempt failed) fails as that attempt did, if it failed.
+    async fn shared_h2(&self, waited: Option<FailedAttempts>) -> Result<SharedH2, UpstreamError> {
         // Failed attempts when this request began to wait, if it did.
-        let mut failures_at_wait = None;
+        let mut failures_at_wait = waited.map(|FailedAttempts(failed)| failed);
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
