@@ -712,14 +712,25 @@ async fn start_session(
     let upgraded = tokio::time::timeout(shared.config.handshake_timeout, on_upgrade).await;
     let io = match upgraded {
         Ok(Ok(upgraded)) => Io::from_upgraded(upgraded)
-            .map_err(|error| tracing::error!(%error, "cannot take over the upgraded connection"))
+            .map_err(|error| {
+                tracing::error!(
+                    %error,
+                    client_id = %handle.client_id,
+                    connection_id = %handle.connection_id,
+                    "cannot take over the upgraded connection; the API is told EOF"
+                )
+            })
             .ok(),
         _ => None,
     };
     let io = match io {
         Some(io) => io,
         None => {
-            tracing::debug!(client_id = %handle.client_id, "upgrade never completed");
+            tracing::debug!(
+                client_id = %handle.client_id,
+                connection_id = %handle.connection_id,
+                "upgrade never completed; the API is told EOF"
+            );
             session::abandoned(handle, context, shared, permit);
             return;
         }
