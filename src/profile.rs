@@ -526,6 +526,8 @@ mod tests {
         // or the exit would come in the middle of it.
         let held = writes_finished();
         let finisher = std::thread::spawn(move || guard.finish());
+        // Nothing tells that finish() is waiting on the held writes, so this waits a fixed
+        // 200 ms: a report begun at once would be counted within microseconds.
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
             REPORTS_BEGUN.load(Ordering::SeqCst),

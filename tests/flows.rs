@@ -35,6 +35,7 @@ async fn api_ok_accepts_the_connection_with_101() {
 #[tokio::test]
 async fn api_ko_refuses_the_handshake_with_403_and_its_body() {
     let api = MockApi::with_script(|s| match s.method.as_str() {
+        "GET" if s.uri == "/marker" => Reply::ok("ok"),
         "GET" => Reply::ok("ko"),
         _ => Reply::ok("ok"),
     })
@@ -43,11 +44,8 @@ async fn api_ko_refuses_the_handshake_with_403_and_its_body() {
     let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
     assert_eq!(response.status, 403);
     assert_eq!(response.text(), "ko");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        api.seen_with("DELETE").is_empty(),
-        "a refused client gets no DELETE"
-    );
+    let deletes = deletes_before_a_later_one(&gateway, &api, "/marker").await;
+    assert!(deletes.is_empty(), "a refused client gets no DELETE");
 }
 
 #[tokio::test]
@@ -134,6 +132,7 @@ async fn a_connect_answered_5xx_gets_502_and_its_connection_a_delete() {
         ("GET", "/debug-page") => Reply::status(500, vec![b'x'; 200 * 1024]),
         ("GET", "/maintenance") => Reply::status(503, "down for maintenance"),
         ("GET", "/refused") => Reply::status(403, "no"),
+        ("GET", "/marker") => Reply::ok("ok"),
         _ => Reply::ok(""),
     })
     .await;
@@ -157,15 +156,16 @@ async fn a_connect_answered_5xx_gets_502_and_its_connection_a_delete() {
     // A 4xx stays a refusal: the API said no, and knows it.
     let refused = raw_exchange(gateway.public, &upgrade_request("/refused", &[])).await;
     assert_eq!(refused.status, 403);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gateway.metrics().await["connections_opened"], 0.0);
     assert_eq!(
-        api.seen_with("DELETE").len(),
+        deletes_before_a_later_one(&gateway, &api, "/marker")
+            .await
+            .len(),
         3,
         "one DELETE per 5xx but the 503"
     );
     let metrics = gateway.metrics().await;
-    assert_eq!(metrics["connections_opened"], 0.0);
-    assert_eq!(metrics["disconnects_notified"], 3.0);
+    assert_eq!(metrics["disconnects_notified"], 4.0, "the marker's too");
 }
 
 #[tokio::test]
@@ -370,8 +370,8 @@ async fn two_origin_lines_get_400_and_no_api_call() {
     .await;
     assert_eq!(response.status, 400);
     assert_eq!(response.text(), "more than one Origin header\n");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    let seen = seen_before_a_later_connect(&gateway, &api, "/marker").await;
+    assert!(seen.is_empty(), "{seen:?}");
 }
 
 #[tokio::test]
@@ -563,22 +563,20 @@ async fn plain_gets_get_426_and_healthz_200_without_asking_the_api() {
     assert_eq!(plain.status, 426);
     let health = raw_http(gateway.public, "GET", "/healthz", &[], b"").await;
     assert_eq!(health.status, 200);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        api.seen().is_empty(),
-        "nothing reaches the API: {:?}",
-        api.seen()
-    );
+    let seen = seen_before_a_later_connect(&gateway, &api, "/marker").await;
+    assert!(seen.is_empty(), "nothing reaches the API: {seen:?}");
 }
 
 #[tokio::test]
 async fn the_public_listener_refuses_pushes_with_405() {
     let (api, gateway) = setup().await;
-    let _ws = gateway.connect("/alice").await;
+    let mut ws = gateway.connect("/alice").await;
     let response = raw_http(gateway.public, "POST", "/alice", &[], b"spoofed").await;
     assert_eq!(response.status, 405);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(api.seen_with("POST").is_empty());
+    // A POST for the spoofed push would have gone out before the one for this message.
+    assert_eq!(round_trip(&mut ws, "real").await, "echo:real");
+    let posts: Vec<_> = api.seen_with("POST").into_iter().map(|p| p.body).collect();
+    assert_eq!(posts, [Bytes::from_static(b"real")]);
 }
 
 // ---- ClientId ----
@@ -607,8 +605,8 @@ async fn malformed_client_ids_get_400_without_an_upstream_call() {
             response.status
         );
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    let seen = seen_before_a_later_connect(&gateway, &api, "/marker").await;
+    assert!(seen.is_empty(), "{seen:?}");
 }
 
 #[tokio::test]
@@ -818,14 +816,13 @@ async fn a_connect_approved_after_the_timeout_is_undone_with_a_delete_after_the_
 #[tokio::test]
 async fn a_connect_refused_after_the_timeout_gets_no_delete() {
     let (slow, gateway) = connect_answered_after_the_timeout(403, "no", "/alice").await;
-    // The answer (at 1.3 s) has come and gone; the background's own limit (2 s) too.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        gateway.metrics().await["requests_failed"],
-        1.0,
-        "the late 403 came back"
-    );
-    assert!(slow.seen_with("DELETE").is_empty(), "{:?}", slow.seen());
+    // The late 403 ends the GET (it counts then), and whether a DELETE follows is decided in
+    // the same step.
+    gateway
+        .wait_for_metric("requests_failed", |n| n == 1.0, Duration::from_secs(5))
+        .await;
+    let deletes = deletes_before_a_later_one(&gateway, &slow, "/marker").await;
+    assert!(deletes.is_empty(), "{deletes:?}");
 }
 
 #[tokio::test]
@@ -954,23 +951,29 @@ async fn a_connect_still_waiting_for_an_api_slot_at_the_timeout_gets_503_and_is_
     assert_eq!(response.status, 503, "{}", response.text());
     assert_eq!(response.header("retry-after"), Some("1"));
     assert_eq!(holder.await.unwrap().status, 504);
-    // The holder's GET lets go of the slot at 1 s; the waiting one was never sent.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let for_waiting: Vec<_> = api
-        .seen()
-        .into_iter()
-        .filter(|s| s.uri == "/waiting")
-        .collect();
+    // The holder's GET lets go of the slot at 1 s, and its DELETE follows (it times out too:
+    // the API takes 1.5 s over anything of /holder's). The dropped GET counts as a failed
+    // request: then nothing is left as started and unfinished.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = gateway.metrics().await;
+        let unfinished = metrics["requests_started"]
+            - metrics["requests_failed"]
+            - metrics["requests_succeeded"];
+        let deletes_done = metrics["disconnects_notified"] + metrics["disconnects_failed"];
+        if unfinished == 0.0 && deletes_done == 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The waiting one was never sent: still waiting, it would have had the free slot before
+    // a newer connect.
+    let seen = seen_before_a_later_connect(&gateway, &api, "/marker").await;
+    let for_waiting: Vec<_> = seen.iter().filter(|s| s.uri == "/waiting").collect();
     assert!(
         for_waiting.is_empty(),
         "the API heard of it: {for_waiting:?}"
-    );
-    // The dropped GET counts as a failed request: nothing is left as started and unfinished.
-    let metrics = gateway.metrics().await;
-    assert_eq!(
-        metrics["requests_started"],
-        metrics["requests_failed"] + metrics["requests_succeeded"],
-        "{metrics:?}"
     );
 }
 
@@ -1007,15 +1010,31 @@ async fn a_client_that_leaves_before_its_connect_was_sent_costs_the_api_nothing(
     busy.send(Message::text("slow")).await.unwrap();
     api.wait_for("POST", 1).await;
     let waiting = upgrade_request_sent(&gateway, "/gone").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gateway
+        .wait_for_metric(
+            "upstream_requests_waiting",
+            |n| n == 1.0,
+            Duration::from_secs(5),
+        )
+        .await;
     drop(waiting);
+    // Its GET is dropped: no longer waiting for the slot, well before the slot frees.
+    gateway
+        .wait_for_metric(
+            "upstream_requests_waiting",
+            |n| n == 0.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(
+        gateway.metrics().await["upstream_requests_in_flight"],
+        1.0,
+        "the slot is still the slow message's"
+    );
     assert_eq!(next_text(&mut busy).await, "late");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let for_gone: Vec<_> = api
-        .seen()
-        .into_iter()
-        .filter(|s| s.uri == "/gone")
-        .collect();
+    // Still waiting, it would have had the slot before a newer connect.
+    let seen = seen_before_a_later_connect(&gateway, &api, "/marker").await;
+    let for_gone: Vec<_> = seen.iter().filter(|s| s.uri == "/gone").collect();
     assert!(for_gone.is_empty(), "the API heard of it: {for_gone:?}");
 }
 
@@ -1272,6 +1291,8 @@ async fn connect_answered_after_the_timeout(
     path: &str,
 ) -> (MockApi, TestGateway) {
     let slow = MockApi::with_script(move |seen| match seen.method.as_str() {
+        // For tests that need a connection opened at once.
+        "GET" if seen.uri == "/marker" => Reply::ok("ok"),
         "GET" => Reply::status(status, body).after(Duration::from_millis(1300)),
         _ => Reply::ok(""),
     })

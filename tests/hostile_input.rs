@@ -452,8 +452,9 @@ async fn crlf_in_the_query_reaches_the_api_still_encoded_never_as_a_header() {
         "headers: {:?}",
         get.headers
     );
-    // The smuggled request line never became a request of its own.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The smuggled request line never became a request of its own: it would have reached
+    // the API before the connection's DELETE (the client left after its 101).
+    api.wait_for("DELETE", 1).await;
     assert!(api.seen().iter().all(|s| !s.uri.starts_with("/evil")));
     assert_eq!(api.seen_with("GET").len(), 1);
     assert_eq!(panics.load(Ordering::SeqCst), 0, "a gateway task panicked");
@@ -630,13 +631,13 @@ async fn protocol_violations_after_the_upgrade_get_their_close_code_and_one_dele
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // Let a second DELETE show itself if there were one.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let deletes: Vec<Seen> = api
-            .seen_with("DELETE")
-            .into_iter()
-            .filter(|s| s.uri == path)
-            .collect();
+        // A second DELETE for it would have been sent before that of a later connection.
+        let deletes: Vec<Seen> =
+            deletes_before_a_later_one(&gateway, &api, &format!("/marker-{i}"))
+                .await
+                .into_iter()
+                .filter(|s| s.uri == path)
+                .collect();
         let want_code = case.close_code.to_string();
         match deletes.as_slice() {
             [delete] => {

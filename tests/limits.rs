@@ -327,16 +327,18 @@ async fn an_api_failure_while_the_socket_is_backed_up_closes_it_at_once_as_an_up
 #[tokio::test]
 async fn an_api_answer_that_comes_while_the_socket_is_backed_up_frees_its_api_slot_and_arrives_later(
 ) {
-    let (api, gateway, mut raw, pushed, posted) =
+    let (api, gateway, mut raw, pushed, _posted) =
         backed_up_while_the_api_answers("/backed-up", Duration::from_secs(2)).await;
-    // Past the API's answer and past --upstream-timeout, the socket still backed up.
-    tokio::time::sleep_until(posted + Duration::from_millis(3500)).await;
-    let metrics = gateway.metrics().await;
-    assert_eq!(
-        metrics["upstream_requests_in_flight"], 0.0,
-        "the answer was taken and its API slot given back"
-    );
-    assert_eq!(metrics["requests_failed"], 0.0);
+    // The answer (at 2 s) is taken and its API slot given back while the socket is still
+    // backed up: as an answer, not as the request's --upstream-timeout (3 s) running out.
+    gateway
+        .wait_for_metric(
+            "upstream_requests_in_flight",
+            |n| n == 0.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(gateway.metrics().await["requests_failed"], 0.0);
 
     // The client reads again: every push, then the reply, and no close.
     raw.send_frame(true, common::raw_ws::CLOSE, &1000u16.to_be_bytes())
@@ -373,11 +375,16 @@ async fn a_control_delete_sends_a_waiting_reply_and_the_pushes_in_the_order_they
 /// the API's DELETE closed it): the pushes from before the reply, the reply, the two later
 /// pushes.
 async fn reply_and_pushes_in_turn(api_closes: bool) {
-    let (api, gateway, mut raw, pushed, posted) =
+    let (api, gateway, mut raw, pushed, _posted) =
         backed_up_while_the_api_answers("/in-turn", Duration::from_millis(1500)).await;
     // The reply is in (and waits on the socket) before these pushes come.
-    tokio::time::sleep_until(posted + Duration::from_millis(2000)).await;
-    assert_eq!(gateway.metrics().await["upstream_requests_in_flight"], 0.0);
+    gateway
+        .wait_for_metric(
+            "upstream_requests_in_flight",
+            |n| n == 0.0,
+            Duration::from_secs(5),
+        )
+        .await;
     for late in ["late 1", "late 2"] {
         let response = gateway.control("POST", "/in-turn", late.as_bytes()).await;
         assert_eq!(response.status, 200, "{}", response.text());
@@ -549,9 +556,15 @@ impl Relay {
         Relay { addr, task }
     }
 
-    /// Closes the listener and every relayed connection.
-    fn cut(self) -> u16 {
+    /// Closes the listener and every relayed connection; returns once a connection is
+    /// refused (the aborted task, holding them, is dropped by the runtime soon after).
+    async fn cut(self) -> u16 {
         self.task.abort();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(self.addr).await.is_ok() {
+            assert!(Instant::now() < deadline, "the relay still listens");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         self.addr.port()
     }
 }
@@ -568,20 +581,35 @@ async fn a_delete_that_finds_the_api_unreachable_is_sent_once_it_is_back() {
     let mut ws = gateway.connect("/flaky").await;
     assert_eq!(round_trip(&mut ws, "before").await, "echo:before");
 
-    let port = relay.cut();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let port = relay.cut().await;
+    // The gateway has seen its pooled API connection end, so the DELETE opens a new one.
+    gateway
+        .wait_for_metric(
+            "upstream_connections_open",
+            |n| n == 0.0,
+            Duration::from_secs(5),
+        )
+        .await;
     ws.close().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The DELETE's first try finds the API unreachable (counted as a failed request).
+    gateway
+        .wait_for_metric("requests_failed", |n| n >= 1.0, Duration::from_secs(5))
+        .await;
     assert!(api.seen_with("DELETE").is_empty(), "the API is down");
     let _relay = Relay::start(port, api.addr).await;
-    let delete = api.wait_for("DELETE", 1).await[0].clone();
-    assert_eq!(delete.uri, "/flaky");
-    assert_eq!(delete.header("x-close-code"), Some("1000"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(api.seen_with("DELETE").len(), 1, "sent once");
-    let metrics = gateway.metrics().await;
-    assert_eq!(metrics["disconnects_failed"], 0.0);
-    assert_eq!(metrics["disconnects_notified"], 1.0);
+    // Counted once the API has taken it, and then not sent again.
+    gateway
+        .wait_for_metric(
+            "disconnects_notified",
+            |n| n == 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    let deletes = api.seen_with("DELETE");
+    assert_eq!(deletes.len(), 1, "sent once: {deletes:?}");
+    assert_eq!(deletes[0].uri, "/flaky");
+    assert_eq!(deletes[0].header("x-close-code"), Some("1000"));
+    assert_eq!(gateway.metrics().await["disconnects_failed"], 0.0);
     assert_accounting(&gateway, &api).await;
 }
 
@@ -600,16 +628,20 @@ async fn a_delete_answered_503_is_sent_again_until_the_api_takes_it() {
     let gateway = TestGateway::start(test_config(&api)).await;
     let mut ws = gateway.connect("/restart").await;
     ws.close().await.unwrap();
-    api.wait_for("DELETE", 3).await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Counted once the API has taken it (the third try), and then not sent again.
+    gateway
+        .wait_for_metric(
+            "disconnects_notified",
+            |n| n == 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
     assert_eq!(
         api.seen_with("DELETE").len(),
         3,
         "no further DELETE once taken"
     );
-    let metrics = gateway.metrics().await;
-    assert_eq!(metrics["disconnects_notified"], 1.0);
-    assert_eq!(metrics["disconnects_failed"], 0.0);
+    assert_eq!(gateway.metrics().await["disconnects_failed"], 0.0);
 }
 
 #[tokio::test]
@@ -622,11 +654,21 @@ async fn deletes_still_unsent_when_the_shutdown_grace_period_ends_are_given_up_a
     config.upstream_timeout = Duration::from_millis(200);
     let mut gateway = TestGateway::start(config).await;
     let mut ws = gateway.connect("/stranded").await;
-    relay.cut();
+    relay.cut().await;
+    // The gateway has seen its pooled API connection end, so the DELETE opens a new one.
+    gateway
+        .wait_for_metric(
+            "upstream_connections_open",
+            |n| n == 0.0,
+            Duration::from_secs(5),
+        )
+        .await;
     ws.close().await.unwrap();
     // The DELETE finds the API unreachable and waits to try again, past the grace period
     // (shutdown + 2 x upstream timeout + 5 s).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway
+        .wait_for_metric("requests_failed", |n| n >= 1.0, Duration::from_secs(5))
+        .await;
     let report = tokio::time::timeout(Duration::from_secs(10), gateway.shutdown())
         .await
         .expect("the drain ends after its grace period");
@@ -659,17 +701,13 @@ async fn over_max_connections_the_handshake_gets_503_without_asking_the_api() {
     let refused = raw_exchange(gateway.public, &upgrade_request("/c", &[])).await;
     assert_eq!(refused.status, 503);
     assert_eq!(refused.header("retry-after"), Some("1"));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(api.seen_with("GET").len(), 2);
-    assert!(
-        api.seen().iter().all(|s| s.uri != "/c"),
-        "the refused client never reaches the API"
-    );
+    let metrics = gateway.metrics().await;
     assert_eq!(
-        refused_by(&gateway.metrics().await, "overloaded"),
+        refused_by(&metrics, "overloaded"),
         1.0,
         "counted as refused: overloaded"
     );
+    assert_eq!(metrics["requests_started"], 2.0, "the two GETs only");
 
     // A freed slot is usable again.
     drop(a);
@@ -684,6 +722,14 @@ async fn over_max_connections_the_handshake_gets_503_without_asking_the_api() {
         assert!(Instant::now() < deadline, "the slot never came back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The refused attempts never reached the API: a GET for one would have gone out before
+    // this last one's.
+    let for_c = api
+        .seen_with("GET")
+        .iter()
+        .filter(|g| g.uri == "/c")
+        .count();
+    assert_eq!(for_c, 1, "only the attempt that got its 101");
     assert_accounting(&gateway, &api).await;
 }
 
@@ -831,14 +877,17 @@ async fn over_the_pending_handshake_cap_with_every_waiting_place_taken_a_socket_
         waiting.push(TcpStream::connect(gateway.public).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    // A third is neither answered nor closed while they hold the places: it waits.
+    // A third is neither answered nor closed while they hold the places: it waits. (Nothing
+    // tells that a socket waits for a place, so this watches it for a fixed time: 600 ms, past
+    // the 250 ms in which one given a place at once would be answered, and well within the
+    // 1.25 s the two places are held.)
     let mut third = TcpStream::connect(gateway.public).await.unwrap();
     third
         .write_all(&upgrade_request("/third", &[]))
         .await
         .unwrap();
     assert!(
-        stays_unanswered(&mut third, Duration::from_millis(300)).await,
+        stays_unanswered(&mut third, Duration::from_millis(600)).await,
         "answered or closed while every place was taken"
     );
     // One of them reads its 503 and leaves: the third takes its place, and after its own
@@ -1308,11 +1357,12 @@ async fn a_client_that_trickles_its_headers_is_dropped_after_the_handshake_timeo
         took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
         "dropped after {took:?}"
     );
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(api.seen().is_empty(), "{:?}", api.seen());
+    // Counted when the gateway gave up on the request: no GET can follow that.
     let metrics = gateway.metrics().await;
-    assert_eq!(metrics["connections_opened"], 0.0);
     assert_eq!(refused_by(&metrics, "timeout"), 1.0, "counted as a timeout");
+    assert_eq!(metrics["connections_opened"], 0.0);
+    assert_eq!(metrics["requests_started"], 0.0);
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
     assert_accounting(&gateway, &api).await;
 }
 
@@ -1547,9 +1597,9 @@ async fn control_connections_over_the_budget_get_503_on_either_control_listener(
         stream.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
         held.push(stream);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let refused = raw_http(gateway.control, "GET", "/healthz", &[], b"").await;
-    assert_eq!(refused.status, 503);
+    // Once the listener has taken them both (a request that finds a place is answered 200
+    // and gives it back).
+    healthz_until(gateway.control, 503).await;
 
     // The Unix socket counts against the same places.
     let mut unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
@@ -1563,10 +1613,25 @@ async fn control_connections_over_the_budget_get_503_on_either_control_listener(
 
     // A place comes back when a held connection goes.
     drop(held.pop());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let served = raw_http(gateway.control, "GET", "/healthz", &[], b"").await;
-    assert_eq!(served.status, 200);
+    healthz_until(gateway.control, 200).await;
     let _ = std::fs::remove_file(&socket);
+}
+
+/// Asks `control` for `/healthz` every 20 ms until the answer is `status` (5 s at most).
+async fn healthz_until(control: std::net::SocketAddr, status: u16) -> RawResponse {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = raw_http(control, "GET", "/healthz", &[], b"").await;
+        if answer.status == status {
+            return answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {} after 5 s, not {status}",
+            answer.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
@@ -1590,6 +1655,8 @@ async fn control_connections_over_the_budget_wait_while_every_place_to_refuse_th
     next.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
         .await
         .unwrap();
+    // Nothing tells that a connection waits for a place, so this watches it for a fixed
+    // time (one given a place would be answered at once; the place is held for 1 s).
     assert!(
         stays_unanswered(&mut next, Duration::from_millis(300)).await,
         "answered or closed while the place was taken"

@@ -129,7 +129,8 @@ async fn h2c_requests_waiting_for_a_stream_when_the_connection_drops_are_sent_ag
         .await
         .unwrap();
     // The second has its API slot (then time to reach the connection, were it to go there)
-    // before the third is sent.
+    // before the third is sent. (Nothing tells when a request has reached the connection: a
+    // fixed wait.)
     gateway
         .wait_for_metric(
             "upstream_requests_in_flight",
@@ -139,7 +140,14 @@ async fn h2c_requests_waiting_for_a_stream_when_the_connection_drops_are_sent_ag
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     not_yet_taken.send(Message::text("third")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The third has its API slot too when the connection goes.
+    gateway
+        .wait_for_metric(
+            "upstream_requests_in_flight",
+            |n| n >= 3.0,
+            Duration::from_secs(10),
+        )
+        .await;
     assert_eq!(
         api.posts(),
         ["first"],
@@ -468,6 +476,7 @@ async fn message_waiting_for_a_stream_when_the_api_goes_away(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Nothing tells when the second request has reached hyper's connection: a fixed wait.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(api.posts.load(Ordering::SeqCst), 1, "one stream at a time");
     api.release.notify_one();

@@ -854,7 +854,8 @@ pub async fn run_busy_node_scenario() {
         .map(|_| TcpStream::connect(cluster.nodes[0].public).expect("connect to gw1"))
         .collect();
     // 40 check intervals (200 ms, fall 2): long enough for two checks that wait behind
-    // the queue to time out (timeout check 3s).
+    // the queue to time out (timeout check 3s). A fixed window: HAProxy's stats count no
+    // checks done, so there is no event that says enough of them have passed.
     for _ in 0..80 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let st = haproxy_status(&cluster.http, stats).await;
@@ -1096,7 +1097,9 @@ pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
         clients.iter().all(|c| !c.snapshot().pushes.is_empty())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await; // let strays arrive, if any
+    // Let strays arrive, if any: nothing marks when a client has read a push that went to
+    // its socket by mistake (all were queued when answered 200), so this waits a fixed time.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     for c in &clients {
         let s = c.snapshot();
         assert_eq!(
@@ -1220,6 +1223,7 @@ pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
         clients.iter().all(|c| c.snapshot().pushes.len() >= 2)
     })
     .await;
+    // Strays, as in round 1: a fixed wait.
     tokio::time::sleep(Duration::from_millis(200)).await;
     for c in &clients {
         let s = c.snapshot();

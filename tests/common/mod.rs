@@ -623,6 +623,46 @@ pub async fn assert_accounting(gateway: &TestGateway, api: &MockApi) {
     assert_eq!(ids.len(), total, "one DELETE per connection id");
 }
 
+/// The requests the API saw for anything but `marker`, once a websocket has connected at
+/// `marker` (it opens only after the API answered its GET). The gateway sent whatever it sent
+/// for requests answered before this call ahead of that GET, so a test that checks that
+/// something never reached the API looks here instead of sleeping a fixed time first. The
+/// API must accept `marker`; its socket is dropped on return.
+pub async fn seen_before_a_later_connect(
+    gateway: &TestGateway,
+    api: &MockApi,
+    marker: &str,
+) -> Vec<Seen> {
+    let _ws = gateway.connect(marker).await;
+    api.seen().into_iter().filter(|s| s.uri != marker).collect()
+}
+
+/// The DELETEs the API got for anything but `marker`, once it has the DELETE of a websocket
+/// opened and dropped at `marker` now. The gateway queues each DELETE as it decides on it and
+/// sends them in that order, so one decided before this call would have gone out before the
+/// marker's: a test that checks that something got no DELETE looks here instead of sleeping
+/// a fixed time first. The API must accept `marker`.
+pub async fn deletes_before_a_later_one(
+    gateway: &TestGateway,
+    api: &MockApi,
+    marker: &str,
+) -> Vec<Seen> {
+    drop(gateway.connect(marker).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while api.seen_with("DELETE").iter().all(|d| d.uri != marker) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no DELETE for {marker} within 15 s: {:?}",
+            api.seen()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    api.seen_with("DELETE")
+        .into_iter()
+        .filter(|d| d.uri != marker)
+        .collect()
+}
+
 /// Reads `"name":<number>` out of a flat JSON object.
 pub fn json_number(json: &str, name: &str) -> usize {
     let key = format!("\"{name}\":");

@@ -464,18 +464,6 @@ pub async fn next_text(ws: &mut Ws, timeout: Duration) -> String {
     }
 }
 
-/// Asserts that no text message arrives within `wait`.
-pub async fn assert_silent(ws: &mut Ws, wait: Duration) {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => return,
-            Ok(Some(Ok(msg))) if msg.is_ping() || msg.is_pong() => continue,
-            Ok(other) => panic!("expected silence, got {other:?}"),
-        }
-    }
-}
-
 /// Sends a text message.
 pub async fn send_text(ws: &mut Ws, text: &str) {
     ws.send(Message::text(text.to_string()))
