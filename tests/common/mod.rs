@@ -621,6 +621,17 @@ pub async fn assert_accounting(gateway: &TestGateway, api: &MockApi) {
     let total = ids.len();
     ids.dedup();
     assert_eq!(ids.len(), total, "one DELETE per connection id");
+    // Each DELETE is of a connection the API was asked about, not a made-up one.
+    let asked: std::collections::HashSet<String> = api
+        .seen_with("GET")
+        .iter()
+        .filter_map(|g| g.header("x-connection-id").map(str::to_owned))
+        .collect();
+    let unasked: Vec<_> = ids.iter().filter(|id| !asked.contains(*id)).collect();
+    assert!(
+        unasked.is_empty(),
+        "DELETEs of connections the API never got a GET for: {unasked:?}"
+    );
 }
 
 /// The requests the API saw for anything but `marker`, once a websocket has connected at
