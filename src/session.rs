@@ -1597,16 +1597,68 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_closes_and_then_reads_nothing_ends_as_it_closed_not_as_a_slow_consumer()
     {
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let config = crate::Config {
             ping_interval: None,
             write_timeout: Duration::from_millis(300),
+            api: format!("http://{}/", api.local_addr().unwrap())
+                .parse()
+                .unwrap(),
             ..crate::Config::default()
         };
         // Close 4321 `bye`, masked with a zero key; the library's echo of it is never written.
         let close = vec![0x88, 0x85, 0, 0, 0, 0, 0x10, 0xE1, b'b', b'y', b'e'];
+        let started = Instant::now();
         let shared = run_until_it_ends(config, None, close).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "ended {:?} after the close, before the write timeout",
+            started.elapsed()
+        );
         assert_eq!(closed_by(&shared, CloseReason::SlowConsumer), "0");
         assert_eq!(closed_by(&shared, CloseReason::Client), "1");
+        // The API hears the client's own close, as for any client close.
+        let delete = tokio::time::timeout(Duration::from_secs(5), one_request(&api))
+            .await
+            .expect("a DELETE within 5 s");
+        assert!(delete.starts_with("DELETE /a HTTP/1.1\r\n"), "{delete}");
+        assert!(
+            delete
+                .to_ascii_lowercase()
+                .contains("\r\nx-close-code: 4321\r\n"),
+            "{delete}"
+        );
+        assert!(delete.ends_with("\r\n\r\nbye"), "{delete}");
+    }
+
+    /// The first request made to `api`, head and body, as text; answered `200`.
+    async fn one_request(api: &tokio::net::TcpListener) -> String {
+        use tokio::io::AsyncReadExt;
+        let (mut stream, _) = api.accept().await.unwrap();
+        let mut data = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the request ended early: {data:?}");
+            data.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&data).into_owned();
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .map_or(0, |v| v.parse().unwrap());
+            if data.len() >= end + 4 + length {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                stream.write_all(answer).await.unwrap();
+                return text;
+            }
+        }
     }
 
     #[tokio::test]

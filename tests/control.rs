@@ -363,31 +363,64 @@ async fn pushes_over_one_http2_connection_reach_each_socket_in_order() {
 #[tokio::test]
 async fn pushes_queued_before_a_control_delete_reach_the_client_before_its_close_frame() {
     let (api, gateway) = setup().await;
-    // A client that reads nothing yet, with a small receive buffer: pushes pile up in its
-    // mailbox, and the DELETE comes while they wait there.
+    let kick = gateway.control("DELETE", "/kicked?code=4001&reason=kicked", b"");
+    let (kicked, (close, delete)) =
+        pushes_queued_before_a_close(&gateway, &api, "/kicked", kick).await;
+    assert_eq!(kicked.status, 200);
+    assert_eq!(close, (4001, "kicked".to_owned()));
+    assert_eq!(delete.header("x-close-code"), Some("4001"));
+    assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test]
+async fn pushes_queued_before_a_newer_connection_replaces_the_socket_reach_it_before_its_close_frame(
+) {
+    let (api, gateway) = setup().await;
+    let connect = gateway.connect("/replaced");
+    let (mut newer, (close, delete)) =
+        pushes_queued_before_a_close(&gateway, &api, "/replaced", connect).await;
+    assert_eq!(close, (4000, "replaced".to_owned()));
+    assert_eq!(delete.header("x-close-code"), Some("4000"));
+    // Later pushes go to the newer connection.
+    assert_eq!(
+        gateway.control("POST", "/replaced", b"new").await.status,
+        200
+    );
+    assert_eq!(next_text(&mut newer).await, "new");
+    assert_accounting(&gateway, &api).await;
+}
+
+/// A client at `path` that reads nothing yet, with a small receive buffer: pushes pile up in
+/// its mailbox, and `close` (which closes the socket) comes while they wait there. Checks that
+/// every accepted push reaches the client, in order, before the close frame, and that each
+/// counts as sent once the session has ended (its DELETE sent); returns what `close` gave,
+/// the close frame's code and reason, and the DELETE.
+async fn pushes_queued_before_a_close<T>(
+    gateway: &TestGateway,
+    api: &MockApi,
+    path: &str,
+    close: impl std::future::Future<Output = T>,
+) -> (T, ((u16, String), Seen)) {
     let mut raw =
-        common::raw_ws::RawWs::connect_with_recv_buffer(gateway.public, "/kicked", Some(4096))
-            .await;
-    let large = push_until_stalled(&gateway, "/kicked").await;
-    assert_eq!(gateway.control("POST", "/kicked", b"bye").await.status, 200);
-    let delete = gateway
-        .control("DELETE", "/kicked?code=4001&reason=kicked", b"")
-        .await;
-    assert_eq!(delete.status, 200);
+        common::raw_ws::RawWs::connect_with_recv_buffer(gateway.public, path, Some(4096)).await;
+    let large = push_until_stalled(gateway, path).await;
+    assert_eq!(gateway.control("POST", path, b"bye").await.status, 200);
+    let closed = close.await;
 
     let (messages, close) = raw.messages_until_close(Duration::from_secs(5)).await;
     assert_eq!(messages.len(), large + 1, "every accepted push arrives");
     assert!(messages[..large].iter().all(|m| m.len() == 128 * 1024));
     assert!(messages[large] == b"bye", "in the order pushed");
     let close = close.expect("then the close frame");
-    assert_eq!(close.close_code(), Some(4001));
-    assert_eq!(close.close_reason(), "kicked");
-    let delete = api.wait_for("DELETE", 1).await[0].clone();
-    assert_eq!(delete.header("x-close-code"), Some("4001"));
+    let delete = api.wait_for("DELETE", 1).await.remove(0);
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["pushes_undelivered"], 0.0);
     assert_eq!(metrics["messages_sent"], (large + 1) as f64);
-    assert_accounting(&gateway, &api).await;
+    let close = (
+        close.close_code().expect("a close code"),
+        close.close_reason().to_owned(),
+    );
+    (closed, (close, delete))
 }
 
 #[tokio::test]
@@ -528,11 +561,11 @@ async fn one_control_connection_reads_at_most_its_share_of_push_bodies_at_once()
     // budget (256 × 1,024) has room.
     let (_waiting, refused) = stalled_pushes(&gateway, 1, 40).await;
     assert_eq!(refused.len(), 8, "answered within 3 s: {refused:?}");
-    assert!(
-        refused[0].2.contains("this connection's push bodies"),
-        "{}",
-        refused[0].2
-    );
+    for (status, retry_after, text) in &refused {
+        assert_eq!(*status, 503, "{text}");
+        assert_eq!(retry_after.as_ref().map(|v| v.as_bytes()), Some(&b"1"[..]));
+        assert!(text.contains("this connection's push bodies"), "{text}");
+    }
     // Another connection still gets its pushes through.
     let other = gateway.control("POST", "/alice", &[b'y'; 1000]).await;
     assert_eq!(other.status, 200, "{}", other.text());

@@ -82,6 +82,8 @@ async fn the_api_s_connect_and_delete_answers_are_not_held_to_max_message_size()
         metrics["requests_failed"], 2.0,
         "the two refusals, nothing else"
     );
+    assert_eq!(metrics["handshakes_refused{reason=\"api\"}"], 1.0);
+    assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0);
 }
 
 #[tokio::test]
@@ -103,6 +105,15 @@ async fn a_delete_answered_with_a_large_body_counts_as_told() {
                 "disconnects_notified",
                 |told| told == (n + 1) as f64,
                 Duration::from_secs(10),
+            )
+            .await;
+        // The rest of that body is left unread: its API connection (the one the GET and the
+        // POST took before it) is closed, not kept for another request.
+        gateway
+            .wait_for_metric(
+                "upstream_connections_open",
+                |open| open == 0.0,
+                Duration::from_secs(5),
             )
             .await;
     }
@@ -156,7 +167,11 @@ async fn a_connect_answered_5xx_gets_502_and_its_connection_a_delete() {
     // A 4xx stays a refusal: the API said no, and knows it.
     let refused = raw_exchange(gateway.public, &upgrade_request("/refused", &[])).await;
     assert_eq!(refused.status, 403);
-    assert_eq!(gateway.metrics().await["connections_opened"], 0.0);
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["connections_opened"], 0.0);
+    assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 4.0);
+    assert_eq!(metrics["handshakes_refused{reason=\"api\"}"], 1.0);
+    assert_eq!(metrics["requests_failed"], 5.0, "the five GETs");
     assert_eq!(
         deletes_before_a_later_one(&gateway, &api, "/marker")
             .await
@@ -414,13 +429,36 @@ async fn an_unreachable_api_gives_502_and_a_slow_one_504() {
     let gateway = TestGateway::start(config).await;
     let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
     assert_eq!(response.status, 502);
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0);
+    assert_eq!(metrics["requests_failed"], 1.0);
 
-    let slow = MockApi::with_script(|_| Reply::ok("ok").after(Duration::from_secs(3))).await;
+    let slow = MockApi::with_script(|s| match s.method.as_str() {
+        "GET" => Reply::ok("ok").after(Duration::from_secs(3)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
     let mut config = test_config(&slow);
     config.upstream_timeout = Duration::from_millis(300);
     let gateway = TestGateway::start(config).await;
     let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
     assert_eq!(response.status, 504);
+    assert_eq!(
+        gateway.metrics().await["handshakes_refused{reason=\"api_failure\"}"],
+        1.0
+    );
+    // The GET goes on for another --upstream-timeout; unanswered then, it counts as failed
+    // and the connection the API may still approve is undone, ahead of the API's answer.
+    let get = slow.wait_for("GET", 1).await.remove(0);
+    let delete = slow.wait_for("DELETE", 1).await.remove(0);
+    assert_undoes(&delete, &get, "/alice", "upstream timeout");
+    assert!(
+        delete.at >= get.at + Duration::from_millis(550)
+            && delete.at < get.at + Duration::from_secs(3),
+        "the DELETE came {:?} after the GET",
+        delete.at - get.at
+    );
+    assert_eq!(gateway.metrics().await["requests_failed"], 1.0);
 }
 
 /// An address whose connection attempts hang, as with an API host that is down behind a
@@ -454,6 +492,7 @@ async fn an_api_that_never_answers_the_connection_attempt_gives_502_not_504() {
     config.api = format!("http://{addr}/").parse().unwrap();
     config.upstream_timeout = Duration::from_millis(500);
     let gateway = TestGateway::start(config).await;
+    let started = tokio::time::Instant::now();
     let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
     assert_eq!(response.status, 502, "{}", response.text());
     assert!(
@@ -461,6 +500,15 @@ async fn an_api_that_never_answers_the_connection_attempt_gives_502_not_504() {
         "{}",
         response.text()
     );
+    // The attempt may take half of --upstream-timeout.
+    assert!(
+        started.elapsed() >= Duration::from_millis(240),
+        "told after {:?}",
+        started.elapsed()
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0);
+    assert_eq!(metrics["requests_failed"], 1.0);
 }
 
 /// Connects `clients` clients at once to a gateway in front of an API host that never
@@ -502,6 +550,11 @@ async fn clients_waiting_for_a_failing_connection_attempt_get_502(clients: usize
     assert!(
         slowest < Duration::from_millis(1800),
         "the last was told after {slowest:?}, the attempts failed at 1 s"
+    );
+    let soonest = told.iter().map(|(_, _, after)| *after).min().unwrap();
+    assert!(
+        soonest >= Duration::from_millis(950),
+        "the first was told after {soonest:?}, before the attempts failed at 1 s"
     );
     let metrics = gateway.metrics().await;
     assert_eq!(
@@ -904,7 +957,11 @@ async fn a_connect_whose_api_connection_breaks_after_sending_gets_502_and_a_dele
                         continue;
                     }
                     let body = String::from_utf8_lossy(&data[head.0..head.0 + head.1]);
-                    seen.lock().unwrap().push(body.into_owned());
+                    let lines = String::from_utf8_lossy(&data[..head.0]).to_ascii_lowercase();
+                    let code = lines.lines().find(|l| l.starts_with("x-close-code:"));
+                    seen.lock()
+                        .unwrap()
+                        .push(format!("{body} (code: {code:?})"));
                     data.drain(..head.0 + head.1);
                     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
                     if stream.write_all(ok).await.is_err() {
@@ -920,12 +977,15 @@ async fn a_connect_whose_api_connection_breaks_after_sending_gets_502_and_a_dele
     let gateway = TestGateway::start(config).await;
     let response = raw_exchange(gateway.public, &upgrade_request("/crashed", &[])).await;
     assert_eq!(response.status, 502);
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0);
+    assert_eq!(metrics["requests_failed"], 1.0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while deletes.lock().unwrap().is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "no DELETE");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(*deletes.lock().unwrap(), ["upstream error"]);
+    assert_eq!(*deletes.lock().unwrap(), ["upstream error (code: None)"]);
     api.abort();
 }
 

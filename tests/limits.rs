@@ -489,7 +489,9 @@ async fn a_request_beyond_the_waiter_bound_closes_the_socket_with_1013() {
     );
     drop((filler, last_place));
     api.wait_for("DELETE", 3).await;
-    assert!(closed_by(&gateway.metrics().await, "upstream_failure") >= 1.0);
+    let metrics = gateway.metrics().await;
+    assert!(closed_by(&metrics, "upstream_failure") >= 1.0);
+    assert!(metrics["requests_failed"] >= 1.0, "the refused message");
     assert_eq!(gateway.metrics().await["disconnects_failed"], 0.0);
     assert_accounting(&gateway, &api).await;
     assert!(
@@ -521,10 +523,16 @@ async fn a_message_that_waits_past_the_max_wait_closes_its_socket_with_1013() {
     );
     // The message that held the slot is answered as usual.
     assert_eq!(next_text(&mut holder).await, "late");
+    // The refused client's DELETE goes out once the slot is free.
+    let deletes = api.wait_for("DELETE", 1).await;
+    assert_eq!(deletes[0].uri, "/waiter");
+    assert_eq!(deletes[0].header("x-close-code"), Some("1013"));
+    assert_eq!(deletes[0].body, Bytes::from_static(b"upstream overloaded"));
     assert!(
         api.seen_with("POST").iter().all(|p| p.uri != "/waiter"),
         "the refused message never reached the API"
     );
+    assert_eq!(closed_by(&gateway.metrics().await, "upstream_failure"), 1.0);
 }
 
 /// A TCP relay to the mock API that can be cut (listener closed, open relays dropped) and
@@ -614,14 +622,17 @@ async fn a_delete_that_finds_the_api_unreachable_is_sent_once_it_is_back() {
 }
 
 #[tokio::test]
-async fn a_delete_answered_503_is_sent_again_until_the_api_takes_it() {
-    // A proxy in front of a restarting API answers 503 twice, then the API is back.
+async fn a_delete_answered_502_or_503_is_sent_again_until_the_api_takes_it() {
+    // A proxy in front of a restarting API answers 502 (no worker), then 503, then the API is
+    // back.
     let deletes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = deletes.clone();
     let api = MockApi::with_script(move |seen| match seen.method.as_str() {
-        "DELETE" if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 => {
-            Reply::status(503, "restarting")
-        }
+        "DELETE" => match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => Reply::status(502, "no worker"),
+            1 => Reply::status(503, "restarting"),
+            _ => echo_script(seen),
+        },
         _ => echo_script(seen),
     })
     .await;
@@ -648,33 +659,60 @@ async fn a_delete_answered_503_is_sent_again_until_the_api_takes_it() {
 async fn deletes_still_unsent_when_the_shutdown_grace_period_ends_are_given_up_and_counted() {
     let api = MockApi::start().await;
     let relay = Relay::start(0, api.addr).await;
-    let mut config = test_config(&api);
-    config.api = format!("http://{}/", relay.addr).parse().unwrap();
-    config.shutdown_timeout = Duration::from_millis(100);
-    config.upstream_timeout = Duration::from_millis(200);
-    let mut gateway = TestGateway::start(config).await;
-    let mut ws = gateway.connect("/stranded").await;
+    // The drain's grace period: shutdown + 2 x upstream timeout + 5 s, 5.5 s here.
+    let mut binary = Binary::start_ready(
+        &format!("http://{}/", relay.addr),
+        &["--shutdown-timeout", "100ms", "--upstream-timeout", "200ms"],
+        &[],
+    )
+    .await;
+    let mut ws = binary.connect("/stranded").await;
     relay.cut().await;
     // The gateway has seen its pooled API connection end, so the DELETE opens a new one.
-    gateway
-        .wait_for_metric(
-            "upstream_connections_open",
-            |n| n == 0.0,
-            Duration::from_secs(5),
-        )
-        .await;
+    wait_for_binary_metric(&binary, "upstream_connections_open", |n| n == 0.0).await;
     ws.close().await.unwrap();
-    // The DELETE finds the API unreachable and waits to try again, past the grace period
-    // (shutdown + 2 x upstream timeout + 5 s).
-    gateway
-        .wait_for_metric("requests_failed", |n| n >= 1.0, Duration::from_secs(5))
-        .await;
-    let report = tokio::time::timeout(Duration::from_secs(10), gateway.shutdown())
-        .await
-        .expect("the drain ends after its grace period");
-    assert!(!report.completed);
-    assert_eq!(report.disconnects_untold, 1);
+    // The DELETE finds the API unreachable and waits to try again, past the grace period.
+    wait_for_binary_metric(&binary, "requests_failed", |n| n >= 1.0).await;
+    binary.signal(libc::SIGTERM);
+    let status = binary.wait_exit(Duration::from_secs(15)).await;
+    let log = binary.stderr();
+    assert_eq!(status.code(), Some(0), "{log}");
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("ws2http stopped"))
+        .unwrap_or_else(|| panic!("no stop line:\n{log}"));
+    assert!(
+        stopped.contains("completed=false") && stopped.contains("disconnects_untold=1"),
+        "{stopped}"
+    );
+    let given_up: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("DELETE given up"))
+        .collect();
+    assert_eq!(given_up.len(), 1, "{log}");
+    assert!(
+        given_up[0].contains(" WARN ") && given_up[0].contains("client_id=stranded"),
+        "{}",
+        given_up[0]
+    );
     assert!(api.seen_with("DELETE").is_empty());
+}
+
+/// Waits until the binary's metric `name` satisfies `done` (5 s at most).
+async fn wait_for_binary_metric(binary: &Binary, name: &str, done: impl Fn(f64) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = parse_metrics(
+            &raw_http(binary.control, "GET", "/metrics", &[], b"")
+                .await
+                .text(),
+        );
+        if metrics.get(name).copied().is_some_and(&done) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name}: {metrics:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits until the gateway has started `n` API requests (5 s at most).
@@ -950,6 +988,20 @@ async fn a_crowd_leaving_at_once_gets_every_delete_through_four_api_slots() {
     told.sort();
     told.dedup();
     assert_eq!(told.len(), 30, "one DELETE per client: {told:?}");
+    // A DELETE holds its slot until answered (250 ms after it arrived), so no window shorter
+    // than that holds more arrivals than the two senders.
+    let mut arrivals: Vec<_> = deletes.iter().map(|d| d.at).collect();
+    arrivals.sort();
+    let most = (0..arrivals.len())
+        .map(|i| {
+            arrivals[i..]
+                .iter()
+                .take_while(|at| **at - arrivals[i] < Duration::from_millis(240))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= 2, "{most} DELETEs at once through half of 4 slots");
     // Counted once answered; the last ones are answered 250 ms after the API saw them.
     let deadline = Instant::now() + Duration::from_secs(5);
     let metrics = loop {
@@ -1119,16 +1171,47 @@ async fn a_zero_or_out_of_range_limit_stops_the_binary_naming_the_flag() {
 
 // ---- handshake deadline ----
 
-/// Reads from `stream` until the gateway closes it; returns how long that took after `since`.
-async fn time_until_dropped(stream: &mut TcpStream, since: Instant) -> Duration {
+/// Reads from `stream` until the gateway closes it; returns how long that took after `since`,
+/// and what the gateway sent meanwhile.
+async fn time_until_dropped(stream: &mut TcpStream, since: Instant) -> (Duration, Vec<u8>) {
     let mut buf = [0u8; 1024];
+    let mut sent = Vec::new();
     loop {
         match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return since.elapsed(),
-            Ok(Ok(_)) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => return (since.elapsed(), sent),
+            Ok(Ok(n)) => sent.extend_from_slice(&buf[..n]),
             Err(_) => panic!("the connection was still open after 10s"),
         }
     }
+}
+
+/// The types of the HTTP/2 frames in `bytes` (whole frames, from the start).
+fn h2_frame_types(mut bytes: &[u8]) -> Vec<u8> {
+    let mut types = Vec::new();
+    while bytes.len() >= 9 {
+        let length =
+            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        types.push(bytes[3]);
+        bytes = &bytes[(9 + length).min(bytes.len())..];
+    }
+    types
+}
+
+/// HTTP/2's GOAWAY frame type.
+const GOAWAY: u8 = 0x7;
+
+/// A gateway with `timeout` as its --handshake-timeout and one control connection at a time
+/// (and its API): while a connection holds the place, another is answered `503`.
+async fn with_one_control_connection(timeout: Duration) -> (MockApi, TestGateway) {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = timeout;
+    let budget = ws2http::DescriptorBudget {
+        control_connections: 1,
+        ..ws2http::DescriptorBudget::plan(&config, 20_000).unwrap()
+    };
+    let gateway = TestGateway::start_with_budget(config, budget).await;
+    (api, gateway)
 }
 
 /// A gateway with a 300 ms --handshake-timeout, and its API.
@@ -1145,30 +1228,38 @@ async fn with_handshake_timeout(timeout: Duration) -> (MockApi, TestGateway) {
     (api, gateway)
 }
 
-/// Connects to a control listener with a 2 s --handshake-timeout, sends `opening`, and checks
-/// that the gateway hangs up once that timeout has passed since the accept (plus, for an
-/// HTTP/2 connection, the 1 s its unanswered closing ping may take), not twice that timeout.
-async fn assert_dropped_one_handshake_timeout_after_sending(opening: &[u8]) {
-    let (_api, gateway) = with_handshake_timeout(Duration::from_secs(2)).await;
+/// Connects to a control listener with a 2 s --handshake-timeout and one place, sends
+/// `opening`, and checks that the gateway hangs up once that timeout has passed since the
+/// accept (plus, for an HTTP/2 connection, the 1 s its unanswered closing ping may take), not
+/// twice that timeout, and gives the place back. Returns what the gateway sent.
+async fn dropped_one_handshake_timeout_after_sending(opening: &[u8]) -> Vec<u8> {
+    let (_api, gateway) = with_one_control_connection(Duration::from_secs(2)).await;
     let started = Instant::now();
     let mut stream = TcpStream::connect(gateway.control).await.unwrap();
     stream.write_all(opening).await.unwrap();
-    let took = time_until_dropped(&mut stream, started).await;
+    let (took, sent) = time_until_dropped(&mut stream, started).await;
     assert!(
         took >= Duration::from_millis(1900) && took < Duration::from_millis(3800),
         "dropped after {took:?}"
     );
-    assert_eq!(gateway.control("GET", "/healthz", b"").await.status, 200);
+    healthz_until(gateway.control, 200).await;
+    sent
 }
 
-/// Connects to `addr`, sends nothing, and checks that the gateway hangs up after about 300 ms.
+/// Connects to `addr`, sends nothing, and checks that the gateway hangs up after about
+/// 300 ms without a word.
 async fn assert_silent_connection_dropped(addr: std::net::SocketAddr) {
     let started = Instant::now();
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let took = time_until_dropped(&mut stream, started).await;
+    let (took, sent) = time_until_dropped(&mut stream, started).await;
     assert!(
         took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
         "dropped after {took:?}"
+    );
+    assert!(
+        sent.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&sent)
     );
 }
 
@@ -1185,17 +1276,23 @@ async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
 
 #[tokio::test]
 async fn a_control_connection_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
-    let (_api, gateway) = with_short_handshake_timeout().await;
+    let (_api, gateway) = with_one_control_connection(Duration::from_millis(300)).await;
     assert_silent_connection_dropped(gateway.control).await;
-    // The listener still serves: HTTP/1.1 and h2c alike tell themselves apart by their first bytes.
-    assert_eq!(gateway.control("GET", "/healthz", b"").await.status, 200);
+    // Its place is free again: the listener serves (HTTP/1.1 and h2c alike tell themselves
+    // apart by their first bytes).
+    healthz_until(gateway.control, 200).await;
 }
 
 #[tokio::test]
 async fn a_control_connection_that_stops_inside_the_h2c_preface_is_dropped_after_the_handshake_timeout(
 ) {
     // The first 3 of the 24 bytes that open h2c: not yet HTTP/1.1, not yet HTTP/2.
-    assert_dropped_one_handshake_timeout_after_sending(b"PRI").await;
+    let sent = dropped_one_handshake_timeout_after_sending(b"PRI").await;
+    assert!(
+        sent.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&sent)
+    );
 }
 
 #[tokio::test]
@@ -1204,12 +1301,17 @@ async fn a_control_connection_that_opens_h2c_and_sends_no_request_is_dropped_aft
     // The whole preface and an empty SETTINGS frame: HTTP/2, with no stream ever opened.
     let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     opening.extend([0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
-    assert_dropped_one_handshake_timeout_after_sending(&opening).await;
+    let sent = dropped_one_handshake_timeout_after_sending(&opening).await;
+    let types = h2_frame_types(&sent);
+    assert!(
+        types.contains(&GOAWAY),
+        "no GOAWAY before the end: {types:?}"
+    );
 }
 
 #[tokio::test]
 async fn an_idle_http1_control_connection_is_closed_after_the_handshake_timeout() {
-    let (_api, gateway) = with_short_handshake_timeout().await;
+    let (_api, gateway) = with_one_control_connection(Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(gateway.control).await.unwrap();
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1218,11 +1320,13 @@ async fn an_idle_http1_control_connection_is_closed_after_the_handshake_timeout(
     let mut answer = [0u8; 12];
     stream.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"HTTP/1.1 200");
-    let took = time_until_dropped(&mut stream, Instant::now()).await;
+    let (took, _rest_of_the_answer) = time_until_dropped(&mut stream, Instant::now()).await;
     assert!(
         took >= Duration::from_millis(250) && took < Duration::from_millis(1500),
         "dropped {took:?} after its answer"
     );
+    // Its place is free again.
+    healthz_until(gateway.control, 200).await;
 }
 
 /// An h2c connection to `control`: its sender, and the task that drives it, which ends when
@@ -1261,7 +1365,7 @@ async fn healthz_h2c(
 
 #[tokio::test]
 async fn an_idle_h2c_control_connection_is_closed_after_the_handshake_timeout() {
-    let (_api, gateway) = with_short_handshake_timeout().await;
+    let (_api, gateway) = with_one_control_connection(Duration::from_millis(300)).await;
     let (mut sender, driving) = control_h2c(gateway.control).await;
     // The gateway's idle clock starts between these two instants.
     let asked = Instant::now();
@@ -1281,6 +1385,8 @@ async fn an_idle_h2c_control_connection_is_closed_after_the_handshake_timeout() 
         "closed {took:?} after its answer"
     );
     assert!(sender.is_closed());
+    // Its place is free again.
+    healthz_until(gateway.control, 200).await;
 }
 
 #[tokio::test]
@@ -1573,6 +1679,9 @@ async fn requests_waiting_for_an_api_slot_time_out_within_the_upstream_timeout()
     let mut expected: Vec<u16> = closes.iter().map(|c| c.0).collect();
     expected.sort();
     assert_eq!(codes, expected);
+    let metrics = gateway.metrics().await;
+    assert_eq!(closed_by(&metrics, "upstream_failure"), 3.0);
+    assert!(metrics["requests_failed"] >= 3.0, "{metrics:?}");
     assert_accounting(&gateway, &api).await;
 }
 
@@ -1599,7 +1708,8 @@ async fn control_connections_over_the_budget_get_503_on_either_control_listener(
     }
     // Once the listener has taken them both (a request that finds a place is answered 200
     // and gives it back).
-    healthz_until(gateway.control, 503).await;
+    let refused = healthz_until(gateway.control, 503).await;
+    assert_eq!(refused.header("retry-after"), Some("1"));
 
     // The Unix socket counts against the same places.
     let mut unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
@@ -1608,8 +1718,9 @@ async fn control_connections_over_the_budget_get_503_on_either_control_listener(
         .unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), unix.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    let answer = parse_response(&answer).expect("an HTTP answer");
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.header("retry-after"), Some("1"));
 
     // A place comes back when a held connection goes.
     drop(held.pop());

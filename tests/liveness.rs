@@ -90,10 +90,18 @@ async fn idle_timeout_closes_a_connection_without_data_messages() {
     let gateway = TestGateway::start(config).await;
     let mut ws = gateway.connect("/idle").await;
     // Data every 500 ms keeps it open well past the idle timeout (2 s: room for a loaded
-    // machine's late wake-ups between two messages).
-    for i in 0..8 {
+    // machine's late wake-ups between two messages): messages from the client, then pushes
+    // to it (the other way), which alone span more than the idle timeout.
+    for i in 0..3 {
         let text = format!("m{i}");
         assert_eq!(round_trip(&mut ws, &text).await, format!("echo:{text}"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for i in 0..5 {
+        let text = format!("p{i}");
+        let pushed = gateway.control("POST", "/idle", text.as_bytes()).await;
+        assert_eq!(pushed.status, 200, "push {i}: {}", pushed.text());
+        assert_eq!(next_text(&mut ws).await, text);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(api.seen_with("DELETE").is_empty(), "closed while busy");

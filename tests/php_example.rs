@@ -455,6 +455,18 @@ async fn a_member_who_is_still_connecting_is_not_dropped_by_a_push_that_finds_no
         );
     }
     talking.abort();
+    // All of them are still members afterwards (the first asks; it is one if it is answered).
+    let first = &mut newcomers[0];
+    send_text(first, r#"{"type":"who"}"#).await;
+    let reply = loop {
+        let text = next_text(first, WAIT).await;
+        if json_str(&text, "type").as_deref() == Some("members") {
+            break text;
+        }
+    };
+    for i in 1..8 {
+        assert!(reply.contains(&format!("\"newcomer{i}\"")), "{reply}");
+    }
 }
 
 #[tokio::test]

@@ -484,7 +484,8 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
         .await
         .unwrap();
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut answer)).await;
+    let read = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "still open after 3 s");
     assert!(
         !answer.starts_with(b"HTTP/"),
         "{:?}",

@@ -17,12 +17,21 @@ use tokio_websockets::{ClientBuilder, Message};
 
 /// Reads until the server's close frame, however long the shutdown takes to reach this
 /// client (60 s at most), then finishes the closing handshake; returns code and reason.
-async fn await_close(mut ws: Ws) -> (u16, String) {
+async fn await_close(ws: Ws) -> (u16, String) {
+    data_then_close(ws).await.1
+}
+
+/// Like [`await_close`], and returns the data messages that came before the close frame too.
+async fn data_then_close(mut ws: Ws) -> (Vec<Message>, (u16, String)) {
     let read = async {
+        let mut data = Vec::new();
         while let Some(item) = ws.next().await {
             let message = item.expect("no websocket error before the close frame");
             if let Some((code, reason)) = message.as_close() {
-                return (u16::from(code), reason.to_owned());
+                return (data, (u16::from(code), reason.to_owned()));
+            }
+            if message.is_text() || message.is_binary() {
+                data.push(message);
             }
         }
         panic!("the connection ended without a close frame");
@@ -229,13 +238,14 @@ async fn shutdown_closes_sockets_at_the_shutdown_timeout_when_a_post_takes_longe
     api.wait_for("POST", 1).await;
     let started = Instant::now();
     let client = tokio::spawn(async move {
-        let close = await_close(ws).await;
-        (close, started.elapsed())
+        let (data, close) = data_then_close(ws).await;
+        (data, close, started.elapsed())
     });
     let report = gateway.shutdown().await;
     assert!(report.completed);
-    let (close, took) = client.await.unwrap();
+    let (data, close, took) = client.await.unwrap();
     assert_eq!(close, (1001, "going away".to_owned()));
+    assert!(data.is_empty(), "the late reply is dropped: {data:?}");
     assert!(
         took < Duration::from_millis(1500),
         "closed {took:?} after shutdown began, not at the 300ms shutdown timeout"
