@@ -410,8 +410,8 @@ impl Upstream {
             Ok(result) => result,
             Err(_) => Err(progress.stage.timed_out(limit)),
         };
-        if let (Some(slot), Stage::Sent(sent_at)) = (slot.as_mut(), progress.stage) {
-            slot.sent(sent_at);
+        if let (Some(slot), Some(paced_from)) = (slot.as_mut(), progress.stage.paced_from()) {
+            slot.sent(paced_from);
         }
         drop(slot);
         self.metrics.observe_upstream_latency(started.elapsed());
@@ -532,12 +532,19 @@ fn joined_cookies(headers: &HeaderMap) -> Option<HeaderValue> {
 /// means: only a request that was sent may have reached the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
-    /// Not sent yet: waiting for an API slot, connection or HTTP/2 stream, or opening a
-    /// connection (which fails on its own, as unreachable, within half the time:
-    /// [`connect_timeout`]; so does a request that waited for another's attempt, or for a
-    /// slot while an attempt failed, with it).
+    /// Not sent yet: waiting for an API slot or connection, or opening a connection (which
+    /// fails on its own, as unreachable, within half the time: [`connect_timeout`]; so does a
+    /// request that waited for another's attempt, or for a slot while an attempt failed, with
+    /// it).
     Waiting,
-    /// Written, or being written, to an API connection since this moment.
+    /// Not sent yet: waiting since this moment for one of the streams the API allows on its
+    /// HTTP/2 connection. Unsent, but the API's pace counts from here: a request inside
+    /// hyper would wait the same, and an API that keeps its streams busy is a slow one, so
+    /// that the concurrency limit shrinks towards what it takes, rather than growing with
+    /// quick answers while more and more requests wait for a stream.
+    WaitingForStream(Instant),
+    /// Written, or being written, to an API connection: the API's pace counts from this
+    /// moment (when it began to wait for a stream, if it did).
     Sent(Instant),
 }
 
@@ -546,8 +553,16 @@ impl Stage {
     /// the gateway's overload (the API did not see it, a DELETE may be sent again).
     fn timed_out(self, limit: Duration) -> UpstreamError {
         match self {
-            Stage::Waiting => UpstreamError::Overloaded,
+            Stage::Waiting | Stage::WaitingForStream(_) => UpstreamError::Overloaded,
             Stage::Sent(_) => UpstreamError::Timeout(limit),
+        }
+    }
+
+    /// When the API's pace for this request began (`None`: it never reached a connection).
+    fn paced_from(self) -> Option<Instant> {
+        match self {
+            Stage::Waiting => None,
+            Stage::WaitingForStream(since) | Stage::Sent(since) => Some(since),
         }
     }
 }
@@ -578,9 +593,20 @@ impl<'a> Progress<'a> {
         }
     }
 
+    /// The request waits for one of the streams its HTTP/2 connection allows, from now on (or
+    /// from when it began to, on a connection that ended meanwhile).
+    pub(super) fn waiting_for_stream(&mut self) {
+        if !matches!(self.stage, Stage::WaitingForStream(_)) {
+            self.stage = Stage::WaitingForStream(Instant::now());
+        }
+    }
+
     /// The request is being written to an API connection, from now on.
     pub(super) fn sent(&mut self) {
-        self.stage = Stage::Sent(Instant::now());
+        self.stage = Stage::Sent(match self.stage {
+            Stage::WaitingForStream(since) => since,
+            Stage::Waiting | Stage::Sent(_) => Instant::now(),
+        });
         if let Some(watcher) = self.watcher {
             watcher.store(true, Ordering::Release);
         }
@@ -699,6 +725,35 @@ mod tests {
             headers,
             body: Bytes::new(),
         }
+    }
+
+    #[test]
+    fn a_request_that_waits_for_a_stream_is_unsent_but_paced_from_that_wait() {
+        let limit = Duration::from_secs(3);
+        let mut progress = Progress::new(None);
+        assert_eq!(progress.stage.paced_from(), None, "no connection yet");
+        progress.waiting_for_stream();
+        let since = progress
+            .stage
+            .paced_from()
+            .expect("the wait for a stream counts in the API's pace");
+        // Its time running out there is overload: it never went out. Its slot counts the
+        // wait, as a slow answer, through `paced_from`.
+        assert_eq!(progress.stage.timed_out(limit), UpstreamError::Overloaded);
+        // On a new connection, after the first ended: still paced from the first wait.
+        progress.waiting_for_stream();
+        assert_eq!(progress.stage.paced_from(), Some(since));
+        progress.sent();
+        assert_eq!(progress.stage, Stage::Sent(since));
+        assert_eq!(
+            progress.stage.timed_out(limit),
+            UpstreamError::Timeout(limit)
+        );
+        // Handed back unsent, then sent without waiting for a stream: paced from then.
+        progress.unsent();
+        assert_eq!(progress.stage.paced_from(), None);
+        progress.sent();
+        assert!(progress.stage.paced_from().is_some_and(|at| at > since));
     }
 
     #[test]

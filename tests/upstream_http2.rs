@@ -21,12 +21,13 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_websockets::Message;
+use tokio_websockets::{ClientBuilder, Message};
 use ws2http::Config;
 
 /// An h2c API that takes one stream at a time per connection. On its first connection it
-/// answers the handshakes' GETs, holds every POST unanswered, and drops the connection when
-/// told to; on later connections it echoes POSTs.
+/// answers the handshakes' GETs (but holds one for `/held-connect` unanswered), holds every
+/// POST unanswered, and drops the connection when told to; on later connections it echoes
+/// POSTs.
 struct OneStreamApi {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
@@ -52,6 +53,7 @@ impl OneStreamApi {
                         let seen = seen.clone();
                         async move {
                             let method = request.method().clone();
+                            let path = request.uri().path().to_owned();
                             let body = request.into_body().collect().await.unwrap().to_bytes();
                             let reply = if method == Method::POST {
                                 let text = String::from_utf8_lossy(&body).into_owned();
@@ -61,6 +63,9 @@ impl OneStreamApi {
                                 }
                                 Bytes::from(format!("echo:{text}"))
                             } else {
+                                if first && path == "/held-connect" {
+                                    std::future::pending::<()>().await;
+                                }
                                 Bytes::from_static(b"ok")
                             };
                             Ok::<_, Infallible>(Response::new(Full::new(reply)))
@@ -205,6 +210,57 @@ async fn h2c_request_without_a_body_waiting_for_a_stream_when_the_connection_dro
         (1011, "upstream error".to_owned())
     );
     assert_eq!(api.posts(), ["first", ""]);
+}
+
+#[tokio::test]
+async fn h2c_request_still_waiting_for_a_stream_at_its_timeout_closes_1013_unsent() {
+    // The API's one stream is taken by a connect GET it never answers (a connect GET goes on
+    // past its client's 504, up to twice --upstream-timeout); a message sent meanwhile waits
+    // for the stream in the gateway until its own time runs out: never sent, so overload
+    // (1013, a DELETE that may be sent again), not a timeout of a request the API may have.
+    let api = OneStreamApi::start().await;
+    let gateway = TestGateway::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        control_listen: "127.0.0.1:0".parse().unwrap(),
+        api: format!("http://{}/", api.addr).parse().unwrap(),
+        upstream_http2: true,
+        upstream_timeout: Duration::from_secs(1),
+        ..Config::default()
+    })
+    .await;
+    let mut waiting_for_a_stream = gateway.connect("/waiting-for-a-stream").await;
+    let held = tokio::spawn({
+        let url = gateway.url("/held-connect");
+        async move {
+            ClientBuilder::new()
+                .uri(&url)
+                .unwrap()
+                .connect()
+                .await
+                .map(|_| ())
+        }
+    });
+    gateway
+        .wait_for_metric(
+            "upstream_requests_in_flight",
+            |n| n >= 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
+
+    waiting_for_a_stream
+        .send(Message::text("never sent"))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_frame(&mut waiting_for_a_stream).await,
+        (1013, "upstream overloaded".to_owned())
+    );
+    assert!(api.posts().is_empty(), "the API saw {:?}", api.posts());
+    assert!(
+        held.await.unwrap().is_err(),
+        "the held connect is refused (504)"
+    );
 }
 
 /// How the hand-written API below turns away a POST.

@@ -136,9 +136,10 @@ impl Slot<'_> {
         self.answered = true;
     }
 
-    /// The request went out at `sent_at`, answered or not: the API's pace is measured from
-    /// here, not from any wait for a connection before (opening one, with TLS to a distant
-    /// API, can take longer than the answer).
+    /// The request went out at `sent_at` (or began to wait then for one of the streams its
+    /// HTTP/2 connection allows), answered or not: the API's pace is measured from here, not
+    /// from any wait for a connection before (opening one, with TLS to a distant API, can
+    /// take longer than the answer).
     pub(super) fn sent(&mut self, sent_at: Instant) {
         self.sent_at = Some(sent_at);
     }

@@ -159,9 +159,11 @@ struct SharedH2 {
 /// once (its SETTINGS_MAX_CONCURRENT_STREAMS, as h2 knows it: 100 until the API's SETTINGS
 /// come). A request beyond them waits here, not inside hyper: when the connection ends, hyper
 /// fails a request it holds waiting for a stream without giving it back or saying whether h2
-/// had just sent it, while one waiting here is known unsent and goes on another connection. (Nearly always: a stream that ended by a reset, an answer left unread or a
-/// request given up, counts in h2 until the reset is written, and an API may lower its limit
-/// at any time; a request handed to hyper meanwhile may still wait there for a moment.)
+/// had just sent it, while one waiting here is known unsent and goes on another connection.
+/// (Nearly always: a stream that ended by a reset, an answer left unread or a request given
+/// up, counts in h2 until the reset is written; an API may lower its limit at any time; and on
+/// a new connection, until the API's SETTINGS come, the limit read is hyper's 100: a request
+/// handed to hyper meanwhile may still wait there for a moment.)
 struct Streams {
     /// Streams held now.
     held: Mutex<usize>,
@@ -469,7 +471,8 @@ impl Pool {
             } = self.shared_h2(waited.take()).await?;
             // Beyond the API's limit on streams, the request waits here, where it is known
             // unsent (see `Streams`): if the connection ends meanwhile, it goes on a new one,
-            // and that is not one of its tries.
+            // and that is not one of its tries. The wait counts in the API's pace.
+            progress.waiting_for_stream();
             let Some(_stream) = streams.take(&sender).await else {
                 self.forget_h2(number);
                 continue;
