@@ -650,9 +650,12 @@ pub async fn seen_before_a_later_connect(
 
 /// The DELETEs the API got for anything but `marker`, once it has the DELETE of a websocket
 /// opened and dropped at `marker` now. The gateway queues each DELETE as it decides on it and
-/// sends them in that order, so one decided before this call would have gone out before the
-/// marker's: a test that checks that something got no DELETE looks here instead of sleeping
-/// a fixed time first. The API must accept `marker`.
+/// takes them from the queue in that order, so one decided before this call left the queue
+/// before the marker's: a test that checks that something got no DELETE looks here instead of
+/// sleeping a fixed time first. Not airtight: several DELETEs are sent at once (up to half of
+/// the API concurrency limit), so a stray one sent just before the marker's may reach the API
+/// just after it, and one the API turned away would come back only after its retry's backoff;
+/// the check then passes without having seen it. The API must accept `marker`.
 pub async fn deletes_before_a_later_one(
     gateway: &TestGateway,
     api: &MockApi,
