@@ -752,6 +752,7 @@ mod tests {
         // Handed back unsent, then sent without waiting for a stream: paced from then.
         progress.unsent();
         assert_eq!(progress.stage.paced_from(), None);
+        std::thread::sleep(Duration::from_millis(1));
         progress.sent();
         assert!(progress.stage.paced_from().is_some_and(|at| at > since));
     }
