@@ -65,7 +65,7 @@ pub(crate) async fn handle(
         }
         let metrics = shared
             .metrics
-            .render(shared.upstream.load(), shared.departures.waiting());
+            .render(shared.upstream.load(), shared.departures.load());
         let mut response = text_response(StatusCode::OK, metrics);
         response.headers_mut().insert(
             CONTENT_TYPE,

@@ -18,6 +18,7 @@ use http::StatusCode;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::DisconnectLoad;
 use crate::upstream::{ApiAnswer, ConnectionContext, UpstreamError};
 use crate::Shared;
 
@@ -57,6 +58,9 @@ pub(crate) struct Departures {
 struct QueueState {
     waiting: VecDeque<Departure>,
     senders: usize,
+    /// Departures taken from the queue whose DELETE is not done yet: being sent, or waiting
+    /// to be tried again.
+    in_flight: usize,
 }
 
 impl Departures {
@@ -64,9 +68,21 @@ impl Departures {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Departures whose DELETE has not started yet.
-    pub(crate) fn waiting(&self) -> usize {
-        self.state().waiting.len()
+    /// DELETEs of ended connections: queued, not started yet; and started, not done yet
+    /// (being sent, or waiting to be tried again).
+    pub(crate) fn load(&self) -> DisconnectLoad {
+        let state = self.state();
+        DisconnectLoad {
+            waiting: state.waiting.len(),
+            in_flight: state.in_flight,
+        }
+    }
+
+    /// A departure taken by [`Departures::next_or_retire`] is done with: told, given up, or
+    /// abandoned.
+    fn done_with_one(&self) {
+        let mut state = self.state();
+        state.in_flight = state.in_flight.saturating_sub(1);
     }
 
     /// Gives up on every DELETE not sent yet (the shutdown's grace period is over): the
@@ -118,7 +134,9 @@ impl Departures {
             return None;
         }
         let next = state.waiting.pop_front();
-        if next.is_none() {
+        if next.is_some() {
+            state.in_flight += 1;
+        } else {
             state.senders -= 1;
             // A crowd's departures took room for all of them (64 bytes each); give it back.
             if state.waiting.capacity() > KEPT_CAPACITY {
@@ -148,6 +166,7 @@ async fn send_departures(shared: Arc<Shared>) {
             _ = notify_api(&shared, &departure.context, departure.reason, departure.code) => true,
         };
         drop(departure.permit);
+        shared.departures.done_with_one();
         if !told {
             not_told_in_time(&shared, &departure.context);
             for left in shared.departures.take_all() {
@@ -316,13 +335,27 @@ mod tests {
         let queue = Departures::default();
         let started = enqueue_all(&queue, &upstream, &["/a", "/b", "/c", "/d"], 4);
         assert_eq!(started, [true, true, false, false], "two senders at most");
-        assert_eq!(queue.waiting(), 4);
+        assert_eq!(queue.load().waiting, 4);
         assert_eq!(sent_by_one_sender(&queue, 4), ["a", "b", "c", "d"]);
         // The sender that found the queue empty retired; once the other one does too, new
         // departures start senders again, two at most.
         assert!(queue.next_or_retire(4).is_none());
         let started = enqueue_all(&queue, &upstream, &["/e", "/f", "/g"], 4);
         assert_eq!(started, [true, true, false]);
+    }
+
+    #[tokio::test]
+    async fn a_departure_taken_from_the_queue_counts_in_flight_until_done_with() {
+        let upstream = test_upstream();
+        let queue = Departures::default();
+        enqueue_all(&queue, &upstream, &["/a", "/b"], 4);
+        let load = |waiting, in_flight| DisconnectLoad { waiting, in_flight };
+        assert_eq!(queue.load(), load(2, 0));
+        let first = queue.next_or_retire(4).expect("one queued");
+        assert_eq!(queue.load(), load(1, 1), "being sent");
+        drop(first);
+        queue.done_with_one();
+        assert_eq!(queue.load(), load(1, 0));
     }
 
     #[tokio::test]

@@ -22,6 +22,15 @@ pub struct UpstreamLoad {
     pub requests_waiting: usize,
 }
 
+/// The DELETEs of ended connections at one moment, for the `upstream_disconnects_*` gauges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DisconnectLoad {
+    /// Queued, not started yet.
+    pub waiting: usize,
+    /// Started, not done yet: being sent, or waiting to be tried again.
+    pub in_flight: usize,
+}
+
 /// Why a websocket ended, as counted in `connections_closed_by_reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -202,8 +211,8 @@ impl Metrics {
     }
 
     /// Prometheus text exposition (version 0.0.4), with the API client's `upstream` load and
-    /// the number of DELETEs of ended connections queued (`disconnects_waiting`).
-    pub fn render(&self, upstream: UpstreamLoad, disconnects_waiting: usize) -> String {
+    /// the DELETEs of ended connections not done yet (`disconnects`).
+    pub fn render(&self, upstream: UpstreamLoad, disconnects: DisconnectLoad) -> String {
         let mut out = String::with_capacity(4096);
         // Each read once, closed before opened, so that one scrape's figures agree with each
         // other: opened - closed = active, and never fewer opened than closed.
@@ -300,7 +309,12 @@ impl Metrics {
             (
                 "upstream_disconnects_waiting",
                 "DELETEs of ended connections queued, not yet started.",
-                disconnects_waiting,
+                disconnects.waiting,
+            ),
+            (
+                "upstream_disconnects_in_flight",
+                "DELETEs of ended connections started, not done yet: being sent, or waiting to be tried again.",
+                disconnects.in_flight,
             ),
         ];
         for (name, help, value) in gauges {
@@ -375,7 +389,7 @@ mod tests {
             concurrency_limit: 1,
             requests_waiting: 0,
         };
-        let text = metrics.render(load, 0);
+        let text = metrics.render(load, DisconnectLoad::default());
         assert!(
             text.contains("upstream_latency_seconds_bucket{le=\"10\"} 2"),
             "{text}"
@@ -405,7 +419,10 @@ mod tests {
                 concurrency_limit: 64,
                 requests_waiting: 1,
             },
-            4,
+            DisconnectLoad {
+                waiting: 4,
+                in_flight: 5,
+            },
         );
         assert!(text.contains("\nconnections_opened 2\n"), "{text}");
         assert!(text.contains("\nconnections_closed 1\n"));
@@ -421,6 +438,7 @@ mod tests {
         assert!(text.contains("\nupstream_concurrency_limit 64\n"));
         assert!(text.contains("\nupstream_requests_waiting 1\n"));
         assert!(text.contains("\nupstream_disconnects_waiting 4\n"));
+        assert!(text.contains("\nupstream_disconnects_in_flight 5\n"));
         for name in ["requests_started", "requests_failed", "requests_succeeded"] {
             assert!(text.contains(&format!("\n{name} 0\n")), "{name}");
         }

@@ -1432,7 +1432,7 @@ mod tests {
     fn closed_by(shared: &Shared, reason: CloseReason) -> String {
         let text = shared
             .metrics
-            .render(shared.upstream.load(), shared.departures.waiting());
+            .render(shared.upstream.load(), shared.departures.load());
         let label = format!(
             "connections_closed_by_reason{{reason=\"{}\"}} ",
             reason.label()

@@ -981,6 +981,14 @@ async fn a_crowd_leaving_at_once_gets_every_delete_through_four_api_slots() {
     drop(crowd);
     // Two at a time, never more: the other two slots stay free for a client that stays.
     api.wait_for("DELETE", 2).await;
+    // The API holds each DELETE 250 ms: two started and not done, the rest queued.
+    gateway
+        .wait_for_metric(
+            "upstream_disconnects_in_flight",
+            |n| n == 2.0,
+            Duration::from_secs(5),
+        )
+        .await;
     let mut stays = gateway.connect("/stays").await;
     assert_eq!(round_trip(&mut stays, "still here").await, "still here");
     let deletes = api.wait_for("DELETE", 30).await;
@@ -1016,6 +1024,7 @@ async fn a_crowd_leaving_at_once_gets_every_delete_through_four_api_slots() {
     assert_eq!(metrics["disconnects_failed"], 0.0);
     assert_eq!(metrics["disconnects_notified"], 30.0);
     assert_eq!(metrics["upstream_disconnects_waiting"], 0.0);
+    assert_eq!(metrics["upstream_disconnects_in_flight"], 0.0);
     assert_accounting(&gateway, &api).await;
 }
 
