@@ -649,13 +649,12 @@ pub async fn seen_before_a_later_connect(
 }
 
 /// The DELETEs the API got for anything but `marker`, once it has the DELETE of a websocket
-/// opened and dropped at `marker` now. The gateway queues each DELETE as it decides on it and
-/// takes them from the queue in that order, so one decided before this call left the queue
-/// before the marker's: a test that checks that something got no DELETE looks here instead of
-/// sleeping a fixed time first. Not airtight: several DELETEs are sent at once (up to half of
-/// the API concurrency limit), so a stray one sent just before the marker's may reach the API
-/// just after it, and one the API turned away would come back only after its retry's backoff;
-/// the check then passes without having seen it. The API must accept `marker`.
+/// opened and dropped at `marker` now, and the gateway has no DELETE queued or unfinished
+/// (`upstream_disconnects_waiting` and `upstream_disconnects_in_flight` both 0). The gateway
+/// queues each DELETE as it decides on it and takes them from the queue in that order, so one
+/// decided before this call had left the queue before the marker's, and was then done (told,
+/// or given up after its retries): a test that checks that something got no DELETE looks here
+/// instead of sleeping a fixed time first. The API must accept `marker`.
 pub async fn deletes_before_a_later_one(
     gateway: &TestGateway,
     api: &MockApi,
@@ -668,6 +667,19 @@ pub async fn deletes_before_a_later_one(
             tokio::time::Instant::now() < deadline,
             "no DELETE for {marker} within 15 s: {:?}",
             api.seen()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    loop {
+        let metrics = gateway.metrics().await;
+        if metrics["upstream_disconnects_waiting"] == 0.0
+            && metrics["upstream_disconnects_in_flight"] == 0.0
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "DELETEs still queued or unfinished after 15 s: {metrics:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
