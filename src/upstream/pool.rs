@@ -286,7 +286,7 @@ impl Pool {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     /// Connections open now (idle, busy or being opened).
@@ -774,19 +774,20 @@ where
             .map_or(0, |connection| connection.current_max_send_streams())
     })));
     let ended = streams.clone();
-    tokio::spawn(async move {
-        let outcome = std::future::poll_fn(|cx| match lock(&connection).as_mut() {
-            Some(connection) => Pin::new(connection).poll(cx),
-            None => Poll::Ready(Ok(())),
-        })
-        .await;
-        lock(&connection).take();
-        // The requests waiting for one of its streams go to another connection.
-        ended.freed.notify_waiters();
-        if let Err(error) = outcome {
-            tracing::debug!(%error, protocol = "HTTP/2", "API connection ended with an error");
-        }
-    });
+    drive(
+        async move {
+            let outcome = std::future::poll_fn(|cx| match lock(&connection).as_mut() {
+                Some(connection) => Pin::new(connection).poll(cx),
+                None => Poll::Ready(Ok(())),
+            })
+            .await;
+            lock(&connection).take();
+            // The requests waiting for one of its streams go to another connection.
+            ended.freed.notify_waiters();
+            outcome
+        },
+        "HTTP/2",
+    );
     streams
 }
 
