@@ -87,13 +87,32 @@ pub(crate) async fn handle(
     peer: Peer,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(match route(request, peer, &shared).await {
+    let mut response = match route(request, peer, &shared).await {
         Ok(response) => response,
         Err(refusal) => {
             shared.metrics.handshake_refused(refusal.reason);
             refusal.into_response()
         }
-    })
+    };
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        close_after(&mut response);
+    }
+    Ok(response)
+}
+
+/// Marks an answer as the connection's last (`Connection: close`, added to a `Connection`
+/// header it has). The public listener serves one request per connection, and says so on every
+/// answer but the `101`: hyper, told to keep no connection alive, would instead add `close`
+/// to the `101`'s `Connection: Upgrade` too, which strict clients (OkHttp, Java's
+/// `java.net.http`) refuse, failing every handshake.
+fn close_after<B>(response: &mut Response<B>) {
+    let headers = response.headers_mut();
+    let value = match headers.get(CONNECTION).and_then(|v| v.to_str().ok()) {
+        Some(existing) => HeaderValue::try_from(format!("{existing}, close"))
+            .unwrap_or(HeaderValue::from_static("close")),
+        None => HeaderValue::from_static("close"),
+    };
+    headers.insert(CONNECTION, value);
 }
 
 /// Why a handshake was refused, and what the client gets.

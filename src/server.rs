@@ -455,7 +455,8 @@ where
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(head_deadline)
-        .keep_alive(false)
+        // One request per connection: every answer but the 101 says `Connection: close`
+        // (handshake::handle). Not `keep_alive(false)`, which puts `close` on the 101 as well.
         .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(io, service)
         .with_upgrades();

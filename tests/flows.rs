@@ -32,6 +32,42 @@ async fn api_ok_accepts_the_connection_with_101() {
     assert_eq!(gets[0].uri, "/alice");
 }
 
+/// Strict clients (OkHttp, Java's `java.net.http`) need the 101's `Connection` to be `Upgrade`
+/// alone; every other answer of the public listener ends its connection and says so.
+#[tokio::test]
+async fn the_101_says_connection_upgrade_alone_and_every_other_answer_closes_the_connection() {
+    let api = MockApi::with_script(|s| match s.method.as_str() {
+        "GET" if s.uri == "/refused" => Reply::ok("ko"),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let accepted = raw_exchange(gateway.public, &upgrade_request("/strict-client", &[])).await;
+    assert_eq!(accepted.status, 101);
+    assert_eq!(accepted.header("connection"), Some("Upgrade"));
+
+    let not_an_upgrade = b"GET /strict-client HTTP/1.1\r\nHost: gateway\r\n\r\n".to_vec();
+    for (request, status, connection) in [
+        (upgrade_request("/refused", &[]), 403, "close"),
+        (not_an_upgrade, 426, "Upgrade, close"),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(gateway.public)
+            .await
+            .expect("connect");
+        stream.write_all(&request).await.expect("write");
+        // No `Connection: close` in the requests: the gateway ends the connection itself.
+        let mut data = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut data));
+        assert!(
+            read.await.is_ok(),
+            "the connection stayed open after a {status}"
+        );
+        let response = parse_response(&data).expect("a response");
+        assert_eq!(response.status, status);
+        assert_eq!(response.header("connection"), Some(connection), "{status}");
+    }
+}
+
 #[tokio::test]
 async fn api_ko_refuses_the_handshake_with_403_and_its_body() {
     let api = MockApi::with_script(|s| match s.method.as_str() {
