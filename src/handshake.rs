@@ -736,7 +736,7 @@ async fn start_session(
                     %error,
                     client_id = %handle.client_id,
                     connection_id = %handle.connection_id,
-                    "cannot take over the upgraded connection; the API is told EOF"
+                    "cannot take over the upgraded connection; the API is told EOF (or the reason of a control DELETE that came first)"
                 )
             })
             .ok(),
@@ -748,7 +748,7 @@ async fn start_session(
             tracing::debug!(
                 client_id = %handle.client_id,
                 connection_id = %handle.connection_id,
-                "upgrade never completed; the API is told EOF"
+                "upgrade never completed; the API is told EOF (or the reason of a control DELETE that came first)"
             );
             session::abandoned(handle, context, shared, permit);
             return;

@@ -348,10 +348,11 @@ impl Ending {
     }
 
     /// This ending, unless a control DELETE was taken (and answered `200`) while the session
-    /// was deciding to end on a timer of its own or an API failure: then the close is the one
-    /// the API asked for, with its code and reason. Not for the other endings: the client has
-    /// gone or was told already (a protocol error's close frame is the library's), or its
-    /// socket takes no writes (a slow consumer, which keeps its short close).
+    /// was deciding to end: the API, told `200`, then hears the DELETE's code and reason. If
+    /// the session was ending on a timer of its own or an API failure, the client gets that
+    /// close too. Not after the other endings: the client has gone or was told already (a
+    /// protocol error's close frame is the library's), or its socket takes no writes (a slow
+    /// consumer, which keeps its short close); those count as what they were.
     fn unless_closed_by(self, pending: Option<Command>) -> Ending {
         let own_decision = matches!(
             self.why,
@@ -361,6 +362,11 @@ impl Ending {
             Some(Command::Close { code, reason }) if own_decision => {
                 Ending::ours(CloseReason::Control, code, &reason)
             }
+            Some(Command::Close { code, reason }) => Ending {
+                api_reason: reason,
+                api_code: Some(code),
+                ..self
+            },
             _ => self,
         }
     }
@@ -451,12 +457,17 @@ pub(crate) fn abandoned(
     shared
         .registry
         .remove(&handle.client_id, handle.connection_id);
-    // A websocket that never opened: its DELETE says EOF, without a close code, even if a
-    // control DELETE came for it meanwhile.
-    let (queued, _) = handle.close_mailbox();
+    // A websocket that never opened: its DELETE says EOF, without a close code, unless a
+    // control DELETE was answered `200` for it meanwhile: then it carries that one's.
+    let (queued, pending) = handle.close_mailbox();
     count_undelivered(&shared, queued.len());
     shared.metrics.connection_closed(CloseReason::Eof);
-    depart(&shared, context, Ending::eof(), permit);
+    depart(
+        &shared,
+        context,
+        Ending::eof().unless_closed_by(pending),
+        permit,
+    );
 }
 
 /// Tells the API of a connection that never opened although the API approved it (or never
@@ -1747,7 +1758,7 @@ mod tests {
     }
 
     #[test]
-    fn a_delete_taken_while_the_session_ended_on_its_own_timer_decides_the_close() {
+    fn a_delete_taken_while_the_session_was_ending_decides_what_the_api_hears() {
         // An idle or ping timeout, an API failure: the DELETE's code and reason go to the
         // client and the API.
         for why in [
@@ -1762,14 +1773,22 @@ mod tests {
                 "{why:?}"
             );
         }
-        // The client gone or told already, or a socket that takes no writes: as it was.
+        // The client gone or told already, or a socket that takes no writes: its close and
+        // its count as they were, and the API hears the DELETE's code and reason.
         for ending in [
             Ending::eof(),
             Ending::ours(CloseReason::ProtocolError, 1002, "protocol error"),
             Ending::ours(CloseReason::SlowConsumer, 1008, "slow consumer"),
         ] {
             let kept = ending.clone().unless_closed_by(Some(close(4001, "bye")));
-            assert_eq!(kept, ending);
+            assert_eq!(
+                kept,
+                Ending {
+                    api_reason: "bye".to_owned(),
+                    api_code: Some(4001),
+                    ..ending
+                }
+            );
         }
         // Any other command, or none, leaves the ending as it was.
         let idle = Ending::ours(CloseReason::IdleTimeout, 1000, "idle timeout");
