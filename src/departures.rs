@@ -231,15 +231,24 @@ async fn notify_api(
                 .metrics
                 .disconnects_failed
                 .fetch_add(1, Ordering::Relaxed);
-            let why = match failed {
-                Ok(answer) => format!("it stayed unavailable ({})", answer.status),
-                Err(error) => error.to_string(),
+            // A timeout or a broken connection may have come after the API took the DELETE;
+            // a 502/503 is a proxy's, and the API may have been reached behind it.
+            let (why, told) = match failed {
+                Ok(answer) => (
+                    format!("it stayed unavailable ({})", answer.status),
+                    "the API may not have been told of this disconnect",
+                ),
+                Err(error) if error.outcome_unknown() => (
+                    error.to_string(),
+                    "the API may not have been told of this disconnect",
+                ),
+                Err(error) => (error.to_string(), "the API was not told of this disconnect"),
             };
             tracing::warn!(
                 client_id = %context.client_id,
                 connection_id = %context.connection_id,
                 why,
-                "the API was not told of this disconnect"
+                "{told}"
             );
         }
     }

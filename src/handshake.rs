@@ -436,7 +436,7 @@ async fn route(
             client_id = %handle.client_id,
             older = %older.connection_id,
             newer = %newer.connection_id,
-            "same ClientId connected again; closing the older connection with 4000"
+            "same ClientId connected again; the older connection closes with 4000 unless it was already closing"
         );
     }
     if shared.is_draining() {

@@ -858,7 +858,8 @@ where
                     client_id = %self.handle.client_id,
                     connection_id = %self.handle.connection_id,
                     %error,
-                    "message not handled; closing the websocket with {code} `{}`",
+                    "message not handled; closing the websocket with {code} `{}` (unless a \
+                     control DELETE or the client's own close came first)",
                     error.close_reason()
                 );
                 Some(Ending::ours(

@@ -62,8 +62,9 @@ pub enum UpstreamError {
     Unreachable(String),
     /// The connection broke or the API spoke bad HTTP.
     Broken(String),
-    /// No API connection came free: too many requests were already waiting for one, or this
-    /// one waited past `--upstream-max-wait`.
+    /// Never sent: no API connection (or HTTP/2 stream) came free in time: too many requests
+    /// were already waiting for one, or this one waited past `--upstream-max-wait` or its
+    /// `--upstream-timeout`.
     Overloaded,
     /// The answer's body was larger than the bytes given (`--max-message-size` for a reply).
     ResponseTooLarge(usize),
@@ -95,7 +96,8 @@ impl fmt::Display for UpstreamError {
             UpstreamError::Unreachable(e) => write!(f, "API unreachable: {e}"),
             UpstreamError::Broken(e) => write!(f, "API request failed: {e}"),
             UpstreamError::Overloaded => f.write_str(
-                "no free API connection: too many requests waiting, or waited past --upstream-max-wait",
+                "never sent: no API connection or stream came free in time (too many requests \
+                 waiting, or waited past --upstream-max-wait or --upstream-timeout)",
             ),
             UpstreamError::ResponseTooLarge(max) => {
                 write!(f, "API answer larger than {max} bytes")
