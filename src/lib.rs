@@ -438,8 +438,10 @@ pub fn resolved_path(path: &std::path::Path) -> std::path::PathBuf {
 /// Whether a connection to `api` can land on a listener bound to `listener` (the same port
 /// assumed): the same address; a loopback or unspecified target of a listener on all addresses
 /// (of its family, or any for `[::]`, which takes IPv4 too); an unspecified target of a
-/// loopback listener.
+/// loopback listener. Both are compared in their canonical form: an IPv4-mapped IPv6 address
+/// (`::ffff:127.0.0.1`) is the IPv4 address it maps, to a connect() and to a bind().
 fn reaches(api: std::net::IpAddr, listener: std::net::IpAddr) -> bool {
+    let (api, listener) = (api.to_canonical(), listener.to_canonical());
     let local = |ip: std::net::IpAddr| ip.is_loopback() || ip.is_unspecified();
     let same_family = api.is_ipv4() == listener.is_ipv4();
     api == listener
@@ -512,6 +514,64 @@ mod tests {
 
     fn config() -> Config {
         Config::default()
+    }
+
+    #[test]
+    fn an_api_that_spells_a_listener_as_an_ipv4_mapped_ipv6_address_is_refused() {
+        // `[::ffff:127.0.0.1]` is 127.0.0.1 to a connect(): the gateway would call itself.
+        let refused = |listen: &str, control: &str, api: &str| {
+            let config = Config {
+                listen: listen.parse().unwrap(),
+                control_listen: control.parse().unwrap(),
+                api: api.parse().unwrap(),
+                ..config()
+            };
+            validate(&config).err().map(|error| error.to_string())
+        };
+        for (listen, control, api, flag) in [
+            (
+                "127.0.0.1:27001",
+                "127.0.0.1:27002",
+                "http://[::ffff:127.0.0.1]:27001/",
+                "--listen",
+            ),
+            (
+                "0.0.0.0:27001",
+                "127.0.0.1:27002",
+                "http://[::ffff:127.0.0.1]:27001/",
+                "--listen",
+            ),
+            (
+                "127.0.0.1:27001",
+                "[::ffff:127.0.0.1]:27002",
+                "http://127.0.0.1:27002/",
+                "--control-listen",
+            ),
+        ] {
+            let error = refused(listen, control, api)
+                .unwrap_or_else(|| panic!("--api {api} with --listen {listen} passed"));
+            assert!(
+                error.contains(&format!("is this gateway's own {flag}")),
+                "{error}"
+            );
+        }
+        // Another port, or an IPv4-mapped address that is not the listener's, is another server.
+        assert_eq!(
+            refused(
+                "127.0.0.1:27001",
+                "127.0.0.1:27002",
+                "http://[::ffff:127.0.0.1]:27003/"
+            ),
+            None
+        );
+        assert_eq!(
+            refused(
+                "127.0.0.1:27001",
+                "127.0.0.1:27002",
+                "http://[::ffff:10.0.0.1]:27001/"
+            ),
+            None
+        );
     }
 
     #[test]
