@@ -144,15 +144,16 @@ impl std::str::FromStr for ApiBase {
             ));
         }
         // `http` keeps a port it cannot read as text, and the connector then falls back to
-        // 80 or 443 without a word.
+        // 80 or 443 without a word; no server listens on port 0, so with it every API request
+        // would fail (every handshake `502`).
         let host_port = authority.as_str();
         let port = host_port
             .rfind(':')
             .filter(|&colon| colon > host_port.rfind(']').unwrap_or(0))
             .map(|colon| &host_port[colon + 1..]);
-        if port.is_some_and(|port| port.parse::<u16>().is_err()) {
+        if port.is_some_and(|port| !port.parse::<u16>().is_ok_and(|port| port > 0)) {
             return Err(format!(
-                "`{s}` has a port that is not a number from 0 to 65535"
+                "`{s}` has a port that is not a number from 1 to 65535"
             ));
         }
         if authority.host().is_empty() {
@@ -413,6 +414,22 @@ mod tests {
         assert!(credentials.contains("password"), "{credentials}");
         assert!("http://api:8000/".parse::<ApiBase>().is_ok());
         assert!("http://[::1]:8000/".parse::<ApiBase>().is_ok());
+    }
+
+    #[test]
+    fn api_base_with_port_zero_is_refused() {
+        // No server listens on port 0: every API request would fail, every handshake 502.
+        for base in [
+            "http://127.0.0.1:0/",
+            "http://api:00/",
+            "https://[::1]:0/ws/",
+        ] {
+            let error = base.parse::<ApiBase>().unwrap_err();
+            assert!(error.contains("port"), "{base}: {error}");
+            assert!(!error.contains('\n'), "{base}: {error}");
+        }
+        assert!("http://127.0.0.1:1/".parse::<ApiBase>().is_ok());
+        assert!("http://127.0.0.1:65535/".parse::<ApiBase>().is_ok());
     }
 
     #[test]

@@ -724,6 +724,7 @@ async fn bad_settings_stop_the_binary_at_start_naming_the_setting() {
 async fn an_api_url_with_a_bad_port_or_a_password_stops_the_binary_naming_the_flag() {
     for api in [
         "http://127.0.0.1:99999/",
+        "http://127.0.0.1:0/",
         "http://user:secret@127.0.0.1:8000/",
     ] {
         let log = Binary::refused_at_start(api, &[], &[]).await;
