@@ -261,6 +261,20 @@ async fn route(
             "more than one Origin header\n",
         ));
     }
+    if headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .any(|line| line.to_str().is_err())
+    {
+        // The chain goes on to the API as one line of visible ASCII: without this line it
+        // would be shortened without a word, and the API would take the wrong address as the
+        // client's.
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalReason::BadRequest,
+            "an X-Forwarded-For line is not visible ASCII\n",
+        ));
+    }
     let client_id = ClientId::from_path(path).map_err(|e| Refusal {
         status: StatusCode::BAD_REQUEST,
         reason: RefusalReason::BadRequest,
@@ -668,13 +682,11 @@ fn connect_headers(
         }
     }
     // Every X-Forwarded-For line, in order, then the peer: a proxy in front (HAProxy's
-    // `option forwardfor`) adds its own line after any the client sent.
+    // `option forwardfor`) adds its own line after any the client sent. (`route` refused a
+    // request with a line that is not visible ASCII: none is left out here.)
     let mut chain = String::new();
     for existing in headers.get_all(&X_FORWARDED_FOR) {
-        let Ok(existing) = existing.to_str() else {
-            continue;
-        };
-        let existing = existing.trim();
+        let existing = existing.to_str().unwrap_or_default().trim();
         if !existing.is_empty() {
             chain.push_str(existing);
             chain.push_str(", ");

@@ -460,6 +460,31 @@ async fn crlf_in_the_query_reaches_the_api_still_encoded_never_as_a_header() {
     assert_eq!(panics.load(Ordering::SeqCst), 0, "a gateway task panicked");
 }
 
+#[tokio::test]
+async fn an_x_forwarded_for_line_that_is_not_visible_ascii_gets_400_naming_it_and_no_get() {
+    // The chain cannot be passed on whole: joining the other lines would shorten it silently
+    // (`1.2.3.4\xe9` then `5.6.7.8` reached the API as `5.6.7.8, 127.0.0.1`).
+    let panics = panic_count();
+    let api = MockApi::start().await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut request = upgrade_request("/latin1-xff", &[]);
+    request.truncate(request.len() - 2);
+    request.extend_from_slice(b"X-Forwarded-For: 1.2.3.4\xe9\r\nX-Forwarded-For: 5.6.7.8\r\n\r\n");
+    let response = raw_exchange(gateway.public, &request).await;
+    assert_eq!(response.status, 400, "body {:?}", response.text());
+    assert_eq!(
+        response.text(),
+        "an X-Forwarded-For line is not visible ASCII\n"
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"bad_request\"}"], 1.0,
+        "{metrics:?}"
+    );
+    assert!(api.seen().is_empty(), "reached the API: {:?}", api.seen());
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "a gateway task panicked");
+}
+
 // ---- after the upgrade ----
 
 /// A protocol violation after the upgrade, the close code it must get, and the DELETE's code.
