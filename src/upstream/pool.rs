@@ -370,9 +370,13 @@ impl Pool {
         // Failed attempts when this request began to wait, if it did.
         let mut failures_at_wait = waited.map(|FailedAttempts(failed)| failed);
         loop {
+            // Armed only if this request waits, and then under the state lock, so that no
+            // connection checked in after it looked goes unnoticed. A `notify_one` wakes the
+            // oldest armed request: one armed while it opens a connection (up to half of
+            // `--upstream-timeout`) or checks an idle one would absorb it, and a waiting
+            // request would sleep while a connection is idle.
             let changed = self.changed.notified();
             tokio::pin!(changed);
-            changed.as_mut().enable();
             let next = {
                 let mut state = self.state();
                 let mut found = None;
@@ -395,6 +399,7 @@ impl Pool {
                         }
                         None => {
                             failures_at_wait.get_or_insert(state.open_failures);
+                            changed.as_mut().enable();
                             Next::Wait
                         }
                     },
@@ -1123,5 +1128,67 @@ mod tests {
         let closed = reap_idle(&mut idle, |e| (e.1, e.0), Duration::from_secs(10), now);
         assert_eq!(closed, 2);
         assert_eq!(idle.len(), 1);
+    }
+
+    /// A pool of at most `max_open` HTTP/1.1 connections to `address` (for `origin`).
+    fn http1_pool(address: ApiAddress, origin: &str, max_open: usize) -> Arc<Pool> {
+        let dialer = Dialer {
+            address,
+            timeout: Duration::from_secs(5),
+        };
+        let origin = origin.parse().unwrap();
+        Pool::new(dialer, &origin, false, max_open, Duration::from_secs(60)).unwrap()
+    }
+
+    /// A Unix socket path nothing listens at: every attempt to connect fails at once.
+    fn nowhere() -> ApiAddress {
+        ApiAddress::UnixSocket(Arc::new(PathBuf::from(
+            "/nonexistent/ws2http-test-api.sock",
+        )))
+    }
+
+    /// An HTTP/1.1 connection over an in-memory pipe, and the API's end of the pipe (the
+    /// connection lasts while it is kept).
+    async fn piped_connection() -> (http1::SendRequest<Body>, tokio::io::DuplexStream) {
+        let (gateway_end, api_end) = tokio::io::duplex(1 << 16);
+        let sender = handshake_h1(TokioIo::new(gateway_end)).await.unwrap();
+        (sender, api_end)
+    }
+
+    /// A connection of `pool`'s held by a request, as [`Pool::checkout`] hands one out.
+    fn busy(pool: &Pool, sender: http1::SendRequest<Body>) -> Lease<'_> {
+        pool.state().open += 1;
+        Lease {
+            pool,
+            sender: Some(sender),
+            reused: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_checked_in_goes_to_a_waiting_request_not_to_one_opening_a_connection() {
+        use futures_util::FutureExt;
+        let pool = http1_pool(nowhere(), "http://api.test/", 2);
+        let (sender, _api_end) = piped_connection().await;
+        let held = busy(&pool, sender);
+        // A request opens the second connection; it is not polled again, so its attempt
+        // stays under way (as one to a distant or silent API host does, for up to half of
+        // --upstream-timeout).
+        let opening = pool.checkout(None);
+        tokio::pin!(opening);
+        assert!(opening.as_mut().now_or_never().is_none(), "opening");
+        let counts = |state: MutexGuard<'_, State>| (state.open, state.connecting);
+        assert_eq!(counts(pool.state()), (2, 1));
+        // A third finds the pool full and waits.
+        let waiting = pool.checkout(None);
+        tokio::pin!(waiting);
+        assert!(waiting.as_mut().now_or_never().is_none(), "waiting");
+        held.checkin();
+        let taken = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert!(
+            matches!(taken, Ok(Ok(ref lease)) if lease.reused),
+            "the waiting request was not given the connection checked in (woken only when \
+             the attempt under way ends)"
+        );
     }
 }
