@@ -443,11 +443,27 @@ impl Pool {
                             "opening the connection failed: {e}"
                         )))
                     });
-                    // Noted before the requests waiting for it are woken (by `opening`).
-                    self.state().attempt_ended(&sender);
+                    // Noted, and a failed attempt's slot given back, before the requests
+                    // waiting for it are woken (by `opening`): one woken in between would
+                    // count the slot as an established connection that may come back for it
+                    // (`failed_while_waiting`), and start an attempt of its own instead of
+                    // failing with this one.
+                    let outcome = {
+                        let mut state = self.state();
+                        state.attempt_ended(&sender);
+                        match sender {
+                            Ok(sender) => {
+                                lease.sender = Some(sender);
+                                Ok(lease)
+                            }
+                            Err(error) => {
+                                lease.give_back(&mut state);
+                                Err(error)
+                            }
+                        }
+                    };
                     drop(opening);
-                    lease.sender = Some(sender?);
-                    return Ok(lease);
+                    return outcome;
                 }
                 Next::Wait => changed.await,
                 Next::Fail(error) => return Err(error),
@@ -856,6 +872,16 @@ impl Lease<'_> {
         }
         // A closed connection: the drop below frees its slot.
     }
+
+    /// Frees the slot of a connection that could not be opened, in `state` (the pool's,
+    /// locked by the caller), without waking anyone: the caller does, once it unlocks.
+    fn give_back(self, state: &mut State) {
+        debug_assert!(self.sender.is_none());
+        state.open -= 1;
+        // It holds no connection: forgetting it leaks nothing, and skips the drop's own
+        // lock and wake-up.
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for Lease<'_> {
@@ -1190,5 +1216,45 @@ mod tests {
             "the waiting request was not given the connection checked in (woken only when \
              the attempt under way ends)"
         );
+    }
+
+    #[tokio::test]
+    async fn requests_woken_by_a_failed_attempt_find_its_slot_given_back() {
+        /// Stands for a request waiting since before the attempt: woken, it looks at the
+        /// pool at once, as one on another worker thread may while the task of the attempt
+        /// that woke it has not gone on yet; it notes whether it would fail with the attempt.
+        struct Waiter {
+            pool: Weak<Pool>,
+            would_fail: Mutex<Vec<bool>>,
+        }
+        impl std::task::Wake for Waiter {
+            fn wake(self: Arc<Self>) {
+                self.wake_by_ref();
+            }
+            fn wake_by_ref(self: &Arc<Self>) {
+                let pool = self.pool.upgrade().unwrap();
+                let fails = pool.state().failed_while_waiting(Some(0)).is_some();
+                lock(&self.would_fail).push(fails);
+            }
+        }
+        let pool = http1_pool(nowhere(), "http://api.test/", 1);
+        let waiter = Arc::new(Waiter {
+            pool: Arc::downgrade(&pool),
+            would_fail: Mutex::new(Vec::new()),
+        });
+        let waker = std::task::Waker::from(waiter.clone());
+        let changed = pool.changed.notified();
+        tokio::pin!(changed);
+        let mut context = std::task::Context::from_waker(&waker);
+        assert!(changed.as_mut().poll(&mut context).is_pending());
+        let attempt = pool.checkout(None).await;
+        assert!(matches!(attempt, Err(UpstreamError::Unreachable(_))));
+        assert_eq!(
+            *lock(&waiter.would_fail),
+            [true],
+            "woken by the failed attempt, a waiting request saw its slot still open (as an \
+             established connection that may come back) and would have tried on its own"
+        );
+        assert_eq!(pool.open(), 0);
     }
 }
