@@ -329,7 +329,9 @@ impl Pool {
             .or_insert_with(|| self.host.clone());
         let mut retried = false;
         loop {
-            let mut lease = self.checkout(waited.take()).await?;
+            // A retry skips the idle connections: the API may have closed them all at once,
+            // and the next one could be stale too.
+            let mut lease = self.checkout(waited.take(), retried).await?;
             let Some(sender) = lease.sender.as_mut() else {
                 return Err(UpstreamError::Broken("no connection".to_owned()));
             };
@@ -363,10 +365,15 @@ impl Pool {
         }
     }
 
-    /// An open connection for one request: an idle one, a new one, or one that comes free.
+    /// An open connection for one request: an idle one, a new one, or one that comes free;
+    /// only a new one if `fresh` (closing an idle one to make room if the pool is full).
     /// A request that waited (here, or for an API slot since `waited`) while an attempt to
     /// open one failed fails with it (unless an idle connection is there for it).
-    async fn checkout(&self, waited: Option<FailedAttempts>) -> Result<Lease<'_>, UpstreamError> {
+    async fn checkout(
+        &self,
+        waited: Option<FailedAttempts>,
+        fresh: bool,
+    ) -> Result<Lease<'_>, UpstreamError> {
         // Failed attempts when this request began to wait, if it did.
         let mut failures_at_wait = waited.map(|FailedAttempts(failed)| failed);
         loop {
@@ -380,7 +387,8 @@ impl Pool {
             let next = {
                 let mut state = self.state();
                 let mut found = None;
-                while let Some(idle) = state.idle.pop() {
+                // A request that wants a fresh connection takes no idle one.
+                while let Some(idle) = if fresh { None } else { state.idle.pop() } {
                     if idle.sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
                         state.open -= 1;
                         continue;
@@ -392,8 +400,17 @@ impl Pool {
                     Some(sender) => Next::Reuse(sender),
                     None => match state.failed_while_waiting(failures_at_wait) {
                         Some(error) => Next::Fail(error),
-                        None if state.open < self.max_open && state.connecting < MAX_CONNECTING => {
-                            state.open += 1;
+                        None if state.connecting < MAX_CONNECTING
+                            && (state.open < self.max_open
+                                || (fresh && !state.idle.is_empty())) =>
+                        {
+                            if state.open < self.max_open {
+                                state.open += 1;
+                            } else {
+                                // Its slot is this request's: the oldest idle connection, the
+                                // first to be closed when idle too long.
+                                state.idle.remove(0);
+                            }
                             state.connecting += 1;
                             Next::Connect
                         }
@@ -1200,13 +1217,13 @@ mod tests {
         // A request opens the second connection; it is not polled again, so its attempt
         // stays under way (as one to a distant or silent API host does, for up to half of
         // --upstream-timeout).
-        let opening = pool.checkout(None);
+        let opening = pool.checkout(None, false);
         tokio::pin!(opening);
         assert!(opening.as_mut().now_or_never().is_none(), "opening");
         let counts = |state: MutexGuard<'_, State>| (state.open, state.connecting);
         assert_eq!(counts(pool.state()), (2, 1));
         // A third finds the pool full and waits.
-        let waiting = pool.checkout(None);
+        let waiting = pool.checkout(None, false);
         tokio::pin!(waiting);
         assert!(waiting.as_mut().now_or_never().is_none(), "waiting");
         held.checkin();
@@ -1247,7 +1264,7 @@ mod tests {
         tokio::pin!(changed);
         let mut context = std::task::Context::from_waker(&waker);
         assert!(changed.as_mut().poll(&mut context).is_pending());
-        let attempt = pool.checkout(None).await;
+        let attempt = pool.checkout(None, false).await;
         assert!(matches!(attempt, Err(UpstreamError::Unreachable(_))));
         assert_eq!(
             *lock(&waiter.would_fail),
@@ -1256,5 +1273,83 @@ mod tests {
              established connection that may come back) and would have tried on its own"
         );
         assert_eq!(pool.open(), 0);
+    }
+
+    /// An API on a loopback port that answers every request `200 fresh`; the pool's origin
+    /// and address for it.
+    async fn answering_api() -> (String, ApiAddress) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Body::from("fresh")))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), answer),
+                );
+            }
+        });
+        let connector = crate::upstream::network_connector(&crate::config::Config::default());
+        (origin, ApiAddress::Network(connector.unwrap()))
+    }
+
+    #[tokio::test]
+    async fn a_request_handed_back_by_a_stale_connection_is_sent_again_on_a_new_one() {
+        let (origin, address) = answering_api().await;
+        let pool = http1_pool(address, &origin, 4);
+        // Two idle connections the API closed at once: the newest is seen closed only when
+        // the request is handed to it (handed back unsent); the other still looks open, and
+        // the request sent on it goes unanswered.
+        let (crossed, mut crossed_api_end) = piped_connection().await;
+        let (handed_back, handed_back_api_end) = piped_connection().await;
+        tokio::spawn(async move {
+            let mut request = [0; 64];
+            let _ = tokio::io::AsyncReadExt::read(&mut crossed_api_end, &mut request).await;
+        });
+        // Their connections' tasks start and wait for a request.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        busy(&pool, crossed).checkin();
+        busy(&pool, handed_back).checkin();
+        drop(handed_back_api_end);
+        let request = Request::post("/m").body(Body::from("hi")).unwrap();
+        let mut progress = Progress::new(None);
+        let answer = pool
+            .exchange(request, BodyLimit::Whole(1024), &mut progress, None)
+            .await;
+        assert_eq!(
+            answer
+                .map(|answer| answer.body)
+                .map_err(|error| error.to_string()),
+            Ok(Bytes::from("fresh")),
+            "the request handed back went on another idle connection, not a new one"
+        );
+        assert_eq!(
+            pool.state().idle.len(),
+            2,
+            "a new connection, and the untried idle one"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retry_in_a_full_pool_closes_an_idle_connection_to_open_a_new_one() {
+        let (origin, address) = answering_api().await;
+        let pool = http1_pool(address, &origin, 1);
+        let (idle, _api_end) = piped_connection().await;
+        busy(&pool, idle).checkin();
+        let lease = tokio::time::timeout(Duration::from_secs(5), pool.checkout(None, true))
+            .await
+            .expect("not left waiting for a connection next to an idle one")
+            .unwrap();
+        assert!(!lease.reused, "a new connection");
+        let state = pool.state();
+        assert_eq!(
+            (state.open, state.idle.len()),
+            (1, 0),
+            "the idle one closed"
+        );
     }
 }
