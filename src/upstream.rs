@@ -946,6 +946,73 @@ mod tests {
         requests_waiting_for_a_slot_fail_with_the_attempts_that_failed(true).await;
     }
 
+    /// An API on a loopback port that answers each request with the next of `answers`
+    /// (status, and after how long); its URL.
+    async fn scripted_api(answers: Vec<(u16, Duration)>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let answers = Arc::new(std::sync::Mutex::new(answers.into_iter()));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answers = answers.clone();
+                let answer = hyper::service::service_fn(move |_| {
+                    let (status, after) = answers.lock().unwrap().next().unwrap();
+                    async move {
+                        tokio::time::sleep(after).await;
+                        http::Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::new()))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), answer),
+                );
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_5xx_is_no_answer_and_counts_as_slow_only_when_it_comes_past_the_slow_mark() {
+        let api = scripted_api(vec![
+            (502, Duration::ZERO),
+            (200, Duration::from_millis(50)),
+            (504, Duration::from_millis(400)),
+        ])
+        .await;
+        let config = Config {
+            api: api.parse().unwrap(),
+            upstream_min_concurrency: 1,
+            ..Config::default()
+        };
+        let upstream = Upstream::new(&config, 4, 64, Arc::new(Metrics::default())).unwrap();
+        let client_id = ClientId::from_path("/a").unwrap();
+        let context = upstream
+            .context(ConnectionId::next(), client_id, &HeaderMap::new())
+            .unwrap();
+        let send = || upstream.message(&context, Bytes::new(), false);
+        // A quick 5xx (a proxy in front of a stopped API), while it held the only slot, is no
+        // answer: the limit does not grow.
+        let _ = send().await;
+        assert_eq!(
+            upstream.concurrency_limit(),
+            1,
+            "a quick 5xx grew the limit"
+        );
+        // An answer at the API's pace (50 ms: slow past 105 ms), while it held the only slot,
+        // grows it.
+        let _ = send().await;
+        assert_eq!(upstream.concurrency_limit(), 2);
+        // A 5xx past the slow mark (a proxy's 504 after it gave up waiting): one slow answer.
+        let _ = send().await;
+        assert_eq!(
+            upstream.concurrency_limit(),
+            1,
+            "a late 5xx is a slow answer"
+        );
+    }
+
     #[test]
     fn close_reasons_fit_a_close_frame() {
         let all = [
