@@ -273,8 +273,24 @@ fn check_origin_host_port(authority: &str) -> Result<(), &'static str> {
         let (address, after) = bracketed
             .split_once(']')
             .ok_or("has an unclosed [; an IPv6 host is written [::1]")?;
-        if address.parse::<std::net::Ipv6Addr>().is_err() {
+        let Ok(parsed) = address.parse::<std::net::Ipv6Addr>() else {
             return Err("has no IPv6 address between [ and ]");
+        };
+        // Browsers send an IPv6 host in its shortest form (RFC 5952: zeros compressed, no
+        // leading zeros, hex throughout), and the origin is compared as text.
+        let shortest = match parsed.to_ipv4_mapped() {
+            // Rust writes these dotted (`::ffff:127.0.0.1`), browsers in hex.
+            Some(_) => {
+                let [.., high, low] = parsed.segments();
+                format!("::ffff:{high:x}:{low:x}")
+            }
+            None => parsed.to_string(),
+        };
+        if !shortest.eq_ignore_ascii_case(address) {
+            return Err(
+                "has an IPv6 address not in the shortest form browsers send (as [::1], \
+                 [2001:db8::7])",
+            );
         }
         let port = match after {
             "" => None,
@@ -661,6 +677,8 @@ mod tests {
             "https://app.example.com",
             "http://127.0.0.1:8080",
             "http://[::1]:8080",
+            "http://[::ffff:7f00:1]",
+            "http://[2001:DB8::7]:8443",
             "HTTPS://App.Example.com",
             "https://xn--bcher-kva.example",
             "https://a.example:1",
@@ -689,7 +707,8 @@ mod tests {
     }
 
     #[test]
-    fn entries_with_a_bad_port_or_an_unclosed_bracket_are_refused_naming_the_flag_and_entry() {
+    fn entries_with_a_bad_port_a_long_ipv6_form_or_an_unclosed_bracket_are_refused_naming_the_flag_and_entry(
+    ) {
         // Each matches no origin a browser sends: every browser would get 403.
         for origin in [
             "https://a.example:abc",
@@ -709,6 +728,10 @@ mod tests {
             "http://::1",
             "http://a]b.example",
             "https://:8080",
+            "http://[0:0:0:0:0:0:0:1]",
+            "http://[2001:db8:0:0::7]",
+            "http://[2001:0db8::7]",
+            "http://[::ffff:127.0.0.1]",
         ] {
             let error = check_origin(origin).expect_err(origin);
             assert!(
