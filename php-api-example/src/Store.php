@@ -25,17 +25,53 @@ final class Store
             PDO::ATTR_DEFAULT_FETCH_MODE => PDO::FETCH_ASSOC,
         ]);
         $this->db->exec('PRAGMA busy_timeout = 10000');
-        $this->db->exec('PRAGMA journal_mode = WAL');
+        self::useWal($this->db);
         $this->db->exec('PRAGMA synchronous = NORMAL');
-        $this->db->exec(
-            'CREATE TABLE IF NOT EXISTS members (
-                client_id     TEXT PRIMARY KEY,
-                name          TEXT NOT NULL,
-                connection_id TEXT NOT NULL DEFAULT \'\',
-                joined_at     INTEGER NOT NULL
-            )'
-        );
-        $this->db->exec('CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)');
+        // The write lock first, waited for like any write: a schema read before another
+        // worker's write could not upgrade itself into one.
+        $this->db->exec('BEGIN IMMEDIATE');
+        try {
+            $this->db->exec(
+                'CREATE TABLE IF NOT EXISTS members (
+                    client_id     TEXT PRIMARY KEY,
+                    name          TEXT NOT NULL,
+                    connection_id TEXT NOT NULL DEFAULT \'\',
+                    joined_at     INTEGER NOT NULL
+                )'
+            );
+            $this->db->exec('CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)');
+            $this->db->exec('COMMIT');
+        } catch (\Throwable $e) {
+            $this->db->exec('ROLLBACK');
+            throw $e;
+        }
+    }
+
+    /**
+     * Puts the database in WAL mode (kept in the file: only a new database's first openers
+     * switch it). The switch needs the database to itself, and SQLite answers "database is
+     * locked" at once, without waiting out the busy timeout, when other workers opening the
+     * new file at the same moment hold it: so it is tried again for up to 10 s.
+     */
+    private static function useWal(PDO $db): void
+    {
+        $deadline = microtime(true) + 10.0;
+        while (true) {
+            try {
+                $mode = $db->query('PRAGMA journal_mode = WAL')->fetchColumn();
+                if (strtolower((string) $mode) === 'wal') {
+                    return;
+                }
+            } catch (\PDOException $e) {
+                if (!str_contains($e->getMessage(), 'locked') || microtime(true) > $deadline) {
+                    throw $e;
+                }
+            }
+            if (microtime(true) > $deadline) {
+                throw new \RuntimeException('WS2HTTP_DB: the database would not switch to WAL mode');
+            }
+            usleep(10000);
+        }
     }
 
     /**
