@@ -27,6 +27,14 @@ final class Store
         $this->db->exec('PRAGMA busy_timeout = 10000');
         self::useWal($this->db);
         $this->db->exec('PRAGMA synchronous = NORMAL');
+        // Every request of `php -S` or php-fpm opens the store: once the tables are there, no
+        // lock is taken for them.
+        $tables = $this->db->query(
+            'SELECT count(*) FROM sqlite_master WHERE type = \'table\' AND name IN (\'members\', \'settings\')'
+        )->fetchColumn();
+        if ((int) $tables === 2) {
+            return;
+        }
         // The write lock first, waited for like any write: a schema read before another
         // worker's write could not upgrade itself into one.
         $this->db->exec('BEGIN IMMEDIATE');
