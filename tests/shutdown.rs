@@ -154,12 +154,7 @@ async fn shutdown_refuses_new_websockets_at_once() {
     let latecomer = tokio::spawn(async move {
         // While the drain waits for the POST, a new client is turned away.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        ClientBuilder::new()
-            .uri(&url)
-            .unwrap()
-            .connect()
-            .await
-            .map(|_| ())
+        try_connect_url(&url, &[]).await.map(|_| ())
     });
     let client = tokio::spawn(async move {
         let reply = next_text(&mut busy).await;

@@ -21,7 +21,7 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_websockets::{ClientBuilder, Message};
+use tokio_websockets::Message;
 use ws2http::Config;
 
 /// An h2c API that takes one stream at a time per connection. On its first connection it
@@ -220,25 +220,14 @@ async fn h2c_request_still_waiting_for_a_stream_at_its_timeout_closes_1013_unsen
     // (1013, a DELETE that may be sent again), not a timeout of a request the API may have.
     let api = OneStreamApi::start().await;
     let gateway = TestGateway::start(Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        control_listen: "127.0.0.1:0".parse().unwrap(),
-        api: format!("http://{}/", api.addr).parse().unwrap(),
-        upstream_http2: true,
         upstream_timeout: Duration::from_secs(1),
-        ..Config::default()
+        ..h2c_config(api.addr)
     })
     .await;
     let mut waiting_for_a_stream = gateway.connect("/waiting-for-a-stream").await;
     let held = tokio::spawn({
         let url = gateway.url("/held-connect");
-        async move {
-            ClientBuilder::new()
-                .uri(&url)
-                .unwrap()
-                .connect()
-                .await
-                .map(|_| ())
-        }
+        async move { try_connect_url(&url, &[]).await.map(|_| ()) }
     });
     gateway
         .wait_for_metric(
@@ -410,7 +399,12 @@ fn go_away(last_stream: u32) -> Vec<u8> {
 
 /// A gateway speaking h2c to the API at `api`.
 async fn h2c_gateway(api: SocketAddr) -> TestGateway {
-    TestGateway::start(Config {
+    TestGateway::start(h2c_config(api)).await
+}
+
+/// A gateway's configuration for speaking h2c to `api`, on free loopback ports.
+fn h2c_config(api: SocketAddr) -> Config {
+    Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         control_listen: "127.0.0.1:0".parse().unwrap(),
         api: format!("http://{api}/").parse().unwrap(),
@@ -418,8 +412,7 @@ async fn h2c_gateway(api: SocketAddr) -> TestGateway {
         upstream_timeout: Duration::from_secs(5),
         shutdown_timeout: Duration::from_secs(5),
         ..Config::default()
-    })
-    .await
+    }
 }
 
 /// A gateway speaking h2c to `api`, and one client of it.

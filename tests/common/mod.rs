@@ -390,16 +390,7 @@ impl TestGateway {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Ws, tokio_websockets::Error> {
-        let mut builder = ClientBuilder::new().uri(&self.url(path)).unwrap();
-        for (k, v) in headers {
-            builder = builder
-                .add_header(
-                    hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    v.parse().unwrap(),
-                )
-                .unwrap();
-        }
-        builder.connect().await.map(|(ws, _)| ws)
+        try_connect_url(&self.url(path), headers).await
     }
 
     /// A control request.
@@ -448,6 +439,24 @@ pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
             Some((name.to_owned(), value.parse().ok()?))
         })
         .collect()
+}
+
+/// Connects a websocket client to `url` with extra header lines; for a task that cannot
+/// borrow the gateway ([`TestGateway::url`] gives the URL).
+pub async fn try_connect_url(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tokio_websockets::Error> {
+    let mut builder = ClientBuilder::new().uri(url).unwrap();
+    for (k, v) in headers {
+        builder = builder
+            .add_header(
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            )
+            .unwrap();
+    }
+    builder.connect().await.map(|(ws, _)| ws)
 }
 
 /// An HTTP response read off a raw socket.
