@@ -4,7 +4,8 @@
 //! the little this queue keeps (the connection's context, the close reason and the connection
 //! permit). When a crowd leaves at once, the DELETEs wait here in order, sent by at most one
 //! task per two API slots, of those the API has now (the other half stays free for the clients
-//! that remain; the number follows the adaptive concurrency limit), instead of
+//! that remain; the number follows the adaptive concurrency limit; while the gateway drains,
+//! when no client stays, up to `--shutdown-delete-concurrency` of all the slots), instead of
 //! each departed session waiting with a whole request of its own: memory stays near what the
 //! crowd held, and no DELETE is refused for lack of a waiting place.
 
@@ -105,16 +106,34 @@ impl Departures {
     /// Queues `departure`; starts a sender task (tracked, so shutdown waits for it) when fewer
     /// than allowed are running.
     pub(crate) fn push(shared: &Arc<Shared>, departure: Departure) {
-        let api_slots = shared.upstream.concurrency_limit();
-        if shared.departures.enqueue(departure, api_slots) {
+        if shared
+            .departures
+            .enqueue(departure, senders_allowed(shared))
+        {
             shared.tasks.spawn(send_departures(Arc::clone(shared)));
         }
     }
 
-    /// Queues `departure`; true when the caller is to start one more sender (counted now), the
-    /// API having `api_slots` slots.
-    fn enqueue(&self, departure: Departure, api_slots: usize) -> bool {
-        let allowed = allowed_senders(api_slots);
+    /// Starts the senders that the drain allows beyond those running, for departures queued
+    /// before it began (the sessions that end in the drain start theirs as they queue).
+    pub(crate) fn drain_begun(shared: &Arc<Shared>) {
+        let allowed = senders_allowed(shared);
+        let more = {
+            let mut state = shared.departures.state();
+            let more = allowed
+                .saturating_sub(state.senders)
+                .min(state.waiting.len());
+            state.senders += more;
+            more
+        };
+        for _ in 0..more {
+            shared.tasks.spawn(send_departures(Arc::clone(shared)));
+        }
+    }
+
+    /// Queues `departure`; true when the caller is to start one more sender (counted now),
+    /// `allowed` being running at most ([`senders_allowed`]).
+    fn enqueue(&self, departure: Departure, allowed: usize) -> bool {
         let mut state = self.state();
         state.waiting.push_back(departure);
         let start = state.senders < allowed;
@@ -125,9 +144,8 @@ impl Departures {
     }
 
     /// The next departure to send, or `None` after counting the asking sender out: when the
-    /// queue is empty, or when more senders run than the API's `api_slots` allow now.
-    fn next_or_retire(&self, api_slots: usize) -> Option<Departure> {
-        let allowed = allowed_senders(api_slots);
+    /// queue is empty, or when more senders run than `allowed` ([`senders_allowed`] now).
+    fn next_or_retire(&self, allowed: usize) -> Option<Departure> {
         let mut state = self.state();
         if state.senders > allowed {
             state.senders -= 1;
@@ -147,19 +165,34 @@ impl Departures {
     }
 }
 
+/// Senders allowed now: [`allowed_senders`] of the API's slots of the moment (the adaptive
+/// limit's current value), and of `--shutdown-delete-concurrency` once the gateway drains.
+fn senders_allowed(shared: &Shared) -> usize {
+    let drain_cap = shared
+        .is_draining()
+        .then_some(shared.config.shutdown_delete_concurrency);
+    allowed_senders(shared.upstream.concurrency_limit(), drain_cap)
+}
+
 /// Senders allowed when the API has `api_slots` slots now (never more than
-/// `--upstream-max-connections`): half of them, at least one.
-fn allowed_senders(api_slots: usize) -> usize {
-    (api_slots / 2).max(1)
+/// `--upstream-max-connections`): half of them, at least one, so that the clients that stay
+/// keep the other half. While the gateway drains (`drain_cap` is then
+/// `--shutdown-delete-concurrency`) no client stays that would need them: as many as the cap,
+/// up to all the slots, and never fewer than half. Senders hold at most half the slots
+/// otherwise, and the limit grows only when every slot is taken, so without this the cap
+/// could never be reached.
+fn allowed_senders(api_slots: usize, drain_cap: Option<usize>) -> usize {
+    let half = (api_slots / 2).max(1);
+    match drain_cap {
+        Some(cap) => half.max(cap.min(api_slots)),
+        None => half,
+    }
 }
 
 /// One sender: sends queued DELETEs one after another until the queue is empty, or until
 /// they are abandoned.
 async fn send_departures(shared: Arc<Shared>) {
-    while let Some(departure) = shared
-        .departures
-        .next_or_retire(shared.upstream.concurrency_limit())
-    {
+    while let Some(departure) = shared.departures.next_or_retire(senders_allowed(&shared)) {
         let told = tokio::select! {
             biased;
             _ = shared.departures.abandoned.cancelled() => false,
@@ -326,13 +359,13 @@ mod tests {
     ) -> Vec<bool> {
         clients
             .iter()
-            .map(|c| queue.enqueue(departure(upstream, c), api_slots))
+            .map(|c| queue.enqueue(departure(upstream, c), allowed_senders(api_slots, None)))
             .collect()
     }
 
     /// The ClientIds one sender takes from the queue, in order, until it retires.
     fn sent_by_one_sender(queue: &Departures, api_slots: usize) -> Vec<String> {
-        std::iter::from_fn(|| queue.next_or_retire(api_slots))
+        std::iter::from_fn(|| queue.next_or_retire(allowed_senders(api_slots, None)))
             .map(|d| d.context.client_id.as_str().to_owned())
             .collect()
     }
@@ -348,7 +381,7 @@ mod tests {
         assert_eq!(sent_by_one_sender(&queue, 4), ["a", "b", "c", "d"]);
         // The sender that found the queue empty retired; once the other one does too, new
         // departures start senders again, two at most.
-        assert!(queue.next_or_retire(4).is_none());
+        assert!(queue.next_or_retire(allowed_senders(4, None)).is_none());
         let started = enqueue_all(&queue, &upstream, &["/e", "/f", "/g"], 4);
         assert_eq!(started, [true, true, false]);
     }
@@ -360,7 +393,9 @@ mod tests {
         enqueue_all(&queue, &upstream, &["/a", "/b"], 4);
         let load = |waiting, in_flight| DisconnectLoad { waiting, in_flight };
         assert_eq!(queue.load(), load(2, 0));
-        let first = queue.next_or_retire(4).expect("one queued");
+        let first = queue
+            .next_or_retire(allowed_senders(4, None))
+            .expect("one queued");
         assert_eq!(queue.load(), load(1, 1), "being sent");
         drop(first);
         queue.done_with_one();
@@ -372,10 +407,10 @@ mod tests {
         let upstream = test_upstream();
         let queue = Departures::default();
         for i in 0..1000 {
-            queue.enqueue(departure(&upstream, &format!("/c{i}")), 2);
+            queue.enqueue(departure(&upstream, &format!("/c{i}")), 1);
         }
         assert!(queue.state().waiting.capacity() >= 1000);
-        while queue.next_or_retire(2).is_some() {}
+        while queue.next_or_retire(allowed_senders(2, None)).is_some() {}
         assert!(queue.state().waiting.capacity() <= KEPT_CAPACITY);
     }
 
@@ -387,11 +422,26 @@ mod tests {
         assert_eq!(started, [true, true, false, false], "half of four slots");
         // The limit went down to two slots: one sender is one too many and retires although
         // departures wait; the other goes on with them.
-        assert!(queue.next_or_retire(2).is_none());
+        assert!(queue.next_or_retire(allowed_senders(2, None)).is_none());
         assert_eq!(sent_by_one_sender(&queue, 2), ["a", "b", "c", "d"]);
         assert_eq!(queue.state().senders, 0);
         // Even with a single slot, one sender is allowed.
-        assert!(queue.enqueue(departure(&upstream, "/e"), 1));
-        assert!(!queue.enqueue(departure(&upstream, "/f"), 1));
+        assert_eq!(allowed_senders(1, None), 1);
+        assert!(queue.enqueue(departure(&upstream, "/e"), allowed_senders(1, None)));
+        assert!(!queue.enqueue(departure(&upstream, "/f"), allowed_senders(1, None)));
+    }
+
+    #[test]
+    fn a_drain_allows_the_shutdown_delete_concurrency_up_to_every_api_slot() {
+        // Outside a drain: half the slots, whatever the flag.
+        assert_eq!(allowed_senders(64, None), 32);
+        // Draining with the defaults (64 slots, --shutdown-delete-concurrency 64): all 64,
+        // which half the slots could never reach (the limit grows only when all are taken).
+        assert_eq!(allowed_senders(64, Some(64)), 64);
+        // The flag below half the slots: half, as before the drain.
+        assert_eq!(allowed_senders(64, Some(8)), 32);
+        // The flag above the slots: the slots.
+        assert_eq!(allowed_senders(40, Some(1000)), 40);
+        assert_eq!(allowed_senders(1, Some(1)), 1);
     }
 }

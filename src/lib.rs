@@ -311,6 +311,7 @@ impl Gateway {
             "shutting down: finishing in-flight requests, closing websockets with 1001"
         );
         shared.begin_drain();
+        Departures::drain_begun(&shared);
         shared.tasks.close();
         let config = &shared.config;
         let grace = config.shutdown_timeout + config.upstream_timeout * 2 + Duration::from_secs(5);

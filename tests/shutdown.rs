@@ -271,31 +271,7 @@ async fn shutdown_with_500_connections_closes_each_with_1001_and_sends_exactly_5
     config.shutdown_delete_concurrency = DELETE_CONCURRENCY;
     config.shutdown_timeout = Duration::from_secs(10);
     let mut gateway = TestGateway::start(config).await;
-
-    let mut clients = Vec::with_capacity(CLIENTS);
-    for batch in 0..CLIENTS / 50 {
-        let connecting: Vec<_> = (0..50)
-            .map(|i| {
-                let url = gateway.url(&format!("/c{}", batch * 50 + i));
-                tokio::spawn(async move {
-                    let (ws, _) = ClientBuilder::new()
-                        .uri(&url)
-                        .unwrap()
-                        .connect()
-                        .await
-                        .expect("connects");
-                    ws
-                })
-            })
-            .collect();
-        for task in connecting {
-            clients.push(tokio::spawn(await_close(task.await.unwrap())));
-        }
-    }
-    assert_eq!(
-        gateway.metrics().await["connections_active"],
-        CLIENTS as f64
-    );
+    let clients = connect_clients_awaiting_close(&gateway, CLIENTS).await;
 
     let report = gateway.shutdown().await;
     assert_eq!(report.sessions_at_shutdown, CLIENTS);
@@ -313,19 +289,89 @@ async fn shutdown_with_500_connections_closes_each_with_1001_and_sends_exactly_5
     // Sent a few at a time: a DELETE holds its slot until answered (≥ delay after arrival), so
     // no window shorter than the delay holds more arrivals than the concurrency cap.
     deletes.sort_by_key(|d| d.at);
-    let most = (0..deletes.len())
-        .map(|i| {
-            deletes[i..]
-                .iter()
-                .take_while(|d| d.at - deletes[i].at < delete_delay - Duration::from_millis(2))
-                .count()
-        })
-        .max()
-        .unwrap();
+    let most = most_arrivals_within(&deletes, delete_delay - Duration::from_millis(2));
     assert!(
         most <= DELETE_CONCURRENCY,
         "{most} DELETEs at once with a cap of {DELETE_CONCURRENCY}"
     );
+}
+
+#[tokio::test]
+async fn a_drain_sends_deletes_up_to_the_shutdown_delete_concurrency_not_half_the_api_slots() {
+    const CLIENTS: usize = 100;
+    const API_SLOTS: usize = 16;
+    let delete_delay = Duration::from_millis(300);
+    let api = MockApi::with_script(move |s| match s.method.as_str() {
+        "DELETE" => Reply::ok("ok").after(delete_delay),
+        _ => echo_script(s),
+    })
+    .await;
+    let mut config = test_config(&api);
+    // A fixed limit of 16 API slots. Outside a drain DELETEs take half of them; in a drain no
+    // client stays that needs the other half, so --shutdown-delete-concurrency (16) applies.
+    config.upstream_max_connections = Some(API_SLOTS);
+    config.upstream_min_concurrency = API_SLOTS;
+    config.shutdown_delete_concurrency = API_SLOTS;
+    config.shutdown_timeout = Duration::from_secs(10);
+    let mut gateway = TestGateway::start(config).await;
+    let clients = connect_clients_awaiting_close(&gateway, CLIENTS).await;
+
+    let report = gateway.shutdown().await;
+    assert!(report.completed, "every session finished within the grace");
+    for client in clients {
+        assert_eq!(client.await.unwrap(), (1001, "going away".to_owned()));
+    }
+    let mut deletes = api.seen_with("DELETE");
+    assert_eq!(deletes.len(), CLIENTS, "exactly one DELETE per connection");
+    deletes.sort_by_key(|d| d.at);
+    let most = most_arrivals_within(&deletes, delete_delay - Duration::from_millis(2));
+    assert!(
+        most > API_SLOTS / 2 && most <= API_SLOTS,
+        "{most} DELETEs at once: more than half of the {API_SLOTS} slots, at most all of them"
+    );
+}
+
+/// Connects `n` clients (`/c0`, `/c1`, ...) to `gateway`, 50 at a time, and checks that all
+/// are active; each client's task ends with the close it gets.
+async fn connect_clients_awaiting_close(
+    gateway: &TestGateway,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<(u16, String)>> {
+    let mut clients = Vec::with_capacity(n);
+    for batch in 0..n.div_ceil(50) {
+        let connecting: Vec<_> = (batch * 50..n.min(batch * 50 + 50))
+            .map(|i| {
+                let url = gateway.url(&format!("/c{i}"));
+                tokio::spawn(async move {
+                    let (ws, _) = ClientBuilder::new()
+                        .uri(&url)
+                        .unwrap()
+                        .connect()
+                        .await
+                        .expect("connects");
+                    ws
+                })
+            })
+            .collect();
+        for task in connecting {
+            clients.push(tokio::spawn(await_close(task.await.unwrap())));
+        }
+    }
+    assert_eq!(gateway.metrics().await["connections_active"], n as f64);
+    clients
+}
+
+/// The most of `requests` (sorted by arrival) that arrived within any `window`.
+fn most_arrivals_within(requests: &[Seen], window: Duration) -> usize {
+    (0..requests.len())
+        .map(|i| {
+            requests[i..]
+                .iter()
+                .take_while(|d| d.at - requests[i].at < window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Starts the real binary against `api`, connects `n` clients, and checks one round trip each.
