@@ -201,22 +201,30 @@ async fn send_departures(shared: Arc<Shared>) {
         drop(departure.permit);
         shared.departures.done_with_one();
         if !told {
-            not_told_in_time(&shared, &departure.context);
-            for left in shared.departures.take_all() {
-                not_told_in_time(&shared, &left.context);
+            let left = shared.departures.take_all();
+            // Counted before the lines are logged: the stop line reads the count a fixed time
+            // after the senders were told to give up, and logging many lines may take longer.
+            given_up_in_time(&shared, 1 + left.len() as u64);
+            log_not_told_in_time(&departure.context);
+            for left in left {
+                log_not_told_in_time(&left.context);
             }
         }
     }
 }
 
-/// Logs and counts a DELETE given up at the end of the shutdown's grace period: not sent, or
-/// sent and not answered (the API may have it).
-fn not_told_in_time(shared: &Shared, context: &ConnectionContext) {
+/// Counts `n` DELETEs given up at the end of the shutdown's grace period.
+fn given_up_in_time(shared: &Shared, n: u64) {
     shared
         .metrics
         .disconnects_failed
-        .fetch_add(1, Ordering::Relaxed);
-    shared.departures.given_up.fetch_add(1, Ordering::Relaxed);
+        .fetch_add(n, Ordering::Relaxed);
+    shared.departures.given_up.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Logs a DELETE given up at the end of the shutdown's grace period: not sent, or sent and
+/// not answered (the API may have it).
+fn log_not_told_in_time(context: &ConnectionContext) {
     tracing::warn!(
         client_id = %context.client_id,
         connection_id = %context.connection_id,
