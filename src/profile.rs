@@ -256,12 +256,46 @@ fn write_cpu_profile(
     write_file(path, &bytes, writing)
 }
 
-/// Where a profile for `path` is written before it is renamed into place: a name of this
-/// process's own, created new (never a file already there, a user's or a link).
+/// How many names [`create_beside`] tries before it gives up: `FILE.<pid>.<kind>`, then
+/// `FILE.<pid>.1.<kind>` and so on.
+const NAMES_BESIDE: usize = 16;
+
+/// The `attempt`th name for a file of this process's own beside `path`, of the given `kind`
+/// (`partial`, `check`).
+fn path_beside(path: &Path, kind: &str, attempt: usize) -> PathBuf {
+    let mut beside = path.as_os_str().to_owned();
+    if attempt == 0 {
+        beside.push(format!(".{}.{kind}", std::process::id()));
+    } else {
+        beside.push(format!(".{}.{attempt}.{kind}", std::process::id()));
+    }
+    PathBuf::from(beside)
+}
+
+/// Where a profile for `path` is first tried before it is renamed into place.
+#[cfg(test)]
 fn partial_path(path: &Path) -> PathBuf {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(format!(".{}.partial", std::process::id()));
-    PathBuf::from(partial)
+    path_beside(path, "partial", 0)
+}
+
+/// Creates a new file beside `path` (never opening one already there: a user's file, a link,
+/// or one left by a run killed while it wrote, which in a container may have had the same
+/// pid): the first free one of [`NAMES_BESIDE`] names ([`path_beside`]).
+fn create_beside(path: &Path, kind: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
+    let mut taken = None;
+    for attempt in 0..NAMES_BESIDE {
+        let beside = path_beside(path, kind, attempt);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&beside)
+        {
+            Ok(file) => return Ok((beside, file)),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => taken = Some(error),
+            Err(error) => return Err(error),
+        }
+    }
+    Err(taken.unwrap_or_else(|| std::io::ErrorKind::AlreadyExists.into()))
 }
 
 /// Checks at start-up that a profile can be written at `path` (its directory exists and
@@ -276,14 +310,8 @@ pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
             source: std::io::ErrorKind::IsADirectory.into(),
         });
     }
-    let mut probe = path.as_os_str().to_owned();
-    probe.push(format!(".{}.check", std::process::id()));
-    let probe = PathBuf::from(probe);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .and_then(|_| std::fs::remove_file(&probe))
+    create_beside(path, "check")
+        .and_then(|(probe, _)| std::fs::remove_file(probe))
         .map_err(|source| ProfileError::Write {
             path: path.to_owned(),
             source,
@@ -303,24 +331,22 @@ pub fn writes_finished() -> std::sync::MutexGuard<'static, ()> {
     WRITING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes `bytes` to `path` at once: into a new partial file beside it ([`partial_path`]),
+/// Writes `bytes` to `path` at once: into a new partial file beside it ([`create_beside`]),
 /// then renamed, so that a process stopped mid-write (by SIGKILL) leaves the file as it was,
-/// not cut short. The error names the file.
+/// not cut short. The error names the file. Only a partial file this call created is removed
+/// on an error.
 fn write_file(path: &Path, bytes: &[u8], _writing: &Writing) -> Result<(), ProfileError> {
     use std::io::Write as _;
-    let partial = partial_path(path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&partial)
-        .and_then(|mut file| file.write_all(bytes))
+    let error = |source| ProfileError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let (partial, mut file) = create_beside(path, "partial").map_err(error)?;
+    file.write_all(bytes)
         .and_then(|()| std::fs::rename(&partial, path))
         .map_err(|source| {
             let _ = std::fs::remove_file(&partial);
-            ProfileError::Write {
-                path: path.to_owned(),
-                source,
-            }
+            error(source)
         })
 }
 
@@ -503,14 +529,43 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("cpu.pb");
-        // A link where the partial file goes, to a file that must not be overwritten.
+        // A link where the partial file goes first, to a file that must not be overwritten,
+        // and a partial file left by a killed run of the same pid (a container's PID 1).
         let victim = dir.join("victim");
         std::fs::write(&victim, b"victim").unwrap();
         std::os::unix::fs::symlink(&victim, partial_path(&path)).unwrap();
-        let error = write_file(&path, b"profile", &writes_finished()).unwrap_err();
-        assert!(error.to_string().contains("cpu.pb"), "{error}");
+        std::fs::write(path_beside(&path, "partial", 1), b"left").unwrap();
+        write_file(&path, b"profile", &writes_finished()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"profile");
         assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
+        // Both are left as they were: neither was this write's to remove.
+        assert!(partial_path(&path).is_symlink());
+        assert_eq!(
+            std::fs::read(path_beside(&path, "partial", 1)).unwrap(),
+            b"left"
+        );
+        assert!(!path_beside(&path, "partial", 2).exists(), "renamed away");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_profile_write_with_every_partial_name_taken_fails_naming_the_file_and_removes_none() {
+        let dir = temp_path("partial-all-taken");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("heap.pb.gz");
+        for attempt in 0..NAMES_BESIDE {
+            std::fs::write(path_beside(&path, "partial", attempt), b"left").unwrap();
+        }
+        let error = write_file(&path, b"profile", &writes_finished()).unwrap_err();
+        assert!(error.to_string().contains("heap.pb.gz"), "{error}");
         assert!(!path.exists());
+        for attempt in 0..NAMES_BESIDE {
+            assert_eq!(
+                std::fs::read(path_beside(&path, "partial", attempt)).unwrap(),
+                b"left"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
