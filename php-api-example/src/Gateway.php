@@ -60,11 +60,15 @@ final class Gateway
             'ignore_errors' => true, // give us the body and status of 4xx/5xx too
             'follow_location' => 0,
         ]]);
-        $http_response_header = [];
-        $result = @file_get_contents($this->base . $pathAndQuery, false, $context);
-        if ($result === false || !isset($http_response_header[0])) {
+        // The status line from the stream's metadata: `$http_response_header`, filled in
+        // by file_get_contents, is deprecated from PHP 8.5 on, and a deprecation notice
+        // shown in the answer would spoil the API's `ok` to the gateway.
+        $stream = @fopen($this->base . $pathAndQuery, 'r', false, $context);
+        if ($stream === false) {
             return 0;
         }
-        return preg_match('#^HTTP/\S+\s+(\d{3})#', $http_response_header[0], $m) === 1 ? (int) $m[1] : 0;
+        $status = stream_get_meta_data($stream)['wrapper_data'][0] ?? '';
+        fclose($stream); // the answer's body is not needed; the request said Connection: close
+        return is_string($status) && preg_match('#^HTTP/\S+\s+(\d{3})#', $status, $m) === 1 ? (int) $m[1] : 0;
     }
 }
