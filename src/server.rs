@@ -464,6 +464,10 @@ where
         if error.is_timeout() {
             // The request head did not arrive within --handshake-timeout.
             metrics.handshake_refused(RefusalReason::Timeout);
+        } else if error.is_parse() {
+            // A head hyper could not parse, answered by hyper itself: 400, or 431 for one
+            // over MAX_REQUEST_HEAD.
+            metrics.handshake_refused(RefusalReason::BadRequest);
         }
         tracing::debug!(%error, "public connection ended with an error");
     }

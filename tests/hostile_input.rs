@@ -398,7 +398,9 @@ async fn malformed_upgrade_requests_get_their_exact_status_and_never_reach_the_a
     let api = MockApi::start().await;
     let gateway = TestGateway::start(test_config(&api)).await;
     let mut failures = Vec::new();
-    for case in handshake_cases() {
+    let cases = handshake_cases();
+    let refusals = cases.len() as f64;
+    for case in cases {
         let response = raw_exchange(gateway.public, &case.request).await;
         if response.status != case.status {
             failures.push(format!(
@@ -427,6 +429,15 @@ async fn malformed_upgrade_requests_get_their_exact_status_and_never_reach_the_a
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Every one is counted as a bad request, those hyper answers itself (a head it cannot
+    // parse, one over 16 KiB) too. (Counted as each connection ends: waited for.)
+    gateway
+        .wait_for_metric(
+            "handshakes_refused{reason=\"bad_request\"}",
+            |n| n == refusals,
+            Duration::from_secs(5),
+        )
+        .await;
 
     // Still healthy: a normal client connects and round-trips.
     let mut ws = gateway.connect("/after-handshakes").await;
