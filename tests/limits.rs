@@ -1057,6 +1057,7 @@ async fn the_log_names_the_1013_an_overloaded_client_was_closed_with() {
         .find(|l| l.contains("closing the websocket with 1013"))
         .unwrap();
     assert!(line.contains("client_id=refused"), "{line}");
+    assert!(line.contains(" WARN "), "logged as a warning: {line}");
     assert!(!log.contains("with 1011"), "{log}");
 }
 
