@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// Maximum size of a frame header (2 + 8 + 4).
-const MAX_FRAME_HEADER_SIZE: usize = 14;
+pub(crate) const MAX_FRAME_HEADER_SIZE: usize = 14;
 
 /// The actual implementation of the WebSocket byte-level protocol.
 /// It provides a [`Decoder`] for single frames that must be assembled by a

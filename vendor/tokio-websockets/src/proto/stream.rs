@@ -354,8 +354,10 @@ where
         let frame = match next {
             Some(Ok(frame)) => {
                 // A frame larger than the buffer made it grow; one larger than half
-                // of it may have, when it arrived split across the buffer's end.
-                if frame.payload.len() > self.config.read_buffer_size / 2 {
+                // of it (its header counted) may have, when it arrived split across
+                // the buffer's end.
+                let frame_len = frame.payload.len() + super::codec::MAX_FRAME_HEADER_SIZE;
+                if frame_len > self.config.read_buffer_size / 2 {
                     self.read_buffer_grown = true;
                 }
                 frame
@@ -731,6 +733,30 @@ mod read_buffer_tests {
         let buffer = ws.inner.read_buffer();
         assert_eq!(buffer.capacity(), 1024);
         assert_ne!(buffer.as_ptr(), message_end);
+    }
+
+    #[tokio::test]
+    async fn a_frame_split_across_the_buffers_end_does_not_leave_a_grown_buffer() {
+        let (mut ws, mut client) = server(Config::default().read_buffer_size(1024));
+        // A first frame of 510 bytes (a 502-byte payload and its 8-byte header), then one
+        // of 516 (a 508-byte payload, not over half the buffer, and its 8-byte header):
+        // the second one arrives split across the buffer's end, and the buffer grows for
+        // its last bytes.
+        let first = client_frame(&[1u8; 502]);
+        assert_eq!(first.len(), 510);
+        let second = client_frame(&[2u8; 508]);
+        assert_eq!(second.len(), 516);
+        let bytes = [first, second].concat();
+        client.write_all(&bytes).await.unwrap();
+        let one = next(&mut ws).await;
+        let two = next(&mut ws).await;
+        assert_eq!(two.as_payload().len(), 508);
+        drop((one, two));
+        assert!(poll_once(&mut ws).is_pending());
+        // Idle, the buffer is one of the configured size, not a view into the grown one.
+        let buffer = ws.inner.read_buffer();
+        assert!(buffer.is_empty());
+        assert_eq!(buffer.capacity(), 1024);
     }
 
     #[tokio::test]
