@@ -185,6 +185,8 @@ struct Shared {
     errors_total: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<Histogram<u64>>,
+    /// Rate mode: how late each message went out, from its scheduled tick to its send.
+    send_lag: Mutex<Histogram<u64>>,
     connect_latency: Mutex<Histogram<u64>>,
     push_latency: Mutex<Histogram<u64>>,
     settled: AtomicU64,
@@ -302,9 +304,10 @@ fn make_msg(sh: &Shared, idx: u64, seq: u64) -> Message {
 }
 
 /// Sends the connection's next request, its latency to be timed from `timed_from`: in rate mode
-/// the instant its tick was scheduled (a message the load generator sends late, short of CPU,
-/// counts its wait too, rather than the wait being left out: coordinated omission), in flood
-/// mode the send itself (a closed loop has no schedule).
+/// the instant its tick was scheduled, less the timer's own lateness ([`rate_timed_from`]: a
+/// message the load generator sends late, short of CPU, counts its wait too, rather than the
+/// wait being left out: coordinated omission), in flood mode the send itself (a closed loop has
+/// no schedule).
 async fn send_next(
     sh: &Shared,
     ws: &mut Ws,
@@ -328,11 +331,28 @@ async fn send_next(
 /// The timer of a rate-mode connection: first tick at `first`, then one per `interval`. Ticks
 /// missed while the load generator was busy come at once (`Burst`), each returning the instant
 /// it was scheduled for, so the schedule never shifts: the load asked is the load sent, and
-/// latency is timed from the schedule.
+/// latency is timed from the schedule ([`rate_timed_from`]).
 fn rate_ticker(first: tokio::time::Instant, interval: Duration) -> tokio::time::Interval {
     let mut ticker = tokio::time::interval_at(first, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     ticker
+}
+
+/// The part of a rate-mode message's lateness that is the timer's own and not charged to the
+/// gateway: tokio counts time in whole milliseconds and rounds a deadline up to the next one,
+/// so a tick due at 10.2 ms comes at 11 ms at the earliest. (A runtime that had parked can
+/// add up to another millisecond, as it sleeps whole milliseconds from a clock read rounded
+/// down; that part is still charged. The send lag, `send_lag` in the report, shows it all.)
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+
+/// The instant a rate-mode message's latency is timed from: its tick's `scheduled` instant,
+/// moved later by as much of its lateness (`sent_at`, when the load generator went to send it,
+/// minus `scheduled`) as the timer itself accounts for, [`TIMER_RESOLUTION`] at most. A message
+/// sent within that of its schedule is timed from its send, so the timer's rounding is not
+/// charged to the gateway; one sent later (a load generator stalled, or a connection whose
+/// previous send the gateway did not take) counts every bit of its wait beyond it.
+fn rate_timed_from(scheduled: Instant, sent_at: Instant) -> Instant {
+    sent_at.clamp(scheduled, scheduled + TIMER_RESOLUTION)
 }
 
 /// Runs one established connection through the phases until close or loss. `last_push` is the
@@ -397,7 +417,12 @@ async fn session(
                 }
             }
             scheduled = ticker.tick(), if ticking => {
-                if !send_next(sh, &mut ws, idx, &mut flight, scheduled.into_std()).await {
+                let (scheduled, sent_at) = (scheduled.into_std(), Instant::now());
+                stats::record(
+                    &mut sh.send_lag.lock().unwrap(),
+                    sent_at.saturating_duration_since(scheduled),
+                );
+                if !send_next(sh, &mut ws, idx, &mut flight, rate_timed_from(scheduled, sent_at)).await {
                     return End::Lost;
                 }
             }
@@ -589,6 +614,7 @@ async fn worker(args: Args, mode: Mode, first: u64, count: u64) {
         errors_total: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
         latency: Mutex::new(stats::new_hist()),
+        send_lag: Mutex::new(stats::new_hist()),
         connect_latency: Mutex::new(stats::new_hist()),
         push_latency: Mutex::new(stats::new_hist()),
         settled: AtomicU64::new(0),
@@ -694,6 +720,7 @@ async fn worker(args: Args, mode: Mode, first: u64, count: u64) {
         "pushes": sh.pushes.load(Relaxed),
         "errors": errors,
         "latency": stats::to_pairs(&sh.latency.lock().unwrap()),
+        "send_lag": stats::to_pairs(&sh.send_lag.lock().unwrap()),
         "connect_latency": stats::to_pairs(&sh.connect_latency.lock().unwrap()),
         "push_latency": stats::to_pairs(&sh.push_latency.lock().unwrap()),
     }));
@@ -998,6 +1025,7 @@ async fn parent(args: Args) -> i32 {
 
     // Aggregate.
     let mut latency = stats::new_hist();
+    let mut send_lag = stats::new_hist();
     let mut connect_latency = stats::new_hist();
     let mut push_latency = stats::new_hist();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
@@ -1013,6 +1041,7 @@ async fn parent(args: Args) -> i32 {
             continue;
         };
         stats::add_pairs(&mut latency, &r["latency"]);
+        stats::add_pairs(&mut send_lag, &r["send_lag"]);
         stats::add_pairs(&mut connect_latency, &r["connect_latency"]);
         stats::add_pairs(&mut push_latency, &r["push_latency"]);
         if let Some(m) = r["errors"].as_object() {
@@ -1088,6 +1117,7 @@ async fn parent(args: Args) -> i32 {
         "replies_per_s": per_s(replies, message_phase_s),
         "pushes": pushes,
         "latency": stats::summary(&latency),
+        "send_lag": stats::summary(&send_lag),
         "connect_latency": stats::summary(&connect_latency),
         "push_latency": stats::summary(&push_latency),
         "errors_total": errors_total,
@@ -1162,6 +1192,17 @@ fn table(r: &Value) -> String {
         ),
     );
     row("reply latency", lat(&r["latency"]));
+    let send_lag = &r["send_lag"];
+    row(
+        "send lag (rate mode)",
+        format!(
+            "p50 {} p99 {} max {} ms (n={})",
+            f(&send_lag["p50_ms"]),
+            f(&send_lag["p99_ms"]),
+            f(&send_lag["max_ms"]),
+            f(&send_lag["count"])
+        ),
+    );
     row("pushes received", f(&r["pushes"]));
     row("push delivery latency", lat(&r["push_latency"]));
     row("machine TCP, connect phase", f(&r["tcp_connect_phase"]));
@@ -1264,6 +1305,34 @@ mod tests {
         assert_eq!(cpu["cpu_us_per_conn"], 52.3, "{cpu}");
         assert_eq!(cpu["cpu_us_per_msg"], 50.5, "{cpu}");
         assert_eq!(cpu["cpu_from_clock"], false, "{cpu}");
+    }
+
+    #[test]
+    fn a_rate_mode_message_is_timed_from_its_schedule_less_the_timers_own_lateness() {
+        let scheduled = Instant::now();
+        let (us, ms) = (Duration::from_micros, Duration::from_millis);
+        // Sent on time, or as late as tokio's whole-millisecond timer makes it: from the send.
+        assert_eq!(rate_timed_from(scheduled, scheduled), scheduled);
+        assert_eq!(
+            rate_timed_from(scheduled, scheduled + us(600)),
+            scheduled + us(600),
+            "the timer's rounding is not the gateway's"
+        );
+        assert_eq!(
+            rate_timed_from(scheduled, scheduled + ms(1)),
+            scheduled + ms(1)
+        );
+        // Later than that: every bit of the wait beyond the timer's resolution counts, as
+        // when the load generator stalls for 400 ms.
+        assert_eq!(
+            rate_timed_from(scheduled, scheduled + us(1_300)),
+            scheduled + ms(1)
+        );
+        assert_eq!(
+            rate_timed_from(scheduled, scheduled + ms(400)),
+            scheduled + ms(1),
+            "399 ms of the stall still counted"
+        );
     }
 
     #[test]
