@@ -897,9 +897,15 @@ fn offered_rate(name: &str, load: &Value) -> String {
     }
 }
 
-/// Messages per second a fixed-rate load sent, and the rate it was asked for.
+/// Messages per second a fixed-rate load sent over its send window (`send_window_s`: from go to
+/// the stop, while its clients were sending), and the rate it was asked for. A result from
+/// before `load` reported the window is taken over its message phase, as it was judged then
+/// (`message_phase_s`: the stop, the wait for the replies in flight and the end sample
+/// included, which made a run that sent every message look 0.05-0.08% short).
 fn sent_and_asked(load: &Value) -> Option<(f64, f64)> {
-    let seconds = load["message_phase_s"].as_f64()?;
+    let seconds = load["send_window_s"]
+        .as_f64()
+        .or_else(|| load["message_phase_s"].as_f64())?;
     let interval_ms = load["interval_ms"].as_f64()?;
     if seconds <= 0.0 || interval_ms <= 0.0 {
         return None;
@@ -1059,8 +1065,8 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
         "S4" => {
             // A load generator short of CPU sends late; `load` times each message from its
             // scheduled tick and catches up on missed ones, but what it could not catch up on
-            // before the phase ended spares the gateway the load the target is about: the run
-            // counts only if the clients sent 99.9% of it.
+            // before the stop spares the gateway the load the target is about: the run counts
+            // only if the clients sent 99.9% of it over the time they were sending.
             let sent = sent_and_asked(l).map(|(sent, asked)| sent / asked * 100.0);
             vec![
                 c("errors", num(&l["errors_total"]), Some(0.0), true),
@@ -1857,6 +1863,24 @@ mod tests {
             md.contains("error: did not finish in time") && md.contains("(not judged)"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn s4_counts_the_rate_sent_over_the_send_window_not_the_whole_message_phase() {
+        // 60 s of sending, all but the last few ticks sent, and 40 ms more in the message
+        // phase for the stop, the replies still in flight and the end sample.
+        let mut s4 = json!({"id": "S4", "load": {"errors_total": 0, "latency": {"p99_ms": 9.0},
+               "conns": 15000, "interval_ms": 1000, "sent": 899_500,
+               "send_window_s": 60.0, "message_phase_s": 60.04}});
+        assert_eq!(verdict(&s4, false), Some(true), "99.94% of the rate sent");
+        assert!(
+            offered_rate("S4", &s4["load"]).contains("sent 14992 msgs/s of the 15000 asked"),
+            "{}",
+            offered_rate("S4", &s4["load"])
+        );
+        // Without the window (an older result): over the message phase, as it was judged.
+        s4["load"].as_object_mut().unwrap().remove("send_window_s");
+        assert_eq!(verdict(&s4, false), Some(false), "99.88% over 60.04 s");
     }
 
     #[test]
