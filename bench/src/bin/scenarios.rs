@@ -538,6 +538,8 @@ fn warm_up(bins: &Bins, port: u16, idle_secs: u64) -> Value {
             json!({
                 "clients": WARM_UP_CLIENTS,
                 "established": report["established"],
+                // The API saw these besides the scenario's own (`warm_up_traffic`).
+                "sent": report["sent"],
                 "replies": report["replies"],
                 "errors_total": report["errors_total"],
                 "idle_secs": idle_secs,
@@ -943,6 +945,8 @@ struct Check {
     limit: f64,
     /// True when the value must be at most the limit, false when at least.
     at_most: bool,
+    /// What a missed criterion's figures are made of, said after it (empty: nothing to add).
+    detail: String,
 }
 
 impl Check {
@@ -954,7 +958,8 @@ impl Check {
         }
     }
 
-    /// How far off a missed criterion is, e.g. `30.4 KiB/conn vs ≤ 4 (7.6×)`.
+    /// How far off a missed criterion is, e.g. `30.4 KiB/conn vs ≤ 4 (7.6×)`, and its
+    /// [`Check::detail`] if it has one.
     fn shortfall(&self) -> String {
         let ratio = if self.at_most {
             self.value / self.limit.max(f64::MIN_POSITIVE)
@@ -966,8 +971,13 @@ impl Check {
         } else {
             String::new()
         };
+        let detail = if self.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.detail)
+        };
         format!(
-            "{} {} vs {} {}{ratio}",
+            "{} {} vs {} {}{ratio}{detail}",
             self.what,
             trim(self.value),
             if self.at_most { "≤" } else { "≥" },
@@ -1009,6 +1019,7 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
             value,
             limit,
             at_most,
+            detail: String::new(),
         }),
         (_, limit) => Err(Unrecorded {
             what,
@@ -1109,6 +1120,7 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
     if r["id"] != "S4" {
         v.extend(clean());
     }
+    v.extend(api_traffic(r));
     if !r["error"].is_null() {
         // A scenario that failed or was cut short (a child stopped at its time limit) may
         // have figures, but not the ones its target is about: none counts.
@@ -1128,6 +1140,102 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
     Some(v)
 }
 
+/// What the API saw besides the scenario's own `load`: S1's warm-up clients, as
+/// (connections, messages sent); none for the other scenarios. `None` when a warm-up ran but
+/// its figures are not known: it failed, or its run is from before the runner kept them (the
+/// S1 runs of 2026-11-30 14:05–14:11 have a start-up baseline, the sign of a warm-up, and no
+/// `warm_up`). A record from before `sent` was kept gives its replies, which are the messages
+/// it sent when it had no error.
+fn warm_up_traffic(r: &Value) -> Option<(f64, f64)> {
+    let w = &r["warm_up"];
+    if w.is_object() {
+        let sent = w["sent"].as_f64().or_else(|| {
+            w["errors_total"]
+                .as_f64()
+                .filter(|&errors| errors == 0.0)
+                .and(w["replies"].as_f64())
+        });
+        return Some((w["established"].as_f64()?, sent?));
+    }
+    if r["id"] == "S1" && !r["gateway_cold_baseline"].is_null() {
+        return None;
+    }
+    Some((0.0, 0.0))
+}
+
+/// Clean-run criteria of every scenario: every reply went through the API. `mock-api` echoes the
+/// body, so `load`'s byte check cannot tell its echo from the gateway sending the client's own
+/// frame back; the mock's counters can. Each must equal what the clients did: a GET and a
+/// DELETE for each connection `load` established (the gateway asks the API before it accepts
+/// one and tells it when it closes; the runner stops the gateway at least 2 s after the clients
+/// left), a POST for each message `load` sent, and S1's warm-up besides
+/// ([`warm_up_traffic`]). Exactly, not as a bound: after the stop `load` waits for the reply to
+/// every message still in flight, so a message in flight at the stop is among its `sent` and
+/// among the POSTs alike, and one that gets no reply is `reply_missing`, an error already. Each
+/// criterion's value is how far the two counts are apart, and a missed one names both.
+fn api_traffic(r: &Value) -> Vec<Result<Check, Unrecorded>> {
+    let (l, m) = (&r["load"], &r["mock_counters"]);
+    let warm_up = warm_up_traffic(r);
+    let criterion = |what: &'static str,
+                     method: &str,
+                     seen: Option<f64>,
+                     ours: Option<f64>,
+                     warm_up: Option<f64>,
+                     unit: &str| match (seen, ours, warm_up) {
+        (Some(seen), Some(ours), Some(warm_up)) => {
+            let and_warm_up = if warm_up > 0.0 {
+                format!(" and {} of the warm-up", trim(warm_up))
+            } else {
+                String::new()
+            };
+            Ok(Check {
+                what,
+                value: (seen - ours - warm_up).abs(),
+                limit: 0.0,
+                at_most: true,
+                detail: format!(
+                    "the API saw {} {method}s for {} {unit}{and_warm_up}",
+                    trim(seen),
+                    trim(ours)
+                ),
+            })
+        }
+        _ => Err(Unrecorded {
+            what,
+            limit: Some(0.0),
+            at_most: true,
+        }),
+    };
+    let established = l["established"].as_f64();
+    let warm_up_conns = warm_up.map(|(conns, _)| conns);
+    vec![
+        criterion(
+            "API GETs other than one per connection",
+            "GET",
+            m["get"].as_f64(),
+            established,
+            warm_up_conns,
+            "connections",
+        ),
+        criterion(
+            "API DELETEs other than one per connection",
+            "DELETE",
+            m["delete"].as_f64(),
+            established,
+            warm_up_conns,
+            "connections",
+        ),
+        criterion(
+            "API POSTs other than one per message sent",
+            "POST",
+            m["post"].as_f64(),
+            l["sent"].as_f64(),
+            warm_up.map(|(_, sent)| sent),
+            "messages sent",
+        ),
+    ]
+}
+
 /// Figures `--tally` counts against a limit beside the target's criteria, without a say in the
 /// verdict: S1's RSS after the clients left against the start-up figure (the target judges it
 /// against the baseline taken after a warm-up, a documented choice; the reader sees both).
@@ -1143,6 +1251,7 @@ fn informational(r: &Value) -> Vec<Result<Check, Unrecorded>> {
                     value: percent_over(after, cold),
                     limit: 10.0,
                     at_most: true,
+                    detail: String::new(),
                 }),
                 _ => Err(Unrecorded {
                     what,
@@ -1740,6 +1849,21 @@ fn main() {
 mod tests {
     use super::*;
 
+    /// `r` with the counters of a mock API that saw just what the clients did: a GET and a
+    /// DELETE for each connection established, a POST for each message sent, `load`'s and the
+    /// warm-up's (and `load`'s count of messages sent, 0 unless `r` gives one).
+    fn api_saw_the_clients(mut r: Value) -> Value {
+        if r["load"]["sent"].is_null() {
+            r["load"]["sent"] = json!(0);
+        }
+        let count = |v: &Value| v.as_u64().unwrap_or(0);
+        let (l, w) = (&r["load"], &r["warm_up"]);
+        let conns = count(&l["established"]) + count(&w["established"]);
+        let posts = count(&l["sent"]) + count(&w["sent"]);
+        r["mock_counters"] = json!({"get": conns, "post": posts, "delete": conns});
+        r
+    }
+
     #[test]
     fn the_ports_are_read_from_the_lines_the_children_print() {
         let gateway = "2026-11-30T18:41:24.020561Z  INFO ws2http: ws2http listening: \
@@ -1848,8 +1972,10 @@ mod tests {
 
     #[test]
     fn a_scenario_cut_short_is_not_judged_whatever_its_figures() {
-        let mut r = json!({"id": "S2", "load": {"errors_total": 0, "established": 10,
-                           "conns": 10, "gateway": {"cpu_us_per_conn": 30.0}}});
+        let mut r = api_saw_the_clients(
+            json!({"id": "S2", "load": {"errors_total": 0, "established": 10,
+                           "conns": 10, "gateway": {"cpu_us_per_conn": 30.0}}}),
+        );
         assert_eq!(verdict(&r, false), Some(true));
         r["error"] = json!("did not finish in time, stopped: load (after 216 s)");
         assert_eq!(verdict(&r, false), None);
@@ -1869,9 +1995,11 @@ mod tests {
     fn s4_counts_the_rate_sent_over_the_send_window_not_the_whole_message_phase() {
         // 60 s of sending, all but the last few ticks sent, and 40 ms more in the message
         // phase for the stop, the replies still in flight and the end sample.
-        let mut s4 = json!({"id": "S4", "load": {"errors_total": 0, "latency": {"p99_ms": 9.0},
-               "conns": 15000, "interval_ms": 1000, "sent": 899_500,
-               "send_window_s": 60.0, "message_phase_s": 60.04}});
+        let mut s4 = api_saw_the_clients(
+            json!({"id": "S4", "load": {"errors_total": 0, "latency": {"p99_ms": 9.0},
+               "conns": 15000, "established": 15000, "interval_ms": 1000, "sent": 899_500,
+               "send_window_s": 60.0, "message_phase_s": 60.04}}),
+        );
         assert_eq!(verdict(&s4, false), Some(true), "99.94% of the rate sent");
         assert!(
             offered_rate("S4", &s4["load"]).contains("sent 14992 msgs/s of the 15000 asked"),
@@ -1969,10 +2097,13 @@ mod tests {
 
     #[test]
     fn s1_reports_the_growth_over_the_warmed_and_the_start_up_baseline() {
-        let r = json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": 3.7}},
+        let r = api_saw_the_clients(
+            json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": 3.7}},
+                       "warm_up": {"established": 4, "sent": 20},
                        "gateway_cold_baseline": {"rss_kib": 7000},
                        "gateway_baseline": {"rss_kib": 7500},
-                       "gateway_after_leave": {"rss_kib": 7875}});
+                       "gateway_after_leave": {"rss_kib": 7875}}),
+        );
         let table = markdown(std::slice::from_ref(&r), false);
         assert!(
             table.contains("+5%; +12% over the 6.8 MiB at start"),
@@ -1985,8 +2116,10 @@ mod tests {
     #[test]
     fn verdicts_follow_the_issue_targets() {
         let s4_sent = |errors: u64, p99: f64, sent: u64| {
-            json!({"id": "S4", "load": {"errors_total": errors, "latency": {"p99_ms": p99},
-                   "conns": 15000, "interval_ms": 1000, "message_phase_s": 60.0, "sent": sent}})
+            api_saw_the_clients(
+                json!({"id": "S4", "load": {"errors_total": errors, "latency": {"p99_ms": p99},
+                   "conns": 15000, "established": 15000, "interval_ms": 1000, "message_phase_s": 60.0, "sent": sent}}),
+            )
         };
         let s4 = |errors: u64, p99: f64| s4_sent(errors, p99, 900_000);
         assert_eq!(verdict(&s4(0, 9.5), false), Some(true));
@@ -2008,8 +2141,10 @@ mod tests {
             "99.88% of the rate is short of the 99.9% asked"
         );
         let s5 = |ok: u64, delivered: u64| {
-            json!({"id": "S5", "push": {"pushes_per_s": 60_000.0, "count": 15000, "ok": ok},
-                   "load": {"errors_total": 0, "established": 10, "conns": 10, "pushes": delivered, "push_latency": {"p99_ms": 5.0}}})
+            api_saw_the_clients(
+                json!({"id": "S5", "push": {"pushes_per_s": 60_000.0, "count": 15000, "ok": ok},
+                   "load": {"errors_total": 0, "established": 10, "conns": 10, "pushes": delivered, "push_latency": {"p99_ms": 5.0}}}),
+            )
         };
         assert_eq!(verdict(&s5(15000, 15000), false), Some(true));
         assert_eq!(
@@ -2023,8 +2158,10 @@ mod tests {
             "a push lost"
         );
         let s1 = |kib: f64, base: u64, after: u64| {
-            json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": kib}},
-                   "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}})
+            api_saw_the_clients(
+                json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": kib}},
+                   "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}}),
+            )
         };
         assert_eq!(verdict(&s1(3.9, 1000, 1100), false), Some(true));
         let missed = markdown(&[s1(8.0, 1000, 1000)], false);
@@ -2059,7 +2196,7 @@ mod tests {
             r["load"]["errors_total"] = json!(errors);
             r["load"]["established"] = json!(established);
             r["load"]["conns"] = json!(10);
-            r
+            api_saw_the_clients(r)
         };
         for r in &good {
             let id = &r["id"];
@@ -2086,10 +2223,103 @@ mod tests {
     }
 
     #[test]
+    fn every_target_needs_the_api_to_have_seen_each_connection_and_each_message() {
+        let s3a = api_saw_the_clients(
+            json!({"id": "S3a", "load": {"errors_total": 0, "established": 100, "conns": 100,
+                   "sent": 1_000_000, "replies_per_s": 60_000.0, "gateway": {"cpu_us_per_msg": 10.0}}}),
+        );
+        assert_eq!(verdict(&s3a, false), Some(true));
+        // The gateway sent one message back without asking the API: its byte check passes,
+        // the counters do not.
+        let mut bounced = s3a.clone();
+        bounced["mock_counters"]["post"] = json!(999_999);
+        assert_eq!(verdict(&bounced, false), Some(false));
+        let missed = markdown(&[bounced], false);
+        assert!(
+            missed.contains(
+                "API POSTs other than one per message sent 1 vs ≤ 0 (the API saw 999999 POSTs \
+                 for 1000000 messages sent)"
+            ),
+            "{missed}"
+        );
+        // A connection the API was never asked about, or never told of its close.
+        let mut unasked = s3a.clone();
+        unasked["mock_counters"]["get"] = json!(99);
+        let missed = markdown(&[unasked], false);
+        assert!(
+            missed.contains(
+                "API GETs other than one per connection 1 vs ≤ 0 (the API saw 99 GETs for 100 \
+                 connections)"
+            ),
+            "{missed}"
+        );
+        let mut untold = s3a.clone();
+        untold["mock_counters"]["delete"] = json!(101);
+        assert_eq!(verdict(&untold, false), Some(false));
+        // S4 has its own errors criterion, and this one too.
+        let s4 = api_saw_the_clients(
+            json!({"id": "S4", "load": {"errors_total": 0, "latency": {"p99_ms": 9.0},
+                   "conns": 15000, "established": 15000, "interval_ms": 1000, "sent": 900_000,
+                   "send_window_s": 60.0}}),
+        );
+        assert_eq!(verdict(&s4, false), Some(true));
+        let mut bounced = s4.clone();
+        bounced["mock_counters"]["post"] = json!(900_001);
+        assert_eq!(verdict(&bounced, false), Some(false), "a POST too many");
+        // No counters (the mock API did not report them): not judged rather than passed.
+        let mut unknown = s3a;
+        unknown["mock_counters"] = Value::Null;
+        assert_eq!(verdict(&unknown, false), None);
+    }
+
+    #[test]
+    fn s1_counts_the_warm_up_clients_among_what_the_api_saw() {
+        let s1 = |warm_up: Value, cold_baseline: Value, [get, post, delete]: [u64; 3]| {
+            json!({"id": "S1", "load": {"errors_total": 0, "established": 15000, "conns": 15000,
+                   "sent": 0, "gateway": {"kib_per_conn_end": 3.0}},
+                   "warm_up": warm_up, "gateway_cold_baseline": cold_baseline,
+                   "gateway_baseline": {"rss_kib": 8000}, "gateway_after_leave": {"rss_kib": 8200},
+                   "mock_counters": {"get": get, "post": post, "delete": delete}})
+        };
+        let cold = json!({"rss_kib": 7600});
+        let warm_up = json!({"clients": 4, "established": 4, "sent": 21, "replies": 21,
+                             "errors_total": 0});
+        let counts = [15_004, 21, 15_004];
+        assert_eq!(
+            verdict(&s1(warm_up.clone(), cold.clone(), counts), false),
+            Some(true)
+        );
+        let missed = markdown(&[s1(warm_up, cold.clone(), [15_004, 22, 15_004])], false);
+        assert!(
+            missed.contains("(the API saw 22 POSTs for 0 messages sent and 21 of the warm-up)"),
+            "{missed}"
+        );
+        // A warm-up record from before `sent` was kept: its replies, when it had no error.
+        let replies_only =
+            json!({"clients": 4, "established": 4, "replies": 21, "errors_total": 0});
+        assert_eq!(
+            verdict(&s1(replies_only, cold.clone(), counts), false),
+            Some(true)
+        );
+        let with_errors = json!({"clients": 4, "established": 4, "replies": 20, "errors_total": 1});
+        assert_eq!(verdict(&s1(with_errors, cold.clone(), counts), false), None);
+        // A warm-up that could not run has no figures to count.
+        let failed = json!({"error": "load: did not finish in time, stopped"});
+        assert_eq!(verdict(&s1(failed, cold.clone(), counts), false), None);
+        // The runs of 2026-11-30 14:05-14:11 had a warm-up (a start-up baseline) and kept no
+        // record of it: unknown, not a mismatch. Before the warm-up, neither.
+        assert_eq!(verdict(&s1(Value::Null, cold, counts), false), None);
+        let before_warm_ups = s1(Value::Null, Value::Null, [15_000, 0, 15_000]);
+        assert_eq!(verdict(&before_warm_ups, false), Some(true));
+    }
+
+    #[test]
     fn s3_floors_are_two_and_a_half_times_the_top_of_ws2api_range() {
         let s3 = |id: &str, replies: f64| {
-            json!({"id": id, "load": {"errors_total": 0, "established": 10, "conns": 10, "replies_per_s": replies,
-                   "gateway": {"cpu_us_per_msg": 10.0}}})
+            api_saw_the_clients(
+                json!({"id": id, "load": {"errors_total": 0, "established": 10, "conns": 10, "replies_per_s": replies,
+                   "gateway": {"cpu_us_per_msg": 10.0}}}),
+            )
         };
         // 2.5 × 20.4k and 2.5 × 19.9k: the top of ws2api's ranges, not the bottom.
         assert_eq!(verdict(&s3("S3a", 51_000.0), false), Some(true));
@@ -2108,18 +2338,19 @@ mod tests {
         let s2 = |us: f64| {
             let mut s2 = json!({"id": "S2", "load": clean.clone()});
             s2["load"]["gateway"] = json!({"cpu_us_per_conn": us});
-            s2
+            api_saw_the_clients(s2)
         };
         let s1 = |base: u64, after: u64| {
             let mut s1 = json!({"id": "S1", "load": clean.clone(),
                    "gateway_baseline": {"rss_kib": base}, "gateway_after_leave": {"rss_kib": after}});
             s1["load"]["gateway"] = json!({"kib_per_conn_end": 3.0});
-            s1
+            api_saw_the_clients(s1)
         };
         // An older run without S5's delivery count: not met, and said so.
         let mut s5_old = json!({"id": "S5", "load": clean.clone(),
                                 "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10}});
         s5_old["load"]["push_latency"] = json!({"p99_ms": 5.0});
+        let s5_old = api_saw_the_clients(s5_old);
         let runs = [
             json!({"scenarios": [s2(39.0), s1(1000, 1100), s5_old]}),
             json!({"mock_threads": 1, "gateway_args": [], "unix_sockets": false,
@@ -2171,10 +2402,13 @@ mod tests {
     #[test]
     fn tally_also_counts_s1_against_the_start_up_figure_without_changing_the_verdict() {
         let s1 = |cold: u64, base: u64, after: u64| {
-            json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": 3.0}},
+            api_saw_the_clients(
+                json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"kib_per_conn_end": 3.0}},
+                   "warm_up": {"established": 4, "sent": 20},
                    "gateway_cold_baseline": {"rss_kib": cold},
                    "gateway_baseline": {"rss_kib": base},
-                   "gateway_after_leave": {"rss_kib": after}})
+                   "gateway_after_leave": {"rss_kib": after}}),
+            )
         };
         // Within 10% of the warmed baseline in all three; of the start-up figure in one.
         let runs = [
@@ -2208,9 +2442,9 @@ mod tests {
     #[test]
     fn s2_reports_the_cpu_of_the_connections_whole_life_without_judging_it() {
         let s2 = |before: Value, after: Value| {
-            json!({"id": "S2", "gateway_after_leave": after,
+            api_saw_the_clients(json!({"id": "S2", "gateway_after_leave": after,
                    "load": {"errors_total": 0, "established": 10_000, "conns": 10_000,
-                            "gateway": {"cpu_us_per_conn": 39.0, "before": before}}})
+                            "gateway": {"cpu_us_per_conn": 39.0, "before": before}}}))
         };
         // From the CPU-time clock: 0.97 s over 10,000 connections.
         let r = s2(
@@ -2234,9 +2468,9 @@ mod tests {
 
     #[test]
     fn markdown_has_one_row_per_scenario() {
-        let rows = [
+        let rows = [api_saw_the_clients(
             json!({"id": "S2", "title": "storm", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"cpu_us_per_conn": 30.0}}}),
-        ];
+        )];
         let md = markdown(&rows, false);
         assert_eq!(md.lines().count(), 3, "{md}");
         assert!(
