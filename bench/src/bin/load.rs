@@ -770,13 +770,72 @@ fn children_cpu_us() -> u64 {
     us(ru.ru_utime) + us(ru.ru_stime)
 }
 
+/// The gateway's figures in `load`'s report (`gateway`): its samples before connecting, when
+/// connected and at the end of the message phase, its peak RSS (those samples and the
+/// timeline's), its RSS per connection when connected and at the end, and its CPU figures
+/// ([`gateway_cpu`]). A sample that could not be taken (the gateway gone, or `/proc`
+/// unreadable) is null, and so is every figure that needs it: recorded as 0, a "≤ 4 KiB" or
+/// "≤ 12 µs" criterion would count as met by a gateway that had died.
+fn gateway_figures(
+    pid: u32,
+    [before, connected, end]: [Option<procstat::Sample>; 3],
+    timeline: &[Value],
+    established: u64,
+    msgs: u64,
+    message_phase_s: f64,
+) -> Value {
+    let peak = timeline
+        .iter()
+        .filter_map(|t| t["gw_rss_kib"].as_u64())
+        .chain(
+            [before, connected, end]
+                .into_iter()
+                .flatten()
+                .map(|s| s.rss_kib),
+        )
+        .max();
+    let r2 = |x: f64| (x * 100.0).round() / 100.0;
+    let kib_per_conn = |later: Option<procstat::Sample>| match (before, later) {
+        (Some(before), Some(later)) if established > 0 => {
+            json!(r2(
+                later.rss_kib.saturating_sub(before.rss_kib) as f64 / established as f64
+            ))
+        }
+        (Some(_), Some(_)) => json!(0.0),
+        _ => Value::Null,
+    };
+    let mut figures = json!({
+        "pid": pid,
+        "before": before.map(procstat::Sample::to_json),
+        "connected": connected.map(procstat::Sample::to_json),
+        "end": end.map(procstat::Sample::to_json),
+        "rss_peak_kib": peak,
+        "kib_per_conn": kib_per_conn(connected),
+        "kib_per_conn_end": kib_per_conn(end),
+    });
+    if let (Some(figures), Value::Object(cpu)) = (
+        figures.as_object_mut(),
+        gateway_cpu(
+            [before.as_ref(), connected.as_ref(), end.as_ref()],
+            established,
+            msgs,
+            message_phase_s,
+        ),
+    ) {
+        figures.extend(cpu);
+    }
+    figures
+}
+
 /// The gateway's CPU figures from its samples before connecting, when connected and at the end
 /// of the message phase: µs per connection (connect phase) and per message (message phase), the
 /// kernel's share of each, and the share of a core used in the message phase. The totals come
 /// from the gateway's CPU-time clock when the samples read it (`cpu_from_clock`), else from
-/// clock ticks; the kernel's share always from ticks (`stime`).
+/// clock ticks; the kernel's share always from ticks (`stime`). A phase whose sample at either
+/// end is missing has its figures null; `cpu_from_clock` speaks of the phases that have them
+/// (null when neither has).
 fn gateway_cpu(
-    [before, connected, end]: [&procstat::Sample; 3],
+    [before, connected, end]: [Option<&procstat::Sample>; 3],
     established: u64,
     msgs: u64,
     message_phase_s: f64,
@@ -786,17 +845,24 @@ fn gateway_cpu(
     let ticks = |later: &procstat::Sample, earlier: &procstat::Sample| {
         later.sys_us.saturating_sub(earlier.sys_us) as f64
     };
-    let connect = connected.cpu_us_since(before);
-    let message = end.cpu_us_since(connected);
+    let connect_phase = before.zip(connected);
+    let message_phase = connected.zip(end);
+    let connect = connect_phase.map(|(before, connected)| connected.cpu_us_since(before));
+    let message = message_phase.map(|(connected, end)| end.cpu_us_since(connected));
+    let from_clock = [connect_phase, message_phase]
+        .into_iter()
+        .flatten()
+        .map(|(earlier, later)| later.cpu_clock_since(earlier))
+        .reduce(|a, b| a && b);
     json!({
-        "cpu_us_per_conn": per(connect, established),
-        "cpu_us_per_msg": per(message, msgs),
+        "cpu_us_per_conn": connect.map(|us| per(us, established)),
+        "cpu_us_per_msg": message.map(|us| per(us, msgs)),
         // The kernel's share of the two figures above (system time: syscalls, and on
         // loopback the peer's TCP receive path that a send runs).
-        "sys_us_per_conn": per(ticks(connected, before), established),
-        "sys_us_per_msg": per(ticks(end, connected), msgs),
-        "cpu_pct_message_phase": if message_phase_s > 0.0 { r2(message / 1e4 / message_phase_s) } else { 0.0 },
-        "cpu_from_clock": connected.cpu_clock_since(before) && end.cpu_clock_since(connected),
+        "sys_us_per_conn": connect_phase.map(|(before, connected)| per(ticks(connected, before), established)),
+        "sys_us_per_msg": message_phase.map(|(connected, end)| per(ticks(end, connected), msgs)),
+        "cpu_pct_message_phase": message.map(|us| if message_phase_s > 0.0 { r2(us / 1e4 / message_phase_s) } else { 0.0 }),
+        "cpu_from_clock": from_clock,
     })
 }
 
@@ -1076,33 +1142,14 @@ async fn parent(args: Args) -> i32 {
     let errors_total: u64 = errors.values().sum();
     let per_s = |n: u64, s: f64| if s > 0.0 { (n as f64 / s).round() } else { 0.0 };
     let gateway = args.gateway_pid.map(|pid| {
-        let b = before.unwrap_or_default();
-        let c = connected_sample.unwrap_or_default();
-        let e = end_sample.unwrap_or_default();
-        let msgs = replies + pushes;
-        let peak = timeline
-            .iter()
-            .filter_map(|t| t["gw_rss_kib"].as_u64())
-            .chain([b.rss_kib, c.rss_kib, e.rss_kib])
-            .max()
-            .unwrap_or(0);
-        let r2 = |x: f64| (x * 100.0).round() / 100.0;
-        let mut figures = json!({
-            "pid": pid,
-            "before": b.to_json(),
-            "connected": c.to_json(),
-            "end": e.to_json(),
-            "rss_peak_kib": peak,
-            "kib_per_conn": if established > 0 { r2(c.rss_kib.saturating_sub(b.rss_kib) as f64 / established as f64) } else { 0.0 },
-            "kib_per_conn_end": if established > 0 { r2(e.rss_kib.saturating_sub(b.rss_kib) as f64 / established as f64) } else { 0.0 },
-        });
-        if let (Some(figures), Value::Object(cpu)) = (
-            figures.as_object_mut(),
-            gateway_cpu([&b, &c, &e], established, msgs, message_phase_s),
-        ) {
-            figures.extend(cpu);
-        }
-        figures
+        gateway_figures(
+            pid,
+            [before, connected_sample, end_sample],
+            &timeline,
+            established,
+            replies + pushes,
+            message_phase_s,
+        )
     });
     let report = json!({
         "tool": "load",
@@ -1306,7 +1353,12 @@ mod tests {
         let before = at(0, 0, Some(1_000_000));
         let connected = at(500_000, 300_000, Some(524_000_000));
         let end = at(1_510_000, 900_000, Some(1_525_300_000));
-        let cpu = gateway_cpu([&before, &connected, &end], 10_000, 20_000, 2.0);
+        let cpu = gateway_cpu(
+            [Some(&before), Some(&connected), Some(&end)],
+            10_000,
+            20_000,
+            2.0,
+        );
         assert_eq!(cpu["cpu_us_per_conn"], 52.3, "{cpu}");
         assert_eq!(cpu["cpu_us_per_msg"], 50.07, "{cpu}");
         assert_eq!(cpu["sys_us_per_conn"], 30.0, "{cpu}");
@@ -1315,7 +1367,12 @@ mod tests {
         assert_eq!(cpu["cpu_from_clock"], true, "{cpu}");
         // The gateway gone before the last sample's clock read: that phase falls back to ticks.
         let end = at(1_510_000, 900_000, None);
-        let cpu = gateway_cpu([&before, &connected, &end], 10_000, 20_000, 2.0);
+        let cpu = gateway_cpu(
+            [Some(&before), Some(&connected), Some(&end)],
+            10_000,
+            20_000,
+            2.0,
+        );
         assert_eq!(cpu["cpu_us_per_conn"], 52.3, "{cpu}");
         assert_eq!(cpu["cpu_us_per_msg"], 50.5, "{cpu}");
         assert_eq!(cpu["cpu_from_clock"], false, "{cpu}");
@@ -1356,6 +1413,62 @@ mod tests {
             scheduled + ms(1),
             "399 ms of the stall still counted"
         );
+    }
+
+    #[test]
+    fn a_gateway_sample_not_taken_leaves_the_figures_that_need_it_null_not_zero() {
+        let at = |rss_kib, cpu_us, sys_us| procstat::Sample {
+            rss_kib,
+            cpu_us,
+            sys_us,
+            cpu_ns: Some(cpu_us * 1000),
+            ..Default::default()
+        };
+        let before = Some(at(8_000, 0, 0));
+        let connected = Some(at(48_000, 500_000, 300_000));
+        let end = Some(at(47_000, 1_500_000, 900_000));
+        let timeline = [json!({"gw_rss_kib": 50_000}), json!({"gw_rss_kib": null})];
+        let all = gateway_figures(
+            7,
+            [before, connected, end],
+            &timeline,
+            10_000,
+            100_000,
+            10.0,
+        );
+        assert_eq!(all["kib_per_conn"], 4.0, "{all}");
+        assert_eq!(all["kib_per_conn_end"], 3.9, "{all}");
+        assert_eq!(all["cpu_us_per_msg"], 10.0, "{all}");
+        assert_eq!(all["rss_peak_kib"], 50_000, "{all}");
+        // The gateway died before the end of the message phase: what needs the end sample is
+        // missing, not 0 KiB and 0 µs (which would meet S1's and S3's targets).
+        let died = gateway_figures(7, [before, connected, None], &timeline, 10_000, 0, 10.0);
+        assert!(died["end"].is_null(), "{died}");
+        for missing in [
+            "kib_per_conn_end",
+            "cpu_us_per_msg",
+            "sys_us_per_msg",
+            "cpu_pct_message_phase",
+        ] {
+            assert!(died[missing].is_null(), "{missing}: {died}");
+        }
+        assert_eq!(died["kib_per_conn"], 4.0, "{died}");
+        assert_eq!(died["cpu_us_per_conn"], 50.0, "{died}");
+        assert_eq!(died["sys_us_per_conn"], 30.0, "{died}");
+        assert_eq!(died["cpu_from_clock"], true, "{died}");
+        // Gone before it could be sampled at all.
+        let never = gateway_figures(7, [None, None, None], &[], 10_000, 0, 10.0);
+        for missing in [
+            "before",
+            "rss_peak_kib",
+            "kib_per_conn",
+            "kib_per_conn_end",
+            "cpu_us_per_conn",
+            "cpu_us_per_msg",
+            "cpu_from_clock",
+        ] {
+            assert!(never[missing].is_null(), "{missing}: {never}");
+        }
     }
 
     #[test]

@@ -2314,6 +2314,27 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_figure_load_could_not_measure_is_unrecorded_not_met() {
+        // `load` writes null for a figure whose sample it could not take (the gateway gone).
+        let s1 = api_saw_the_clients(
+            json!({"id": "S1", "load": {"errors_total": 0, "established": 10, "conns": 10,
+                   "gateway": {"kib_per_conn_end": null, "end": null}},
+                   "gateway_baseline": {"rss_kib": 1000}, "gateway_after_leave": {"rss_kib": 1000}}),
+        );
+        assert_eq!(verdict(&s1, false), None);
+        assert!(markdown(std::slice::from_ref(&s1), false).contains("(not judged)"));
+        let report = tally(&[json!({"scenarios": [s1]})]);
+        assert!(
+            report.contains("S1: target met in 0 of 1 run; 1 did not record every figure"),
+            "{report}"
+        );
+        assert!(
+            report.contains("KiB/conn ≤ 4: met in 0 of 1; 1 did not record it"),
+            "{report}"
+        );
+    }
+
+    #[test]
     fn s3_floors_are_two_and_a_half_times_the_top_of_ws2api_range() {
         let s3 = |id: &str, replies: f64| {
             api_saw_the_clients(
