@@ -167,6 +167,16 @@ impl Rounds {
     }
 }
 
+/// `us` of CPU per push done, that is answered `200` in `statuses` (two decimals): what the
+/// POSTs refused or failed cost is charged to the pushes done, as pushes/s counts only those.
+/// Null when none was done.
+fn per_push_done(us: u64, statuses: &BTreeMap<String, u64>) -> serde_json::Value {
+    match statuses.get("200") {
+        Some(&done) if done > 0 => json!((us as f64 / done as f64 * 100.0).round() / 100.0),
+        _ => serde_json::Value::Null,
+    }
+}
+
 /// CPU time (user, system; µs) this process has used so far.
 fn own_cpu_us() -> (u64, u64) {
     // SAFETY: getrusage fills the struct it is given.
@@ -340,7 +350,6 @@ async fn main() {
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu1 = own_cpu_us();
     let (user_us, sys_us) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
-    let per_push = |us: u64| ((us as f64 / total.max(1) as f64) * 100.0).round() / 100.0;
     let statuses = statuses.lock().unwrap().clone();
     let ok = statuses.get("200").copied().unwrap_or(0);
     let report = json!({
@@ -356,8 +365,8 @@ async fn main() {
         // Pushes the gateway took (200), not POSTs tried: a refused push is no push.
         "pushes_per_s": if elapsed > 0.0 { (ok as f64 / elapsed).round() } else { 0.0 },
         "http_latency": stats::summary(&hist.lock().unwrap()),
-        "push_cpu_us_per_push": per_push(user_us + sys_us),
-        "push_sys_us_per_push": per_push(sys_us),
+        "push_cpu_us_per_push": per_push_done(user_us + sys_us, &statuses),
+        "push_sys_us_per_push": per_push_done(sys_us, &statuses),
     });
     println!("{report}");
     if !args.quiet {
@@ -373,6 +382,19 @@ async fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn push_cpu_is_per_push_answered_200_not_per_post_sent() {
+        let statuses = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs.iter().map(|&(k, n)| (k.to_owned(), n)).collect()
+        };
+        // Four POSTs, three answered 200: 400 µs is 133.33 µs per push done, not 100.
+        let some_refused = statuses(&[("200", 3), ("timeout", 1)]);
+        assert_eq!(per_push_done(400, &some_refused), json!(133.33));
+        assert_eq!(per_push_done(400, &statuses(&[("200", 4)])), json!(100.0));
+        assert!(per_push_done(400, &statuses(&[("503", 4)])).is_null());
+        assert!(per_push_done(400, &statuses(&[])).is_null());
+    }
 
     #[test]
     fn no_push_of_a_round_is_taken_before_every_push_of_the_one_before_is_done() {

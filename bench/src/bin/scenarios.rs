@@ -464,6 +464,28 @@ fn per_push_cpu(before: &procstat::Sample, after: &procstat::Sample, pushes: u64
     })
 }
 
+/// The CPU the pushes cost, per push done: the gateway's ([`per_push_cpu`], from its samples
+/// before and after `push` ran) and the whole machine's ([`machine_push_cpu`]), each null when
+/// a sample is missing. A push done is one the gateway answered `200` (`push`'s `ok`): a POST
+/// refused or timed out delivered nothing, and what it cost is charged to the pushes done, as
+/// pushes/s counts only those.
+fn push_window_cpu(
+    gateway: [Option<procstat::Sample>; 2],
+    machine: [Option<(u64, u64)>; 2],
+    push_report: &Value,
+) -> (Value, Value) {
+    let done = push_report["ok"].as_u64().unwrap_or(0);
+    let gateway = match gateway {
+        [Some(before), Some(after)] => per_push_cpu(&before, &after, done),
+        _ => Value::Null,
+    };
+    let machine = match machine {
+        [Some(before), Some(after)] => machine_push_cpu(before, after, done),
+        _ => Value::Null,
+    };
+    (gateway, machine)
+}
+
 /// Whether scenario `id` is in `--only` (comma-separated prefixes, any case: `S3` picks S3a and
 /// S3b, `s3a` only S3a); every scenario is when `--only` is not given.
 fn selected(id: &str, only: Option<&str>) -> bool {
@@ -681,12 +703,12 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
                 // 15,000 descriptors would otherwise count as the machine's.
                 let machine_after = procstat::machine_cpu();
                 // The gateway's CPU while the pushes ran: taking each POST and writing its frame.
-                if let (Some(b), Some(a)) = (before_push, procstat::sample(gpid)) {
-                    push_cpu = per_push_cpu(&b, &a, count);
-                }
-                if let (Some(b), Some(a)) = (machine_before, machine_after) {
-                    machine_cpu = machine_push_cpu(b, a, count);
-                }
+                let after_push = procstat::sample(gpid);
+                (push_cpu, machine_cpu) = push_window_cpu(
+                    [before_push, after_push],
+                    [machine_before, machine_after],
+                    &push_report,
+                );
                 // Let the last deliveries land, then end the hold.
                 std::thread::sleep(Duration::from_secs(1));
                 let _ = std::fs::remove_file(&ready);
@@ -2080,6 +2102,35 @@ mod tests {
         assert_eq!(
             v,
             json!({"cpu_us_per_push": 25.5, "sys_us_per_push": 20.0, "cpu_from_clock": true})
+        );
+    }
+
+    #[test]
+    fn push_cpu_is_divided_over_the_pushes_answered_200_not_the_pushes_asked() {
+        let sample = |cpu_us, sys_us| procstat::Sample {
+            cpu_us,
+            sys_us,
+            ..Default::default()
+        };
+        let gateway = [Some(sample(0, 0)), Some(sample(300_000, 150_000))];
+        let machine = [Some((0, 0)), Some((600_000, 200_000))];
+        // 15,000 asked, 10,000 answered 200: the cost of the 5,000 refused falls on the rest.
+        let push =
+            json!({"count": 15_000, "ok": 10_000, "statuses": {"200": 10_000, "503": 5_000}});
+        let (gateway_cpu, machine_cpu) = push_window_cpu(gateway, machine, &push);
+        assert_eq!(gateway_cpu["cpu_us_per_push"], 30.0, "{gateway_cpu}");
+        assert_eq!(gateway_cpu["sys_us_per_push"], 15.0, "{gateway_cpu}");
+        assert_eq!(machine_cpu["busy_us_per_push"], 60.0, "{machine_cpu}");
+        assert_eq!(machine_cpu["idle_share"], 0.25, "{machine_cpu}");
+        // None done, or no sample: no figure rather than one per push asked.
+        let refused = json!({"count": 15_000, "ok": 0, "statuses": {"503": 15_000}});
+        assert_eq!(
+            push_window_cpu(gateway, machine, &refused),
+            (Value::Null, Value::Null)
+        );
+        assert_eq!(
+            push_window_cpu([None, gateway[1]], [machine[0], None], &push),
+            (Value::Null, Value::Null)
         );
     }
 
