@@ -306,6 +306,13 @@ async fn rate_mode_times_a_late_message_from_its_schedule_and_catches_up() {
         sent >= 185,
         "the late ticks were skipped ({sent} sent): {r}"
     );
+    // Every message's lateness is reported, the stall's too; and the send window, go to
+    // stop, is the run's 2 s.
+    assert_eq!(r["send_lag"]["count"].as_u64(), Some(sent), "{r}");
+    let lag_max = r["send_lag"]["max_ms"].as_f64().unwrap();
+    assert!(lag_max >= 300.0, "the stall is in the send lag: {r}");
+    let window = r["send_window_s"].as_f64().unwrap();
+    assert!((1.9..2.5).contains(&window), "send window {window} s: {r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
