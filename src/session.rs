@@ -814,11 +814,18 @@ where
             }
         }
         if write_pending {
+            let written = self.socket.get_ref().bytes_written();
             if self.write_stalled_since.is_none() {
                 let now = Instant::now();
                 self.write_stalled_since = Some(now);
-                self.written_at_stall = self.socket.get_ref().bytes_written();
+                self.written_at_stall = written;
                 self.schedule_timer(now);
+            } else if written != self.written_at_stall {
+                // Some of it went out (this poll came from the socket taking more): the write
+                // timeout counts from now, not from the next timer tick, which could be up to
+                // --write-timeout later.
+                self.written_at_stall = written;
+                self.write_stalled_since = Some(Instant::now());
             }
         } else if self.write_stalled_since.take().is_some() {
             // The stalled write went out: not idle till now.
@@ -1327,6 +1334,116 @@ mod tests {
         fn took_reads(&mut self) -> bool {
             false
         }
+    }
+
+    /// How many bytes a [`TricklingReader`] takes now, and the session's waker to call when
+    /// it is given more.
+    #[derive(Default)]
+    struct Allowance {
+        bytes: usize,
+        waker: Option<std::task::Waker>,
+    }
+
+    /// A client that reads (takes writes) only as far as its [`Allowance`] lets it, and
+    /// sends nothing.
+    struct TricklingReader {
+        allowance: Arc<Mutex<Allowance>>,
+        written: u64,
+    }
+
+    impl AsyncRead for TricklingReader {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for TricklingReader {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            let mut allowance = this.allowance.lock().unwrap();
+            if allowance.bytes == 0 {
+                allowance.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let n = buf.len().min(allowance.bytes);
+            allowance.bytes -= n;
+            this.written += n as u64;
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl TransferProgress for TricklingReader {
+        fn bytes_written(&self) -> u64 {
+            self.written
+        }
+
+        fn took_reads(&mut self) -> bool {
+            false
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_write_timeout_counts_from_the_last_write_progress_not_the_next_timer_tick() {
+        let config = crate::Config {
+            ping_interval: None,
+            write_timeout: Duration::from_secs(1),
+            ..crate::Config::default()
+        };
+        let (shared, handle, context, permit) = one_connection(config).await;
+        assert_eq!(
+            handle.push(message(64 * 1024), 10, 1 << 20, &ACCEPTED),
+            Ok(())
+        );
+        let allowance = Arc::new(Mutex::new(Allowance::default()));
+        let socket = tokio_websockets::ServerBuilder::new().serve(TricklingReader {
+            allowance: Arc::clone(&allowance),
+            written: 0,
+        });
+        let started = Instant::now();
+        let session = tokio::spawn(run(
+            socket,
+            handle,
+            Arc::new(context),
+            Arc::clone(&shared),
+            permit,
+        ));
+        // The push's write stalls at once; 200 ms later the client reads a little, then
+        // nothing more.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let waker = {
+            let mut allowance = allowance.lock().unwrap();
+            allowance.bytes = 1000;
+            allowance.waker.take()
+        };
+        waker.expect("the session waits to write").wake();
+        tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("the session ends")
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(closed_by(&shared, CloseReason::SlowConsumer), "1");
+        // Closed 1 s after that read (the close itself may take a little: a frame that
+        // cannot be written is not waited for long), not 1 s after the timer first saw it.
+        assert!(
+            took >= Duration::from_millis(1200) && took < Duration::from_millis(1700),
+            "closed {took:?} after the stall began; the last progress was at 200 ms"
+        );
     }
 
     /// Runs a session of a gateway with `config` (its API nowhere) over a client that sends
