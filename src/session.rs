@@ -835,13 +835,16 @@ where
         // pings but never reads would otherwise grow our write queue without bound.
         let waiting_on_api = self.in_flight.len() + self.answered.len();
         self.listening = self.reading && writable && waiting_on_api < self.shared.config.pipeline;
+        // The timer before the socket: a client whose frames keep coming (a flood of pings,
+        // each already in the read buffer) would otherwise be read from on every poll, and
+        // its idle timeout and our pings would never come.
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
         if self.listening {
             if let Poll::Ready(frame) = self.socket.poll_next_unpin(cx) {
                 return Poll::Ready(Event::Frame(frame));
             }
-        }
-        if self.timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Event::Timer);
         }
         Poll::Pending
     }
@@ -1334,6 +1337,75 @@ mod tests {
         fn took_reads(&mut self) -> bool {
             false
         }
+    }
+
+    /// A client that sends pings without end (a whole one whenever read, taking from the
+    /// task's budget as a socket with data does) and takes every write.
+    struct PingFlood;
+
+    impl AsyncRead for PingFlood {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+            // A masked ping with no payload and a zero key.
+            buf.put_slice(&[0x89, 0x80, 0, 0, 0, 0]);
+            coop.made_progress();
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for PingFlood {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl TransferProgress for PingFlood {
+        fn bytes_written(&self) -> u64 {
+            0
+        }
+
+        fn took_reads(&mut self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_pings_never_stop_coming_still_reaches_its_idle_timeout() {
+        let config = crate::Config {
+            ping_interval: None,
+            idle_timeout: Some(Duration::from_millis(100)),
+            ..crate::Config::default()
+        };
+        let (shared, handle, context, permit) = one_connection(config).await;
+        let socket = tokio_websockets::ServerBuilder::new().serve(PingFlood);
+        let session = run(
+            socket,
+            handle,
+            Arc::new(context),
+            Arc::clone(&shared),
+            permit,
+        );
+        // Every read finds another ping: the timer must still be heard.
+        tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("the session ends at its idle timeout");
+        assert_eq!(closed_by(&shared, CloseReason::IdleTimeout), "1");
     }
 
     /// How many bytes a [`TricklingReader`] takes now, and the session's waker to call when

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use common::raw_ws::{encode_client_frame, RawWs, CLOSE, PING, TEXT};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_websockets::{CloseCode, Message};
 
@@ -116,6 +116,47 @@ async fn idle_timeout_closes_a_connection_without_data_messages() {
     assert_eq!(delete.header("x-close-code"), Some("1000"));
     assert_eq!(closed_by(&gateway.metrics().await, "idle_timeout"), 1.0);
     assert_accounting(&gateway, &api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_pings_is_still_closed_at_its_idle_timeout() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.ping_interval = None;
+    config.idle_timeout = Some(Duration::from_millis(500));
+    let gateway = TestGateway::start(config).await;
+    let raw = RawWs::connect(gateway.public, "/pinger").await;
+    let (mut reader, mut writer) = raw.stream.into_split();
+    // Pings, no data: 64 KiB of them per write, faster than the gateway answers them, so
+    // that it always has more to read. Its pongs are read (and dropped) as they come, so its
+    // writes never back up (which would stop its reading for a while).
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while matches!(reader.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let pings: Vec<u8> = std::iter::repeat_n(encode_client_frame(true, PING, b"x"), 64 * 1024 / 7)
+        .flatten()
+        .collect();
+    let started = Instant::now();
+    while api.seen_with("DELETE").is_empty() && started.elapsed() < Duration::from_secs(10) {
+        if writer.write_all(&pings).await.is_err() {
+            break; // closed
+        }
+    }
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(
+        delete.body,
+        Bytes::from_static(b"idle timeout"),
+        "pings are no data"
+    );
+    assert!(
+        delete.at - started < Duration::from_secs(5),
+        "closed {:?} after the flood began, idle timeout 500 ms",
+        delete.at - started
+    );
+    drop(writer);
+    drain.abort();
+    assert_eq!(closed_by(&gateway.metrics().await, "idle_timeout"), 1.0);
 }
 
 #[tokio::test]
