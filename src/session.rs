@@ -210,7 +210,7 @@ impl SessionHandle {
                 return MailboxEvent::Message(message, mailbox.queue.len());
             }
         }
-        MailboxEvent::Empty(mailbox.queue.len())
+        MailboxEvent::Empty
     }
 
     /// Takes no more pushes or commands: the client has sent its close frame, and the socket
@@ -233,8 +233,8 @@ enum MailboxEvent {
     Command(Command),
     /// A push, and how many more wait behind it.
     Message(Outbound, usize),
-    /// No push taken; how many wait.
-    Empty(usize),
+    /// No push taken.
+    Empty,
 }
 
 /// An API answer that came in while the socket took no writes, or while pushes waited: it
@@ -772,7 +772,7 @@ where
         let answer_due = ready.is_none()
             && writable
             && (self.answered.front()).is_some_and(|a| a.is_due(self.pushes_taken));
-        let queued = match self.handle.poll_mailbox(cx, take_push && !answer_due) {
+        match self.handle.poll_mailbox(cx, take_push && !answer_due) {
             MailboxEvent::Command(command) => {
                 if let Some(answer) = ready {
                     self.wait_behind_pushes(answer, self.handle.queued());
@@ -786,8 +786,8 @@ where
                 }
                 return Poll::Ready(Event::Push(message));
             }
-            MailboxEvent::Empty(queued) => queued,
-        };
+            MailboxEvent::Empty => {}
+        }
         if let Some(answer) = ready {
             return Poll::Ready(Event::Answer(answer));
         }
@@ -802,7 +802,9 @@ where
                 if answer.is_err() {
                     return Poll::Ready(Event::Answer(answer));
                 }
-                self.wait_behind_pushes(answer, queued);
+                // Behind the pushes queued when the answer is seen (not when the mailbox was
+                // looked at above: one that came in since came before this answer).
+                self.wait_behind_pushes(answer, self.handle.queued());
             }
         }
         let mut write_pending = !writable;
