@@ -152,15 +152,18 @@ impl Proc {
         }
     }
 
-    /// Sends a signal by name (`STOP`, `TERM`, ...) with kill(1).
-    pub fn signal(&self, name: &str) {
+    /// Sends `signal` (`libc::SIGSTOP`, `libc::SIGTERM`, ...) to the process.
+    pub fn signal(&self, signal: libc::c_int) {
         if let Some(child) = self.child.as_ref() {
-            let status = Command::new("kill")
-                .arg(format!("-{name}"))
-                .arg(child.id().to_string())
-                .status()
-                .expect("run kill");
-            assert!(status.success(), "kill -{name} {} failed", self.name);
+            let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+            let rc = send_signal(pid, signal);
+            assert_eq!(
+                rc,
+                0,
+                "kill({pid}, {signal}) of {}: {}",
+                self.name,
+                std::io::Error::last_os_error()
+            );
         }
     }
 
@@ -179,12 +182,11 @@ impl Drop for Proc {
             if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
-            // kill(1): std only sends SIGKILL, and the crate has no libc dependency.
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .stderr(Stdio::null())
-                .status();
+            // SIGTERM through libc (a dev-dependency): std's Child::kill only sends SIGKILL,
+            // and nginx's master needs SIGTERM to take its workers down with it.
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                send_signal(pid, libc::SIGTERM);
+            }
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -196,6 +198,13 @@ impl Drop for Proc {
             let _ = child.wait();
         }
     }
+}
+
+/// kill(2): `0` if `signal` was sent to `pid`, `-1` (reason in `errno`) if not.
+fn send_signal(pid: libc::pid_t, signal: libc::c_int) -> libc::c_int {
+    // SAFETY: kill(2) takes two integers and touches no memory of ours; `pid` is a child
+    // this process spawned and has not reaped yet, so the pid cannot have been reused.
+    unsafe { libc::kill(pid, signal) }
 }
 
 /// The last 40 lines of a log file, for failure messages.
@@ -928,7 +937,7 @@ pub async fn run_draining_node_scenario() {
     .await;
     assert!(at_api, "the slow message never reached the API; {logs}");
 
-    nodes[0].proc_.signal("TERM");
+    nodes[0].proc_.signal(libc::SIGTERM);
     let mut states = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
@@ -1126,7 +1135,7 @@ pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
     let failed_at = Instant::now();
     match failure {
         Failure::Crash => nodes[victim_node].proc_.kill_hard(),
-        Failure::Hang => nodes[victim_node].proc_.signal("STOP"),
+        Failure::Hang => nodes[victim_node].proc_.signal(libc::SIGSTOP),
     }
     eprintln!(
         "{kind:?}: {failure:?} of gw{} holding {} clients",
