@@ -54,8 +54,9 @@ async fn haproxy_sends_a_push_to_its_socket_whichever_way_the_client_id_is_encod
     run_spelling_scenario(ProxyKind::Haproxy).await;
 }
 
-/// A node busy with handshakes answers its health check `503`; HAProxy keeps it UP
-/// instead of closing all its websockets.
+/// A node whose public port is saturated with handshakes (a check sent there would time
+/// out) still answers its health check on the control port; HAProxy keeps it UP instead
+/// of closing all its websockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_keeps_a_node_whose_handshake_slots_are_all_taken_up() {
     run_busy_node_scenario().await;

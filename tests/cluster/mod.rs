@@ -843,6 +843,43 @@ pub async fn start_cluster(kind: ProxyKind, name: &str, first_node_flags: &[&str
     }
 }
 
+/// Sockets [`run_busy_node_scenario`] opens to gw1's public port (2 handshake slots and a
+/// queue behind them that lasts well past its 8-s window).
+const BUSY_NODE_HOLDERS: usize = 600;
+
+/// HAProxy's `timeout check` in `haproxy/haproxy.cfg`.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Sends `GET /healthz` to `addr` the way HAProxy's check does; `Ok` if nothing (no answer,
+/// no close) comes back within [`CHECK_TIMEOUT`], else what did.
+fn healthz_unanswered(addr: SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut probe = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    probe
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: ws2http\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    probe
+        .set_read_timeout(Some(CHECK_TIMEOUT))
+        .expect("set read timeout");
+    let mut answer = [0u8; 256];
+    match probe.read(&mut answer) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(format!("read failed: {e}")),
+        Ok(0) => Err("closed without an answer".to_owned()),
+        Ok(n) => Err(format!(
+            "answered {:?}",
+            String::from_utf8_lossy(&answer[..n])
+        )),
+    }
+}
+
 /// A node whose handshake slots are all taken (a connect storm, sockets that send nothing),
 /// with more sockets queued behind them, is busy, not dead: it stays UP, so its websockets
 /// are not closed by `on-marked-down shutdown-sessions`.
@@ -856,16 +893,29 @@ pub async fn run_busy_node_scenario() {
     )
     .await;
     let stats = cluster.proxy.stats.expect("HAProxy has a stats page");
+    let public = cluster.nodes[0].public;
     // Both of gw1's handshake slots, held by sockets that never send a request (for its
-    // --handshake-timeout, 10 s), and 50 more queued behind them: the accept loop gives
-    // each 250 ms to find a slot, so a check among them would wait 12 s.
-    let holders: Vec<TcpStream> = (0..52)
-        .map(|_| TcpStream::connect(cluster.nodes[0].public).expect("connect to gw1"))
+    // --handshake-timeout, 10 s), and a long queue behind them. The gateway gives each
+    // socket over its slots 250 ms to find one, then answers it 503 and reads what it sent
+    // for up to 1 s more; it does that for 48 sockets at once (HANDSHAKE_WAITERS), so these
+    // sockets, which never close, leave its listen backlog at about 38 a second and the
+    // queue lasts some 15 s: a socket that joins it in the first 8 s waits longer than
+    // `timeout check`. (With the 50 sockets this test once queued, a probe there was
+    // answered 503 at once, and the test passed with the check moved to the public port.)
+    let holders: Vec<TcpStream> = (0..BUSY_NODE_HOLDERS)
+        .map(|_| TcpStream::connect(public).expect("connect to gw1"))
         .collect();
+    // The precondition, checked at the start and near the end of the window: GET /healthz on
+    // gw1's public port gets no answer within `timeout check`, as a health check there would.
+    let probe = move || tokio::task::spawn_blocking(move || healthz_unanswered(public));
+    let mut probes = vec![("early", probe())];
     // 40 check intervals (200 ms, fall 2): long enough for two checks that wait behind
     // the queue to time out (timeout check 3s). A fixed window: HAProxy's stats count no
     // checks done, so there is no event that says enough of them have passed.
-    for _ in 0..80 {
+    for i in 0..80 {
+        if i == 50 {
+            probes.push(("late", probe()));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
         let st = haproxy_status(&cluster.http, stats).await;
         let gw1 = st.get(&("ws2http_public".to_owned(), "gw1".to_owned()));
@@ -875,6 +925,14 @@ pub async fn run_busy_node_scenario() {
             "gw1 while busy; {}",
             cluster.logs
         );
+    }
+    for (when, probe) in probes {
+        if let Err(answer) = probe.await.expect("probe thread") {
+            panic!(
+                "gw1's public port was not saturated ({when} probe): {answer}; {}",
+                cluster.logs
+            );
+        }
     }
     drop(holders);
     drop(cluster);
