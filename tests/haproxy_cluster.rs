@@ -12,7 +12,7 @@ use std::process::Command;
 
 use cluster::{
     run_busy_node_scenario, run_draining_node_scenario, run_failover_scenario,
-    run_spelling_scenario, Failure, ProxyKind,
+    run_push_room_scenario, run_spelling_scenario, Failure, ProxyKind,
 };
 
 #[test]
@@ -31,6 +31,33 @@ fn shipped_haproxy_cfg_passes_haproxy_check() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `WS2HTTP_MAXCONN` lowered (or raised) without `WS2HTTP_PUBLIC_MAXCONN`, or the other
+/// way round, could let websockets take every connection HAProxy has and leave pushes
+/// none; the shipped file refuses to start instead, and says why.
+#[test]
+fn haproxy_cfg_refuses_one_connection_limit_without_the_other() {
+    let cfg = cluster::repo_root().join("haproxy/haproxy.cfg");
+    for set in ["WS2HTTP_MAXCONN", "WS2HTTP_PUBLIC_MAXCONN"] {
+        let out = Command::new(cluster::tool("haproxy"))
+            .arg("-c")
+            .arg("-f")
+            .arg(&cfg)
+            .env_remove("WS2HTTP_MAXCONN")
+            .env_remove("WS2HTTP_PUBLIC_MAXCONN")
+            .env(set, "3000")
+            .output()
+            .expect("run haproxy -c (is haproxy installed? `make test` installs it)");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && stderr.contains("set WS2HTTP_MAXCONN and WS2HTTP_PUBLIC_MAXCONN together"),
+            "haproxy -c with only {set} set: {}\n{}{stderr}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,4 +95,12 @@ async fn haproxy_keeps_a_node_whose_handshake_slots_are_all_taken_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_sends_new_clients_elsewhere_while_a_node_drains() {
     run_draining_node_scenario().await;
+}
+
+/// Websockets that fill the public entry's share of HAProxy's connections (limits set low
+/// through `WS2HTTP_MAXCONN`, `WS2HTTP_PUBLIC_MAXCONN`, `WS2HTTP_PUSH_MAXCONN`) leave the
+/// push entry its own: a push still goes through at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_keeps_room_for_pushes_while_websockets_fill_the_public_entry() {
+    run_push_room_scenario().await;
 }

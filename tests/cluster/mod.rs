@@ -400,9 +400,26 @@ pub struct ProxyProcess {
     pub proc_: Proc,
 }
 
-/// Starts the shipped `haproxy/haproxy.cfg` unchanged; addresses and the (short) health
-/// check interval come from the environment variables the file reads.
-pub fn start_haproxy(nodes: &[GatewayNode], dir: &Path) -> ProxyProcess {
+/// HAProxy's connection limits, the environment variables `haproxy/haproxy.cfg` reads for
+/// them.
+#[derive(Clone, Copy, Debug)]
+pub struct HaproxyLimits {
+    /// `WS2HTTP_MAXCONN`: connections at once, all listeners together.
+    pub total: u32,
+    /// `WS2HTTP_PUBLIC_MAXCONN`: the public (websocket) entry's share.
+    pub public: u32,
+    /// `WS2HTTP_PUSH_MAXCONN`: the push entry's share.
+    pub push: u32,
+}
+
+/// Starts the shipped `haproxy/haproxy.cfg` unchanged; addresses, the (short) health check
+/// interval and `limits` (`None`: the file's defaults) come from the environment variables
+/// the file reads.
+pub fn start_haproxy(
+    nodes: &[GatewayNode],
+    dir: &Path,
+    limits: Option<HaproxyLimits>,
+) -> ProxyProcess {
     let public = loopback(free_port());
     let push = loopback(free_port());
     let stats = loopback(free_port());
@@ -416,6 +433,11 @@ pub fn start_haproxy(nodes: &[GatewayNode], dir: &Path) -> ProxyProcess {
         // Two failed checks, not one: a single slow answer on a loaded CI machine must
         // not take a live node (and, through shutdown-sessions, its sockets) out.
         .env("WS2HTTP_CHECK_FALL", "2");
+    if let Some(limits) = limits {
+        cmd.env("WS2HTTP_MAXCONN", limits.total.to_string())
+            .env("WS2HTTP_PUBLIC_MAXCONN", limits.public.to_string())
+            .env("WS2HTTP_PUSH_MAXCONN", limits.push.to_string());
+    }
     for (i, node) in nodes.iter().enumerate() {
         cmd.env(
             format!("WS2HTTP_GW{}_PUBLIC", i + 1),
@@ -543,13 +565,32 @@ pub async fn http_call(http: &Http, method: Method, url: &str, body: &str) -> (S
 
 /// HAProxy's view of its servers from the stats CSV: (backend, server) → status.
 pub async fn haproxy_status(http: &Http, stats: SocketAddr) -> HashMap<(String, String), String> {
+    haproxy_stats(http, stats, "status").await
+}
+
+/// One column (`status`, `scur`, `slim`, ...) of HAProxy's stats CSV: (proxy, server) → value;
+/// a frontend's own line is the server `FRONTEND`, a backend's `BACKEND`.
+pub async fn haproxy_stats(
+    http: &Http,
+    stats: SocketAddr,
+    column: &str,
+) -> HashMap<(String, String), String> {
     let (status, csv) = http_call(http, Method::GET, &format!("http://{stats}/;csv"), "").await;
     assert_eq!(status, StatusCode::OK, "stats page: {csv}");
+    let header = csv
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# "))
+        .unwrap_or_else(|| panic!("stats CSV without a header: {csv}"));
+    let at = header
+        .split(',')
+        .position(|name| name == column)
+        .unwrap_or_else(|| panic!("no column {column:?} in the stats CSV: {header}"));
     csv.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let f: Vec<&str> = l.split(',').collect();
-            (f.len() > 17).then(|| ((f[0].to_string(), f[1].to_string()), f[17].to_string()))
+            (f.len() > at).then(|| ((f[0].to_string(), f[1].to_string()), f[at].to_string()))
         })
         .collect()
 }
@@ -748,7 +789,7 @@ pub async fn run_spelling_scenario(kind: ProxyKind) {
     };
     // (A variable first: fields a pattern leaves behind in a temporary would be dropped at
     // once, the API and the scratch directory with them.)
-    let cluster = start_cluster(kind, name, &[]).await;
+    let cluster = start_cluster(kind, name, &[], None).await;
     let Cluster {
         proxy,
         nodes,
@@ -812,8 +853,14 @@ pub struct Cluster {
 }
 
 /// Starts a [`Cluster`] behind `kind` in a scratch directory `name`, the first node with
-/// `first_node_flags`; with HAProxy, waits until it sees every node UP.
-pub async fn start_cluster(kind: ProxyKind, name: &str, first_node_flags: &[&str]) -> Cluster {
+/// `first_node_flags`; with HAProxy, started with `limits` (see [`start_haproxy`]), waits
+/// until it sees every node UP.
+pub async fn start_cluster(
+    kind: ProxyKind,
+    name: &str,
+    first_node_flags: &[&str],
+    limits: Option<HaproxyLimits>,
+) -> Cluster {
     let scratch = ScratchDir::new(name);
     let dir = scratch.0.clone();
     let api = MockApi::start().await;
@@ -824,7 +871,7 @@ pub async fn start_cluster(kind: ProxyKind, name: &str, first_node_flags: &[&str
         })
         .collect();
     let proxy = match kind {
-        ProxyKind::Haproxy => start_haproxy(&nodes, &dir),
+        ProxyKind::Haproxy => start_haproxy(&nodes, &dir, limits),
         ProxyKind::Nginx => start_nginx(&nodes, &dir),
     };
     let http = http_client();
@@ -890,6 +937,7 @@ pub async fn run_busy_node_scenario() {
         ProxyKind::Haproxy,
         "haproxy-busy-node",
         &["--max-pending-handshakes", "2"],
+        None,
     )
     .await;
     let stats = cluster.proxy.stats.expect("HAProxy has a stats page");
@@ -938,6 +986,94 @@ pub async fn run_busy_node_scenario() {
     drop(cluster);
 }
 
+/// Websockets fill the public entry's share of HAProxy's connections (the limits set low,
+/// with as many connections queued at the public entry as HAProxy takes in all), and a push
+/// still goes through at once: the push entry has a share of its own that websockets cannot
+/// take.
+// Only the HAProxy tests use it: the limits are HAProxy's.
+#[allow(dead_code)]
+pub async fn run_push_room_scenario() {
+    let limits = HaproxyLimits {
+        total: 60,
+        public: 40,
+        push: 10,
+    };
+    // (A variable first, as in run_spelling_scenario.)
+    let cluster = start_cluster(ProxyKind::Haproxy, "haproxy-push-room", &[], Some(limits)).await;
+    let Cluster {
+        proxy,
+        nodes,
+        http,
+        logs,
+        ..
+    } = cluster;
+    let stats = proxy.stats.expect("HAProxy has a stats page");
+    let url: http::Uri = format!("ws://{}/room-1", proxy.public).parse().unwrap();
+    let (mut ws, _) = ClientBuilder::from_uri(url)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("room-1 connects: {e}; {logs}"));
+    // Sockets that send nothing (HAProxy closes them after `timeout http-request`, 10 s):
+    // with the client above, as many as HAProxy takes in all. The public entry takes its
+    // share; the rest wait in its listen backlog, which is as long as that share.
+    let holders: Vec<TcpStream> = (1..limits.total)
+        .map(|_| {
+            TcpStream::connect_timeout(&proxy.public, Duration::from_secs(2))
+                .unwrap_or_else(|e| panic!("connect to the public entry: {e}; {logs}"))
+        })
+        .collect();
+    // Full: the public entry holds at least its share (with the old fixed limits it took
+    // every connection HAProxy had, and the push below waited).
+    let public_in = ("ws2http_public_in".to_owned(), "FRONTEND".to_owned());
+    let held = || async {
+        haproxy_stats(&http, stats, "scur")
+            .await
+            .get(&public_in)
+            .and_then(|n| n.parse::<u32>().ok())
+    };
+    let mut sessions = None;
+    for _ in 0..100 {
+        sessions = held().await;
+        if sessions >= Some(limits.public) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        sessions >= Some(limits.public),
+        "the public entry holds {sessions:?} connections; {logs}"
+    );
+    let push = format!("http://{}/room-1", proxy.push);
+    let sent = Instant::now();
+    let (status, body) = http_call(&http, Method::POST, &push, "push:room").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "push while the public entry is full: {body}; {logs}"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "the push waited {:?}; {logs}",
+        sent.elapsed()
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap_or_else(|_| panic!("room-1 got no push; {logs}"));
+    assert_eq!(
+        got.expect("open").expect("no error").as_text(),
+        Some("push:room")
+    );
+    // And no more than its share.
+    assert_eq!(
+        held().await,
+        Some(limits.public),
+        "connections the public entry holds; {logs}"
+    );
+    drop(holders);
+    drop(proxy);
+    drop(nodes);
+}
+
 /// A node told to stop (SIGTERM) while a message of one of its clients is still at the API
 /// drains for a while; its health check answers `404` meanwhile, so HAProxy takes it out of
 /// balancing (NOLB) and a client whose ClientId hashed to it opens on another node instead
@@ -945,7 +1081,7 @@ pub async fn run_busy_node_scenario() {
 // Only the HAProxy tests use it: nginx has no active health checks.
 #[allow(dead_code)]
 pub async fn run_draining_node_scenario() {
-    let cluster = start_cluster(ProxyKind::Haproxy, "haproxy-draining-node", &[]).await;
+    let cluster = start_cluster(ProxyKind::Haproxy, "haproxy-draining-node", &[], None).await;
     let Cluster {
         api,
         nodes,
@@ -1070,7 +1206,7 @@ pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
         logs,
         dir,
         scratch: _scratch,
-    } = start_cluster(kind, name, &[]).await;
+    } = start_cluster(kind, name, &[], None).await;
 
     // Both entry points route to a live gateway before any client starts.
     for entry in [proxy.public, proxy.push] {
