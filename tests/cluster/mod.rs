@@ -412,14 +412,21 @@ pub struct HaproxyLimits {
     pub push: u32,
 }
 
+impl HaproxyLimits {
+    /// What the tests need: [`CLIENTS`] websockets with 100 to spare, 50 pushes at once
+    /// with 50 to spare, 10 for the stats page. HAProxy asks for descriptors by these:
+    /// 1042, where the shipped 9000 asks for 18022 and HAProxy refuses to start under a
+    /// lower hard open-files limit.
+    pub const TESTS: HaproxyLimits = HaproxyLimits {
+        total: CLIENTS as u32 + 100 + 100 + 10,
+        public: CLIENTS as u32 + 100,
+        push: 100,
+    };
+}
+
 /// Starts the shipped `haproxy/haproxy.cfg` unchanged; addresses, the (short) health check
-/// interval and `limits` (`None`: the file's defaults) come from the environment variables
-/// the file reads.
-pub fn start_haproxy(
-    nodes: &[GatewayNode],
-    dir: &Path,
-    limits: Option<HaproxyLimits>,
-) -> ProxyProcess {
+/// interval and the connection `limits` come from the environment variables the file reads.
+pub fn start_haproxy(nodes: &[GatewayNode], dir: &Path, limits: HaproxyLimits) -> ProxyProcess {
     let public = loopback(free_port());
     let push = loopback(free_port());
     let stats = loopback(free_port());
@@ -433,11 +440,9 @@ pub fn start_haproxy(
         // Two failed checks, not one: a single slow answer on a loaded CI machine must
         // not take a live node (and, through shutdown-sessions, its sockets) out.
         .env("WS2HTTP_CHECK_FALL", "2");
-    if let Some(limits) = limits {
-        cmd.env("WS2HTTP_MAXCONN", limits.total.to_string())
-            .env("WS2HTTP_PUBLIC_MAXCONN", limits.public.to_string())
-            .env("WS2HTTP_PUSH_MAXCONN", limits.push.to_string());
-    }
+    cmd.env("WS2HTTP_MAXCONN", limits.total.to_string())
+        .env("WS2HTTP_PUBLIC_MAXCONN", limits.public.to_string())
+        .env("WS2HTTP_PUSH_MAXCONN", limits.push.to_string());
     for (i, node) in nodes.iter().enumerate() {
         cmd.env(
             format!("WS2HTTP_GW{}_PUBLIC", i + 1),
@@ -789,7 +794,7 @@ pub async fn run_spelling_scenario(kind: ProxyKind) {
     };
     // (A variable first: fields a pattern leaves behind in a temporary would be dropped at
     // once, the API and the scratch directory with them.)
-    let cluster = start_cluster(kind, name, &[], None).await;
+    let cluster = start_cluster(kind, name, &[], HaproxyLimits::TESTS).await;
     let Cluster {
         proxy,
         nodes,
@@ -853,13 +858,13 @@ pub struct Cluster {
 }
 
 /// Starts a [`Cluster`] behind `kind` in a scratch directory `name`, the first node with
-/// `first_node_flags`; with HAProxy, started with `limits` (see [`start_haproxy`]), waits
+/// `first_node_flags`; with HAProxy, started with `limits` (nginx has none of its own), waits
 /// until it sees every node UP.
 pub async fn start_cluster(
     kind: ProxyKind,
     name: &str,
     first_node_flags: &[&str],
-    limits: Option<HaproxyLimits>,
+    limits: HaproxyLimits,
 ) -> Cluster {
     let scratch = ScratchDir::new(name);
     let dir = scratch.0.clone();
@@ -937,7 +942,7 @@ pub async fn run_busy_node_scenario() {
         ProxyKind::Haproxy,
         "haproxy-busy-node",
         &["--max-pending-handshakes", "2"],
-        None,
+        HaproxyLimits::TESTS,
     )
     .await;
     let stats = cluster.proxy.stats.expect("HAProxy has a stats page");
@@ -999,7 +1004,7 @@ pub async fn run_push_room_scenario() {
         push: 10,
     };
     // (A variable first, as in run_spelling_scenario.)
-    let cluster = start_cluster(ProxyKind::Haproxy, "haproxy-push-room", &[], Some(limits)).await;
+    let cluster = start_cluster(ProxyKind::Haproxy, "haproxy-push-room", &[], limits).await;
     let Cluster {
         proxy,
         nodes,
@@ -1081,7 +1086,13 @@ pub async fn run_push_room_scenario() {
 // Only the HAProxy tests use it: nginx has no active health checks.
 #[allow(dead_code)]
 pub async fn run_draining_node_scenario() {
-    let cluster = start_cluster(ProxyKind::Haproxy, "haproxy-draining-node", &[], None).await;
+    let cluster = start_cluster(
+        ProxyKind::Haproxy,
+        "haproxy-draining-node",
+        &[],
+        HaproxyLimits::TESTS,
+    )
+    .await;
     let Cluster {
         api,
         nodes,
@@ -1206,7 +1217,7 @@ pub async fn run_failover_scenario(kind: ProxyKind, failure: Failure) {
         logs,
         dir,
         scratch: _scratch,
-    } = start_cluster(kind, name, &[], None).await;
+    } = start_cluster(kind, name, &[], HaproxyLimits::TESTS).await;
 
     // Both entry points route to a live gateway before any client starts.
     for entry in [proxy.public, proxy.push] {
