@@ -12,7 +12,7 @@ use std::process::Command;
 
 use cluster::{
     run_busy_node_scenario, run_draining_node_scenario, run_failover_scenario,
-    run_push_room_scenario, run_spelling_scenario, Failure, ProxyKind,
+    run_push_burst_scenario, run_push_room_scenario, run_spelling_scenario, Failure, ProxyKind,
 };
 
 #[test]
@@ -103,4 +103,13 @@ async fn haproxy_sends_new_clients_elsewhere_while_a_node_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_keeps_room_for_pushes_while_websockets_fill_the_public_entry() {
     run_push_room_scenario().await;
+}
+
+/// Two bursts of 600 pushes to one node's clients, 300 at a time, each push on a connection
+/// of its own (`Connection: close`, as the PHP example sends them), all answered `200`:
+/// HAProxy queues what is over the node's `maxconn` and keeps no finished connection open to
+/// its control port, where it would hold one of the gateway's 256 control connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_answers_every_push_of_two_bursts_on_connections_of_their_own() {
+    run_push_burst_scenario().await;
 }

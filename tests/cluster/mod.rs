@@ -554,6 +554,24 @@ pub async fn http_call(http: &Http, method: Method, url: &str, body: &str) -> (S
         .uri(url)
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("request");
+    send(http, req).await
+}
+
+/// Sends `POST <url>` with `Connection: close` (as the PHP example pushes: a connection of
+/// its own, closed after the answer) and returns status and body.
+pub async fn push_closing(http: &Http, url: &str, body: &str) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header(http::header::CONNECTION, "close")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("request");
+    send(http, req).await
+}
+
+/// Sends `req` (an answer within 10 s, or a panic) and returns status and body.
+async fn send(http: &Http, req: Request<Full<Bytes>>) -> (StatusCode, String) {
+    let url = req.uri().to_string();
     let res = tokio::time::timeout(Duration::from_secs(10), http.request(req))
         .await
         .unwrap_or_else(|_| panic!("{url}: no answer in 10 s"))
@@ -1078,6 +1096,118 @@ pub async fn run_push_room_scenario() {
     drop(proxy);
     drop(nodes);
 }
+
+/// Two bursts of [`BURST_PUSHES`] pushes through HAProxy to clients on gw1, more at once
+/// than HAProxy sends to a node, each push on a connection of its own: every one is answered
+/// `200` (HAProxy queues what is over its `maxconn`, and the connections of finished pushes
+/// do not hold the gateway's control connections, which would get later pushes its `503`),
+/// and every one reaches its client.
+// Only the HAProxy tests use it.
+#[allow(dead_code)]
+pub async fn run_push_burst_scenario() {
+    // Room for the bursts at the push entry, and descriptors enough that HAProxy would keep
+    // finished connections idle if the configuration let it (it stops past 20% of them,
+    // tune.pool-low-fd-ratio): with limits this size the old configuration got 503s.
+    let limits = HaproxyLimits {
+        total: 1000,
+        public: 390,
+        push: 600,
+    };
+    let cluster = start_cluster(ProxyKind::Haproxy, "haproxy-push-burst", &[], limits).await;
+    let Cluster {
+        api,
+        proxy,
+        nodes,
+        http,
+        logs,
+        ..
+    } = cluster;
+    let node_of = |id: &str| {
+        let log = api.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.connects
+            .iter()
+            .find(|(_, seen, _)| seen == id)
+            .map(|(node, _, _)| *node)
+    };
+    // Clients whose ClientIds hash to gw1, each read by a task that counts its pushes.
+    let mut on_gw1 = Vec::new();
+    let mut readers = Vec::new();
+    for i in 0..200 {
+        if on_gw1.len() == BURST_CLIENTS {
+            break;
+        }
+        let id = format!("burst-{i}");
+        let url: http::Uri = format!("ws://{}/{id}", proxy.public).parse().unwrap();
+        let (mut ws, _) = ClientBuilder::from_uri(url)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{id} connects: {e}; {logs}"));
+        if node_of(&id) != Some(0) {
+            continue;
+        }
+        let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = got.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.as_text().is_some_and(|t| t.starts_with("push:")) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+        on_gw1.push((id, got));
+    }
+    assert_eq!(on_gw1.len(), BURST_CLIENTS, "ClientIds on gw1; {logs}");
+    let mut refused = Vec::new();
+    for burst in 1..=2 {
+        let started = Instant::now();
+        let answers: Vec<(StatusCode, String)> = futures_util::stream::iter(0..BURST_PUSHES)
+            .map(|n| {
+                let (id, _) = &on_gw1[n % BURST_CLIENTS];
+                let url = format!("http://{}/{id}", proxy.push);
+                let http = &http;
+                async move { push_closing(http, &url, &format!("push:{burst}:{n}")).await }
+            })
+            .buffer_unordered(BURST_AT_ONCE)
+            .collect()
+            .await;
+        let not_ok: Vec<_> = answers
+            .iter()
+            .filter(|(status, _)| *status != StatusCode::OK)
+            .collect();
+        eprintln!(
+            "burst {burst}: {} pushes in {:.1} s, {} not 200",
+            BURST_PUSHES,
+            started.elapsed().as_secs_f64(),
+            not_ok.len()
+        );
+        refused.push((burst, not_ok.len(), not_ok.first().cloned().cloned()));
+    }
+    assert!(
+        refused.iter().all(|(_, n, _)| *n == 0),
+        "pushes not answered 200 (burst, count, first): {refused:?}; {logs}"
+    );
+    let delivered = wait_until(Duration::from_secs(10), || {
+        on_gw1
+            .iter()
+            .map(|(_, got)| got.load(Ordering::SeqCst))
+            .sum::<usize>()
+            == 2 * BURST_PUSHES
+    })
+    .await;
+    assert!(delivered, "not every push reached its client; {logs}");
+    for reader in readers {
+        reader.abort();
+    }
+    drop(proxy);
+    drop(nodes);
+}
+
+/// Clients on gw1 that [`run_push_burst_scenario`] pushes to.
+const BURST_CLIENTS: usize = 20;
+/// Pushes per burst, all to gw1: more than its 256 control connections.
+const BURST_PUSHES: usize = 600;
+/// Pushes sent at once: more than the `maxconn` of HAProxy's push servers.
+const BURST_AT_ONCE: usize = 300;
 
 /// A node told to stop (SIGTERM) while a message of one of its clients is still at the API
 /// drains for a while; its health check answers `404` meanwhile, so HAProxy takes it out of
