@@ -84,6 +84,9 @@ pub(super) struct Pool {
     idle_timeout: Duration,
     state: Mutex<State>,
     changed: Notify,
+    /// An attempt to open a connection ended: what a retry that wants a new connection waits
+    /// for while [`MAX_CONNECTING`] attempts are under way (see [`Pool::checkout`]).
+    attempt_ended: Notify,
 }
 
 #[derive(Default)]
@@ -278,6 +281,7 @@ impl Pool {
             idle_timeout,
             state: Mutex::new(State::default()),
             changed: Notify::new(),
+            attempt_ended: Notify::new(),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(close_expired(Arc::downgrade(&pool)));
@@ -381,7 +385,8 @@ impl Pool {
             // connection checked in after it looked goes unnoticed. A `notify_one` wakes the
             // oldest armed request: one armed while it opens a connection (up to half of
             // `--upstream-timeout`) or checks an idle one would absorb it, and a waiting
-            // request would sleep while a connection is idle.
+            // request would sleep while a connection is idle. (So would a retry that wants a
+            // new connection, which takes no idle one: see below.)
             let changed = self.changed.notified();
             tokio::pin!(changed);
             let next = {
@@ -416,6 +421,13 @@ impl Pool {
                         }
                         None => {
                             failures_at_wait.get_or_insert(state.open_failures);
+                            if fresh && state.connecting >= MAX_CONNECTING {
+                                // Only an attempt that ends lets it go on. Woken by a
+                                // connection checked in, it would take the `notify_one` meant
+                                // for a request that uses it, and wait on without passing it
+                                // on: that request would sleep while the connection is idle.
+                                changed.set(self.attempt_ended.notified());
+                            }
                             changed.as_mut().enable();
                             Next::Wait
                         }
@@ -863,6 +875,7 @@ impl Drop for Opening<'_> {
     fn drop(&mut self) {
         self.pool.state().connecting -= 1;
         self.pool.changed.notify_waiters();
+        self.pool.attempt_ended.notify_waiters();
     }
 }
 
@@ -1232,6 +1245,49 @@ mod tests {
             matches!(taken, Ok(Ok(ref lease)) if lease.reused),
             "the waiting request was not given the connection checked in (woken only when \
              the attempt under way ends)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_checked_in_goes_to_a_waiting_request_not_to_a_retry_that_wants_a_new_one()
+    {
+        use futures_util::FutureExt;
+        let pool = http1_pool(nowhere(), "http://api.test/", MAX_CONNECTING + 2);
+        let (sender, _api_end) = piped_connection().await;
+        let held = busy(&pool, sender);
+        // As many attempts under way as may be at once, each holding its slot (as to a
+        // distant or silent API host, for up to half of --upstream-timeout).
+        {
+            let mut state = pool.state();
+            state.open += MAX_CONNECTING;
+            state.connecting = MAX_CONNECTING;
+        }
+        // A retry handed back by a stale connection, which takes no idle connection, waits
+        // for one of them to end; then a request that would take one waits too.
+        let retry = pool.checkout(None, true);
+        tokio::pin!(retry);
+        assert!(retry.as_mut().now_or_never().is_none(), "the retry waits");
+        let waiting = pool.checkout(None, false);
+        tokio::pin!(waiting);
+        assert!(waiting.as_mut().now_or_never().is_none(), "waiting");
+        held.checkin();
+        assert!(
+            retry.as_mut().now_or_never().is_none(),
+            "the retry waits on for an attempt to end"
+        );
+        let taken = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+        assert!(
+            matches!(taken, Ok(Ok(ref lease)) if lease.reused),
+            "the waiting request slept next to the connection checked in: the retry, woken \
+             first, took the wake-up and waited on without using it"
+        );
+        // One of the attempts ends: the retry goes on, with an attempt of its own (which fails
+        // here: nothing listens).
+        drop(Opening { pool: &pool });
+        let retried = tokio::time::timeout(Duration::from_secs(1), retry).await;
+        assert!(
+            matches!(retried, Ok(Err(UpstreamError::Unreachable(_)))),
+            "the retry was not woken when an attempt ended"
         );
     }
 
