@@ -449,13 +449,17 @@ impl Pool {
                     // Dropping the lease frees the dead connection's slot.
                 }
                 Next::Connect => {
-                    // Both guards give their counts back if this future is dropped mid-way.
+                    // Both guards give their counts back if this future is dropped mid-way:
+                    // the lease first (dropped in the reverse order of these lines), so that,
+                    // as when the attempt fails, its slot is given back before the waiting
+                    // requests are woken (by `opening`), and none counts it as an established
+                    // connection that may come back for it.
+                    let opening = Opening { pool: self };
                     let mut lease = Lease {
                         pool: self,
                         sender: None,
                         reused: false,
                     };
-                    let opening = Opening { pool: self };
                     // Opened in a task of its own, at the top of a worker's stack: opening
                     // (handshake, spawning the connection's task) needs tens of KiB of stack,
                     // which would otherwise stack up under the websocket handshake's own
@@ -1291,35 +1295,50 @@ mod tests {
         );
     }
 
+    /// Stands for a request that began to wait when no attempt had failed yet: woken, it looks
+    /// at the pool at once, as one on another worker thread may while the task that woke it
+    /// has not gone on yet, and notes whether it would fail with an attempt that failed since.
+    struct Waiter {
+        pool: Weak<Pool>,
+        would_fail: Mutex<Vec<bool>>,
+    }
+
+    impl std::task::Wake for Waiter {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            let pool = self.pool.upgrade().unwrap();
+            let fails = pool.state().failed_while_waiting(Some(0)).is_some();
+            lock(&self.would_fail).push(fails);
+        }
+    }
+
+    impl Waiter {
+        /// A [`Waiter`] woken by `armed`, a wait on `pool`'s `changed` such as a request
+        /// waiting for a connection arms (woken once: by a `notify_one` or a `notify_waiters`,
+        /// whichever comes first).
+        fn arm<'a>(
+            pool: &'a Arc<Pool>,
+            armed: Pin<&mut tokio::sync::futures::Notified<'a>>,
+        ) -> Arc<Waiter> {
+            let waiter = Arc::new(Waiter {
+                pool: Arc::downgrade(pool),
+                would_fail: Mutex::new(Vec::new()),
+            });
+            let waker = std::task::Waker::from(waiter.clone());
+            let mut context = std::task::Context::from_waker(&waker);
+            assert!(armed.poll(&mut context).is_pending());
+            waiter
+        }
+    }
+
     #[tokio::test]
     async fn requests_woken_by_a_failed_attempt_find_its_slot_given_back() {
-        /// Stands for a request waiting since before the attempt: woken, it looks at the
-        /// pool at once, as one on another worker thread may while the task of the attempt
-        /// that woke it has not gone on yet; it notes whether it would fail with the attempt.
-        struct Waiter {
-            pool: Weak<Pool>,
-            would_fail: Mutex<Vec<bool>>,
-        }
-        impl std::task::Wake for Waiter {
-            fn wake(self: Arc<Self>) {
-                self.wake_by_ref();
-            }
-            fn wake_by_ref(self: &Arc<Self>) {
-                let pool = self.pool.upgrade().unwrap();
-                let fails = pool.state().failed_while_waiting(Some(0)).is_some();
-                lock(&self.would_fail).push(fails);
-            }
-        }
         let pool = http1_pool(nowhere(), "http://api.test/", 1);
-        let waiter = Arc::new(Waiter {
-            pool: Arc::downgrade(&pool),
-            would_fail: Mutex::new(Vec::new()),
-        });
-        let waker = std::task::Waker::from(waiter.clone());
         let changed = pool.changed.notified();
         tokio::pin!(changed);
-        let mut context = std::task::Context::from_waker(&waker);
-        assert!(changed.as_mut().poll(&mut context).is_pending());
+        let waiter = Waiter::arm(&pool, changed.as_mut());
         let attempt = pool.checkout(None, false).await;
         assert!(matches!(attempt, Err(UpstreamError::Unreachable(_))));
         assert_eq!(
@@ -1329,6 +1348,35 @@ mod tests {
              established connection that may come back) and would have tried on its own"
         );
         assert_eq!(pool.open(), 0);
+    }
+
+    #[tokio::test]
+    async fn requests_woken_by_a_cancelled_attempt_find_its_slot_given_back() {
+        use futures_util::FutureExt;
+        let pool = http1_pool(nowhere(), "http://api.test/", 2);
+        // An attempt failed a moment ago; a request waiting since before it has not looked
+        // at the pool since.
+        {
+            let mut state = pool.state();
+            state.open_failures = 1;
+            state.last_open_failure = Some("refused".to_owned());
+        }
+        let changed = pool.changed.notified();
+        tokio::pin!(changed);
+        let waiter = Waiter::arm(&pool, changed.as_mut());
+        // Another request starts an attempt, and goes away while it is under way (its client
+        // hung up, its deadline passed).
+        let mut attempt = Box::pin(pool.checkout(None, false));
+        assert!(attempt.as_mut().now_or_never().is_none(), "under way");
+        drop(attempt);
+        assert_eq!(
+            *lock(&waiter.would_fail),
+            [true],
+            "woken by the cancelled attempt, a waiting request saw its slot still open (as an \
+             established connection that may come back) and would have tried on its own"
+        );
+        let state = pool.state();
+        assert_eq!((state.open, state.connecting), (0, 0));
     }
 
     /// An API on a loopback port that answers every request `200 fresh`; the pool's origin
