@@ -489,10 +489,9 @@ impl Upstream {
         }
         let waited = self.pool.failed_attempts();
         // Counted until this future ends, also when a timeout drops it while it waits.
-        let _waiting = Waiting::enter(&self.waiting);
-        if self.waiting.load(Ordering::Relaxed) > self.max_waiting {
+        let Some(_waiting) = Waiting::enter(&self.waiting, self.max_waiting) else {
             return Err(UpstreamError::Overloaded);
-        }
+        };
         match tokio::time::timeout(self.max_wait, self.slots.acquire(kind)).await {
             Ok(Ok(slot)) => Ok((slot, Some(waited))),
             Ok(Err(_)) | Err(_) => Err(UpstreamError::Overloaded),
@@ -634,9 +633,16 @@ fn connect_timeout(config: &Config) -> Duration {
 struct Waiting<'a>(&'a AtomicUsize);
 
 impl<'a> Waiting<'a> {
-    fn enter(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Waiting(counter)
+    /// Counts one more request waiting in `counter`, unless `max` already are (`None`): one
+    /// step, so that of two arrivals for the last place one gets it (counting first and
+    /// reading the count after, both could read the other's count too and be refused).
+    fn enter(counter: &'a AtomicUsize, max: usize) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |waiting| {
+                (waiting < max).then_some(waiting + 1)
+            })
+            .ok()?;
+        Some(Waiting(counter))
     }
 }
 
@@ -821,6 +827,25 @@ mod tests {
         drop(waiters);
         drop(held);
         assert!(upstream.permit(RequestKind::Message).await.is_ok());
+    }
+
+    #[test]
+    fn the_last_place_to_wait_goes_to_one_arrival_and_a_refused_one_is_not_counted() {
+        let counter = AtomicUsize::new(2);
+        let first = Waiting::enter(&counter, 3);
+        assert!(first.is_some(), "one place left");
+        assert!(Waiting::enter(&counter, 3).is_none(), "none left");
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            3,
+            "the refused one not counted"
+        );
+        drop(first);
+        assert_eq!(counter.load(Ordering::Relaxed), 2);
+        assert!(
+            Waiting::enter(&counter, 3).is_some(),
+            "its place free again"
+        );
     }
 
     #[tokio::test]
