@@ -6,7 +6,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -396,35 +396,33 @@ impl Upstream {
         watcher: Option<&AtomicBool>,
     ) -> Result<ApiAnswer, UpstreamError> {
         let limit = limits.time;
-        let started = Instant::now();
         self.metrics
             .requests_started
             .fetch_add(1, Ordering::Relaxed);
-        // A request dropped before it ends (a connect its client gave up on) counts as failed,
-        // so that started = succeeded + failed once nothing is in flight.
-        let mut unfinished = FailedIfDropped(Some(&self.metrics.requests_failed));
-        let mut progress = Progress::new(watcher);
-        // Kept here rather than in the exchange, so that the slot learns when its request went
-        // out (for the API's pace) from the stage, also when the deadline drops the exchange.
-        let mut slot = None;
-        let exchange = self.exchange(request, limits.body, &mut progress, &mut slot);
+        // Settled when dropped: at the end below, or with this future if it is dropped first
+        // (a connect GET whose client left, or whose handshake stopped waiting before it went
+        // out). The slot and the stage are kept here rather than in the exchange, so that the
+        // slot learns when its request went out (for the API's pace) from the stage, also when
+        // the deadline drops the exchange.
+        let mut settled = Settlement {
+            metrics: &self.metrics,
+            started: Instant::now(),
+            progress: Progress::new(watcher),
+            slot: None,
+            succeeded: false,
+        };
+        let exchange = self.exchange(
+            request,
+            limits.body,
+            &mut settled.progress,
+            &mut settled.slot,
+        );
         let result = match tokio::time::timeout(limit, exchange).await {
             Ok(result) => result,
-            Err(_) => Err(progress.stage.timed_out(limit)),
+            Err(_) => Err(settled.progress.stage.timed_out(limit)),
         };
-        if let (Some(slot), Some(paced_from)) = (slot.as_mut(), progress.stage.paced_from()) {
-            slot.sent(paced_from);
-        }
-        drop(slot);
-        self.metrics.observe_upstream_latency(started.elapsed());
-        let succeeded = matches!(&result, Ok(answer) if answer.status.is_success());
-        unfinished.0 = None;
-        let counter = if succeeded {
-            &self.metrics.requests_succeeded
-        } else {
-            &self.metrics.requests_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        settled.succeeded = matches!(&result, Ok(answer) if answer.status.is_success());
+        drop(settled);
         result
     }
 
@@ -568,14 +566,42 @@ impl Stage {
     }
 }
 
-/// Counts a request as failed if dropped while still armed (`Some`).
-struct FailedIfDropped<'a>(Option<&'a AtomicU64>);
+/// What is recorded of one API request when it ends, however it ends (answered, failed,
+/// timed out, or dropped unfinished): its slot learns when the API's pace for it began (so a
+/// wait for an HTTP/2 stream counts in that pace also when the request is dropped in it), its
+/// time goes into `upstream_latency_seconds`, and it counts as succeeded or failed, so that
+/// started = succeeded + failed, and the histogram's count matches, once nothing is in flight.
+struct Settlement<'a> {
+    /// Where it is counted.
+    metrics: &'a Metrics,
+    /// When the request began (waiting for a slot, if it did).
+    started: Instant,
+    /// How far it got.
+    progress: Progress<'a>,
+    /// Its API slot, once it has one.
+    slot: Option<Slot<'a>>,
+    /// Whether it ended with a 2xx answer: not until it ends, so that one dropped unfinished
+    /// counts as failed.
+    succeeded: bool,
+}
 
-impl Drop for FailedIfDropped<'_> {
+impl Drop for Settlement<'_> {
     fn drop(&mut self) {
-        if let Some(failed) = self.0 {
-            failed.fetch_add(1, Ordering::Relaxed);
+        if let (Some(slot), Some(paced_from)) =
+            (self.slot.as_mut(), self.progress.stage.paced_from())
+        {
+            slot.sent(paced_from);
         }
+        // Given back now, its pace counted.
+        self.slot = None;
+        self.metrics
+            .observe_upstream_latency(self.started.elapsed());
+        let counter = if self.succeeded {
+            &self.metrics.requests_succeeded
+        } else {
+            &self.metrics.requests_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -1036,6 +1062,87 @@ mod tests {
             1,
             "a late 5xx is a slow answer"
         );
+    }
+
+    /// An HTTP/2 API on a loopback port that allows one stream at a time, answers `/fast` at
+    /// once and anything else never; its URL, and the requests it has seen.
+    async fn one_stream_h2_api() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counted = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                let answer = hyper::service::service_fn(move |request: Request<_>| {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    let fast = request.uri().path() == "/fast";
+                    async move {
+                        if !fast {
+                            std::future::pending::<()>().await;
+                        }
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::new(),
+                        )))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(1)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), answer),
+                );
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_while_waiting_for_a_stream_counts_its_wait_and_its_latency() {
+        let (api, seen) = one_stream_h2_api().await;
+        let config = Config {
+            api: api.parse().unwrap(),
+            upstream_http2: true,
+            upstream_min_concurrency: 1,
+            ..Config::default()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let upstream = Arc::new(Upstream::new(&config, 4, 64, metrics.clone()).unwrap());
+        let context = |path: &str| {
+            let client_id = ClientId::from_path(path).unwrap();
+            let context = upstream.context(ConnectionId::next(), client_id, &HeaderMap::new());
+            Arc::new(context.unwrap())
+        };
+        // An answer at the API's pace while it held the only slot: the limit grows to two.
+        let fast = context("/fast");
+        upstream.message(&fast, Bytes::new(), false).await.unwrap();
+        assert_eq!(upstream.concurrency_limit(), 2);
+        // One request holds the only stream; another waits 300 ms for it, and is dropped (as
+        // a connect GET is whose handshake stopped waiting, or whose client left).
+        let holder = {
+            let (upstream, context) = (upstream.clone(), context("/hang"));
+            tokio::spawn(async move { upstream.message(&context, Bytes::new(), false).await })
+        };
+        while seen.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let waiter = context("/waiter");
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(300),
+            upstream.message(&waiter, Bytes::new(), false),
+        )
+        .await;
+        assert!(dropped.is_err(), "it waited for the stream");
+        assert_eq!(
+            upstream.concurrency_limit(),
+            1,
+            "its wait for a stream, far past the API's pace, was not counted as slow"
+        );
+        let scrape = metrics.render(upstream.load(), crate::metrics::DisconnectLoad::default());
+        assert!(
+            scrape.contains("upstream_latency_seconds_count 2\n"),
+            "the dropped request's latency was not observed:\n{scrape}"
+        );
+        holder.abort();
     }
 
     #[test]
