@@ -25,7 +25,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tower_service::Service;
@@ -160,18 +160,23 @@ struct SharedH2 {
 
 /// The streams requests hold on one HTTP/2 connection, at most as many as the API allows at
 /// once (its SETTINGS_MAX_CONCURRENT_STREAMS, as h2 knows it: 100 until the API's SETTINGS
-/// come). A request beyond them waits here, not inside hyper: when the connection ends, hyper
-/// fails a request it holds waiting for a stream without giving it back or saying whether h2
-/// had just sent it, while one waiting here is known unsent and goes on another connection.
+/// come). A request beyond them waits here, in the order it came (a stream given back goes to
+/// the request waiting longest, never to a newcomer), not inside hyper: when the connection
+/// ends, hyper fails a request it holds waiting for a stream without giving it back or saying
+/// whether h2 had just sent it, while one waiting here is known unsent and goes on another
+/// connection.
 /// (Nearly always: a stream that ended by a reset, an answer left unread or a request given
 /// up, counts in h2 until the reset is written; an API may lower its limit at any time; and on
 /// a new connection, until the API's SETTINGS come, the limit read is hyper's 100: a request
 /// handed to hyper meanwhile may still wait there for a moment.)
 struct Streams {
-    /// Streams held now.
-    held: Mutex<usize>,
-    /// A stream was given back, or the connection ended.
-    freed: Notify,
+    /// The streams free now: the limit `followed` less those held. A fair semaphore: a
+    /// stream given back goes to the request waiting longest. Closed when the connection ends.
+    free: Semaphore,
+    /// The API's limit as `free` follows it (see [`Streams::follow_limit`]): streams held and
+    /// free, and those held beyond a limit the API lowered, which are not freed when given
+    /// back.
+    followed: Mutex<usize>,
     /// The API's limit now.
     limit: StreamLimit,
 }
@@ -183,42 +188,69 @@ type StreamLimit = Box<dyn Fn() -> usize + Send + Sync>;
 struct Stream(Arc<Streams>);
 
 impl Streams {
+    /// Streams limited to what `limit` reads, none taken yet.
     fn new(limit: StreamLimit) -> Streams {
         Streams {
-            held: Mutex::new(0),
-            freed: Notify::new(),
+            free: Semaphore::new(0),
+            followed: Mutex::new(0),
             limit,
         }
     }
 
-    /// A stream of `sender`'s connection for one request, once the API allows one more;
-    /// `None` if the connection ended first (the request was not given to it).
+    /// A stream of `sender`'s connection for one request, once the API allows one more and
+    /// the requests that waited longer have theirs; `None` if the connection ended first (the
+    /// request was not given to it).
     async fn take(self: &Arc<Self>, sender: &http2::SendRequest<Body>) -> Option<Stream> {
+        if sender.is_closed() {
+            return None;
+        }
+        self.follow_limit();
+        // Kept across the looks below: its place in the queue stays.
+        let acquire = self.free.acquire();
+        tokio::pin!(acquire);
         loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if sender.is_closed() {
-                return None;
-            }
-            let limit = (self.limit)();
-            {
-                let mut held = lock(&self.held);
-                if *held < limit {
-                    *held += 1;
+            match tokio::time::timeout(STREAM_RECHECK, acquire.as_mut()).await {
+                Ok(Ok(permit)) => {
+                    // Given back by the stream's drop, not by the permit's.
+                    permit.forget();
                     return Some(Stream(self.clone()));
                 }
+                Ok(Err(_)) => return None,
+                // A limit the API raised frees no stream and wakes no one: look again now and
+                // then.
+                Err(_) if sender.is_closed() => return None,
+                Err(_) => self.follow_limit(),
             }
-            // A limit the API raised frees no stream and wakes no one: look again now and then.
-            let _ = tokio::time::timeout(STREAM_RECHECK, freed).await;
+        }
+    }
+
+    /// Adds streams to `free` for a limit the API raised, or takes the free ones away for a
+    /// limit it lowered (those held beyond it are not freed when given back: [`Stream`]'s
+    /// drop).
+    fn follow_limit(&self) {
+        let limit = (self.limit)().min(Semaphore::MAX_PERMITS);
+        let mut followed = lock(&self.followed);
+        if limit > *followed {
+            self.free.add_permits(limit - *followed);
+            *followed = limit;
+        } else if limit < *followed {
+            *followed -= self.free.forget_permits(*followed - limit);
         }
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        *lock(&self.0.held) -= 1;
-        self.0.freed.notify_one();
+        let streams = &self.0;
+        let limit = (streams.limit)();
+        let mut followed = lock(&streams.followed);
+        if *followed > limit {
+            // Held beyond a limit the API lowered: given up, not freed.
+            *followed -= 1;
+        } else {
+            // To the request waiting longest, if any.
+            streams.free.add_permits(1);
+        }
     }
 }
 
@@ -837,7 +869,7 @@ where
             .await;
             lock(&connection).take();
             // The requests waiting for one of its streams go to another connection.
-            ended.freed.notify_waiters();
+            ended.free.close();
             outcome
         },
         "HTTP/2",
@@ -1106,6 +1138,71 @@ mod tests {
         assert!(!sender.is_closed(), "open until a ping is due");
         tokio::time::sleep(H2_KEEP_ALIVE_TIMEOUT + Duration::from_secs(2)).await;
         assert!(sender.is_closed(), "closed once a ping went unanswered");
+    }
+
+    /// An HTTP/2 connection whose API end stays open but never answers (kept while the
+    /// returned pipe end is), and streams on it limited to what `limit` reads.
+    async fn silent_h2_connection(
+        limit: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> (
+        http2::SendRequest<Body>,
+        Arc<Streams>,
+        tokio::io::DuplexStream,
+    ) {
+        let (gateway_end, api_end) = tokio::io::duplex(1 << 16);
+        let (sender, _) = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
+        let streams = Arc::new(Streams::new(Box::new(move || {
+            limit.load(std::sync::atomic::Ordering::Relaxed)
+        })));
+        (sender, streams, api_end)
+    }
+
+    #[tokio::test]
+    async fn a_freed_stream_goes_to_the_oldest_waiter_not_to_a_newcomer() {
+        use futures_util::FutureExt;
+        let limit = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+        let (sender, streams, _api_end) = silent_h2_connection(limit).await;
+        let held = streams.take(&sender).await.expect("the only stream");
+        let oldest = streams.take(&sender);
+        tokio::pin!(oldest);
+        assert!(oldest.as_mut().now_or_never().is_none(), "waits for it");
+        drop(held);
+        assert!(
+            streams.take(&sender).now_or_never().is_none(),
+            "a newcomer took the stream freed for the request waiting longest"
+        );
+        let served = tokio::time::timeout(Duration::from_secs(1), oldest).await;
+        assert!(
+            matches!(served, Ok(Some(_))),
+            "the oldest waiter was served"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_follow_the_apis_limit_as_it_moves() {
+        use futures_util::FutureExt;
+        use std::sync::atomic::Ordering::Relaxed;
+        let limit = Arc::new(std::sync::atomic::AtomicUsize::new(2));
+        let (sender, streams, _api_end) = silent_h2_connection(limit.clone()).await;
+        let first = streams.take(&sender).await.expect("one of two");
+        let _second = streams.take(&sender).await.expect("two of two");
+        let third = streams.take(&sender);
+        tokio::pin!(third);
+        assert!(third.as_mut().now_or_never().is_none(), "beyond the limit");
+        // The API lowers its limit to one: a stream given back while two are held frees none.
+        limit.store(1, Relaxed);
+        drop(first);
+        tokio::time::sleep(STREAM_RECHECK * 2).await;
+        assert!(
+            third.as_mut().now_or_never().is_none(),
+            "one held, one allowed"
+        );
+        // It raises it to three: the waiting request sees it within STREAM_RECHECK.
+        limit.store(3, Relaxed);
+        let raised = tokio::time::timeout(STREAM_RECHECK * 2, third).await;
+        assert!(matches!(raised, Ok(Some(_))), "a raised limit went unseen");
+        let _fourth = streams.take(&sender).await.expect("three of three");
+        assert!(streams.take(&sender).now_or_never().is_none(), "four held");
     }
 
     /// A body of `chunks`, one data frame each, that does not say its length.
