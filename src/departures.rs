@@ -178,14 +178,14 @@ fn senders_allowed(shared: &Shared) -> usize {
 /// `--upstream-max-connections`): half of them, at least one, so that the clients that stay
 /// keep the other half. While the gateway drains (`drain_cap` is then
 /// `--shutdown-delete-concurrency`) no client stays that would need them: as many as the cap,
-/// up to all the slots, and never fewer than half. Senders hold at most half the slots
-/// otherwise, and the limit grows only when every slot is taken, so without this the cap
-/// could never be reached.
+/// up to all the slots. (Senders hold at most half the slots otherwise, and the limit grows
+/// only when every slot is taken, so with half a cap above it could never be reached; and
+/// each DELETE of a drain takes one of the cap's places, so a sender beyond the cap would
+/// only hold a DELETE while it waits for one.)
 fn allowed_senders(api_slots: usize, drain_cap: Option<usize>) -> usize {
-    let half = (api_slots / 2).max(1);
     match drain_cap {
-        Some(cap) => half.max(cap.min(api_slots)),
-        None => half,
+        Some(cap) => cap.min(api_slots).max(1),
+        None => (api_slots / 2).max(1),
     }
 }
 
@@ -446,8 +446,9 @@ mod tests {
         // Draining with the defaults (64 slots, --shutdown-delete-concurrency 64): all 64,
         // which half the slots could never reach (the limit grows only when all are taken).
         assert_eq!(allowed_senders(64, Some(64)), 64);
-        // The flag below half the slots: half, as before the drain.
-        assert_eq!(allowed_senders(64, Some(8)), 32);
+        // The flag below half the slots: the flag (a sender beyond it would hold a DELETE
+        // waiting for one of its places).
+        assert_eq!(allowed_senders(64, Some(8)), 8);
         // The flag above the slots: the slots.
         assert_eq!(allowed_senders(40, Some(1000)), 40);
         assert_eq!(allowed_senders(1, Some(1)), 1);
