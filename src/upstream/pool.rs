@@ -10,8 +10,8 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -205,6 +205,12 @@ impl Streams {
             return None;
         }
         self.follow_limit();
+        // A stream free now is one no request waits for (a stream given back goes to the
+        // longest waiting first): taken without the wait's timer.
+        if let Ok(permit) = self.free.try_acquire() {
+            permit.forget();
+            return Some(Stream(self.clone()));
+        }
         // Kept across the looks below: its place in the queue stays.
         let acquire = self.free.acquire();
         tokio::pin!(acquire);
@@ -845,29 +851,27 @@ where
 }
 
 /// Spawns the task that drives an HTTP/2 connection until it closes, and returns its
-/// [`Streams`], which read the API's limit from it (under a lock it is polled under too).
-fn drive_h2<T>(connection: http2::Connection<T, Body, TokioExecutor>) -> Arc<Streams>
+/// [`Streams`], which read the API's limit as the task last saw it (after each poll of the
+/// connection: the API's SETTINGS are read in one; 0 once it ended).
+fn drive_h2<T>(mut connection: http2::Connection<T, Body, TokioExecutor>) -> Arc<Streams>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    // Taken out once it ends: the connection's state (h2's handle on the socket among it)
-    // must not outlive it in the streams' hands.
-    let connection = Arc::new(Mutex::new(Some(connection)));
-    let read = connection.clone();
-    let streams = Arc::new(Streams::new(Box::new(move || {
-        lock(&read)
-            .as_ref()
-            .map_or(0, |connection| connection.current_max_send_streams())
-    })));
+    let max_streams = Arc::new(AtomicUsize::new(connection.current_max_send_streams()));
+    let read = max_streams.clone();
+    let streams = Arc::new(Streams::new(Box::new(move || read.load(Ordering::Relaxed))));
     let ended = streams.clone();
     drive(
         async move {
-            let outcome = std::future::poll_fn(|cx| match lock(&connection).as_mut() {
-                Some(connection) => Pin::new(connection).poll(cx),
-                None => Poll::Ready(Ok(())),
+            let outcome = std::future::poll_fn(|cx| {
+                let polled = Pin::new(&mut connection).poll(cx);
+                max_streams.store(connection.current_max_send_streams(), Ordering::Relaxed);
+                polled
             })
             .await;
-            lock(&connection).take();
+            // The connection's state (h2's handle on the socket among it) ends with it.
+            drop(connection);
+            max_streams.store(0, Ordering::Relaxed);
             // The requests waiting for one of its streams go to another connection.
             ended.free.close();
             outcome
