@@ -1276,19 +1276,91 @@ mod tests {
         }
     }
 
-    /// A transport under a test session: a client that reads nothing, so that reads bring
-    /// nothing (but the `incoming` bytes, once) and writes wait for ever; or, `peer_gone`, a
-    /// TLS layer over a peer that has gone: reads find the end, writes are taken into a
-    /// buffer that no flush ever empties.
-    struct TestTransport {
-        peer_gone: bool,
+    /// A client of a test session, scripted: the bytes it sends first, what its reads find
+    /// then, and what becomes of the gateway's writes.
+    struct TestClient {
+        /// Sent first, read at once, whole.
         incoming: Vec<u8>,
+        /// What reads find once `incoming` is read.
+        then: Reads,
+        /// What becomes of the gateway's writes.
+        writes: Writes,
+        /// Bytes of the gateway's writes taken so far.
+        written: u64,
     }
 
-    impl AsyncRead for TestTransport {
+    /// What a [`TestClient`]'s reads find after its `incoming` bytes.
+    enum Reads {
+        /// Nothing, for ever: pending without a wake-up (the session's own timer polls again).
+        Nothing,
+        /// The end of the stream.
+        End,
+        /// A ping whenever read, without end, each taking from the task's budget as a socket
+        /// with data does.
+        Pings,
+    }
+
+    /// What becomes of the gateway's writes to a [`TestClient`].
+    enum Writes {
+        /// None is taken: a client that reads nothing.
+        Refused,
+        /// Taken into a buffer that no flush ever empties: a TLS layer over a peer that has
+        /// gone (flushes fail).
+        Lost,
+        /// All taken at once, and kept in the buffer given, if any.
+        Taken(Option<Arc<Mutex<Vec<u8>>>>),
+        /// Taken only as far as the [`Allowance`] lets.
+        Trickled(Arc<Mutex<Allowance>>),
+    }
+
+    /// How many bytes a [`Writes::Trickled`] client takes now, and the session's waker to
+    /// call when it is given more.
+    #[derive(Default)]
+    struct Allowance {
+        bytes: usize,
+        waker: Option<std::task::Waker>,
+    }
+
+    impl TestClient {
+        /// Sends `incoming`, then nothing, and reads nothing.
+        fn silent(incoming: Vec<u8>) -> TestClient {
+            TestClient::new(incoming, Reads::Nothing, Writes::Refused)
+        }
+
+        /// Gone behind a TLS layer: reads find the end, flushes fail.
+        fn gone() -> TestClient {
+            TestClient::new(Vec::new(), Reads::End, Writes::Lost)
+        }
+
+        /// Sends nothing (reads find the end) and keeps all the gateway writes in `written`.
+        fn recording(written: Arc<Mutex<Vec<u8>>>) -> TestClient {
+            TestClient::new(Vec::new(), Reads::End, Writes::Taken(Some(written)))
+        }
+
+        /// Sends pings without end and takes every write.
+        fn ping_flood() -> TestClient {
+            TestClient::new(Vec::new(), Reads::Pings, Writes::Taken(None))
+        }
+
+        /// Sends nothing and takes writes only as far as `allowance` lets.
+        fn trickling(allowance: Arc<Mutex<Allowance>>) -> TestClient {
+            TestClient::new(Vec::new(), Reads::Nothing, Writes::Trickled(allowance))
+        }
+
+        fn new(incoming: Vec<u8>, then: Reads, writes: Writes) -> TestClient {
+            TestClient {
+                incoming,
+                then,
+                writes,
+                written: 0,
+            }
+        }
+    }
+
+    impl AsyncRead for TestClient {
         fn poll_read(
             self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
+            cx: &mut Context<'_>,
             buf: &mut tokio::io::ReadBuf<'_>,
         ) -> Poll<std::io::Result<()>> {
             let this = self.get_mut();
@@ -1296,30 +1368,51 @@ mod tests {
                 buf.put_slice(&std::mem::take(&mut this.incoming));
                 return Poll::Ready(Ok(()));
             }
-            // Pending without a wake-up: the session's own timer polls it again.
-            if this.peer_gone {
-                Poll::Ready(Ok(()))
-            } else {
-                Poll::Pending
+            match this.then {
+                Reads::Nothing => Poll::Pending,
+                Reads::End => Poll::Ready(Ok(())),
+                Reads::Pings => {
+                    let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                    // A masked ping with no payload and a zero key.
+                    buf.put_slice(&[0x89, 0x80, 0, 0, 0, 0]);
+                    coop.made_progress();
+                    Poll::Ready(Ok(()))
+                }
             }
         }
     }
 
-    impl AsyncWrite for TestTransport {
+    impl AsyncWrite for TestClient {
         fn poll_write(
             self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
+            cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<std::io::Result<usize>> {
-            if self.peer_gone {
-                Poll::Ready(Ok(buf.len()))
-            } else {
-                Poll::Pending
-            }
+            let this = self.get_mut();
+            let n = match &this.writes {
+                Writes::Refused => return Poll::Pending,
+                Writes::Lost | Writes::Taken(None) => buf.len(),
+                Writes::Taken(Some(kept)) => {
+                    kept.lock().unwrap().extend_from_slice(buf);
+                    buf.len()
+                }
+                Writes::Trickled(allowance) => {
+                    let mut allowance = allowance.lock().unwrap();
+                    if allowance.bytes == 0 {
+                        allowance.waker = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    }
+                    let n = buf.len().min(allowance.bytes);
+                    allowance.bytes -= n;
+                    n
+                }
+            };
+            this.written += n as u64;
+            Poll::Ready(Ok(n))
         }
 
         fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            if self.peer_gone {
+            if matches!(self.writes, Writes::Lost) {
                 Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
             } else {
                 Poll::Ready(Ok(()))
@@ -1331,59 +1424,13 @@ mod tests {
         }
     }
 
-    impl TransferProgress for TestTransport {
+    impl TransferProgress for TestClient {
         fn bytes_written(&self) -> u64 {
-            0
+            self.written
         }
 
         fn took_reads(&mut self) -> bool {
-            false
-        }
-    }
-
-    /// A client that sends pings without end (a whole one whenever read, taking from the
-    /// task's budget as a socket with data does) and takes every write.
-    struct PingFlood;
-
-    impl AsyncRead for PingFlood {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-            // A masked ping with no payload and a zero key.
-            buf.put_slice(&[0x89, 0x80, 0, 0, 0, 0]);
-            coop.made_progress();
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for PingFlood {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl TransferProgress for PingFlood {
-        fn bytes_written(&self) -> u64 {
-            0
-        }
-
-        fn took_reads(&mut self) -> bool {
-            true
+            matches!(self.then, Reads::Pings)
         }
     }
 
@@ -1394,82 +1441,9 @@ mod tests {
             idle_timeout: Some(Duration::from_millis(100)),
             ..crate::Config::default()
         };
-        let (shared, handle, context, permit) = one_connection(config).await;
-        let socket = tokio_websockets::ServerBuilder::new().serve(PingFlood);
-        let session = run(
-            socket,
-            handle,
-            Arc::new(context),
-            Arc::clone(&shared),
-            permit,
-        );
         // Every read finds another ping: the timer must still be heard.
-        tokio::time::timeout(Duration::from_secs(5), session)
-            .await
-            .expect("the session ends at its idle timeout");
+        let shared = run_client_until_it_ends(config, None, TestClient::ping_flood()).await;
         assert_eq!(closed_by(&shared, CloseReason::IdleTimeout), "1");
-    }
-
-    /// How many bytes a [`TricklingReader`] takes now, and the session's waker to call when
-    /// it is given more.
-    #[derive(Default)]
-    struct Allowance {
-        bytes: usize,
-        waker: Option<std::task::Waker>,
-    }
-
-    /// A client that reads (takes writes) only as far as its [`Allowance`] lets it, and
-    /// sends nothing.
-    struct TricklingReader {
-        allowance: Arc<Mutex<Allowance>>,
-        written: u64,
-    }
-
-    impl AsyncRead for TricklingReader {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            _buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Pending
-        }
-    }
-
-    impl AsyncWrite for TricklingReader {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let this = self.get_mut();
-            let mut allowance = this.allowance.lock().unwrap();
-            if allowance.bytes == 0 {
-                allowance.waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            let n = buf.len().min(allowance.bytes);
-            allowance.bytes -= n;
-            this.written += n as u64;
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl TransferProgress for TricklingReader {
-        fn bytes_written(&self) -> u64 {
-            self.written
-        }
-
-        fn took_reads(&mut self) -> bool {
-            false
-        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -1485,10 +1459,8 @@ mod tests {
             Ok(())
         );
         let allowance = Arc::new(Mutex::new(Allowance::default()));
-        let socket = tokio_websockets::ServerBuilder::new().serve(TricklingReader {
-            allowance: Arc::clone(&allowance),
-            written: 0,
-        });
+        let socket = tokio_websockets::ServerBuilder::new()
+            .serve(TestClient::trickling(Arc::clone(&allowance)));
         let started = Instant::now();
         let session = tokio::spawn(run(
             socket,
@@ -1528,14 +1500,21 @@ mod tests {
         pushed: Option<Outbound>,
         incoming: Vec<u8>,
     ) -> Arc<Shared> {
+        run_client_until_it_ends(config, pushed, TestClient::silent(incoming)).await
+    }
+
+    /// Runs a session of a gateway with `config` (its API nowhere) over `client`, with
+    /// `pushed` queued first, until it ends (within 5 s); returns the gateway's shared state.
+    async fn run_client_until_it_ends(
+        config: crate::Config,
+        pushed: Option<Outbound>,
+        client: TestClient,
+    ) -> Arc<Shared> {
         let (shared, handle, context, permit) = one_connection(config).await;
         if let Some(message) = pushed {
             assert_eq!(handle.push(message, 10, 1 << 20, &ACCEPTED), Ok(()));
         }
-        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
-            peer_gone: false,
-            incoming,
-        });
+        let socket = tokio_websockets::ServerBuilder::new().serve(client);
         let session = run(
             socket,
             handle,
@@ -1547,51 +1526,6 @@ mod tests {
             .await
             .expect("the session ends");
         shared
-    }
-
-    /// A client that keeps what the gateway writes, all of it taken at once, and whose
-    /// reads find the end (after whatever the session reads first).
-    struct RecordingClient {
-        written: Arc<Mutex<Vec<u8>>>,
-    }
-
-    impl AsyncRead for RecordingClient {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            _buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for RecordingClient {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            self.written.lock().unwrap().extend_from_slice(buf);
-            Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl TransferProgress for RecordingClient {
-        fn bytes_written(&self) -> u64 {
-            self.written.lock().unwrap().len() as u64
-        }
-
-        fn took_reads(&mut self) -> bool {
-            false
-        }
     }
 
     /// The frames in what a server wrote (unmasked, each under 126 bytes): opcode, payload.
@@ -1672,21 +1606,20 @@ mod tests {
         Box::pin(std::future::ready(Ok(ok_answer(body))))
     }
 
-    /// A session of a gateway with `config` (its API nowhere) over a [`RecordingClient`]:
+    /// A session of a gateway with `config` (its API nowhere) over a [`TestClient::recording`]:
     /// the session, its handle, its place under `--max-connections`, and what it writes.
     async fn recorded_session(
         config: crate::Config,
     ) -> (
-        Session<RecordingClient>,
+        Session<TestClient>,
         Arc<SessionHandle>,
         OwnedSemaphorePermit,
         Arc<Mutex<Vec<u8>>>,
     ) {
         let (shared, handle, context, permit) = one_connection(config).await;
         let written = Arc::new(Mutex::new(Vec::new()));
-        let socket = tokio_websockets::ServerBuilder::new().serve(RecordingClient {
-            written: Arc::clone(&written),
-        });
+        let socket = tokio_websockets::ServerBuilder::new()
+            .serve(TestClient::recording(Arc::clone(&written)));
         let session = Session::new(socket, Arc::clone(&handle), Arc::new(context), shared);
         (session, handle, permit, written)
     }
@@ -1732,10 +1665,7 @@ mod tests {
             handle.push(message(64 * 1024), 10, 1 << 20, &ACCEPTED),
             Ok(())
         );
-        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
-            peer_gone: false,
-            incoming: Vec::new(),
-        });
+        let socket = tokio_websockets::ServerBuilder::new().serve(TestClient::silent(Vec::new()));
         let mut session = Session::new(socket, handle, Arc::new(context), shared);
         session
             .in_flight
@@ -1923,10 +1853,7 @@ mod tests {
     #[tokio::test]
     async fn a_close_whose_flush_fails_counts_its_pushes_undelivered() {
         let ending = Ending::ours(CloseReason::Control, 4001, "bye");
-        let socket = tokio_websockets::ServerBuilder::new().serve(TestTransport {
-            peer_gone: true,
-            incoming: Vec::new(),
-        });
+        let socket = tokio_websockets::ServerBuilder::new().serve(TestClient::gone());
         let queued = VecDeque::from([message(10), message(20)]);
         let outgoing = in_arrival_order(vec![(Bytes::from("r"), false, 0)], queued, 0);
         let closed = close_socket(socket, &ending, outgoing).await;
