@@ -225,7 +225,8 @@ impl Gateway {
                     .min(Semaphore::MAX_PERMITS),
             ),
             // Half the API slots at most: a crowd leaving at once leaves the other half to the
-            // clients that stay, whose messages would otherwise wait behind its DELETEs.
+            // clients that stay, whose messages would otherwise wait behind its DELETEs (while
+            // draining, when none stays, --shutdown-delete-concurrency of them).
             departures: Departures::default(),
             config,
             budget,
