@@ -177,23 +177,20 @@ struct Streams {
     /// free, and those held beyond a limit the API lowered, which are not freed when given
     /// back.
     followed: Mutex<usize>,
-    /// The API's limit now.
-    limit: StreamLimit,
+    /// The API's limit as the connection's task last saw it (0 once the connection ended).
+    limit: AtomicUsize,
 }
-
-/// Reads the API's limit on streams from its connection (0 once it ended).
-type StreamLimit = Box<dyn Fn() -> usize + Send + Sync>;
 
 /// One stream of an HTTP/2 connection, held by one request; given back when dropped.
 struct Stream(Arc<Streams>);
 
 impl Streams {
-    /// Streams limited to what `limit` reads, none taken yet.
-    fn new(limit: StreamLimit) -> Streams {
+    /// Streams limited to `limit` (until [`Streams::limit`] says another), none taken yet.
+    fn new(limit: usize) -> Streams {
         Streams {
             free: Semaphore::new(0),
             followed: Mutex::new(0),
-            limit,
+            limit: AtomicUsize::new(limit),
         }
     }
 
@@ -234,7 +231,10 @@ impl Streams {
     /// limit it lowered (those held beyond it are not freed when given back: [`Stream`]'s
     /// drop).
     fn follow_limit(&self) {
-        let limit = (self.limit)().min(Semaphore::MAX_PERMITS);
+        let limit = self
+            .limit
+            .load(Ordering::Relaxed)
+            .min(Semaphore::MAX_PERMITS);
         let mut followed = lock(&self.followed);
         if limit > *followed {
             self.free.add_permits(limit - *followed);
@@ -248,7 +248,7 @@ impl Streams {
 impl Drop for Stream {
     fn drop(&mut self) {
         let streams = &self.0;
-        let limit = (streams.limit)();
+        let limit = streams.limit.load(Ordering::Relaxed);
         let mut followed = lock(&streams.followed);
         if *followed > limit {
             // Held beyond a limit the API lowered: given up, not freed.
@@ -857,21 +857,20 @@ fn drive_h2<T>(mut connection: http2::Connection<T, Body, TokioExecutor>) -> Arc
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let max_streams = Arc::new(AtomicUsize::new(connection.current_max_send_streams()));
-    let read = max_streams.clone();
-    let streams = Arc::new(Streams::new(Box::new(move || read.load(Ordering::Relaxed))));
+    let streams = Arc::new(Streams::new(connection.current_max_send_streams()));
     let ended = streams.clone();
     drive(
         async move {
             let outcome = std::future::poll_fn(|cx| {
                 let polled = Pin::new(&mut connection).poll(cx);
-                max_streams.store(connection.current_max_send_streams(), Ordering::Relaxed);
+                let limit = connection.current_max_send_streams();
+                ended.limit.store(limit, Ordering::Relaxed);
                 polled
             })
             .await;
             // The connection's state (h2's handle on the socket among it) ends with it.
             drop(connection);
-            max_streams.store(0, Ordering::Relaxed);
+            ended.limit.store(0, Ordering::Relaxed);
             // The requests waiting for one of its streams go to another connection.
             ended.free.close();
             outcome
@@ -1145,9 +1144,10 @@ mod tests {
     }
 
     /// An HTTP/2 connection whose API end stays open but never answers (kept while the
-    /// returned pipe end is), and streams on it limited to what `limit` reads.
+    /// returned pipe end is), and streams on it limited to `limit` (until the test stores
+    /// another in [`Streams::limit`]).
     async fn silent_h2_connection(
-        limit: Arc<std::sync::atomic::AtomicUsize>,
+        limit: usize,
     ) -> (
         http2::SendRequest<Body>,
         Arc<Streams>,
@@ -1155,17 +1155,13 @@ mod tests {
     ) {
         let (gateway_end, api_end) = tokio::io::duplex(1 << 16);
         let (sender, _) = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
-        let streams = Arc::new(Streams::new(Box::new(move || {
-            limit.load(std::sync::atomic::Ordering::Relaxed)
-        })));
-        (sender, streams, api_end)
+        (sender, Arc::new(Streams::new(limit)), api_end)
     }
 
     #[tokio::test]
     async fn a_freed_stream_goes_to_the_oldest_waiter_not_to_a_newcomer() {
         use futures_util::FutureExt;
-        let limit = Arc::new(std::sync::atomic::AtomicUsize::new(1));
-        let (sender, streams, _api_end) = silent_h2_connection(limit).await;
+        let (sender, streams, _api_end) = silent_h2_connection(1).await;
         let held = streams.take(&sender).await.expect("the only stream");
         let oldest = streams.take(&sender);
         tokio::pin!(oldest);
@@ -1185,16 +1181,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn streams_follow_the_apis_limit_as_it_moves() {
         use futures_util::FutureExt;
-        use std::sync::atomic::Ordering::Relaxed;
-        let limit = Arc::new(std::sync::atomic::AtomicUsize::new(2));
-        let (sender, streams, _api_end) = silent_h2_connection(limit.clone()).await;
+        let (sender, streams, _api_end) = silent_h2_connection(2).await;
         let first = streams.take(&sender).await.expect("one of two");
         let _second = streams.take(&sender).await.expect("two of two");
         let third = streams.take(&sender);
         tokio::pin!(third);
         assert!(third.as_mut().now_or_never().is_none(), "beyond the limit");
         // The API lowers its limit to one: a stream given back while two are held frees none.
-        limit.store(1, Relaxed);
+        streams.limit.store(1, Ordering::Relaxed);
         drop(first);
         tokio::time::sleep(STREAM_RECHECK * 2).await;
         assert!(
@@ -1202,7 +1196,7 @@ mod tests {
             "one held, one allowed"
         );
         // It raises it to three: the waiting request sees it within STREAM_RECHECK.
-        limit.store(3, Relaxed);
+        streams.limit.store(3, Ordering::Relaxed);
         let raised = tokio::time::timeout(STREAM_RECHECK * 2, third).await;
         assert!(matches!(raised, Ok(Some(_))), "a raised limit went unseen");
         let _fourth = streams.take(&sender).await.expect("three of three");
