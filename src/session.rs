@@ -816,18 +816,16 @@ where
             }
         }
         if write_pending {
-            let written = self.socket.get_ref().bytes_written();
             if self.write_stalled_since.is_none() {
                 let now = Instant::now();
                 self.write_stalled_since = Some(now);
-                self.written_at_stall = written;
+                self.written_at_stall = self.socket.get_ref().bytes_written();
                 self.schedule_timer(now);
-            } else if written != self.written_at_stall {
-                // Some of it went out (this poll came from the socket taking more): the write
-                // timeout counts from now, not from the next timer tick, which could be up to
-                // --write-timeout later.
-                self.written_at_stall = written;
-                self.write_stalled_since = Some(Instant::now());
+            } else {
+                // Some of it may have gone out (this poll may come from the socket taking
+                // more): the write timeout then counts from now, not from the next timer
+                // tick, which could be up to --write-timeout later.
+                self.note_write_progress(Instant::now());
             }
         } else if self.write_stalled_since.take().is_some() {
             // The stalled write went out: not idle till now.
@@ -1032,9 +1030,20 @@ where
         count_sent_messages(&self.shared, &self.handle, sent);
     }
 
+    /// While a write is stalled: if bytes went out since it stalled, or since this last saw
+    /// some go, the write timeout counts from `now`. Says whether they did.
+    fn note_write_progress(&mut self, now: Instant) -> bool {
+        let written = self.socket.get_ref().bytes_written();
+        if written == self.written_at_stall {
+            return false;
+        }
+        self.written_at_stall = written;
+        self.write_stalled_since = Some(now);
+        true
+    }
+
     fn on_timer(&mut self) -> Option<Ending> {
         let now = Instant::now();
-        let config = &self.shared.config;
         if self.socket.get_mut().took_reads() {
             // Part of a frame came in: the client is there, though no whole frame is yet.
             self.last_received = now;
@@ -1046,12 +1055,10 @@ where
             self.last_received = now;
         }
         if let Some(since) = self.write_stalled_since {
-            let written = self.socket.get_ref().bytes_written();
-            if written != self.written_at_stall {
-                // Slow, but the client is reading: the write timeout counts from here.
-                self.written_at_stall = written;
-                self.write_stalled_since = Some(now);
-            } else if now >= since + config.write_timeout {
+            // Bytes that went out since (slow, but the client is reading) restart the write
+            // timeout from here.
+            let write_timeout = self.shared.config.write_timeout;
+            if !self.note_write_progress(now) && now >= since + write_timeout {
                 return Some(Ending {
                     why: CloseReason::SlowConsumer,
                     send_close: Some((1008, "slow consumer".to_owned())),
@@ -1060,6 +1067,7 @@ where
                 });
             }
         }
+        let config = &self.shared.config;
         if config.ping_interval.is_some() && now >= self.last_received + config.ping_timeout {
             return Some(Ending::ours(CloseReason::PingTimeout, 1001, "ping timeout"));
         }
