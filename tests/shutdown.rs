@@ -262,34 +262,12 @@ async fn shutdown_with_500_connections_closes_each_with_1001_and_sends_exactly_5
     const CLIENTS: usize = 500;
     const DELETE_CONCURRENCY: usize = 16;
     let delete_delay = Duration::from_millis(20);
-    let api = MockApi::with_script(move |s| match s.method.as_str() {
-        "DELETE" => Reply::ok("ok").after(delete_delay),
-        _ => echo_script(s),
+    let most = most_deletes_at_once_in_a_drain(CLIENTS, delete_delay, |config| {
+        config.shutdown_delete_concurrency = DELETE_CONCURRENCY;
     })
     .await;
-    let mut config = test_config(&api);
-    config.shutdown_delete_concurrency = DELETE_CONCURRENCY;
-    config.shutdown_timeout = Duration::from_secs(10);
-    let mut gateway = TestGateway::start(config).await;
-    let clients = connect_clients_awaiting_close(&gateway, CLIENTS).await;
-
-    let report = gateway.shutdown().await;
-    assert_eq!(report.sessions_at_shutdown, CLIENTS);
-    assert!(report.completed, "every session finished within the grace");
-    for client in clients {
-        assert_eq!(client.await.unwrap(), (1001, "going away".to_owned()));
-    }
-    let mut deletes = api.seen_with("DELETE");
-    assert_eq!(deletes.len(), CLIENTS, "exactly one DELETE per connection");
-    assert!(deletes
-        .iter()
-        .all(|d| d.body.as_ref() == b"going away" && d.header("x-close-code") == Some("1001")));
-    assert_one_delete_per_connection(&api);
-
     // Sent a few at a time: a DELETE holds its slot until answered (≥ delay after arrival), so
     // no window shorter than the delay holds more arrivals than the concurrency cap.
-    deletes.sort_by_key(|d| d.at);
-    let most = most_arrivals_within(&deletes, delete_delay - Duration::from_millis(2));
     assert!(
         most <= DELETE_CONCURRENCY,
         "{most} DELETEs at once with a cap of {DELETE_CONCURRENCY}"
@@ -300,35 +278,56 @@ async fn shutdown_with_500_connections_closes_each_with_1001_and_sends_exactly_5
 async fn a_drain_sends_deletes_up_to_the_shutdown_delete_concurrency_not_half_the_api_slots() {
     const CLIENTS: usize = 100;
     const API_SLOTS: usize = 16;
-    let delete_delay = Duration::from_millis(300);
+    let most = most_deletes_at_once_in_a_drain(CLIENTS, Duration::from_millis(300), |config| {
+        // A fixed limit of 16 API slots. Outside a drain DELETEs take half of them; in a
+        // drain no client stays that needs the other half, so --shutdown-delete-concurrency
+        // (16) applies.
+        config.upstream_max_connections = Some(API_SLOTS);
+        config.upstream_min_concurrency = API_SLOTS;
+        config.shutdown_delete_concurrency = API_SLOTS;
+    })
+    .await;
+    assert!(
+        most > API_SLOTS / 2 && most <= API_SLOTS,
+        "{most} DELETEs at once: more than half of the {API_SLOTS} slots, at most all of them"
+    );
+}
+
+/// Drains a gateway (configured by `configure`, with a 10-s shutdown timeout) holding
+/// `clients` connections, against an API that answers each DELETE after `delete_delay`; checks
+/// that every client got `1001 going away` and the API exactly one DELETE each, saying so; and
+/// returns the most DELETEs that arrived within a window just shorter than the delay (those
+/// the gateway had out at once).
+async fn most_deletes_at_once_in_a_drain(
+    clients: usize,
+    delete_delay: Duration,
+    configure: impl FnOnce(&mut ws2http::Config),
+) -> usize {
     let api = MockApi::with_script(move |s| match s.method.as_str() {
         "DELETE" => Reply::ok("ok").after(delete_delay),
         _ => echo_script(s),
     })
     .await;
     let mut config = test_config(&api);
-    // A fixed limit of 16 API slots. Outside a drain DELETEs take half of them; in a drain no
-    // client stays that needs the other half, so --shutdown-delete-concurrency (16) applies.
-    config.upstream_max_connections = Some(API_SLOTS);
-    config.upstream_min_concurrency = API_SLOTS;
-    config.shutdown_delete_concurrency = API_SLOTS;
     config.shutdown_timeout = Duration::from_secs(10);
+    configure(&mut config);
     let mut gateway = TestGateway::start(config).await;
-    let clients = connect_clients_awaiting_close(&gateway, CLIENTS).await;
+    let connected = connect_clients_awaiting_close(&gateway, clients).await;
 
     let report = gateway.shutdown().await;
+    assert_eq!(report.sessions_at_shutdown, clients);
     assert!(report.completed, "every session finished within the grace");
-    for client in clients {
+    for client in connected {
         assert_eq!(client.await.unwrap(), (1001, "going away".to_owned()));
     }
     let mut deletes = api.seen_with("DELETE");
-    assert_eq!(deletes.len(), CLIENTS, "exactly one DELETE per connection");
+    assert_eq!(deletes.len(), clients, "exactly one DELETE per connection");
+    assert!(deletes
+        .iter()
+        .all(|d| d.body.as_ref() == b"going away" && d.header("x-close-code") == Some("1001")));
+    assert_one_delete_per_connection(&api);
     deletes.sort_by_key(|d| d.at);
-    let most = most_arrivals_within(&deletes, delete_delay - Duration::from_millis(2));
-    assert!(
-        most > API_SLOTS / 2 && most <= API_SLOTS,
-        "{most} DELETEs at once: more than half of the {API_SLOTS} slots, at most all of them"
-    );
+    most_arrivals_within(&deletes, delete_delay - Duration::from_millis(2))
 }
 
 /// Connects `n` clients (`/c0`, `/c1`, ...) to `gateway`, 50 at a time, and checks that all
