@@ -479,6 +479,15 @@ mod tests {
     /// pprof-rs's CPU profiler and jemalloc's heap profiler are process-wide.
     static PROFILERS: Mutex<()> = Mutex::new(());
 
+    /// An empty directory of its own in the temporary directory (one left by an earlier run
+    /// is emptied).
+    fn empty_temp_dir(name: &str) -> PathBuf {
+        let dir = temp_path(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     /// A fresh path in the temporary directory.
     fn temp_path(name: &str) -> PathBuf {
         let path = std::env::temp_dir().join(format!("ws2http-{}-{name}", std::process::id()));
@@ -491,9 +500,7 @@ mod tests {
         let missing = temp_path("no-such-dir").join("cpu.pb");
         let error = check_writable(&missing).unwrap_err().to_string();
         assert!(error.contains("cpu.pb"), "{error}");
-        let dir = temp_path("checked");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = empty_temp_dir("checked");
         // A FILE.partial already there (left by a stopped run, or a user's) is not opened.
         let fine = dir.join("cpu.pb");
         std::fs::write(partial_path(&fine), b"kept").unwrap();
@@ -513,9 +520,7 @@ mod tests {
 
     #[test]
     fn a_profile_path_that_is_a_directory_is_refused_at_start() {
-        let dir = temp_path("a-directory");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = empty_temp_dir("a-directory");
         for path in [dir.clone(), PathBuf::from(format!("{}/", dir.display()))] {
             let error = check_writable(&path).unwrap_err().to_string();
             assert!(error.contains("a-directory"), "{error}");
@@ -525,9 +530,7 @@ mod tests {
 
     #[test]
     fn a_profile_is_written_through_a_new_file_never_one_already_there() {
-        let dir = temp_path("partial-link");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = empty_temp_dir("partial-link");
         let path = dir.join("cpu.pb");
         // A link where the partial file goes first, to a file that must not be overwritten,
         // and a partial file left by a killed run of the same pid (a container's PID 1).
@@ -550,9 +553,7 @@ mod tests {
 
     #[test]
     fn a_profile_write_with_every_partial_name_taken_fails_naming_the_file_and_removes_none() {
-        let dir = temp_path("partial-all-taken");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = empty_temp_dir("partial-all-taken");
         let path = dir.join("heap.pb.gz");
         for attempt in 0..NAMES_BESIDE {
             std::fs::write(path_beside(&path, "partial", attempt), b"left").unwrap();
@@ -698,9 +699,7 @@ mod tests {
 
     #[test]
     fn a_profile_is_written_whole_with_nothing_left_beside_it() {
-        let dir = temp_path("written-whole");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = empty_temp_dir("written-whole");
         let path = dir.join("cpu.pb");
         std::fs::write(&path, b"an earlier run's profile").unwrap();
         write_file(&path, b"the new one", &writes_finished()).unwrap();
