@@ -1690,36 +1690,28 @@ mod tests {
     async fn a_delete_answered_before_the_upgrade_completed_gives_the_api_its_code_and_reason() {
         // An API on a loopback port that hands over each request's method, X-Close-Code and
         // body.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = format!("http://{}/", listener.local_addr().unwrap());
         let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+        let api = crate::upstream::loopback_api(hyper::service::service_fn(
+            move |request: http::Request<_>| {
                 let seen_tx = seen_tx.clone();
-                let service = hyper::service::service_fn(move |request: http::Request<_>| {
-                    let seen_tx = seen_tx.clone();
-                    async move {
-                        let method = request.method().clone();
-                        let code = request
-                            .headers()
-                            .get("x-close-code")
-                            .map(|v| v.to_str().unwrap_or("").to_owned());
-                        let body = http_body_util::BodyExt::collect(request.into_body())
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let _ = seen_tx.send((method, code, body));
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(Bytes::from("ok")),
-                        ))
-                    }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
-            }
-        });
+                async move {
+                    let method = request.method().clone();
+                    let code = request
+                        .headers()
+                        .get("x-close-code")
+                        .map(|v| v.to_str().unwrap_or("").to_owned());
+                    let body = http_body_util::BodyExt::collect(request.into_body())
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let _ = seen_tx.send((method, code, body));
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(Bytes::from("ok")),
+                    ))
+                }
+            },
+        ))
+        .await;
         let config = crate::Config {
             api: api.parse().unwrap(),
             ..crate::Config::default()

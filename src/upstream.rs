@@ -745,6 +745,34 @@ fn client_tls_config(config: &Config) -> Result<rustls::ClientConfig, UpstreamSe
     Ok(builder.with_root_certificates(roots).with_no_client_auth())
 }
 
+/// Serves `service` over HTTP/1.1 on a loopback port, each connection with a clone of it,
+/// for unit tests that need an API; its base URL (`http://127.0.0.1:PORT/`).
+#[cfg(test)]
+pub(crate) async fn loopback_api<S, B>(service: S) -> String
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone()),
+            );
+        }
+    });
+    url
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1000,28 +1028,17 @@ mod tests {
     /// An API on a loopback port that answers each request with the next of `answers`
     /// (status, and after how long); its URL.
     async fn scripted_api(answers: Vec<(u16, Duration)>) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
         let answers = Arc::new(std::sync::Mutex::new(answers.into_iter()));
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let answers = answers.clone();
-                let answer = hyper::service::service_fn(move |_| {
-                    let (status, after) = answers.lock().unwrap().next().unwrap();
-                    async move {
-                        tokio::time::sleep(after).await;
-                        http::Response::builder()
-                            .status(status)
-                            .body(Full::new(Bytes::new()))
-                    }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), answer),
-                );
+        loopback_api(hyper::service::service_fn(move |_| {
+            let (status, after) = answers.lock().unwrap().next().unwrap();
+            async move {
+                tokio::time::sleep(after).await;
+                http::Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()))
             }
-        });
-        url
+        }))
+        .await
     }
 
     #[tokio::test]

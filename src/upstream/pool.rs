@@ -1477,19 +1477,10 @@ mod tests {
     /// An API on a loopback port that answers every request `200 fresh`; the pool's origin
     /// and address for it.
     async fn answering_api() -> (String, ApiAddress) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin = format!("http://{}/", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let answer = hyper::service::service_fn(|_| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(Body::from("fresh")))
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), answer),
-                );
-            }
-        });
+        let origin = crate::upstream::loopback_api(hyper::service::service_fn(|_| async {
+            Ok::<_, std::convert::Infallible>(Response::new(Body::from("fresh")))
+        }))
+        .await;
         let connector = crate::upstream::network_connector(&crate::config::Config::default());
         (origin, ApiAddress::Network(connector.unwrap()))
     }
