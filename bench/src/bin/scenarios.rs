@@ -2076,13 +2076,17 @@ mod tests {
         assert!(!selected("S1", Some("")));
     }
 
-    #[test]
-    fn push_cpu_is_divided_over_the_pushes() {
-        let sample = |cpu_us, sys_us| procstat::Sample {
+    /// A /proc sample with these CPU times (µs, all and in the kernel) and nothing else.
+    fn sample(cpu_us: u64, sys_us: u64) -> procstat::Sample {
+        procstat::Sample {
             cpu_us,
             sys_us,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn push_cpu_is_divided_over_the_pushes() {
         let v = per_push_cpu(&sample(1_000, 400), &sample(31_000, 20_400), 1_000);
         assert_eq!(
             v,
@@ -2107,11 +2111,6 @@ mod tests {
 
     #[test]
     fn push_cpu_is_divided_over_the_pushes_answered_200_not_the_pushes_asked() {
-        let sample = |cpu_us, sys_us| procstat::Sample {
-            cpu_us,
-            sys_us,
-            ..Default::default()
-        };
         let gateway = [Some(sample(0, 0)), Some(sample(300_000, 150_000))];
         let machine = [Some((0, 0)), Some((600_000, 200_000))];
         // 15,000 asked, 10,000 answered 200: the cost of the 5,000 refused falls on the rest.
