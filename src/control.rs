@@ -43,12 +43,36 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     push_share: Arc<Semaphore>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let head = request.method() == Method::HEAD;
+    let response = answer(request, shared, push_share).await;
+    Ok(if head { without_body(response) } else { response })
+}
+
+/// The answer to a `HEAD`: the `GET`'s head with its length, and no body. hyper leaves the
+/// body out over HTTP/1.1 but sends it over HTTP/2, where a body after a `HEAD` is a protocol
+/// error to the client (RFC 9110, 9.3.2).
+fn without_body(response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let length = hyper::body::Body::size_hint(response.body()).exact();
+    let (mut parts, _) = response.into_parts();
+    if let Some(length) = length {
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    shared: Arc<Shared>,
+    push_share: Arc<Semaphore>,
+) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     if path == "/healthz" {
         if !matches!(*request.method(), Method::GET | Method::HEAD) {
-            return Ok(method_not_allowed("GET, HEAD"));
+            return method_not_allowed("GET, HEAD");
         }
-        return Ok(health(&shared));
+        return health(&shared);
     }
     if !authorized(&request, shared.config.control_token.as_deref()) {
         let mut response =
@@ -57,11 +81,11 @@ pub(crate) async fn handle(
             http::header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer"),
         );
-        return Ok(response);
+        return response;
     }
     if path == "/metrics" {
         if !matches!(*request.method(), Method::GET | Method::HEAD) {
-            return Ok(method_not_allowed("GET, HEAD"));
+            return method_not_allowed("GET, HEAD");
         }
         let metrics = shared
             .metrics
@@ -71,32 +95,29 @@ pub(crate) async fn handle(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
-        return Ok(response);
+        return response;
     }
     if path == "/debug/pprof/heap" {
         if request.method() != Method::GET {
-            return Ok(method_not_allowed("GET"));
+            return method_not_allowed("GET");
         }
-        return Ok(heap_profile().await);
+        return heap_profile().await;
     }
     // As on the public listener: a reserved name (however it is spelled, `/%64ebug` too) is no
     // ClientId.
     let client_id = match ClientId::from_path(path) {
         Ok(id) if !RESERVED_NAMES.contains(&id.as_str()) => id,
         Ok(_) => {
-            return Ok(text_response(
-                StatusCode::BAD_REQUEST,
-                "this ClientId is reserved\n",
-            ))
+            return text_response(StatusCode::BAD_REQUEST, "this ClientId is reserved\n")
         }
-        Err(e) => return Ok(text_response(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+        Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
-    Ok(match *request.method() {
+    match *request.method() {
         Method::POST => push(request, client_id, &shared, &push_share).await,
         Method::DELETE => disconnect(&request, &client_id, &shared),
         Method::GET => info(&client_id, &shared),
         _ => method_not_allowed("GET, POST, DELETE"),
-    })
+    }
 }
 
 fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {

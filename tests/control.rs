@@ -322,6 +322,44 @@ async fn post_http2(
 }
 
 #[tokio::test]
+async fn head_over_h2c_answers_the_get_head_without_a_body() {
+    // A body after a HEAD is a protocol error to an HTTP/2 client (hyper leaves it out only
+    // over HTTP/1.1).
+    let (_api, gateway) = setup().await;
+    let mut sender = control_http2::<http_body_util::Empty<Bytes>>(&gateway).await;
+    for path in ["/healthz", "/metrics", "/nobody"] {
+        let request = hyper::Request::head(format!("http://{}{path}", gateway.control))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        sender.ready().await.unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let length = response
+            .headers()
+            .get("content-length")
+            .map(|v| v.to_str().unwrap().parse::<usize>().unwrap());
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap_or_else(|e| panic!("{path}: the HEAD's answer broke the stream: {e}"))
+            .to_bytes();
+        assert!(body.is_empty(), "{path}: {body:?}");
+        if path == "/nobody" {
+            // HEAD is no method for a ClientId: 405, bodiless all the same.
+            assert_eq!(status, 405);
+            continue;
+        }
+        let get = gateway.control("GET", path, b"").await;
+        assert_eq!(status, get.status, "{path}");
+        if path != "/metrics" {
+            // The metrics change between the two requests; the others do not.
+            assert_eq!(length, Some(get.body.len()), "{path}");
+        } else {
+            assert!(length.is_some_and(|n| n > 0), "{path}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn pushes_over_one_http2_connection_reach_each_socket_in_order() {
     let (_api, gateway) = setup().await;
     let clients = ["/alice", "/bob", "/carol"];
