@@ -380,7 +380,9 @@ fn disconnect<B>(
 ) -> Response<Full<Bytes>> {
     let query = request.uri().query().unwrap_or("");
     let code = match query_param(query, "code") {
+        // `code=` filled in with nothing, as from a `?code=&reason=` template: the default.
         None => 1000,
+        Some(Ok(text)) if text.is_empty() => 1000,
         Some(Ok(text)) => match text.parse::<u16>() {
             Ok(code @ (1000 | 1001 | 1008 | 1011 | 1012 | 1013 | 3000..=4999)) => code,
             _ => {

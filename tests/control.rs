@@ -157,6 +157,20 @@ async fn delete_without_a_code_closes_with_1000() {
 }
 
 #[tokio::test]
+async fn delete_with_an_empty_code_closes_with_1000_and_the_reason() {
+    let (api, gateway) = setup().await;
+    let mut ws = gateway.connect("/alice").await;
+    let response = gateway
+        .control("DELETE", "/alice?code=&reason=bye", b"")
+        .await;
+    assert_eq!(response.status, 200);
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!((code, reason.as_str()), (1000, "bye"));
+    let delete = &api.wait_for("DELETE", 1).await[0];
+    assert_eq!(delete.header("x-close-code"), Some("1000"));
+}
+
+#[tokio::test]
 async fn delete_of_an_unknown_client_gets_404_and_a_bad_code_400() {
     let (_api, gateway) = setup().await;
     let _ws = gateway.connect("/alice").await;
