@@ -253,6 +253,8 @@ pub struct DescriptorBudget {
     pub control_refusals: usize,
     /// Requests that may wait for a free API connection at once.
     pub upstream_max_waiting: usize,
+    /// Descriptors kept free for listeners, logs and profiles ([`RESERVED_DESCRIPTORS`]).
+    pub spare: usize,
 }
 
 impl DescriptorBudget {
@@ -272,8 +274,8 @@ impl DescriptorBudget {
                 return Err(format!(
                     "--max-connections {n} does not fit the open-file limit {open_file_limit}: \
                      at most {room} with --upstream-max-connections {upstream}, \
-                     --max-pending-handshakes {}, {CONTROL_CONNECTIONS} control connections \
-                     and {over_caps} sockets over those caps",
+                     --max-pending-handshakes {}, {CONTROL_CONNECTIONS} control connections, \
+                     {over_caps} sockets over those caps and {RESERVED_DESCRIPTORS} spare",
                     config.max_pending_handshakes
                 ))
             }
@@ -282,8 +284,8 @@ impl DescriptorBudget {
                 return Err(format!(
                     "the open-file limit {open_file_limit} leaves no room for websockets next to \
                      --upstream-max-connections {upstream}, --max-pending-handshakes {}, \
-                     {CONTROL_CONNECTIONS} control connections and {over_caps} sockets over \
-                     those caps",
+                     {CONTROL_CONNECTIONS} control connections, {over_caps} sockets over \
+                     those caps and {RESERVED_DESCRIPTORS} spare",
                     config.max_pending_handshakes
                 ))
             }
@@ -306,6 +308,7 @@ impl DescriptorBudget {
             control_connections: CONTROL_CONNECTIONS,
             handshake_waiters: HANDSHAKE_WAITERS,
             control_refusals: CONTROL_REFUSALS,
+            spare: RESERVED_DESCRIPTORS,
             upstream_max_waiting: config.upstream_max_waiting.unwrap_or(default_waiting),
         })
     }

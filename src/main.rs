@@ -43,7 +43,8 @@ struct Args {
     max_message_size: usize,
 
     /// websocket connections held at once (default: what the open-file limit leaves after the
-    /// API connections, pending handshakes, 256 control connections and 128 spare)
+    /// API connections, pending handshakes, 256 control connections, 64 sockets over those
+    /// caps and 64 spare)
     #[argh(option)]
     max_connections: Option<usize>,
 
@@ -599,6 +600,7 @@ async fn serve(
         control_connections = budget.control_connections,
         handshake_waiters = budget.handshake_waiters,
         control_refusals = budget.control_refusals,
+        spare_descriptors = budget.spare,
         worker_threads = workers,
         cpus,
         "ws2http started"
