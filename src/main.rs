@@ -68,8 +68,8 @@ struct Args {
     /// API requests always allowed at once; more, up to --upstream-max-connections, only while
     /// the API answers at its usual pace (default 64; equal to --upstream-max-connections for
     /// a fixed limit)
-    #[argh(option, default = "64")]
-    upstream_min_concurrency: usize,
+    #[argh(option)]
+    upstream_min_concurrency: Option<usize>,
 
     /// API requests that may wait for a free API connection at once before more are refused
     /// (1013 on a message, 503 on a handshake); default: as many as the clients can have
@@ -328,6 +328,9 @@ fn check_origin_host_port(authority: &str) -> Result<(), &'static str> {
 /// Worker threads the runtime may be asked for; more is a typo, not a machine.
 const MAX_WORKER_THREADS: usize = 1024;
 
+/// `--upstream-min-concurrency` when it is not given.
+const DEFAULT_UPSTREAM_MIN_CONCURRENCY: usize = 64;
+
 /// Turns the flags into a [`Config`], or a one-line error naming the flag.
 fn config_from(args: &Args) -> Result<Config, String> {
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -372,6 +375,16 @@ fn config_from(args: &Args) -> Result<Config, String> {
             return Err("--cpuprofile and --memprofile name the same file".to_owned());
         }
     }
+    if let (Some(min), Some(max)) = (args.upstream_min_concurrency, args.upstream_max_connections)
+    {
+        // The default (64) is lowered to a smaller pool without a word; a number given for
+        // both that cannot hold is a mistake in one of them.
+        if min > max {
+            return Err(format!(
+                "--upstream-min-concurrency {min} is more than --upstream-max-connections {max}"
+            ));
+        }
+    }
     if args.current_thread && args.worker_threads.is_some() {
         return Err("--current-thread and --worker-threads exclude each other".to_owned());
     }
@@ -385,7 +398,9 @@ fn config_from(args: &Args) -> Result<Config, String> {
         max_pending_handshakes: args.max_pending_handshakes,
         upstream_timeout: args.upstream_timeout,
         upstream_max_connections: args.upstream_max_connections,
-        upstream_min_concurrency: args.upstream_min_concurrency,
+        upstream_min_concurrency: args
+            .upstream_min_concurrency
+            .unwrap_or(DEFAULT_UPSTREAM_MIN_CONCURRENCY),
         upstream_max_waiting: args.upstream_max_waiting,
         upstream_max_wait: args.upstream_max_wait,
         upstream_http2: args.upstream_http2,
@@ -672,6 +687,38 @@ impl ShutdownSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config_for(flags: &[&str]) -> Result<Config, String> {
+        let args = Args::from_args(&["ws2http"], flags).expect("flags parse");
+        config_from(&args)
+    }
+
+    #[test]
+    fn a_min_concurrency_over_the_given_max_connections_is_refused_naming_both_flags() {
+        let error = config_for(&[
+            "--upstream-min-concurrency",
+            "32",
+            "--upstream-max-connections",
+            "16",
+        ])
+        .unwrap_err();
+        assert!(
+            error.contains("--upstream-min-concurrency 32")
+                && error.contains("--upstream-max-connections 16"),
+            "{error}"
+        );
+        // Equal is a fixed limit; the default min is lowered to a smaller pool; a min alone
+        // is lowered to the pool the open-file limit allows.
+        for flags in [
+            &["--upstream-min-concurrency", "16", "--upstream-max-connections", "16"][..],
+            &["--upstream-max-connections", "16"][..],
+            &["--upstream-min-concurrency", "4096"][..],
+        ] {
+            assert!(config_for(flags).is_ok(), "{flags:?}");
+        }
+        let default = config_for(&[]).unwrap();
+        assert_eq!(default.upstream_min_concurrency, DEFAULT_UPSTREAM_MIN_CONCURRENCY);
+    }
 
     #[test]
     fn origins_as_browsers_send_them_are_taken() {
