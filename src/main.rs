@@ -632,6 +632,16 @@ async fn serve(
              reaches it can push to and disconnect every client"
         );
     }
+    if !config.api.as_str().ends_with('/') {
+        // A prefix is allowed (`…/client-` + ClientId), but `http://api/ws` meant as a
+        // directory would send every call to `/wsalice`: said once, with an example.
+        tracing::warn!(
+            api = config.api.as_str(),
+            example = format!("{}alice", config.api.as_str()),
+            "--api does not end with /: the ClientId is appended as is, so the API is called at \
+             the example's URL for ClientId alice; end --api with / if that is not meant"
+        );
+    }
     let report = gateway.serve(signals.first()).await;
     tracing::info!(
         sessions = report.sessions_at_shutdown,

@@ -30,6 +30,27 @@ async fn the_binary_on_the_current_thread_runtime_round_trips_and_pushes() {
 }
 
 #[tokio::test]
+async fn an_api_base_without_a_trailing_slash_is_warned_of_with_the_url_it_makes() {
+    let api = MockApi::start().await;
+    let prefix = format!("{}gw", api.base());
+    let binary = Binary::start_ready(&prefix, &[], &[]).await;
+    // Logged before it serves; the reader of its stderr may lag a moment behind.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !binary.stderr().contains("--api does not end with /")
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = binary.stderr();
+    assert!(log.contains("--api does not end with /"), "{log}");
+    assert!(log.contains(&format!("{prefix}alice")), "{log}");
+    // With the slash, no such line.
+    let binary = Binary::start_ready(&api.base(), &[], &[]).await;
+    let log = binary.stderr();
+    assert!(!log.contains("does not end with /"), "{log}");
+}
+
+#[tokio::test]
 async fn current_thread_with_worker_threads_exits_2_naming_both_flags() {
     let api = MockApi::start().await;
     let log = Binary::refused_at_start(
