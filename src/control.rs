@@ -45,7 +45,11 @@ pub(crate) async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let head = request.method() == Method::HEAD;
     let response = answer(request, shared, push_share).await;
-    Ok(if head { without_body(response) } else { response })
+    Ok(if head {
+        without_body(response)
+    } else {
+        response
+    })
 }
 
 /// The answer to a `HEAD`: the `GET`'s head with its length, and no body. hyper leaves the
@@ -107,9 +111,7 @@ async fn answer(
     // ClientId.
     let client_id = match ClientId::from_path(path) {
         Ok(id) if !RESERVED_NAMES.contains(&id.as_str()) => id,
-        Ok(_) => {
-            return text_response(StatusCode::BAD_REQUEST, "this ClientId is reserved\n")
-        }
+        Ok(_) => return text_response(StatusCode::BAD_REQUEST, "this ClientId is reserved\n"),
         Err(e) => return text_response(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
     match *request.method() {

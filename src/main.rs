@@ -375,8 +375,7 @@ fn config_from(args: &Args) -> Result<Config, String> {
             return Err("--cpuprofile and --memprofile name the same file".to_owned());
         }
     }
-    if let (Some(min), Some(max)) = (args.upstream_min_concurrency, args.upstream_max_connections)
-    {
+    if let (Some(min), Some(max)) = (args.upstream_min_concurrency, args.upstream_max_connections) {
         // The default (64) is lowered to a smaller pool without a word; a number given for
         // both that cannot hold is a mistake in one of them.
         if min > max {
@@ -720,14 +719,22 @@ mod tests {
         // Equal is a fixed limit; the default min is lowered to a smaller pool; a min alone
         // is lowered to the pool the open-file limit allows.
         for flags in [
-            &["--upstream-min-concurrency", "16", "--upstream-max-connections", "16"][..],
+            &[
+                "--upstream-min-concurrency",
+                "16",
+                "--upstream-max-connections",
+                "16",
+            ][..],
             &["--upstream-max-connections", "16"][..],
             &["--upstream-min-concurrency", "4096"][..],
         ] {
             assert!(config_for(flags).is_ok(), "{flags:?}");
         }
         let default = config_for(&[]).unwrap();
-        assert_eq!(default.upstream_min_concurrency, DEFAULT_UPSTREAM_MIN_CONCURRENCY);
+        assert_eq!(
+            default.upstream_min_concurrency,
+            DEFAULT_UPSTREAM_MIN_CONCURRENCY
+        );
     }
 
     #[test]
