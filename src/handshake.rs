@@ -17,6 +17,7 @@ use http::header::{
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_websockets::{Config as WsConfig, Limits, ServerBuilder};
@@ -202,6 +203,16 @@ async fn route(
             StatusCode::BAD_REQUEST,
             RefusalReason::BadRequest,
             "websocket upgrades need HTTP/1.1\n",
+        ));
+    }
+    // RFC 6455, 4.1: the upgrade is a GET without a body. hyper reads one (chunked, or a
+    // Content-Length over 0) before it hands the socket over only if it has arrived by then;
+    // the rest would be read as the client's first websocket frames.
+    if !request.body().is_end_stream() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            RefusalReason::BadRequest,
+            "an upgrade request has no body\n",
         ));
     }
     // RFC 9112, 3.2: a request without a Host line, or with two, is answered 400; RFC 6455,

@@ -496,6 +496,59 @@ async fn an_x_forwarded_for_line_that_is_not_visible_ascii_gets_400_naming_it_an
     assert_eq!(panics.load(Ordering::SeqCst), 0, "a gateway task panicked");
 }
 
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_gets_400_and_never_reaches_the_api() {
+    // RFC 6455, 4.1: the upgrade is a GET without a body. A chunked one was answered 101 and
+    // its body read as websocket frames (`1002 unexpected unmasked frame`, and a DELETE).
+    let panics = panic_count();
+    let api = MockApi::start().await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let with_body = |path: &str, header: &str, body: &[u8]| {
+        let mut request = upgrade_request(path, &[header]);
+        request.extend_from_slice(body);
+        request
+    };
+    let cases = [
+        (
+            "chunked",
+            with_body(
+                "/chunked",
+                "Transfer-Encoding: chunked",
+                b"5\r\nhello\r\n0\r\n\r\n",
+            ),
+        ),
+        (
+            "Content-Length 5",
+            with_body("/sized", "Content-Length: 5", b"hello"),
+        ),
+    ];
+    for (name, request) in &cases {
+        let response = raw_exchange(gateway.public, request).await;
+        assert_eq!(response.status, 400, "{name}: {:?}", response.text());
+        assert_eq!(
+            response.text(),
+            "an upgrade request has no body\n",
+            "{name}"
+        );
+        assert_eq!(response.header("connection"), Some("close"), "{name}");
+        assert!(
+            api.seen().is_empty(),
+            "{name} reached the API: {:?}",
+            api.seen()
+        );
+    }
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"bad_request\"}"], 2.0,
+        "{metrics:?}"
+    );
+    // `Content-Length: 0` announces no body: still an upgrade.
+    let empty = with_body("/empty-body", "Content-Length: 0", b"");
+    assert_eq!(raw_exchange(gateway.public, &empty).await.status, 101);
+    assert_eq!(api.wait_for("GET", 1).await[0].uri, "/empty-body");
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "a gateway task panicked");
+}
+
 // ---- after the upgrade ----
 
 /// A protocol violation after the upgrade, the close code it must get, and the DELETE's code.
