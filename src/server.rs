@@ -418,15 +418,26 @@ async fn serve_public(
             None => serve_http(TokioIo::new(stream), peer, shared, handshake_timeout).await,
             Some(acceptor) => {
                 let started = Instant::now();
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
+                // A connection closed (or reset) before its first byte is no failed handshake
+                // (a balancer's TCP check, a port scan): not counted, as on a plain listener.
+                let handshake = async {
+                    if !first_byte_comes(&stream).await {
+                        return None;
+                    }
+                    Some(acceptor.accept(stream).await)
+                };
+                match tokio::time::timeout(handshake_timeout, handshake).await {
+                    Ok(None) => {
+                        tracing::debug!(%remote, "closed before its TLS handshake began");
+                    }
+                    Ok(Some(Ok(stream))) => {
                         // The TLS handshake and the request head share one deadline.
                         let left = handshake_timeout
                             .saturating_sub(started.elapsed())
                             .max(Duration::from_millis(1));
                         serve_http(TokioIo::new(stream), peer, shared, left).await
                     }
-                    Ok(Err(error)) => {
+                    Ok(Some(Err(error))) => {
                         metrics.handshake_refused(RefusalReason::BadRequest);
                         tracing::debug!(%remote, %error, "TLS handshake failed");
                     }
@@ -502,13 +513,17 @@ impl ControlListener {
 /// forwards reads and writes to whichever it is.
 type ControlStream = Either<TcpStream, UnixStream>;
 
+/// Waits for the first byte (or the end, or an error) on `tcp`, leaving it to be read; says
+/// whether a byte came.
+async fn first_byte_comes(tcp: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(tcp.peek(&mut first).await, Ok(n) if n > 0)
+}
+
 /// Waits for the first bytes (or the end) of a control connection; says whether any came.
 async fn spoke(stream: &ControlStream) -> bool {
     match stream {
-        Either::Left(tcp) => {
-            let mut first = [0u8; 1];
-            matches!(tcp.peek(&mut first).await, Ok(n) if n > 0)
-        }
+        Either::Left(tcp) => first_byte_comes(tcp).await,
         // No `peek` here: readable means bytes or the end, which hyper then reads.
         Either::Right(unix) => unix.readable().await.is_ok(),
     }

@@ -509,6 +509,61 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
     assert_accounting(&gateway, &api).await;
 }
 
+/// Opens a TCP connection to `addr` and closes it before sending a byte: with a FIN, or with
+/// a reset when `reset` (`SO_LINGER` 0), as a load balancer's TCP check or a port scanner does.
+async fn connect_and_close(addr: SocketAddr, reset: bool) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    if reset {
+        stream.set_zero_linger().unwrap();
+    }
+    drop(stream);
+}
+
+#[tokio::test]
+async fn a_tls_listener_counts_no_refusal_for_connections_closed_before_their_first_byte() {
+    let cert = TestCert::new();
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.tls = Some(cert.files());
+    let gateway = TestGateway::start(config).await;
+    for _ in 0..5 {
+        connect_and_close(gateway.public, false).await;
+    }
+    for _ in 0..2 {
+        connect_and_close(gateway.public, true).await;
+    }
+    // A real TLS failure after them still counts: plain HTTP, answered with a TLS alert
+    // (record type 21), then the close.
+    let mut plain = TcpStream::connect(gateway.public).await.unwrap();
+    plain
+        .write_all(&upgrade_request("/alice", &[]))
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "still open after 3 s");
+    assert_eq!(answer.first(), Some(&21), "a TLS alert: {answer:?}");
+    gateway
+        .wait_for_metric(
+            "handshakes_refused{reason=\"bad_request\"}",
+            |n| n >= 1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    // Time for the closed connections to be counted, were they counted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"bad_request\"}"], 1.0,
+        "{metrics:?}"
+    );
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"timeout\"}"], 0.0,
+        "{metrics:?}"
+    );
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+}
+
 #[tokio::test]
 async fn over_the_pending_handshake_cap_a_tls_socket_is_closed_without_plain_text() {
     let cert = TestCert::new();
