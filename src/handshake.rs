@@ -23,7 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_websockets::{Config as WsConfig, Limits, ServerBuilder};
 
 use crate::identity::{ClientId, ConnectionId};
-use crate::metrics::RefusalReason;
+use crate::metrics::{Metrics, RefusalReason};
 use crate::registry::Insertion;
 use crate::server::Io;
 use crate::session::{self, Command, SessionHandle};
@@ -80,6 +80,30 @@ pub(crate) fn health(shared: &Shared) -> Response<Full<Bytes>> {
 pub(crate) struct Peer {
     pub remote: SocketAddr,
     pub tls: bool,
+    /// Whether the connection's handshake has been counted as refused (see [`Peer::refused`]);
+    /// shared by the listener and the connection's request.
+    pub refusal_counted: Arc<AtomicBool>,
+}
+
+impl Peer {
+    /// The facts of a connection just accepted from `remote`.
+    pub(crate) fn new(remote: SocketAddr, tls: bool) -> Peer {
+        Peer {
+            remote,
+            tls,
+            refusal_counted: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Counts the connection's handshake in `handshakes_refused` for `reason`, unless it was
+    /// counted already: a refusal is counted when it is decided, and the listener's time limit
+    /// may still cut the connection while the answer is written (a large API refusal page the
+    /// client does not read), which is no second refusal.
+    pub(crate) fn refused(&self, metrics: &Metrics, reason: RefusalReason) {
+        if !self.refusal_counted.swap(true, Ordering::AcqRel) {
+            metrics.handshake_refused(reason);
+        }
+    }
 }
 
 /// Answers one request on the public listener.
@@ -88,10 +112,10 @@ pub(crate) async fn handle(
     peer: Peer,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let mut response = match route(request, peer, &shared).await {
+    let mut response = match route(request, &peer, &shared).await {
         Ok(response) => response,
         Err(refusal) => {
-            shared.metrics.handshake_refused(refusal.reason);
+            peer.refused(&shared.metrics, refusal.reason);
             refusal.into_response()
         }
     };
@@ -171,7 +195,7 @@ fn valid_key(key: &HeaderValue) -> bool {
 
 async fn route(
     mut request: Request<Incoming>,
-    peer: Peer,
+    peer: &Peer,
     shared: &Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     let path = request.uri().path();
@@ -331,7 +355,7 @@ async fn route(
     let connect_request = Box::pin(ask_the_api(
         Arc::clone(shared),
         Arc::clone(&context),
-        connect_headers(headers, &request, &peer),
+        connect_headers(headers, &request, peer),
         Arc::clone(&sent),
     ));
     let mut pending = PendingApproval {

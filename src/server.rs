@@ -408,14 +408,14 @@ async fn serve_public(
     // A margin over the request head's and the API's own deadlines, so that those answer
     // (a 504, say) rather than this cut.
     let limit = handshake_timeout + shared.config.upstream_timeout + Duration::from_secs(1);
-    let peer = Peer {
-        remote,
-        tls: tls.is_some(),
-    };
+    let peer = Peer::new(remote, tls.is_some());
     let metrics = Arc::clone(&shared.metrics);
     let served = async {
         match tls {
-            None => serve_http(TokioIo::new(stream), peer, shared, handshake_timeout).await,
+            None => {
+                let peer = peer.clone();
+                serve_http(TokioIo::new(stream), peer, shared, handshake_timeout).await
+            }
             Some(acceptor) => {
                 let started = Instant::now();
                 // A connection closed (or reset) before its first byte is no failed handshake
@@ -435,14 +435,14 @@ async fn serve_public(
                         let left = handshake_timeout
                             .saturating_sub(started.elapsed())
                             .max(Duration::from_millis(1));
-                        serve_http(TokioIo::new(stream), peer, shared, left).await
+                        serve_http(TokioIo::new(stream), peer.clone(), shared, left).await
                     }
                     Ok(Some(Err(error))) => {
-                        metrics.handshake_refused(RefusalReason::BadRequest);
+                        peer.refused(&metrics, RefusalReason::BadRequest);
                         tracing::debug!(%remote, %error, "TLS handshake failed");
                     }
                     Err(_) => {
-                        metrics.handshake_refused(RefusalReason::Timeout);
+                        peer.refused(&metrics, RefusalReason::Timeout);
                         tracing::debug!(%remote, "TLS handshake timed out");
                     }
                 }
@@ -450,7 +450,8 @@ async fn serve_public(
         }
     };
     if tokio::time::timeout(limit, served).await.is_err() {
-        metrics.handshake_refused(RefusalReason::Timeout);
+        // Not a second count for a refusal cut off while its answer was being written.
+        peer.refused(&metrics, RefusalReason::Timeout);
         tracing::debug!(%remote, "handshake did not finish in time; connection dropped");
     }
 }
@@ -461,6 +462,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = Arc::clone(&shared.metrics);
+    let refusals = peer.clone();
     let service =
         service_fn(move |request| handshake::handle(request, peer.clone(), Arc::clone(&shared)));
     let connection = http1::Builder::new()
@@ -474,11 +476,11 @@ where
     if let Err(error) = connection.await {
         if error.is_timeout() {
             // The request head did not arrive within --handshake-timeout.
-            metrics.handshake_refused(RefusalReason::Timeout);
+            refusals.refused(&metrics, RefusalReason::Timeout);
         } else if error.is_parse() {
             // A head hyper could not parse, answered by hyper itself: 400, or 431 for one
             // over MAX_REQUEST_HEAD.
-            metrics.handshake_refused(RefusalReason::BadRequest);
+            refusals.refused(&metrics, RefusalReason::BadRequest);
         }
         tracing::debug!(%error, "public connection ended with an error");
     }

@@ -1274,6 +1274,56 @@ async fn assert_silent_connection_dropped(addr: std::net::SocketAddr) {
 }
 
 #[tokio::test]
+async fn a_refusal_the_client_does_not_read_is_counted_once_when_the_handshake_limit_cuts_it() {
+    // The API refuses with a page far larger than what the socket buffers hold, to a client
+    // that reads none of it: the answer is cut at the handshake's outer time limit
+    // (--handshake-timeout + --upstream-timeout + 1 s), and the refusal counted as the API's,
+    // not once more as a timeout.
+    let page = Bytes::from(vec![b'x'; 4 << 20]);
+    let api = MockApi::with_script(move |s| match s.method.as_str() {
+        "GET" => Reply::status(403, page.clone()),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.max_message_size = 4 << 20;
+    config.handshake_timeout = Duration::from_millis(300);
+    config.upstream_timeout = Duration::from_millis(500);
+    let gateway = TestGateway::start(config).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(gateway.public).await.unwrap();
+    stream
+        .write_all(&upgrade_request("/unread", &[]))
+        .await
+        .unwrap();
+    api.wait_for("GET", 1).await;
+    // Past the outer limit (1.8 s) before reading a byte.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut received = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received)).await;
+    assert!(read.is_ok(), "still open 10 s after the limit");
+    assert!(
+        received.len() < 4 << 20,
+        "the whole page was written ({} bytes): the limit never cut it",
+        received.len()
+    );
+    assert!(
+        received.starts_with(b"HTTP/1.1 403"),
+        "{:?}",
+        &received[..64.min(received.len())]
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(refused_by(&metrics, "api"), 1.0, "{metrics:?}");
+    assert_eq!(
+        refused_by(&metrics, "timeout"),
+        0.0,
+        "counted twice: {metrics:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_client_that_sends_nothing_is_dropped_after_the_handshake_timeout() {
     let (api, gateway) = with_short_handshake_timeout().await;
     assert_silent_connection_dropped(gateway.public).await;
