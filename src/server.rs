@@ -358,21 +358,54 @@ async fn wait_for_handshake_slot(
 }
 
 async fn accept_failed(which: &str, error: &io::Error) {
-    // One connection's own trouble (it was reset while it waited in the backlog): the next
-    // is taken at once. Anything else (out of descriptors or memory) is waited out a little,
-    // rather than retried in a tight loop.
-    if matches!(
-        error.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-    ) {
-        tracing::debug!(%error, "accept on the {which} listener: a connection went away");
+    // One connection's own trouble: the next is taken at once. Anything else (out of
+    // descriptors or memory) is waited out a little, rather than retried in a tight loop.
+    if one_connections_trouble(error) {
+        tracing::debug!(%error, "accept on the {which} listener: one connection failed; taking the next");
         return;
     }
     tracing::warn!(%error, "accept on the {which} listener failed; backing off");
     tokio::time::sleep(ACCEPT_BACKOFF).await;
 }
+
+/// Whether an `accept` error is the trouble of the one connection being accepted, not the
+/// listener's: it was reset or aborted while it waited in the backlog, the call was
+/// interrupted, or (Linux) a network error was pending on the new connection, which accept(2)
+/// passes on and says to treat like EAGAIN, retrying at once.
+fn one_connections_trouble(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::NetworkDown
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::HostUnreachable
+    ) || error
+        .raw_os_error()
+        .is_some_and(|code| PENDING_NETWORK_ERRORS.contains(&code))
+}
+
+/// The network errors accept(2) passes on from a new connection on Linux (its man page, "Error
+/// handling"): ENETDOWN, EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP,
+/// ENETUNREACH, as numbered by the asm-generic errno that x86, Arm, RISC-V, PowerPC, s390x and
+/// LoongArch share. Elsewhere (other systems, Linux on MIPS or SPARC, whose numbers differ)
+/// none: only the three of them std names as error kinds are told apart.
+const PENDING_NETWORK_ERRORS: &[i32] = if cfg!(all(
+    any(target_os = "linux", target_os = "android"),
+    not(any(
+        target_arch = "mips",
+        target_arch = "mips64",
+        target_arch = "mips32r6",
+        target_arch = "mips64r6",
+        target_arch = "sparc",
+        target_arch = "sparc64"
+    ))
+)) {
+    &[100, 71, 92, 112, 64, 113, 95, 101]
+} else {
+    &[]
+};
 
 /// Answers `503` to a socket over a connection cap (pending handshakes, control connections),
 /// without parsing anything. The request is read and dropped after the answer (for at most
@@ -939,6 +972,43 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    /// accept(2) on Linux: "pending network errors on the new socket [...] should be treated
+    /// like EAGAIN by retrying".
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn accept_errors_of_one_connection_are_told_from_the_listener_s_own() {
+        for code in [
+            libc::ECONNABORTED,
+            libc::ECONNRESET,
+            libc::EINTR,
+            libc::ENETDOWN,
+            libc::EPROTO,
+            libc::ENOPROTOOPT,
+            libc::EHOSTDOWN,
+            libc::ENONET,
+            libc::EHOSTUNREACH,
+            libc::EOPNOTSUPP,
+            libc::ENETUNREACH,
+        ] {
+            let error = io::Error::from_raw_os_error(code);
+            assert!(
+                one_connections_trouble(&error),
+                "{error}: the next is taken at once"
+            );
+        }
+        for code in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EBADF,
+            libc::EINVAL,
+        ] {
+            let error = io::Error::from_raw_os_error(code);
+            assert!(!one_connections_trouble(&error), "{error}: waited out");
+        }
+    }
 
     #[tokio::test]
     async fn a_control_answer_waiting_for_the_peer_to_read_keeps_its_connection_busy() {
