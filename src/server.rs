@@ -661,15 +661,20 @@ pub(crate) async fn accept_control(
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
         connections.spawn(async move {
-            // The first request's head must be in within --handshake-timeout of the accept.
-            // Telling HTTP/1.1 from h2c waits for the first bytes, and then for the rest of
-            // h2c's opening, without a deadline of its own: a connection that sends nothing,
-            // or only the start of that opening, loses its slot, as does one still silent
-            // when the shutdown starts.
+            // The first byte must come within --handshake-timeout of the accept. Telling
+            // HTTP/1.1 from h2c waits for the first bytes, and then for the rest of h2c's
+            // opening, without a deadline of its own: a connection that sends nothing, or
+            // only the start of that opening, loses its slot at that deadline (by the idle
+            // close below), as does one still silent when the shutdown starts. The rest of a
+            // first HTTP/1.1 head has no deadline of the accept's: hyper's header timer
+            // starts when hyper first reads, at the first byte, and gives it
+            // --handshake-timeout from there; the idle close below cuts that short, but only
+            // after its CONTROL_CLOSING_GRACE (a head begun with one byte at 1.9 s of a 2 s
+            // limit is closed at 3.0 s, one begun at 0.1 s at 2.1 s).
             let accepted = tokio::time::Instant::now();
-            let first_request_by = accepted + shared.config.handshake_timeout;
+            let first_byte_by = accepted + shared.config.handshake_timeout;
             let spoke = tokio::select! {
-                within = tokio::time::timeout_at(first_request_by, spoke(&stream)) => {
+                within = tokio::time::timeout_at(first_byte_by, spoke(&stream)) => {
                     matches!(within, Ok(true))
                 }
                 _ = stop.cancelled() => false,
@@ -678,11 +683,12 @@ pub(crate) async fn accept_control(
                 return;
             }
             // Idle (no request in flight, no answer waiting for the peer to read) for
-            // --handshake-timeout, counted from the accept before the first request: closed,
-            // so that a client holding connections it does not use gives their slots back.
-            // hyper's header read timeout does the same for HTTP/1.1, which waits for a
-            // request head whenever it is idle; nothing in hyper does it for h2c, which is
-            // kept alive by its pings.
+            // --handshake-timeout, counted from the accept before the first request: shut
+            // down gracefully, then closed once idle for CONTROL_CLOSING_GRACE more (a
+            // request head still arriving is no request in flight), so that a client holding
+            // connections it does not use gives their slots back. hyper's header read timeout
+            // does much the same for HTTP/1.1, counted from when it starts reading a head;
+            // nothing in hyper does it for h2c, which is kept alive by its pings.
             let activity = Arc::new(ControlActivity::new(accepted));
             let service_shared = Arc::clone(&shared);
             let service_activity = Arc::clone(&activity);

@@ -1343,6 +1343,44 @@ async fn a_control_connection_that_sends_nothing_is_dropped_after_the_handshake_
     healthz_until(gateway.control, 200).await;
 }
 
+/// Connects to a control listener with a 2 s --handshake-timeout, sends the first byte of an
+/// HTTP/1.1 request after `wait`, and nothing more; returns when the gateway hung up, counted
+/// from the connect.
+async fn closed_after_one_byte_at(wait: Duration) -> Duration {
+    let (_api, gateway) = with_one_control_connection(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+    tokio::time::sleep(wait).await;
+    stream.write_all(b"G").await.unwrap();
+    let (took, sent) = time_until_dropped(&mut stream, started).await;
+    assert!(
+        sent.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&sent)
+    );
+    healthz_until(gateway.control, 200).await;
+    took
+}
+
+#[tokio::test]
+async fn a_control_request_head_begun_in_time_has_the_timeout_from_its_first_byte_but_at_most_1s_more(
+) {
+    // hyper's header timer starts at the first byte; the idle close, counted from the accept,
+    // cuts it short only after its 1 s grace.
+    let (early, late) = tokio::join!(
+        closed_after_one_byte_at(Duration::from_millis(100)),
+        closed_after_one_byte_at(Duration::from_millis(1900)),
+    );
+    assert!(
+        early >= Duration::from_millis(2100) && early < Duration::from_millis(2600),
+        "begun at 0.1 s, closed after {early:?}"
+    );
+    assert!(
+        late >= Duration::from_millis(2900) && late < Duration::from_millis(3600),
+        "begun at 1.9 s, closed after {late:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_control_connection_that_stops_inside_the_h2c_preface_is_dropped_after_the_handshake_timeout(
 ) {
