@@ -387,25 +387,21 @@ fn one_connections_trouble(error: &io::Error) -> bool {
 }
 
 /// The network errors accept(2) passes on from a new connection on Linux (its man page, "Error
-/// handling"): ENETDOWN, EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP,
-/// ENETUNREACH, as numbered by the asm-generic errno that x86, Arm, RISC-V, PowerPC, s390x and
-/// LoongArch share. Elsewhere (other systems, Linux on MIPS or SPARC, whose numbers differ)
-/// none: only the three of them std names as error kinds are told apart.
-const PENDING_NETWORK_ERRORS: &[i32] = if cfg!(all(
-    any(target_os = "linux", target_os = "android"),
-    not(any(
-        target_arch = "mips",
-        target_arch = "mips64",
-        target_arch = "mips32r6",
-        target_arch = "mips64r6",
-        target_arch = "sparc",
-        target_arch = "sparc64"
-    ))
-)) {
-    &[100, 71, 92, 112, 64, 113, 95, 101]
-} else {
-    &[]
-};
+/// handling"), to be treated like EAGAIN. Elsewhere none: only the three of them std names as
+/// error kinds are told apart.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const PENDING_NETWORK_ERRORS: &[i32] = &[
+    libc::ENETDOWN,
+    libc::EPROTO,
+    libc::ENOPROTOOPT,
+    libc::EHOSTDOWN,
+    libc::ENONET,
+    libc::EHOSTUNREACH,
+    libc::EOPNOTSUPP,
+    libc::ENETUNREACH,
+];
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const PENDING_NETWORK_ERRORS: &[i32] = &[];
 
 /// Answers `503` to a socket over a connection cap (pending handshakes, control connections),
 /// without parsing anything. The request is read and dropped after the answer (for at most
