@@ -228,8 +228,8 @@ pub const HANDSHAKE_WAITERS: usize = 48;
 /// crowd of websocket clients cannot turn a proxy's health check into an unanswered socket.
 pub const CONTROL_REFUSALS: usize = 16;
 
-/// Control connections served at once, over the TCP and Unix control listeners together; one
-/// more is answered `503` and closed. Budgeted like the API pool, so that a crowd of pushers
+/// Control connections served at once, over the TCP and Unix control listeners together; those
+/// over it are answered `503` and closed ([`CONTROL_REFUSALS`] at a time). Budgeted like the API pool, so that a crowd of pushers
 /// cannot take the descriptors the websockets were promised.
 pub const CONTROL_CONNECTIONS: usize = 256;
 
