@@ -1696,9 +1696,11 @@ async fn an_api_that_keeps_its_pace_gets_more_than_the_minimum_concurrency() {
     config.upstream_min_concurrency = 4;
     let gateway = TestGateway::start(config).await;
     let (most_open, highest_limit) = burst_of_messages(&gateway, 120).await;
-    // Doubling with each round of answers: 4, 8, 16, 32, 64.
+    // Doubling with each round of answers: 4, 8, 16, 32, 64 on a quiet machine. Asked: at
+    // least two doublings (a round judged slow on a busy machine, CI's two cores shared with
+    // other tests, halves one step; the test below shows 5xx answers leave it at 4).
     assert!(
-        highest_limit >= 32.0 && most_open >= 32.0,
+        highest_limit >= 16.0 && most_open >= 16.0,
         "API connections up to {most_open}, limit up to {highest_limit}"
     );
     assert_eq!(gateway.metrics().await["requests_failed"], 0.0);
