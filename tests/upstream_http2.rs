@@ -1,7 +1,8 @@
 //! HTTP/2 to the API (`--upstream-http2`) when the API's connection goes away or turns a stream
 //! away: a request the API did not process (still waiting for one of the streams the API
-//! allows, above a GOAWAY's last stream id, reset with REFUSED_STREAM) goes out once more and
-//! is answered; the requests it may have processed fail with 1011.
+//! allows, above a GOAWAY's last stream id, reset with REFUSED_STREAM) goes out again, as
+//! often as its time allows, and is answered; the requests it may have processed fail with
+//! 1011.
 
 mod common;
 
@@ -460,15 +461,46 @@ async fn h2c_request_reset_with_refused_stream_is_sent_again_on_the_same_connect
 }
 
 #[tokio::test]
-async fn h2c_request_refused_twice_fails_after_one_more_try() {
-    // Unprocessed both times: it never reached the API, as if the API could not be reached.
-    assert_failed_after(
-        TurnAway::RefusedStream,
-        1..usize::MAX,
-        2,
-        "upstream unreachable",
-    )
+async fn h2c_request_refused_three_times_is_answered_on_its_fourth_try_on_the_same_connection() {
+    // Unprocessed each time: however often the API turns it away, it may go out again.
+    let api = FrameApi::start(TurnAway::RefusedStream, 1..4).await;
+    let (_gateway, mut client) = gateway_and_client(&api).await;
+
+    assert_eq!(round_trip(&mut client, "first").await, "ok");
+    assert_eq!(api.posts.load(Ordering::SeqCst), 4);
+    assert_eq!(api.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn h2c_request_always_refused_goes_out_again_after_growing_pauses_until_its_timeout_then_closes_1013(
+) {
+    // An API that refuses every stream processed none of them: the message goes out again for
+    // as long as its --upstream-timeout (2 s) allows, and no longer; the second time at once,
+    // then after 10, 20, 40 ... ms, so at most 9 times in 2 s (a loop without pauses would send
+    // it thousands of times, and one every 10 ms some 200). It never reached the API: 1013, as
+    // one that waited out its time for a stream. (The client's DELETE, refused too, goes out
+    // as the close does, twice at once and then after the same pauses: up to five more POSTs
+    // if the count below is read within 150 ms.)
+    let api = FrameApi::start(TurnAway::RefusedStream, 1..usize::MAX).await;
+    let gateway = TestGateway::start(Config {
+        upstream_timeout: Duration::from_secs(2),
+        ..h2c_config(api.addr)
+    })
     .await;
+    let mut client = gateway.connect("/turned-away").await;
+
+    let sent = std::time::Instant::now();
+    client.send(Message::text("first")).await.unwrap();
+    assert_eq!(
+        close_frame(&mut client).await,
+        (1013, "upstream overloaded".to_owned())
+    );
+    let (posts, took) = (api.posts.load(Ordering::SeqCst), sent.elapsed());
+    assert!(
+        took >= Duration::from_millis(1900),
+        "given up after {took:?}"
+    );
+    assert!((5..=14).contains(&posts), "{posts} POSTs in {took:?}");
 }
 
 #[tokio::test]
@@ -477,13 +509,19 @@ async fn h2c_request_reset_with_another_error_is_not_sent_again() {
 }
 
 #[tokio::test]
-async fn h2c_delete_refused_twice_is_sent_again_later_and_reaches_the_api() {
+async fn h2c_delete_refused_until_its_timeout_is_sent_again_later_and_reaches_the_api() {
     // The DELETE of a client that dropped carries its reason (`EOF`) as a body, so the API
-    // counts it among its POSTs (the requests with a body) and refuses the first two: both
-    // tries of the first attempt. The API processed neither, so it must still hear of it.
-    let api = FrameApi::start(TurnAway::RefusedStream, 1..3).await;
-    let (gateway, client) = gateway_and_client(&api).await;
-    drop(client);
+    // counts it among its POSTs (the requests with a body) and refuses the first eight: all
+    // the tries its first attempt can make within its --upstream-timeout of 1 s (at 0, 0, 10,
+    // 30, 70, 150, 310 and 630 ms). The API processed none of them, so it must still hear of
+    // it: that attempt fails unsent, and a later one is taken.
+    let api = FrameApi::start(TurnAway::RefusedStream, 1..9).await;
+    let gateway = TestGateway::start(Config {
+        upstream_timeout: Duration::from_secs(1),
+        ..h2c_config(api.addr)
+    })
+    .await;
+    drop(gateway.connect("/turned-away").await);
 
     gateway
         .wait_for_metric(
@@ -494,10 +532,15 @@ async fn h2c_delete_refused_twice_is_sent_again_later_and_reaches_the_api() {
         .await;
     assert_eq!(
         api.posts.load(Ordering::SeqCst),
-        3,
-        "refused twice, then taken"
+        9,
+        "refused eight times, then taken"
     );
-    assert_eq!(gateway.metrics().await["disconnects_failed"], 0.0);
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["disconnects_failed"], 0.0);
+    assert_eq!(
+        metrics["requests_failed"], 1.0,
+        "the first attempt, run out of time unsent"
+    );
 }
 
 /// Two clients of a gateway in front of an API that allows one stream at a time: the first
@@ -552,4 +595,271 @@ async fn h2c_request_without_a_body_waiting_for_a_stream_when_the_api_goes_away_
 
     assert_eq!(next_text(&mut waiting).await, "ok");
     assert_eq!(api.connections.load(Ordering::SeqCst), 2);
+}
+
+/// An h2c API sized to its workers behind nginx, written frame by frame (hyper's server sends a
+/// graceful GOAWAY in two steps, after which an h2 client opens no stream above it, and h2's
+/// one-step GOAWAY ends the streams in flight): it allows `streams` streams at once on a
+/// connection (SETTINGS_MAX_CONCURRENT_STREAMS, sent first on each) and resets any stream over
+/// them with REFUSED_STREAM, also one that came before the client read its SETTINGS; after
+/// `requests_per_connection` requests on a connection it sends a GOAWAY whose last stream id
+/// is that request's, ignores the streams above it, and closes the connection once it has
+/// answered the others, as nginx does after `http2_max_requests`. It answers a GET `ok` and a
+/// POST with `echo:` and its body, each after `work`.
+struct RecyclingApi {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    /// Streams reset with REFUSED_STREAM.
+    refused: Arc<AtomicUsize>,
+    /// The bodies of the POSTs (and DELETEs) it answered, in the order answered.
+    answered: Arc<Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What [`RecyclingApi`] knows of one of its connections.
+#[derive(Default)]
+struct RecycledConnection {
+    /// Streams taken and not yet answered.
+    active: usize,
+    /// Requests taken so far.
+    requests: usize,
+    /// The stream of the last request it takes, once it came: its GOAWAY's last stream id.
+    last: Option<u32>,
+    /// The bodies of the POSTs taken, as far as they came.
+    bodies: std::collections::HashMap<u32, Vec<u8>>,
+}
+
+impl RecyclingApi {
+    async fn start(streams: u32, requests_per_connection: usize, work: Duration) -> RecyclingApi {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(Mutex::new(Vec::new()));
+        let (counted, refusals, bodies) = (connections.clone(), refused.clone(), answered.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                socket.set_nodelay(true).unwrap();
+                let (refusals, bodies) = (refusals.clone(), bodies.clone());
+                let (mut reader, writer) = socket.into_split();
+                let writer = Arc::new(tokio::sync::Mutex::new(Some(writer)));
+                let state = Arc::new(Mutex::new(RecycledConnection::default()));
+                // Writes `bytes` unless the connection was closed.
+                let write = |writer: Arc<tokio::sync::Mutex<Option<_>>>, bytes: Vec<u8>| async move {
+                    let mut writer = writer.lock().await;
+                    if let Some(half) = writer.as_mut() {
+                        let half: &mut tokio::net::tcp::OwnedWriteHalf = half;
+                        if half.write_all(&bytes).await.is_err() {
+                            *writer = None;
+                        }
+                    }
+                };
+                tokio::spawn(async move {
+                    let mut preface = [0u8; 24];
+                    reader.read_exact(&mut preface).await?;
+                    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+                    // SETTINGS_MAX_CONCURRENT_STREAMS.
+                    let mut settings = vec![0, 0x3];
+                    settings.extend(streams.to_be_bytes());
+                    write(writer.clone(), frame(0x4, 0, 0, &settings)).await;
+                    loop {
+                        let mut head = [0u8; 9];
+                        reader.read_exact(&mut head).await?;
+                        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let (kind, flags) = (head[3], head[4]);
+                        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                        let mut payload = vec![0u8; length];
+                        reader.read_exact(&mut payload).await?;
+                        let end_stream = flags & 0x1 != 0;
+                        let (reply, answer) = match kind {
+                            // SETTINGS (not an ACK): acknowledge.
+                            0x4 if flags & 0x1 == 0 => (frame(0x4, 0x1, 0, &[]), None),
+                            // PING: answer.
+                            0x6 if flags & 0x1 == 0 => (frame(0x6, 0x1, 0, &payload), None),
+                            // HEADERS: a new request (its header block in one frame).
+                            0x1 => {
+                                assert_ne!(flags & 0x4, 0, "a header block in one frame");
+                                let mut connection = state.lock().unwrap();
+                                if connection.last.is_some() {
+                                    // Above the GOAWAY's last stream id: ignored.
+                                    continue;
+                                }
+                                if connection.active >= streams as usize {
+                                    refusals.fetch_add(1, Ordering::SeqCst);
+                                    // RST_STREAM, REFUSED_STREAM.
+                                    (frame(0x3, 0, stream, &0x7u32.to_be_bytes()), None)
+                                } else {
+                                    connection.active += 1;
+                                    connection.requests += 1;
+                                    let mut goaway = Vec::new();
+                                    if connection.requests == requests_per_connection {
+                                        connection.last = Some(stream);
+                                        goaway = go_away(stream);
+                                    }
+                                    if end_stream {
+                                        (goaway, Some(b"ok".to_vec()))
+                                    } else {
+                                        connection.bodies.insert(stream, Vec::new());
+                                        (goaway, None)
+                                    }
+                                }
+                            }
+                            // DATA of a POST taken.
+                            0x0 => {
+                                let mut connection = state.lock().unwrap();
+                                let Some(body) = connection.bodies.get_mut(&stream) else {
+                                    continue;
+                                };
+                                body.extend_from_slice(&payload);
+                                let answer = end_stream.then(|| {
+                                    let body = connection.bodies.remove(&stream).unwrap();
+                                    let mut echo = b"echo:".to_vec();
+                                    echo.extend(&body);
+                                    bodies.lock().unwrap().push(body);
+                                    echo
+                                });
+                                // The connection's flow-control window, given back.
+                                let update = if length > 0 {
+                                    frame(0x8, 0, 0, &(length as u32).to_be_bytes())
+                                } else {
+                                    Vec::new()
+                                };
+                                (update, answer)
+                            }
+                            _ => continue,
+                        };
+                        if !reply.is_empty() {
+                            write(writer.clone(), reply).await;
+                        }
+                        if let Some(body) = answer {
+                            let (writer, state) = (writer.clone(), state.clone());
+                            tokio::spawn(async move {
+                                if !work.is_zero() {
+                                    tokio::time::sleep(work).await;
+                                }
+                                let mut answer = frame(0x1, 0x4, stream, &[0x88]);
+                                answer.extend(frame(0x0, 0x1, stream, &body));
+                                write(writer.clone(), answer).await;
+                                let done = {
+                                    let mut connection = state.lock().unwrap();
+                                    connection.active -= 1;
+                                    connection.last.is_some() && connection.active == 0
+                                };
+                                if done {
+                                    // Answered all it took after its GOAWAY: closed.
+                                    if let Some(mut half) = writer.lock().await.take() {
+                                        let _ = half.shutdown().await;
+                                    }
+                                }
+                            });
+                        }
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), std::io::Error>(())
+                });
+            }
+        });
+        RecyclingApi {
+            addr,
+            connections,
+            refused,
+            answered,
+            task,
+        }
+    }
+}
+
+impl Drop for RecyclingApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn h2c_flood_against_an_api_with_few_streams_that_recycles_its_connections_loses_no_message()
+{
+    // Four streams at once, as an API sized to its workers allows, and a GOAWAY every ten
+    // requests (nginx's `http2_max_requests`, set low so that each of the 120 or so GOAWAYs
+    // of the flood catches requests above its last stream id). Those go on the next
+    // connection at once, with the requests that were waiting for a stream, before its
+    // SETTINGS say four: the API refuses all but four of them (REFUSED_STREAM), and may turn
+    // them away again with that connection's own GOAWAY. None of them was processed, so each
+    // goes out again until it is answered. (Sent once more only, a fifth to three quarters of
+    // the clients lost a message to `1011 upstream unreachable` within the first second.)
+    const CLIENTS: usize = 20;
+    const MESSAGES: usize = 60;
+    let api = RecyclingApi::start(4, 10, Duration::from_millis(1)).await;
+    let gateway = h2c_gateway(api.addr).await;
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        clients.push(gateway.connect(&format!("/flood-{client}")).await);
+    }
+    let floods: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(client, mut ws)| {
+            tokio::spawn(async move {
+                for n in 0..MESSAGES {
+                    let text = format!("{client}-{n}");
+                    ws.send(Message::text(text.clone())).await.unwrap();
+                    match next_reply(&mut ws).await {
+                        Ok(reply) if reply == format!("echo:{text}") => {}
+                        other => return Err(format!("client {client}, message {n}: {other:?}")),
+                    }
+                }
+                Ok(ws)
+            })
+        })
+        .collect();
+    let mut lost = Vec::new();
+    let mut done = Vec::new();
+    for flood in floods {
+        match flood.await.unwrap() {
+            Ok(ws) => done.push(ws),
+            Err(why) => lost.push(why),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} clients lost a message: {lost:?}",
+        lost.len()
+    );
+    // Each message was processed once: none that the API took was sent again.
+    let mut answered = api.answered.lock().unwrap().clone();
+    answered.sort();
+    answered.dedup();
+    assert_eq!(answered.len(), CLIENTS * MESSAGES);
+    assert_eq!(api.answered.lock().unwrap().len(), CLIENTS * MESSAGES);
+    assert!(
+        api.connections.load(Ordering::SeqCst) > CLIENTS * MESSAGES / 10,
+        "the API closed each connection after ten requests"
+    );
+    assert!(
+        api.refused.load(Ordering::SeqCst) > 0,
+        "requests went out before the API's SETTINGS"
+    );
+    drop(done);
+}
+
+/// The next text message's text, or what came instead: a close frame (its code and reason),
+/// the socket's end, or nothing within 5 s.
+async fn next_reply(ws: &mut Ws) -> Result<String, String> {
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Err(_) => return Err("no reply within 5s".to_owned()),
+            Ok(None) => return Err("the socket ended".to_owned()),
+            Ok(Some(Err(error))) => return Err(format!("websocket error: {error}")),
+            Ok(Some(Ok(message))) if message.is_close() => {
+                return Err(format!("closed: {:?}", message.as_close()))
+            }
+            Ok(Some(Ok(message))) => {
+                if let Some(text) = message.as_text() {
+                    return Ok(text.to_owned());
+                }
+            }
+        }
+    }
 }

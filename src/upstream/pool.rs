@@ -37,6 +37,12 @@ const MAX_CONNECTING: usize = 32;
 /// How often a request waiting for a stream of an HTTP/2 connection looks at the API's limit
 /// again, in case it was raised.
 const STREAM_RECHECK: Duration = Duration::from_millis(50);
+/// The pause before an HTTP/2 request the API turned away unprocessed (see
+/// [`Pool::exchange_h2`]) goes out for the third time; each later time it doubles, up to
+/// [`H2_RETRY_PAUSE_MAX`]. (The second time it goes out at once.)
+const H2_RETRY_PAUSE_FIRST: Duration = Duration::from_millis(10);
+/// The longest pause between two times an HTTP/2 request the API keeps turning away goes out.
+const H2_RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// How often an HTTP/2 connection to the API is pinged (idle or not).
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before that connection is closed.
@@ -542,6 +548,10 @@ impl Pool {
         }
     }
 
+    /// [`Pool::exchange`] over the shared HTTP/2 connection: `request` waits for one of the
+    /// streams the API allows, and goes out again, for as long as the caller's deadline lets
+    /// it, each time the API provably did not process it (see [`unprocessed_by_api`]); never
+    /// once it may have.
     async fn exchange_h2(
         &self,
         mut request: Request<Body>,
@@ -554,8 +564,15 @@ impl Pool {
         parts.authority = self.origin.authority().cloned();
         *request.uri_mut() =
             Uri::from_parts(parts).map_err(|e| UpstreamError::Broken(e.to_string()))?;
-        let mut retried = false;
+        // Times so far the API turned this request away unprocessed, or its connection handed
+        // it back unsent: it goes out again each time, as long as its deadline allows (the
+        // caller drops it then), after a pause from the second time on (see `retry_pause`).
+        let mut turned_away: u32 = 0;
+        let mut pause = None;
         loop {
+            if let Some(pause) = pause.take() {
+                tokio::time::sleep(pause).await;
+            }
             let SharedH2 {
                 mut sender,
                 streams,
@@ -563,15 +580,15 @@ impl Pool {
             } = self.shared_h2(waited.take()).await?;
             // Beyond the API's limit on streams, the request waits here, where it is known
             // unsent (see `Streams`): if the connection ends meanwhile, it goes on a new one,
-            // and that is not one of its tries. The wait counts in the API's pace.
+            // and that is not a time it was turned away. The wait counts in the API's pace.
             progress.waiting_for_stream();
             let Some(_stream) = streams.take(&sender).await else {
                 self.forget_h2(number);
                 continue;
             };
             // A stream the API turns away unprocessed comes back without its request: this
-            // copy (the body's `Bytes` shared, not copied) is what goes out once more.
-            let spare = (!retried).then(|| copy_request(&request));
+            // copy (the body's `Bytes` shared, not copied) is what goes out again.
+            let spare = copy_request(&request);
             let has_body = hyper::body::Body::size_hint(request.body()).exact() != Some(0);
             progress.sent();
             match sender.try_send_request(request).await {
@@ -579,38 +596,44 @@ impl Pool {
                 Ok(response) => return Ok(collect(response, body_limit).await?.0),
                 Err(mut error) => {
                     let refusal = unprocessed_by_api(error.error(), has_body);
-                    match (error.take_message(), spare) {
+                    request = match (error.take_message(), refusal) {
                         // Handed back unsent: the connection closed (after the API's GOAWAY,
-                        // e.g. nginx after `http2_max_requests`) before it took the request.
-                        // Once more, on a fresh connection.
-                        (Some(unsent), Some(_)) => {
-                            request = unsent;
+                        // e.g. nginx after `http2_max_requests`, or a dropped socket) before
+                        // it took the request. Again, on a fresh connection.
+                        (Some(unsent), _) => {
                             self.forget_h2(number);
-                        }
-                        // Handed back again: it never went out.
-                        (Some(_), None) => {
-                            return Err(never_sent(progress, Unsent::HandedBack, error.error()))
+                            unsent
                         }
                         // Not processed (RFC 9113, 8.7): a stream above a GOAWAY's last
                         // stream id, one reset with REFUSED_STREAM, or a request with a body
                         // still waiting for the API to allow another stream when the
-                        // connection ended. Once more; unless refused alone, on a fresh
+                        // connection ended. Again; unless refused alone, on a fresh
                         // connection.
-                        (None, Some(spare)) if refusal.is_some() => {
-                            request = spare;
-                            if refusal != Some(Refusal::RefusedStream) {
+                        (None, Some(refusal)) => {
+                            if refusal != Refusal::RefusedStream {
                                 self.forget_h2(number);
                             }
+                            spare
                         }
-                        // Not processed again: the API did not act on it either time, so it
-                        // fails as never sent (a DELETE is sent again later, not lost).
-                        (None, None) if refusal.is_some() => {
-                            return Err(never_sent(progress, Unsent::RefusedTwice, error.error()))
+                        // The API may have processed it: never sent again.
+                        (None, None) => {
+                            return Err(UpstreamError::Broken(error_chain(error.error())))
                         }
-                        _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
-                    }
-                    retried = true;
+                    };
+                    turned_away = turned_away.saturating_add(1);
+                    pause = retry_pause(turned_away);
+                    tracing::debug!(
+                        ?refusal,
+                        turned_away,
+                        ?pause,
+                        "the API did not process a request; it goes out again"
+                    );
                     progress.unsent();
+                    if pause.is_some() {
+                        // An API that keeps turning requests away has no stream for them:
+                        // the pause counts in its pace, as a wait for a stream does.
+                        progress.waiting_for_stream();
+                    }
                 }
             }
         }
@@ -704,12 +727,11 @@ impl Pool {
 }
 
 /// Why a request failed that the API cannot have acted on: hyper handed it back without
-/// sending it, or the API turned it away unprocessed (see [`unprocessed_by_api`]) on both its
-/// tries.
+/// sending it. (An HTTP/2 request the API did not process goes out again until its deadline:
+/// see [`Pool::exchange_h2`].)
 #[derive(Clone, Copy)]
 enum Unsent {
     HandedBack,
-    RefusedTwice,
 }
 
 /// The error for a request the API cannot have acted on (`why`): marked unsent, and
@@ -718,9 +740,20 @@ fn never_sent(progress: &mut Progress<'_>, why: Unsent, error: &hyper::Error) ->
     progress.unsent();
     let what = match why {
         Unsent::HandedBack => "the connection closed before the request went out",
-        Unsent::RefusedTwice => "the API turned the request away unprocessed twice",
     };
     UpstreamError::Unreachable(format!("{what}: {}", error_chain(error)))
+}
+
+/// The pause before an HTTP/2 request goes out again after it was turned away unprocessed
+/// `turned_away` times: none after the first (a GOAWAY sends it to a new connection anyway, and
+/// a stream refused before the API's SETTINGS came goes out again within the limit they set,
+/// read before the refusal on the same connection), then [`H2_RETRY_PAUSE_FIRST`], doubling
+/// up to [`H2_RETRY_PAUSE_MAX`], so that an API that refuses everything gets a few tries a
+/// second from each request, not a hot loop.
+fn retry_pause(turned_away: u32) -> Option<Duration> {
+    let doublings = turned_away.checked_sub(2)?;
+    let pause = H2_RETRY_PAUSE_FIRST.saturating_mul(1 << doublings.min(16));
+    Some(pause.min(H2_RETRY_PAUSE_MAX))
 }
 
 /// How an HTTP/2 request that failed is known not to have been processed by the API.
@@ -761,7 +794,7 @@ fn unprocessed_by_api(error: &hyper::Error, has_body: bool) -> Option<Refusal> {
     }
 }
 
-/// A second copy of `request` for one more try: the headers are copied, the body is shared.
+/// A copy of `request` for another try: the headers are copied, the body is shared.
 fn copy_request(request: &Request<Body>) -> Request<Body> {
     let mut copy = Request::new(request.body().clone());
     *copy.method_mut() = request.method().clone();
@@ -1131,6 +1164,29 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn an_h2_request_turned_away_again_and_again_waits_twice_as_long_each_time_up_to_a_second() {
+        let pauses: Vec<_> = (1..=10).map(retry_pause).collect();
+        let ms = Duration::from_millis;
+        assert_eq!(
+            pauses,
+            [
+                None,
+                Some(ms(10)),
+                Some(ms(20)),
+                Some(ms(40)),
+                Some(ms(80)),
+                Some(ms(160)),
+                Some(ms(320)),
+                Some(ms(640)),
+                Some(ms(1000)),
+                Some(ms(1000)),
+            ],
+            "the first time again at once, then doubling from 10 ms"
+        );
+        assert_eq!(retry_pause(u32::MAX), Some(H2_RETRY_PAUSE_MAX));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn http2_connection_whose_pings_go_unanswered_is_closed() {
