@@ -193,6 +193,11 @@ fn main() {
                 std::process::exit(2)
             })
         });
+        // Taken over before the line below: whoever reads it may signal at once, and the
+        // default action would end the process without its counters.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
         // The scenario runner reads the TCP address from this line, so the Unix socket is
         // named after it.
         eprintln!(
@@ -210,11 +215,9 @@ fn main() {
         });
         let server = tokio::spawn(serve(Listener::Tcp(listener), st.clone()));
         let unix_server = unix_listener.map(|l| tokio::spawn(serve(Listener::Unix(l), st.clone())));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
         }
         server.abort();
         if let Some(unix_server) = unix_server {
