@@ -22,7 +22,7 @@ use crate::config::Config;
 mod limit;
 mod pool;
 use limit::{ConcurrencyLimit, RequestKind, Slot};
-use pool::{ApiAddress, BodyLimit, Dialer, FailedAttempts, Pool};
+use pool::{ApiAddress, BodyEnd, BodyLimit, Dialer, FailedAttempts, Pool};
 
 /// How long an unused API connection is kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -127,8 +127,9 @@ pub struct ApiAnswer {
     pub status: StatusCode,
     /// Its headers.
     pub headers: HeaderMap,
-    /// Its body, read in full (of the answer to a DELETE, at most its first
-    /// [`DISCONNECT_ANSWER_LIMIT`] bytes).
+    /// Its body, read in full; of an answer judged by its status alone (to a DELETE, or a 5xx
+    /// to a connect GET), at most its first [`DISCONNECT_ANSWER_LIMIT`] bytes (the connect
+    /// limit for a connect GET), and only what came within a second of its head.
     pub body: Bytes,
 }
 
@@ -407,7 +408,9 @@ impl Upstream {
         let mut settled = Settlement {
             metrics: &self.metrics,
             started: Instant::now(),
-            progress: Progress::new(watcher),
+            // Its time ends then (taken before the timeout below takes its own, so never
+            // after it).
+            progress: Progress::new(watcher, tokio::time::Instant::now().checked_add(limit)),
             slot: None,
             succeeded: false,
         };
@@ -439,7 +442,11 @@ impl Upstream {
             .pool
             .exchange(request, body_limit, progress, waited)
             .await?;
-        if !answer.parts.status.is_server_error() {
+        // An answer whose body stopped coming stands on its status, but is no answer at the
+        // API's pace: its slot was held for the wait. As a request left unanswered, it counts
+        // as one slow answer if it held the slot past a slow answer's time (recorded whole,
+        // a second's wait would keep the recent answers slow for dozens more).
+        if !answer.parts.status.is_server_error() && answer.end != BodyEnd::Stalled {
             held.answered();
         }
         Ok(ApiAnswer {
@@ -606,18 +613,32 @@ impl Drop for Settlement<'_> {
 }
 
 /// Where a request is, as the pool moves it along: its [`Stage`], mirrored to `watcher` (if
-/// any) for a caller that must know whether it went out even after it stopped waiting for it.
+/// any) for a caller that must know whether it went out even after it stopped waiting for it;
+/// and when its time runs out.
 pub(super) struct Progress<'a> {
     stage: Stage,
     watcher: Option<&'a AtomicBool>,
+    /// When its `--upstream-timeout` (or a connect's twice that) runs out (`None`: never, for
+    /// a time too long to say): a body judged by its status alone is read until then at most,
+    /// and the answer stands (see `pool::collect`).
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl<'a> Progress<'a> {
-    fn new(watcher: Option<&'a AtomicBool>) -> Progress<'a> {
+    fn new(
+        watcher: Option<&'a AtomicBool>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Progress<'a> {
         Progress {
             stage: Stage::Waiting,
             watcher,
+            deadline,
         }
+    }
+
+    /// When the request's time runs out, if it does.
+    pub(super) fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline
     }
 
     /// The request waits for one of the streams its HTTP/2 connection allows, from now on (or
@@ -792,7 +813,7 @@ mod tests {
     #[test]
     fn a_request_that_waits_for_a_stream_is_unsent_but_paced_from_that_wait() {
         let limit = Duration::from_secs(3);
-        let mut progress = Progress::new(None);
+        let mut progress = Progress::new(None, None);
         assert_eq!(progress.stage.paced_from(), None, "no connection yet");
         progress.waiting_for_stream();
         let since = progress
@@ -1079,6 +1100,51 @@ mod tests {
             1,
             "a late 5xx is a slow answer"
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_body_stalls_stands_on_its_status_but_is_no_answer_at_the_apis_pace() {
+        // `200` with a body that sends ten bytes and then nothing more.
+        let api = loopback_api(hyper::service::service_fn(|_| async {
+            let first = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                hyper::body::Frame::data(Bytes::from_static(b"0123456789")),
+            )]);
+            let stalled = futures_util::StreamExt::chain(first, futures_util::stream::pending());
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::StreamBody::new(
+                stalled,
+            )))
+        }))
+        .await;
+        let config = Config {
+            api: api.parse().unwrap(),
+            upstream_min_concurrency: 1,
+            ..Config::default()
+        };
+        let upstream = Upstream::new(&config, 4, 64, Arc::new(Metrics::default())).unwrap();
+        let context = upstream
+            .context(
+                ConnectionId::next(),
+                ClientId::from_path("/a").unwrap(),
+                &HeaderMap::new(),
+            )
+            .unwrap();
+        let started = Instant::now();
+        let answer = upstream.disconnect(&context, Bytes::new(), None).await;
+        let answer = answer.expect("the status stands");
+        assert_eq!(
+            (answer.status, answer.body.as_ref()),
+            (StatusCode::OK, &b"0123456789"[..])
+        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        // An answer at the API's pace while it held the only slot would have grown the limit.
+        assert_eq!(
+            upstream.concurrency_limit(),
+            1,
+            "a second's wait for the body counted as the API's pace"
+        );
+        assert_eq!(upstream.slots.in_flight(), 0);
+        assert_eq!(upstream.open_connections(), 0, "its connection closed");
     }
 
     /// An HTTP/2 API on a loopback port that allows one stream at a time, answers `/fast` at

@@ -1416,3 +1416,221 @@ fn assert_undoes(delete: &Seen, get: &Seen, path: &str, reason: &str) {
         get.header("x-connection-id")
     );
 }
+
+// ---- what hyper's server would not do: answers that stall, connections closed under a request ----
+
+/// What the API of [`raw_api`] does with one request.
+enum Fate {
+    /// Answers with this status and body and keeps the connection.
+    Answer(u16, String),
+    /// Answers with this status and `Content-Length: 100`, sends 10 bytes of that body and then
+    /// nothing more, holding the connection open.
+    Stall(u16),
+}
+
+impl Fate {
+    fn name(&self) -> &'static str {
+        match self {
+            Fate::Answer(..) => "answer",
+            Fate::Stall(_) => "stall",
+        }
+    }
+}
+
+/// One request as the API of [`raw_api`] saw it, and what it did with it.
+#[derive(Clone, Debug)]
+struct RawSeen {
+    method: String,
+    path: String,
+    body: String,
+    fate: &'static str,
+}
+
+/// The log of [`raw_api`]: every request, in the order they came.
+type RawLog = std::sync::Arc<std::sync::Mutex<Vec<RawSeen>>>;
+
+/// An HTTP/1.1 API on a loopback port written on raw sockets, that does with each request what
+/// `script` says (`fate` is not set yet when it is asked); its URL and its log.
+async fn raw_api(script: impl Fn(&RawSeen) -> Fate + Send + Sync + 'static) -> (String, RawLog) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let log = RawLog::default();
+    let script = std::sync::Arc::new(script);
+    let logged = log.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_raw(stream, script.clone(), logged.clone()));
+        }
+    });
+    (url, log)
+}
+
+/// Serves one connection of [`raw_api`].
+async fn serve_raw(
+    mut stream: tokio::net::TcpStream,
+    script: std::sync::Arc<impl Fn(&RawSeen) -> Fate>,
+    log: RawLog,
+) {
+    let mut data = vec![0u8; 64 * 1024];
+    loop {
+        // The whole request, looked at but still unread.
+        let (head, length) = loop {
+            let n = match stream.peek(&mut data).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if let Some((head, length)) = parse_head(&data[..n]) {
+                if n >= head + length {
+                    break (head, length);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let text = String::from_utf8_lossy(&data[..head]).into_owned();
+        let mut words = text.split(' ');
+        let mut seen = RawSeen {
+            method: words.next().unwrap_or_default().to_owned(),
+            path: words.next().unwrap_or_default().to_owned(),
+            body: String::from_utf8_lossy(&data[head..head + length]).into_owned(),
+            fate: "",
+        };
+        let fate = script(&seen);
+        seen.fate = fate.name();
+        log.lock().unwrap().push(seen);
+        if stream.read_exact(&mut data[..head + length]).await.is_err() {
+            return;
+        }
+        match fate {
+            Fate::Answer(status, body) => {
+                let answer = format!(
+                    "HTTP/1.1 {status} Scripted\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Fate::Stall(status) => {
+                let answer =
+                    format!("HTTP/1.1 {status} Scripted\r\ncontent-length: 100\r\n\r\n0123456789");
+                let _ = stream.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// What the echo API answers (see `echo_script`), for [`raw_api`].
+fn raw_echo(seen: &RawSeen) -> Fate {
+    let body = match seen.method.as_str() {
+        "POST" => format!("echo:{}", seen.body),
+        _ => "ok".to_owned(),
+    };
+    Fate::Answer(200, body)
+}
+
+/// A gateway (`--upstream-timeout` 5 s) in front of the API at `url`.
+async fn gateway_for(url: &str) -> TestGateway {
+    let placeholder = MockApi::start().await;
+    let mut config = test_config(&placeholder);
+    config.api = url.parse().unwrap();
+    TestGateway::start(config).await
+}
+
+/// The requests in `log` of `method` and `fate`, as `path body`.
+fn raw_requests(log: &RawLog, method: &str, fate: &str) -> Vec<String> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|seen| seen.method == method && seen.fate == fate)
+        .map(|seen| format!("{} {}", seen.path, seen.body))
+        .collect()
+}
+
+/// Waits (5 s at most) until `log` has a request of `method` for `path`; returns its body.
+async fn raw_wait_for(log: &RawLog, method: &str, path: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|seen| seen.method == method && seen.path == path)
+            .map(|seen| seen.body.clone());
+        if let Some(body) = found {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {method} {path} within 5 s: {:?}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_delete_answered_whose_body_stalls_counts_as_told_on_its_status() {
+    // `200` and `Content-Length: 100`, then 10 bytes and nothing more: the status is all that
+    // counts of a DELETE's answer.
+    let (url, log) = raw_api(|seen| match seen.method.as_str() {
+        "DELETE" => Fate::Stall(200),
+        _ => raw_echo(seen),
+    })
+    .await;
+    let gateway = gateway_for(&url).await;
+    let mut ws = gateway.connect("/leaving").await;
+    assert_eq!(round_trip(&mut ws, "hi").await, "echo:hi");
+    drop(ws);
+    // Told about a second after its status came (when the body gave up), not failed when its
+    // --upstream-timeout (5 s) ran out.
+    gateway
+        .wait_for_metric(
+            "disconnects_notified",
+            |told| told == 1.0,
+            Duration::from_secs(3),
+        )
+        .await;
+    // Its connection, with the body partly unread, is closed, not kept for another request;
+    // its API slot is free again.
+    gateway
+        .wait_for_metric(
+            "upstream_connections_open",
+            |open| open == 0.0,
+            Duration::from_secs(2),
+        )
+        .await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["disconnects_failed"], 0.0, "{metrics:?}");
+    assert_eq!(metrics["requests_failed"], 0.0, "{metrics:?}");
+    assert_eq!(metrics["upstream_requests_in_flight"], 0.0, "{metrics:?}");
+    assert_eq!(raw_requests(&log, "DELETE", "stall"), ["/leaving EOF"]);
+}
+
+#[tokio::test]
+async fn a_connect_answered_5xx_whose_body_stalls_gets_502_and_its_delete_without_waiting() {
+    let (url, log) = raw_api(|seen| match (seen.method.as_str(), seen.path.as_str()) {
+        ("GET", "/failing") => Fate::Stall(500),
+        _ => raw_echo(seen),
+    })
+    .await;
+    let gateway = gateway_for(&url).await;
+    let started = tokio::time::Instant::now();
+    let response = raw_exchange(gateway.public, &upgrade_request("/failing", &[])).await;
+    // Judged by its status, as a 5xx's body is: not a timeout when --upstream-timeout (5 s)
+    // runs out while the body never comes.
+    assert_eq!(response.status, 502, "{}", response.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        raw_wait_for(&log, "DELETE", "/failing").await,
+        "upstream error"
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0);
+    assert_eq!(metrics["upstream_requests_in_flight"], 0.0, "{metrics:?}");
+}

@@ -57,6 +57,13 @@ const WARM_IDLE: usize = 32;
 const SURPLUS_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often idle connections are checked for expiry.
 const REAP_PERIOD: Duration = Duration::from_millis(500);
+/// How long the body of an answer judged by its status alone (a DELETE's, a connect GET's
+/// 5xx) may take to come once its head is in, within the request's own time: then the answer
+/// stands with what came, and its connection, left with the rest unread, is closed. Long
+/// enough for a body that is on its way from a distant API (64 KiB takes a few round trips
+/// of TCP slow start), short enough that a body which stopped coming holds the API slot, and
+/// a refused client's `502`, only a moment.
+const STATUS_ONLY_BODY_WAIT: Duration = Duration::from_secs(1);
 
 type Body = Full<Bytes>;
 
@@ -349,8 +356,9 @@ impl Pool {
         FailedAttempts(self.state().open_failures)
     }
 
-    /// Sends `request` and reads its answer, as much of its body as `body_limit` says;
-    /// `waited` tells whether it waited for an API slot, and since when.
+    /// Sends `request` and reads its answer, as much of its body as `body_limit` says (of a
+    /// body judged by its status alone, what comes within [`STATUS_ONLY_BODY_WAIT`] and the
+    /// request's time); `waited` tells whether it waited for an API slot, and since when.
     pub(super) async fn exchange(
         &self,
         mut request: Request<Body>,
@@ -387,10 +395,11 @@ impl Pool {
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     let keep_alive = keeps_alive(&response);
-                    let (answer, read_to_end) = collect(response, body_limit).await?;
-                    // A connection whose answer was left partly unread takes no other
-                    // request (hyper closes it): dropping the lease frees its slot.
-                    if keep_alive && read_to_end {
+                    let answer = collect(response, body_limit, progress.deadline()).await?;
+                    // A connection whose answer was left partly unread (over its limit, or
+                    // stalled) takes no other request (hyper closes it): dropping the lease
+                    // frees its slot.
+                    if keep_alive && answer.end == BodyEnd::Whole {
                         lease.checkin();
                     }
                     return Ok(answer);
@@ -593,7 +602,7 @@ impl Pool {
             progress.sent();
             match sender.try_send_request(request).await {
                 // A body left unread resets its stream only.
-                Ok(response) => return Ok(collect(response, body_limit).await?.0),
+                Ok(response) => return collect(response, body_limit, progress.deadline()).await,
                 Err(mut error) => {
                     let refusal = unprocessed_by_api(error.error(), has_body);
                     request = match (error.take_message(), refusal) {
@@ -1019,26 +1028,41 @@ pub(super) enum BodyLimit {
 }
 
 /// The API's answer to one request: its head and its body (all of it, or as much as its
-/// [`BodyLimit`] let be read).
+/// [`BodyLimit`] let be read), and where the read of its body stopped.
 pub(super) struct Answer {
     pub(super) parts: http::response::Parts,
     pub(super) body: Bytes,
+    pub(super) end: BodyEnd,
 }
 
-/// Reads `response`'s body as `limit` says; also tells whether it was read to its end (a
-/// [`BodyLimit::Head`] answer's may not be, and then its connection cannot take another
-/// request).
+/// Where the read of an answer's body stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BodyEnd {
+    /// At its end: all of it was read.
+    Whole,
+    /// At its limit, of a body judged by its status alone: the rest was left unread.
+    OverLimit,
+    /// Of a body judged by its status alone, not all came within [`STATUS_ONLY_BODY_WAIT`] of
+    /// the head (or before the request's time ran out): what came is kept, the rest given up,
+    /// and the answer stands on its status. Not an answer at the API's pace: its slot was held
+    /// for the wait.
+    Stalled,
+}
+
+/// Reads `response`'s body as `limit` says, a body judged by its status alone only until
+/// `deadline` and for at most [`STATUS_ONLY_BODY_WAIT`].
 async fn collect(
     response: Response<Incoming>,
     limit: BodyLimit,
-) -> Result<(Answer, bool), UpstreamError> {
+    deadline: Option<Instant>,
+) -> Result<Answer, UpstreamError> {
     let (parts, body) = response.into_parts();
     let (max_body, whole) = match limit {
         BodyLimit::Whole(max_body) => (max_body, true),
         BodyLimit::Head(max_body) => (max_body, false),
         BodyLimit::WholeUnlessServerError(max_body) => (max_body, !parts.status.is_server_error()),
     };
-    let (body, read_to_end) = if whole {
+    let (body, end) = if whole {
         let body = Limited::new(body, max_body)
             .collect()
             .await
@@ -1050,36 +1074,48 @@ async fn collect(
                 }
             })?
             .to_bytes();
-        (body, true)
+        (body, BodyEnd::Whole)
     } else {
-        read_head(body, max_body).await?
+        let waited = Instant::now() + STATUS_ONLY_BODY_WAIT;
+        let until = deadline.map_or(waited, |deadline| deadline.min(waited));
+        // Out of line: its timer would otherwise be part of every request's future (see the
+        // sizes test), for a read that only a DELETE's answer or a failed connect takes.
+        out_of_line(read_head(body, max_body, until)).await?
     };
-    Ok((Answer { parts, body }, read_to_end))
+    Ok(Answer { parts, body, end })
 }
 
-/// Reads `body` up to `max_body` bytes: all of it and `true` if it fits, else the data frames
-/// that fitted and `false`, the rest left unread.
-async fn read_head<B>(mut body: B, max_body: usize) -> Result<(Bytes, bool), UpstreamError>
+/// Reads `body` up to `max_body` bytes, until `until`: all of it if it fits and comes in time,
+/// else the data frames that fitted (the rest left unread), or those that came in time.
+async fn read_head<B>(
+    mut body: B,
+    max_body: usize,
+    until: Instant,
+) -> Result<(Bytes, BodyEnd), UpstreamError>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: std::error::Error + 'static,
 {
     let announced = body.size_hint().lower();
     if usize::try_from(announced).map_or(true, |announced| announced > max_body) {
-        return Ok((Bytes::new(), false));
+        return Ok((Bytes::new(), BodyEnd::OverLimit));
     }
     let mut read: Vec<u8> = Vec::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok((Bytes::from(read), BodyEnd::Whole)),
+            Err(_) => return Ok((Bytes::from(read), BodyEnd::Stalled)),
+        };
         let frame = frame.map_err(|e| UpstreamError::Broken(error_chain(&e)))?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
         if read.len() + data.len() > max_body {
-            return Ok((Bytes::from(read), false));
+            return Ok((Bytes::from(read), BodyEnd::OverLimit));
         }
         read.extend_from_slice(&data);
     }
-    Ok((Bytes::from(read), true))
 }
 
 /// Closes idle connections that expired, until the pool is gone: the [`WARM_IDLE`] most
@@ -1272,18 +1308,42 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_read_stops_at_its_limit_and_says_so() {
-        let (head, whole) = read_head(unannounced_body(&[b"ab", b"cd"]), 4)
+        let until = Instant::now() + Duration::from_secs(5);
+        let (head, end) = read_head(unannounced_body(&[b"ab", b"cd"]), 4, until)
             .await
             .unwrap();
-        assert_eq!((head.as_ref(), whole), (&b"abcd"[..], true), "fits");
-        let (head, whole) = read_head(unannounced_body(&[b"ab", b"cd", b"e"]), 4)
+        assert_eq!((head.as_ref(), end), (&b"abcd"[..], BodyEnd::Whole), "fits");
+        let (head, end) = read_head(unannounced_body(&[b"ab", b"cd", b"e"]), 4, until)
             .await
             .unwrap();
-        assert_eq!((head.as_ref(), whole), (&b"abcd"[..], false), "one over");
+        assert_eq!(
+            (head.as_ref(), end),
+            (&b"abcd"[..], BodyEnd::OverLimit),
+            "one over"
+        );
         // A body that says it is larger is not read at all.
         let announced = Full::new(Bytes::from_static(b"abcde"));
-        let (head, whole) = read_head(announced, 4).await.unwrap();
-        assert_eq!((head.len(), whole), (0, false));
+        let (head, end) = read_head(announced, 4, until).await.unwrap();
+        assert_eq!((head.len(), end), (0, BodyEnd::OverLimit));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_read_gives_up_on_a_body_that_stops_coming_and_keeps_what_came() {
+        use futures_util::StreamExt;
+        // Two bytes, then nothing more (the API announced more and stopped sending).
+        let first = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            hyper::body::Frame::data(Bytes::from_static(b"ab")),
+        )]);
+        let stalled = http_body_util::StreamBody::new(first.chain(futures_util::stream::pending()));
+        let started = Instant::now();
+        let until = started + STATUS_ONLY_BODY_WAIT;
+        let (head, end) = read_head(stalled, 4096, until).await.unwrap();
+        assert_eq!((head.as_ref(), end), (&b"ab"[..], BodyEnd::Stalled));
+        assert_eq!(
+            started.elapsed(),
+            STATUS_ONLY_BODY_WAIT,
+            "given up at its time"
+        );
     }
 
     #[test]
@@ -1562,7 +1622,7 @@ mod tests {
         busy(&pool, handed_back).checkin();
         drop(handed_back_api_end);
         let request = Request::post("/m").body(Body::from("hi")).unwrap();
-        let mut progress = Progress::new(None);
+        let mut progress = Progress::new(None, None);
         let answer = pool
             .exchange(request, BodyLimit::Whole(1024), &mut progress, None)
             .await;
