@@ -1421,11 +1421,14 @@ fn assert_undoes(delete: &Seen, get: &Seen, path: &str, reason: &str) {
 
 /// What the API of [`raw_api`] does with one request.
 enum Fate {
-    /// Answers with this status and body and keeps the connection.
-    Answer(u16, String),
+    /// Answers with this status and body and keeps the connection, saying
+    /// `Keep-Alive: <value>` if given.
+    Answer(u16, String, Option<&'static str>),
     /// Answers with this status and `Content-Length: 100`, sends 10 bytes of that body and then
     /// nothing more, holding the connection open.
     Stall(u16),
+    /// Closes the connection without reading the request (the kernel answers it with a reset).
+    Reset,
 }
 
 impl Fate {
@@ -1433,6 +1436,7 @@ impl Fate {
         match self {
             Fate::Answer(..) => "answer",
             Fate::Stall(_) => "stall",
+            Fate::Reset => "reset",
         }
     }
 }
@@ -1443,6 +1447,9 @@ struct RawSeen {
     method: String,
     path: String,
     body: String,
+    /// How long its connection had been idle since the answer before (`None`: the first
+    /// request on its connection).
+    idle: Option<Duration>,
     fate: &'static str,
 }
 
@@ -1471,9 +1478,10 @@ async fn serve_raw(
     script: std::sync::Arc<impl Fn(&RawSeen) -> Fate>,
     log: RawLog,
 ) {
+    let mut answered_at: Option<tokio::time::Instant> = None;
     let mut data = vec![0u8; 64 * 1024];
     loop {
-        // The whole request, looked at but still unread.
+        // The whole request, looked at but still unread (so that it can be left unread).
         let (head, length) = loop {
             let n = match stream.peek(&mut data).await {
                 Ok(0) | Err(_) => return,
@@ -1492,23 +1500,31 @@ async fn serve_raw(
             method: words.next().unwrap_or_default().to_owned(),
             path: words.next().unwrap_or_default().to_owned(),
             body: String::from_utf8_lossy(&data[head..head + length]).into_owned(),
+            idle: answered_at.map(|at| at.elapsed()),
             fate: "",
         };
         let fate = script(&seen);
         seen.fate = fate.name();
         log.lock().unwrap().push(seen);
+        if let Fate::Reset = fate {
+            return;
+        }
         if stream.read_exact(&mut data[..head + length]).await.is_err() {
             return;
         }
         match fate {
-            Fate::Answer(status, body) => {
+            Fate::Answer(status, body, keep_alive) => {
+                let keep_alive = keep_alive
+                    .map(|value| format!("keep-alive: {value}\r\n"))
+                    .unwrap_or_default();
                 let answer = format!(
-                    "HTTP/1.1 {status} Scripted\r\ncontent-length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 {status} Scripted\r\ncontent-length: {}\r\n{keep_alive}\r\n{body}",
                     body.len()
                 );
                 if stream.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
+                answered_at = Some(tokio::time::Instant::now());
             }
             Fate::Stall(status) => {
                 let answer =
@@ -1517,17 +1533,19 @@ async fn serve_raw(
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 return;
             }
+            Fate::Reset => return,
         }
     }
 }
 
-/// What the echo API answers (see `echo_script`), for [`raw_api`].
-fn raw_echo(seen: &RawSeen) -> Fate {
+/// What the echo API answers (see `echo_script`), for [`raw_api`], with `Keep-Alive:
+/// <keep_alive>` if given.
+fn raw_echo(seen: &RawSeen, keep_alive: Option<&'static str>) -> Fate {
     let body = match seen.method.as_str() {
         "POST" => format!("echo:{}", seen.body),
         _ => "ok".to_owned(),
     };
-    Fate::Answer(200, body)
+    Fate::Answer(200, body, keep_alive)
 }
 
 /// A gateway (`--upstream-timeout` 5 s) in front of the API at `url`.
@@ -1570,13 +1588,38 @@ async fn raw_wait_for(log: &RawLog, method: &str, path: &str) -> String {
     }
 }
 
+/// Sends `text` and says what came back: the reply's text, or `close <code> <reason>` when the
+/// socket was closed instead (5 s at most).
+async fn reply_or_close(ws: &mut Ws, text: &str) -> String {
+    ws.send(Message::text(text.to_owned())).await.expect("send");
+    loop {
+        let item = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("an answer within 5 s");
+        match item {
+            Some(Ok(message)) if message.is_text() => {
+                return message.as_text().unwrap_or_default().to_owned()
+            }
+            Some(Ok(message)) if message.is_close() => {
+                let (code, reason) = message
+                    .as_close()
+                    .map(|(code, reason)| (u16::from(code), reason.to_owned()))
+                    .unwrap_or((1005, String::new()));
+                return format!("close {code} {reason}");
+            }
+            Some(Ok(_)) => continue,
+            other => return format!("{other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_delete_answered_whose_body_stalls_counts_as_told_on_its_status() {
     // `200` and `Content-Length: 100`, then 10 bytes and nothing more: the status is all that
     // counts of a DELETE's answer.
     let (url, log) = raw_api(|seen| match seen.method.as_str() {
         "DELETE" => Fate::Stall(200),
-        _ => raw_echo(seen),
+        _ => raw_echo(seen, None),
     })
     .await;
     let gateway = gateway_for(&url).await;
@@ -1612,7 +1655,7 @@ async fn a_delete_answered_whose_body_stalls_counts_as_told_on_its_status() {
 async fn a_connect_answered_5xx_whose_body_stalls_gets_502_and_its_delete_without_waiting() {
     let (url, log) = raw_api(|seen| match (seen.method.as_str(), seen.path.as_str()) {
         ("GET", "/failing") => Fate::Stall(500),
-        _ => raw_echo(seen),
+        _ => raw_echo(seen, None),
     })
     .await;
     let gateway = gateway_for(&url).await;
@@ -1633,4 +1676,35 @@ async fn a_connect_answered_5xx_whose_body_stalls_gets_502_and_its_delete_withou
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0);
     assert_eq!(metrics["upstream_requests_in_flight"], 0.0, "{metrics:?}");
+}
+
+#[tokio::test]
+async fn an_api_connection_is_not_reused_past_the_keep_alive_timeout_the_api_announced() {
+    // Node's way (`Keep-Alive: timeout=5`, and the connection closed 5 s after its last
+    // answer), here with 1 s: a request that comes on a connection idle that long finds it
+    // closing, and the API never reads it.
+    let (url, log) = raw_api(|seen| match seen.idle {
+        Some(idle) if idle >= Duration::from_secs(1) => Fate::Reset,
+        _ => raw_echo(seen, Some("timeout=1")),
+    })
+    .await;
+    let gateway = gateway_for(&url).await;
+    let mut ws = gateway.connect("/node").await;
+    assert_eq!(reply_or_close(&mut ws, "one").await, "echo:one");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(reply_or_close(&mut ws, "two").await, "echo:two");
+    assert_eq!(
+        raw_requests(&log, "POST", "reset"),
+        Vec::<String>::new(),
+        "a request went on a connection idle past the timeout the API announced"
+    );
+    // The reaper closes it at that time too (half a second here), not after the gateway's own
+    // idle timeout (10 s).
+    gateway
+        .wait_for_metric(
+            "upstream_connections_open",
+            |open| open == 0.0,
+            Duration::from_secs(3),
+        )
+        .await;
 }

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, HOST};
+use http::header::{HeaderName, HeaderValue, CONNECTION, HOST};
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{HeaderMap, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -64,6 +64,16 @@ const REAP_PERIOD: Duration = Duration::from_millis(500);
 /// of TCP slow start), short enough that a body which stopped coming holds the API slot, and
 /// a refused client's `502`, only a moment.
 const STATUS_ONLY_BODY_WAIT: Duration = Duration::from_secs(1);
+/// How long before the idle timeout an API announced (`Keep-Alive: timeout=N`, as Node and
+/// Apache send, N = 5 by default) a connection stops being reused, and is closed: the API
+/// counts from when it wrote its answer, the gateway from when it read it, and a request
+/// needs a moment to arrive; servers check their keep-alive timers coarsely (whole seconds,
+/// some of them). A request that meets the API's close on the way would go out and be reset.
+/// Of a timeout of 2 s or less, at most half is given up: a connection idle for less than
+/// that is reused still.
+const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
+/// The header in which an API says how long it keeps an idle connection.
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 type Body = Full<Bytes>;
 
@@ -279,9 +289,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// An open connection no request holds.
 struct Idle {
     sender: http1::SendRequest<Body>,
+    /// When it went idle.
     since: Instant,
+    /// How long it may be kept idle and reused: the pool's idle timeout, or less when the API
+    /// said it closes idle connections sooner (see [`reusable_for`]).
+    keep_for: Duration,
 }
 
 enum Next {
@@ -394,13 +409,14 @@ impl Pool {
             progress.sent();
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    let keep_alive = keeps_alive(&response);
+                    let reusable =
+                        reusable_for(response.version(), response.headers(), self.idle_timeout);
                     let answer = collect(response, body_limit, progress.deadline()).await?;
                     // A connection whose answer was left partly unread (over its limit, or
                     // stalled) takes no other request (hyper closes it): dropping the lease
                     // frees its slot.
-                    if keep_alive && answer.end == BodyEnd::Whole {
-                        lease.checkin();
+                    if let (Some(keep_for), BodyEnd::Whole) = (reusable, answer.end) {
+                        lease.checkin(keep_for);
                     }
                     return Ok(answer);
                 }
@@ -447,7 +463,7 @@ impl Pool {
                 let mut found = None;
                 // A request that wants a fresh connection takes no idle one.
                 while let Some(idle) = if fresh { None } else { state.idle.pop() } {
-                    if idle.sender.is_closed() || idle.since.elapsed() >= self.idle_timeout {
+                    if idle.sender.is_closed() || idle.since.elapsed() >= idle.keep_for {
                         state.open -= 1;
                         continue;
                     }
@@ -969,13 +985,15 @@ struct Lease<'a> {
 }
 
 impl Lease<'_> {
-    /// Gives a connection whose answer was read in full back to the pool.
-    fn checkin(mut self) {
+    /// Gives a connection whose answer was read in full back to the pool, to be reused while
+    /// it has been idle for less than `keep_for`.
+    fn checkin(mut self, keep_for: Duration) {
         if let Some(sender) = self.sender.take() {
             if !sender.is_closed() {
                 self.pool.state().idle.push(Idle {
                     sender,
                     since: Instant::now(),
+                    keep_for,
                 });
                 self.pool.changed.notify_one();
                 std::mem::forget(self);
@@ -1002,15 +1020,51 @@ impl Drop for Lease<'_> {
     }
 }
 
-/// Whether the API will take another request on this connection: not after
-/// `Connection: close` (PHP's built-in server says so every time) or an HTTP/1.0 answer.
-/// Reusing such a connection would race the API's close and could lose a request.
-fn keeps_alive(response: &Response<Incoming>) -> bool {
-    let close = response.headers().get_all(CONNECTION).iter().any(|v| {
+/// How long a connection whose answer came with this HTTP `version` and `headers` may be kept
+/// idle and reused, at most `idle_timeout`: `None` after `Connection: close` (PHP's built-in
+/// server says so every time) or an HTTP/1.0 answer, since reusing such a connection would
+/// race the API's close and could lose a request; less than the idle timeout the API announced
+/// in `Keep-Alive: timeout=N`, by [`KEEP_ALIVE_MARGIN`] but at most half of it (`None` for 0).
+/// An answer without that header (most of them) costs one look-up and nothing else.
+fn reusable_for(
+    version: http::Version,
+    headers: &HeaderMap,
+    idle_timeout: Duration,
+) -> Option<Duration> {
+    let close = headers.get_all(CONNECTION).iter().any(|v| {
         v.to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
     });
-    !close && response.version() == http::Version::HTTP_11
+    if close || version != http::Version::HTTP_11 {
+        return None;
+    }
+    let Some(announced) = headers.get(&KEEP_ALIVE).and_then(keep_alive_timeout) else {
+        return Some(idle_timeout);
+    };
+    let keep_for = announced - KEEP_ALIVE_MARGIN.min(announced / 2);
+    Some(keep_for.min(idle_timeout)).filter(|keep_for| !keep_for.is_zero())
+}
+
+/// The `timeout=N` (seconds) of a `Keep-Alive` header's value (`timeout=5, max=100`), if it
+/// has one that is a number; read in place, without allocating.
+fn keep_alive_timeout(value: &HeaderValue) -> Option<Duration> {
+    value
+        .as_bytes()
+        .split(|&byte| byte == b',')
+        .find_map(|parameter| {
+            let (name, seconds) = parameter.trim_ascii().split_at_checked(7)?;
+            if !name.eq_ignore_ascii_case(b"timeout") {
+                return None;
+            }
+            let seconds = seconds.trim_ascii_start().strip_prefix(b"=")?.trim_ascii();
+            if seconds.is_empty() || seconds.len() > 9 || !seconds.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let seconds = seconds
+                .iter()
+                .fold(0, |n, digit| n * 10 + u64::from(digit - b'0'));
+            Some(Duration::from_secs(seconds))
+        })
 }
 
 /// How much of an answer's body is read.
@@ -1119,7 +1173,8 @@ where
 }
 
 /// Closes idle connections that expired, until the pool is gone: the [`WARM_IDLE`] most
-/// recently used ones after the idle timeout, the others after [`SURPLUS_IDLE_TIMEOUT`].
+/// recently used ones after the idle timeout (or the shorter one their API announced), the
+/// others after [`SURPLUS_IDLE_TIMEOUT`] (or that shorter one).
 async fn close_expired(pool: Weak<Pool>) {
     loop {
         tokio::time::sleep(REAP_PERIOD).await;
@@ -1129,8 +1184,7 @@ async fn close_expired(pool: Weak<Pool>) {
         let mut state = pool.state();
         let closed = reap_idle(
             &mut state.idle,
-            |idle| (idle.since, idle.sender.is_closed()),
-            pool.idle_timeout,
+            |idle| (idle.since, idle.keep_for, idle.sender.is_closed()),
             Instant::now(),
         );
         state.open -= closed;
@@ -1149,11 +1203,11 @@ fn shrink_idle_list<T>(idle: &mut Vec<T>) {
 }
 
 /// Drops the expired or closed entries of `idle` (oldest first, most recent last) as of `now`,
-/// and says how many went; `state` tells when an entry went idle and whether it is closed.
+/// and says how many went; `state` tells when an entry went idle, how long it may be kept
+/// idle, and whether it is closed.
 fn reap_idle<T>(
     idle: &mut Vec<T>,
-    state: impl Fn(&T) -> (Instant, bool),
-    idle_timeout: Duration,
+    state: impl Fn(&T) -> (Instant, Duration, bool),
     now: Instant,
 ) -> usize {
     let before = idle.len();
@@ -1161,12 +1215,12 @@ fn reap_idle<T>(
     idle.retain(|entry| {
         let from_top = before - 1 - position;
         position += 1;
+        let (since, keep_for, closed) = state(entry);
         let timeout = if from_top < WARM_IDLE {
-            idle_timeout
+            keep_for
         } else {
-            SURPLUS_IDLE_TIMEOUT.min(idle_timeout)
+            SURPLUS_IDLE_TIMEOUT.min(keep_for)
         };
-        let (since, closed) = state(entry);
         !closed && now.saturating_duration_since(since) < timeout
     });
     before - idle.len()
@@ -1375,19 +1429,19 @@ mod tests {
         // recent WARM_IDLE survive.
         let idle_since = now - SURPLUS_IDLE_TIMEOUT - Duration::from_millis(100);
         let mut idle: Vec<(usize, Instant)> = (0..100).map(|i| (i, idle_since)).collect();
-        let closed = reap_idle(&mut idle, |e| (e.1, false), idle_timeout, now);
+        let closed = reap_idle(&mut idle, |e| (e.1, idle_timeout, false), now);
         assert_eq!(closed, 100 - WARM_IDLE);
         assert_eq!(idle.first().map(|e| e.0), Some(100 - WARM_IDLE));
         assert_eq!(idle.last().map(|e| e.0), Some(99));
         // Within the surplus timeout nothing goes; past the idle timeout everything does.
         let mut fresh: Vec<(usize, Instant)> = (0..100).map(|i| (i, now)).collect();
         assert_eq!(
-            reap_idle(&mut fresh, |e| (e.1, false), idle_timeout, now),
+            reap_idle(&mut fresh, |e| (e.1, idle_timeout, false), now),
             0
         );
         let later = now + idle_timeout;
         assert_eq!(
-            reap_idle(&mut fresh, |e| (e.1, false), idle_timeout, later),
+            reap_idle(&mut fresh, |e| (e.1, idle_timeout, false), later),
             100
         );
     }
@@ -1396,9 +1450,82 @@ mod tests {
     fn closed_idle_connections_are_dropped_at_once() {
         let now = Instant::now();
         let mut idle: Vec<(bool, Instant)> = vec![(true, now), (false, now), (true, now)];
-        let closed = reap_idle(&mut idle, |e| (e.1, e.0), Duration::from_secs(10), now);
+        let closed = reap_idle(&mut idle, |e| (e.1, Duration::from_secs(10), e.0), now);
         assert_eq!(closed, 2);
         assert_eq!(idle.len(), 1);
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed_once_idle_past_the_time_its_api_allows() {
+        let now = Instant::now() + Duration::from_secs(60);
+        let since = now - Duration::from_secs(2);
+        // Both among the warm ones; the one whose API said `timeout=2` is kept 1 s.
+        let mut idle: Vec<(&str, Duration)> = vec![
+            ("ours", Duration::from_secs(10)),
+            ("announced", Duration::from_secs(1)),
+        ];
+        let closed = reap_idle(&mut idle, |e| (since, e.1, false), now);
+        assert_eq!((closed, idle[0].0), (1, "ours"));
+    }
+
+    #[test]
+    fn the_keep_alive_timeout_an_api_announces_is_read_from_its_header() {
+        let read = |value: &'static str| keep_alive_timeout(&HeaderValue::from_static(value));
+        let seconds = |n| Some(Duration::from_secs(n));
+        assert_eq!(read("timeout=5"), seconds(5), "Node");
+        assert_eq!(read("timeout=5, max=100"), seconds(5), "Apache");
+        assert_eq!(read("max=100,timeout=2"), seconds(2));
+        assert_eq!(read(" Timeout = 3 "), seconds(3));
+        assert_eq!(read("timeout=0"), seconds(0));
+        for unreadable in [
+            "",
+            "max=100",
+            "timeout=",
+            "timeout=-1",
+            "timeout=1.5",
+            "timeouts=5",
+        ] {
+            assert_eq!(read(unreadable), None, "{unreadable:?}");
+        }
+        assert_eq!(
+            read("timeout=99999999999999999999"),
+            None,
+            "too long to mean"
+        );
+    }
+
+    #[test]
+    fn a_connection_is_reused_until_a_margin_before_the_keep_alive_timeout_its_api_announced() {
+        let ours = Duration::from_secs(10);
+        let reusable = |keep_alive: Option<&'static str>, connection: Option<&'static str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = keep_alive {
+                headers.insert(&KEEP_ALIVE, HeaderValue::from_static(value));
+            }
+            if let Some(value) = connection {
+                headers.insert(CONNECTION, HeaderValue::from_static(value));
+            }
+            reusable_for(http::Version::HTTP_11, &headers, ours)
+        };
+        let millis = |n| Some(Duration::from_millis(n));
+        assert_eq!(reusable(None, None), Some(ours), "nothing said: ours");
+        assert_eq!(reusable(Some("timeout=5"), None), millis(4000), "Node");
+        assert_eq!(reusable(Some("timeout=2"), None), millis(1000));
+        assert_eq!(reusable(Some("timeout=1"), None), millis(500), "half of it");
+        assert_eq!(reusable(Some("timeout=0"), None), None, "not kept at all");
+        assert_eq!(
+            reusable(Some("timeout=60"), None),
+            Some(ours),
+            "ours is shorter"
+        );
+        assert_eq!(reusable(Some("max=100"), None), Some(ours));
+        assert_eq!(
+            reusable(Some("timeout=5"), Some("keep-alive")),
+            millis(4000)
+        );
+        assert_eq!(reusable(Some("timeout=5"), Some("close")), None);
+        let http10 = reusable_for(http::Version::HTTP_10, &HeaderMap::new(), ours);
+        assert_eq!(http10, None);
     }
 
     /// A pool of at most `max_open` HTTP/1.1 connections to `address` (for `origin`).
@@ -1454,7 +1581,7 @@ mod tests {
         let waiting = pool.checkout(None, false);
         tokio::pin!(waiting);
         assert!(waiting.as_mut().now_or_never().is_none(), "waiting");
-        held.checkin();
+        held.checkin(pool.idle_timeout);
         let taken = tokio::time::timeout(Duration::from_secs(1), waiting).await;
         assert!(
             matches!(taken, Ok(Ok(ref lease)) if lease.reused),
@@ -1485,7 +1612,7 @@ mod tests {
         let waiting = pool.checkout(None, false);
         tokio::pin!(waiting);
         assert!(waiting.as_mut().now_or_never().is_none(), "waiting");
-        held.checkin();
+        held.checkin(pool.idle_timeout);
         assert!(
             retry.as_mut().now_or_never().is_none(),
             "the retry waits on for an attempt to end"
@@ -1618,8 +1745,8 @@ mod tests {
         for _ in 0..4 {
             tokio::task::yield_now().await;
         }
-        busy(&pool, crossed).checkin();
-        busy(&pool, handed_back).checkin();
+        busy(&pool, crossed).checkin(pool.idle_timeout);
+        busy(&pool, handed_back).checkin(pool.idle_timeout);
         drop(handed_back_api_end);
         let request = Request::post("/m").body(Body::from("hi")).unwrap();
         let mut progress = Progress::new(None, None);
@@ -1645,7 +1772,7 @@ mod tests {
         let (origin, address) = answering_api().await;
         let pool = http1_pool(address, &origin, 1);
         let (idle, _api_end) = piped_connection().await;
-        busy(&pool, idle).checkin();
+        busy(&pool, idle).checkin(pool.idle_timeout);
         let lease = tokio::time::timeout(Duration::from_secs(5), pool.checkout(None, true))
             .await
             .expect("not left waiting for a connection next to an idle one")
