@@ -1427,6 +1427,8 @@ enum Fate {
     /// Answers with this status and `Content-Length: 100`, sends 10 bytes of that body and then
     /// nothing more, holding the connection open.
     Stall(u16),
+    /// Reads the request and closes the connection without an answer.
+    Cut,
     /// Closes the connection without reading the request (the kernel answers it with a reset).
     Reset,
 }
@@ -1436,6 +1438,7 @@ impl Fate {
         match self {
             Fate::Answer(..) => "answer",
             Fate::Stall(_) => "stall",
+            Fate::Cut => "cut",
             Fate::Reset => "reset",
         }
     }
@@ -1533,7 +1536,7 @@ async fn serve_raw(
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 return;
             }
-            Fate::Reset => return,
+            Fate::Cut | Fate::Reset => return,
         }
     }
 }
@@ -1707,4 +1710,75 @@ async fn an_api_connection_is_not_reused_past_the_keep_alive_timeout_the_api_ann
             Duration::from_secs(3),
         )
         .await;
+}
+
+#[tokio::test]
+async fn a_message_on_an_api_connection_closed_while_idle_is_sent_again_on_a_new_one() {
+    // gunicorn's way (2 s; uvicorn's 5 s), without a Keep-Alive header, here at 1 s: a request
+    // that comes on a connection idle that long meets its close. The first time the API
+    // leaves it unread (the gateway reads a reset), the second time it closes the connection
+    // after reading it (the gateway reads the end of the stream); neither is acted on.
+    let closes = std::sync::atomic::AtomicUsize::new(0);
+    let (url, log) = raw_api(move |seen| match seen.idle {
+        Some(idle) if idle >= Duration::from_secs(1) => {
+            match closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+                0 => Fate::Reset,
+                _ => Fate::Cut,
+            }
+        }
+        _ => raw_echo(seen, None),
+    })
+    .await;
+    let gateway = gateway_for(&url).await;
+    let mut ws = gateway.connect("/gunicorn").await;
+    assert_eq!(reply_or_close(&mut ws, "one").await, "echo:one");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(reply_or_close(&mut ws, "two").await, "echo:two");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(reply_or_close(&mut ws, "three").await, "echo:three");
+    assert_eq!(
+        raw_requests(&log, "POST", "answer"),
+        ["/gunicorn one", "/gunicorn two", "/gunicorn three"],
+        "each answered once"
+    );
+    assert_eq!(raw_requests(&log, "POST", "reset"), ["/gunicorn two"]);
+    assert_eq!(raw_requests(&log, "POST", "cut"), ["/gunicorn three"]);
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["requests_failed"], 0.0, "{metrics:?}");
+    assert_eq!(
+        metrics["upstream_connections_open"], 1.0,
+        "the closed ones' places given back"
+    );
+}
+
+#[tokio::test]
+async fn a_message_whose_api_connection_breaks_while_in_use_is_not_sent_again() {
+    // The API reads the request and drops the connection (a worker that crashed), or drops it
+    // unread, on a connection used a moment before: it may have acted, so no second copy.
+    let (url, log) = raw_api(|seen| match seen.body.as_str() {
+        "crash" => Fate::Cut,
+        "crash unread" => Fate::Reset,
+        _ => raw_echo(seen, None),
+    })
+    .await;
+    let gateway = gateway_for(&url).await;
+    for (path, crash) in [("/busy", "crash"), ("/busier", "crash unread")] {
+        let mut ws = gateway.connect(path).await;
+        assert_eq!(reply_or_close(&mut ws, "one").await, "echo:one");
+        assert_eq!(
+            reply_or_close(&mut ws, crash).await,
+            "close 1011 upstream error"
+        );
+        drop(ws);
+        // Its DELETE follows the failure: a second copy would have come before it.
+        raw_wait_for(&log, "DELETE", path).await;
+    }
+    let crashes: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|seen| seen.body.starts_with("crash"))
+        .map(|seen| format!("{} {}", seen.path, seen.body))
+        .collect();
+    assert_eq!(crashes, ["/busy crash", "/busier crash unread"]);
 }

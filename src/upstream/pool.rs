@@ -10,8 +10,9 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -74,6 +75,15 @@ const STATUS_ONLY_BODY_WAIT: Duration = Duration::from_secs(1);
 const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
 /// The header in which an API says how long it keeps an idle connection.
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// How long an HTTP/1.1 connection must have lain idle for a request on it to be sent once
+/// more, on a new connection, when the connection is lost under it (closed, or reset) before
+/// any byte of an answer came: the API may have closed it for idleness just as the request
+/// came, and never read it (browsers assume so of any reused connection). 1 s is below the
+/// shortest idle timeouts in use (gunicorn's 2 s; Node's, uvicorn's and Apache's 5 s) and far
+/// above the gaps between the requests of a busy connection, which therefore copy nothing; a
+/// connection that breaks under a request soon after its last answer more likely lost an API
+/// that had begun on it, and that request is not sent again.
+const IDLE_BEFORE_RESEND: Duration = Duration::from_secs(1);
 
 type Body = Full<Bytes>;
 
@@ -289,9 +299,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// An HTTP/1.1 connection to the API.
+struct H1 {
+    /// What requests are sent through.
+    sender: http1::SendRequest<Body>,
+    /// Set whenever bytes come from the API (see [`Listened`]); cleared when the connection
+    /// is taken after lying idle for [`IDLE_BEFORE_RESEND`], to tell whether any byte of the
+    /// answer came before the connection was lost.
+    heard: Arc<AtomicBool>,
+}
+
 /// An open connection no request holds.
 struct Idle {
-    sender: http1::SendRequest<Body>,
+    connection: H1,
     /// When it went idle.
     since: Instant,
     /// How long it may be kept idle and reused: the pool's idle timeout, or less when the API
@@ -300,7 +320,7 @@ struct Idle {
 }
 
 enum Next {
-    Reuse(http1::SendRequest<Body>),
+    Reuse(Idle),
     Connect,
     Wait,
     /// The attempt the request waited for failed: it fails the same way.
@@ -403,11 +423,15 @@ impl Pool {
             // A retry skips the idle connections: the API may have closed them all at once,
             // and the next one could be stale too.
             let mut lease = self.checkout(waited.take(), retried).await?;
-            let Some(sender) = lease.sender.as_mut() else {
+            let Some(connection) = lease.connection.as_mut() else {
                 return Err(UpstreamError::Broken("no connection".to_owned()));
             };
+            // A connection that lay idle may have been closed by the API just as this request
+            // takes it: a copy (the body's `Bytes` shared) to send once more if it was. Only
+            // then: a busy connection's requests copy nothing.
+            let spare = (lease.idled && !retried).then(|| Box::new(copy_request(&request)));
             progress.sent();
-            match sender.try_send_request(request).await {
+            match connection.sender.try_send_request(request).await {
                 Ok(response) => {
                     let reusable =
                         reusable_for(response.version(), response.headers(), self.idle_timeout);
@@ -432,7 +456,18 @@ impl Pool {
                     // a second stale one): it never went out, so the API cannot have acted on
                     // it, and a DELETE may be tried again.
                     Some(_) => return Err(never_sent(progress, Unsent::HandedBack, error.error())),
-                    None => return Err(UpstreamError::Broken(error_chain(error.error()))),
+                    // Sent on a connection that had lain idle, and lost with it before any
+                    // byte of an answer came: the API closed it for idleness as the request
+                    // came, and did not read it. Once more, on a fresh connection (its one
+                    // retry, as above).
+                    None => match spare {
+                        Some(spare) if lease.lost_unanswered(error.error()) => {
+                            request = *spare;
+                            retried = true;
+                            progress.unsent();
+                        }
+                        _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
+                    },
                 },
             }
         }
@@ -463,15 +498,16 @@ impl Pool {
                 let mut found = None;
                 // A request that wants a fresh connection takes no idle one.
                 while let Some(idle) = if fresh { None } else { state.idle.pop() } {
-                    if idle.sender.is_closed() || idle.since.elapsed() >= idle.keep_for {
+                    let sender = &idle.connection.sender;
+                    if sender.is_closed() || idle.since.elapsed() >= idle.keep_for {
                         state.open -= 1;
                         continue;
                     }
-                    found = Some(idle.sender);
+                    found = Some(idle);
                     break;
                 }
                 match found {
-                    Some(sender) => Next::Reuse(sender),
+                    Some(idle) => Next::Reuse(idle),
                     None => match state.failed_while_waiting(failures_at_wait) {
                         Some(error) => Next::Fail(error),
                         None if state.connecting < MAX_CONNECTING
@@ -504,14 +540,20 @@ impl Pool {
                 }
             };
             match next {
-                Next::Reuse(sender) => {
+                Next::Reuse(idle) => {
+                    let idled = idle.since.elapsed() >= IDLE_BEFORE_RESEND;
                     let mut lease = Lease {
                         pool: self,
-                        sender: Some(sender),
+                        connection: Some(idle.connection),
                         reused: true,
+                        idled,
                     };
-                    if let Some(sender) = lease.sender.as_mut() {
-                        if sender.ready().await.is_ok() {
+                    if let Some(connection) = lease.connection.as_mut() {
+                        if connection.sender.ready().await.is_ok() {
+                            if idled {
+                                // Whatever comes from now on is of this request's answer.
+                                connection.heard.store(false, Ordering::Relaxed);
+                            }
                             return Ok(lease);
                         }
                     }
@@ -526,8 +568,9 @@ impl Pool {
                     let opening = Opening { pool: self };
                     let mut lease = Lease {
                         pool: self,
-                        sender: None,
+                        connection: None,
                         reused: false,
+                        idled: false,
                     };
                     // Opened in a task of its own, at the top of a worker's stack: opening
                     // (handshake, spawning the connection's task) needs tens of KiB of stack,
@@ -540,7 +583,7 @@ impl Pool {
                         self.origin.clone(),
                     )))
                     .await;
-                    let sender = opened.unwrap_or_else(|e| {
+                    let opened = opened.unwrap_or_else(|e| {
                         Err(UpstreamError::Unreachable(format!(
                             "opening the connection failed: {e}"
                         )))
@@ -552,10 +595,10 @@ impl Pool {
                     // failing with this one.
                     let outcome = {
                         let mut state = self.state();
-                        state.attempt_ended(&sender);
-                        match sender {
-                            Ok(sender) => {
-                                lease.sender = Some(sender);
+                        state.attempt_ended(&opened);
+                        match opened {
+                            Ok(connection) => {
+                                lease.connection = Some(connection);
                                 Ok(lease)
                             }
                             Err(error) => {
@@ -862,7 +905,7 @@ async fn connect_unix_socket(
 }
 
 /// Opens an HTTP/1.1 connection to the API and spawns the task that drives it.
-async fn open_h1(dialer: Dialer, origin: Uri) -> Result<http1::SendRequest<Body>, UpstreamError> {
+async fn open_h1(dialer: Dialer, origin: Uri) -> Result<H1, UpstreamError> {
     let timeout = dialer.timeout;
     match dialer.address {
         ApiAddress::Network(connector) => {
@@ -875,16 +918,76 @@ async fn open_h1(dialer: Dialer, origin: Uri) -> Result<http1::SendRequest<Body>
 }
 
 /// Starts HTTP/1.1 on an open connection and spawns the task that drives it.
-async fn handshake_h1<T>(io: T) -> Result<http1::SendRequest<Body>, UpstreamError>
+async fn handshake_h1<T>(io: T) -> Result<H1, UpstreamError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let heard = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(Listened {
+        io: TokioIo::new(io),
+        heard: heard.clone(),
+    });
     let (sender, connection) = http1::Builder::new()
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
     drive(connection, "HTTP/1.1");
-    Ok(sender)
+    Ok(H1 { sender, heard })
+}
+
+/// An HTTP/1.1 API connection's stream, that sets `heard` whenever bytes come in (one look at
+/// a flag per read, written only when it was cleared). (hyper's own read interface does not
+/// say how many bytes a read brought without unsafe code; tokio's does, hence the two
+/// `TokioIo` around it.)
+struct Listened<T> {
+    io: T,
+    heard: Arc<AtomicBool>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Listened<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before && !this.heard.load(Ordering::Relaxed) {
+            this.heard.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Listened<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// A new HTTP/2 connection to the API: its sender and its streams.
@@ -980,18 +1083,21 @@ impl Drop for Opening<'_> {
 /// in, dropping it — request failed, timed out or cancelled — closes it and frees its slot.
 struct Lease<'a> {
     pool: &'a Pool,
-    sender: Option<http1::SendRequest<Body>>,
+    connection: Option<H1>,
+    /// Whether the connection was taken idle from the pool (not opened for this request).
     reused: bool,
+    /// Whether it had lain idle for [`IDLE_BEFORE_RESEND`] or longer before.
+    idled: bool,
 }
 
 impl Lease<'_> {
     /// Gives a connection whose answer was read in full back to the pool, to be reused while
     /// it has been idle for less than `keep_for`.
     fn checkin(mut self, keep_for: Duration) {
-        if let Some(sender) = self.sender.take() {
-            if !sender.is_closed() {
+        if let Some(connection) = self.connection.take() {
+            if !connection.sender.is_closed() {
                 self.pool.state().idle.push(Idle {
-                    sender,
+                    connection,
                     since: Instant::now(),
                     keep_for,
                 });
@@ -1005,12 +1111,48 @@ impl Lease<'_> {
     /// Frees the slot of a connection that could not be opened, in `state` (the pool's,
     /// locked by the caller), without waking anyone: the caller does, once it unlocks.
     fn give_back(self, state: &mut State) {
-        debug_assert!(self.sender.is_none());
+        debug_assert!(self.connection.is_none());
         state.open -= 1;
         // It holds no connection: forgetting it leaks nothing, and skips the drop's own
         // lock and wake-up.
         std::mem::forget(self);
     }
+}
+
+impl Lease<'_> {
+    /// Whether its connection was lost under the request (`error`: closed, or reset) before
+    /// any byte came from the API since it was taken idle. (`heard` is written by the
+    /// connection's task before it fails the request, which reaches this task through a
+    /// channel that orders the two.)
+    fn lost_unanswered(&self, error: &hyper::Error) -> bool {
+        let unheard = self
+            .connection
+            .as_ref()
+            .is_some_and(|connection| !connection.heard.load(Ordering::Relaxed));
+        unheard && connection_lost(error)
+    }
+}
+
+/// Whether `error` is the connection ending under a request (the end of its stream before a
+/// whole answer, a reset, a broken pipe), rather than something the API said.
+fn connection_lost(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 impl Drop for Lease<'_> {
@@ -1184,7 +1326,13 @@ async fn close_expired(pool: Weak<Pool>) {
         let mut state = pool.state();
         let closed = reap_idle(
             &mut state.idle,
-            |idle| (idle.since, idle.keep_for, idle.sender.is_closed()),
+            |idle| {
+                (
+                    idle.since,
+                    idle.keep_for,
+                    idle.connection.sender.is_closed(),
+                )
+            },
             Instant::now(),
         );
         state.open -= closed;
@@ -1547,19 +1695,20 @@ mod tests {
 
     /// An HTTP/1.1 connection over an in-memory pipe, and the API's end of the pipe (the
     /// connection lasts while it is kept).
-    async fn piped_connection() -> (http1::SendRequest<Body>, tokio::io::DuplexStream) {
+    async fn piped_connection() -> (H1, tokio::io::DuplexStream) {
         let (gateway_end, api_end) = tokio::io::duplex(1 << 16);
-        let sender = handshake_h1(TokioIo::new(gateway_end)).await.unwrap();
-        (sender, api_end)
+        let connection = handshake_h1(TokioIo::new(gateway_end)).await.unwrap();
+        (connection, api_end)
     }
 
     /// A connection of `pool`'s held by a request, as [`Pool::checkout`] hands one out.
-    fn busy(pool: &Pool, sender: http1::SendRequest<Body>) -> Lease<'_> {
+    fn busy(pool: &Pool, connection: H1) -> Lease<'_> {
         pool.state().open += 1;
         Lease {
             pool,
-            sender: Some(sender),
+            connection: Some(connection),
             reused: false,
+            idled: false,
         }
     }
 
@@ -1765,6 +1914,100 @@ mod tests {
             2,
             "a new connection, and the untried idle one"
         );
+    }
+
+    /// An idle connection of `pool`'s over a pipe, idle for `idle_for` already; the API's end
+    /// of the pipe, handed to `api` once the connection is up.
+    async fn idle_piped_connection<F>(
+        pool: &Pool,
+        idle_for: Duration,
+        api: impl FnOnce(tokio::io::DuplexStream) -> F,
+    ) where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (connection, api_end) = piped_connection().await;
+        tokio::spawn(api(api_end));
+        let mut state = pool.state();
+        state.open += 1;
+        state.idle.push(Idle {
+            connection,
+            since: Instant::now().checked_sub(idle_for).unwrap(),
+            keep_for: pool.idle_timeout,
+        });
+    }
+
+    /// The API's end of a connection that reads a request and then, after writing `answer`
+    /// (its beginning, say), closes it.
+    async fn reads_and_closes(mut api_end: tokio::io::DuplexStream, answer: &'static [u8]) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut request = [0; 256];
+        let _ = api_end.read(&mut request).await;
+        let _ = api_end.write_all(answer).await;
+    }
+
+    /// Sends a POST through `pool` and says what came of it: the answer's body, or the error.
+    async fn post(pool: &Pool) -> Result<Bytes, String> {
+        let request = Request::post("/m").body(Body::from("hi")).unwrap();
+        let mut progress = Progress::new(None, None);
+        pool.exchange(request, BodyLimit::Whole(1024), &mut progress, None)
+            .await
+            .map(|answer| answer.body)
+            .map_err(|error| error.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_request_lost_on_a_connection_closed_as_it_came_out_of_idleness_is_sent_again() {
+        let (origin, address) = answering_api().await;
+        let pool = http1_pool(address, &origin, 4);
+        // Idle past IDLE_BEFORE_RESEND; the API reads the request and closes it, answering
+        // nothing (as one whose idle timer fired as it came).
+        idle_piped_connection(&pool, IDLE_BEFORE_RESEND, |api_end| {
+            reads_and_closes(api_end, b"")
+        })
+        .await;
+        assert_eq!(post(&pool).await, Ok(Bytes::from("fresh")));
+        let state = pool.state();
+        assert_eq!(
+            (state.open, state.idle.len()),
+            (1, 1),
+            "the lost one's place given back; the new one idle"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_lost_on_a_connection_in_use_a_moment_before_is_not_sent_again() {
+        let (origin, address) = answering_api().await;
+        let pool = http1_pool(address, &origin, 4);
+        idle_piped_connection(&pool, Duration::from_millis(100), |api_end| {
+            reads_and_closes(api_end, b"")
+        })
+        .await;
+        let lost = post(&pool).await;
+        assert!(
+            lost.as_ref()
+                .is_err_and(|e| e.starts_with("API request failed")),
+            "{lost:?}"
+        );
+        let state = pool.state();
+        assert_eq!((state.open, state.idle.len()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_request_lost_after_part_of_its_answer_came_is_not_sent_again() {
+        let (origin, address) = answering_api().await;
+        let pool = http1_pool(address, &origin, 4);
+        // Idle long enough, but the API had begun to answer: it read the request.
+        idle_piped_connection(&pool, IDLE_BEFORE_RESEND * 2, |api_end| {
+            reads_and_closes(api_end, b"HTTP/1.1 200 OK\r\n")
+        })
+        .await;
+        let lost = post(&pool).await;
+        assert!(
+            lost.as_ref()
+                .is_err_and(|e| e.starts_with("API request failed")),
+            "{lost:?}"
+        );
+        assert_eq!(pool.state().open, 0);
     }
 
     #[tokio::test]
