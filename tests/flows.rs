@@ -1427,6 +1427,8 @@ enum Fate {
     /// Answers with this status and `Content-Length: 100`, sends 10 bytes of that body and then
     /// nothing more, holding the connection open.
     Stall(u16),
+    /// As `Stall`, but closes the connection after the 10 bytes: the body breaks off.
+    BreakOff(u16),
     /// Reads the request and closes the connection without an answer.
     Cut,
     /// Closes the connection without reading the request (the kernel answers it with a reset).
@@ -1438,6 +1440,7 @@ impl Fate {
         match self {
             Fate::Answer(..) => "answer",
             Fate::Stall(_) => "stall",
+            Fate::BreakOff(_) => "break-off",
             Fate::Cut => "cut",
             Fate::Reset => "reset",
         }
@@ -1534,6 +1537,12 @@ async fn serve_raw(
                     format!("HTTP/1.1 {status} Scripted\r\ncontent-length: 100\r\n\r\n0123456789");
                 let _ = stream.write_all(answer.as_bytes()).await;
                 tokio::time::sleep(Duration::from_secs(60)).await;
+                return;
+            }
+            Fate::BreakOff(status) => {
+                let answer =
+                    format!("HTTP/1.1 {status} Scripted\r\ncontent-length: 100\r\n\r\n0123456789");
+                let _ = stream.write_all(answer.as_bytes()).await;
                 return;
             }
             Fate::Cut | Fate::Reset => return,
@@ -1652,6 +1661,33 @@ async fn a_delete_answered_whose_body_stalls_counts_as_told_on_its_status() {
     assert_eq!(metrics["requests_failed"], 0.0, "{metrics:?}");
     assert_eq!(metrics["upstream_requests_in_flight"], 0.0, "{metrics:?}");
     assert_eq!(raw_requests(&log, "DELETE", "stall"), ["/leaving EOF"]);
+}
+
+#[tokio::test]
+async fn a_delete_answered_whose_body_breaks_off_counts_as_told_on_its_status() {
+    // `200` and `Content-Length: 100`, then 10 bytes and the connection closed.
+    let (url, log) = raw_api(|seen| match seen.method.as_str() {
+        "DELETE" => Fate::BreakOff(200),
+        _ => raw_echo(seen, None),
+    })
+    .await;
+    let gateway = gateway_for(&url).await;
+    let mut ws = gateway.connect("/leaving").await;
+    assert_eq!(round_trip(&mut ws, "hi").await, "echo:hi");
+    drop(ws);
+    gateway
+        .wait_for_metric(
+            "disconnects_notified",
+            |told| told == 1.0,
+            Duration::from_secs(3),
+        )
+        .await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["disconnects_failed"], 0.0, "{metrics:?}");
+    assert_eq!(metrics["requests_failed"], 0.0, "{metrics:?}");
+    // Told once: a DELETE whose status came is not sent again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(raw_requests(&log, "DELETE", "break-off"), ["/leaving EOF"]);
 }
 
 #[tokio::test]

@@ -1243,6 +1243,9 @@ pub(super) enum BodyEnd {
     /// and the answer stands on its status. Not an answer at the API's pace: its slot was held
     /// for the wait.
     Stalled,
+    /// Of a body judged by its status alone, the connection failed (a reset, a close) before
+    /// its end: what came is kept and the answer stands on its status.
+    Cut,
 }
 
 /// Reads `response`'s body as `limit` says, a body judged by its status alone only until
@@ -1303,7 +1306,16 @@ where
             Ok(None) => return Ok((Bytes::from(read), BodyEnd::Whole)),
             Err(_) => return Ok((Bytes::from(read), BodyEnd::Stalled)),
         };
-        let frame = frame.map_err(|e| UpstreamError::Broken(error_chain(&e)))?;
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::debug!(
+                    error = error_chain(&error),
+                    "an answer judged by its status lost the rest of its body; it stands"
+                );
+                return Ok((Bytes::from(read), BodyEnd::Cut));
+            }
+        };
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
@@ -1546,6 +1558,19 @@ mod tests {
             STATUS_ONLY_BODY_WAIT,
             "given up at its time"
         );
+    }
+
+    #[tokio::test]
+    async fn a_head_read_keeps_what_came_when_the_body_breaks_off() {
+        // Two bytes, then the connection is reset: the status has come, the answer stands.
+        let frames = [
+            Ok(hyper::body::Frame::data(Bytes::from_static(b"ab"))),
+            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        ];
+        let cut = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let until = Instant::now() + Duration::from_secs(5);
+        let (head, end) = read_head(cut, 4096, until).await.unwrap();
+        assert_eq!((head.as_ref(), end), (&b"ab"[..], BodyEnd::Cut));
     }
 
     #[test]
