@@ -84,6 +84,13 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// connection that breaks under a request soon after its last answer more likely lost an API
 /// that had begun on it, and that request is not sent again.
 const IDLE_BEFORE_RESEND: Duration = Duration::from_secs(1);
+/// How soon after a request went out on such a connection its loss must come for it to be
+/// sent again: an API that closed the connection for idleness as the request came answers it
+/// with a reset (or its close) within a round trip; one that read the request, worked on it
+/// and then dropped the connection (a crash, a killed worker) may have acted, and its request
+/// is not sent again. 200 ms is many round trips inside a data centre; a loss noticed later
+/// than that, on a machine too busy to notice sooner, is not resent (the safe side).
+const RESEND_WINDOW: Duration = Duration::from_millis(200);
 
 type Body = Full<Bytes>;
 
@@ -429,7 +436,9 @@ impl Pool {
             // A connection that lay idle may have been closed by the API just as this request
             // takes it: a copy (the body's `Bytes` shared) to send once more if it was. Only
             // then: a busy connection's requests copy nothing.
-            let spare = (lease.idled && !retried).then(|| Box::new(copy_request(&request)));
+            // With it, when it went out (in the box: not part of every request's future).
+            let spare = (lease.idled && !retried)
+                .then(|| Box::new((copy_request(&request), Instant::now())));
             progress.sent();
             match connection.sender.try_send_request(request).await {
                 Ok(response) => {
@@ -456,13 +465,16 @@ impl Pool {
                     // a second stale one): it never went out, so the API cannot have acted on
                     // it, and a DELETE may be tried again.
                     Some(_) => return Err(never_sent(progress, Unsent::HandedBack, error.error())),
-                    // Sent on a connection that had lain idle, and lost with it before any
-                    // byte of an answer came: the API closed it for idleness as the request
-                    // came, and did not read it. Once more, on a fresh connection (its one
-                    // retry, as above).
+                    // Sent on a connection that had lain idle, and lost with it within a
+                    // round trip or so, before any byte of an answer came: the API closed it
+                    // for idleness as the request came, and did not read it. Once more, on a
+                    // fresh connection (its one retry, as above).
                     None => match spare {
-                        Some(spare) if lease.lost_unanswered(error.error()) => {
-                            request = *spare;
+                        Some(spare)
+                            if spare.1.elapsed() <= RESEND_WINDOW
+                                && lease.lost_unanswered(error.error()) =>
+                        {
+                            request = spare.0;
                             retried = true;
                             progress.unsent();
                         }
@@ -2015,6 +2027,28 @@ mod tests {
         );
         let state = pool.state();
         assert_eq!((state.open, state.idle.len()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_request_lost_well_after_it_went_out_on_an_idle_connection_is_not_sent_again() {
+        let (origin, address) = answering_api().await;
+        let pool = http1_pool(address, &origin, 4);
+        // Idle long enough, but the API read the request, worked on it past the resend window
+        // and then dropped the connection (a crash): it may have acted.
+        idle_piped_connection(&pool, IDLE_BEFORE_RESEND * 2, |mut api_end| async move {
+            use tokio::io::AsyncReadExt;
+            let mut request = [0; 256];
+            let _ = api_end.read(&mut request).await;
+            tokio::time::sleep(RESEND_WINDOW * 2).await;
+        })
+        .await;
+        let lost = post(&pool).await;
+        assert!(
+            lost.as_ref()
+                .is_err_and(|e| e.starts_with("API request failed")),
+            "{lost:?}"
+        );
+        assert_eq!(pool.state().open, 0);
     }
 
     #[tokio::test]
