@@ -464,7 +464,7 @@ impl Pool {
                     // Handed back all the same (a fresh connection the API closed at once, or
                     // a second stale one): it never went out, so the API cannot have acted on
                     // it, and a DELETE may be tried again.
-                    Some(_) => return Err(never_sent(progress, Unsent::HandedBack, error.error())),
+                    Some(_) => return Err(never_sent(progress, error.error())),
                     // Sent on a connection that had lain idle, and lost with it within a
                     // round trip or so, before any byte of an answer came: the API closed it
                     // for idleness as the request came, and did not read it. Once more, on a
@@ -806,22 +806,16 @@ impl Pool {
     }
 }
 
-/// Why a request failed that the API cannot have acted on: hyper handed it back without
-/// sending it. (An HTTP/2 request the API did not process goes out again until its deadline:
-/// see [`Pool::exchange_h2`].)
-#[derive(Clone, Copy)]
-enum Unsent {
-    HandedBack,
-}
-
-/// The error for a request the API cannot have acted on (`why`): marked unsent, and
-/// [`UpstreamError::Unreachable`], so that a DELETE may be tried again.
-fn never_sent(progress: &mut Progress<'_>, why: Unsent, error: &hyper::Error) -> UpstreamError {
+/// The error for a request hyper handed back without sending it (the connection closed
+/// before the request went out), which the API cannot have acted on: marked unsent, and
+/// [`UpstreamError::Unreachable`], so that a DELETE may be tried again. (An HTTP/2 request the
+/// API did not process goes out again until its deadline: see [`Pool::exchange_h2`].)
+fn never_sent(progress: &mut Progress<'_>, error: &hyper::Error) -> UpstreamError {
     progress.unsent();
-    let what = match why {
-        Unsent::HandedBack => "the connection closed before the request went out",
-    };
-    UpstreamError::Unreachable(format!("{what}: {}", error_chain(error)))
+    UpstreamError::Unreachable(format!(
+        "the connection closed before the request went out: {}",
+        error_chain(error)
+    ))
 }
 
 /// The pause before an HTTP/2 request goes out again after it was turned away unprocessed
@@ -1129,9 +1123,7 @@ impl Lease<'_> {
         // lock and wake-up.
         std::mem::forget(self);
     }
-}
 
-impl Lease<'_> {
     /// Whether its connection was lost under the request (`error`: closed, or reset) before
     /// any byte came from the API since it was taken idle. (`heard` is written by the
     /// connection's task before it fails the request, which reaches this task through a
