@@ -426,10 +426,23 @@ impl Pool {
             .entry(HOST)
             .or_insert_with(|| self.host.clone());
         let mut retried = false;
+        // Whether the request went out once already, on an idle connection lost under it.
+        let mut went_out_once = false;
         loop {
             // A retry skips the idle connections: the API may have closed them all at once,
             // and the next one could be stale too.
-            let mut lease = self.checkout(waited.take(), retried).await?;
+            let mut lease = match self.checkout(waited.take(), retried).await {
+                Ok(lease) => lease,
+                // Its first copy went out (on an idle connection lost under it): however
+                // unlikely, the API may have seen it, so this is no "never sent".
+                Err(error) if went_out_once => {
+                    return Err(UpstreamError::Broken(format!(
+                        "{error}, after the request went out once on an idle connection lost \
+                         under it"
+                    )))
+                }
+                Err(error) => return Err(error),
+            };
             let Some(connection) = lease.connection.as_mut() else {
                 return Err(UpstreamError::Broken("no connection".to_owned()));
             };
@@ -476,7 +489,9 @@ impl Pool {
                         {
                             request = spare.0;
                             retried = true;
-                            progress.unsent();
+                            // Still counted as gone out (not `unsent`): its time running out
+                            // now is a timeout, not an overload, and a connect is undone.
+                            went_out_once = true;
                         }
                         _ => return Err(UpstreamError::Broken(error_chain(error.error()))),
                     },
@@ -2019,6 +2034,32 @@ mod tests {
         );
         let state = pool.state();
         assert_eq!((state.open, state.idle.len()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_resend_that_cannot_go_out_fails_as_sent_not_as_never_sent() {
+        // The idle connection is lost under the request at once, as in the idle-close race,
+        // and no new connection can be opened: the first copy went out all the same.
+        let pool = http1_pool(nowhere(), "http://api.internal", 4);
+        idle_piped_connection(&pool, IDLE_BEFORE_RESEND, |api_end| {
+            reads_and_closes(api_end, b"")
+        })
+        .await;
+        let request = Request::post("/m").body(Body::from("hi")).unwrap();
+        let mut progress = Progress::new(None, None);
+        let failed = pool
+            .exchange(request, BodyLimit::Whole(1024), &mut progress, None)
+            .await;
+        assert!(
+            matches!(&failed, Err(UpstreamError::Broken(why)) if why.contains("went out once")),
+            "{:?}",
+            failed.as_ref().err()
+        );
+        assert!(
+            failed.err().is_some_and(|error| error.outcome_unknown()),
+            "a connect is undone, a DELETE not sent again"
+        );
+        assert_eq!(pool.state().open, 0);
     }
 
     #[tokio::test]
