@@ -951,6 +951,17 @@ mod tests {
         assert!(taken.is_ok());
     }
 
+    /// The connection context of a client `a` with no headers, for `upstream`.
+    fn client_a(upstream: &Upstream) -> ConnectionContext {
+        upstream
+            .context(
+                ConnectionId::next(),
+                ClientId::from_path("/a").unwrap(),
+                &HeaderMap::new(),
+            )
+            .unwrap()
+    }
+
     /// Every message in flight and every closing connection holds one of these futures, so
     /// their size is memory per message and per departing client (it was 8 KiB before the
     /// rare paths, HTTP/2 and opening a connection, were boxed).
@@ -958,13 +969,7 @@ mod tests {
     async fn request_futures_stay_small() {
         let config = Config::default();
         let upstream = Upstream::new(&config, 1, 64, Arc::new(Metrics::default())).unwrap();
-        let context = upstream
-            .context(
-                ConnectionId::next(),
-                ClientId::from_path("/a").unwrap(),
-                &HeaderMap::new(),
-            )
-            .unwrap();
+        let context = client_a(&upstream);
         let message = upstream.message(&context, Bytes::new(), false);
         assert!(
             std::mem::size_of_val(&message) <= 3072,
@@ -1121,13 +1126,7 @@ mod tests {
             ..Config::default()
         };
         let upstream = Upstream::new(&config, 4, 64, Arc::new(Metrics::default())).unwrap();
-        let context = upstream
-            .context(
-                ConnectionId::next(),
-                ClientId::from_path("/a").unwrap(),
-                &HeaderMap::new(),
-            )
-            .unwrap();
+        let context = client_a(&upstream);
         let started = Instant::now();
         let answer = upstream.disconnect(&context, Bytes::new(), None).await;
         let answer = answer.expect("the status stands");

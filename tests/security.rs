@@ -478,14 +478,7 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
     let gateway = TestGateway::start(config).await;
 
     // A plain upgrade request is not answered as HTTP.
-    let mut plain = TcpStream::connect(gateway.public).await.unwrap();
-    plain
-        .write_all(&upgrade_request("/alice", &[]))
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut answer)).await;
-    assert!(read.is_ok(), "still open after 3 s");
+    let answer = plain_upgrade_to_tls(&gateway).await;
     assert!(
         !answer.starts_with(b"HTTP/"),
         "{:?}",
@@ -534,14 +527,7 @@ async fn a_tls_listener_counts_no_refusal_for_connections_closed_before_their_fi
     }
     // A real TLS failure after them still counts: plain HTTP, answered with a TLS alert
     // (record type 21), then the close.
-    let mut plain = TcpStream::connect(gateway.public).await.unwrap();
-    plain
-        .write_all(&upgrade_request("/alice", &[]))
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut answer)).await;
-    assert!(read.is_ok(), "still open after 3 s");
+    let answer = plain_upgrade_to_tls(&gateway).await;
     assert_eq!(answer.first(), Some(&21), "a TLS alert: {answer:?}");
     gateway
         .wait_for_metric(
@@ -880,4 +866,18 @@ async fn an_https_api_with_an_untrusted_certificate_gives_502() {
     assert_eq!(response.status, 502);
     assert!(api.seen().is_empty());
     assert_accounting(&gateway, &api).await;
+}
+
+/// Sends a plain-HTTP upgrade request to `gateway`'s TLS listener and reads until it closes
+/// the connection (3 s at most): what came back.
+async fn plain_upgrade_to_tls(gateway: &TestGateway) -> Vec<u8> {
+    let mut plain = TcpStream::connect(gateway.public).await.unwrap();
+    plain
+        .write_all(&upgrade_request("/alice", &[]))
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "still open after 3 s");
+    answer
 }
