@@ -190,7 +190,7 @@ impl Default for Config {
             max_pending_handshakes: 512,
             upstream_timeout: Duration::from_secs(30),
             upstream_max_connections: None,
-            upstream_min_concurrency: 64,
+            upstream_min_concurrency: DEFAULT_UPSTREAM_MIN_CONCURRENCY,
             upstream_max_waiting: None,
             upstream_max_wait: Duration::from_secs(5),
             upstream_http2: false,
@@ -213,6 +213,9 @@ impl Default for Config {
         }
     }
 }
+
+/// `--upstream-min-concurrency` when it is not given.
+pub const DEFAULT_UPSTREAM_MIN_CONCURRENCY: usize = 64;
 
 /// Descriptors kept free for listeners, logs, profiles and the like.
 pub const RESERVED_DESCRIPTORS: usize = 64;

@@ -9,6 +9,7 @@ use argh::FromArgs;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use ws2http::config::{
     is_header_token, parse_duration, parse_size, ApiBase, Config, DescriptorBudget, TlsFiles,
+    DEFAULT_UPSTREAM_MIN_CONCURRENCY,
 };
 use ws2http::{profile, Gateway};
 
@@ -327,9 +328,6 @@ fn check_origin_host_port(authority: &str) -> Result<(), &'static str> {
 
 /// Worker threads the runtime may be asked for; more is a typo, not a machine.
 const MAX_WORKER_THREADS: usize = 1024;
-
-/// `--upstream-min-concurrency` when it is not given.
-const DEFAULT_UPSTREAM_MIN_CONCURRENCY: usize = 64;
 
 /// Turns the flags into a [`Config`], or a one-line error naming the flag.
 fn config_from(args: &Args) -> Result<Config, String> {
