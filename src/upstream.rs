@@ -951,6 +951,17 @@ mod tests {
         assert!(taken.is_ok());
     }
 
+    /// An HTTP/1.1 client of the API at `api` (4 connections) whose concurrency limit starts
+    /// at one slot.
+    fn one_slot_upstream(api: &str) -> Upstream {
+        let config = Config {
+            api: api.parse().unwrap(),
+            upstream_min_concurrency: 1,
+            ..Config::default()
+        };
+        Upstream::new(&config, 4, 64, Arc::new(Metrics::default())).unwrap()
+    }
+
     /// The connection context of a client `a` with no headers, for `upstream`.
     fn client_a(upstream: &Upstream) -> ConnectionContext {
         upstream
@@ -1075,16 +1086,8 @@ mod tests {
             (504, Duration::from_millis(400)),
         ])
         .await;
-        let config = Config {
-            api: api.parse().unwrap(),
-            upstream_min_concurrency: 1,
-            ..Config::default()
-        };
-        let upstream = Upstream::new(&config, 4, 64, Arc::new(Metrics::default())).unwrap();
-        let client_id = ClientId::from_path("/a").unwrap();
-        let context = upstream
-            .context(ConnectionId::next(), client_id, &HeaderMap::new())
-            .unwrap();
+        let upstream = one_slot_upstream(&api);
+        let context = client_a(&upstream);
         let send = || upstream.message(&context, Bytes::new(), false);
         // A quick 5xx (a proxy in front of a stopped API), while it held the only slot, is no
         // answer: the limit does not grow.
@@ -1120,12 +1123,7 @@ mod tests {
             )))
         }))
         .await;
-        let config = Config {
-            api: api.parse().unwrap(),
-            upstream_min_concurrency: 1,
-            ..Config::default()
-        };
-        let upstream = Upstream::new(&config, 4, 64, Arc::new(Metrics::default())).unwrap();
+        let upstream = one_slot_upstream(&api);
         let context = client_a(&upstream);
         let started = Instant::now();
         let answer = upstream.disconnect(&context, Bytes::new(), None).await;
