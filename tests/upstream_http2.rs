@@ -504,6 +504,37 @@ async fn h2c_request_always_refused_goes_out_again_after_growing_pauses_until_it
 }
 
 #[tokio::test]
+async fn h2c_api_that_drops_every_connection_without_a_byte_gets_the_handshake_refused_502_at_once()
+{
+    // Something at the API's address takes each connection and closes it unanswered (no
+    // SETTINGS, no GOAWAY): the connect GET, handed back unsent each time, gives up after
+    // three such connections and the client gets 502 (unreachable) at once, not 504 after its
+    // --upstream-timeout. It never reached the API, so no DELETE follows.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let dropping = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    let gateway = TestGateway::start(Config {
+        upstream_timeout: Duration::from_secs(4),
+        ..h2c_config(api)
+    })
+    .await;
+
+    let refused = raw_exchange(gateway.public, &upgrade_request("/dropped", &[])).await;
+    assert_eq!(refused.status, 502, "{}", refused.text());
+    assert_eq!(connections.load(Ordering::SeqCst), 3);
+    let metrics = gateway.metrics().await;
+    assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0);
+    dropping.abort();
+}
+
+#[tokio::test]
 async fn h2c_request_reset_with_another_error_is_not_sent_again() {
     assert_failed_after(TurnAway::InternalError, 1..2, 1, "upstream error").await;
 }

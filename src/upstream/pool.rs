@@ -44,6 +44,11 @@ const STREAM_RECHECK: Duration = Duration::from_millis(50);
 const H2_RETRY_PAUSE_FIRST: Duration = Duration::from_millis(10);
 /// The longest pause between two times an HTTP/2 request the API keeps turning away goes out.
 const H2_RETRY_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// HTTP/2 connections that ended without a byte from the API (not even its SETTINGS) while
+/// they had a request, after which that request fails as unreachable instead of trying
+/// another: something at the API's address takes connections and drops them, and will not
+/// answer before the request's time runs out.
+const H2_SILENT_CONNECTIONS: u32 = 3;
 /// How often an HTTP/2 connection to the API is pinged (idle or not).
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before that connection is closed.
@@ -219,19 +224,28 @@ struct Streams {
     followed: Mutex<usize>,
     /// The API's limit as the connection's task last saw it (0 once the connection ended).
     limit: AtomicUsize,
+    /// Set once a byte came from the API on the connection (see [`Listened`]).
+    heard: Arc<AtomicBool>,
 }
 
 /// One stream of an HTTP/2 connection, held by one request; given back when dropped.
 struct Stream(Arc<Streams>);
 
 impl Streams {
-    /// Streams limited to `limit` (until [`Streams::limit`] says another), none taken yet.
-    fn new(limit: usize) -> Streams {
+    /// Streams limited to `limit` (until [`Streams::limit`] says another), none taken yet, of
+    /// a connection whose bytes from the API set `heard`.
+    fn new(limit: usize, heard: Arc<AtomicBool>) -> Streams {
         Streams {
             free: Semaphore::new(0),
             followed: Mutex::new(0),
             limit: AtomicUsize::new(limit),
+            heard,
         }
+    }
+
+    /// Whether the connection ended (or is ending) without a byte from the API.
+    fn never_heard(&self) -> bool {
+        !self.heard.load(Ordering::Relaxed)
     }
 
     /// A stream of `sender`'s connection for one request, once the API allows one more and
@@ -664,6 +678,8 @@ impl Pool {
         // caller drops it then), after a pause from the second time on (see `retry_pause`).
         let mut turned_away: u32 = 0;
         let mut pause = None;
+        // Connections that ended without a byte from the API while they had this request.
+        let mut silent: u32 = 0;
         loop {
             if let Some(pause) = pause.take() {
                 tokio::time::sleep(pause).await;
@@ -679,6 +695,10 @@ impl Pool {
             progress.waiting_for_stream();
             let Some(_stream) = streams.take(&sender).await else {
                 self.forget_h2(number);
+                silent += u32::from(streams.never_heard());
+                if silent >= H2_SILENT_CONNECTIONS {
+                    return Err(dropped_unheard(progress, silent));
+                }
                 continue;
             };
             // A stream the API turns away unprocessed comes back without its request: this
@@ -715,6 +735,12 @@ impl Pool {
                             return Err(UpstreamError::Broken(error_chain(error.error())))
                         }
                     };
+                    // A connection the API dropped without a word (no SETTINGS, no
+                    // GOAWAY): after a few, it will not answer in time.
+                    silent += u32::from(streams.never_heard());
+                    if silent >= H2_SILENT_CONNECTIONS {
+                        return Err(dropped_unheard(progress, silent));
+                    }
                     turned_away = turned_away.saturating_add(1);
                     pause = retry_pause(turned_away);
                     tracing::debug!(
@@ -830,6 +856,16 @@ fn never_sent(progress: &mut Progress<'_>, error: &hyper::Error) -> UpstreamErro
     UpstreamError::Unreachable(format!(
         "the connection closed before the request went out: {}",
         error_chain(error)
+    ))
+}
+
+/// The error for an HTTP/2 request whose last `connections` connections ended without a byte
+/// from the API: unreachable and unsent, as when it refuses connections, so that the client
+/// hears at once and a DELETE may be tried again.
+fn dropped_unheard(progress: &mut Progress<'_>, connections: u32) -> UpstreamError {
+    progress.unsent();
+    UpstreamError::Unreachable(format!(
+        "the API closed {connections} HTTP/2 connections without a byte of an answer"
     ))
 }
 
@@ -956,8 +992,8 @@ where
     Ok(H1 { sender, heard })
 }
 
-/// An HTTP/1.1 API connection's stream, that sets `heard` whenever bytes come in (one look at
-/// a flag per read, written only when it was cleared). (hyper's own read interface does not
+/// An API connection's stream, that sets `heard` whenever bytes come in (one look at a flag
+/// per read, written only when it was cleared). (hyper's own read interface does not
 /// say how many bytes a read brought without unsafe code; tokio's does, hence the two
 /// `TokioIo` around it.)
 struct Listened<T> {
@@ -1019,6 +1055,11 @@ async fn handshake_h2<T>(io: T) -> Result<OpenedH2, UpstreamError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let heard = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(Listened {
+        io: TokioIo::new(io),
+        heard: heard.clone(),
+    });
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         // A dead API host or a dropped flow shows as an unanswered ping, not only when the
@@ -1029,17 +1070,21 @@ where
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
-    Ok((sender, drive_h2(connection)))
+    Ok((sender, drive_h2(connection, heard)))
 }
 
 /// Spawns the task that drives an HTTP/2 connection until it closes, and returns its
 /// [`Streams`], which read the API's limit as the task last saw it (after each poll of the
-/// connection: the API's SETTINGS are read in one; 0 once it ended).
-fn drive_h2<T>(mut connection: http2::Connection<T, Body, TokioExecutor>) -> Arc<Streams>
+/// connection: the API's SETTINGS are read in one; 0 once it ended), and `heard`, set by the
+/// connection's reads.
+fn drive_h2<T>(
+    mut connection: http2::Connection<T, Body, TokioExecutor>,
+    heard: Arc<AtomicBool>,
+) -> Arc<Streams>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let streams = Arc::new(Streams::new(connection.current_max_send_streams()));
+    let streams = Arc::new(Streams::new(connection.current_max_send_streams(), heard));
     let ended = streams.clone();
     drive(
         async move {
@@ -1480,7 +1525,11 @@ mod tests {
     ) {
         let (gateway_end, api_end) = tokio::io::duplex(1 << 16);
         let (sender, _) = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
-        (sender, Arc::new(Streams::new(limit)), api_end)
+        (
+            sender,
+            Arc::new(Streams::new(limit, Arc::new(AtomicBool::new(true)))),
+            api_end,
+        )
     }
 
     #[tokio::test]
