@@ -489,8 +489,18 @@ impl Pool {
                         progress.unsent();
                     }
                     // Handed back all the same (a fresh connection the API closed at once, or
-                    // a second stale one): it never went out, so the API cannot have acted on
-                    // it, and a DELETE may be tried again.
+                    // a second stale one): this copy never went out. If its first one did (on
+                    // an idle connection lost under it), the API may have seen that, as when
+                    // no connection could be had for the second (above).
+                    Some(_) if went_out_once => {
+                        return Err(UpstreamError::Broken(format!(
+                            "{}, after the request went out once on an idle connection lost \
+                             under it",
+                            error_chain(error.error())
+                        )))
+                    }
+                    // Otherwise it never went out, so the API cannot have acted on it, and a
+                    // DELETE may be tried again.
                     Some(_) => return Err(never_sent(progress, error.error())),
                     // Sent on a connection that had lain idle, and lost with it within a
                     // round trip or so, before any byte of an answer came: the API closed it
@@ -2111,6 +2121,13 @@ mod tests {
         let failed = pool
             .exchange(request, BodyLimit::Whole(1024), &mut progress, None)
             .await;
+        assert_failed_as_sent_once(failed);
+        assert_eq!(pool.state().open, 0);
+    }
+
+    /// Checks that a request whose first copy went out on an idle connection lost under it,
+    /// and whose second could not go out, failed as one the API may have seen.
+    fn assert_failed_as_sent_once(failed: Result<Answer, UpstreamError>) {
         assert!(
             matches!(&failed, Err(UpstreamError::Broken(why)) if why.contains("went out once")),
             "{:?}",
@@ -2120,7 +2137,41 @@ mod tests {
             failed.err().is_some_and(|error| error.outcome_unknown()),
             "a connect is undone, a DELETE not sent again"
         );
-        assert_eq!(pool.state().open, 0);
+    }
+
+    #[tokio::test]
+    async fn a_resend_handed_back_by_a_fresh_connection_fails_as_sent_not_as_never_sent() {
+        // The idle connection is lost under the request at once, as in the idle-close race;
+        // the fresh connection for its second copy is taken by the API and dropped at once
+        // (say, as it restarts), so hyper hands that copy back unsent. The first copy went out
+        // all the same: the API may have seen it.
+        let dir = std::env::temp_dir().join(format!("ws2http-resend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let dropping = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let pool = http1_pool(
+            ApiAddress::UnixSocket(Arc::new(path.clone())),
+            "http://api.internal",
+            4,
+        );
+        idle_piped_connection(&pool, IDLE_BEFORE_RESEND, |api_end| {
+            reads_and_closes(api_end, b"")
+        })
+        .await;
+        let request = Request::post("/m").body(Body::from("hi")).unwrap();
+        let mut progress = Progress::new(None, None);
+        let failed = pool
+            .exchange(request, BodyLimit::Whole(1024), &mut progress, None)
+            .await;
+        dropping.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_failed_as_sent_once(failed);
     }
 
     #[tokio::test]
