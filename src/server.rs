@@ -17,6 +17,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -199,7 +201,7 @@ pub(crate) fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
         .map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;
     let key_pem =
         std::fs::read(&files.key).map_err(|e| format!("--tls-key {}: {e}", files.key.display()))?;
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;
     if certs.is_empty() {
@@ -208,14 +210,13 @@ pub(crate) fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
             files.cert.display()
         ));
     }
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| format!("--tls-key {}: {e}", files.key.display()))?
-        .ok_or_else(|| {
-            format!(
-                "--tls-key {}: no PEM private key in the file",
-                files.key.display()
-            )
-        })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => format!(
+            "--tls-key {}: no PEM private key in the file",
+            files.key.display()
+        ),
+        e => format!("--tls-key {}: {e}", files.key.display()),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

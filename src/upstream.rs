@@ -16,6 +16,8 @@ use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 
 use crate::config::Config;
 
@@ -744,7 +746,7 @@ fn client_tls_config(config: &Config) -> Result<rustls::ClientConfig, UpstreamSe
         let pem = std::fs::read(path)
             .map_err(|e| UpstreamSetupError(format!("--api-ca {}: {e}", path.display())))?;
         let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert =
                 cert.map_err(|e| UpstreamSetupError(format!("--api-ca {}: {e}", path.display())))?;
             roots

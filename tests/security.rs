@@ -647,22 +647,40 @@ async fn bad_tls_settings_stop_the_binary_at_start_naming_the_flag() {
         .with_file_name("missing.pem")
         .to_string_lossy()
         .into_owned();
+    let key_path = cert.key_pem.to_string_lossy().into_owned();
     let cases: [(&[&str], &str); 4] = [
         (&["--tls-cert", &cert_path], "--tls-cert and --tls-key"),
         (
             &["--tls-cert", &cert_path, "--tls-key", &missing],
             "--tls-key",
         ),
-        // A certificate is not a key.
+        // A certificate is not a key, nor a key a certificate.
         (
             &["--tls-cert", &cert_path, "--tls-key", &cert_path],
-            "--tls-key",
+            "no PEM private key in the file",
         ),
-        (&["--api-ca", &missing], "--api-ca"),
+        (
+            &["--tls-cert", &key_path, "--tls-key", &key_path],
+            "no PEM certificate in the file",
+        ),
     ];
     for (args, flag) in cases {
         let log = Binary::refused_at_start(&api.base(), args, &[]).await;
         assert!(log.contains(flag), "{args:?}: no `{flag}` in {log}");
+    }
+    // --api-ca is read for an https:// API only.
+    let cases = [
+        (&missing, "--api-ca"),
+        (&key_path, "--api-ca"),
+        (&key_path, "no PEM certificate in the file"),
+    ];
+    for (file, says) in cases {
+        let args = ["--api-ca", file.as_str()];
+        let log = Binary::refused_at_start("https://127.0.0.1:9/", &args, &[]).await;
+        assert!(
+            log.contains(says) && !log.contains("plain HTTP"),
+            "{args:?}: no `{says}` in {log}"
+        );
     }
 }
 
