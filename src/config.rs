@@ -7,6 +7,36 @@ use std::time::Duration;
 
 use http::Uri;
 
+/// A token (`--control-token`, `--api-token`) whose text never shows in debug output, so that
+/// a `{:?}` of the configuration in a log line cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The token's text, for the one place that compares or sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Secret {
+        Secret(text)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Secret {
+        Secret(text.to_owned())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// Everything a running gateway needs to know; built by the CLI or by tests.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -69,10 +99,10 @@ pub struct Config {
     /// for an API on the same machine.
     pub control_unix_socket: Option<PathBuf>,
     /// Bearer token required on the control listener (all but `/healthz`).
-    pub control_token: Option<String>,
+    pub control_token: Option<Secret>,
     /// Secret sent to the API with every request as `X-Ws2http-Token`, so that the API can
     /// refuse its four calls from anyone but its gateways.
-    pub api_token: Option<String>,
+    pub api_token: Option<Secret>,
     /// Origins allowed to open a websocket; `None` forwards Origin for the API to judge.
     pub allowed_origins: Option<Vec<String>>,
     /// Certificate chain and key (PEM) to serve `wss://` on the public listener.
@@ -377,6 +407,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_configurations_debug_output_shows_no_token() {
+        let config = Config {
+            control_token: Some("control-s3cret".into()),
+            api_token: Some("api-s3cret".into()),
+            ..Config::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("control_token: Some(Secret(..))"), "{shown}");
+        assert_eq!(config.api_token.unwrap().expose(), "api-s3cret");
+    }
 
     #[test]
     fn sizes_accept_binary_and_decimal_units() {

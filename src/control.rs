@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use crate::config::Secret;
 use crate::handshake::{health, text_response, RESERVED_NAMES};
 use crate::identity::ClientId;
 use crate::session::{Command, Outbound, PushError, SessionHandle};
@@ -78,7 +79,10 @@ async fn answer(
         }
         return health(&shared);
     }
-    if !authorized(&request, shared.config.control_token.as_deref()) {
+    if !authorized(
+        &request,
+        shared.config.control_token.as_ref().map(Secret::expose),
+    ) {
         let mut response =
             text_response(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
         response.headers_mut().insert(

@@ -399,8 +399,8 @@ fn validate(config: &Config) -> Result<(), StartError> {
         (&config.control_token, "--control-token"),
     ] {
         if token
-            .as_deref()
-            .is_some_and(|t| !config::is_header_token(t))
+            .as_ref()
+            .is_some_and(|t| !config::is_header_token(t.expose()))
         {
             return fail(&format!(
                 "{flag} must be non-empty visible ASCII, without spaces"
@@ -585,9 +585,9 @@ mod tests {
             ("é", false),
         ] {
             let mut api = config();
-            api.api_token = Some(token.to_owned());
+            api.api_token = Some(token.into());
             let mut control = config();
-            control.control_token = Some(token.to_owned());
+            control.control_token = Some(token.into());
             for (config, flag) in [(api, "--api-token"), (control, "--control-token")] {
                 match validate(&config) {
                     Ok(()) => assert!(good, "{flag} {token:?} passed"),

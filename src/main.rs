@@ -8,8 +8,8 @@ use std::time::Duration;
 use argh::FromArgs;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use ws2http::config::{
-    is_header_token, parse_duration, parse_size, ApiBase, Config, DescriptorBudget, TlsFiles,
-    DEFAULT_UPSTREAM_MIN_CONCURRENCY,
+    is_header_token, parse_duration, parse_size, ApiBase, Config, DescriptorBudget, Secret,
+    TlsFiles, DEFAULT_UPSTREAM_MIN_CONCURRENCY,
 };
 use ws2http::{profile, Gateway};
 
@@ -413,8 +413,8 @@ fn config_from(args: &Args) -> Result<Config, String> {
         idle_timeout: args.idle_timeout,
         shutdown_timeout: args.shutdown_timeout,
         shutdown_delete_concurrency: args.shutdown_delete_concurrency,
-        control_token: token,
-        api_token,
+        control_token: token.map(Secret::from),
+        api_token: api_token.map(Secret::from),
         allowed_origins: (!origins.is_empty()).then_some(origins),
         tls,
     })

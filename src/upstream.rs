@@ -511,7 +511,7 @@ fn api_token_header(config: &Config) -> Result<Option<HeaderValue>, UpstreamSetu
     let Some(token) = &config.api_token else {
         return Ok(None);
     };
-    let mut value = HeaderValue::from_str(token).map_err(|_| {
+    let mut value = HeaderValue::from_str(token.expose()).map_err(|_| {
         UpstreamSetupError("--api-token must be visible ASCII (it is sent as a header)".to_owned())
     })?;
     value.set_sensitive(true);

@@ -59,7 +59,7 @@ async fn assert_accounting_with_token(gateway: &TestGateway, api: &MockApi) {
 async fn every_control_request_but_healthz_needs_the_bearer_token() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
-    config.control_token = Some(TOKEN.to_owned());
+    config.control_token = Some(TOKEN.into());
     let gateway = TestGateway::start(config).await;
     let mut ws = gateway.connect("/alice").await;
     let wrong = format!("Bearer {TOKEN}x");
@@ -119,7 +119,7 @@ async fn every_control_request_but_healthz_needs_the_bearer_token() {
 async fn the_bearer_scheme_is_matched_without_regard_to_case() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
-    config.control_token = Some(TOKEN.to_owned());
+    config.control_token = Some(TOKEN.into());
     let gateway = TestGateway::start(config).await;
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let auth = format!("{scheme} {TOKEN}");
@@ -183,7 +183,7 @@ async fn the_binary_takes_the_control_token_from_the_environment_or_the_flag() {
 async fn the_api_token_goes_with_every_api_request_and_a_client_cannot_set_it() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
-    config.api_token = Some("gateway-secret".to_owned());
+    config.api_token = Some("gateway-secret".into());
     let gateway = TestGateway::start(config).await;
     let mut ws = gateway
         .try_connect("/alice", &[("x-ws2http-token", "forged")])

@@ -197,7 +197,7 @@ async fn the_control_unix_socket_asks_for_the_bearer_token_too() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
     config.control_unix_socket = Some(control.0.clone());
-    config.control_token = Some("s3cret".to_owned());
+    config.control_token = Some("s3cret".into());
     let gateway = TestGateway::start(config).await;
     let mut ws = gateway.connect("/dave").await;
 
