@@ -1,8 +1,10 @@
 //! The demo page in a real browser: Debian's headless Chromium, driven by
 //! `tests/browser/demo.mjs` (playwright-core), opens the page served by the PHP example
 //! twice, joins as two people, and sees a message typed in one tab appear in the other,
-//! through a real `ws2http` gateway. The screenshot is kept as
-//! `target/test-artifacts/demo.png`.
+//! through a real `ws2http` gateway. Then the API drops one of them from the room while
+//! the socket stays open (as after a cluster node came back): that page must reconnect on
+//! the refusal of its next message, send the message again and chat on. The screenshot is
+//! kept as `target/test-artifacts/demo.png`.
 //!
 //! Needs php-cli + php-sqlite3, chromium, node and `npm ci` in tests/browser; `make test`
 //! (or `scripts/install-deps.sh test`) installs them. Missing ones fail the test.
@@ -56,6 +58,7 @@ fn two_tabs_of_the_demo_page_chat_through_the_gateway() {
         .arg(&page_url)
         .arg(&shot)
         .env("CHROMIUM", &chromium)
+        .env("WS2HTTP_API_TOKEN", stack::API_TOKEN)
         .current_dir(&browser_dir)
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit());

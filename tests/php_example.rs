@@ -381,6 +381,51 @@ async fn a_replaced_connection_closing_late_does_not_remove_the_member() {
 }
 
 #[tokio::test]
+async fn a_member_dropped_from_the_room_is_told_to_reconnect_and_given_its_message_back() {
+    // The room drops a member whose socket is still open when a push for it finds no socket
+    // (after a cluster node came back, the pushes for it go to a node that does not hold
+    // it). Here through the gateway's DELETE without an X-Connection-Id, which removes the
+    // row whichever connection it names.
+    let s = Stack::start();
+    let alice_login = s.php.login("alice");
+    let mut alice = s.connect_as("alice", &alice_login).await;
+    let mut bob = s.join("bob").await;
+    expect_event(&mut alice, "joined").await;
+    let dropped = stack::http_request(
+        s.php.addr,
+        "DELETE",
+        &format!("/{}", alice_login.client_id),
+        &[("X-Ws2http-Token", API_TOKEN)],
+        b"dropped",
+    );
+    assert_eq!(dropped.status, 200, "{}", dropped.text());
+    let ev = expect_event(&mut bob, "left").await;
+    assert_eq!(json_str(&ev, "name").as_deref(), Some("alice"));
+
+    // Her socket is still open; her next message is refused, marked for the page to
+    // reconnect, and handed back to be sent again; a `who` is refused with nothing to resend.
+    send_text(&mut alice, r#"{"type":"say","text":"hello?"}"#).await;
+    let reply = expect_event(&mut alice, "error").await;
+    assert!(reply.contains(r#""reconnect":true"#), "{reply}");
+    assert_eq!(json_str(&reply, "unsent").as_deref(), Some("hello?"));
+    send_text(&mut alice, r#"{"type":"who"}"#).await;
+    let reply = expect_event(&mut alice, "error").await;
+    assert!(reply.contains(r#""reconnect":true"#), "{reply}");
+    assert_eq!(json_str(&reply, "unsent"), None, "{reply}");
+
+    // A new connection (the page closes the old one first) joins her again.
+    drop(alice);
+    let mut alice = s.connect_as("alice", &alice_login).await;
+    let ev = expect_event(&mut bob, "joined").await;
+    assert_eq!(json_str(&ev, "name").as_deref(), Some("alice"));
+    send_text(&mut alice, r#"{"type":"say","text":"hello?"}"#).await;
+    let reply = expect_event(&mut alice, "sent").await;
+    assert_eq!(json_int(&reply, "delivered"), Some(1), "{reply}");
+    let ev = expect_event(&mut bob, "message").await;
+    assert_eq!(json_str(&ev, "text").as_deref(), Some("hello?"));
+}
+
+#[tokio::test]
 async fn the_calls_meant_for_the_gateway_are_refused_to_anyone_else() {
     let s = Stack::start();
     let alice = s.php.login("alice");

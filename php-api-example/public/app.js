@@ -43,6 +43,9 @@
   let session = null; // {clientId, name, token}
   let socket = null;
   let retries = 0;
+  // Messages the API refused because it had dropped us from the room; sent again once the
+  // reconnect has put us back in it.
+  const unsent = [];
 
   $('ws-url').textContent = wsBase;
 
@@ -104,11 +107,25 @@
         addMessage('mine', session.name, ev.text, ev.time);
         break;
       case 'error':
-        addMessage('system', '', 'error: ' + ev.text);
+        if (ev.reconnect) {
+          rejoin(ev);
+        } else {
+          addMessage('system', '', 'error: ' + ev.text);
+        }
         break;
       default:
         addMessage('system', '', 'unknown event: ' + JSON.stringify(ev));
     }
+  }
+
+  // The API no longer counts us in the room although this socket is open (after a cluster
+  // node came back, its pushes for us went to a node that does not hold this socket, and it
+  // dropped us). Only a new connection joins again: close this one, and onclose reconnects.
+  function rejoin(ev) {
+    if (typeof ev.unsent === 'string' && ev.unsent !== '') unsent.push(ev.unsent);
+    if (!socket || socket.readyState !== WebSocket.OPEN) return;
+    addMessage('system', '', 'no longer in the chat: reconnecting');
+    socket.close(4000, 'rejoin');
   }
 
   function connect() {
@@ -121,6 +138,7 @@
       retries = 0;
       setStatus('connected', 'connected');
       socket.send(JSON.stringify({ type: 'who' }));
+      for (const text of unsent.splice(0)) socket.send(JSON.stringify({ type: 'say', text }));
     };
     socket.onmessage = (e) => {
       let ev;

@@ -149,13 +149,21 @@ final class App
      */
     private function message(Request $req, string $clientId): Response
     {
-        $me = $this->store()->member($clientId);
-        if ($me === null) {
-            return self::json(['type' => 'error', 'text' => 'not in the chat: reconnect']);
-        }
         $msg = json_decode($req->body, true);
         if (!is_array($msg)) {
             $msg = ['type' => 'say', 'text' => $req->body];
+        }
+        $me = $this->store()->member($clientId);
+        if ($me === null) {
+            // Its socket is open, but the room dropped it: a push found no socket for it
+            // (after a cluster node came back, its pushes go to a node that does not hold
+            // it; see broadcast()), or a DELETE for it came late. A new connection joins
+            // again, so the page reconnects on "reconnect", and sends "unsent" once back.
+            $refused = ['type' => 'error', 'text' => 'not in the chat: reconnect', 'reconnect' => true];
+            if (self::str($msg['type'] ?? '') === 'say') {
+                $refused['unsent'] = self::clean(self::str($msg['text'] ?? ''), 2000);
+            }
+            return self::json($refused);
         }
         switch (self::str($msg['type'] ?? '')) {
             case 'say':

@@ -1,19 +1,24 @@
 // Drives the ws2http chat demo page in Debian's headless Chromium with playwright-core:
 // two tabs join under different names, one sends a message, the other must show it,
-// and the reply goes back the other way. Saves a screenshot of each tab.
+// and the reply goes back the other way. Then the API drops one of them from the room
+// while its socket stays open: its next message is refused with "reconnect", and the
+// page must reconnect, send that message again and go on chatting. Saves a screenshot
+// of each tab.
 //
-//   node tests/browser/demo.mjs <page url> <screenshot.png>
+//   WS2HTTP_API_TOKEN=<the gateway's --api-token> node tests/browser/demo.mjs <page url> <screenshot.png>
 //
 // Exit code 0 when every check passed; otherwise the failure is printed and it is 1.
-// CHROMIUM overrides the browser path (default /usr/bin/chromium).
+// CHROMIUM overrides the browser path (default /usr/bin/chromium). The page's server is
+// the PHP example, which is also the API: the script sends it the gateway's DELETE.
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
 const [pageUrl, shotPath] = process.argv.slice(2);
-if (!pageUrl || !shotPath) {
-  console.error('usage: node demo.mjs <page url> <screenshot.png>');
+const apiToken = process.env.WS2HTTP_API_TOKEN;
+if (!pageUrl || !shotPath || !apiToken) {
+  console.error('usage: WS2HTTP_API_TOKEN=<token> node demo.mjs <page url> <screenshot.png>');
   process.exit(2);
 }
 
@@ -33,12 +38,16 @@ async function openTab(name) {
   page.on('console', (msg) => {
     if (msg.type() === 'error') problems.push(`${name}: console error: ${msg.text()}`);
   });
+  const sockets = [];
+  page.on('websocket', (ws) => sockets.push(ws.url()));
   await page.goto(pageUrl);
   await page.fill('#name', name);
+  const login = page.waitForResponse((res) => new URL(res.url()).pathname === '/auth/login');
   await page.click('#join');
+  const { clientId } = await (await login).json();
   await page.waitForSelector('#status[data-state="connected"]');
   log(`${name} connected`);
-  return page;
+  return { page, clientId, sockets };
 }
 
 async function send(page, text) {
@@ -75,8 +84,10 @@ try {
     ],
   });
 
-  const alice = await openTab('Alice');
-  const bob = await openTab('Bob');
+  const aliceTab = await openTab('Alice');
+  const bobTab = await openTab('Bob');
+  const alice = aliceTab.page;
+  const bob = bobTab.page;
 
   // Alice hears that Bob joined, and Bob's member list has Alice.
   await alice.waitForFunction(() =>
@@ -99,6 +110,39 @@ try {
   // Nothing of one's own comes back as someone else's message.
   const echoed = await alice.$$eval('#messages li.msg.other', (lis) => lis.filter((li) => li.dataset.from === 'Alice').length);
   if (echoed !== 0) problems.push(`Alice saw her own message as another's ${echoed} time(s)`);
+
+  // The API drops Alice from the room while her socket stays open, as it does when a push
+  // for her finds no socket (after a cluster node came back, pushes go to a node that does
+  // not hold hers). Here through the API's own DELETE call, the gateway's token and no
+  // X-Connection-Id: that removes her row whichever connection it names.
+  const dropped = await fetch(new URL('/' + aliceTab.clientId, pageUrl), {
+    method: 'DELETE',
+    headers: { 'X-Ws2http-Token': apiToken },
+    body: 'dropped by the test',
+  });
+  if (dropped.status !== 200) throw new Error(`DELETE of Alice: ${dropped.status} ${await dropped.text()}`);
+  await bob.waitForFunction(() =>
+    Array.from(document.querySelectorAll('#messages li.system')).some(
+      (li) => li.textContent === 'Alice left (dropped by the test)',
+    ),
+  );
+  // Her next message is refused ("not in the chat: reconnect"): the page reconnects, which
+  // joins her again, and sends it again; then both ways work as before.
+  const refused = 'Alice here again, after the room dropped me.';
+  await send(alice, refused);
+  await expectMessage(bob, 'other', 'Alice', refused);
+  await expectMessage(alice, 'mine', 'Alice', refused);
+  log('Alice reconnected and her refused message reached Bob');
+  const after = 'And this one goes straight through.';
+  await send(alice, after);
+  await expectMessage(bob, 'other', 'Alice', after);
+  const back = 'Welcome back, Alice.';
+  await send(bob, back);
+  await expectMessage(alice, 'other', 'Bob', back);
+  if (aliceTab.sockets.length !== 2) {
+    problems.push(`Alice's page opened ${aliceTab.sockets.length} websockets, not 2 (one reconnect)`);
+  }
+  log('Alice and Bob chat again');
 
   // A ?ws= naming another host is ignored: the login token would go there.
   const tricked = new URL(pageUrl);
