@@ -4,7 +4,7 @@
 //! close codes.
 
 use std::error::Error as StdError;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -278,7 +278,7 @@ impl Upstream {
         url.push_str(&client_id.encoded());
         if let Some(q) = query {
             url.push('?');
-            url.push_str(q);
+            push_query(&mut url, q);
         }
         url.parse()
             .map_err(|e: http::uri::InvalidUri| UpstreamError::Broken(e.to_string()))
@@ -502,6 +502,26 @@ impl Upstream {
         match tokio::time::timeout(self.max_wait, self.slots.acquire(kind)).await {
             Ok(Ok(slot)) => Ok((slot, Some(waited))),
             Ok(Err(_)) | Err(_) => Err(UpstreamError::Overloaded),
+        }
+    }
+}
+
+/// Appends the client's `query` to `url` as it came, except for bytes outside ASCII (raw
+/// UTF-8, which hyper takes from a client but a strict API or proxy refuses): those are
+/// percent-encoded, as a browser would have sent them.
+fn push_query(url: &mut String, query: &str) {
+    if query.is_ascii() {
+        url.push_str(query);
+        return;
+    }
+    for c in query.chars() {
+        if c.is_ascii() {
+            url.push(c);
+        } else {
+            let mut utf8 = [0; 4];
+            for byte in c.encode_utf8(&mut utf8).bytes() {
+                let _ = write!(url, "%{byte:02X}");
+            }
         }
     }
 }

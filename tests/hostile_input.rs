@@ -472,6 +472,23 @@ async fn crlf_in_the_query_reaches_the_api_still_encoded_never_as_a_header() {
 }
 
 #[tokio::test]
+async fn raw_utf8_in_the_query_reaches_the_api_percent_encoded() {
+    // A browser encodes it; a hand-written client may not, and hyper takes the raw bytes. A
+    // strict API or proxy would refuse them in a request line: they go out encoded, the
+    // rest of the query as it came.
+    let api = MockApi::start().await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let response = raw_exchange(
+        gateway.public,
+        &upgrade_request("/alice?name=Zo\u{eb}&city=%E4%BA%AC&x=\u{4eac}", &[]),
+    )
+    .await;
+    assert_eq!(response.status, 101);
+    let get = &api.wait_for("GET", 1).await[0];
+    assert_eq!(get.uri, "/alice?name=Zo%C3%AB&city=%E4%BA%AC&x=%E4%BA%AC");
+}
+
+#[tokio::test]
 async fn an_x_forwarded_for_line_that_is_not_visible_ascii_gets_400_naming_it_and_no_get() {
     // The chain cannot be passed on whole: joining the other lines would shorten it silently
     // (`1.2.3.4\xe9` then `5.6.7.8` reached the API as `5.6.7.8, 127.0.0.1`).
