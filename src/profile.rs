@@ -298,24 +298,58 @@ fn create_beside(path: &Path, kind: &str) -> std::io::Result<(PathBuf, std::fs::
     Err(taken.unwrap_or_else(|| std::io::ErrorKind::AlreadyExists.into()))
 }
 
-/// Checks at start-up that a profile can be written at `path` (its directory exists and
-/// takes new files), so that a run's profile is not lost at its end: creates a new file of
-/// its own beside it (never opening one that exists: a FIFO, a symlink, a user's file) and
-/// removes it.
+/// Checks at start-up that a profile can be written at `path`, so that a run's profile is
+/// not lost at its end, and that writing it replaces nothing but a profile:
+///
+/// - `path`, if it is there (followed through a link), is a regular file: the profile is
+///   renamed over it at shutdown, which would replace a device such as `/dev/null`, a FIFO or
+///   a socket (a link is replaced itself, never written through);
+/// - its directory exists and takes new files: a new file of this process's own is created
+///   beside it (never opening one that exists) and removed.
 pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
+    let refused = |source| ProfileError::Write {
+        path: path.to_owned(),
+        source,
+    };
     // A directory would take the probe beside it but never the profile itself.
-    if path.file_name().is_none() || path.is_dir() {
-        return Err(ProfileError::Write {
-            path: path.to_owned(),
-            source: std::io::ErrorKind::IsADirectory.into(),
-        });
+    if path.file_name().is_none() {
+        return Err(refused(std::io::ErrorKind::IsADirectory.into()));
+    }
+    match std::fs::metadata(path) {
+        Ok(there) if there.is_dir() => {
+            return Err(refused(std::io::ErrorKind::IsADirectory.into()))
+        }
+        Ok(there) if !there.is_file() => {
+            return Err(refused(std::io::Error::other(format!(
+                "it is {}, not a regular file, and the profile would replace it",
+                file_kind(&there.file_type())
+            ))))
+        }
+        // A regular file, or a link to one (the link is what the profile replaces).
+        Ok(_) => {}
+        // Nothing there, or a link to nothing (replaced the same way).
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(refused(error)),
     }
     create_beside(path, "check")
         .and_then(|(probe, _)| std::fs::remove_file(probe))
-        .map_err(|source| ProfileError::Write {
-            path: path.to_owned(),
-            source,
-        })
+        .map_err(refused)
+}
+
+/// What a file that is not a regular file is, for an error message.
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "something else"
+    }
 }
 
 /// Held while profiles are built, written and renamed into place.
@@ -524,6 +558,38 @@ mod tests {
         for path in [dir.clone(), PathBuf::from(format!("{}/", dir.display()))] {
             let error = check_writable(&path).unwrap_err().to_string();
             assert!(error.contains("a-directory"), "{error}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_profile_path_that_is_there_and_not_a_regular_file_is_refused_at_start() {
+        let dir = empty_temp_dir("not-regular");
+        let socket = dir.join("a-socket");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let to_null = dir.join("to-null");
+        std::os::unix::fs::symlink("/dev/null", &to_null).unwrap();
+        for (path, kind) in [
+            (Path::new("/dev/null"), "a character device"),
+            (&socket, "a socket"),
+            (&to_null, "a character device"),
+        ] {
+            let error = check_writable(path).unwrap_err().to_string();
+            assert!(
+                error.contains(&path.display().to_string()) && error.contains(kind),
+                "{error}"
+            );
+        }
+        // A link to a regular file, or to nothing, is replaced by the profile itself (never
+        // written through): taken, as a file that is not there is.
+        let file = dir.join("a-file");
+        std::fs::write(&file, b"kept").unwrap();
+        let to_file = dir.join("to-file");
+        std::os::unix::fs::symlink(&file, &to_file).unwrap();
+        let to_nothing = dir.join("to-nothing");
+        std::os::unix::fs::symlink(dir.join("nothing"), &to_nothing).unwrap();
+        for path in [&file, &to_file, &to_nothing, &dir.join("new")] {
+            check_writable(path).unwrap();
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -780,6 +780,45 @@ async fn bad_settings_stop_the_binary_at_start_naming_the_setting() {
 }
 
 #[tokio::test]
+async fn a_profile_file_that_is_there_and_not_a_regular_file_stops_the_binary_naming_the_flag() {
+    // The profile is renamed over FILE at shutdown: as root that would replace /dev/null.
+    let api = MockApi::start().await;
+    let dir = std::env::temp_dir().join(format!("ws2http-{}-not-regular", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let to_fifo = dir.join("to-fifo");
+    std::os::unix::fs::symlink(&fifo, &to_fifo).unwrap();
+    let (fifo, to_fifo) = (fifo.to_str().unwrap(), to_fifo.to_str().unwrap());
+    // The binary's stdout is /dev/null here.
+    let cases: [(&str, &str, &str); 4] = [
+        ("--cpuprofile", "/dev/null", "a character device"),
+        ("--memprofile", "/dev/stdout", "a character device"),
+        ("--cpuprofile", fifo, "a FIFO"),
+        ("--memprofile", to_fifo, "a FIFO"),
+    ];
+    for (flag, path, kind) in cases {
+        let log = Binary::refused_at_start(&api.base(), &[flag, path], &[]).await;
+        assert!(
+            log.starts_with(&format!(
+                "ws2http: {flag}: cannot write profile {path}: it is {kind}, not a regular file"
+            )),
+            "{flag} {path}: {log}"
+        );
+        assert_eq!(log.lines().count(), 1, "{log}");
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
 async fn an_api_url_with_a_bad_port_or_a_password_stops_the_binary_naming_the_flag() {
     for api in [
         "http://127.0.0.1:99999/",
