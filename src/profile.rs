@@ -305,8 +305,11 @@ fn create_beside(path: &Path, kind: &str) -> std::io::Result<(PathBuf, std::fs::
 ///   renamed over it at shutdown, which would replace a device such as `/dev/null`, a FIFO or
 ///   a socket (a link is replaced itself, never written through);
 /// - its directory exists and takes new files: a new file of this process's own is created
-///   beside it (never opening one that exists) and removed.
+///   beside it (never opening one that exists) and removed;
+/// - the directory will let it be replaced: in a sticky directory (`/tmp`) only the owner of
+///   the file or of the directory (or root) may ([`sticky_refuses_replacing`]).
 pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
+    use std::os::unix::fs::MetadataExt as _;
     let refused = |source| ProfileError::Write {
         path: path.to_owned(),
         source,
@@ -331,9 +334,43 @@ pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(refused(error)),
     }
-    create_beside(path, "check")
-        .and_then(|(probe, _)| std::fs::remove_file(probe))
-        .map_err(refused)
+    // The probe's owner is who the kernel checks a rename against (the file system uid).
+    let writer = create_beside(path, "check")
+        .and_then(|(probe, file)| {
+            let owner = file.metadata()?.uid();
+            std::fs::remove_file(probe)?;
+            Ok(owner)
+        })
+        .map_err(refused)?;
+    // The entry the rename replaces: a link itself, not what it points to.
+    let Ok(there) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let dir_meta = std::fs::metadata(dir).map_err(refused)?;
+    if sticky_refuses_replacing(dir_meta.mode(), dir_meta.uid(), there.uid(), writer) {
+        return Err(refused(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "it belongs to another user (uid {}) in a sticky directory ({}), which would \
+                 refuse to let the profile replace it",
+                there.uid(),
+                dir.display()
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a directory with `dir_mode` owned by `dir_uid` refuses a rename by `writer` (a
+/// uid; 0 is root) over a file owned by `file_uid` that is there: a sticky directory (mode
+/// `1000`, as `/tmp`'s `1777`) lets only the owner of the file or of the directory replace it.
+fn sticky_refuses_replacing(dir_mode: u32, dir_uid: u32, file_uid: u32, writer: u32) -> bool {
+    const STICKY: u32 = 0o1000;
+    dir_mode & STICKY != 0 && writer != 0 && writer != file_uid && writer != dir_uid
 }
 
 /// What a file that is not a regular file is, for an error message.
@@ -592,6 +629,32 @@ mod tests {
             check_writable(path).unwrap();
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_sticky_directory_refuses_replacing_only_another_user_s_file_to_anyone_but_root() {
+        const TMP: u32 = 0o041_777; // a directory, rwxrwxrwt
+        const PLAIN: u32 = 0o040_777;
+        let (root, dir_owner, file_owner, other) = (0, 10, 20, 30);
+        assert!(sticky_refuses_replacing(TMP, dir_owner, file_owner, other));
+        // The file's owner, the directory's owner, and root may; and anyone, without the bit.
+        for writer in [file_owner, dir_owner, root] {
+            assert!(!sticky_refuses_replacing(
+                TMP, dir_owner, file_owner, writer
+            ));
+        }
+        assert!(!sticky_refuses_replacing(
+            PLAIN, dir_owner, file_owner, other
+        ));
+    }
+
+    #[test]
+    fn a_profile_path_of_one_s_own_in_a_sticky_directory_is_taken() {
+        // The temporary directory is usually sticky; a file the test made is its own.
+        let path = temp_path("own-in-tmp.pb");
+        std::fs::write(&path, b"mine").unwrap();
+        check_writable(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

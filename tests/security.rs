@@ -819,6 +819,71 @@ async fn a_profile_file_that_is_there_and_not_a_regular_file_stops_the_binary_na
 }
 
 #[tokio::test]
+async fn a_profile_file_of_another_user_in_a_sticky_directory_stops_the_binary_naming_the_flag() {
+    // Only root can arrange it: a file of one user in a sticky directory, and the gateway run
+    // as another (src/profile.rs's unit tests hold the rule itself for everyone).
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run the gateway as another user");
+        return;
+    }
+    let api = MockApi::start().await;
+    let dir = std::env::temp_dir().join(format!("ws2http-{}-sticky", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let path = dir.join("cpu.pb");
+    std::fs::write(&path, b"daemon's profile").unwrap();
+    std::os::unix::fs::chown(&path, Some(1), Some(1)).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ws2http"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--control-listen", "127.0.0.1:0"])
+        .args(["--api", &api.base(), "--cpuprofile", path.to_str().unwrap()])
+        .env_remove("WS2HTTP_CONTROL_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only setgroups(2), setgid(2) and setuid(2), between fork and exec: the gateway
+    // runs as nobody.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            const NOBODY: u32 = 65534;
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().expect("spawn ws2http");
+    let pid = child.id();
+    let output = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await;
+    let Ok(output) = output else {
+        // SAFETY: kill(2) on the child this test spawned.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        std::fs::remove_dir_all(&dir).unwrap();
+        panic!("the gateway started: at shutdown its profile could not have replaced the file");
+    };
+    let output = output.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("ws2http: --cpuprofile: cannot write profile")
+            && stderr.contains("another user (uid 1) in a sticky directory"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"daemon's profile");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
 async fn an_api_url_with_a_bad_port_or_a_password_stops_the_binary_naming_the_flag() {
     for api in [
         "http://127.0.0.1:99999/",
