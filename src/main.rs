@@ -548,6 +548,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    if args.memprofile.is_some() {
+        if let Err(error) = profile::check_heap_temp_dir() {
+            eprintln!("ws2http: --memprofile: {error}");
+            return ExitCode::from(2);
+        }
+    }
     let profiles = match profile::start(args.cpuprofile.clone(), args.memprofile.clone()) {
         Ok(guard) => guard,
         Err(error) => {

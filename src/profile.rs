@@ -87,6 +87,13 @@ pub enum ProfileError {
     Heap(String),
     /// A heap profile is being taken for another request already.
     HeapBusy,
+    /// The temporary directory takes no new file (heap dumps go through one there).
+    TempDir {
+        /// The directory ([`std::env::temp_dir`]).
+        dir: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
     /// A profile file could not be written.
     Write {
         /// The file.
@@ -103,6 +110,12 @@ impl fmt::Display for ProfileError {
             Self::HeapUnavailable(why) => write!(f, "heap profiling unavailable: {why}"),
             Self::Heap(e) => write!(f, "heap profiler: {e}"),
             Self::HeapBusy => f.write_str("a heap profile is being taken already"),
+            Self::TempDir { dir, source } => write!(
+                f,
+                "heap dumps go through a temporary file in {} (TMPDIR, else /tmp), and none \
+                 can be made there: {source}",
+                dir.display()
+            ),
             Self::Write { path, source } => {
                 write!(f, "cannot write profile {}: {source}", path.display())
             }
@@ -114,7 +127,7 @@ impl std::error::Error for ProfileError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Cpu(e) => Some(e),
-            Self::Write { source, .. } => Some(source),
+            Self::Write { source, .. } | Self::TempDir { source, .. } => Some(source),
             Self::HeapUnavailable(_) | Self::Heap(_) | Self::HeapBusy => None,
         }
     }
@@ -387,6 +400,17 @@ fn file_kind(kind: &std::fs::FileType) -> &'static str {
     } else {
         "something else"
     }
+}
+
+/// Checks at start-up that heap dumps can be taken: jemalloc writes each one into a new
+/// temporary file in [`std::env::temp_dir`] (`TMPDIR`, else `/tmp`), and without one both
+/// `GET /debug/pprof/heap` and the profile at shutdown would fail. Creates a file of its own
+/// there and removes it.
+pub fn check_heap_temp_dir() -> Result<(), ProfileError> {
+    let dir = std::env::temp_dir();
+    create_beside(&dir.join("ws2http-heap"), "check")
+        .and_then(|(probe, _)| std::fs::remove_file(probe))
+        .map_err(|source| ProfileError::TempDir { dir, source })
 }
 
 /// Held while profiles are built, written and renamed into place.

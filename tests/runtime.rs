@@ -94,6 +94,28 @@ async fn a_profile_that_cannot_be_written_at_shutdown_gives_exit_status_3() {
 }
 
 #[tokio::test]
+async fn a_memprofile_with_no_temporary_directory_stops_the_binary_naming_the_flag_and_tmpdir() {
+    // Every heap dump goes through a temporary file there: GET /debug/pprof/heap would answer
+    // 500 and the profile at shutdown would be lost (exit 3).
+    let api = MockApi::start().await;
+    let path = std::env::temp_dir().join(format!("ws2http-{}-no-tmp.pb.gz", std::process::id()));
+    let log = Binary::refused_at_start(
+        &api.base(),
+        &["--memprofile", path.to_str().unwrap()],
+        &[("TMPDIR", "/nonexistent")],
+    )
+    .await;
+    assert!(
+        log.starts_with("ws2http: --memprofile: ")
+            && log.contains("/nonexistent")
+            && log.contains("TMPDIR"),
+        "{log}"
+    );
+    assert_eq!(log.lines().count(), 1, "{log}");
+    assert!(!path.exists(), "{log}");
+}
+
+#[tokio::test]
 async fn a_gateway_that_cannot_start_leaves_an_earlier_profile_in_place() {
     let api = MockApi::start().await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
