@@ -420,11 +420,15 @@ fn config_from(args: &Args) -> Result<Config, String> {
     })
 }
 
-/// What to log: `RUST_LOG` if set, else `info`. A `RUST_LOG` that does not parse is said on
+/// What to log: `RUST_LOG` if set, else `info`. An empty (or blank) `RUST_LOG` counts as
+/// unset: tracing-subscriber would read it as no directive at all and log errors only,
+/// dropping the start-up lines and every warning. A `RUST_LOG` that does not parse is said on
 /// stderr (logging then stays at `info`), not ignored without a word.
 fn log_filter() -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
-    if std::env::var_os(EnvFilter::DEFAULT_ENV).is_none() {
+    let unset = std::env::var_os(EnvFilter::DEFAULT_ENV)
+        .is_none_or(|value| value.to_string_lossy().trim().is_empty());
+    if unset {
         return EnvFilter::new("info");
     }
     EnvFilter::try_from_default_env().unwrap_or_else(|error| {

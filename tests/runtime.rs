@@ -116,6 +116,33 @@ async fn a_memprofile_with_no_temporary_directory_stops_the_binary_naming_the_fl
 }
 
 #[tokio::test]
+async fn an_empty_rust_log_logs_at_info_as_an_unset_one_does() {
+    // tracing-subscriber reads an empty RUST_LOG as errors only: the start-up lines and the
+    // warnings went missing without a word.
+    let api = MockApi::start().await;
+    let prefix = format!("{}gw", api.base());
+    for value in ["", "  "] {
+        let mut binary = Binary::start_ready(&prefix, &[], &[("RUST_LOG", value)]).await;
+        let log = binary.wait_for_log("--api does not end with /").await;
+        assert!(log.contains(" WARN "), "RUST_LOG={value:?}: {log}");
+        assert!(log.contains("ws2http started"), "RUST_LOG={value:?}: {log}");
+        binary.signal(libc::SIGTERM);
+        let status = binary.wait_exit(Duration::from_secs(15)).await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "RUST_LOG={value:?}: {}",
+            binary.stderr()
+        );
+        assert!(
+            binary.stderr().contains("ws2http stopped"),
+            "{}",
+            binary.stderr()
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_gateway_that_cannot_start_leaves_an_earlier_profile_in_place() {
     let api = MockApi::start().await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
