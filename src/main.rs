@@ -659,6 +659,11 @@ async fn serve(
     Ok(())
 }
 
+/// How soon after the first SIGTERM or SIGINT another one is taken as the same stop, not as
+/// a second signal: coreutils' `timeout`, and supervisors like it, signal the process and then
+/// its whole process group, and the two arrive microseconds apart.
+const REPEATED_SIGNAL: Duration = Duration::from_millis(250);
+
 /// SIGTERM and SIGINT, taken over from their default action (ending the process) as soon
 /// as this is made.
 struct ShutdownSignals(Option<(Signal, Signal)>);
@@ -678,7 +683,8 @@ impl ShutdownSignals {
     }
 
     /// Resolves on the first SIGTERM or SIGINT (also one that came before this was polled); a
-    /// second one ends the process at once (once a profile file being written is in place).
+    /// second one ends the process at once (once a profile file being written is in place),
+    /// unless it came within [`REPEATED_SIGNAL`] of the first: that one is the same stop.
     async fn first(self) {
         let Some((mut term, mut int)) = self.0 else {
             std::future::pending::<()>().await;
@@ -688,10 +694,20 @@ impl ShutdownSignals {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        let first = tokio::time::Instant::now();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                if first.elapsed() >= REPEATED_SIGNAL {
+                    break;
+                }
+                tracing::debug!(
+                    after = ?first.elapsed(),
+                    "signal repeated right after the first, taken as the same stop: draining"
+                );
             }
             eprintln!("ws2http: second signal, exiting without draining");
             // A profile file being written is finished first (no longer than the write takes).

@@ -443,3 +443,58 @@ async fn sigint_drains_the_binary_like_sigterm() {
     assert_eq!(api.seen_with("DELETE").len(), 2);
     assert_one_delete_per_connection(&api);
 }
+
+/// The real binary against an API whose DELETE answers after `delete_delay`, with one client
+/// that has made a round trip and waits for its close.
+async fn binary_with_a_slow_delete(
+    delete_delay: Duration,
+) -> (MockApi, Binary, tokio::task::JoinHandle<(u16, String)>) {
+    let api = MockApi::with_script(move |s| match s.method.as_str() {
+        "DELETE" => Reply::ok("").after(delete_delay),
+        _ => echo_script(s),
+    })
+    .await;
+    let (binary, mut clients) = binary_with_clients(&api, 1).await;
+    let closed = tokio::spawn(await_close(clients.remove(0)));
+    (api, binary, closed)
+}
+
+#[tokio::test]
+async fn a_sigterm_repeated_right_after_the_first_is_the_same_stop_and_the_binary_drains() {
+    // coreutils' `timeout` signals the gateway, then its process group: two SIGTERMs moments
+    // apart. The kernel may merge two sent back to back; 20 ms apart they are two.
+    for gap in [None, Some(Duration::from_millis(20))] {
+        let (api, mut binary, closed) = binary_with_a_slow_delete(Duration::from_millis(500)).await;
+        binary.signal(libc::SIGTERM);
+        if let Some(gap) = gap {
+            tokio::time::sleep(gap).await;
+        }
+        binary.signal(libc::SIGTERM);
+        let status = binary.wait_exit(Duration::from_secs(20)).await;
+        let log = binary.stderr();
+        assert_eq!(status.code(), Some(0), "gap {gap:?}: {log}");
+        assert!(!log.contains("second signal"), "gap {gap:?}: {log}");
+        assert!(log.contains("ws2http stopped"), "gap {gap:?}: {log}");
+        assert_eq!(closed.await.unwrap(), (1001, "going away".to_owned()));
+        assert_eq!(api.seen_with("DELETE").len(), 1, "gap {gap:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_second_signal_a_while_after_the_first_exits_at_once_with_status_1() {
+    let (_api, mut binary, _closed) = binary_with_a_slow_delete(Duration::from_secs(30)).await;
+    binary.signal(libc::SIGTERM);
+    // Past the 250 ms in which a repeated signal is the same stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
+    binary.signal(libc::SIGINT);
+    let status = binary.wait_exit(Duration::from_secs(10)).await;
+    assert!(sent.elapsed() < Duration::from_secs(5), "not at once");
+    let log = binary.stderr();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("second signal, exiting without draining"),
+        "{log}"
+    );
+    assert!(!log.contains("ws2http stopped"), "{log}");
+}
