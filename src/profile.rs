@@ -314,9 +314,10 @@ fn create_beside(path: &Path, kind: &str) -> std::io::Result<(PathBuf, std::fs::
 /// Checks at start-up that a profile can be written at `path`, so that a run's profile is
 /// not lost at its end, and that writing it replaces nothing but a profile:
 ///
-/// - `path`, if it is there (followed through a link), is a regular file: the profile is
-///   renamed over it at shutdown, which would replace a device such as `/dev/null`, a FIFO or
-///   a socket (a link is replaced itself, never written through);
+/// - `path`, if it is there, is a regular file: the profile is renamed over it at shutdown,
+///   which would replace a device such as `/dev/null`, a FIFO or a socket, or a symbolic link
+///   (`/dev/stdout` is one), whatever it points to: the link itself, not its target, would
+///   be replaced, which is never what was meant;
 /// - its directory exists and takes new files: a new file of this process's own is created
 ///   beside it (never opening one that exists) and removed;
 /// - the directory will let it be replaced: in a sticky directory (`/tmp`) only the owner of
@@ -331,7 +332,16 @@ pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
     if path.file_name().is_none() {
         return Err(refused(std::io::ErrorKind::IsADirectory.into()));
     }
-    match std::fs::metadata(path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(there) if there.is_symlink() => {
+            return Err(refused(std::io::Error::other(format!(
+                "it is a symbolic link (to {}), which the profile would replace: give the \
+                 path of the file itself",
+                std::fs::read_link(path)
+                    .map(|target| target.display().to_string())
+                    .unwrap_or_else(|_| "?".to_owned())
+            ))))
+        }
         Ok(there) if there.is_dir() => {
             return Err(refused(std::io::ErrorKind::IsADirectory.into()))
         }
@@ -341,9 +351,9 @@ pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
                 file_kind(&there.file_type())
             ))))
         }
-        // A regular file, or a link to one (the link is what the profile replaces).
+        // A regular file: a profile, to be replaced.
         Ok(_) => {}
-        // Nothing there, or a link to nothing (replaced the same way).
+        // Nothing there.
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(refused(error)),
     }
@@ -355,7 +365,7 @@ pub fn check_writable(path: &Path) -> Result<(), ProfileError> {
             Ok(owner)
         })
         .map_err(refused)?;
-    // The entry the rename replaces: a link itself, not what it points to.
+    // The file the rename replaces, if there is one.
     let Ok(there) = std::fs::symlink_metadata(path) else {
         return Ok(());
     };
@@ -630,10 +640,20 @@ mod tests {
         let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
         let to_null = dir.join("to-null");
         std::os::unix::fs::symlink("/dev/null", &to_null).unwrap();
+        // A link to a regular file, or to nothing, would be replaced itself, not its target
+        // (as `/dev/stdout` would, though its output goes to a file).
+        let file = dir.join("a-file");
+        std::fs::write(&file, b"kept").unwrap();
+        let to_file = dir.join("to-file");
+        std::os::unix::fs::symlink(&file, &to_file).unwrap();
+        let to_nothing = dir.join("to-nothing");
+        std::os::unix::fs::symlink(dir.join("nothing"), &to_nothing).unwrap();
         for (path, kind) in [
             (Path::new("/dev/null"), "a character device"),
             (&socket, "a socket"),
-            (&to_null, "a character device"),
+            (&to_null, "a symbolic link (to /dev/null)"),
+            (&to_file, "a symbolic link"),
+            (&to_nothing, "a symbolic link"),
         ] {
             let error = check_writable(path).unwrap_err().to_string();
             assert!(
@@ -641,15 +661,8 @@ mod tests {
                 "{error}"
             );
         }
-        // A link to a regular file, or to nothing, is replaced by the profile itself (never
-        // written through): taken, as a file that is not there is.
-        let file = dir.join("a-file");
-        std::fs::write(&file, b"kept").unwrap();
-        let to_file = dir.join("to-file");
-        std::os::unix::fs::symlink(&file, &to_file).unwrap();
-        let to_nothing = dir.join("to-nothing");
-        std::os::unix::fs::symlink(dir.join("nothing"), &to_nothing).unwrap();
-        for path in [&file, &to_file, &to_nothing, &dir.join("new")] {
+        // A regular file (an earlier profile), or nothing: taken.
+        for path in [&file, &dir.join("new")] {
             check_writable(path).unwrap();
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -794,17 +794,27 @@ async fn a_profile_file_that_is_there_and_not_a_regular_file_stops_the_binary_na
     std::os::unix::fs::symlink(&fifo, &to_fifo).unwrap();
     let (fifo, to_fifo) = (fifo.to_str().unwrap(), to_fifo.to_str().unwrap());
     // The binary's stdout is /dev/null here.
+    // What the one line says after "cannot write profile FILE: it is".
     let cases: [(&str, &str, &str); 4] = [
-        ("--cpuprofile", "/dev/null", "a character device"),
-        ("--memprofile", "/dev/stdout", "a character device"),
-        ("--cpuprofile", fifo, "a FIFO"),
-        ("--memprofile", to_fifo, "a FIFO"),
+        (
+            "--cpuprofile",
+            "/dev/null",
+            "a character device, not a regular file",
+        ),
+        // A link (to /proc/self/fd/1): replaced itself, whatever stdout is.
+        (
+            "--memprofile",
+            "/dev/stdout",
+            "a symbolic link (to /proc/self/fd/1)",
+        ),
+        ("--cpuprofile", fifo, "a FIFO, not a regular file"),
+        ("--memprofile", to_fifo, "a symbolic link"),
     ];
     for (flag, path, kind) in cases {
         let log = Binary::refused_at_start(&api.base(), &[flag, path], &[]).await;
         assert!(
             log.starts_with(&format!(
-                "ws2http: {flag}: cannot write profile {path}: it is {kind}, not a regular file"
+                "ws2http: {flag}: cannot write profile {path}: it is {kind}"
             )),
             "{flag} {path}: {log}"
         );
