@@ -969,15 +969,70 @@ struct Check {
     at_most: bool,
     /// What a missed criterion's figures are made of, said after it (empty: nothing to add).
     detail: String,
+    /// How far the true figure may lie from `value`, either way: 0 for a figure measured
+    /// exactly, the rounding of clock ticks for a CPU figure taken from them
+    /// ([`tick_rounding`]).
+    margin: f64,
+}
+
+/// How a criterion, or a whole target, stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    Met,
+    Missed,
+    /// The value is within its [`Check::margin`] of the limit: the figure cannot tell.
+    Undecided,
 }
 
 impl Check {
-    fn ok(&self) -> bool {
-        if self.at_most {
-            self.value <= self.limit
+    /// Met when the value meets the limit however far off it is (the margin taken against it,
+    /// to the limit included), missed when it is beyond the limit however far off (the margin
+    /// taken for it: a margin is a bound the error stays under, so a value a whole margin past
+    /// the limit is past it), undecided in between. With no margin, met or missed.
+    fn standing(&self) -> Standing {
+        let (best, worst) = if self.at_most {
+            (self.value - self.margin, self.value + self.margin)
         } else {
-            self.value >= self.limit
+            (self.value + self.margin, self.value - self.margin)
+        };
+        let meets = |x: f64| {
+            if self.at_most {
+                x <= self.limit
+            } else {
+                x >= self.limit
+            }
+        };
+        let beyond = |x: f64| {
+            if self.at_most {
+                x >= self.limit
+            } else {
+                x <= self.limit
+            }
+        };
+        if meets(worst) {
+            Standing::Met
+        } else if beyond(best) {
+            Standing::Missed
+        } else {
+            Standing::Undecided
         }
+    }
+
+    /// The value against the limit, e.g. `µs CPU/conn 40 vs ≤ 40 (from 10-ms clock ticks,
+    /// ± 2)`: what an undecided criterion is said as.
+    fn against(&self) -> String {
+        let detail = if self.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.detail)
+        };
+        format!(
+            "{} {} vs {} {}{detail}",
+            self.what,
+            trim(self.value),
+            if self.at_most { "≤" } else { "≥" },
+            trim(self.limit)
+        )
     }
 
     /// How far off a missed criterion is, e.g. `30.4 KiB/conn vs ≤ 4 (7.6×)`, and its
@@ -1016,6 +1071,39 @@ fn trim(x: f64) -> String {
     }
 }
 
+/// Microseconds in a clock tick of `/proc/PID/stat` on the machine of the stored runs (`CLK_TCK`
+/// 100), from which the gateway's CPU figures came before the runner read its CPU-time clock.
+const CLOCK_TICK_US: f64 = 10_000.0;
+
+/// `criterion`, a gateway CPU figure per connection or per message of scenario `r`, with the
+/// rounding of its clock ticks as its margin when it came from them: unless `load` says it read
+/// the CPU-time clock (`cpu_from_clock`; the runs before 2026-12-01 20:28 did not), the total
+/// is a difference of two samples of `utime + stime`, each of the two cut down to whole ticks
+/// (so each sample is short by less than 2 ticks), off by less than 2 ticks either way, spread
+/// over the `count` it is divided by (connections established, messages answered). 2 ticks
+/// over 10,000 connections is 2 µs: S2's "40 µs" from ticks was 38-42, neither met nor missed.
+/// With no count to divide by, no bound: never met or missed.
+fn tick_rounding(
+    r: &Value,
+    count: Option<f64>,
+    criterion: Result<Check, Unrecorded>,
+) -> Result<Check, Unrecorded> {
+    if r["load"]["gateway"]["cpu_from_clock"].as_bool() == Some(true) {
+        return criterion;
+    }
+    criterion.map(|check| {
+        let margin = match count {
+            Some(count) if count > 0.0 => 2.0 * CLOCK_TICK_US / count,
+            _ => f64::INFINITY,
+        };
+        Check {
+            detail: format!("from 10-ms clock ticks, ± {}", trim(margin)),
+            margin,
+            ..check
+        }
+    })
+}
+
 /// The criteria of a scenario's target with the measured values (`None` when a figure is
 /// missing, so the scenario cannot be judged).
 fn checks(r: &Value, quick: bool) -> Option<Vec<Check>> {
@@ -1042,6 +1130,7 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
             limit,
             at_most,
             detail: String::new(),
+            margin: 0.0,
         }),
         (_, limit) => Err(Unrecorded {
             what,
@@ -1077,14 +1166,19 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
                 ),
             ]
         }
-        "S2" => vec![c(
-            "µs CPU/conn",
-            num(&g["cpu_us_per_conn"]),
-            Some(40.0),
-            true,
+        "S2" => vec![tick_rounding(
+            r,
+            num(&l["established"]),
+            c("µs CPU/conn", num(&g["cpu_us_per_conn"]), Some(40.0), true),
         )],
         "S3a" | "S3b" => {
-            let mut v = vec![c("µs CPU/msg", num(&g["cpu_us_per_msg"]), Some(12.0), true)];
+            let messages =
+                num(&l["replies"]).map(|replies| replies + num(&l["pushes"]).unwrap_or(0.0));
+            let mut v = vec![tick_rounding(
+                r,
+                messages,
+                c("µs CPU/msg", num(&g["cpu_us_per_msg"]), Some(12.0), true),
+            )];
             if !quick {
                 let floor = if r["id"] == "S3a" {
                     S3A_REPLIES_FLOOR
@@ -1220,6 +1314,7 @@ fn api_traffic(r: &Value) -> Vec<Result<Check, Unrecorded>> {
                     trim(seen),
                     trim(ours)
                 ),
+                margin: 0.0,
             })
         }
         _ => Err(Unrecorded {
@@ -1274,6 +1369,7 @@ fn informational(r: &Value) -> Vec<Result<Check, Unrecorded>> {
                     limit: 10.0,
                     at_most: true,
                     detail: String::new(),
+                    margin: 0.0,
                 }),
                 _ => Err(Unrecorded {
                     what,
@@ -1293,6 +1389,8 @@ struct CriterionTally {
     informational: bool,
     /// Runs whose value met the criterion.
     met: usize,
+    /// Runs whose value could not tell ([`Standing::Undecided`]): neither met nor missed.
+    undecided: usize,
     /// The value of every run that recorded it.
     values: Vec<f64>,
     /// The limit, unless it differs from run to run (S1's RSS, against each run's baseline).
@@ -1307,6 +1405,8 @@ struct ScenarioTally {
     /// Runs that recorded every figure of the target.
     judged: usize,
     met: usize,
+    /// Runs judged whose figures could not tell ([`Standing::Undecided`]), among `judged`.
+    undecided: usize,
     criteria: Vec<CriterionTally>,
 }
 
@@ -1319,6 +1419,7 @@ impl ScenarioTally {
                     what,
                     informational,
                     met: 0,
+                    undecided: 0,
                     values: Vec::new(),
                     limit: None,
                     at_most: true,
@@ -1336,6 +1437,15 @@ fn plural(n: usize, noun: &str) -> String {
         format!("1 {noun}")
     } else {
         format!("{n} {noun}s")
+    }
+}
+
+/// `, undecided in N` for N runs whose figure could not tell; nothing for none.
+fn undecided(n: usize) -> String {
+    if n > 0 {
+        format!(", undecided in {n}")
+    } else {
+        String::new()
     }
 }
 
@@ -1403,6 +1513,7 @@ fn tally(runs: &[Value]) -> String {
                     runs: 0,
                     judged: 0,
                     met: 0,
+                    undecided: 0,
                     criteria: Vec::new(),
                 });
                 scenarios.len() - 1
@@ -1410,9 +1521,10 @@ fn tally(runs: &[Value]) -> String {
         };
         let scenario = &mut scenarios[at];
         scenario.runs += 1;
-        if let Some(met) = verdict(r, false) {
+        if let Some(standing) = standing(r, false) {
             scenario.judged += 1;
-            scenario.met += usize::from(met);
+            scenario.met += usize::from(standing == Standing::Met);
+            scenario.undecided += usize::from(standing == Standing::Undecided);
         }
         let side = informational(r);
         for (criterion, informational) in criteria
@@ -1423,7 +1535,8 @@ fn tally(runs: &[Value]) -> String {
             match criterion {
                 Ok(check) => {
                     let tally = scenario.criterion(check.what, informational);
-                    tally.met += usize::from(check.ok());
+                    tally.met += usize::from(check.standing() == Standing::Met);
+                    tally.undecided += usize::from(check.standing() == Standing::Undecided);
                     tally.limit = match (tally.values.is_empty(), tally.limit) {
                         (true, _) => Some(check.limit),
                         (false, Some(limit)) if limit == check.limit => Some(limit),
@@ -1461,10 +1574,11 @@ fn tally(runs: &[Value]) -> String {
         };
         let _ = writeln!(
             out,
-            "{}: target met in {} of {}{unjudged}",
+            "{}: target met in {} of {}{}{unjudged}",
             s.id,
             s.met,
             plural(s.runs, "run"),
+            undecided(s.undecided),
         );
         for c in &s.criteria {
             let sign = if c.at_most { "≤" } else { "≥" };
@@ -1493,8 +1607,11 @@ fn tally(runs: &[Value]) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {} {sign} {limit}{aside}: met in {} of {}{spread}{unrecorded}",
-                c.what, c.met, s.runs
+                "  {} {sign} {limit}{aside}: met in {} of {}{}{spread}{unrecorded}",
+                c.what,
+                c.met,
+                s.runs,
+                undecided(c.undecided)
             );
         }
     }
@@ -1514,9 +1631,32 @@ fn tally_files(files: &[PathBuf]) -> Result<String, String> {
     Ok(tally(&runs))
 }
 
-/// Whether the scenario met its target (`None` when it could not be judged).
+/// How the scenario stands against its target (`None` when it could not be judged): missed if
+/// any criterion is, else undecided if any is, else met.
+fn standing(r: &Value, quick: bool) -> Option<Standing> {
+    checks(r, quick).map(|cs| overall(&cs))
+}
+
+/// How criteria stand together: missed if any is, else undecided if any is, else met.
+fn overall(checks: &[Check]) -> Standing {
+    let standings = || checks.iter().map(Check::standing);
+    if standings().any(|s| s == Standing::Missed) {
+        Standing::Missed
+    } else if standings().any(|s| s == Standing::Undecided) {
+        Standing::Undecided
+    } else {
+        Standing::Met
+    }
+}
+
+/// Whether the scenario met its target (`None` when it could not be judged, or a figure
+/// cannot tell: [`Standing::Undecided`]).
 fn verdict(r: &Value, quick: bool) -> Option<bool> {
-    checks(r, quick).map(|cs| cs.iter().all(Check::ok))
+    match standing(r, quick)? {
+        Standing::Met => Some(true),
+        Standing::Missed => Some(false),
+        Standing::Undecided => None,
+    }
 }
 
 /// One sentence on what a loopback exchange cost the machine at the start of the run.
@@ -1542,16 +1682,25 @@ fn markdown(results: &[Value], quick: bool) -> String {
         "| scenario | measured (ws2http) | target | ws2api | load avg before |\n| --- | --- | --- | --- | --- |\n",
     );
     for r in results {
+        let said = |cs: &[Check], standing: Standing, say: fn(&Check) -> String| {
+            cs.iter()
+                .filter(|c| c.standing() == standing)
+                .map(say)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
         let v = match checks(r, quick) {
-            Some(cs) if cs.iter().all(Check::ok) => "met".to_string(),
-            Some(cs) => format!(
-                "**missed**: {}",
-                cs.iter()
-                    .filter(|c| !c.ok())
-                    .map(Check::shortfall)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
+            Some(cs) => match overall(&cs) {
+                Standing::Met => "met".to_string(),
+                Standing::Missed => format!(
+                    "**missed**: {}",
+                    said(&cs, Standing::Missed, Check::shortfall)
+                ),
+                Standing::Undecided => format!(
+                    "undecided: {}",
+                    said(&cs, Standing::Undecided, Check::against)
+                ),
+            },
             None => "not judged".to_string(),
         };
         let m = if r["error"].is_null() {
@@ -1996,7 +2145,7 @@ mod tests {
     fn a_scenario_cut_short_is_not_judged_whatever_its_figures() {
         let mut r = api_saw_the_clients(
             json!({"id": "S2", "load": {"errors_total": 0, "established": 10,
-                           "conns": 10, "gateway": {"cpu_us_per_conn": 30.0}}}),
+                           "conns": 10, "gateway": {"cpu_us_per_conn": 30.0, "cpu_from_clock": true}}}),
         );
         assert_eq!(verdict(&r, false), Some(true));
         r["error"] = json!("did not finish in time, stopped: load (after 216 s)");
@@ -2231,11 +2380,11 @@ mod tests {
         let good = [
             json!({"id": "S1", "load": {"gateway": {"kib_per_conn_end": 3.0}},
                    "gateway_baseline": {"rss_kib": 1000}, "gateway_after_leave": {"rss_kib": 1000}}),
-            json!({"id": "S2", "load": {"gateway": {"cpu_us_per_conn": 30.0}}}),
+            json!({"id": "S2", "load": {"gateway": {"cpu_us_per_conn": 30.0, "cpu_from_clock": true}}}),
             json!({"id": "S3a", "load": {"replies_per_s": 60_000.0,
-                   "gateway": {"cpu_us_per_msg": 10.0}}}),
+                   "gateway": {"cpu_us_per_msg": 10.0, "cpu_from_clock": true}}}),
             json!({"id": "S3b", "load": {"replies_per_s": 60_000.0,
-                   "gateway": {"cpu_us_per_msg": 10.0}}}),
+                   "gateway": {"cpu_us_per_msg": 10.0, "cpu_from_clock": true}}}),
             json!({"id": "S5", "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10},
                    "load": {"pushes": 10, "push_latency": {"p99_ms": 5.0}}}),
             json!({"id": "S5b", "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10},
@@ -2276,7 +2425,7 @@ mod tests {
     fn every_target_needs_the_api_to_have_seen_each_connection_and_each_message() {
         let s3a = api_saw_the_clients(
             json!({"id": "S3a", "load": {"errors_total": 0, "established": 100, "conns": 100,
-                   "sent": 1_000_000, "replies_per_s": 60_000.0, "gateway": {"cpu_us_per_msg": 10.0}}}),
+                   "sent": 1_000_000, "replies_per_s": 60_000.0, "gateway": {"cpu_us_per_msg": 10.0, "cpu_from_clock": true}}}),
         );
         assert_eq!(verdict(&s3a, false), Some(true));
         // The gateway sent one message back without asking the API: its byte check passes,
@@ -2389,7 +2538,7 @@ mod tests {
         let s3 = |id: &str, replies: f64| {
             api_saw_the_clients(
                 json!({"id": id, "load": {"errors_total": 0, "established": 10, "conns": 10, "replies_per_s": replies,
-                   "gateway": {"cpu_us_per_msg": 10.0}}}),
+                   "gateway": {"cpu_us_per_msg": 10.0, "cpu_from_clock": true}}}),
             )
         };
         // 2.5 × 20.4k and 2.5 × 19.9k: the top of ws2api's ranges, not the bottom.
@@ -2408,7 +2557,7 @@ mod tests {
         let clean = json!({"errors_total": 0, "established": 10, "conns": 10});
         let s2 = |us: f64| {
             let mut s2 = json!({"id": "S2", "load": clean.clone()});
-            s2["load"]["gateway"] = json!({"cpu_us_per_conn": us});
+            s2["load"]["gateway"] = json!({"cpu_us_per_conn": us, "cpu_from_clock": true});
             api_saw_the_clients(s2)
         };
         let s1 = |base: u64, after: u64| {
@@ -2515,7 +2664,7 @@ mod tests {
         let s2 = |before: Value, after: Value| {
             api_saw_the_clients(json!({"id": "S2", "gateway_after_leave": after,
                    "load": {"errors_total": 0, "established": 10_000, "conns": 10_000,
-                            "gateway": {"cpu_us_per_conn": 39.0, "before": before}}}))
+                            "gateway": {"cpu_us_per_conn": 39.0, "cpu_from_clock": true, "before": before}}}))
         };
         // From the CPU-time clock: 0.97 s over 10,000 connections.
         let r = s2(
@@ -2540,13 +2689,75 @@ mod tests {
     #[test]
     fn markdown_has_one_row_per_scenario() {
         let rows = [api_saw_the_clients(
-            json!({"id": "S2", "title": "storm", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"cpu_us_per_conn": 30.0}}}),
+            json!({"id": "S2", "title": "storm", "load": {"errors_total": 0, "established": 10, "conns": 10, "gateway": {"cpu_us_per_conn": 30.0, "cpu_from_clock": true}}}),
         )];
         let md = markdown(&rows, false);
         assert_eq!(md.lines().count(), 3, "{md}");
         assert!(
             md.contains("30 µs CPU/conn") && md.contains("(met)"),
             "{md}"
+        );
+    }
+
+    #[test]
+    fn a_cpu_figure_from_clock_ticks_is_met_or_missed_only_beyond_their_rounding() {
+        let s2 = |us: f64, from_clock: Option<bool>| {
+            let mut gateway = json!({"cpu_us_per_conn": us});
+            if let Some(from_clock) = from_clock {
+                gateway["cpu_from_clock"] = json!(from_clock);
+            }
+            api_saw_the_clients(json!({"id": "S2", "load": {"errors_total": 0,
+                   "established": 10_000, "conns": 10_000, "gateway": gateway}}))
+        };
+        // From the CPU-time clock: to the nanosecond, judged as it stands.
+        assert_eq!(verdict(&s2(40.0, Some(true)), false), Some(true));
+        assert_eq!(verdict(&s2(40.01, Some(true)), false), Some(false));
+        // From 10-ms clock ticks (runs before 2026-12-01 20:28 have no `cpu_from_clock`): off
+        // by up to 2 ticks over the 10,000 connections, 2 µs either way.
+        assert_eq!(verdict(&s2(38.0, None), false), Some(true), "36-40 µs");
+        assert_eq!(verdict(&s2(40.0, None), false), None, "38-42 µs: undecided");
+        assert_eq!(
+            verdict(&s2(41.99, Some(false)), false),
+            None,
+            "39.99-43.99 µs"
+        );
+        // The 2 ticks are a bound the error stays under: 42 from ticks was over 40.
+        assert_eq!(verdict(&s2(42.0, None), false), Some(false));
+        let table = markdown(&[s2(40.0, None)], false);
+        assert!(
+            table.contains("(undecided: µs CPU/conn 40 vs ≤ 40 (from 10-ms clock ticks, ± 2))"),
+            "{table}"
+        );
+        let missed = markdown(&[s2(54.0, None)], false);
+        assert!(
+            missed.contains("µs CPU/conn 54 vs ≤ 40 (1.4× off) (from 10-ms clock ticks, ± 2)"),
+            "{missed}"
+        );
+        // Per message, the same 2 ticks over a million replies: 0.02 µs.
+        let s3a = |us: f64| {
+            api_saw_the_clients(json!({"id": "S3a", "load": {"errors_total": 0,
+                   "established": 100, "conns": 100, "replies": 1_000_000,
+                   "replies_per_s": 55_000.0, "gateway": {"cpu_us_per_msg": us}}}))
+        };
+        assert_eq!(verdict(&s3a(11.98), false), Some(true));
+        assert_eq!(verdict(&s3a(12.0), false), None);
+        assert_eq!(verdict(&s3a(12.03), false), Some(false));
+        // The tally counts the undecided apart, neither met nor missed.
+        let run = |r: Value| json!({"scenarios": [r]});
+        let report = tally(&[
+            run(s2(40.0, None)),
+            run(s2(37.1, Some(true))),
+            run(s2(45.0, Some(true))),
+        ]);
+        assert!(
+            report.contains("S2: target met in 1 of 3 runs, undecided in 1\n"),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "µs CPU/conn ≤ 40: met in 1 of 3, undecided in 1 (least 37.10, median 40, most 45)"
+            ),
+            "{report}"
         );
     }
 }
