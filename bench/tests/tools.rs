@@ -212,6 +212,8 @@ async fn flood_over_two_processes_counts_clean_echoes_as_replies() {
     );
     assert_eq!(r["latency"]["count"].as_u64().unwrap(), replies);
     assert!(r["latency"]["p99_ms"].as_f64().unwrap() > 0.0);
+    // A closed loop has no schedule: its latency is timed from each send, and says so.
+    assert_eq!(r["latency_from"], "send", "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,6 +240,9 @@ async fn rate_mode_sends_about_one_message_per_interval() {
     // loaded machine's late wake-ups push later ticks back, so the floor is loose: what is
     // checked is "about one per interval", not hundreds.
     assert!((50..=120).contains(&replies), "{replies} replies: {r}");
+    // Timed from each message's scheduled tick, and the report says so (`--tally` tells S4's
+    // runs timed from the send apart by it).
+    assert_eq!(r["latency_from"], "schedule", "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,7 +158,7 @@ fn main() {
     if let Err(message) = rt.block_on(resolve(&args.url)) {
         usage_error("load", &message);
     }
-    let code = rt.block_on(parent(args));
+    let code = rt.block_on(parent(args, mode));
     std::process::exit(code);
 }
 
@@ -895,7 +895,7 @@ fn gw_sample(pid: Option<u32>) -> Option<procstat::Sample> {
     pid.and_then(procstat::sample)
 }
 
-async fn parent(args: Args) -> i32 {
+async fn parent(args: Args, mode: Mode) -> i32 {
     let p = args.processes.max(1);
     let per = args.conns.div_ceil(p);
     if per + 200 > FD_BUDGET_PER_PROCESS {
@@ -1154,6 +1154,8 @@ async fn parent(args: Args) -> i32 {
     let report = json!({
         "tool": "load",
         "mode": args.mode,
+        // What `latency` is timed from ([`latency_from`]).
+        "latency_from": latency_from(mode),
         "conns": args.conns,
         "processes": p,
         "payload": args.payload,
@@ -1197,6 +1199,19 @@ async fn parent(args: Args) -> i32 {
         0
     } else {
         1
+    }
+}
+
+/// What a reply's latency is timed from in `mode`, as the report says it (`latency_from`): in
+/// rate mode the message's scheduled tick, less the timer's own lateness ([`rate_timed_from`]);
+/// in flood mode its send, a closed loop having no schedule; in idle mode there are no replies.
+/// Until the report said so, rate mode timed from the send too (before the set of 2026-12-01
+/// 20:28): `scenarios --tally` tells S4's runs apart by this, or by that date.
+fn latency_from(mode: Mode) -> Option<&'static str> {
+    match mode {
+        Mode::Rate => Some("schedule"),
+        Mode::Flood => Some("send"),
+        Mode::Idle => None,
     }
 }
 

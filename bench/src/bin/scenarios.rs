@@ -1400,7 +1400,10 @@ struct CriterionTally {
 
 /// What `--tally` gathers for one scenario over many runs.
 struct ScenarioTally {
+    /// The name it is counted under ([`tally_group`]).
     id: String,
+    /// The scenario's own id: S4's groups have the same.
+    scenario: String,
     runs: usize,
     /// Runs that recorded every figure of the target.
     judged: usize,
@@ -1481,6 +1484,44 @@ fn left_out(run: &Value) -> Option<&'static str> {
     }
 }
 
+/// When the set of 2026-12-01 20:28 began (`started_utc`): before it, `load` timed each
+/// rate-mode message from when it was sent, which leaves out the time a message waited for its
+/// turn (coordinated omission); from it on, from the instant its tick was scheduled
+/// (`bc55c7c`). Its reports did not say which until `latency_from`.
+const LATENCY_FROM_SCHEDULE_SINCE: &str = "2026-12-01T2028Z";
+
+/// What S4's latency in scenario result `r` of `run` was timed from: `load`'s own word
+/// (`latency_from`), else the date of the run ([`LATENCY_FROM_SCHEDULE_SINCE`]; stamps of that
+/// shape sort as they read); `None` when neither is recorded.
+fn s4_latency_from(run: &Value, r: &Value) -> Option<&'static str> {
+    match r["load"]["latency_from"].as_str() {
+        Some("send") => Some("send"),
+        Some("schedule") => Some("schedule"),
+        _ => run["started_utc"].as_str().map(|started| {
+            if started < LATENCY_FROM_SCHEDULE_SINCE {
+                "send"
+            } else {
+                "schedule"
+            }
+        }),
+    }
+}
+
+/// The name `--tally` counts scenario result `r` of `run` under: its id, but S4's runs apart by
+/// what their latency was timed from ([`s4_latency_from`]): its p99 criterion is not the same
+/// measure in the two, and counted together the count would say neither.
+fn tally_group(run: &Value, r: &Value) -> String {
+    let id = r["id"].as_str().unwrap_or("?");
+    if id != "S4" {
+        return id.to_owned();
+    }
+    match s4_latency_from(run, r) {
+        Some("send") => "S4, latency timed from the send (before 2026-12-01 20:28)".to_owned(),
+        Some(_) => "S4, latency timed from the schedule".to_owned(),
+        None => "S4, latency timed from what the run did not record".to_owned(),
+    }
+}
+
 /// `--tally`: over the standard full-set runs (the JSON `scenarios` writes; see [`left_out`] for
 /// the runs it does not count, which it says), how many met each scenario's target and each
 /// criterion of it. A run that did not record a figure counts as not meeting it.
@@ -1497,26 +1538,39 @@ fn tally(runs: &[Value]) -> String {
             },
         }
     }
-    for r in full
-        .iter()
-        .flat_map(|run| run["scenarios"].as_array().into_iter().flatten())
-    {
+    for (run, r) in full.iter().flat_map(|run| {
+        run["scenarios"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(move |r| (*run, r))
+    }) {
         let Some(criteria) = criteria(r, false) else {
             continue;
         };
-        let id = r["id"].as_str().unwrap_or("?");
+        let id = tally_group(run, r);
         let at = match scenarios.iter().position(|s| s.id == id) {
             Some(at) => at,
             None => {
-                scenarios.push(ScenarioTally {
-                    id: id.to_owned(),
-                    runs: 0,
-                    judged: 0,
-                    met: 0,
-                    undecided: 0,
-                    criteria: Vec::new(),
-                });
-                scenarios.len() - 1
+                // Beside the scenario's other groups, if it has any, else last.
+                let scenario = r["id"].as_str().unwrap_or("?").to_owned();
+                let at = scenarios
+                    .iter()
+                    .rposition(|s| s.scenario == scenario)
+                    .map_or(scenarios.len(), |last| last + 1);
+                scenarios.insert(
+                    at,
+                    ScenarioTally {
+                        id,
+                        scenario,
+                        runs: 0,
+                        judged: 0,
+                        met: 0,
+                        undecided: 0,
+                        criteria: Vec::new(),
+                    },
+                );
+                at
             }
         };
         let scenario = &mut scenarios[at];
@@ -2759,5 +2813,63 @@ mod tests {
             ),
             "{report}"
         );
+    }
+
+    #[test]
+    fn tally_gives_s4_apart_for_latency_timed_from_the_send_and_from_the_schedule() {
+        let s4 = |p99: f64, latency_from: Option<&str>| {
+            let mut r = api_saw_the_clients(
+                json!({"id": "S4", "load": {"errors_total": 0, "latency": {"p99_ms": p99},
+                   "conns": 15000, "established": 15000, "interval_ms": 1000, "sent": 900_000,
+                   "send_window_s": 60.0}}),
+            );
+            if let Some(from) = latency_from {
+                r["load"]["latency_from"] = json!(from);
+            }
+            r
+        };
+        let run = |started: &str, r: Value| json!({"started_utc": started, "scenarios": [r]});
+        let s5 = api_saw_the_clients(
+            json!({"id": "S5", "push": {"pushes_per_s": 60_000.0, "count": 10, "ok": 10},
+                   "load": {"errors_total": 0, "established": 10, "conns": 10, "pushes": 10,
+                   "push_latency": {"p99_ms": 5.0}}}),
+        );
+        let report = tally(&[
+            // Before the set of 2026-12-01 20:28, `load` timed each message from its send and
+            // did not say so: the date tells.
+            json!({"started_utc": "2026-12-01T2001Z", "scenarios": [s4(7.0, None), s5]}),
+            run("2026-12-01T2001Z", s4(12.0, None)),
+            // From that set on, from its schedule.
+            run("2026-12-01T2028Z", s4(9.0, None)),
+            run("2026-12-02T0126Z", s4(14.0, None)),
+            // `load` says how it timed them, whatever the date.
+            json!({"scenarios": [s4(8.0, Some("schedule"))]}),
+        ]);
+        assert!(
+            report.contains(
+                "S4, latency timed from the send (before 2026-12-01 20:28): target met in 1 of \
+                 2 runs\n  errors ≤ 0: met in 2 of 2"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "S4, latency timed from the schedule: target met in 2 of 3 runs\n  errors ≤ 0: \
+                 met in 3 of 3"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains("  p99 ms ≤ 10: met in 2 of 3 (least 8, median 9, most 14)"),
+            "{report}"
+        );
+        assert!(!report.contains("S4: "), "{report}");
+        // The two groups side by side, before the scenario that came after S4 in the runs.
+        let (send, schedule, s5) = (
+            report.find("S4, latency timed from the send").unwrap(),
+            report.find("S4, latency timed from the schedule").unwrap(),
+            report.find("S5: ").unwrap(),
+        );
+        assert!(send < schedule && schedule < s5, "{report}");
     }
 }
