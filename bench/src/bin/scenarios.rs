@@ -34,7 +34,8 @@ struct Args {
     /// output directory (default <workspace>/bench/results)
     #[argh(option)]
     out: Option<PathBuf>,
-    /// gateway binary to test (default: built with `cargo build --release -p ws2http`)
+    /// gateway binary to test (default: built with `cargo build --release -p ws2http`); `--tally`
+    /// leaves such runs out
     #[argh(option)]
     gateway_bin: Option<PathBuf>,
     /// extra argument passed to the gateway (repeatable), e.g. `--gateway-arg --upstream-http2`
@@ -52,7 +53,8 @@ struct Args {
     /// worker threads of the mock API (default 1)
     #[argh(option, default = "DEFAULT_MOCK_THREADS")]
     mock_threads: usize,
-    /// label stored with the results (e.g. the allocator or a flag under test)
+    /// label stored with the results (e.g. the allocator or a flag under test); `--tally` leaves
+    /// labelled runs out
     #[argh(option, default = "String::new()")]
     label: String,
     /// run nothing: count, over the result files given, how many runs met each scenario's
@@ -1463,15 +1465,20 @@ fn median(sorted: &[f64]) -> f64 {
 }
 
 /// Why `--tally` leaves a run out (`None`: it counts): the quick set, whose sizes are not the
-/// targets', and runs of anything but the standard set-up: gateway flags under test, Unix
-/// sockets, or a mock API with other than [`DEFAULT_MOCK_THREADS`] threads (a run that did not
-/// record its thread count had the default).
+/// targets', and runs of anything but the standard set-up: gateway flags under test, a
+/// `--label` or a gateway binary given (`--gateway-bin`: the A/B experiments, one build
+/// against another), Unix sockets, or a mock API with other than [`DEFAULT_MOCK_THREADS`]
+/// threads (a run that did not record its thread count had the default).
 fn left_out(run: &Value) -> Option<&'static str> {
     let gateway_args = &run["gateway_args"];
     if run["quick"].as_bool() == Some(true) {
         Some("quick (their sizes are not the targets')")
     } else if !gateway_args.is_null() && gateway_args.as_array().is_none_or(|a| !a.is_empty()) {
         Some("with --gateway-arg (not the default gateway)")
+    } else if run["label"].as_str().is_some_and(|label| !label.is_empty()) {
+        Some("with --label (an A/B experiment)")
+    } else if gateway_bin_given(run) {
+        Some("with --gateway-bin (not the gateway the runner built)")
     } else if run["unix_sockets"].as_bool() == Some(true) {
         Some("with --unix-sockets (the API over a Unix socket)")
     } else if run["mock_threads"]
@@ -1520,6 +1527,20 @@ fn tally_group(run: &Value, r: &Value) -> String {
         Some(_) => "S4, latency timed from the schedule".to_owned(),
         None => "S4, latency timed from what the run did not record".to_owned(),
     }
+}
+
+/// Whether `run` tested a gateway binary given with `--gateway-bin` rather than the one the
+/// runner builds: its own word (`gateway_bin_given`), else, for a run from before it said, its
+/// `gateway_bin` path: the default was the `ws2http` beside the runner, in `target/release`
+/// (every A/B run in `results/` named another, `/tmp/ws2http-head` and the like). A run that
+/// recorded neither had the default.
+fn gateway_bin_given(run: &Value) -> bool {
+    if let Some(given) = run["gateway_bin_given"].as_bool() {
+        return given;
+    }
+    run["gateway_bin"]
+        .as_str()
+        .is_some_and(|bin| !Path::new(bin).ends_with("target/release/ws2http"))
 }
 
 /// `--tally`: over the standard full-set runs (the JSON `scenarios` writes; see [`left_out`] for
@@ -2043,6 +2064,8 @@ fn main() {
         "quick": args.quick,
         "label": args.label,
         "gateway_bin": bins.gateway.display().to_string(),
+        // Another build under test (`--tally` leaves such runs out), not the one built here.
+        "gateway_bin_given": args.gateway_bin.is_some(),
         "git_head": git(&root, &["rev-parse", "--short", "HEAD"]),
         "git_uncommitted_in_src": git(&root, &["status", "--porcelain", "--", "src", "Cargo.toml"])
             .map(|s| s.lines().count()),
@@ -2871,5 +2894,46 @@ mod tests {
             report.find("S5: ").unwrap(),
         );
         assert!(send < schedule && schedule < s5, "{report}");
+    }
+
+    #[test]
+    fn tally_leaves_out_a_b_runs_with_a_label_or_a_gateway_binary_given() {
+        let s2 = api_saw_the_clients(
+            json!({"id": "S2", "load": {"errors_total": 0, "established": 10, "conns": 10,
+                   "gateway": {"cpu_us_per_conn": 30.0, "cpu_from_clock": true}}}),
+        );
+        let run = |extra: Value| {
+            let mut run = json!({"scenarios": [s2.clone()]});
+            for (k, v) in extra.as_object().unwrap() {
+                run[k] = v.clone();
+            }
+            run
+        };
+        let runs = [
+            run(json!({"label": "", "gateway_bin": "/work/main/target/release/ws2http"})),
+            run(json!({"label": "ab-head", "gateway_bin": "/work/main/target/release/ws2http"})),
+            // A result from before the runner said whether --gateway-bin was given: the
+            // default was the `ws2http` beside the runner, in `target/release`.
+            run(json!({"label": "", "gateway_bin": "/tmp/ws2http-head"})),
+            run(json!({"gateway_bin": "target/release/ws2http"})),
+            // Since it says, its word counts, wherever the target directory is.
+            run(
+                json!({"label": "", "gateway_bin": "/tmp/target-x/release/ws2http",
+                       "gateway_bin_given": false}),
+            ),
+            run(
+                json!({"label": "", "gateway_bin": "/x/target/release/ws2http",
+                       "gateway_bin_given": true}),
+            ),
+        ];
+        let report = tally(&runs);
+        assert!(
+            report.starts_with(
+                "3 full-set runs counted (3 left out: 1 with --label (an A/B experiment), 2 \
+                 with --gateway-bin (not the gateway the runner built))\n"
+            ),
+            "{report}"
+        );
+        assert!(report.contains("S2: target met in 3 of 3 runs"), "{report}");
     }
 }
