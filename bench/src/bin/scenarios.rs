@@ -1958,6 +1958,35 @@ fn git(root: &Path, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
 }
 
+/// What the results say of the gateway binary tested: its path, whether it was given
+/// (`--gateway-bin`: another build under test, which `--tally` leaves out, rather than the one
+/// built here) and its SHA-256 (null when it cannot be read), which names the build whatever
+/// the git state of the tree when the results are written.
+fn gateway_identity(bin: &Path, given: bool) -> Value {
+    json!({
+        "gateway_bin": bin.display().to_string(),
+        "gateway_bin_given": given,
+        "gateway_sha256": sha256_hex(bin),
+    })
+}
+
+/// The SHA-256 of the file at `path`, in lower-case hex; `None` when it cannot be read.
+fn sha256_hex(path: &Path) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).ok()?;
+    Some(
+        hasher
+            .finalize()
+            .iter()
+            .fold(String::with_capacity(64), |mut hex, byte| {
+                let _ = write!(hex, "{byte:02x}");
+                hex
+            }),
+    )
+}
+
 fn build_gateway(root: &Path) -> Result<(), String> {
     eprintln!("building: cargo build --release -p ws2http -p ws2http-bench");
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -2018,6 +2047,9 @@ fn main() {
             std::process::exit(2);
         }
     }
+    // The binary as it is before any scenario runs it: the git state when the results are
+    // written (`git_head`) need not be the one it was built from.
+    let gateway = gateway_identity(&bins.gateway, args.gateway_bin.is_some());
     let started = utc_stamp();
     let t0 = Instant::now();
     // The machine's own price of a loopback exchange, so that runs from a faster or slower
@@ -2058,14 +2090,11 @@ fn main() {
         machine_line(&machine),
         markdown(&results, args.quick)
     );
-    let doc = json!({
+    let mut doc = json!({
         "started_utc": started,
         "elapsed_s": t0.elapsed().as_secs(),
         "quick": args.quick,
         "label": args.label,
-        "gateway_bin": bins.gateway.display().to_string(),
-        // Another build under test (`--tally` leaves such runs out), not the one built here.
-        "gateway_bin_given": args.gateway_bin.is_some(),
         "git_head": git(&root, &["rev-parse", "--short", "HEAD"]),
         "git_uncommitted_in_src": git(&root, &["status", "--porcelain", "--", "src", "Cargo.toml"])
             .map(|s| s.lines().count()),
@@ -2076,6 +2105,9 @@ fn main() {
         "loopback": machine,
         "scenarios": results,
     });
+    if let (Some(doc), Value::Object(gateway)) = (doc.as_object_mut(), gateway) {
+        doc.extend(gateway);
+    }
     let write = |ext: &str, body: &str| {
         let p = out_dir.join(format!("{stem}{ext}"));
         match std::fs::write(&p, body) {
@@ -2935,5 +2967,25 @@ mod tests {
             "{report}"
         );
         assert!(report.contains("S2: target met in 3 of 3 runs"), "{report}");
+    }
+
+    #[test]
+    fn the_results_name_the_gateway_binary_by_its_sha256() {
+        let bin = std::env::temp_dir().join(format!("ws2http-sha-{}", std::process::id()));
+        std::fs::write(&bin, "abc").unwrap();
+        let identity = gateway_identity(&bin, true);
+        let _ = std::fs::remove_file(&bin);
+        assert_eq!(
+            identity,
+            json!({
+                "gateway_bin": bin.display().to_string(),
+                "gateway_bin_given": true,
+                // SHA-256("abc"), FIPS 180-2's first example.
+                "gateway_sha256":
+                    "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            })
+        );
+        // A binary that cannot be read has no hash rather than a made-up one.
+        assert!(gateway_identity(&bin, false)["gateway_sha256"].is_null());
     }
 }
