@@ -1,4 +1,6 @@
-//! `scenarios`: runs the standard benchmark set S1–S5 against a freshly built release gateway.
+//! `scenarios`: runs the standard benchmark set S1–S5 against a freshly built release gateway,
+//! with S3c, a flood with several messages in flight per connection, that checks the replies'
+//! order (ours, not in issue 4's table).
 //!
 //! For every scenario it starts a new `mock-api` and a new `ws2http` on free loopback ports,
 //! runs `load` (and `push` for S5) with the gateway's pid, stops both servers with SIGTERM, and
@@ -23,7 +25,7 @@ use serde_json::{json, Value};
 use ws2http_bench::{gauges, loopback, procstat, usage_error};
 
 #[derive(FromArgs)]
-/// Run the standard ws2http benchmark scenarios S1–S5 and write results and plots.
+/// Run the standard ws2http benchmark scenarios S1–S5 (and S3c) and write results and plots.
 struct Args {
     /// small numbers (hundreds of connections, seconds) for a smoke check
     #[argh(switch)]
@@ -114,16 +116,21 @@ const LOOPBACK_ROUND_TRIPS: u32 = 50_000;
 const S3A_REPLIES_FLOOR: f64 = 2.5 * 20_400.0;
 /// S3b's floor of replies/s: 2.5× the top of ws2api's range with 1,000 connections (19.9k).
 const S3B_REPLIES_FLOOR: f64 = 2.5 * 19_900.0;
+/// Messages each S3c connection keeps in flight: more than one, so that replies can come back
+/// out of order, and `load` checks they do not.
+const S3C_IN_FLIGHT: u64 = 8;
+/// Seconds of S3c's flood (the same with `--quick`).
+const S3C_SECONDS: u64 = 5;
 
 fn a(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
 fn scenarios(quick: bool) -> Vec<Scenario> {
-    let (s1, s2, s3a, s3b, s3d, s4, s4d, s5) = if quick {
-        (500, 500, 20, 100, 5, 500, 5, 500)
+    let (s1, s2, s3a, s3b, s3d, s3c, s4, s4d, s5) = if quick {
+        (500, 500, 20, 100, 5, 20, 500, 5, 500)
     } else {
-        (15_000, 10_000, 100, 1_000, 20, 15_000, 60, 15_000)
+        (15_000, 10_000, 100, 1_000, 20, 100, 15_000, 60, 15_000)
     };
     let n = |x: u64| x.to_string();
     // `load` holding idle connections, split over two processes.
@@ -201,6 +208,31 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             push_args: &[],
             target: "≤ 12 µs CPU/msg; ≥ 2.5× the top of ws2api's replies/s (≥ 49.75k/s)",
             ws2api: "16.8k–19.9k replies/s; p99 120–141 ms; 74–88 µs CPU/msg",
+        },
+        // Ours, not in issue 4's table: with one message in flight (S3a, S3b) or one a second
+        // (S4) a connection never has two replies to put in order, so `load`'s order check
+        // cannot fire there. Here each connection keeps [`S3C_IN_FLIGHT`] outstanding.
+        Scenario {
+            id: "S3c",
+            title: format!(
+                "flood: {s3c} connections, {S3C_IN_FLIGHT} messages in flight each, {S3C_SECONDS} s"
+            ),
+            load_args: [
+                a(&["--mode", "flood", "--processes", "1", "--in-flight"]),
+                vec![
+                    n(S3C_IN_FLIGHT),
+                    "--conns".into(),
+                    n(s3c),
+                    "--duration".into(),
+                    n(S3C_SECONDS),
+                ],
+            ]
+            .concat(),
+            push_count: None,
+            push_args: &[],
+            target: "0 errors, 0 replies out of order (ours, not issue 4's: replies/s and CPU/msg \
+                     reported, not judged)",
+            ws2api: "—",
         },
         Scenario {
             id: "S4",
@@ -878,7 +910,7 @@ fn measured(r: &Value) -> String {
             f(&l["tcp_connect_phase"]["TCPSynRetrans"]),
             errs
         ),
-        "S3a" | "S3b" | "S4" => format!(
+        "S3a" | "S3b" | "S3c" | "S4" => format!(
             "**{} replies/s**{}; {}; **{} µs CPU/msg** (kernel {}; {}% CPU); API connections up to {}, API concurrency limit up to {}, requests waiting for one up to {}; {}",
             f(&l["replies_per_s"]),
             offered_rate(r["id"].as_str().unwrap_or(""), l),
@@ -1191,6 +1223,21 @@ fn criteria(r: &Value, quick: bool) -> Option<Vec<Result<Check, Unrecorded>>> {
             }
             v
         }
+        // Ours: every reply in the order of its requests, with several in flight on each
+        // connection. `load` counts one that answers a later request first as an error, so
+        // "errors" below holds it already; this criterion names it. Replies/s and CPU per
+        // message are in the table, not judged.
+        "S3c" => vec![c(
+            "replies out of order",
+            l["errors"].as_object().map(|kinds| {
+                kinds
+                    .get("reply_out_of_order")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0)
+            }),
+            Some(0.0),
+            true,
+        )],
         "S4" => {
             // A load generator short of CPU sends late; `load` times each message from its
             // scheduled tick and catches up on missed ones, but what it could not catch up on
@@ -2987,5 +3034,62 @@ mod tests {
         );
         // A binary that cannot be read has no hash rather than a made-up one.
         assert!(gateway_identity(&bin, false)["gateway_sha256"].is_null());
+    }
+
+    #[test]
+    fn s3c_floods_with_eight_in_flight_and_is_judged_on_errors_and_order() {
+        let s3c = scenarios(false)
+            .into_iter()
+            .find(|sc| sc.id == "S3c")
+            .expect("S3c in the standard set");
+        let args = s3c.load_args.join(" ");
+        for part in [
+            "--mode flood",
+            "--in-flight 8",
+            "--conns 100",
+            "--duration 5",
+        ] {
+            assert!(args.contains(part), "{part}: {args}");
+        }
+        assert!(selected("S3c", Some("S3")) && !selected("S3c", Some("S3a")));
+        let r = |errors: Value| {
+            let total: u64 = errors
+                .as_object()
+                .unwrap()
+                .values()
+                .filter_map(Value::as_u64)
+                .sum();
+            api_saw_the_clients(json!({"id": "S3c", "title": "flood",
+                   "load": {"errors_total": total, "errors": errors, "established": 100,
+                   "conns": 100, "sent": 500_000, "replies": 500_000,
+                   "replies_per_s": 98_765.0, "latency": {"p99_ms": 9.0},
+                   "gateway": {"cpu_us_per_msg": 21.5, "cpu_from_clock": true}}}))
+        };
+        // Replies/s and CPU per message are reported, not judged.
+        let kept = r(json!({}));
+        assert_eq!(verdict(&kept, false), Some(true));
+        let table = markdown(std::slice::from_ref(&kept), false);
+        assert!(
+            table.contains("**98765 replies/s**") && table.contains("**21.50 µs CPU/msg**"),
+            "{table}"
+        );
+        let swapped = r(json!({"reply_out_of_order": 3}));
+        assert_eq!(verdict(&swapped, false), Some(false));
+        let table = markdown(std::slice::from_ref(&swapped), false);
+        assert!(table.contains("replies out of order 3 vs ≤ 0"), "{table}");
+        // A report without its error kinds cannot say the order was kept.
+        let mut untold = kept.clone();
+        untold["load"].as_object_mut().unwrap().remove("errors");
+        assert_eq!(verdict(&untold, false), None);
+        let report = tally(&[
+            json!({"scenarios": [kept]}),
+            json!({"scenarios": [swapped]}),
+        ]);
+        assert!(
+            report.contains(
+                "S3c: target met in 1 of 2 runs\n  replies out of order ≤ 0: met in 1 of 2"
+            ),
+            "{report}"
+        );
     }
 }
