@@ -78,6 +78,8 @@ struct Scenario {
     push_count: Option<u64>,
     /// S5: how `push` talks to the control API (beyond --control and --count).
     push_args: &'static [&'static str],
+    /// Gateway flags for this scenario alone, after the runner's `--gateway-arg`s.
+    gateway_args: &'static [&'static str],
     /// What the issue asks of the gateway here.
     target: &'static str,
     /// ws2api's figure on a machine like ours (from shared/ANCHORS.md).
@@ -155,6 +157,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             load_args: idle(s1, if quick { "3" } else { "10" }),
             push_count: None,
             push_args: &[],
+            gateway_args: &[],
             target: "≤ 4 KiB RSS/conn; RSS back within 10% of baseline after they leave",
             ws2api: "25.1–26.3 KiB/conn",
         },
@@ -164,6 +167,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             load_args: idle(s2, "1"),
             push_count: None,
             push_args: &[],
+            gateway_args: &[],
             target: "≤ 40 µs gateway CPU/conn",
             ws2api: "7.6k–8.1k conn/s; 172–180 µs CPU/conn; handshake p99 78–86 ms",
         },
@@ -185,6 +189,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             .concat(),
             push_count: None,
             push_args: &[],
+            gateway_args: &[],
             target: "≤ 12 µs CPU/msg; ≥ 2.5× the top of ws2api's replies/s (≥ 51k/s)",
             ws2api: "18.9k–20.4k replies/s; p99 12.5–17.7 ms; 71–74 µs CPU/msg",
         },
@@ -206,6 +211,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             .concat(),
             push_count: None,
             push_args: &[],
+            gateway_args: &[],
             target: "≤ 12 µs CPU/msg; ≥ 2.5× the top of ws2api's replies/s (≥ 49.75k/s)",
             ws2api: "16.8k–19.9k replies/s; p99 120–141 ms; 74–88 µs CPU/msg",
         },
@@ -215,7 +221,8 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         Scenario {
             id: "S3c",
             title: format!(
-                "flood: {s3c} connections, {S3C_IN_FLIGHT} messages in flight each, {S3C_SECONDS} s"
+                "flood: {s3c} connections, {S3C_IN_FLIGHT} messages in flight each, gateway \
+                 --pipeline 8, {S3C_SECONDS} s"
             ),
             load_args: [
                 a(&["--mode", "flood", "--processes", "1", "--in-flight"]),
@@ -230,6 +237,10 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             .concat(),
             push_count: None,
             push_args: &[],
+            // The gateway's own order keeping under test too: up to eight of a connection's
+            // POSTs at the API at once, their answers put back in order (with the default of
+            // one, the next message is read only once the reply before it is out).
+            gateway_args: &["--pipeline", "8"],
             target: "0 errors, 0 replies out of order (ours, not issue 4's: replies/s and CPU/msg \
                      reported, not judged)",
             ws2api: "—",
@@ -252,6 +263,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             .concat(),
             push_count: None,
             push_args: &[],
+            gateway_args: &[],
             target: "0 errors, p99 ≤ 10 ms",
             ws2api: "fails at 15k (fds run out); at 10k: p99 223–295 ms",
         },
@@ -261,6 +273,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             load_args: push_hold.clone(),
             push_count: Some(s5),
             push_args: &["--concurrency", "64"],
+            gateway_args: &[],
             target: "≥ 50k pushes/s, p99 delivery ≤ 20 ms",
             ws2api: "—",
         },
@@ -272,6 +285,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             load_args: push_hold.clone(),
             push_count: Some(s5),
             push_args: &["--http2", "--connections", "2", "--concurrency", "128"],
+            gateway_args: &[],
             target: "≥ 50k pushes/s, p99 delivery ≤ 20 ms",
             ws2api: "—",
         },
@@ -648,6 +662,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         .args(["--control-listen", "127.0.0.1:0"])
         .args(["--api", &format!("http://127.0.0.1:{mport}/")])
         .args(&args.gateway_arg)
+        .args(sc.gateway_args)
         .stdout(Stdio::null());
     if let (Some(api), Some(control)) = (&api_socket, &control_socket) {
         gateway_cmd.arg("--api-unix-socket").arg(api);
@@ -788,6 +803,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         "target": sc.target,
         "ws2api": sc.ws2api,
         "load_args": sc.load_args,
+        "scenario_gateway_args": sc.gateway_args,
         "gateway_cold_baseline": cold_baseline.map(procstat::Sample::to_json),
         "warm_up": warm_up_report,
         "gateway_gauges": gateway_gauges,
@@ -3051,6 +3067,12 @@ mod tests {
         ] {
             assert!(args.contains(part), "{part}: {args}");
         }
+        // The gateway keeps up to eight of a connection's messages at the API: its own
+        // reordering is exercised, not only the socket's.
+        assert_eq!(s3c.gateway_args, ["--pipeline", "8"]);
+        assert!(scenarios(false)
+            .iter()
+            .all(|sc| sc.id == "S3c" || sc.gateway_args.is_empty()));
         assert!(selected("S3c", Some("S3")) && !selected("S3c", Some("S3a")));
         let r = |errors: Value| {
             let total: u64 = errors
