@@ -449,12 +449,7 @@ impl Pool {
                 Ok(lease) => lease,
                 // Its first copy went out (on an idle connection lost under it): however
                 // unlikely, the API may have seen it, so this is no "never sent".
-                Err(error) if went_out_once => {
-                    return Err(UpstreamError::Broken(format!(
-                        "{error}, after the request went out once on an idle connection lost \
-                         under it"
-                    )))
-                }
+                Err(error) if went_out_once => return Err(lost_after_going_out_once(error)),
                 Err(error) => return Err(error),
             };
             let Some(connection) = lease.connection.as_mut() else {
@@ -493,11 +488,7 @@ impl Pool {
                     // an idle connection lost under it), the API may have seen that, as when
                     // no connection could be had for the second (above).
                     Some(_) if went_out_once => {
-                        return Err(UpstreamError::Broken(format!(
-                            "{}, after the request went out once on an idle connection lost \
-                             under it",
-                            error_chain(error.error())
-                        )))
+                        return Err(lost_after_going_out_once(error_chain(error.error())))
                     }
                     // Otherwise it never went out, so the API cannot have acted on it, and a
                     // DELETE may be tried again.
@@ -869,8 +860,17 @@ fn never_sent(progress: &mut Progress<'_>, error: &hyper::Error) -> UpstreamErro
     ))
 }
 
-/// The error for an HTTP/2 request whose last `connections` connections ended without a byte
-/// from the API: unreachable and unsent, as when it refuses connections, so that the client
+/// The error for an HTTP/1.1 request whose second copy could not go out (`why`) after its
+/// first went out on an idle connection lost under it: the API may have seen that one, so it
+/// is no "never sent" (a connect is undone, a DELETE not sent again).
+fn lost_after_going_out_once(why: impl std::fmt::Display) -> UpstreamError {
+    UpstreamError::Broken(format!(
+        "{why}, after the request went out once on an idle connection lost under it"
+    ))
+}
+
+/// The error for an HTTP/2 request that `connections` connections, all told, ended under
+/// without a byte from the API (while it was on them, or waiting for one of their streams): unreachable and unsent, as when it refuses connections, so that the client
 /// hears at once and a DELETE may be tried again.
 fn dropped_unheard(progress: &mut Progress<'_>, connections: u32) -> UpstreamError {
     progress.unsent();

@@ -124,6 +124,16 @@ const S3C_IN_FLIGHT: u64 = 8;
 /// Seconds of S3c's flood (the same with `--quick`).
 const S3C_SECONDS: u64 = 5;
 
+/// A scenario's own gateway flags (flag, value pairs), less those the runner's `--gateway-arg`s
+/// already give: the gateway refuses a flag given twice, and the runner's choice stands.
+fn scenario_flags<'a>(own: &[&'a str], given: &[String]) -> Vec<&'a str> {
+    own.chunks(2)
+        .filter(|pair| !given.iter().any(|g| g == pair[0]))
+        .flatten()
+        .copied()
+        .collect()
+}
+
 fn a(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
@@ -662,7 +672,7 @@ fn run_scenario(sc: &Scenario, bins: &Bins, args: &Args) -> Value {
         .args(["--control-listen", "127.0.0.1:0"])
         .args(["--api", &format!("http://127.0.0.1:{mport}/")])
         .args(&args.gateway_arg)
-        .args(sc.gateway_args)
+        .args(scenario_flags(sc.gateway_args, &args.gateway_arg))
         .stdout(Stdio::null());
     if let (Some(api), Some(control)) = (&api_socket, &control_socket) {
         gateway_cmd.arg("--api-unix-socket").arg(api);
@@ -3070,6 +3080,13 @@ mod tests {
         // The gateway keeps up to eight of a connection's messages at the API: its own
         // reordering is exercised, not only the socket's.
         assert_eq!(s3c.gateway_args, ["--pipeline", "8"]);
+        assert_eq!(scenario_flags(s3c.gateway_args, &[]), ["--pipeline", "8"]);
+        let given = [
+            "--upstream-http2".to_owned(),
+            "--pipeline".to_owned(),
+            "2".to_owned(),
+        ];
+        assert!(scenario_flags(s3c.gateway_args, &given).is_empty());
         assert!(scenarios(false)
             .iter()
             .all(|sc| sc.id == "S3c" || sc.gateway_args.is_empty()));
