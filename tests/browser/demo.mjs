@@ -67,6 +67,14 @@ async function expectMessage(page, kind, from, text) {
   );
 }
 
+// `from` (named `name`) says `text`: it shows as theirs on their page and as another's on
+// `to`'s.
+async function say(from, name, to, text) {
+  await send(from, text);
+  await expectMessage(from, 'mine', name, text);
+  await expectMessage(to, 'other', name, text);
+}
+
 try {
   context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -96,15 +104,11 @@ try {
   await bob.waitForFunction(() => document.querySelector('#members').textContent.includes('Alice'));
 
   const hello = 'Hello Bob, this is Alice. Ça va ?';
-  await send(alice, hello);
-  await expectMessage(alice, 'mine', 'Alice', hello);
-  await expectMessage(bob, 'other', 'Alice', hello);
+  await say(alice, 'Alice', bob, hello);
   log('Bob got Alice\'s message');
 
   const reply = 'Hi Alice! Bob here, loud and clear.';
-  await send(bob, reply);
-  await expectMessage(bob, 'mine', 'Bob', reply);
-  await expectMessage(alice, 'other', 'Bob', reply);
+  await say(bob, 'Bob', alice, reply);
   log('Alice got Bob\'s reply');
 
   // Nothing of one's own comes back as someone else's message.
@@ -129,16 +133,12 @@ try {
   // Her next message is refused ("not in the chat: reconnect"): the page reconnects, which
   // joins her again, and sends it again; then both ways work as before.
   const refused = 'Alice here again, after the room dropped me.';
-  await send(alice, refused);
-  await expectMessage(bob, 'other', 'Alice', refused);
-  await expectMessage(alice, 'mine', 'Alice', refused);
+  await say(alice, 'Alice', bob, refused);
   log('Alice reconnected and her refused message reached Bob');
   const after = 'And this one goes straight through.';
-  await send(alice, after);
-  await expectMessage(bob, 'other', 'Alice', after);
+  await say(alice, 'Alice', bob, after);
   const back = 'Welcome back, Alice.';
-  await send(bob, back);
-  await expectMessage(alice, 'other', 'Bob', back);
+  await say(bob, 'Bob', alice, back);
   if (aliceTab.sockets.length !== 2) {
     problems.push(`Alice's page opened ${aliceTab.sockets.length} websockets, not 2 (one reconnect)`);
   }
