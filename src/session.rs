@@ -83,7 +83,13 @@ struct Mailbox {
     queue: VecDeque<Outbound>,
     queued_bytes: usize,
     command: Option<Command>,
+    /// No more pushes; and no more commands, but the drain's `Shutdown` while the session
+    /// runs on after the client's close frame (see [`SessionHandle::command`]).
     closed: bool,
+    /// The session has taken its `Shutdown`.
+    shutdown_seen: bool,
+    /// The session has ended: nothing more at all.
+    ended: bool,
 }
 
 /// The shared side of a session: what the registry holds and the control API talks to.
@@ -162,10 +168,16 @@ impl SessionHandle {
     }
 
     /// Asks the session to end; the first command given wins. Says whether this one did (a
-    /// session already ending keeps the reason and code it had).
+    /// session already ending keeps the reason and code it had). After the client's close
+    /// frame only the drain's `Shutdown` is taken: the library's echo of that frame may wait
+    /// on a socket that takes no writes, and the drain's deadline must end it before the
+    /// shutdown's grace period does (its DELETE would be lost), not only `--write-timeout`.
     pub fn command(&self, command: Command) -> bool {
         let mut mailbox = self.mailbox();
-        if mailbox.closed || mailbox.command.is_some() {
+        if mailbox.ended
+            || mailbox.command.is_some()
+            || (mailbox.closed && command != Command::Shutdown)
+        {
             return false;
         }
         mailbox.command = Some(command);
@@ -199,7 +211,8 @@ impl SessionHandle {
             if command != Command::Shutdown {
                 return MailboxEvent::Command(command);
             }
-            if !mailbox.closed {
+            if !mailbox.shutdown_seen {
+                mailbox.shutdown_seen = true;
                 mailbox.closed = true;
                 return MailboxEvent::Command(command);
             }
@@ -224,6 +237,7 @@ impl SessionHandle {
     fn close_mailbox(&self) -> (VecDeque<Outbound>, Option<Command>) {
         let mut mailbox = self.mailbox();
         mailbox.closed = true;
+        mailbox.ended = true;
         mailbox.queued_bytes = 0;
         (std::mem::take(&mut mailbox.queue), mailbox.command.take())
     }
@@ -703,9 +717,11 @@ where
     async fn run_loop(&mut self) -> Ending {
         loop {
             if let Some(deadline) = self.drain_deadline {
+                // Pushes queued after the client's close frame never go out (finish() counts
+                // them undelivered): nothing to wait for.
                 let done = self.in_flight.is_empty()
                     && self.answered.is_empty()
-                    && self.handle.queued() == 0;
+                    && (self.handle.queued() == 0 || self.peer_close.is_some());
                 if done || Instant::now() >= deadline {
                     let ending = Ending::ours(CloseReason::Shutdown, 1001, "going away");
                     return self.closed_by_client_first(ending);
@@ -1820,6 +1836,57 @@ mod tests {
         assert!(delete.ends_with("\r\n\r\nbye"), "{delete}");
     }
 
+    #[tokio::test]
+    async fn a_client_that_closed_and_reads_nothing_is_ended_by_the_drain_before_its_write_timeout()
+    {
+        // The client's close frame is read; the library's echo of it is never written, and
+        // --write-timeout is 60 s. The drain (--shutdown-timeout 300 ms) must end it, as the
+        // client closed it, well within the shutdown's grace period, so that its DELETE goes.
+        let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = crate::Config {
+            ping_interval: None,
+            write_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_millis(300),
+            api: format!("http://{}/", api.local_addr().unwrap())
+                .parse()
+                .unwrap(),
+            ..crate::Config::default()
+        };
+        // Close 4321 `bye`, masked with a zero key.
+        let close = vec![0x88, 0x85, 0, 0, 0, 0, 0x10, 0xE1, b'b', b'y', b'e'];
+        let (shared, handle, context, permit) = one_connection(config).await;
+        let socket = tokio_websockets::ServerBuilder::new().serve(TestClient::silent(close));
+        let session = tokio::spawn(run(
+            socket,
+            Arc::clone(&handle),
+            Arc::new(context),
+            Arc::clone(&shared),
+            permit,
+        ));
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !handle.mailbox().closed {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the close frame is read");
+        shared.begin_drain();
+        tokio::time::timeout(Duration::from_secs(5), session)
+            .await
+            .expect("the drain ends the session, not the 60 s write timeout")
+            .unwrap();
+        assert_eq!(closed_by(&shared, CloseReason::Client), "1");
+        let delete = tokio::time::timeout(Duration::from_secs(5), one_request(&api))
+            .await
+            .expect("a DELETE within 5 s");
+        assert!(
+            delete
+                .to_ascii_lowercase()
+                .contains("\r\nx-close-code: 4321\r\n"),
+            "{delete}"
+        );
+    }
+
     /// The first request made to `api`, head and body, as text; answered `200`.
     async fn one_request(api: &tokio::net::TcpListener) -> String {
         use tokio::io::AsyncReadExt;
@@ -1887,14 +1954,27 @@ mod tests {
     }
 
     #[test]
-    fn mailbox_refuses_pushes_and_commands_once_the_client_sent_its_close() {
+    fn mailbox_refuses_pushes_and_commands_but_the_drains_once_the_client_sent_its_close() {
         let h = handle();
         h.refuse_more();
         assert_eq!(
             h.push(message(1), 10, 100, &ACCEPTED),
             Err(PushError::Closed)
         );
-        assert!(!h.command(Command::Shutdown), "nothing left to shut down");
+        assert!(!h.command(Command::Replaced), "the client closed first");
+        assert!(h.command(Command::Shutdown), "the drain still bounds it");
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(
+            h.poll_mailbox(&mut cx, true),
+            MailboxEvent::Command(Command::Shutdown)
+        ));
+        assert!(
+            matches!(h.poll_mailbox(&mut cx, true), MailboxEvent::Empty),
+            "taken once"
+        );
+        h.close_mailbox();
+        assert!(!h.command(Command::Shutdown), "nothing left once it ended");
     }
 
     #[test]
