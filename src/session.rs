@@ -454,7 +454,6 @@ where
             listening: true,
             drain_deadline: None,
             peer_close: None,
-            frame_read: false,
             shared,
         };
         session.schedule_timer(now);
@@ -709,9 +708,6 @@ struct Session<S> {
     drain_deadline: Option<Instant>,
     /// Code (absent in a bare close frame) and reason of the client's close frame.
     peer_close: Option<(Option<u16>, String)>,
-    /// A whole frame (a message, a ping, a pong) was read since the timer last looked: bytes
-    /// read without one are part of a message still arriving.
-    frame_read: bool,
 }
 
 impl<S> Session<S>
@@ -954,7 +950,6 @@ where
     fn on_message(&mut self, message: Message) -> Option<Ending> {
         let now = Instant::now();
         self.last_received = now;
-        self.frame_read = true;
         if message.is_text() || message.is_binary() {
             self.last_data = now;
             let binary = message.is_binary();
@@ -1065,15 +1060,10 @@ where
 
     fn on_timer(&mut self) -> Option<Ending> {
         let now = Instant::now();
-        let took_reads = self.socket.get_mut().took_reads();
-        if took_reads {
+        if self.socket.get_mut().took_reads() {
             // Part of a frame came in: the client is there, though no whole frame is yet.
             self.last_received = now;
         }
-        // Bytes came since the last look and no whole frame did: a message still arriving,
-        // say a large upload over a slow link.
-        let frame_read = std::mem::take(&mut self.frame_read);
-        let mid_message = took_reads && !frame_read;
         if !self.listening || self.write_stalled_since.is_some() {
             // Not reading, so not hearing; or our writes wait on the client, and our ping (or
             // its pong) waits behind them: --write-timeout and --upstream-timeout bound this
@@ -1098,12 +1088,11 @@ where
             return Some(Ending::ours(CloseReason::PingTimeout, 1001, "ping timeout"));
         }
         if let Some(idle) = config.idle_timeout {
-            // A message at the API, data going out to a slow reader, or a message still
-            // arriving is no idleness: the idle time counts from when that is done.
+            // A message at the API, or data going out to a slow reader, is no idleness: the
+            // idle time counts from when that is done.
             let busy = !self.in_flight.is_empty()
                 || !self.answered.is_empty()
-                || self.write_stalled_since.is_some()
-                || mid_message;
+                || self.write_stalled_since.is_some();
             if busy {
                 self.last_data = now;
             } else if now >= self.last_data + idle {
