@@ -20,6 +20,42 @@ final class Store
     public function __construct(string $path)
     {
         self::createPrivate($path);
+        // A new database is set up (WAL switch, tables) by one worker at a time: workers
+        // that opened the new file while another was setting it up were told "file is not a
+        // database" or "database disk image is malformed". `$path.setup-lock` is locked for
+        // it and then says "set up": from then on no worker takes the lock.
+        $marker = $path . '.setup-lock';
+        $setup = @file_get_contents($marker) === self::SET_UP ? null : self::setupLock($marker);
+        try {
+            $this->open($path);
+            if ($setup !== null) {
+                ftruncate($setup, 0);
+                fwrite($setup, self::SET_UP);
+                fflush($setup);
+            }
+        } finally {
+            if ($setup !== null) {
+                flock($setup, LOCK_UN);
+                fclose($setup);
+            }
+        }
+    }
+
+    /** What `$path.setup-lock` holds once the database is set up. */
+    private const SET_UP = "set up\n";
+
+    /** An exclusive lock on the file `$marker`, held while the database is set up. */
+    private static function setupLock(string $marker)
+    {
+        $lock = @fopen($marker, 'c');
+        if ($lock === false || !flock($lock, LOCK_EX)) {
+            throw new \RuntimeException("WS2HTTP_DB: cannot lock $marker");
+        }
+        return $lock;
+    }
+
+    private function open(string $path): void
+    {
         $this->db = new PDO('sqlite:' . $path, null, null, [
             PDO::ATTR_ERRMODE => PDO::ERRMODE_EXCEPTION,
             PDO::ATTR_DEFAULT_FETCH_MODE => PDO::FETCH_ASSOC,
@@ -59,7 +95,9 @@ final class Store
      * Puts the database in WAL mode (kept in the file: only a new database's first openers
      * switch it). The switch needs the database to itself, and SQLite answers "database is
      * locked" at once, without waiting out the busy timeout, when other workers opening the
-     * new file at the same moment hold it: so it is tried again for up to 10 s.
+     * new file at the same moment hold it; and a worker that reads the new file's first page
+     * while another is writing it is told "file is not a database": so it is tried again for
+     * up to 10 s (a file that is truly no database still fails then).
      */
     private static function useWal(PDO $db): void
     {
@@ -71,7 +109,9 @@ final class Store
                     return;
                 }
             } catch (\PDOException $e) {
-                if (!str_contains($e->getMessage(), 'locked') || microtime(true) > $deadline) {
+                $passing = str_contains($e->getMessage(), 'locked')
+                    || str_contains($e->getMessage(), 'not a database');
+                if (!$passing || microtime(true) > $deadline) {
                     throw $e;
                 }
             }
