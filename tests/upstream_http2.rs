@@ -22,6 +22,7 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio_util::task::AbortOnDropHandle;
 use tokio_websockets::Message;
 use ws2http::Config;
 
@@ -34,7 +35,8 @@ struct OneStreamApi {
     connections: Arc<AtomicUsize>,
     posts: Arc<Mutex<Vec<String>>>,
     cut_first: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
+    /// Its accept loop, stopped when the API is dropped.
+    _task: AbortOnDropHandle<()>,
 }
 
 impl OneStreamApi {
@@ -92,7 +94,7 @@ impl OneStreamApi {
             connections,
             posts,
             cut_first,
-            task,
+            _task: AbortOnDropHandle::new(task),
         }
     }
 
@@ -109,12 +111,6 @@ impl OneStreamApi {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("waited 5s for {count} POSTs; saw {:?}", self.posts());
-    }
-}
-
-impl Drop for OneStreamApi {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -276,7 +272,8 @@ struct FrameApi {
     connections: Arc<AtomicUsize>,
     posts: Arc<AtomicUsize>,
     release: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
+    /// Its accept loop, stopped when the API is dropped.
+    _task: AbortOnDropHandle<()>,
 }
 
 impl FrameApi {
@@ -352,14 +349,8 @@ impl FrameApi {
             connections,
             posts,
             release,
-            task,
+            _task: AbortOnDropHandle::new(task),
         }
-    }
-}
-
-impl Drop for FrameApi {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -644,7 +635,8 @@ struct RecyclingApi {
     refused: Arc<AtomicUsize>,
     /// The bodies of the POSTs (and DELETEs) it answered, in the order answered.
     answered: Arc<Mutex<Vec<Vec<u8>>>>,
-    task: tokio::task::JoinHandle<()>,
+    /// Its accept loop, stopped when the API is dropped.
+    _task: AbortOnDropHandle<()>,
 }
 
 /// What [`RecyclingApi`] knows of one of its connections.
@@ -797,14 +789,8 @@ impl RecyclingApi {
             connections,
             refused,
             answered,
-            task,
+            _task: AbortOnDropHandle::new(task),
         }
-    }
-}
-
-impl Drop for RecyclingApi {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
