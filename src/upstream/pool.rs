@@ -679,8 +679,7 @@ impl Pool {
         // caller drops it then), after a pause from the second time on (see `retry_pause`).
         let mut turned_away: u32 = 0;
         let mut pause = None;
-        // Connections that ended without a byte from the API while they had this request.
-        let mut silent: u32 = 0;
+        let mut silent = SilentConnections::default();
         loop {
             if let Some(pause) = pause.take() {
                 tokio::time::sleep(pause).await;
@@ -696,10 +695,7 @@ impl Pool {
             progress.waiting_for_stream();
             let Some(_stream) = streams.take(&sender).await else {
                 self.forget_h2(number);
-                silent += u32::from(streams.never_heard());
-                if silent >= H2_SILENT_CONNECTIONS {
-                    return Err(dropped_unheard(progress, silent));
-                }
+                silent.ended(&streams, progress)?;
                 continue;
             };
             // A stream the API turns away unprocessed comes back without its request: this
@@ -738,10 +734,7 @@ impl Pool {
                     };
                     // A connection the API dropped without a word (no SETTINGS, no
                     // GOAWAY): after a few, it will not answer in time.
-                    silent += u32::from(streams.never_heard());
-                    if silent >= H2_SILENT_CONNECTIONS {
-                        return Err(dropped_unheard(progress, silent));
-                    }
+                    silent.ended(&streams, progress)?;
                     turned_away = turned_away.saturating_add(1);
                     pause = retry_pause(turned_away);
                     tracing::debug!(
@@ -869,14 +862,31 @@ fn lost_after_going_out_once(why: impl std::fmt::Display) -> UpstreamError {
     ))
 }
 
-/// The error for an HTTP/2 request that `connections` connections, all told, ended under
-/// without a byte from the API (while it was on them, or waiting for one of their streams): unreachable and unsent, as when it refuses connections, so that the client
-/// hears at once and a DELETE may be tried again.
-fn dropped_unheard(progress: &mut Progress<'_>, connections: u32) -> UpstreamError {
-    progress.unsent();
-    UpstreamError::Unreachable(format!(
-        "the API closed {connections} HTTP/2 connections without a byte of an answer"
-    ))
+/// The HTTP/2 connections that ended, all told, without a byte from the API while they had
+/// one request (holding it, or with it waiting for one of their streams).
+#[derive(Default)]
+struct SilentConnections(u32);
+
+impl SilentConnections {
+    /// Notes that `streams`' connection ended under the request, and counts it if the API
+    /// never said a word on it. At [`H2_SILENT_CONNECTIONS`] of them the request fails:
+    /// unreachable and unsent, as when the API refuses connections, so that the client hears
+    /// at once and a DELETE may be tried again.
+    fn ended(
+        &mut self,
+        streams: &Streams,
+        progress: &mut Progress<'_>,
+    ) -> Result<(), UpstreamError> {
+        self.0 += u32::from(streams.never_heard());
+        if self.0 < H2_SILENT_CONNECTIONS {
+            return Ok(());
+        }
+        progress.unsent();
+        Err(UpstreamError::Unreachable(format!(
+            "the API closed {} HTTP/2 connections without a byte of an answer",
+            self.0
+        )))
+    }
 }
 
 /// The pause before an HTTP/2 request goes out again after it was turned away unprocessed
