@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TlsFiles;
 use crate::handshake::{self, Peer};
 use crate::metrics::RefusalReason;
-use crate::session::TransferProgress;
+use crate::session::{ReadProgress, TransferProgress};
 use crate::{control, Shared};
 
 /// Largest request head (request line + headers) accepted; larger gets `431`.
@@ -61,8 +61,8 @@ pub(crate) struct Io {
     prefix: Bytes,
     /// Bytes written so far (see [`TransferProgress`]).
     written: u64,
-    /// Whether bytes were read since the session last asked (see [`TransferProgress`]).
-    took_reads: bool,
+    /// What was read since the session last asked (see [`TransferProgress`]).
+    reads: ReadProgress,
 }
 
 enum Transport {
@@ -79,7 +79,7 @@ impl Io {
                     transport: Transport::Plain(parts.io.into_inner()),
                     prefix: detach(parts.read_buf),
                     written: 0,
-                    took_reads: false,
+                    reads: ReadProgress::default(),
                 })
             }
             Err(upgraded) => upgraded,
@@ -89,7 +89,7 @@ impl Io {
                 transport: Transport::Tls(Box::new(parts.io.into_inner())),
                 prefix: detach(parts.read_buf),
                 written: 0,
-                took_reads: false,
+                reads: ReadProgress::default(),
             }),
             Err(_) => Err(io::Error::other("upgraded connection of an unknown type")),
         }
@@ -117,6 +117,7 @@ impl AsyncRead for Io {
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
+            this.reads.scan(&this.prefix[..n]);
             this.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
@@ -125,7 +126,7 @@ impl AsyncRead for Io {
             Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
-        this.took_reads |= buf.filled().len() > before;
+        this.reads.scan(&buf.filled()[before..]);
         result
     }
 }
@@ -191,7 +192,11 @@ impl TransferProgress for Io {
     }
 
     fn took_reads(&mut self) -> bool {
-        std::mem::take(&mut self.took_reads)
+        self.reads.took_reads()
+    }
+
+    fn took_message_bytes(&mut self) -> bool {
+        self.reads.took_message_bytes()
     }
 }
 

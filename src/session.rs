@@ -28,6 +28,9 @@ use crate::metrics::CloseReason;
 use crate::upstream::{ApiAnswer, ConnectionContext, UpstreamError};
 use crate::Shared;
 
+mod read_progress;
+pub(crate) use read_progress::ReadProgress;
+
 /// Close code sent to a connection replaced by a newer one with the same ClientId.
 pub const CLOSE_REPLACED: u16 = 4000;
 /// How long a closing handshake may take once our close frame is out.
@@ -388,13 +391,18 @@ impl Ending {
 
 /// A socket that counts the bytes written to it, so a session whose writes are stalled can tell
 /// a client that reads slowly (still progressing) from one that stopped reading, and notes
-/// bytes read, so that a client sending one long frame slowly is heard before the frame ends.
+/// bytes read, so that a client sending one long frame slowly is heard before the frame ends,
+/// and whether they were a data message's, so that its upload is no idleness.
 pub(crate) trait TransferProgress {
     /// Bytes written to the socket so far.
     fn bytes_written(&self) -> u64;
 
     /// Whether any bytes were read since the last call.
     fn took_reads(&mut self) -> bool;
+
+    /// Whether a data message is part-way in and some of its bytes were read since the last
+    /// call (see [`ReadProgress`]): a message still arriving, not pings or pongs.
+    fn took_message_bytes(&mut self) -> bool;
 }
 
 /// Runs an accepted connection until it ends; then hands its DELETE, with the connection's
@@ -1064,6 +1072,8 @@ where
             // Part of a frame came in: the client is there, though no whole frame is yet.
             self.last_received = now;
         }
+        // Taken at every look, so that it says "since the last look".
+        let message_arriving = self.socket.get_mut().took_message_bytes();
         if !self.listening || self.write_stalled_since.is_some() {
             // Not reading, so not hearing; or our writes wait on the client, and our ping (or
             // its pong) waits behind them: --write-timeout and --upstream-timeout bound this
@@ -1088,11 +1098,14 @@ where
             return Some(Ending::ours(CloseReason::PingTimeout, 1001, "ping timeout"));
         }
         if let Some(idle) = config.idle_timeout {
-            // A message at the API, or data going out to a slow reader, is no idleness: the
-            // idle time counts from when that is done.
+            // A message at the API, data going out to a slow reader, or a message whose bytes
+            // are still coming in (a large upload over a slow link) is no idleness: the idle
+            // time counts from when that is done, or from the last look that saw its bytes
+            // come. Pings and pongs, whole or in part, never count.
             let busy = !self.in_flight.is_empty()
                 || !self.answered.is_empty()
-                || self.write_stalled_since.is_some();
+                || self.write_stalled_since.is_some()
+                || message_arriving;
             if busy {
                 self.last_data = now;
             } else if now >= self.last_data + idle {
@@ -1455,6 +1468,10 @@ mod tests {
 
         fn took_reads(&mut self) -> bool {
             matches!(self.then, Reads::Pings)
+        }
+
+        fn took_message_bytes(&mut self) -> bool {
+            false
         }
     }
 

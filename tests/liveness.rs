@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::raw_ws::{encode_client_frame, RawWs, CLOSE, PING, TEXT};
+use common::raw_ws::{encode_client_frame, RawWs, CLOSE, CONTINUATION, PING, PONG, TEXT};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -255,27 +255,95 @@ async fn a_client_sending_one_long_frame_slowly_is_not_closed_for_ping_timeout()
     config.ping_timeout = Duration::from_millis(500);
     let gateway = TestGateway::start(config).await;
     let mut ws = RawWs::connect(gateway.public, "/slow-sender").await;
-    let payload = vec![b'x'; 3000];
-    let frame = encode_client_frame(true, TEXT, &payload);
+    let frame = encode_client_frame(true, TEXT, &[b'x'; 3000]);
+    send_slowly(&mut ws, &frame).await;
+    assert_eq!(reply_text_len(&mut ws).await, "echo:".len() + 3000);
+    assert_eq!(closed_by(&gateway.metrics().await, "ping_timeout"), 0.0);
+}
+
+#[tokio::test]
+async fn a_message_still_arriving_slowly_between_pongs_is_not_closed_for_idle_timeout() {
+    // A large upload over a slow link is no idleness, though no whole message comes for
+    // longer than --idle-timeout: here three 1,000-byte fragments, each in 100-byte pieces
+    // 60 ms apart (1.8 s in all, against 500 ms), with a pong before each fragment. Without
+    // pings of its own the gateway looks only at each idle deadline: a whole frame (a pong)
+    // since the last look must not hide the message's bytes that came with it.
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.ping_interval = None;
+    config.idle_timeout = Some(Duration::from_millis(500));
+    let gateway = TestGateway::start(config).await;
+    let mut ws = RawWs::connect(gateway.public, "/slow-uploader").await;
     let started = Instant::now();
-    for chunk in frame.chunks(100) {
-        ws.stream.write_all(chunk).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(60)).await;
+    for (fin, opcode) in [(false, TEXT), (false, CONTINUATION), (true, CONTINUATION)] {
+        ws.stream
+            .write_all(&encode_client_frame(true, PONG, b""))
+            .await
+            .unwrap();
+        send_slowly(&mut ws, &encode_client_frame(fin, opcode, &[b'x'; 1000])).await;
     }
     assert!(
         started.elapsed() > Duration::from_millis(1500),
         "slower than the timeout"
     );
-    let reply = loop {
+    assert_eq!(reply_text_len(&mut ws).await, "echo:".len() + 3000);
+    assert_eq!(closed_by(&gateway.metrics().await, "idle_timeout"), 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_part_way_through_a_message_is_closed_at_its_idle_timeout() {
+    // Bytes of a message hold the idle timeout off only while they keep coming.
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.ping_interval = Some(Duration::from_millis(100));
+    config.idle_timeout = Some(Duration::from_millis(500));
+    let gateway = TestGateway::start(config).await;
+    let mut ws = RawWs::connect(gateway.public, "/stopped-uploader").await;
+    let frame = encode_client_frame(true, TEXT, &[b'x'; 3000]);
+    send_slowly(&mut ws, &frame[..1000]).await;
+    let stopped = Instant::now();
+    let close = loop {
+        let frame = ws
+            .read_frame(Duration::from_secs(5))
+            .await
+            .expect("closed within 5 s of the last byte");
+        if frame.opcode == CLOSE {
+            break frame;
+        }
+    };
+    assert_eq!(close.close_reason(), "idle timeout");
+    // Within two timeouts: the idle time counts from the last look that saw its bytes come.
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.body, Bytes::from_static(b"idle timeout"));
+    assert!(
+        api.seen_with("POST").is_empty(),
+        "half a message reached the API"
+    );
+}
+
+/// Writes `bytes` in 100-byte pieces, 60 ms apart.
+async fn send_slowly(ws: &mut RawWs, bytes: &[u8]) {
+    for chunk in bytes.chunks(100) {
+        ws.stream.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+}
+
+/// Reads frames until a text one, checking that the connection stays open; its length.
+async fn reply_text_len(ws: &mut RawWs) -> usize {
+    loop {
         let frame = ws
             .read_frame(Duration::from_secs(5))
             .await
             .expect("the connection stays open");
         assert_ne!(frame.opcode, CLOSE, "closed: {}", frame.close_reason());
         if frame.opcode == TEXT {
-            break frame.payload;
+            break frame.payload.len();
         }
-    };
-    assert_eq!(reply.len(), "echo:".len() + payload.len());
-    assert_eq!(closed_by(&gateway.metrics().await, "ping_timeout"), 0.0);
+    }
 }
