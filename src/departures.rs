@@ -41,6 +41,8 @@ pub(crate) struct Departure {
     /// The connection's place under `--max-connections`, given back once the API was told, so
     /// the queue never holds more than that many departures.
     pub(crate) permit: OwnedSemaphorePermit,
+    /// Tries of its DELETE made so far (by whichever sender; see [`Departures::hand_back`]).
+    pub(crate) tries: u8,
 }
 
 /// Departures waiting for their DELETE, and how many tasks are sending them (each sends one
@@ -143,6 +145,26 @@ impl Departures {
         start
     }
 
+    /// Puts `departure`, whose DELETE is to be tried again, back at the head of the queue and
+    /// counts the asking sender out, when more senders run than `allowed` (the API's slots went
+    /// down since it took it): a DELETE waiting to be tried again holds no slot, and another
+    /// sender takes it on with its tries so far. Gives it back to the caller otherwise.
+    fn hand_back(&self, departure: Departure, allowed: usize) -> Option<Departure> {
+        let mut state = self.state();
+        if state.senders <= allowed {
+            return Some(departure);
+        }
+        state.senders -= 1;
+        state.in_flight = state.in_flight.saturating_sub(1);
+        state.waiting.push_front(departure);
+        None
+    }
+
+    /// Whether more senders run than `allowed`.
+    fn too_many_senders(&self, allowed: usize) -> bool {
+        self.state().senders > allowed
+    }
+
     /// The next departure to send, or `None` after counting the asking sender out: when the
     /// queue is empty, or when more senders run than `allowed` ([`senders_allowed`] now).
     fn next_or_retire(&self, allowed: usize) -> Option<Departure> {
@@ -192,24 +214,43 @@ fn allowed_senders(api_slots: usize, drain_cap: Option<usize>) -> usize {
 /// One sender: sends queued DELETEs one after another until the queue is empty, or until
 /// they are abandoned.
 async fn send_departures(shared: Arc<Shared>) {
-    while let Some(departure) = shared.departures.next_or_retire(senders_allowed(&shared)) {
+    let queue = &shared.departures;
+    let mut next = queue.next_or_retire(senders_allowed(&shared));
+    while let Some(mut departure) = next {
         let told = tokio::select! {
             biased;
-            _ = shared.departures.abandoned.cancelled() => false,
-            _ = notify_api(&shared, &departure.context, departure.reason, departure.code) => true,
+            _ = queue.abandoned.cancelled() => None,
+            tried = notify_api(&shared, &mut departure) => Some(tried),
         };
-        drop(departure.permit);
-        shared.departures.done_with_one();
-        if !told {
-            let left = shared.departures.take_all();
-            // Counted before the lines are logged: the stop line reads the count a fixed time
-            // after the senders were told to give up, and logging many lines may take longer.
-            given_up_in_time(&shared, 1 + left.len() as u64);
-            log_not_told_in_time(&departure.context);
-            for left in left {
-                log_not_told_in_time(&left.context);
+        match told {
+            Some(Tried::ToTryAgain) => {
+                // Fewer senders are allowed now: it goes back to the queue, unless that
+                // changed meanwhile (then this sender tries it again itself).
+                next = queue.hand_back(departure, senders_allowed(&shared));
+                if next.is_none() {
+                    return;
+                }
+                continue;
+            }
+            Some(Tried::Done) => {
+                drop(departure.permit);
+                queue.done_with_one();
+            }
+            None => {
+                drop(departure.permit);
+                queue.done_with_one();
+                let left = queue.take_all();
+                // Counted before the lines are logged: the stop line reads the count a fixed
+                // time after the senders were told to give up, and logging many lines may
+                // take longer.
+                given_up_in_time(&shared, 1 + left.len() as u64);
+                log_not_told_in_time(&departure.context);
+                for left in left {
+                    log_not_told_in_time(&left.context);
+                }
             }
         }
+        next = queue.next_or_retire(senders_allowed(&shared));
     }
 }
 
@@ -233,23 +274,40 @@ fn log_not_told_in_time(context: &ConnectionContext) {
     );
 }
 
+/// How far a sender took a departure's DELETE.
+enum Tried {
+    /// Told, or failed for good: counted and logged.
+    Done,
+    /// Could not be sent, and is to be tried again; but more senders run than the API's slots
+    /// allow now, so this one gives it back ([`Departures::hand_back`]).
+    ToTryAgain,
+}
+
 /// Sends one DELETE, trying again while it could not be sent; counts and logs the outcome.
-async fn notify_api(
-    shared: &Shared,
-    context: &ConnectionContext,
-    reason: Bytes,
-    code: Option<u16>,
-) {
-    let mut backoff = DELETE_RETRY_BACKOFF;
-    let mut result = send_delete(shared, context, reason.clone(), code).await;
-    for _ in 0..DELETE_RETRIES {
-        if !worth_another_try(&result) {
-            break;
+/// Before each further try, stops when more senders run than allowed now, so that the DELETEs
+/// that retry keep to half of the API's slots of the moment as the limit goes down.
+async fn notify_api(shared: &Shared, departure: &mut Departure) -> Tried {
+    let result = loop {
+        if departure.tries > 0 {
+            if shared.departures.too_many_senders(senders_allowed(shared)) {
+                return Tried::ToTryAgain;
+            }
+            let doublings = u32::from(departure.tries - 1);
+            tokio::time::sleep(DELETE_RETRY_BACKOFF * 2u32.pow(doublings)).await;
         }
-        tokio::time::sleep(backoff).await;
-        backoff *= 2;
-        result = send_delete(shared, context, reason.clone(), code).await;
-    }
+        let context = &departure.context;
+        let result = send_delete(shared, context, departure.reason.clone(), departure.code).await;
+        departure.tries += 1;
+        if !worth_another_try(&result) || usize::from(departure.tries) > DELETE_RETRIES {
+            break result;
+        }
+    };
+    report(shared, &departure.context, result);
+    Tried::Done
+}
+
+/// Counts and logs the outcome of a DELETE's last try.
+fn report(shared: &Shared, context: &ConnectionContext, result: Result<ApiAnswer, UpstreamError>) {
     let unavailable = worth_another_try(&result);
     match result {
         Ok(answer) if !unavailable => {
@@ -355,6 +413,7 @@ mod tests {
             reason: Bytes::from_static(b"EOF"),
             code: None,
             permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            tries: 0,
         }
     }
 
@@ -437,6 +496,49 @@ mod tests {
         assert_eq!(allowed_senders(1, None), 1);
         assert!(queue.enqueue(departure(&upstream, "/e"), allowed_senders(1, None)));
         assert!(!queue.enqueue(departure(&upstream, "/f"), allowed_senders(1, None)));
+    }
+
+    #[tokio::test]
+    async fn a_delete_to_try_again_goes_back_to_the_queue_when_the_api_slots_went_down() {
+        let upstream = test_upstream();
+        let queue = Departures::default();
+        // Eight slots: four senders, each with a DELETE that could not be sent.
+        let started = enqueue_all(&queue, &upstream, &["/a", "/b", "/c", "/d", "/e"], 8);
+        assert_eq!(started, [true, true, true, true, false]);
+        let mut taken: Vec<Departure> = (0..4)
+            .map(|_| queue.next_or_retire(allowed_senders(8, None)).unwrap())
+            .collect();
+        for departure in &mut taken {
+            departure.tries = 2;
+        }
+        // The limit went down to two slots: one sender allowed. Three give theirs back and
+        // retire; the last one keeps its own.
+        assert!(queue.too_many_senders(allowed_senders(2, None)));
+        let mut kept = Vec::new();
+        for departure in taken.into_iter().rev() {
+            kept.extend(queue.hand_back(departure, allowed_senders(2, None)));
+        }
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].context.client_id.as_str(), "a");
+        assert!(!queue.too_many_senders(allowed_senders(2, None)));
+        assert_eq!(
+            queue.load(),
+            DisconnectLoad {
+                waiting: 4,
+                in_flight: 1
+            }
+        );
+        // The remaining sender takes them on in the order they left, with their tries so far.
+        let next: Vec<(String, u8)> =
+            std::iter::from_fn(|| queue.next_or_retire(allowed_senders(2, None)))
+                .map(|d| (d.context.client_id.as_str().to_owned(), d.tries))
+                .collect();
+        let names: Vec<&str> = next.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["b", "c", "d", "e"]);
+        assert_eq!(
+            next.iter().map(|(_, tries)| *tries).collect::<Vec<_>>(),
+            [2, 2, 2, 0]
+        );
     }
 
     #[test]

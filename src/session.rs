@@ -676,6 +676,7 @@ fn depart(
         reason: Bytes::from(ending.api_reason),
         code: ending.api_code,
         permit,
+        tries: 0,
     };
     Departures::push(shared, departure);
 }
