@@ -408,6 +408,13 @@ async fn a_member_dropped_from_the_room_is_told_to_reconnect_and_given_its_messa
     let reply = expect_event(&mut alice, "error").await;
     assert!(reply.contains(r#""reconnect":true"#), "{reply}");
     assert_eq!(json_str(&reply, "unsent").as_deref(), Some("hello?"));
+    assert!(!reply.contains(r#""id""#), "{reply}");
+    // A say's id comes back with it, so that the page knows which text was refused.
+    send_text(&mut alice, r#"{"type":"say","id":8,"text":"anyone?"}"#).await;
+    let reply = expect_event(&mut alice, "error").await;
+    assert!(reply.contains(r#""reconnect":true"#), "{reply}");
+    assert_eq!(json_str(&reply, "unsent").as_deref(), Some("anyone?"));
+    assert_eq!(json_int(&reply, "id"), Some(8), "{reply}");
     send_text(&mut alice, r#"{"type":"who"}"#).await;
     let reply = expect_event(&mut alice, "error").await;
     assert!(reply.contains(r#""reconnect":true"#), "{reply}");
@@ -423,6 +430,42 @@ async fn a_member_dropped_from_the_room_is_told_to_reconnect_and_given_its_messa
     assert_eq!(json_int(&reply, "delivered"), Some(1), "{reply}");
     let ev = expect_event(&mut bob, "message").await;
     assert_eq!(json_str(&ev, "text").as_deref(), Some("hello?"));
+}
+
+#[tokio::test]
+async fn the_answer_to_a_say_carries_back_its_id() {
+    // The page keeps each text until the answer naming its id comes back (and sends again
+    // those without one after a reconnect). An integer or a short string is taken; a say
+    // without one (or with one of another kind) is answered as before, without an id.
+    let s = Stack::start();
+    let mut alice = s.join("alice").await;
+    let mut bob = s.join("bob").await;
+    expect_event(&mut alice, "joined").await;
+
+    send_text(&mut alice, r#"{"type":"say","id":7,"text":"hi"}"#).await;
+    let reply = expect_event(&mut alice, "sent").await;
+    assert_eq!(json_int(&reply, "id"), Some(7), "{reply}");
+    assert_eq!(json_int(&reply, "delivered"), Some(1), "{reply}");
+    let ev = expect_event(&mut bob, "message").await;
+    assert_eq!(json_str(&ev, "text").as_deref(), Some("hi"));
+    assert!(!ev.contains(r#""id""#), "the others get no id: {ev}");
+
+    send_text(&mut alice, r#"{"type":"say","id":"a-1","text":" "}"#).await;
+    let reply = expect_event(&mut alice, "error").await;
+    assert_eq!(json_str(&reply, "text").as_deref(), Some("empty message"));
+    assert_eq!(json_str(&reply, "id").as_deref(), Some("a-1"), "{reply}");
+
+    let long = "x".repeat(65);
+    for say in [
+        r#"{"type":"say","text":"no id"}"#.to_string(),
+        r#"{"type":"say","id":{"n":1},"text":"no id"}"#.to_string(),
+        format!(r#"{{"type":"say","id":"{long}","text":"no id"}}"#),
+    ] {
+        send_text(&mut alice, &say).await;
+        let reply = expect_event(&mut alice, "sent").await;
+        assert_eq!(json_str(&reply, "text").as_deref(), Some("no id"));
+        assert!(!reply.contains(r#""id""#), "{say} -> {reply}");
+    }
 }
 
 #[tokio::test]

@@ -145,7 +145,10 @@ final class App
     /**
      * A message from the websocket of $clientId. JSON {"type":"say","text":…} (or
      * plain text) is pushed to every other member; {"type":"who"} lists the members.
-     * The response body goes back to the sender as a websocket message.
+     * The response body goes back to the sender as a websocket message. A say may carry
+     * an "id" of the client's choosing (an integer, or a string of up to 64 bytes): the
+     * answer to it, "sent" or "error", carries it back, so that the client knows which of
+     * its texts the API has answered.
      */
     private function message(Request $req, string $clientId): Response
     {
@@ -153,15 +156,19 @@ final class App
         if (!is_array($msg)) {
             $msg = ['type' => 'say', 'text' => $req->body];
         }
+        $id = $msg['id'] ?? null;
+        $echo = is_int($id) || (is_string($id) && strlen($id) <= 64) ? ['id' => $id] : [];
         $me = $this->store()->member($clientId);
         if ($me === null) {
             // Its socket is open, but the room dropped it: a push found no socket for it
             // (after a cluster node came back, its pushes go to a node that does not hold
             // it; see broadcast()), or a DELETE for it came late. A new connection joins
-            // again, so the page reconnects on "reconnect", and sends "unsent" once back.
+            // again, so the page reconnects on "reconnect"; "unsent" (and the say's "id")
+            // names the refused text, to be sent again once back.
             $refused = ['type' => 'error', 'text' => 'not in the chat: reconnect', 'reconnect' => true];
             if (self::str($msg['type'] ?? '') === 'say') {
                 $refused['unsent'] = self::clean(self::str($msg['text'] ?? ''), 2000);
+                $refused += $echo;
             }
             return self::json($refused);
         }
@@ -169,7 +176,7 @@ final class App
             case 'say':
                 $text = self::clean(self::str($msg['text'] ?? ''), 2000);
                 if ($text === '') {
-                    return self::json(['type' => 'error', 'text' => 'empty message']);
+                    return self::json(['type' => 'error', 'text' => 'empty message'] + $echo);
                 }
                 $delivered = $this->broadcast($clientId, [
                     'type' => 'message',
@@ -177,7 +184,9 @@ final class App
                     'text' => $text,
                     'time' => time(),
                 ]);
-                return self::json(['type' => 'sent', 'text' => $text, 'delivered' => $delivered, 'time' => time()]);
+                return self::json(
+                    ['type' => 'sent', 'text' => $text, 'delivered' => $delivered, 'time' => time()] + $echo
+                );
             case 'who':
                 return self::json([
                     'type' => 'members',
