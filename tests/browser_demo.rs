@@ -3,7 +3,9 @@
 //! twice, joins as two people, and sees a message typed in one tab appear in the other,
 //! through a real `ws2http` gateway. Then the API drops one of them from the room while
 //! the socket stays open (as after a cluster node came back): that page must reconnect on
-//! the refusal of its next message, send the message again and chat on. The screenshot is
+//! the refusal of its next message, send the message again and chat on. Dropped again, it
+//! sends two messages at once: both must arrive, once each and in order, although the page
+//! closes its socket on the first refusal and never reads the second. The screenshot is
 //! kept as `target/test-artifacts/demo.png`.
 //!
 //! Needs php-cli + php-sqlite3, chromium, node and `npm ci` in tests/browser; `make test`

@@ -43,9 +43,15 @@
   let session = null; // {clientId, name, token}
   let socket = null;
   let retries = 0;
-  // Messages the API refused because it had dropped us from the room; sent again once the
-  // reconnect has put us back in it.
-  const unsent = [];
+  // Every text sent and not answered yet, oldest first, as {id, text}: the API's answer to a
+  // say carries its id back ("sent", or an "error"). Those still here when a new socket opens
+  // are sent again, in order: the API refused them because it had dropped us from the room,
+  // or the old socket closed before their answer came (then one may have reached the room
+  // already and shows twice there; not sending it again could lose it). Past MAX_PENDING
+  // the page takes no new text: it stays in the box.
+  const pending = [];
+  const MAX_PENDING = 100;
+  let lastId = 0;
 
   $('ws-url').textContent = wsBase;
 
@@ -104,12 +110,14 @@
         addMessage('other', ev.from, ev.text, ev.time);
         break;
       case 'sent':
+        answered(ev.id);
         addMessage('mine', session.name, ev.text, ev.time);
         break;
       case 'error':
         if (ev.reconnect) {
-          rejoin(ev);
+          rejoin();
         } else {
+          answered(ev.id);
           addMessage('system', '', 'error: ' + ev.text);
         }
         break;
@@ -121,11 +129,22 @@
   // The API no longer counts us in the room although this socket is open (after a cluster
   // node came back, its pushes for us went to a node that does not hold this socket, and it
   // dropped us). Only a new connection joins again: close this one, and onclose reconnects.
-  function rejoin(ev) {
-    if (typeof ev.unsent === 'string' && ev.unsent !== '') unsent.push(ev.unsent);
+  // The refused text stays pending, and so do those sent after it, whose refusals this
+  // socket will not read: the new socket sends them all again.
+  function rejoin() {
     if (!socket || socket.readyState !== WebSocket.OPEN) return;
     addMessage('system', '', 'no longer in the chat: reconnecting');
     socket.close(4000, 'rejoin');
+  }
+
+  function sendSay(msg) {
+    socket.send(JSON.stringify({ type: 'say', id: msg.id, text: msg.text }));
+  }
+
+  // The API answered the say with this id: it is no longer pending.
+  function answered(id) {
+    const i = pending.findIndex((msg) => msg.id === id);
+    if (i >= 0) pending.splice(i, 1);
   }
 
   function connect() {
@@ -138,7 +157,7 @@
       retries = 0;
       setStatus('connected', 'connected');
       socket.send(JSON.stringify({ type: 'who' }));
-      for (const text of unsent.splice(0)) socket.send(JSON.stringify({ type: 'say', text }));
+      for (const msg of pending) sendSay(msg);
     };
     socket.onmessage = (e) => {
       let ev;
@@ -190,7 +209,13 @@
     e.preventDefault();
     const text = $('text').value.trim();
     if (!text || !socket || socket.readyState !== WebSocket.OPEN) return;
-    socket.send(JSON.stringify({ type: 'say', text }));
+    if (pending.length >= MAX_PENDING) {
+      addMessage('system', '', 'not sent: ' + MAX_PENDING + ' messages are still waiting for an answer');
+      return;
+    }
+    const msg = { id: ++lastId, text };
+    pending.push(msg);
+    sendSay(msg);
     $('text').value = '';
   });
 })();

@@ -2,7 +2,8 @@
 // two tabs join under different names, one sends a message, the other must show it,
 // and the reply goes back the other way. Then the API drops one of them from the room
 // while its socket stays open: its next message is refused with "reconnect", and the
-// page must reconnect, send that message again and go on chatting. Saves a screenshot
+// page must reconnect, send that message again and go on chatting. Dropped again, it sends
+// two messages at once, and both must arrive, once each and in order. Saves a screenshot
 // of each tab.
 //
 //   WS2HTTP_API_TOKEN=<the gateway's --api-token> node tests/browser/demo.mjs <page url> <screenshot.png>
@@ -75,6 +76,33 @@ async function say(from, name, to, text) {
   await expectMessage(to, 'other', name, text);
 }
 
+// The API drops Alice from the room while her socket stays open, as it does when a push for
+// her finds no socket (after a cluster node came back, pushes go to a node that does not
+// hold hers). Here through the API's own DELETE call, the gateway's token and no
+// X-Connection-Id: that removes her row whichever connection it names. `watcher` must see
+// her leave.
+async function dropFromRoom(tab, name, watcher, reason) {
+  const dropped = await fetch(new URL('/' + tab.clientId, pageUrl), {
+    method: 'DELETE',
+    headers: { 'X-Ws2http-Token': apiToken },
+    body: reason,
+  });
+  if (dropped.status !== 200) throw new Error(`DELETE of ${name}: ${dropped.status} ${await dropped.text()}`);
+  await watcher.waitForFunction(
+    (line) => Array.from(document.querySelectorAll('#messages li.system')).some((li) => li.textContent === line),
+    `${name} left (${reason})`,
+  );
+}
+
+// The texts of the messages from `from` of this `kind` that `page` shows, in order.
+async function textsFrom(page, kind, from) {
+  return page.$$eval(
+    `#messages li.msg.${kind}`,
+    (lis, from) => lis.filter((li) => li.dataset.from === from).map((li) => li.querySelector('.text').textContent),
+    from,
+  );
+}
+
 try {
   context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -115,21 +143,7 @@ try {
   const echoed = await alice.$$eval('#messages li.msg.other', (lis) => lis.filter((li) => li.dataset.from === 'Alice').length);
   if (echoed !== 0) problems.push(`Alice saw her own message as another's ${echoed} time(s)`);
 
-  // The API drops Alice from the room while her socket stays open, as it does when a push
-  // for her finds no socket (after a cluster node came back, pushes go to a node that does
-  // not hold hers). Here through the API's own DELETE call, the gateway's token and no
-  // X-Connection-Id: that removes her row whichever connection it names.
-  const dropped = await fetch(new URL('/' + aliceTab.clientId, pageUrl), {
-    method: 'DELETE',
-    headers: { 'X-Ws2http-Token': apiToken },
-    body: 'dropped by the test',
-  });
-  if (dropped.status !== 200) throw new Error(`DELETE of Alice: ${dropped.status} ${await dropped.text()}`);
-  await bob.waitForFunction(() =>
-    Array.from(document.querySelectorAll('#messages li.system')).some(
-      (li) => li.textContent === 'Alice left (dropped by the test)',
-    ),
-  );
+  await dropFromRoom(aliceTab, 'Alice', bob, 'dropped by the test');
   // Her next message is refused ("not in the chat: reconnect"): the page reconnects, which
   // joins her again, and sends it again; then both ways work as before.
   const refused = 'Alice here again, after the room dropped me.';
@@ -143,6 +157,37 @@ try {
     problems.push(`Alice's page opened ${aliceTab.sockets.length} websockets, not 2 (one reconnect)`);
   }
   log('Alice and Bob chat again');
+
+  // Dropped again, Alice sends two messages at once (both leave before any answer). The
+  // refusal of the first makes the page close its socket; the refusal of the second then
+  // never reaches the page (the gateway drops answers to a socket the client closed). Both
+  // must reach Bob after the reconnect, once each and in order, and show once as hers: a
+  // message sent after them (on the new socket) comes after any copy of them, so once it is
+  // there the counts are final.
+  await dropFromRoom(aliceTab, 'Alice', bob, 'dropped again by the test');
+  const quick = ['First of two quick ones.', 'Second of two quick ones.'];
+  await alice.evaluate((texts) => {
+    for (const text of texts) {
+      document.getElementById('text').value = text;
+      document.getElementById('say-form').requestSubmit();
+    }
+  }, quick);
+  for (const text of quick) {
+    await expectMessage(bob, 'other', 'Alice', text).catch((err) => {
+      throw new Error(`Bob never got "${text}" from the dropped Alice: ${err.message}`);
+    });
+  }
+  const last = 'Nothing came twice before this one.';
+  await say(alice, 'Alice', bob, last);
+  const want = JSON.stringify([hello, refused, after, ...quick, last]);
+  const atBob = JSON.stringify(await textsFrom(bob, 'other', 'Alice'));
+  if (atBob !== want) problems.push(`Bob got from Alice ${atBob}, not ${want}`);
+  const atAlice = JSON.stringify(await textsFrom(alice, 'mine', 'Alice'));
+  if (atAlice !== want) problems.push(`Alice's page shows as hers ${atAlice}, not ${want}`);
+  if (aliceTab.sockets.length !== 3) {
+    problems.push(`Alice's page opened ${aliceTab.sockets.length} websockets, not 3 (two reconnects)`);
+  }
+  log('both quick messages of the dropped Alice reached Bob, once each and in order');
 
   // A ?ws= naming another host is ignored: the login token would go there.
   const tricked = new URL(pageUrl);
