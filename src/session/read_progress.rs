@@ -30,7 +30,8 @@ const DATA: u8 = 1 << 1;
 const FIN: u8 = 1 << 2;
 /// A data message has begun and its last frame has not ended.
 const OPEN: u8 = 1 << 3;
-/// Bytes of a data message came since the last look.
+/// Payload bytes of a data message came since the last look: headers alone (an empty
+/// continuation frame) do not make a message grow, so they are no progress.
 const PROGRESSED: u8 = 1 << 4;
 /// Bytes came since the last look.
 const TOOK_READS: u8 = 1 << 5;
@@ -83,7 +84,7 @@ impl ReadProgress {
                     bytes = rest;
                     if self.left > 0x00ff_ffff {
                         self.step = Step::Untracked;
-                        self.flags |= DATA | OPEN;
+                        self.flags |= DATA | OPEN | PROGRESSED;
                     } else {
                         self.left = self.left << 8 | u32::from(byte);
                         self.header_left -= 1;
@@ -104,14 +105,17 @@ impl ReadProgress {
                     let n = bytes.len().min(self.left as usize);
                     bytes = &bytes[n..];
                     self.left -= n as u32;
+                    if self.flags & DATA != 0 {
+                        self.flags |= PROGRESSED;
+                    }
                     if self.left == 0 {
                         self.end_frame();
                     }
                 }
-                Step::Untracked => bytes = &[],
-            }
-            if self.flags & DATA != 0 {
-                self.flags |= PROGRESSED;
+                Step::Untracked => {
+                    bytes = &[];
+                    self.flags |= PROGRESSED;
+                }
             }
         }
     }
@@ -121,7 +125,7 @@ impl ReadProgress {
         self.take(TOOK_READS)
     }
 
-    /// Whether a data message is part-way in, and some of its bytes came since the last call.
+    /// Whether a data message is part-way in, and some of its payload came since the last call.
     pub(crate) fn took_message_bytes(&mut self) -> bool {
         self.take(PROGRESSED) && self.flags & OPEN != 0
     }
@@ -212,14 +216,27 @@ mod tests {
 
     #[test]
     fn part_of_a_message_is_a_message_still_arriving_however_the_bytes_are_cut() {
-        // Cut a 3,000-byte message after every possible byte: up to the last, it is arriving.
+        // Cut a 3,000-byte message after every possible byte: once some of its payload is in,
+        // and up to the last byte, it is arriving. Its 8 header bytes alone are not.
         let message = frame(true, TEXT, 3000);
         for cut in 1..message.len() {
             let mut reads = ReadProgress::default();
             reads.scan(&message[..cut]);
-            assert!(reads.took_message_bytes(), "cut at {cut}");
+            assert_eq!(reads.took_message_bytes(), cut > 8, "cut at {cut}");
             reads.scan(&message[cut..]);
             assert!(!reads.took_message_bytes(), "rest after {cut}");
+            assert_eq!(reads.step, Step::Opcode);
+        }
+    }
+
+    #[test]
+    fn empty_continuation_frames_do_not_make_a_message_grow() {
+        let mut reads = ReadProgress::default();
+        reads.scan(&frame(false, TEXT, 10));
+        assert!(reads.took_message_bytes());
+        for _ in 0..3 {
+            reads.scan(&frame(false, CONTINUATION, 0));
+            assert!(!reads.took_message_bytes(), "no payload, no progress");
         }
     }
 
