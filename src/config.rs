@@ -1,7 +1,7 @@
 //! Gateway settings: the validated values every other module reads, and the parsers for the
 //! human-friendly forms the command line accepts (`64KiB`, `30s`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -128,20 +128,39 @@ impl ApiBase {
         &self.0
     }
 
-    /// The API's address when its host is an IP address (the port as given, or the scheme's).
-    pub fn ip_address(&self) -> Option<SocketAddr> {
-        let uri: Uri = self.0.parse().ok()?;
-        let host = uri.host()?;
-        let ip: std::net::IpAddr = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host)
-            .parse()
-            .ok()?;
+    /// The addresses a connection to the API can go to, as far as they are known without a
+    /// resolver (the port as given, or the scheme's): an IP address in any spelling that
+    /// getaddrinfo reads as one (`127.0.0.1`, `[::1]`, and IPv4's legacy forms: `127.1`,
+    /// `0x7f.0.0.1`, `2130706433`; see [`legacy_ipv4`]); 127.0.0.1 and ::1 for `localhost`
+    /// and names under it (`api.localhost`, RFC 6761), in any case, with or without a final
+    /// dot; none for any other host name, which is not resolved.
+    pub fn addresses_known_without_dns(&self) -> Vec<SocketAddr> {
+        let Some(uri) = self.0.parse::<Uri>().ok() else {
+            return Vec::new();
+        };
+        let Some(host) = uri.host() else {
+            return Vec::new();
+        };
         let port = uri
             .port_u16()
             .unwrap_or(if self.is_https() { 443 } else { 80 });
-        Some(SocketAddr::new(ip, port))
+        let ips: Vec<IpAddr> =
+            if let Some(ipv6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                ipv6.parse::<Ipv6Addr>()
+                    .ok()
+                    .map(IpAddr::V6)
+                    .into_iter()
+                    .collect()
+            } else if let Some(ipv4) = legacy_ipv4(host) {
+                vec![IpAddr::V4(ipv4)]
+            } else if is_localhost(host) {
+                vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+            } else {
+                Vec::new()
+            };
+        ips.into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect()
     }
 
     /// Whether the API is reached over TLS (the scheme is case-insensitive: `HTTPS://` too).
@@ -206,6 +225,57 @@ impl std::str::FromStr for ApiBase {
         }
         Ok(ApiBase(s.to_owned()))
     }
+}
+
+/// `text` read as an IPv4 address the way glibc's inet_aton (and so getaddrinfo) reads it:
+/// one to four parts split by dots, each decimal, octal after a leading `0` or hexadecimal after
+/// `0x`/`0X`; every part but the last is one byte, the last fills the bytes that remain (`127.1`
+/// is 127.0.0.1, `2130706433` too). `None` for an empty part (a final dot too, as glibc has
+/// it), a part too large for its bytes, or any other character.
+pub fn legacy_ipv4(text: &str) -> Option<Ipv4Addr> {
+    let parts: Vec<&str> = text.split('.').collect();
+    if parts.len() > 4 {
+        return None;
+    }
+    let mut address: u32 = 0;
+    for (index, part) in parts.iter().enumerate() {
+        let value = legacy_ipv4_part(part)?;
+        let bytes_left = 4 - index as u32;
+        let last = index + 1 == parts.len();
+        let width = if last { bytes_left } else { 1 };
+        if width < 4 && value >> (8 * width) != 0 {
+            return None;
+        }
+        address |= value << (8 * (bytes_left - width));
+    }
+    Some(Ipv4Addr::from(address))
+}
+
+/// One part of a [`legacy_ipv4`] address: decimal, octal after a leading `0`, hexadecimal after
+/// `0x`/`0X` (at least one digit after it); `None` when empty, not digits of its base, or over
+/// `u32::MAX`.
+fn legacy_ipv4_part(part: &str) -> Option<u32> {
+    let (digits, radix) =
+        if let Some(hex) = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+            (hex, 16)
+        } else if part.len() > 1 && part.starts_with('0') {
+            (&part[1..], 8)
+        } else {
+            (part, 10)
+        };
+    if digits.is_empty() {
+        return None;
+    }
+    digits.chars().try_fold(0u32, |value, c| {
+        value.checked_mul(radix)?.checked_add(c.to_digit(radix)?)
+    })
+}
+
+/// Whether `host` is `localhost` or a name under it (`api.localhost`), in any case, with or
+/// without a final dot: loopback by RFC 6761, whatever a resolver is asked.
+fn is_localhost(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
 }
 
 impl Default for Config {
@@ -583,21 +653,106 @@ mod tests {
     }
 
     #[test]
-    fn the_api_address_is_known_when_its_host_is_an_ip_address() {
-        let ip = |base: &str| base.parse::<ApiBase>().unwrap().ip_address();
+    fn the_api_addresses_are_known_when_its_host_is_an_ip_address_or_localhost() {
+        let addresses = |base: &str| {
+            base.parse::<ApiBase>()
+                .unwrap()
+                .addresses_known_without_dns()
+        };
+        let v4 = |a: [u8; 4], port: u16| vec![SocketAddr::from((a, port))];
         assert_eq!(
-            ip("http://127.0.0.1:7002/"),
-            Some(([127, 0, 0, 1], 7002).into())
+            addresses("http://127.0.0.1:7002/"),
+            v4([127, 0, 0, 1], 7002)
         );
-        assert_eq!(ip("http://127.0.0.1/"), Some(([127, 0, 0, 1], 80).into()));
+        assert_eq!(addresses("http://127.0.0.1/"), v4([127, 0, 0, 1], 80));
+        assert_eq!(addresses("https://10.0.0.1/api/"), v4([10, 0, 0, 1], 443));
         assert_eq!(
-            ip("https://10.0.0.1/api/"),
-            Some(([10, 0, 0, 1], 443).into())
+            addresses("http://[::1]:8000/"),
+            vec![SocketAddr::from((Ipv6Addr::LOCALHOST, 8000))]
         );
-        assert_eq!(
-            ip("http://[::1]:8000/"),
-            Some((std::net::Ipv6Addr::LOCALHOST, 8000).into())
-        );
-        assert_eq!(ip("http://api.internal:7002/"), None);
+        assert_eq!(addresses("http://0x7f.1:7002/"), v4([127, 0, 0, 1], 7002));
+        let loopback = vec![
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 7002)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, 7002)),
+        ];
+        for host in [
+            "localhost",
+            "LocalHost",
+            "localhost.",
+            "api.localhost",
+            "a.b.localhost.",
+        ] {
+            assert_eq!(
+                addresses(&format!("http://{host}:7002/")),
+                loopback,
+                "{host}"
+            );
+        }
+        // Host names are not resolved; nor is a name that only looks like localhost.
+        for host in [
+            "api.internal",
+            "localhost.example",
+            "mylocalhost",
+            "127.1.",
+            "256.1",
+        ] {
+            assert_eq!(addresses(&format!("http://{host}:7002/")), vec![], "{host}");
+        }
+    }
+
+    #[test]
+    fn legacy_ipv4_reads_what_getaddrinfo_reads_as_an_address() {
+        // Each answer as glibc 2.36's getaddrinfo (AI_NUMERICHOST, AF_INET) gave it.
+        for (text, address) in [
+            ("127.0.0.1", Some([127, 0, 0, 1])),
+            ("127.1", Some([127, 0, 0, 1])),
+            ("127.0.1", Some([127, 0, 0, 1])),
+            ("0x7f.0.0.1", Some([127, 0, 0, 1])),
+            ("0X7F.1", Some([127, 0, 0, 1])),
+            ("0x0000007f.1", Some([127, 0, 0, 1])),
+            ("2130706433", Some([127, 0, 0, 1])),
+            ("017700000001", Some([127, 0, 0, 1])),
+            ("00000000000000000000177.1", Some([127, 0, 0, 1])),
+            ("127.000.000.001", Some([127, 0, 0, 1])),
+            ("0127.1", Some([87, 0, 0, 1])),
+            ("0xa.0xb.0xc.0xd", Some([10, 11, 12, 13])),
+            ("1.2.65535", Some([1, 2, 255, 255])),
+            ("127.16777215", Some([127, 255, 255, 255])),
+            ("4294967295", Some([255, 255, 255, 255])),
+            ("0xffffffff", Some([255, 255, 255, 255])),
+            ("0", Some([0, 0, 0, 0])),
+            ("00", Some([0, 0, 0, 0])),
+            ("0x0", Some([0, 0, 0, 0])),
+            ("07", Some([0, 0, 0, 7])),
+            // A final dot, an empty part, a part too large for its bytes, a digit not of its
+            // base, anything else: not an address.
+            ("127.1.", None),
+            ("127.0.0.1.", None),
+            ("0.", None),
+            (".1", None),
+            ("1..1", None),
+            ("", None),
+            ("1.2.3.4.5", None),
+            ("256.1", None),
+            ("1.2.3.256", None),
+            ("1.2.65536", None),
+            ("127.16777216", None),
+            ("4294967296", None),
+            ("0x100000001", None),
+            ("18446744073709551617", None),
+            ("0x7g.1", None),
+            ("08.1", None),
+            ("09", None),
+            ("0x", None),
+            ("0x.1", None),
+            ("1.2.3.0x", None),
+            ("+1", None),
+            ("-1", None),
+            ("127.1 ", None),
+            ("1e2", None),
+            ("localhost", None),
+        ] {
+            assert_eq!(legacy_ipv4(text), address.map(Ipv4Addr::from), "{text:?}");
+        }
     }
 }

@@ -452,9 +452,12 @@ fn reaches(api: std::net::IpAddr, listener: std::net::IpAddr) -> bool {
 }
 
 /// Why `config` would have the gateway send its API calls to itself, if it would: `--api` an
-/// IP address and port that reach one of its listeners (see [`reaches`]), or
-/// `--api-unix-socket` the path of its `--control-unix-socket`. A host name is not resolved
-/// here, and a listener on all addresses is not matched with the host's other addresses.
+/// address and port that reach one of its listeners (see [`reaches`]), or `--api-unix-socket`
+/// the path of its `--control-unix-socket`. The addresses are those known without DNS (see
+/// [`config::ApiBase::addresses_known_without_dns`]): an IP address in any spelling
+/// getaddrinfo reads (`127.1`, `0x7f.0.0.1`), and loopback for `localhost`. Any other host
+/// name is not resolved, and a listener on all addresses is not matched with the host's other
+/// addresses.
 fn calls_itself(config: &Config) -> Option<String> {
     if let (Some(api), Some(control)) = (&config.api_unix_socket, &config.control_unix_socket) {
         if resolved_path(api) == resolved_path(control) {
@@ -468,14 +471,17 @@ fn calls_itself(config: &Config) -> Option<String> {
     if config.api_unix_socket.is_some() {
         return None;
     }
-    let api = config.api.ip_address()?;
+    let api = config.api.addresses_known_without_dns();
     [
         ("--listen", config.listen),
         ("--control-listen", config.control_listen),
     ]
     .into_iter()
     .find(|(_, listener)| {
-        listener.port() != 0 && listener.port() == api.port() && reaches(api.ip(), listener.ip())
+        listener.port() != 0
+            && api
+                .iter()
+                .any(|api| listener.port() == api.port() && reaches(api.ip(), listener.ip()))
     })
     .map(|(flag, listener)| {
         format!(
@@ -518,18 +524,20 @@ mod tests {
         Config::default()
     }
 
+    /// The start-up refusal of `api` with these listeners, if any.
+    fn refusal(listen: &str, control: &str, api: &str) -> Option<String> {
+        let config = Config {
+            listen: listen.parse().unwrap(),
+            control_listen: control.parse().unwrap(),
+            api: api.parse().unwrap(),
+            ..config()
+        };
+        validate(&config).err().map(|error| error.to_string())
+    }
+
     #[test]
     fn an_api_that_spells_a_listener_as_an_ipv4_mapped_ipv6_address_is_refused() {
         // `[::ffff:127.0.0.1]` is 127.0.0.1 to a connect(): the gateway would call itself.
-        let refused = |listen: &str, control: &str, api: &str| {
-            let config = Config {
-                listen: listen.parse().unwrap(),
-                control_listen: control.parse().unwrap(),
-                api: api.parse().unwrap(),
-                ..config()
-            };
-            validate(&config).err().map(|error| error.to_string())
-        };
         for (listen, control, api, flag) in [
             (
                 "127.0.0.1:27001",
@@ -550,7 +558,7 @@ mod tests {
                 "--control-listen",
             ),
         ] {
-            let error = refused(listen, control, api)
+            let error = refusal(listen, control, api)
                 .unwrap_or_else(|| panic!("--api {api} with --listen {listen} passed"));
             assert!(
                 error.contains(&format!("is this gateway's own {flag}")),
@@ -559,7 +567,7 @@ mod tests {
         }
         // Another port, or an IPv4-mapped address that is not the listener's, is another server.
         assert_eq!(
-            refused(
+            refusal(
                 "127.0.0.1:27001",
                 "127.0.0.1:27002",
                 "http://[::ffff:127.0.0.1]:27003/"
@@ -567,11 +575,76 @@ mod tests {
             None
         );
         assert_eq!(
-            refused(
+            refusal(
                 "127.0.0.1:27001",
                 "127.0.0.1:27002",
                 "http://[::ffff:10.0.0.1]:27001/"
             ),
+            None
+        );
+    }
+
+    #[test]
+    fn an_api_that_spells_a_listener_as_getaddrinfo_would_read_it_is_refused() {
+        // Each of these is an address of the listener to a connect() (getaddrinfo reads the
+        // legacy IPv4 forms as inet_aton does; localhost is loopback), so the gateway would
+        // call itself.
+        let control = "127.0.0.1:27002";
+        for (listen, api, flag) in [
+            ("127.0.0.1:27001", "http://127.1:27001/", "--listen"),
+            ("127.0.0.1:27001", "http://0x7f.0.0.1:27001/", "--listen"),
+            ("127.0.0.1:27001", "http://2130706433:27001/", "--listen"),
+            ("127.0.0.1:27001", "http://017700000001:27001/", "--listen"),
+            ("127.0.0.1:27001", "http://0:27001/", "--listen"),
+            ("127.0.0.1:27001", "http://localhost:27001/", "--listen"),
+            (
+                "127.0.0.1:27001",
+                "http://LOCALHOST.:27002/",
+                "--control-listen",
+            ),
+            ("0.0.0.0:27001", "http://api.localhost:27001/", "--listen"),
+            ("[::1]:27001", "http://localhost:27001/", "--listen"),
+            ("[::]:27001", "http://0x7f.1:27001/", "--listen"),
+            ("0.0.0.0:27001", "http://127.1:27002/", "--control-listen"),
+        ] {
+            let error = refusal(listen, control, api)
+                .unwrap_or_else(|| panic!("--api {api} with --listen {listen} passed"));
+            let listener = if flag == "--listen" { listen } else { control };
+            let listener = listener.parse::<std::net::SocketAddr>().unwrap();
+            assert_eq!(
+                error,
+                format!(
+                    "--api {api} is this gateway's own {flag} {listener}: the API must be \
+                     another server"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn an_api_that_only_looks_like_a_listener_is_not_refused() {
+        for api in [
+            // Another address, or another port.
+            "http://127.2:27001/",
+            "http://127.1:27003/",
+            "http://localhost:27003/",
+            // Not an address to getaddrinfo, but a name it would ask DNS for.
+            "http://0x7g.1:27001/",
+            "http://256.1:27001/",
+            "http://127.1.:27001/",
+            // A host name is not resolved at start-up.
+            "http://api.internal:27001/",
+            "http://localhost.example:27001/",
+        ] {
+            assert_eq!(
+                refusal("127.0.0.1:27001", "127.0.0.1:27002", api),
+                None,
+                "{api}"
+            );
+        }
+        // 0.0.0.0 reaches an IPv4 listener only.
+        assert_eq!(
+            refusal("[::1]:27001", "127.0.0.1:27002", "http://0:27001/"),
             None
         );
     }
