@@ -354,6 +354,12 @@ async fn wait_for_handshake_slot(
         serve_public(stream, remote, tls, shared, permit).await;
         return;
     }
+    if closed_before_a_byte(&stream) {
+        // A load balancer's TCP check, say: never a handshake, so nothing to count or answer,
+        // as on the way in below the cap.
+        drop(place);
+        return;
+    }
     shared.metrics.handshake_refused(RefusalReason::Overloaded);
     // A TLS client would read a plain-text 503 as a broken handshake, and a TLS handshake
     // only to refuse is the work the cap holds back: it is just closed.
@@ -555,6 +561,16 @@ type ControlStream = Either<TcpStream, UnixStream>;
 async fn first_byte_comes(tcp: &TcpStream) -> bool {
     let mut first = [0u8; 1];
     matches!(tcp.peek(&mut first).await, Ok(n) if n > 0)
+}
+
+/// Whether `tcp`'s peer has already closed it (or it broke) with no byte sent; false while it
+/// is open, or once a byte came. Does not wait.
+fn closed_before_a_byte(tcp: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        futures_util::FutureExt::now_or_never(tcp.peek(&mut first)),
+        Some(Ok(0) | Err(_))
+    )
 }
 
 /// Waits for the first bytes (or the end) of a control connection; says whether any came.

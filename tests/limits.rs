@@ -836,6 +836,29 @@ async fn over_the_pending_handshake_cap_a_slot_freed_within_the_grace_serves_the
 }
 
 #[tokio::test]
+async fn over_the_pending_handshake_cap_a_socket_closed_before_its_first_byte_counts_nothing() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.max_pending_handshakes = 1;
+    let gateway = TestGateway::start(config).await;
+    let mut holder = TcpStream::connect(gateway.public).await.unwrap();
+    holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A TCP check that connects and closes at once, over the cap; then a real client, whose
+    // 503 comes after the check's grace is over too.
+    drop(TcpStream::connect(gateway.public).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let refused = raw_exchange(gateway.public, &upgrade_request("/over", &[])).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(
+        refused_by(&gateway.metrics().await, "overloaded"),
+        1.0,
+        "only the client that sent a request is refused"
+    );
+    drop(holder);
+}
+
+#[tokio::test]
 async fn over_the_pending_handshake_cap_sockets_wait_side_by_side_not_one_after_another() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
