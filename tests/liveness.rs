@@ -312,9 +312,10 @@ async fn a_client_that_stops_part_way_through_a_message_is_closed_at_its_idle_ti
         }
     };
     assert_eq!(close.close_reason(), "idle timeout");
-    // Within two timeouts: the idle time counts from the last look that saw its bytes come.
+    // Within two timeouts (1 s; 2 s with room for a loaded machine's late timers): the idle
+    // time counts from the last look that saw its bytes come. Three would be a regression.
     assert!(
-        stopped.elapsed() < Duration::from_secs(3),
+        stopped.elapsed() < Duration::from_secs(2),
         "{:?}",
         stopped.elapsed()
     );
