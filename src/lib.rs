@@ -352,6 +352,11 @@ fn validate(config: &Config) -> Result<(), StartError> {
     if config.max_message_size == 0 {
         return fail("--max-message-size must be at least 1 byte");
     }
+    if u32::try_from(config.max_message_size).is_err() {
+        // Each message is held whole in memory on its way through; and a session follows the
+        // frames of a message still arriving with 32-bit lengths (`session::ReadProgress`).
+        return fail("--max-message-size must be below 4GiB");
+    }
     if config.upstream_min_concurrency == 0 {
         return fail("--upstream-min-concurrency must be at least 1");
     }
@@ -646,6 +651,23 @@ mod tests {
         assert_eq!(
             refusal("[::1]:27001", "127.0.0.1:27002", "http://0:27001/"),
             None
+        );
+    }
+
+    #[test]
+    fn a_max_message_size_of_4_gib_or_more_is_refused_with_its_flag() {
+        let with = |size: usize| {
+            validate(&Config {
+                max_message_size: size,
+                ..config()
+            })
+            .err()
+            .map(|error| error.to_string())
+        };
+        assert_eq!(with(u32::MAX as usize), None);
+        assert_eq!(
+            with(u32::MAX as usize + 1).as_deref(),
+            Some("--max-message-size must be below 4GiB")
         );
     }
 

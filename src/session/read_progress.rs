@@ -17,8 +17,9 @@ enum Step {
     Mask,
     /// Within its payload.
     Payload,
-    /// Past a frame longer than 4 GiB, which the scan does not follow: every byte from here on
-    /// counts as a data message's.
+    /// Past a frame of 4 GiB or more, which the scan does not follow: every byte from here on
+    /// counts as a data message's. Such a frame is always over `--max-message-size` (below
+    /// 4 GiB), so the websocket decoder ends the connection.
     Untracked,
 }
 
