@@ -326,13 +326,14 @@ pub const RESERVED_DESCRIPTORS: usize = 64;
 /// listener too) comes out of [`RESERVED_DESCRIPTORS`].
 pub const HANDSHAKE_WAITERS: usize = 48;
 
-/// Control connections over [`CONTROL_CONNECTIONS`] being answered `503` at once; while all are
-/// taken the control accept loop waits for one. Apart from [`HANDSHAKE_WAITERS`], so that a
-/// crowd of websocket clients cannot turn a proxy's health check into an unanswered socket.
+/// Control connections over [`CONTROL_CONNECTIONS`] being refused at once (`503`, or h2c's
+/// GOAWAY, each in about a second at most); while all are taken the control accept loop waits
+/// for one. Apart from [`HANDSHAKE_WAITERS`], so that a crowd of websocket clients cannot turn
+/// a proxy's health check into an unanswered socket.
 pub const CONTROL_REFUSALS: usize = 16;
 
 /// Control connections served at once, over the TCP and Unix control listeners together; those
-/// over it are answered `503` and closed ([`CONTROL_REFUSALS`] at a time). Budgeted like the API pool, so that a crowd of pushers
+/// over it are answered `503` (h2c: a GOAWAY) and closed ([`CONTROL_REFUSALS`] at a time). Budgeted like the API pool, so that a crowd of pushers
 /// cannot take the descriptors the websockets were promised.
 pub const CONTROL_CONNECTIONS: usize = 256;
 

@@ -415,17 +415,40 @@ const PENDING_NETWORK_ERRORS: &[i32] = &[
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 const PENDING_NETWORK_ERRORS: &[i32] = &[];
 
-/// Answers `503` to a socket over a connection cap (pending handshakes, control connections),
-/// without parsing anything. The request is read and dropped after the answer (for at most
+/// How long a refusal over a connection cap may hold its place: the control listener's wait
+/// for the client's first bytes, the answer and the read-and-drop after it all fit in it (see
+/// [`refuse_busy`] and [`refuse_busy_control`]).
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
+/// The most a refusal reads and drops (see [`refuse_busy`]).
+const REFUSAL_DRAIN: usize = 64 * 1024;
+
+/// The refusal of a socket over a connection cap, in HTTP/1.1.
+const BUSY_HTTP1: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Answers `503` to a socket over the pending-handshake cap at once, without parsing
+/// anything (a browser speaks HTTP/1.1 there; see [`refuse_busy_control`] for the control
+/// listener's). The request is read and dropped after the answer (for at most
 /// 1 s, 64 KiB): a socket closed with unread data is reset, and some clients (Windows, macOS,
 /// proxies) then lose the `503` and see only the reset.
-async fn refuse_busy(mut stream: impl AsyncRead + AsyncWrite + Unpin) {
-    let reply = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+async fn refuse_busy(stream: impl AsyncRead + AsyncWrite + Unpin) {
+    let deadline = tokio::time::Instant::now() + REFUSAL_TIME;
+    answer_and_drain(stream, BUSY_HTTP1, deadline, REFUSAL_DRAIN).await;
+}
+
+/// Writes `reply` to `stream`, shuts its writing side, then reads and drops what comes until
+/// the peer closes, `drain` bytes have come or `deadline`, whichever is first.
+async fn answer_and_drain(
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
+    reply: &[u8],
+    deadline: tokio::time::Instant,
+    drain: usize,
+) {
+    let _ = tokio::time::timeout_at(deadline, async {
         stream.write_all(reply).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];
-        let mut left = 64 * 1024;
+        let mut left = drain;
         while left > 0 {
             match stream.read(&mut sink).await? {
                 0 => break,
@@ -435,6 +458,106 @@ async fn refuse_busy(mut stream: impl AsyncRead + AsyncWrite + Unpin) {
         Ok::<(), io::Error>(())
     })
     .await;
+}
+
+/// The 24 bytes that open an HTTP/2 connection with prior knowledge (RFC 9113, 3.4): what an
+/// h2c client sends first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The GOAWAY's debug data in [`h2_refusal`], for a client's logs.
+const H2_REFUSAL_DEBUG: &[u8] = b"control connections over capacity";
+
+/// How long the answer to a control connection over the cap is given when its wait for the
+/// client's first bytes took all of [`REFUSAL_TIME`]: a new socket takes those few bytes at
+/// once, so this is a moment for the write and for the client to close after reading them.
+const REFUSAL_ANSWER_GRACE: Duration = Duration::from_millis(100);
+
+/// The refusal of an h2c connection over the control listener's cap, written after its
+/// preface: the server's SETTINGS (empty: the defaults, never used), and a GOAWAY with last
+/// stream id 0 and REFUSED_STREAM, which says that none of the client's streams was processed
+/// and that it may send them again (RFC 9113, 6.8), on another connection.
+fn h2_refusal() -> Vec<u8> {
+    /// A frame header (RFC 9113, 4.1) without flags, on stream 0: 24-bit length, type,
+    /// flags, reserved bit and 31-bit stream id.
+    fn frame_header(length: usize, kind: u8) -> [u8; 9] {
+        let [_, a, b, c] = u32::try_from(length)
+            .expect("a frame of ours is short")
+            .to_be_bytes();
+        [a, b, c, kind, 0, 0, 0, 0, 0]
+    }
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const REFUSED_STREAM: u32 = 0x7;
+    let goaway_length = 8 + H2_REFUSAL_DEBUG.len();
+    let mut frames = Vec::with_capacity(9 + 9 + goaway_length);
+    frames.extend_from_slice(&frame_header(0, SETTINGS));
+    frames.extend_from_slice(&frame_header(goaway_length, GOAWAY));
+    // Last stream id: none was processed.
+    frames.extend_from_slice(&0u32.to_be_bytes());
+    frames.extend_from_slice(&REFUSED_STREAM.to_be_bytes());
+    frames.extend_from_slice(H2_REFUSAL_DEBUG);
+    frames
+}
+
+/// What the first bytes of a connection say about its protocol.
+#[derive(Debug, PartialEq, Eq)]
+enum Opening {
+    /// The whole h2c preface.
+    Http2,
+    /// The start of the preface (or nothing yet): either, until more comes.
+    Undecided,
+    /// Anything else: HTTP/1.1 (or junk), answered as HTTP/1.1.
+    Http1,
+}
+
+/// Tells `first` (the bytes that came first, at most 24) apart: the h2c preface, a start of
+/// it, or something else.
+fn opening(first: &[u8]) -> Opening {
+    if !H2_PREFACE.starts_with(first) {
+        Opening::Http1
+    } else if first.len() == H2_PREFACE.len() {
+        Opening::Http2
+    } else {
+        Opening::Undecided
+    }
+}
+
+/// Refuses a control connection over the cap in the client's own protocol: an h2c client
+/// would read [`refuse_busy`]'s HTTP/1.1 `503` as a framing error and never learn that it was
+/// refused. It reads the first bytes, at most the 24 of the h2c preface, until they tell one
+/// from the other or [`REFUSAL_TIME`] passes: the whole preface gets [`h2_refusal`] at once;
+/// a byte off the preface, the end or an error gets the HTTP/1.1 `503` at once, as does a
+/// start of the preface (or nothing) when the time is up. Then it reads and drops what comes
+/// as [`refuse_busy`] does, within what is left of [`REFUSAL_TIME`] (but at least
+/// [`REFUSAL_ANSWER_GRACE`]) and 64 KiB in all, the bytes read before counted. No metric
+/// counts it, as before (none counts control connections).
+async fn refuse_busy_control(mut stream: impl AsyncRead + AsyncWrite + Unpin) {
+    let deadline = tokio::time::Instant::now() + REFUSAL_TIME;
+    let mut first = [0u8; H2_PREFACE.len()];
+    let mut read = 0;
+    let sniffed = tokio::time::timeout_at(deadline, async {
+        loop {
+            match opening(&first[..read]) {
+                Opening::Undecided => {}
+                decided => return decided,
+            }
+            match stream.read(&mut first[read..]).await {
+                Ok(0) | Err(_) => return Opening::Http1,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+    let h2;
+    let reply = match sniffed {
+        Ok(Opening::Http2) => {
+            h2 = h2_refusal();
+            h2.as_slice()
+        }
+        _ => BUSY_HTTP1,
+    };
+    let deadline = deadline.max(tokio::time::Instant::now() + REFUSAL_ANSWER_GRACE);
+    answer_and_drain(stream, reply, deadline, REFUSAL_DRAIN - read).await;
 }
 
 async fn serve_public(
@@ -622,7 +745,7 @@ pub(crate) async fn listen_unix(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// The control listeners' places, shared by the TCP and Unix listeners: connections served
-/// ([`CONTROL_CONNECTIONS`]) and connections over that being answered `503`
+/// ([`CONTROL_CONNECTIONS`]) and connections over that being answered `503` (h2c: a GOAWAY)
 /// ([`CONTROL_REFUSALS`]).
 ///
 /// [`CONTROL_CONNECTIONS`]: crate::config::CONTROL_CONNECTIONS
@@ -664,12 +787,12 @@ pub(crate) async fn accept_control(
                 continue;
             }
         };
-        // Over the budget, answered 503 in a task of its own.
+        // Over the budget, answered 503 (h2c: a GOAWAY) in a task of its own.
         let slot = match admit(&slots.connections, &slots.refusals, &stop).await {
             Some(Admission::Slot(slot)) => slot,
             Some(Admission::OverCap(place)) => {
                 connections.spawn(async move {
-                    refuse_busy(stream).await;
+                    refuse_busy_control(stream).await;
                     drop(place);
                 });
                 continue;
@@ -996,6 +1119,31 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    #[test]
+    fn the_first_bytes_of_a_control_connection_tell_h2c_from_http1() {
+        assert_eq!(opening(b""), Opening::Undecided);
+        assert_eq!(opening(b"PRI * HTTP/2.0\r\n"), Opening::Undecided);
+        assert_eq!(opening(H2_PREFACE), Opening::Http2);
+        assert_eq!(opening(b"P"), Opening::Undecided);
+        assert_eq!(opening(b"POST /x HTTP/1.1\r\nHost:"), Opening::Http1);
+        assert_eq!(opening(b"GET /healthz HTTP/1.1\r\nH"), Opening::Http1);
+        assert_eq!(opening(b"PRI * HTTP/1.1\r\n"), Opening::Http1);
+        assert_eq!(opening(b"\x16\x03\x01"), Opening::Http1);
+    }
+
+    /// RFC 9113, 4.1 (frame header), 6.5 (SETTINGS), 6.8 (GOAWAY), 7 (REFUSED_STREAM = 0x7).
+    #[test]
+    fn the_h2c_refusal_is_an_empty_settings_then_a_goaway_refused_stream_for_no_stream() {
+        let mut expected = vec![
+            0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, no payload, stream 0
+            0, 0, 41, 0x7, 0, 0, 0, 0, 0, // GOAWAY, 8 + 33 bytes, stream 0
+            0, 0, 0, 0, // last stream id 0
+            0, 0, 0, 0x7, // REFUSED_STREAM
+        ];
+        expected.extend_from_slice(b"control connections over capacity");
+        assert_eq!(h2_refusal(), expected);
+    }
 
     /// accept(2) on Linux: "pending network errors on the new socket [...] should be treated
     /// like EAGAIN by retrying".

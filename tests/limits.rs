@@ -1868,6 +1868,197 @@ async fn healthz_until(control: std::net::SocketAddr, status: u16) -> RawRespons
     }
 }
 
+/// A gateway with the control budget it plans for 20,000 descriptors (256 connections), every
+/// one of them held by a connection in the middle of a request head, and its API: the next
+/// control connection is over the cap.
+async fn with_every_control_connection_held() -> (MockApi, TestGateway, Vec<TcpStream>) {
+    let api = MockApi::start().await;
+    let config = test_config(&api);
+    let budget = ws2http::DescriptorBudget::plan(&config, 20_000).unwrap();
+    assert_eq!(budget.control_connections, 256);
+    let gateway = TestGateway::start_with_budget(config, budget).await;
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+        stream.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
+        held.push(stream);
+    }
+    // Once the listener has taken them all.
+    healthz_until(gateway.control, 503).await;
+    (api, gateway, held)
+}
+
+/// What an HTTP/1.1 client over a connection cap is sent, byte for byte.
+const BUSY_HTTP1: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// The 24 bytes that open h2c (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An empty SETTINGS frame, what an h2c client sends after the preface.
+const H2_EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+
+/// One HTTP/2 frame: type, flags, stream id, payload.
+#[derive(Debug)]
+struct H2Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+/// `bytes` as whole HTTP/2 frames (RFC 9113, 4.1), or `None` if they are not.
+fn h2_frames(mut bytes: &[u8]) -> Option<Vec<H2Frame>> {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        let header = bytes.get(..9)?;
+        let length =
+            usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        let stream = u32::from_be_bytes(header[5..9].try_into().unwrap()) & 0x7fff_ffff;
+        let payload = bytes.get(9..9 + length)?.to_vec();
+        frames.push(H2Frame {
+            kind: header[3],
+            flags: header[4],
+            stream,
+            payload,
+        });
+        bytes = &bytes[9 + length..];
+    }
+    Some(frames)
+}
+
+/// Asserts that `answer` is the gateway's h2c refusal: its SETTINGS, then a GOAWAY with last
+/// stream id 0 and REFUSED_STREAM, and nothing after.
+fn assert_h2_refusal(answer: &[u8]) {
+    let frames = h2_frames(answer)
+        .unwrap_or_else(|| panic!("not HTTP/2 frames: {:?}", String::from_utf8_lossy(answer)));
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    let (settings, goaway) = (&frames[0], &frames[1]);
+    assert_eq!(
+        (settings.kind, settings.flags, settings.stream),
+        (0x4, 0, 0),
+        "first the server's SETTINGS (no ACK): {frames:?}"
+    );
+    assert_eq!(settings.payload.len() % 6, 0, "{frames:?}");
+    assert_eq!((goaway.kind, goaway.stream), (GOAWAY, 0), "{frames:?}");
+    assert!(goaway.payload.len() >= 8, "{frames:?}");
+    let last_stream_id = u32::from_be_bytes(goaway.payload[..4].try_into().unwrap()) & 0x7fff_ffff;
+    let error_code = u32::from_be_bytes(goaway.payload[4..8].try_into().unwrap());
+    assert_eq!(last_stream_id, 0, "no stream was processed");
+    assert_eq!(error_code, 0x7, "REFUSED_STREAM: it may be sent again");
+    assert_eq!(
+        &goaway.payload[8..],
+        b"control connections over capacity",
+        "the debug data"
+    );
+}
+
+#[tokio::test]
+async fn control_connections_over_the_budget_in_h2c_get_a_goaway_refused_stream() {
+    let (_api, gateway, _held) = with_every_control_connection_held().await;
+
+    // The preface and an empty SETTINGS frame, read by hand.
+    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+    let sent = Instant::now();
+    stream.write_all(H2_PREFACE).await.unwrap();
+    stream.write_all(&H2_EMPTY_SETTINGS).await.unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    let took = sent.elapsed();
+    assert_h2_refusal(&answer);
+    assert!(
+        took < Duration::from_millis(900),
+        "answered and closed {took:?} after the preface, not at once"
+    );
+
+    // h2's client tells that its request was refused, unprocessed.
+    let tcp = TcpStream::connect(gateway.control).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut client = client.ready().await.unwrap();
+    let request = hyper::Request::post(format!("http://{}/x", gateway.control))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let driving = tokio::spawn(connection);
+    let error = tokio::time::timeout(Duration::from_secs(3), response)
+        .await
+        .expect("an answer within 3 s")
+        .expect_err("refused");
+    assert!(
+        error.is_go_away() && error.is_remote(),
+        "not the gateway's GOAWAY: {error:?}"
+    );
+    assert_eq!(
+        error.reason(),
+        Some(h2::Reason::REFUSED_STREAM),
+        "{error:?}"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(3), driving).await;
+}
+
+#[tokio::test]
+async fn control_connections_over_the_budget_in_http1_still_get_503_with_retry_after() {
+    let (_api, gateway, _held) = with_every_control_connection_held().await;
+    let answer = raw_http(gateway.control, "GET", "/healthz", &[], b"").await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.header("retry-after"), Some("1"));
+
+    // Byte for byte, at once, with a request head that has not come whole yet.
+    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+    let sent = Instant::now();
+    stream.write_all(b"POST /x HTTP/1.1\r\nHo").await.unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        String::from_utf8_lossy(BUSY_HTTP1)
+    );
+    assert!(sent.elapsed() < Duration::from_millis(900), "not at once");
+}
+
+#[tokio::test]
+async fn control_connections_over_the_budget_that_send_part_of_the_h2c_preface_are_answered_within_a_second(
+) {
+    let (_api, gateway, _held) = with_every_control_connection_held().await;
+
+    // The preface in two writes, 200 ms apart: HTTP/2 all the same.
+    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+    stream.write_all(&H2_PREFACE[..16]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream.write_all(&H2_PREFACE[16..]).await.unwrap();
+    stream.write_all(&H2_EMPTY_SETTINGS).await.unwrap();
+    assert_h2_refusal(&read_until_closed(&mut stream).await);
+
+    // A first byte that could open h2c is waited on; the next, off the preface, is answered
+    // HTTP/1.1 at once.
+    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+    stream.write_all(b"P").await.unwrap();
+    assert!(
+        stays_unanswered(&mut stream, Duration::from_millis(200)).await,
+        "answered before the second byte"
+    );
+    let sent = Instant::now();
+    stream
+        .write_all(b"OST /x HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert_eq!(answer, BUSY_HTTP1);
+    assert!(sent.elapsed() < Duration::from_millis(600), "not at once");
+
+    // A start of it and then nothing: no protocol told, answered HTTP/1.1 once the second is up.
+    let mut stream = TcpStream::connect(gateway.control).await.unwrap();
+    let sent = Instant::now();
+    stream.write_all(&H2_PREFACE[..12]).await.unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    let took = sent.elapsed();
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        String::from_utf8_lossy(BUSY_HTTP1)
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2000),
+        "answered and closed {took:?} after its 12 bytes"
+    );
+}
+
 #[tokio::test]
 async fn control_connections_over_the_budget_wait_while_every_place_to_refuse_them_is_taken() {
     let api = MockApi::start().await;
@@ -1881,8 +2072,8 @@ async fn control_connections_over_the_budget_wait_while_every_place_to_refuse_th
     let mut held = TcpStream::connect(gateway.control).await.unwrap();
     held.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // One over the budget is answered 503 and drained until it closes: it stays silent, so
-    // it holds the only place to refuse from.
+    // One over the budget is waited on for its first bytes, then answered 503 and closed: it
+    // stays silent, so it holds the only place to refuse from for the whole second.
     let mut refused = TcpStream::connect(gateway.control).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut next = TcpStream::connect(gateway.control).await.unwrap();
