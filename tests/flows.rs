@@ -1339,7 +1339,15 @@ async fn metrics_keep_ws2api_names_and_balance() {
     let _b = gateway.connect("/b").await;
     round_trip(&mut a, "x").await;
     a.close().await.unwrap();
-    api.wait_for("DELETE", 1).await;
+    // Counted once the gateway has the API's answer to the DELETE, and so after that
+    // request's own counts (the mock API records it before it answers).
+    gateway
+        .wait_for_metric(
+            "disconnects_notified",
+            |n| n == 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["connections_opened"], 2.0);
     assert_eq!(metrics["connections_closed"], 1.0);
