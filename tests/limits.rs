@@ -1310,8 +1310,8 @@ async fn a_refusal_the_client_does_not_read_is_counted_once_when_the_handshake_l
     .await;
     let mut config = test_config(&api);
     config.max_message_size = 4 << 20;
-    config.handshake_timeout = Duration::from_millis(300);
-    config.upstream_timeout = Duration::from_millis(500);
+    config.handshake_timeout = Duration::from_millis(200);
+    config.upstream_timeout = Duration::from_millis(400);
     let gateway = TestGateway::start(config).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -1321,8 +1321,9 @@ async fn a_refusal_the_client_does_not_read_is_counted_once_when_the_handshake_l
         .await
         .unwrap();
     api.wait_for("GET", 1).await;
-    // Past the outer limit (1.8 s) before reading a byte.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Well past the outer limit (1.6 s from the accept) before reading a byte: nothing
+    // tells when the cut has happened, and a read begun before it takes the whole page.
+    tokio::time::sleep(Duration::from_millis(3600)).await;
     let mut received = Vec::new();
     let read =
         tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received)).await;
@@ -1366,11 +1367,16 @@ async fn a_control_connection_that_sends_nothing_is_dropped_after_the_handshake_
     healthz_until(gateway.control, 200).await;
 }
 
-/// Connects to a control listener with a 2 s --handshake-timeout, sends the first byte of an
-/// HTTP/1.1 request after `wait`, and nothing more; returns when the gateway hung up, counted
-/// from the connect.
+/// The --handshake-timeout of [`closed_after_one_byte_at`]'s control listeners: long beside
+/// the idle close's 1 s grace, so that a head begun late is closed seconds before its header
+/// timer would have run out.
+const ONE_BYTE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Connects to a control listener with a [`ONE_BYTE_HANDSHAKE_TIMEOUT`] --handshake-timeout,
+/// sends the first byte of an HTTP/1.1 request after `wait`, and nothing more; returns when
+/// the gateway hung up, counted from the connect.
 async fn closed_after_one_byte_at(wait: Duration) -> Duration {
-    let (_api, gateway) = with_one_control_connection(Duration::from_secs(2)).await;
+    let (_api, gateway) = with_one_control_connection(ONE_BYTE_HANDSHAKE_TIMEOUT).await;
     let started = Instant::now();
     let mut stream = TcpStream::connect(gateway.control).await.unwrap();
     tokio::time::sleep(wait).await;
@@ -1389,18 +1395,24 @@ async fn closed_after_one_byte_at(wait: Duration) -> Duration {
 async fn a_control_request_head_begun_in_time_has_the_timeout_from_its_first_byte_but_at_most_1s_more(
 ) {
     // hyper's header timer starts at the first byte; the idle close, counted from the accept,
-    // cuts it short only after its 1 s grace.
+    // cuts it short only after its 1 s grace. With a 4 s --handshake-timeout: a head begun at
+    // 0.1 s is closed at 4.1 s (by a header timer counted from the accept, at 4.0 s; by the
+    // idle close, at 5.0 s), one begun at 3.9 s at 5.0 s (by the header timer alone, at
+    // 7.9 s; by an idle close without its grace, at 4.0 s). A timer fires late, never early,
+    // and each time is counted from before the connect: a wrong time is a floor, while the
+    // right one may run late, so each upper bound sits below the nearest wrong time and well
+    // above the right one (0.8 s for the early head, 1.5 s for the late one).
     let (early, late) = tokio::join!(
         closed_after_one_byte_at(Duration::from_millis(100)),
-        closed_after_one_byte_at(Duration::from_millis(1900)),
+        closed_after_one_byte_at(Duration::from_millis(3900)),
     );
     assert!(
-        early >= Duration::from_millis(2100) && early < Duration::from_millis(2600),
+        early >= Duration::from_millis(4100) && early < Duration::from_millis(4900),
         "begun at 0.1 s, closed after {early:?}"
     );
     assert!(
-        late >= Duration::from_millis(2900) && late < Duration::from_millis(3600),
-        "begun at 1.9 s, closed after {late:?}"
+        late >= Duration::from_millis(4900) && late < Duration::from_millis(6500),
+        "begun at 3.9 s, closed after {late:?}"
     );
 }
 
