@@ -455,10 +455,12 @@ async fn api_200_with_another_body_is_403_and_401_stays_401() {
 
 #[tokio::test]
 async fn an_unreachable_api_gives_502_and_a_slow_one_504() {
-    let unreachable = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap()
-    };
+    // Bound and not listening, to the end of the test: connecting is refused, and no other
+    // test's server can take the port meanwhile (without SO_REUSEADDR, no other socket may
+    // share it, listening or not).
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let unreachable = reserved.local_addr().unwrap();
     let api = MockApi::start().await;
     let mut config = test_config(&api);
     config.api = format!("http://{unreachable}/").parse().unwrap();

@@ -542,11 +542,31 @@ struct Relay {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A cut relay's port, kept bound but not listening (connecting to it is refused) so that no
+/// other test's server can take it before the relay comes back on it.
+struct CutRelay {
+    socket: tokio::net::TcpSocket,
+}
+
+/// A socket that can share `port` with the relay's other sockets (SO_REUSEPORT, all of them
+/// this process's), and with no one else's: without SO_REUSEADDR, not even with a socket that
+/// does not listen.
+fn relay_socket(port: u16) -> tokio::net::TcpSocket {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseport(true).unwrap();
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .unwrap();
+    socket
+}
+
 impl Relay {
     async fn start(port: u16, backend: std::net::SocketAddr) -> Relay {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
+        Relay::serve(relay_socket(port), backend)
+    }
+
+    fn serve(socket: tokio::net::TcpSocket, backend: std::net::SocketAddr) -> Relay {
+        let listener = socket.listen(1024).unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let mut relays = tokio::task::JoinSet::new();
@@ -564,32 +584,42 @@ impl Relay {
         Relay { addr, task }
     }
 
-    /// Closes the listener and every relayed connection; returns once a connection is
-    /// refused (the aborted task, holding them, is dropped by the runtime soon after).
-    async fn cut(self) -> u16 {
+    /// Closes the listener and every relayed connection, the port kept (bound first, while
+    /// the listener still holds it); returns once a connection is refused (the aborted task,
+    /// holding them, is dropped by the runtime soon after).
+    async fn cut(self) -> CutRelay {
+        let kept = CutRelay {
+            socket: relay_socket(self.addr.port()),
+        };
         self.task.abort();
         let deadline = Instant::now() + Duration::from_secs(5);
         while TcpStream::connect(self.addr).await.is_ok() {
             assert!(Instant::now() < deadline, "the relay still listens");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.addr.port()
+        kept
+    }
+}
+
+impl CutRelay {
+    /// The relay back on its port.
+    fn restore(self, backend: std::net::SocketAddr) -> Relay {
+        Relay::serve(self.socket, backend)
     }
 }
 
 #[tokio::test]
 async fn a_delete_that_finds_the_api_unreachable_is_sent_once_it_is_back() {
     let api = MockApi::start().await;
-    // Bound again after the cut: a port below the ephemeral range, which no outgoing
-    // connection of another test can take meanwhile.
-    let relay = Relay::start(common::binary::free_port(), api.addr).await;
+    // Its port is kept while it is cut, and it comes back on it.
+    let relay = Relay::start(0, api.addr).await;
     let mut config = test_config(&api);
     config.api = format!("http://{}/", relay.addr).parse().unwrap();
     let gateway = TestGateway::start(config).await;
     let mut ws = gateway.connect("/flaky").await;
     assert_eq!(round_trip(&mut ws, "before").await, "echo:before");
 
-    let port = relay.cut().await;
+    let cut = relay.cut().await;
     // The gateway has seen its pooled API connection end, so the DELETE opens a new one.
     gateway
         .wait_for_metric(
@@ -604,7 +634,7 @@ async fn a_delete_that_finds_the_api_unreachable_is_sent_once_it_is_back() {
         .wait_for_metric("requests_failed", |n| n >= 1.0, Duration::from_secs(5))
         .await;
     assert!(api.seen_with("DELETE").is_empty(), "the API is down");
-    let _relay = Relay::start(port, api.addr).await;
+    let _relay = cut.restore(api.addr);
     // Counted once the API has taken it, and then not sent again.
     gateway
         .wait_for_metric(
