@@ -44,16 +44,15 @@ async fn an_api_base_without_a_trailing_slash_is_warned_of_with_the_url_it_makes
     let log = binary.stderr();
     assert!(log.contains("--api does not end with /"), "{log}");
     assert!(log.contains(&format!("{prefix}alice")), "{log}");
-    // With the slash, no such line: read once the lines logged around it are there (the
-    // warning would come right after the listening line), and a moment more.
-    let binary = Binary::start_ready(&api.base(), &[], &[]).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !binary.stderr().contains("ws2http listening") && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // With the slash, no such line: read once the binary has stopped, all of its log in
+    // (the warning would come before it serves).
+    let mut binary = Binary::start_ready(&api.base(), &[], &[]).await;
+    binary.signal(libc::SIGTERM);
+    let status = binary.wait_exit(Duration::from_secs(15)).await;
     let log = binary.stderr();
+    assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("ws2http listening"), "{log}");
+    assert!(log.contains("ws2http stopped"), "{log}");
     assert!(!log.contains("does not end with /"), "{log}");
 }
 

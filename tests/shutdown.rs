@@ -122,8 +122,11 @@ async fn shutdown_lets_an_in_flight_post_finish_and_delivers_its_reply_before_th
 
 #[tokio::test]
 async fn the_health_check_answers_404_while_the_gateway_drains() {
-    let api = MockApi::with_slow_posts("done", Duration::from_millis(1500)).await;
-    let mut gateway = TestGateway::start(test_config(&api)).await;
+    let api = MockApi::with_slow_posts("done", Duration::from_secs(3)).await;
+    let mut config = test_config(&api);
+    // Far longer than the POST takes, which the drain waits for.
+    config.shutdown_timeout = Duration::from_secs(10);
+    let mut gateway = TestGateway::start(config).await;
     let before = gateway.control("GET", "/healthz", b"").await;
     assert_eq!((before.status, before.text()), (200, "ok\n".to_owned()));
     let mut busy = gateway.connect("/busy").await;
@@ -131,29 +134,29 @@ async fn the_health_check_answers_404_while_the_gateway_drains() {
     api.wait_for("POST", 1).await;
     let control = gateway.control;
     let shutdown = tokio::spawn(async move { gateway.shutdown().await });
-    // While the drain waits for the POST, a balancer's check sees the node going away.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While the drain waits for the POST (3 s), a balancer's check sees the node going away.
+    let during = until_draining(control).await;
+    assert_eq!(during.text(), "draining: the gateway is shutting down\n");
     for method in ["GET", "HEAD"] {
         let during = raw_http(control, method, "/healthz", &[], b"").await;
         assert_eq!(during.status, 404, "{method}: {}", during.text());
     }
-    let during = raw_http(control, "GET", "/healthz", &[], b"").await;
-    assert_eq!(during.text(), "draining: the gateway is shutting down\n");
     assert!(shutdown.await.unwrap().completed);
     assert_eq!(next_text(&mut busy).await, "done");
 }
 
 #[tokio::test]
 async fn shutdown_refuses_new_websockets_at_once() {
-    let api = MockApi::with_slow_posts("done", Duration::from_millis(1000)).await;
+    let api = MockApi::with_slow_posts("done", Duration::from_secs(2)).await;
     let mut gateway = TestGateway::start(test_config(&api)).await;
     let mut busy = gateway.connect("/busy").await;
     busy.send(Message::text("work")).await.unwrap();
     api.wait_for("POST", 1).await;
     let url = gateway.url("/latecomer");
+    let control = gateway.control;
     let latecomer = tokio::spawn(async move {
-        // While the drain waits for the POST, a new client is turned away.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // While the drain waits for the POST (2 s), a new client is turned away.
+        until_draining(control).await;
         try_connect_url(&url, &[]).await.map(|_| ())
     });
     let client = tokio::spawn(async move {
@@ -484,7 +487,9 @@ async fn a_sigterm_repeated_right_after_the_first_is_the_same_stop_and_the_binar
 async fn a_second_signal_a_while_after_the_first_exits_at_once_with_status_1() {
     let (_api, mut binary, _closed) = binary_with_a_slow_delete(Duration::from_secs(30)).await;
     binary.signal(libc::SIGTERM);
-    // Past the 250 ms in which a repeated signal is the same stop.
+    // Past the 250 ms in which a repeated signal is the same stop, counted from when the
+    // binary took the first one: before its drain began.
+    until_draining(binary.control).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sent = Instant::now();
     binary.signal(libc::SIGINT);
@@ -497,4 +502,19 @@ async fn a_second_signal_a_while_after_the_first_exits_at_once_with_status_1() {
         "{log}"
     );
     assert!(!log.contains("ws2http stopped"), "{log}");
+}
+
+/// Asks the control listener at `control` for `/healthz` until it answers 404, the drain
+/// begun (10 s at most); returns that answer.
+async fn until_draining(control: std::net::SocketAddr) -> RawResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = raw_http(control, "GET", "/healthz", &[], b"").await;
+        if answer.status == 404 {
+            return answer;
+        }
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert!(Instant::now() < deadline, "not draining after 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
