@@ -401,6 +401,45 @@ async fn swapped_replies_are_reported_as_out_of_order() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_out_of_order_is_an_error_but_the_flood_keeps_its_requests_in_flight() {
+    // Every second reply comes before the one due: an error each time, but it answered a
+    // request, so its slot is refilled. Were it not, each connection would be down to one
+    // request in flight after two pairs, which the server holds for a partner that never comes.
+    let port = server(Behaviour::SwapPairs).await;
+    let r = run_load(
+        port,
+        &[
+            "--conns",
+            "1",
+            "--mode",
+            "flood",
+            "--in-flight",
+            "4",
+            "--duration",
+            "0.5",
+            "--drain-ms",
+            "200",
+        ],
+    )
+    .await;
+    let replies = r["replies"].as_u64().unwrap();
+    let out_of_order = r["errors"]["reply_out_of_order"].as_u64().unwrap_or(0);
+    assert!(
+        replies >= 10,
+        "the flood stopped after {replies} replies: {r}"
+    );
+    assert!(out_of_order >= 10, "{r}");
+    // Each request sent ends once: answered, answered out of order, or missing at the end.
+    let missing = r["errors"]["reply_missing"].as_u64().unwrap_or(0);
+    assert_eq!(
+        r["sent"].as_u64(),
+        Some(replies + out_of_order + missing),
+        "{r}"
+    );
+    assert!(missing <= 1, "only a request held at the end: {r}");
+}
+
 /// Runs a 0.5-s flood of 4 connections, 2 messages in flight each, 64-byte messages.
 async fn short_flood(port: u16, extra: &[&str]) -> Value {
     let mut args = vec![

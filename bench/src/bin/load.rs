@@ -477,8 +477,8 @@ async fn session(
                             Verdict::Late => {}
                             v => sh.error(v.error_kind().unwrap_or("reply_unexpected")),
                         }
-                        // A corrupted reply is an error, not a reply, but it did answer its
-                        // request: the closed loop goes on rather than losing a slot.
+                        // A corrupted or out-of-order reply is an error, not a reply, but it did
+                        // answer a request: the closed loop goes on rather than losing a slot.
                         if verdict.answered() {
                             if sh.mode == Mode::Flood && phase == GO && !send_next(sh, &mut ws, idx, &mut flight, Instant::now()).await {
                                 return End::Lost;
