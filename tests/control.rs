@@ -53,7 +53,7 @@ async fn delete_closes_the_socket_with_the_given_code_and_reason_and_tells_the_a
     );
     // Gone now: another push or close finds nobody.
     assert_eq!(gateway.control("POST", "/alice", b"late").await.status, 404);
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]
@@ -421,7 +421,7 @@ async fn pushes_queued_before_a_control_delete_reach_the_client_before_its_close
     assert_eq!(kicked.status, 200);
     assert_eq!(close, (4001, "kicked".to_owned()));
     assert_eq!(delete.header("x-close-code"), Some("4001"));
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]
@@ -439,7 +439,7 @@ async fn pushes_queued_before_a_newer_connection_replaces_the_socket_reach_it_be
         200
     );
     assert_eq!(next_text(&mut newer).await, "new");
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 1).await;
 }
 
 /// A client at `path` that reads nothing yet, with a small receive buffer: pushes pile up in
@@ -504,7 +504,7 @@ async fn pushes_a_client_never_reads_before_a_control_delete_are_counted_undeliv
         metrics["pushes_accepted"],
         "every push sent or counted undelivered: {metrics:?}"
     );
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]

@@ -788,7 +788,7 @@ async fn protocol_violations_after_the_upgrade_get_their_close_code_and_one_dele
         );
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
     assert_eq!(panics.load(Ordering::SeqCst), 0, "a gateway task panicked");
 }
 

@@ -40,7 +40,7 @@ async fn pings_go_out_at_the_ping_interval_and_a_client_that_answers_stays_conne
     assert_eq!(round_trip(&mut ws, "still here").await, "echo:still here");
     assert!(api.seen_with("DELETE").is_empty());
     assert_eq!(gateway.metrics().await["connections_active"], 1.0);
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 1).await;
 }
 
 #[tokio::test]
@@ -77,7 +77,7 @@ async fn a_client_that_never_answers_pings_is_closed_with_ping_timeout() {
     assert_eq!(delete.body, Bytes::from_static(b"ping timeout"));
     assert_eq!(delete.header("x-close-code"), Some("1001"));
     assert_eq!(closed_by(&gateway.metrics().await, "ping_timeout"), 1.0);
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]
@@ -115,7 +115,7 @@ async fn idle_timeout_closes_a_connection_without_data_messages() {
     assert_eq!(delete.body, Bytes::from_static(b"idle timeout"));
     assert_eq!(delete.header("x-close-code"), Some("1000"));
     assert_eq!(closed_by(&gateway.metrics().await, "idle_timeout"), 1.0);
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,7 +185,7 @@ async fn client_pings_are_answered_with_pongs_and_control_frames_never_reach_the
     assert_eq!(methods, ["GET", "POST", "DELETE"]);
     assert_eq!(api.seen_with("POST")[0].body, Bytes::from_static(b"data"));
     assert_eq!(gateway.metrics().await["messages_received"], 1.0);
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]
@@ -210,7 +210,7 @@ async fn a_client_waiting_on_a_slow_api_answer_is_not_closed_for_ping_timeout() 
     assert_eq!(delete.header("x-close-code"), Some("1000"), "{delete:?}");
     assert_eq!(delete.body, Bytes::from_static(b"done"));
     assert_eq!(closed_by(&gateway.metrics().await, "ping_timeout"), 0.0);
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]
@@ -243,7 +243,7 @@ async fn a_message_at_a_slow_api_is_no_idleness() {
     let delete = api.wait_for("DELETE", 1).await[0].clone();
     assert_eq!(delete.body, Bytes::from_static(b"idle timeout"));
     assert_eq!(closed_by(&gateway.metrics().await, "idle_timeout"), 1.0);
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]

@@ -25,34 +25,22 @@ use ws2http::config::TlsFiles;
 
 const TOKEN: &str = "s3cret-t0ken";
 
-/// Accounting through a token-protected control listener.
-async fn assert_accounting_with_token(gateway: &TestGateway, api: &MockApi) {
-    let auth = format!("Bearer {TOKEN}");
-    let response = raw_http(
-        gateway.control,
-        "GET",
-        "/metrics",
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await;
-    assert_eq!(response.status, 200);
-    let metrics = parse_metrics(&response.text());
-    let (opened, closed, active) = (
-        metrics["connections_opened"],
-        metrics["connections_closed"],
-        metrics["connections_active"],
-    );
-    assert_eq!(opened, closed + active, "{metrics:?}");
-    let deletes = api.wait_for("DELETE", closed as usize).await;
-    let mut ids: Vec<_> = deletes
-        .iter()
-        .map(|d| d.header("x-connection-id").unwrap().to_owned())
-        .collect();
-    let total = ids.len();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), total, "one DELETE per connection id");
+/// Accounting (`assert_accounting`) through a token-protected control listener.
+async fn assert_accounting_with_token(gateway: &TestGateway, api: &MockApi, open: usize) {
+    let metrics = || async {
+        let auth = format!("Bearer {TOKEN}");
+        let response = raw_http(
+            gateway.control,
+            "GET",
+            "/metrics",
+            &[("Authorization", &auth)],
+            b"",
+        )
+        .await;
+        assert_eq!(response.status, 200);
+        parse_metrics(&response.text())
+    };
+    assert_accounting_from(metrics, api, open).await;
 }
 
 #[tokio::test]
@@ -112,7 +100,7 @@ async fn every_control_request_but_healthz_needs_the_bearer_token() {
     .await;
     assert_eq!(info.status, 200);
     assert!(info.text().contains("\"client_id\":\"alice\""));
-    assert_accounting_with_token(&gateway, &api).await;
+    assert_accounting_with_token(&gateway, &api, 1).await;
 }
 
 #[tokio::test]
@@ -307,7 +295,7 @@ async fn an_origin_not_listed_gets_403_before_any_upstream_call() {
     // Clients that send no Origin at all (not browsers, so not a hijacking risk) pass.
     let response = raw_exchange(gateway.public, &upgrade_request("/bot", &[])).await;
     assert_eq!(response.status, 101);
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]
@@ -334,7 +322,7 @@ async fn without_an_origin_list_any_origin_is_forwarded_for_the_api_to_judge() {
     assert_eq!(accepted.status, 101);
     let gets = api.wait_for("GET", 2).await;
     assert_eq!(gets[0].header("origin"), Some("https://evil.example"));
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 // ---- TLS ----
@@ -465,7 +453,7 @@ async fn a_wss_client_connects_over_tls_and_round_trips() {
     ws.close().await.unwrap();
     let delete = &api.wait_for("DELETE", 1).await[0];
     assert_eq!(delete.header("x-close-code"), Some("1000"));
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]
@@ -499,7 +487,7 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["handshakes_refused{reason=\"bad_request\"}"], 1.0);
     assert_eq!(metrics["handshakes_refused{reason=\"timeout\"}"], 1.0);
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 /// Opens a TCP connection to `addr` and closes it before sending a byte: with a FIN, or with
@@ -966,7 +954,7 @@ async fn an_https_api_with_its_private_ca_given_round_trips() {
     assert_eq!(delete.uri, "/over-https");
     let post = &api.wait_for("POST", 1).await[0];
     assert_eq!(post.body, Bytes::from_static(b"hello"));
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 #[tokio::test]
@@ -997,7 +985,7 @@ async fn an_https_api_with_an_untrusted_certificate_gives_502() {
     let response = raw_exchange(gateway.public, &upgrade_request("/alice", &[])).await;
     assert_eq!(response.status, 502);
     assert!(api.seen().is_empty());
-    assert_accounting(&gateway, &api).await;
+    assert_accounting(&gateway, &api, 0).await;
 }
 
 /// Sends a plain-HTTP upgrade request to `gateway`'s TLS listener and reads until it closes

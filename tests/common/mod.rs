@@ -610,16 +610,44 @@ pub async fn close_frame(ws: &mut Ws) -> (u16, String) {
 /// Boxed future helper for scripts that need async.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// Checks the accounting invariant: opened = closed + active, and one DELETE per opened.
-pub async fn assert_accounting(gateway: &TestGateway, api: &MockApi) {
-    let metrics = gateway.metrics().await;
+/// Checks the accounting at a test's end: `connections_active` is `open`, the number of
+/// websockets the test still holds open (0 once it closed or dropped them all), and so is
+/// `connections_opened - connections_closed` (the gauge is that difference, floored at 0, so a
+/// close counted twice could hide behind it); closes still being counted are waited for, 5 s
+/// at most. Then: one DELETE per closed connection, no two with one `X-Connection-Id`, each
+/// for a connection the API was asked about.
+pub async fn assert_accounting(gateway: &TestGateway, api: &MockApi, open: usize) {
+    assert_accounting_from(|| gateway.metrics(), api, open).await;
+}
+
+/// [`assert_accounting`] with the metrics read by `metrics` (a control listener that wants a
+/// token).
+pub async fn assert_accounting_from<F, M>(metrics: M, api: &MockApi, open: usize)
+where
+    M: Fn() -> F,
+    F: Future<Output = HashMap<String, f64>>,
+{
+    let want = open as f64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = metrics().await;
+        let settled = metrics["connections_active"] == want
+            && metrics["connections_opened"] - metrics["connections_closed"] == want;
+        if settled || tokio::time::Instant::now() >= deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let opened = metrics["connections_opened"];
     let closed = metrics["connections_closed"];
-    let active = metrics["connections_active"];
     assert_eq!(
-        opened,
-        closed + active,
-        "opened = closed + active: {metrics:?}"
+        metrics["connections_active"], want,
+        "connections_active is the {open} websockets the test holds open: {metrics:?}"
+    );
+    assert_eq!(
+        opened - closed,
+        want,
+        "opened - closed is the {open} websockets the test holds open: {metrics:?}"
     );
     let deletes = api.wait_for("DELETE", closed as usize).await;
     let mut ids: Vec<_> = deletes
