@@ -859,14 +859,39 @@ async fn over_the_pending_handshake_cap_a_slot_freed_within_the_grace_serves_the
     let mut holder = TcpStream::connect(gateway.public).await.unwrap();
     holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // ...and leaves 20 ms after the next client came: that one is served, not refused.
-    let leaves = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        drop(holder);
-    });
-    let served = raw_exchange(gateway.public, &upgrade_request("/next", &[])).await;
-    assert_eq!(served.status, 101);
-    leaves.await.unwrap();
+    // ...while the next client sends its request and is kept waiting for the slot, 50 ms...
+    let mut next = TcpStream::connect(gateway.public).await.unwrap();
+    next.write_all(&upgrade_request("/next", &[]))
+        .await
+        .unwrap();
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let early = tokio::time::timeout(Duration::from_millis(50), next.read(&mut chunk)).await;
+    assert!(early.is_err(), "answered while over the cap: {early:?}");
+    // ...then leaves, well within the next one's 250-ms grace: that one is served at once.
+    drop(holder);
+    let left = Instant::now();
+    let served = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match next.read(&mut chunk).await {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => data.extend_from_slice(&chunk[..n]),
+            }
+            if let Some(response) = parse_response(&data) {
+                break Some(response);
+            }
+        }
+    })
+    .await
+    .expect("an answer within 5 s")
+    .unwrap_or_else(|| panic!("closed unanswered: {:?}", String::from_utf8_lossy(&data)));
+    let took = left.elapsed();
+    assert_eq!(served.status, 101, "{}", served.text());
+    // Woken by the slot coming free (a few ms), not at the end of its grace (200 ms later).
+    assert!(
+        took < Duration::from_millis(150),
+        "served {took:?} after the slot came free"
+    );
     assert_eq!(refused_by(&gateway.metrics().await, "overloaded"), 0.0);
 }
 

@@ -506,6 +506,9 @@ async fn a_tls_listener_counts_no_refusal_for_connections_closed_before_their_fi
     let api = MockApi::start().await;
     let mut config = test_config(&api);
     config.tls = Some(cert.files());
+    // Short, so that the wait below outlasts it: one of them still held, not seen closed,
+    // would be refused as a timeout by then.
+    config.handshake_timeout = Duration::from_millis(500);
     let gateway = TestGateway::start(config).await;
     for _ in 0..5 {
         connect_and_close(gateway.public, false).await;
@@ -513,6 +516,7 @@ async fn a_tls_listener_counts_no_refusal_for_connections_closed_before_their_fi
     for _ in 0..2 {
         connect_and_close(gateway.public, true).await;
     }
+    let closed = tokio::time::Instant::now();
     // A real TLS failure after them still counts: plain HTTP, answered with a TLS alert
     // (record type 21), then the close.
     let answer = plain_upgrade_to_tls(&gateway).await;
@@ -524,8 +528,9 @@ async fn a_tls_listener_counts_no_refusal_for_connections_closed_before_their_fi
             Duration::from_secs(5),
         )
         .await;
-    // Time for the closed connections to be counted, were they counted.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Time for the closed connections to be counted, were they counted: past their handshake
+    // timeout, with room for a loaded machine.
+    tokio::time::sleep_until(closed + Duration::from_millis(1200)).await;
     let metrics = gateway.metrics().await;
     assert_eq!(
         metrics["handshakes_refused{reason=\"bad_request\"}"], 1.0,
