@@ -148,7 +148,7 @@ async fn a_gateway_that_cannot_start_leaves_an_earlier_profile_in_place() {
     let taken = taken.local_addr().unwrap().to_string();
     let path = std::env::temp_dir().join(format!("ws2http-{}-kept-cpu.pb", std::process::id()));
     std::fs::write(&path, b"an earlier run's profile").unwrap();
-    Binary::refused_at_start(
+    let log = Binary::refused_at_start(
         &api.base(),
         &[
             "--control-listen",
@@ -159,6 +159,11 @@ async fn a_gateway_that_cannot_start_leaves_an_earlier_profile_in_place() {
         &[],
     )
     .await;
+    // Refused at the bind, which comes after the profiler started, not by an earlier check.
+    assert!(
+        log.contains(&format!("--control-listen {taken}: cannot listen")),
+        "{log}"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), b"an earlier run's profile");
     std::fs::remove_file(&path).unwrap();
 }

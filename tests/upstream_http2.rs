@@ -583,13 +583,21 @@ async fn message_waiting_for_a_stream_when_the_api_goes_away(
         .await
         .unwrap();
     // Both requests have their API slot, and the second has had time to reach hyper.
+    let mut both_in_flight = false;
     for _ in 0..500 {
         let in_flight = gateway.metrics().await["upstream_requests_in_flight"];
         if in_flight == 2.0 && api.posts.load(Ordering::SeqCst) == 1 {
+            both_in_flight = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(
+        both_in_flight,
+        "not both requests in flight with one POST at the API: {:?}, {} POSTs",
+        gateway.metrics().await,
+        api.posts.load(Ordering::SeqCst)
+    );
     // Nothing tells when the second request has reached hyper's connection: a fixed wait.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(api.posts.load(Ordering::SeqCst), 1, "one stream at a time");
