@@ -800,7 +800,7 @@ async fn a_non_2xx_answer_is_relayed_and_counted_as_failed() {
 }
 
 #[tokio::test]
-async fn an_api_transport_failure_closes_the_socket_with_1011() {
+async fn a_message_past_the_upstream_timeout_closes_1011() {
     let api = MockApi::with_slow_posts("late", Duration::from_secs(30)).await;
     let mut config = test_config(&api);
     config.upstream_timeout = Duration::from_millis(300);
@@ -1806,8 +1806,13 @@ async fn a_message_whose_api_connection_breaks_while_in_use_is_not_sent_again() 
             "close 1011 upstream error"
         );
         drop(ws);
-        // Its DELETE follows the failure: a second copy would have come before it.
-        raw_wait_for(&log, "DELETE", path).await;
+        // Its DELETE follows the failure (and says what the client was told): a second copy
+        // would have come before it.
+        assert_eq!(
+            raw_wait_for(&log, "DELETE", path).await,
+            "upstream error",
+            "{path}"
+        );
     }
     let crashes: Vec<String> = log
         .lock()
