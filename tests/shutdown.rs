@@ -226,6 +226,71 @@ async fn a_handshake_the_api_is_still_judging_at_shutdown_ends_with_1001_and_its
 }
 
 #[tokio::test]
+async fn while_draining_pushes_get_404_later_messages_are_not_read_and_newcomers_are_refused_at_once(
+) {
+    let api = MockApi::with_script(|s| match (s.method.as_str(), &s.body[..]) {
+        // Held through the checks below, within --shutdown-timeout (5 s).
+        ("POST", b"work") => Reply::ok("done").after(Duration::from_secs(3)),
+        _ => echo_script(s),
+    })
+    .await;
+    let mut config = test_config(&api);
+    // Several messages at the API at once: a message sent while one is there is read and
+    // sent at once, unless the drain stopped reading.
+    config.pipeline = 4;
+    let mut gateway = TestGateway::start(config).await;
+    let mut busy = gateway.connect("/busy").await;
+    busy.send(Message::text("work")).await.unwrap();
+    api.wait_for("POST", 1).await;
+    busy.send(Message::text("beside")).await.unwrap();
+    api.wait_for("POST", 2).await;
+
+    let (control, url) = (gateway.control, gateway.url("/latecomer"));
+    let shutdown = tokio::spawn(async move { gateway.shutdown().await });
+    // The drain has begun once /healthz says so (the public listener is closed by then, and
+    // the session told).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while raw_http(control, "GET", "/healthz", &[], b"").await.status != 404 {
+        assert!(Instant::now() < deadline, "no drain within 5 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A new client is turned away at once, not once the drain is done.
+    let tried = Instant::now();
+    let latecomer = try_connect_url(&url, &[]).await;
+    let took = tried.elapsed();
+    assert!(latecomer.is_err(), "a websocket opened while draining");
+    assert!(took < Duration::from_millis(500), "refused after {took:?}");
+    // A push to the busy client is refused, and says why.
+    let pushed = raw_http(control, "POST", "/busy", &[], b"pushed").await;
+    assert_eq!(
+        (pushed.status, pushed.text()),
+        (404, "client is disconnecting\n".to_owned())
+    );
+    // A message sent now is not read.
+    busy.send(Message::text("after the signal")).await.unwrap();
+    // All of that while the busy POST is still unanswered.
+    let metrics = parse_metrics(&raw_http(control, "GET", "/metrics", &[], b"").await.text());
+    assert_eq!(metrics["upstream_requests_in_flight"], 1.0, "{metrics:?}");
+
+    let (data, close) = data_then_close(busy).await;
+    let texts: Vec<_> = data.iter().filter_map(|m| m.as_text()).collect();
+    assert_eq!(texts, ["done", "echo:beside"], "the replies, in order");
+    assert_eq!(close, (1001, "going away".to_owned()));
+    assert!(shutdown.await.unwrap().completed);
+    // The session's DELETE went out once it had ended, after any POST of its own: a POST of
+    // the message sent during the drain would have come before it.
+    let delete = api.wait_for("DELETE", 1).await.remove(0);
+    assert_eq!(delete.uri, "/busy");
+    let posts: Vec<_> = api.seen_with("POST").into_iter().map(|p| p.body).collect();
+    assert_eq!(posts, ["work", "beside"], "nothing read after the signal");
+    assert!(
+        api.seen().iter().all(|s| s.uri != "/latecomer"),
+        "the latecomer never reached the API"
+    );
+    assert_one_delete_per_connection(&api);
+}
+
+#[tokio::test]
 async fn shutdown_closes_sockets_at_the_shutdown_timeout_when_a_post_takes_longer() {
     let api = MockApi::with_slow_posts("too late", Duration::from_millis(2000)).await;
     let mut config = test_config(&api);
