@@ -411,6 +411,14 @@ async fn malformed_upgrade_requests_get_their_exact_status_and_never_reach_the_a
                 response.text()
             ));
         }
+        // One request per connection: every refusal says so, hyper's own 400s and 431s too.
+        let connection = response.header("connection").map(str::to_ascii_lowercase);
+        if !connection.as_deref().is_some_and(|c| c.contains("close")) {
+            failures.push(format!(
+                "{}: Connection {connection:?} (want close)",
+                case.name
+            ));
+        }
         if let Some((name, value)) = case.header {
             if response.header(name) != Some(value) {
                 failures.push(format!(
@@ -445,6 +453,89 @@ async fn malformed_upgrade_requests_get_their_exact_status_and_never_reach_the_a
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["connections_opened"], 1.0, "{metrics:?}");
     assert_eq!(panics.load(Ordering::SeqCst), 0, "a gateway task panicked");
+}
+
+#[tokio::test]
+async fn an_http2_preface_on_the_public_port_is_closed_unanswered_and_counted() {
+    let api = MockApi::start().await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let mut stream = TcpStream::connect(gateway.public).await.unwrap();
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "still open 5 s after the preface");
+    assert!(
+        answer.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    gateway
+        .wait_for_metric(
+            "handshakes_refused{reason=\"bad_request\"}",
+            |n| n == 1.0,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+}
+
+#[tokio::test]
+async fn the_control_listener_answers_a_head_over_16_kib_with_431_over_http1_and_h2c() {
+    let api = MockApi::start().await;
+    let gateway = TestGateway::start(test_config(&api)).await;
+    let padding = "a".repeat(20 * 1024);
+    let http1 = raw_http(
+        gateway.control,
+        "GET",
+        "/healthz",
+        &[("X-Padding", &padding)],
+        b"",
+    )
+    .await;
+    assert_eq!(http1.status, 431, "{}", http1.text());
+    // Just under the bound, the same request is served.
+    let under = "a".repeat(15 * 1024);
+    let served = raw_http(
+        gateway.control,
+        "GET",
+        "/healthz",
+        &[("X-Padding", &under)],
+        b"",
+    )
+    .await;
+    assert_eq!(served.status, 200, "{}", served.text());
+
+    let tcp = TcpStream::connect(gateway.control).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driving = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let healthz = |padding: &str| {
+        hyper::Request::get(format!("http://{}/healthz", gateway.control))
+            .header("x-padding", padding)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    sender.ready().await.unwrap();
+    let served = sender.send_request(healthz(&under)).await.unwrap();
+    assert_eq!(served.status(), 200);
+    sender.ready().await.unwrap();
+    let refused = sender.send_request(healthz(&padding)).await;
+    assert_eq!(
+        refused.as_ref().map(|r| r.status().as_u16()).ok(),
+        Some(431),
+        "{refused:?}"
+    );
+    driving.abort();
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
 }
 
 #[tokio::test]
