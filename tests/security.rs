@@ -1,6 +1,8 @@
 //! Security: the control listener's bearer token (flag, environment, start-up warning), the
 //! Origin allow-list against cross-site websocket hijacking, `wss://` on the public listener,
-//! and an `https://` API trusted through `--api-ca`. Certificates are made at test time.
+//! an `https://` API trusted through `--api-ca`, and an API (over TLS or not) that stops
+//! reading, which must not make the gateway hold more sockets than its pool allows.
+//! Certificates are made at test time.
 
 mod common;
 
@@ -1005,4 +1007,188 @@ async fn plain_upgrade_to_tls(gateway: &TestGateway) -> Vec<u8> {
     let read = tokio::time::timeout(Duration::from_secs(3), plain.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "still open after 3 s");
     answer
+}
+
+// ---- an API that stops reading ----
+
+/// An API on a loopback port (over TLS with `cert`, else plain TCP) that answers every request
+/// `ok` but a POST, whose body it stops reading after what came with its head and which it
+/// never answers, while its kernel keeps the connection open: a hung API worker.
+async fn api_that_stops_reading_posts(cert: Option<&TestCert>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = cert.map(TestCert::acceptor);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            serve_until_a_post(hyper_util::rt::TokioIo::new(tls)).await;
+                        }
+                    }
+                    None => serve_until_a_post(hyper_util::rt::TokioIo::new(tcp)).await,
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Serves one connection of [`api_that_stops_reading_posts`].
+async fn serve_until_a_post<T>(io: T)
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin,
+{
+    use http_body_util::BodyExt;
+    let service = hyper::service::service_fn(
+        |request: hyper::Request<hyper::body::Incoming>| async move {
+            if request.method() == hyper::Method::POST {
+                std::future::pending::<()>().await;
+            }
+            let _ = request.into_body().collect().await;
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                Bytes::from_static(b"ok"),
+            )))
+        },
+    );
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .await;
+}
+
+/// The TCP sockets this process holds open (by a descriptor) whose peer is 127.0.0.1:`port`:
+/// a gateway's connections to an API on that port (the API's own sockets have it as their
+/// local port). Counted by inode: a read of `/proc/net/tcp` while sockets come and go can
+/// show one twice.
+fn sockets_to(port: u16) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let peer = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() > 9 && fields[2] == peer && inodes.contains(fields[9]))
+                .then(|| fields[9].to_owned())
+        })
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+/// Ten clients, two at a time, each send one 8 MiB message to an API (`tls` or not) that
+/// stops reading it: each times out (or, waiting for one of the two API connections, is
+/// never sent), and the gateway never holds more API sockets than `--upstream-max-connections`,
+/// however long the connections it gave up take to close; `upstream_connections_open` says
+/// how many it holds.
+async fn assert_stalled_uploads_hold_no_more_sockets_than_the_pool(tls: bool) {
+    let cert = TestCert::new();
+    let api = api_that_stops_reading_posts(tls.then_some(&cert)).await;
+    let scheme = if tls { "https" } else { "http" };
+    let config = ws2http::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        control_listen: "127.0.0.1:0".parse().unwrap(),
+        api: format!("{scheme}://{api}/").parse().unwrap(),
+        api_ca: tls.then(|| cert.cert_pem.clone()),
+        upstream_timeout: Duration::from_secs(1),
+        upstream_max_connections: Some(2),
+        max_message_size: 8 << 20,
+        shutdown_timeout: Duration::from_secs(5),
+        ..ws2http::Config::default()
+    };
+    let gateway = TestGateway::start(config).await;
+    // The most API sockets seen at once, looked at every 10 ms throughout.
+    let most = Arc::new(AtomicUsize::new(0));
+    let watching = {
+        let most = most.clone();
+        tokio::spawn(async move {
+            loop {
+                most.fetch_max(sockets_to(api.port()), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let message = Bytes::from(vec![b'x'; 8 << 20]);
+    for wave in 0..5 {
+        let mut clients = Vec::new();
+        for i in 0..2 {
+            // While the connections given up close, both places of the pool can be taken (for
+            // up to a second): a connect may be refused then.
+            let path = format!("/w{wave}c{i}");
+            let connecting = tokio::time::Instant::now();
+            let mut ws = loop {
+                match gateway.try_connect(&path, &[]).await {
+                    Ok(ws) => break ws,
+                    Err(error) => assert!(
+                        connecting.elapsed() < Duration::from_secs(10),
+                        "{path} could not connect: {error}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let message = message.clone();
+            clients.push(tokio::spawn(async move {
+                ws.send(Message::binary(message)).await.unwrap();
+                close_frame(&mut ws).await
+            }));
+        }
+        for client in clients {
+            let (code, reason) = client.await.unwrap();
+            assert!(
+                [(1011, "upstream timeout"), (1013, "upstream overloaded")]
+                    .contains(&(code, reason.as_str())),
+                "{code} {reason}"
+            );
+        }
+    }
+    // The DELETEs settle; then the gauge and the sockets agree.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = gateway.metrics().await;
+        let sockets = sockets_to(api.port());
+        let open = metrics["upstream_connections_open"] as usize;
+        if metrics["upstream_disconnects_waiting"] == 0.0
+            && metrics["upstream_disconnects_in_flight"] == 0.0
+            && open == sockets
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway holds {sockets} sockets to the API, and says upstream_connections_open \
+             {open} (most at once: {})",
+            most.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    watching.abort();
+    let most = most.load(Ordering::Relaxed);
+    assert!(most <= 2, "{most} API sockets at once, with a pool of 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_api_that_stops_reading_large_requests_holds_no_more_sockets_than_the_pool() {
+    assert_stalled_uploads_hold_no_more_sockets_than_the_pool(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_api_that_stops_reading_large_requests_holds_no_more_sockets_than_the_pool() {
+    assert_stalled_uploads_hold_no_more_sockets_than_the_pool(false).await;
 }

@@ -1,4 +1,5 @@
-//! Keep-alive connections to the API, at most `max_open` of them: a request takes an idle
+//! Keep-alive connections to the API, at most `max_open` of them (counted until their socket
+//! is closed; one let go of is closed within [`CLOSE_GRACE`]): a request takes an idle
 //! connection, or opens one (a few at a time, so a connect storm does not open a connection per
 //! waiting request), or waits for one to come back; a request that waited (for a connection,
 //! or for an API slot before) fails with an attempt to open one that failed meanwhile (the API
@@ -11,11 +12,12 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, Request, Response, Uri};
@@ -78,6 +80,17 @@ const STATUS_ONLY_BODY_WAIT: Duration = Duration::from_secs(1);
 /// Of a timeout of 2 s or less, at most half is given up: a connection idle for less than
 /// that is reused still.
 const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
+/// How long the task of an HTTP/1.1 connection the pool let go of (closed idle, broken, or
+/// given up under a request whose time ran out) may take to close it: hyper's close first
+/// flushes whatever of a request it still holds, then shuts the stream down (over TLS, a
+/// close_notify), all of which waits on the API reading. An API that completed the handshake
+/// and then stopped reading (a hung worker: its kernel keeps the socket open) would hold that
+/// socket forever, one more for each request given up on it. Past this the task is dropped, and
+/// the socket closed with it (the kernel sends on what it holds, on its own). A close that goes
+/// through takes a write of a few bytes into a socket with room; a second is far beyond that,
+/// and short enough that an API which stops reading holds a place of the pool (it counts until
+/// its socket is closed) only a moment beyond the request it failed.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// The header in which an API says how long it keeps an idle connection.
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// How long an HTTP/1.1 connection must have lain idle for a request on it to be sent once
@@ -120,6 +133,8 @@ pub(super) enum ApiAddress {
 
 /// The pooled connections to one API origin.
 pub(super) struct Pool {
+    /// Itself, for the connections it counts (see [`Link`]).
+    this: Weak<Pool>,
     dialer: Dialer,
     origin: Uri,
     scheme: Scheme,
@@ -137,6 +152,11 @@ pub(super) struct Pool {
 #[derive(Default)]
 struct State {
     idle: Vec<Idle>,
+    /// HTTP/1.1 connections being opened, open, or closing: each counts from the moment a
+    /// request sets out to open it until its socket is closed (the request holds its place
+    /// while it opens it, then its [`Link`]), not only while the pool uses it, so that the
+    /// sockets of connections given up but not yet closed are no more than `max_open` less the
+    /// others.
     open: usize,
     connecting: usize,
     shared: Option<SharedH2>,
@@ -177,7 +197,8 @@ impl State {
             return None;
         }
         // An established HTTP/1.1 connection, busy now, may come back for it: it was waiting
-        // for a place, not only for the attempt that failed.
+        // for a place, not only for the attempt that failed. (So may the place of one closing,
+        // within CLOSE_GRACE.)
         if self.open > self.connecting {
             return None;
         }
@@ -320,14 +341,59 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// An HTTP/1.1 connection to the API.
+/// An HTTP/1.1 connection to the API. Dropping it lets the connection go: its task closes it
+/// within [`CLOSE_GRACE`], or is dropped.
 struct H1 {
     /// What requests are sent through.
     sender: http1::SendRequest<Body>,
+    /// What it shares with its task.
+    link: Arc<Link>,
+}
+
+impl Drop for H1 {
+    fn drop(&mut self) {
+        self.link.released.store(true, Ordering::Release);
+        self.link.task.wake();
+    }
+}
+
+/// What an HTTP/1.1 connection's holder ([`H1`]) and the task that drives it share. It goes
+/// when both are gone: the holder let go of the connection, and its task ended (closing its
+/// socket); then the connection's place in its pool's count is given back.
+struct Link {
     /// Set whenever bytes come from the API (see [`Listened`]); cleared when the connection
     /// is taken after lying idle for [`IDLE_BEFORE_RESEND`], to tell whether any byte of the
     /// answer came before the connection was lost.
-    heard: Arc<AtomicBool>,
+    heard: AtomicBool,
+    /// Set when the holder lets go of the connection: its task has [`CLOSE_GRACE`] left.
+    released: AtomicBool,
+    /// The connection's task, woken when `released` is set.
+    task: AtomicWaker,
+    /// The pool whose count of open connections holds this one, once it took it over from the
+    /// request that opened it ([`Pool::adopt`]).
+    pool: OnceLock<Weak<Pool>>,
+}
+
+impl Link {
+    fn new() -> Arc<Link> {
+        Arc::new(Link {
+            heard: AtomicBool::new(false),
+            released: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+            pool: OnceLock::new(),
+        })
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Never dropped under the pool's lock: an idle connection the pool lets go of is
+        // dropped once the lock is released (its task may have ended already).
+        if let Some(pool) = self.pool.get().and_then(Weak::upgrade) {
+            pool.state().open -= 1;
+            pool.changed.notify_one();
+        }
+    }
 }
 
 /// An open connection no request holds.
@@ -342,6 +408,9 @@ struct Idle {
 
 enum Next {
     Reuse(Idle),
+    /// An idle connection closed, or idle too long: let go of (once the lock is released, see
+    /// [`Link`]'s drop), and the request looks again.
+    Discard(Idle),
     Connect,
     Wait,
     /// The attempt the request waited for failed: it fails the same way.
@@ -378,7 +447,8 @@ impl Pool {
             .path_and_query("/")
             .build()
             .map_err(|e| e.to_string())?;
-        let pool = Arc::new(Pool {
+        let pool = Arc::new_cyclic(|this| Pool {
+            this: this.clone(),
             dialer,
             origin,
             scheme,
@@ -400,7 +470,15 @@ impl Pool {
         lock(&self.state)
     }
 
-    /// Connections open now (idle, busy or being opened).
+    /// Takes `connection`'s place in the count of open connections over from the request
+    /// that opened it: from now on its [`Link`] gives it back, when both the connection and
+    /// its task are gone (a [`Lease`] that holds it frees nothing).
+    fn adopt(&self, connection: &H1) {
+        let adopted = connection.link.pool.set(self.this.clone());
+        debug_assert!(adopted.is_ok(), "adopted twice");
+    }
+
+    /// Connections open now (idle, busy, being opened, or let go of and not yet closed).
     pub(super) fn open(&self) -> usize {
         let state = self.state();
         state.open + usize::from(state.shared.is_some())
@@ -535,20 +613,19 @@ impl Pool {
             // new connection, which takes no idle one: see below.)
             let changed = self.changed.notified();
             tokio::pin!(changed);
+            // An idle connection this request closes to make room for a new one (dropped once
+            // the lock is released: see `Link`'s drop).
+            let mut replaced = None;
             let next = {
                 let mut state = self.state();
-                let mut found = None;
                 // A request that wants a fresh connection takes no idle one.
-                while let Some(idle) = if fresh { None } else { state.idle.pop() } {
-                    let sender = &idle.connection.sender;
-                    if sender.is_closed() || idle.since.elapsed() >= idle.keep_for {
-                        state.open -= 1;
-                        continue;
+                match if fresh { None } else { state.idle.pop() } {
+                    Some(idle)
+                        if idle.connection.sender.is_closed()
+                            || idle.since.elapsed() >= idle.keep_for =>
+                    {
+                        Next::Discard(idle)
                     }
-                    found = Some(idle);
-                    break;
-                }
-                match found {
                     Some(idle) => Next::Reuse(idle),
                     None => match state.failed_while_waiting(failures_at_wait) {
                         Some(error) => Next::Fail(error),
@@ -556,13 +633,14 @@ impl Pool {
                             && (state.open < self.max_open
                                 || (fresh && !state.idle.is_empty())) =>
                         {
-                            if state.open < self.max_open {
-                                state.open += 1;
-                            } else {
-                                // Its slot is this request's: the oldest idle connection, the
-                                // first to be closed when idle too long.
-                                state.idle.remove(0);
+                            if state.open >= self.max_open {
+                                // The oldest idle connection, the first to be closed when
+                                // idle too long, is closed to make room. It counts until its
+                                // socket is closed, a moment from now (at most CLOSE_GRACE),
+                                // beside this request's new one.
+                                replaced = Some(state.idle.remove(0));
                             }
+                            state.open += 1;
                             state.connecting += 1;
                             Next::Connect
                         }
@@ -581,7 +659,9 @@ impl Pool {
                     },
                 }
             };
+            drop(replaced);
             match next {
+                Next::Discard(idle) => drop(idle),
                 Next::Reuse(idle) => {
                     let idled = idle.since.elapsed() >= IDLE_BEFORE_RESEND;
                     let mut lease = Lease {
@@ -594,12 +674,13 @@ impl Pool {
                         if connection.sender.ready().await.is_ok() {
                             if idled {
                                 // Whatever comes from now on is of this request's answer.
-                                connection.heard.store(false, Ordering::Relaxed);
+                                connection.link.heard.store(false, Ordering::Relaxed);
                             }
                             return Ok(lease);
                         }
                     }
-                    // Dropping the lease frees the dead connection's slot.
+                    // Dropping the lease lets the dead connection go (its slot given back once its
+                    // task ended).
                 }
                 Next::Connect => {
                     // Both guards give their counts back if this future is dropped mid-way:
@@ -640,6 +721,7 @@ impl Pool {
                         state.attempt_ended(&opened);
                         match opened {
                             Ok(connection) => {
+                                self.adopt(&connection);
                                 lease.connection = Some(connection);
                                 Ok(lease)
                             }
@@ -999,29 +1081,89 @@ async fn handshake_h1<T>(io: T) -> Result<H1, UpstreamError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let heard = Arc::new(AtomicBool::new(false));
+    let link = Link::new();
     let io = TokioIo::new(Listened {
         io: TokioIo::new(io),
-        heard: heard.clone(),
+        heard: link.clone(),
     });
     let (sender, connection) = http1::Builder::new()
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
-    drive(connection, "HTTP/1.1");
-    Ok(H1 { sender, heard })
+    drive_h1(connection, link.clone());
+    Ok(H1 { sender, link })
+}
+
+/// Spawns the task that drives an HTTP/1.1 connection until it closes, but for no longer than
+/// [`CLOSE_GRACE`] once its holder let go of it (`link`): then the connection, its socket
+/// among it, is dropped, whatever hyper's close still waits for.
+fn drive_h1<T>(connection: http1::Connection<T, Body>, link: Arc<Link>)
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    drive(
+        async move {
+            let mut connection = std::pin::pin!(connection);
+            // Until it ends, or its holder lets go of it (a look at a flag per wake-up).
+            let ended = std::future::poll_fn(|cx| {
+                if let Poll::Ready(outcome) = connection.as_mut().poll(cx) {
+                    return Poll::Ready(Some(outcome));
+                }
+                link.task.register(cx.waker());
+                if link.released.load(Ordering::Acquire) {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            match ended {
+                Some(outcome) => outcome,
+                None => match tokio::time::timeout(CLOSE_GRACE, connection).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        tracing::debug!(
+                            grace = ?CLOSE_GRACE,
+                            "an API connection let go of did not close in time (the API reads \
+                             nothing); its socket is closed"
+                        );
+                        Ok(())
+                    }
+                },
+            }
+        },
+        "HTTP/1.1",
+    );
+}
+
+/// Where a [`Listened`] stream notes that bytes came: an HTTP/2 connection's flag, or an
+/// HTTP/1.1 connection's [`Link`].
+trait Hearing {
+    fn heard(&self) -> &AtomicBool;
+}
+
+impl Hearing for Arc<AtomicBool> {
+    fn heard(&self) -> &AtomicBool {
+        self
+    }
+}
+
+impl Hearing for Arc<Link> {
+    fn heard(&self) -> &AtomicBool {
+        &self.heard
+    }
 }
 
 /// An API connection's stream, that sets `heard` whenever bytes come in (one look at a flag
 /// per read, written only when it was cleared). (hyper's own read interface does not
 /// say how many bytes a read brought without unsafe code; tokio's does, hence the two
 /// `TokioIo` around it.)
-struct Listened<T> {
+struct Listened<T, H> {
     io: T,
-    heard: Arc<AtomicBool>,
+    heard: H,
 }
 
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Listened<T> {
+impl<T: tokio::io::AsyncRead + Unpin, H: Hearing + Unpin> tokio::io::AsyncRead for Listened<T, H> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1030,14 +1172,15 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Listened<T> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before && !this.heard.load(Ordering::Relaxed) {
-            this.heard.store(true, Ordering::Relaxed);
+        let heard = this.heard.heard();
+        if buf.filled().len() > before && !heard.load(Ordering::Relaxed) {
+            heard.store(true, Ordering::Relaxed);
         }
         polled
     }
 }
 
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Listened<T> {
+impl<T: tokio::io::AsyncWrite + Unpin, H: Unpin> tokio::io::AsyncWrite for Listened<T, H> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -1166,7 +1309,8 @@ impl Drop for Opening<'_> {
 }
 
 /// A connection (or, while it is being opened, its slot) held by one request. Unless checked
-/// in, dropping it — request failed, timed out or cancelled — closes it and frees its slot.
+/// in, dropping it — request failed, timed out or cancelled — closes it (within
+/// [`CLOSE_GRACE`]) and frees its slot (once closed).
 struct Lease<'a> {
     pool: &'a Pool,
     connection: Option<H1>,
@@ -1180,18 +1324,21 @@ impl Lease<'_> {
     /// Gives a connection whose answer was read in full back to the pool, to be reused while
     /// it has been idle for less than `keep_for`.
     fn checkin(mut self, keep_for: Duration) {
-        if let Some(connection) = self.connection.take() {
-            if !connection.sender.is_closed() {
-                self.pool.state().idle.push(Idle {
-                    connection,
-                    since: Instant::now(),
-                    keep_for,
-                });
-                self.pool.changed.notify_one();
-                std::mem::forget(self);
-            }
+        let Some(connection) = self.connection.take() else {
+            return;
+        };
+        if connection.sender.is_closed() {
+            // Let go of by the drop (its place given back once its task ended).
+            self.connection = Some(connection);
+            return;
         }
-        // A closed connection: the drop below frees its slot.
+        self.pool.state().idle.push(Idle {
+            connection,
+            since: Instant::now(),
+            keep_for,
+        });
+        self.pool.changed.notify_one();
+        std::mem::forget(self);
     }
 
     /// Frees the slot of a connection that could not be opened, in `state` (the pool's,
@@ -1212,7 +1359,7 @@ impl Lease<'_> {
         let unheard = self
             .connection
             .as_ref()
-            .is_some_and(|connection| !connection.heard.load(Ordering::Relaxed));
+            .is_some_and(|connection| !connection.link.heard.load(Ordering::Relaxed));
         unheard && connection_lost(error)
     }
 }
@@ -1241,8 +1388,12 @@ fn connection_lost(error: &hyper::Error) -> bool {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        self.pool.state().open -= 1;
-        self.pool.changed.notify_one();
+        // A connection is let go of with the lease, and gives its place back once its task
+        // ended (see `Link`); a place held to open one is given back now.
+        if self.connection.is_none() {
+            self.pool.state().open -= 1;
+            self.pool.changed.notify_one();
+        }
     }
 }
 
@@ -1431,8 +1582,11 @@ async fn close_expired(pool: Weak<Pool>) {
             },
             Instant::now(),
         );
-        state.open -= closed;
         shrink_idle_list(&mut state.idle);
+        drop(state);
+        // Let go of once the lock is released (see `Link`'s drop); each gives its place back
+        // once its task ended.
+        drop(closed);
     }
 }
 
@@ -1446,17 +1600,17 @@ fn shrink_idle_list<T>(idle: &mut Vec<T>) {
     }
 }
 
-/// Drops the expired or closed entries of `idle` (oldest first, most recent last) as of `now`,
-/// and says how many went; `state` tells when an entry went idle, how long it may be kept
+/// Takes the expired or closed entries out of `idle` (oldest first, most recent last) as of
+/// `now`, and returns them; `state` tells when an entry went idle, how long it may be kept
 /// idle, and whether it is closed.
 fn reap_idle<T>(
     idle: &mut Vec<T>,
     state: impl Fn(&T) -> (Instant, Duration, bool),
     now: Instant,
-) -> usize {
+) -> Vec<T> {
     let before = idle.len();
     let mut position = 0;
-    idle.retain(|entry| {
+    idle.extract_if(.., |entry| {
         let from_top = before - 1 - position;
         position += 1;
         let (since, keep_for, closed) = state(entry);
@@ -1465,9 +1619,9 @@ fn reap_idle<T>(
         } else {
             SURPLUS_IDLE_TIMEOUT.min(keep_for)
         };
-        !closed && now.saturating_duration_since(since) < timeout
-    });
-    before - idle.len()
+        closed || now.saturating_duration_since(since) >= timeout
+    })
+    .collect()
 }
 
 #[cfg(test)]
@@ -1691,18 +1845,18 @@ mod tests {
         let idle_since = now - SURPLUS_IDLE_TIMEOUT - Duration::from_millis(100);
         let mut idle: Vec<(usize, Instant)> = (0..100).map(|i| (i, idle_since)).collect();
         let closed = reap_idle(&mut idle, |e| (e.1, idle_timeout, false), now);
-        assert_eq!(closed, 100 - WARM_IDLE);
+        assert_eq!(closed.len(), 100 - WARM_IDLE);
         assert_eq!(idle.first().map(|e| e.0), Some(100 - WARM_IDLE));
         assert_eq!(idle.last().map(|e| e.0), Some(99));
         // Within the surplus timeout nothing goes; past the idle timeout everything does.
         let mut fresh: Vec<(usize, Instant)> = (0..100).map(|i| (i, now)).collect();
         assert_eq!(
-            reap_idle(&mut fresh, |e| (e.1, idle_timeout, false), now),
+            reap_idle(&mut fresh, |e| (e.1, idle_timeout, false), now).len(),
             0
         );
         let later = now + idle_timeout;
         assert_eq!(
-            reap_idle(&mut fresh, |e| (e.1, idle_timeout, false), later),
+            reap_idle(&mut fresh, |e| (e.1, idle_timeout, false), later).len(),
             100
         );
     }
@@ -1712,7 +1866,7 @@ mod tests {
         let now = Instant::now();
         let mut idle: Vec<(bool, Instant)> = vec![(true, now), (false, now), (true, now)];
         let closed = reap_idle(&mut idle, |e| (e.1, Duration::from_secs(10), e.0), now);
-        assert_eq!(closed, 2);
+        assert_eq!(closed.len(), 2);
         assert_eq!(idle.len(), 1);
     }
 
@@ -1726,7 +1880,7 @@ mod tests {
             ("announced", Duration::from_secs(1)),
         ];
         let closed = reap_idle(&mut idle, |e| (since, e.1, false), now);
-        assert_eq!((closed, idle[0].0), (1, "ours"));
+        assert_eq!((closed.len(), idle[0].0), (1, "ours"));
     }
 
     #[test]
@@ -1817,6 +1971,7 @@ mod tests {
     /// A connection of `pool`'s held by a request, as [`Pool::checkout`] hands one out.
     fn busy(pool: &Pool, connection: H1) -> Lease<'_> {
         pool.state().open += 1;
+        pool.adopt(&connection);
         Lease {
             pool,
             connection: Some(connection),
@@ -2040,6 +2195,7 @@ mod tests {
     {
         let (connection, api_end) = piped_connection().await;
         tokio::spawn(api(api_end));
+        pool.adopt(&connection);
         let mut state = pool.state();
         state.open += 1;
         state.idle.push(Idle {
@@ -2199,6 +2355,60 @@ mod tests {
             reads_and_closes(api_end, b"HTTP/1.1 200 OK\r\n")
         })
         .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_given_up_on_an_api_that_reads_nothing_counts_until_closed_within_the_grace(
+    ) {
+        use tokio::io::AsyncReadExt;
+        let pool = http1_pool(nowhere(), "http://api.test/", 1);
+        // The API's end takes 64 KiB and then reads nothing, and stays open: a request with a
+        // larger body is still being written when its time runs out, and so would hyper's
+        // close of the connection (it flushes what it holds first).
+        let (connection, mut api_end) = piped_connection().await;
+        let mut lease = busy(&pool, connection);
+        let request = Request::post("/m")
+            .header(HOST, "api.test")
+            .body(Body::from(vec![b'x'; 1 << 20]))
+            .unwrap();
+        let sender = &mut lease.connection.as_mut().unwrap().sender;
+        let sending =
+            tokio::time::timeout(Duration::from_secs(1), sender.try_send_request(request));
+        assert!(sending.await.is_err(), "the API answered nothing");
+        drop(lease);
+        tokio::time::sleep(CLOSE_GRACE / 2).await;
+        assert_eq!(
+            pool.open(),
+            1,
+            "given up, its socket still open: it counts against the pool until it is closed"
+        );
+        tokio::time::sleep(CLOSE_GRACE / 2 + Duration::from_millis(10)).await;
+        assert_eq!(
+            pool.open(),
+            0,
+            "closed within CLOSE_GRACE: its place given back"
+        );
+        // The API's end reads what it had, and then the end of the stream.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(1), api_end.read_to_end(&mut rest));
+        assert!(
+            matches!(closed.await, Ok(Ok(_))),
+            "the connection was not closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_let_go_of_gives_its_place_back_once_its_task_has_closed_it() {
+        let pool = http1_pool(nowhere(), "http://api.test/", 1);
+        let (connection, _api_end) = piped_connection().await;
+        drop(busy(&pool, connection));
+        assert_eq!(pool.open(), 1, "its task has not run yet");
+        let waited = tokio::time::timeout(Duration::from_secs(1), async {
+            while pool.open() > 0 {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(waited.await.is_ok(), "a healthy connection closes at once");
     }
 
     #[tokio::test]
