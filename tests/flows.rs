@@ -1823,3 +1823,83 @@ async fn a_message_whose_api_connection_breaks_while_in_use_is_not_sent_again() 
         .collect();
     assert_eq!(crashes, ["/busy crash", "/busier crash unread"]);
 }
+
+/// An HTTP/1.1 API on raw sockets that answers a POST whose body is over 64 KiB `200 hi` as
+/// soon as its head came, and then neither reads the rest of that connection nor closes it;
+/// every other request it reads whole and answers as the echo API does. Its URL.
+async fn api_that_answers_large_posts_before_reading_them() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let (head, length) = loop {
+                        if let Some(parsed) = parse_head(&data) {
+                            break parsed;
+                        }
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => data.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let post = data.starts_with(b"POST ");
+                    if post && length > 64 * 1024 {
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi";
+                        let _ = stream.write_all(answer).await;
+                        // Holds the connection, reading nothing more.
+                        std::future::pending::<()>().await;
+                    }
+                    while data.len() < head + length {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => data.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = if post {
+                        format!(
+                            "echo:{}",
+                            String::from_utf8_lossy(&data[head..head + length])
+                        )
+                    } else {
+                        "ok".to_owned()
+                    };
+                    data.drain(..head + length);
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn an_api_connection_still_writing_a_request_body_is_not_reused_for_the_next_request() {
+    // The API answers a 4 MiB message after its head and leaves the rest unread: hyper has
+    // the answer while it still writes the body, and the connection can take no other
+    // request until that is done (here never). The next message goes on another one.
+    let url = api_that_answers_large_posts_before_reading_them().await;
+    let placeholder = MockApi::start().await;
+    let mut config = test_config(&placeholder);
+    config.api = url.parse().unwrap();
+    config.max_message_size = 8 << 20;
+    let gateway = TestGateway::start(config).await;
+    let mut a = gateway.connect("/a").await;
+    let mut b = gateway.connect("/b").await;
+    a.send(Message::binary(vec![b'x'; 4 << 20])).await.unwrap();
+    assert_eq!(next_text(&mut a).await, "hi");
+    let answered = tokio::time::timeout(Duration::from_secs(1), reply_or_close(&mut b, "x")).await;
+    assert_eq!(
+        answered.as_deref(),
+        Ok("echo:x"),
+        "the next message waited for the connection still writing the body before"
+    );
+}

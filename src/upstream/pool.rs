@@ -670,8 +670,11 @@ impl Pool {
                         reused: true,
                         idled,
                     };
+                    // Looked at, not waited for: it was ready for another request when it was
+                    // checked in (see `Lease::checkin`), and stays so until it takes one, unless
+                    // it closed since.
                     if let Some(connection) = lease.connection.as_mut() {
-                        if connection.sender.ready().await.is_ok() {
+                        if connection.sender.is_ready() {
                             if idled {
                                 // Whatever comes from now on is of this request's answer.
                                 connection.link.heard.store(false, Ordering::Relaxed);
@@ -679,8 +682,8 @@ impl Pool {
                             return Ok(lease);
                         }
                     }
-                    // Dropping the lease lets the dead connection go (its slot given back once its
-                    // task ended).
+                    // Dropping the lease lets the dead connection go (its slot given back once
+                    // its task ended).
                 }
                 Next::Connect => {
                     // Both guards give their counts back if this future is dropped mid-way:
@@ -1322,12 +1325,19 @@ struct Lease<'a> {
 
 impl Lease<'_> {
     /// Gives a connection whose answer was read in full back to the pool, to be reused while
-    /// it has been idle for less than `keep_for`.
+    /// it has been idle for less than `keep_for`, if it is ready for another request now (a
+    /// look at a flag, no wait). One that is not is let go of: closed, or still writing the
+    /// request's body, which an API that answered before reading all of it may never read (it
+    /// should close the connection then, but need not), and which hyper finishes before it
+    /// takes another request: a request that took it would wait its whole time. (Rarely a
+    /// connection whose task has not yet come back to wait for another request after the
+    /// answer, as on another worker thread: one in hundreds of thousands of answers here, and
+    /// it costs a new connection later.)
     fn checkin(mut self, keep_for: Duration) {
         let Some(connection) = self.connection.take() else {
             return;
         };
-        if connection.sender.is_closed() {
+        if !connection.sender.is_ready() {
             // Let go of by the drop (its place given back once its task ended).
             self.connection = Some(connection);
             return;
@@ -1960,11 +1970,12 @@ mod tests {
         )))
     }
 
-    /// An HTTP/1.1 connection over an in-memory pipe, and the API's end of the pipe (the
-    /// connection lasts while it is kept).
+    /// An HTTP/1.1 connection over an in-memory pipe, ready for a request (its task waits for
+    /// one), and the API's end of the pipe (the connection lasts while it is kept).
     async fn piped_connection() -> (H1, tokio::io::DuplexStream) {
         let (gateway_end, api_end) = tokio::io::duplex(1 << 16);
-        let connection = handshake_h1(TokioIo::new(gateway_end)).await.unwrap();
+        let mut connection = handshake_h1(TokioIo::new(gateway_end)).await.unwrap();
+        connection.sender.ready().await.unwrap();
         (connection, api_end)
     }
 
@@ -2409,6 +2420,38 @@ mod tests {
             }
         });
         assert!(waited.await.is_ok(), "a healthy connection closes at once");
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_writing_its_request_body_is_not_checked_in() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (origin, address) = answering_api().await;
+        let pool = http1_pool(address, &origin, 4);
+        // The API answers after the first bytes of the request, and then reads nothing more
+        // of that connection, nor closes it: hyper has the whole answer while it still writes
+        // the body (1 MiB, the pipe holds 64 KiB), and can take no other request until it has.
+        idle_piped_connection(&pool, Duration::ZERO, |mut api_end| async move {
+            let mut head = [0; 256];
+            let _ = api_end.read(&mut head).await;
+            let _ = api_end
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi")
+                .await;
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let request = Request::post("/m")
+            .body(Body::from(vec![b'x'; 1 << 20]))
+            .unwrap();
+        let mut progress = Progress::new(None, None);
+        let answer = pool
+            .exchange(request, BodyLimit::Whole(1024), &mut progress, None)
+            .await
+            .map(|answer| answer.body);
+        assert_eq!(answer.ok(), Some(Bytes::from("hi")));
+        assert_eq!(pool.state().idle.len(), 0, "checked in while still writing");
+        // The next request goes on a new connection, at once.
+        let next = tokio::time::timeout(Duration::from_secs(1), post(&pool)).await;
+        assert_eq!(next.ok(), Some(Ok(Bytes::from("fresh"))));
     }
 
     #[tokio::test]
