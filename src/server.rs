@@ -474,8 +474,10 @@ const REFUSAL_ANSWER_GRACE: Duration = Duration::from_millis(100);
 
 /// The refusal of an h2c connection over the control listener's cap, written after its
 /// preface: the server's SETTINGS (empty: the defaults, never used), and a GOAWAY with last
-/// stream id 0 and REFUSED_STREAM, which says that none of the client's streams was processed
-/// and that it may send them again (RFC 9113, 6.8), on another connection.
+/// stream id 0 and NO_ERROR, which says that none of the client's streams was processed and
+/// that it may send them again (RFC 9113, 6.8), on another connection. NO_ERROR, not an error
+/// code: Go's h2 client sends again a first stream refused so only under NO_ERROR (with an
+/// error code it fails the request), as curl does either way.
 fn h2_refusal() -> Vec<u8> {
     /// A frame header (RFC 9113, 4.1) without flags, on stream 0: 24-bit length, type,
     /// flags, reserved bit and 31-bit stream id.
@@ -487,14 +489,14 @@ fn h2_refusal() -> Vec<u8> {
     }
     const SETTINGS: u8 = 0x4;
     const GOAWAY: u8 = 0x7;
-    const REFUSED_STREAM: u32 = 0x7;
+    const NO_ERROR: u32 = 0x0;
     let goaway_length = 8 + H2_REFUSAL_DEBUG.len();
     let mut frames = Vec::with_capacity(9 + 9 + goaway_length);
     frames.extend_from_slice(&frame_header(0, SETTINGS));
     frames.extend_from_slice(&frame_header(goaway_length, GOAWAY));
     // Last stream id: none was processed.
     frames.extend_from_slice(&0u32.to_be_bytes());
-    frames.extend_from_slice(&REFUSED_STREAM.to_be_bytes());
+    frames.extend_from_slice(&NO_ERROR.to_be_bytes());
     frames.extend_from_slice(H2_REFUSAL_DEBUG);
     frames
 }
@@ -1132,14 +1134,14 @@ mod tests {
         assert_eq!(opening(b"\x16\x03\x01"), Opening::Http1);
     }
 
-    /// RFC 9113, 4.1 (frame header), 6.5 (SETTINGS), 6.8 (GOAWAY), 7 (REFUSED_STREAM = 0x7).
+    /// RFC 9113, 4.1 (frame header), 6.5 (SETTINGS), 6.8 (GOAWAY), 7 (NO_ERROR = 0x0).
     #[test]
-    fn the_h2c_refusal_is_an_empty_settings_then_a_goaway_refused_stream_for_no_stream() {
+    fn the_h2c_refusal_is_an_empty_settings_then_a_goaway_for_no_stream() {
         let mut expected = vec![
             0, 0, 0, 0x4, 0, 0, 0, 0, 0, // SETTINGS, no payload, stream 0
             0, 0, 41, 0x7, 0, 0, 0, 0, 0, // GOAWAY, 8 + 33 bytes, stream 0
             0, 0, 0, 0, // last stream id 0
-            0, 0, 0, 0x7, // REFUSED_STREAM
+            0, 0, 0, 0, // NO_ERROR
         ];
         expected.extend_from_slice(b"control connections over capacity");
         assert_eq!(h2_refusal(), expected);
