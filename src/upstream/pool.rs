@@ -91,6 +91,12 @@ const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
 /// and short enough that an API which stops reading holds a place of the pool (it counts until
 /// its socket is closed) only a moment beyond the request it failed.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a connection whose answer was read in full, but which hyper cannot yet take
+/// another request on, is waited for before it is let go of (see [`Lease::checkin`]): a healthy
+/// one is ready within microseconds (its task, on another worker thread or preempted, had not
+/// yet come back to wait for the next request); one still writing a request's body the API
+/// stopped reading never is.
+const READY_AT_CHECKIN: Duration = Duration::from_millis(100);
 /// The header in which an API says how long it keeps an idle connection.
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// How long an HTTP/1.1 connection must have lain idle for a request on it to be sent once
@@ -468,6 +474,17 @@ impl Pool {
 
     fn state(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// Puts `connection`, ready for another request, on the idle list, to be reused while it
+    /// has been idle for less than `keep_for`, and wakes a request waiting for one.
+    fn put_idle(&self, connection: H1, keep_for: Duration) {
+        self.state().idle.push(Idle {
+            connection,
+            since: Instant::now(),
+            keep_for,
+        });
+        self.changed.notify_one();
     }
 
     /// Takes `connection`'s place in the count of open connections over from the request
@@ -1325,30 +1342,40 @@ struct Lease<'a> {
 
 impl Lease<'_> {
     /// Gives a connection whose answer was read in full back to the pool, to be reused while
-    /// it has been idle for less than `keep_for`, if it is ready for another request now (a
-    /// look at a flag, no wait). One that is not is let go of: closed, or still writing the
-    /// request's body, which an API that answered before reading all of it may never read (it
-    /// should close the connection then, but need not), and which hyper finishes before it
-    /// takes another request: a request that took it would wait its whole time. (Rarely a
-    /// connection whose task has not yet come back to wait for another request after the
-    /// answer, as on another worker thread: one in hundreds of thousands of answers here, and
-    /// it costs a new connection later.)
+    /// it has been idle for less than `keep_for`, if it is ready for another request (a look at
+    /// a flag, no wait). One that is closed is let go of. One that is not ready yet is waited
+    /// for out of line, for at most [`READY_AT_CHECKIN`], then checked in, or let go of: it may
+    /// be still writing the request's body, which an API that answered before reading all of
+    /// it may never read (it should close the connection then, but need not), and which hyper
+    /// finishes before it takes another request, so a request that took it would wait its
+    /// whole time; or its task has not yet come back to wait for another request after the
+    /// answer (another worker thread, or preempted), which is a moment.
     fn checkin(mut self, keep_for: Duration) {
-        let Some(connection) = self.connection.take() else {
+        let Some(mut connection) = self.connection.take() else {
             return;
         };
-        if !connection.sender.is_ready() {
-            // Let go of by the drop (its place given back once its task ended).
-            self.connection = Some(connection);
+        if connection.sender.is_ready() {
+            self.pool.put_idle(connection, keep_for);
+            std::mem::forget(self);
             return;
         }
-        self.pool.state().idle.push(Idle {
-            connection,
-            since: Instant::now(),
-            keep_for,
-        });
-        self.pool.changed.notify_one();
+        let pool = match self.pool.this.upgrade() {
+            Some(pool) if !connection.sender.is_closed() => pool,
+            _ => {
+                // Let go of by the drop (its place given back once its task ended).
+                self.connection = Some(connection);
+                return;
+            }
+        };
+        // Its place in the count is its Link's: the lease holds nothing more to give back.
         std::mem::forget(self);
+        tokio::spawn(async move {
+            let ready = tokio::time::timeout(READY_AT_CHECKIN, connection.sender.ready()).await;
+            if matches!(ready, Ok(Ok(()))) {
+                pool.put_idle(connection, keep_for);
+            }
+            // Else it is let go of here, and closed within CLOSE_GRACE.
+        });
     }
 
     /// Frees the slot of a connection that could not be opened, in `state` (the pool's,
@@ -2420,6 +2447,24 @@ mod tests {
             }
         });
         assert!(waited.await.is_ok(), "a healthy connection closes at once");
+    }
+
+    #[tokio::test]
+    async fn a_healthy_connection_not_yet_ready_at_checkin_is_checked_in_once_it_is() {
+        // A connection whose task has not yet come back to wait for another request (here:
+        // not yet polled at all) when its answer is checked in: not let go of, but put back
+        // once hyper says it is ready.
+        let pool = http1_pool(nowhere(), "http://api.test/", 2);
+        let (gateway_end, _api_end) = tokio::io::duplex(1 << 16);
+        let connection = handshake_h1(TokioIo::new(gateway_end)).await.unwrap();
+        assert!(!connection.sender.is_ready(), "its task has not run yet");
+        busy(&pool, connection).checkin(Duration::from_secs(60));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while pool.state().idle.is_empty() {
+            assert!(Instant::now() < deadline, "never checked in");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(pool.open(), 1);
     }
 
     #[tokio::test]
