@@ -861,16 +861,24 @@ async fn over_the_pending_handshake_cap_a_socket_gets_503_after_a_short_grace() 
     assert_accounting(&gateway, &api, 0).await;
 }
 
-#[tokio::test]
-async fn over_the_pending_handshake_cap_a_slot_freed_within_the_grace_serves_the_socket() {
-    let api = MockApi::start().await;
-    let mut config = test_config(&api);
+/// A gateway started with `config` but one pending-handshake slot, and the socket that holds
+/// that slot: its upgrade request begun and never finished.
+async fn gateway_with_its_one_handshake_slot_held(
+    mut config: ws2http::Config,
+) -> (TestGateway, TcpStream) {
     config.max_pending_handshakes = 1;
     let gateway = TestGateway::start(config).await;
-    // A socket that never finishes its request holds the only handshake slot...
     let mut holder = TcpStream::connect(gateway.public).await.unwrap();
     holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
+    (gateway, holder)
+}
+
+#[tokio::test]
+async fn over_the_pending_handshake_cap_a_slot_freed_within_the_grace_serves_the_socket() {
+    let api = MockApi::start().await;
+    // A socket that never finishes its request holds the only handshake slot...
+    let (gateway, holder) = gateway_with_its_one_handshake_slot_held(test_config(&api)).await;
     // ...while the next client sends its request and is kept waiting for the slot, 50 ms...
     let mut next = TcpStream::connect(gateway.public).await.unwrap();
     next.write_all(&upgrade_request("/next", &[]))
@@ -910,12 +918,7 @@ async fn over_the_pending_handshake_cap_a_slot_freed_within_the_grace_serves_the
 #[tokio::test]
 async fn over_the_pending_handshake_cap_a_socket_closed_before_its_first_byte_counts_nothing() {
     let api = MockApi::start().await;
-    let mut config = test_config(&api);
-    config.max_pending_handshakes = 1;
-    let gateway = TestGateway::start(config).await;
-    let mut holder = TcpStream::connect(gateway.public).await.unwrap();
-    holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (gateway, holder) = gateway_with_its_one_handshake_slot_held(test_config(&api)).await;
     // A TCP check that connects and closes at once, over the cap; then a real client, whose
     // 503 comes after the check's grace is over too.
     drop(TcpStream::connect(gateway.public).await.unwrap());
@@ -934,12 +937,8 @@ async fn over_the_pending_handshake_cap_a_socket_closed_before_its_first_byte_co
 async fn over_the_pending_handshake_cap_sockets_wait_side_by_side_not_one_after_another() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
-    config.max_pending_handshakes = 1;
     config.handshake_timeout = Duration::from_secs(10);
-    let gateway = TestGateway::start(config).await;
-    let mut holder = TcpStream::connect(gateway.public).await.unwrap();
-    holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (gateway, holder) = gateway_with_its_one_handshake_slot_held(config).await;
     // Twenty sockets over the cap at once: each waits its 250 ms beside the others, so all
     // are answered in about that long (one after another it would take 5 s).
     let started = Instant::now();
