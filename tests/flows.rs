@@ -1348,13 +1348,7 @@ async fn metrics_keep_ws2api_names_and_balance() {
     a.close().await.unwrap();
     // Counted once the gateway has the API's answer to the DELETE, and so after that
     // request's own counts (the mock API records it before it answers).
-    gateway
-        .wait_for_metric(
-            "disconnects_notified",
-            |n| n == 1.0,
-            Duration::from_secs(10),
-        )
-        .await;
+    gateway.wait_for_the_first_delete_told().await;
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["connections_opened"], 2.0);
     assert_eq!(metrics["connections_closed"], 1.0);

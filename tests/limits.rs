@@ -648,13 +648,7 @@ async fn a_delete_that_finds_the_api_unreachable_is_sent_once_it_is_back() {
     assert!(api.seen_with("DELETE").is_empty(), "the API is down");
     let _relay = cut.restore(api.addr);
     // Counted once the API has taken it, and then not sent again.
-    gateway
-        .wait_for_metric(
-            "disconnects_notified",
-            |n| n == 1.0,
-            Duration::from_secs(10),
-        )
-        .await;
+    gateway.wait_for_the_first_delete_told().await;
     // Sent again, it would be at its next try (250 ms or more later), ahead of a DELETE
     // decided now: once that one is through, with none queued or unfinished, it is there.
     let deletes = deletes_before_a_later_one(&gateway, &api, "/marker").await;
@@ -684,13 +678,7 @@ async fn a_delete_answered_502_or_503_is_sent_again_until_the_api_takes_it() {
     let mut ws = gateway.connect("/restart").await;
     ws.close().await.unwrap();
     // Counted once the API has taken it (the third try), and then not sent again.
-    gateway
-        .wait_for_metric(
-            "disconnects_notified",
-            |n| n == 1.0,
-            Duration::from_secs(10),
-        )
-        .await;
+    gateway.wait_for_the_first_delete_told().await;
     // A further one would be at a next try, ahead of a DELETE decided now.
     let deletes = deletes_before_a_later_one(&gateway, &api, "/marker").await;
     assert_eq!(

@@ -545,13 +545,7 @@ async fn h2c_delete_refused_until_its_timeout_is_sent_again_later_and_reaches_th
     .await;
     drop(gateway.connect("/turned-away").await);
 
-    gateway
-        .wait_for_metric(
-            "disconnects_notified",
-            |n| n == 1.0,
-            Duration::from_secs(10),
-        )
-        .await;
+    gateway.wait_for_the_first_delete_told().await;
     assert_eq!(
         api.posts.load(Ordering::SeqCst),
         9,

@@ -421,6 +421,18 @@ impl TestGateway {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Waits (10 s at most) until the gateway has counted its first DELETE as taken by the
+    /// API (`disconnects_notified` 1): it counts it on the API's answer, so after that
+    /// request's own counts, which the mock API records before it answers.
+    pub async fn wait_for_the_first_delete_told(&self) {
+        self.wait_for_metric(
+            "disconnects_notified",
+            |n| n == 1.0,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
 }
 
 impl Drop for TestGateway {
