@@ -1890,6 +1890,9 @@ async fn an_api_connection_still_writing_a_request_body_is_not_reused_for_the_ne
     let mut b = gateway.connect("/b").await;
     a.send(Message::binary(vec![b'x'; 4 << 20])).await.unwrap();
     assert_eq!(next_text(&mut a).await, "hi");
+    // Past the 100 ms the gateway waits for a connection to be ready at check-in: had it put
+    // the stuck one back then, b's message would take it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let answered = tokio::time::timeout(Duration::from_secs(1), reply_or_close(&mut b, "x")).await;
     assert_eq!(
         answered.as_deref(),

@@ -477,11 +477,12 @@ impl Pool {
     }
 
     /// Puts `connection`, ready for another request, on the idle list, to be reused while it
-    /// has been idle for less than `keep_for`, and wakes a request waiting for one.
-    fn put_idle(&self, connection: H1, keep_for: Duration) {
+    /// has been idle (since `since`) for less than `keep_for`, and wakes a request waiting for
+    /// one.
+    fn put_idle(&self, connection: H1, since: Instant, keep_for: Duration) {
         self.state().idle.push(Idle {
             connection,
-            since: Instant::now(),
+            since,
             keep_for,
         });
         self.changed.notify_one();
@@ -495,7 +496,8 @@ impl Pool {
         debug_assert!(adopted.is_ok(), "adopted twice");
     }
 
-    /// Connections open now (idle, busy, being opened, or let go of and not yet closed).
+    /// Connections open now (idle, busy, being opened, waiting to be checked in, or let go of
+    /// and not yet closed).
     pub(super) fn open(&self) -> usize {
         let state = self.state();
         state.open + usize::from(state.shared.is_some())
@@ -1354,11 +1356,15 @@ impl Lease<'_> {
         let Some(mut connection) = self.connection.take() else {
             return;
         };
+        // Idle from its answer, not from the end of a wait for readiness.
+        let since = Instant::now();
         if connection.sender.is_ready() {
-            self.pool.put_idle(connection, keep_for);
+            self.pool.put_idle(connection, since, keep_for);
             std::mem::forget(self);
             return;
         }
+        // (The pool is alive: the lease borrows it. Let go of the connection all the same if
+        // it were not.)
         let pool = match self.pool.this.upgrade() {
             Some(pool) if !connection.sender.is_closed() => pool,
             _ => {
@@ -1372,7 +1378,7 @@ impl Lease<'_> {
         tokio::spawn(async move {
             let ready = tokio::time::timeout(READY_AT_CHECKIN, connection.sender.ready()).await;
             if matches!(ready, Ok(Ok(()))) {
-                pool.put_idle(connection, keep_for);
+                pool.put_idle(connection, since, keep_for);
             }
             // Else it is let go of here, and closed within CLOSE_GRACE.
         });
@@ -2493,7 +2499,17 @@ mod tests {
             .await
             .map(|answer| answer.body);
         assert_eq!(answer.ok(), Some(Bytes::from("hi")));
+        // Not put back once its wait for readiness is over either: let go of, and closed.
+        tokio::time::sleep(READY_AT_CHECKIN * 3).await;
         assert_eq!(pool.state().idle.len(), 0, "checked in while still writing");
+        let deadline = Instant::now() + CLOSE_GRACE * 2;
+        while pool.open() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the stuck connection was never closed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // The next request goes on a new connection, at once.
         let next = tokio::time::timeout(Duration::from_secs(1), post(&pool)).await;
         assert_eq!(next.ok(), Some(Ok(Bytes::from("fresh"))));
