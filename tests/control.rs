@@ -297,26 +297,6 @@ async fn pushes_keep_their_order_on_the_socket() {
     assert_eq!(gateway.metrics().await["pushes_accepted"], 50.0);
 }
 
-/// Opens an HTTP/2 (prior knowledge, h2c) connection to the control listener; it ends once
-/// every sender and request on it is gone.
-async fn control_http2<B>(gateway: &TestGateway) -> hyper::client::conn::http2::SendRequest<B>
-where
-    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let tcp = tokio::net::TcpStream::connect(gateway.control)
-        .await
-        .unwrap();
-    let (sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .expect("the control listener speaks h2c");
-    tokio::spawn(connection);
-    sender
-}
-
 async fn post_http2(
     sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
     control: std::net::SocketAddr,
@@ -340,7 +320,9 @@ async fn head_over_h2c_answers_the_get_head_without_a_body() {
     // A body after a HEAD is a protocol error to an HTTP/2 client (hyper leaves it out only
     // over HTTP/1.1).
     let (_api, gateway) = setup().await;
-    let mut sender = control_http2::<http_body_util::Empty<Bytes>>(&gateway).await;
+    let mut sender = control_h2c::<http_body_util::Empty<Bytes>>(gateway.control)
+        .await
+        .0;
     for path in ["/healthz", "/metrics", "/nobody"] {
         let request = hyper::Request::head(format!("http://{}{path}", gateway.control))
             .body(http_body_util::Empty::new())
@@ -381,7 +363,7 @@ async fn pushes_over_one_http2_connection_reach_each_socket_in_order() {
     for path in clients {
         sockets.push(gateway.connect(path).await);
     }
-    let sender = control_http2(&gateway).await;
+    let sender = control_h2c(gateway.control).await.0;
     // Three pushers share the one connection, so their streams interleave on it.
     let mut pushers = Vec::new();
     for path in clients {
@@ -573,7 +555,7 @@ async fn stalled_pushes(
 ) -> (tokio::task::JoinSet<StalledAnswer>, Vec<StalledAnswer>) {
     let mut answers = tokio::task::JoinSet::new();
     for _ in 0..connections {
-        let sender = control_http2::<StalledBody>(gateway).await;
+        let sender = control_h2c::<StalledBody>(gateway.control).await.0;
         for _ in 0..streams {
             let mut sender = sender.clone();
             let control = gateway.control;

@@ -508,16 +508,7 @@ async fn the_control_listener_answers_a_head_over_16_kib_with_431_over_http1_and
     .await;
     assert_eq!(served.status, 200, "{}", served.text());
 
-    let tcp = TcpStream::connect(gateway.control).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let driving = tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let (mut sender, driving) = control_h2c(gateway.control).await;
     let healthz = |padding: &str| {
         hyper::Request::get(format!("http://{}/healthz", gateway.control))
             .header("x-padding", padding)

@@ -1538,27 +1538,6 @@ async fn an_idle_http1_control_connection_is_closed_after_the_handshake_timeout(
     healthz_until(gateway.control, 200).await;
 }
 
-/// An h2c connection to `control`: its sender, and the task that drives it, which ends when
-/// the gateway closes the connection.
-async fn control_h2c(
-    control: std::net::SocketAddr,
-) -> (
-    hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let tcp = TcpStream::connect(control).await.unwrap();
-    let (sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let driving = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    (sender, driving)
-}
-
 /// The status of `GET /healthz` over `sender`.
 async fn healthz_h2c(
     sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>,

@@ -769,3 +769,26 @@ pub async fn push_until_stalled(gateway: &TestGateway, path: &str) -> usize {
     }
     panic!("the socket still took writes after 60 pushes of 128 KiB");
 }
+
+/// An h2c (prior knowledge) connection to the control listener at `control`: its sender, and
+/// the task that drives it, which ends when the gateway closes the connection (or once every
+/// sender and request on it is gone).
+pub async fn control_h2c<B>(
+    control: SocketAddr,
+) -> (hyper::client::conn::http2::SendRequest<B>, JoinHandle<()>)
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(control).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .expect("the control listener speaks h2c");
+    let driving = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, driving)
+}
