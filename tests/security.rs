@@ -27,18 +27,16 @@ use ws2http::config::TlsFiles;
 
 const TOKEN: &str = "s3cret-t0ken";
 
+/// A control request with `Authorization: Bearer TOKEN`.
+async fn with_token(control: SocketAddr, method: &str, path: &str, body: &[u8]) -> RawResponse {
+    let auth = format!("Bearer {TOKEN}");
+    raw_http(control, method, path, &[("Authorization", &auth)], body).await
+}
+
 /// Accounting (`assert_accounting`) through a token-protected control listener.
 async fn assert_accounting_with_token(gateway: &TestGateway, api: &MockApi, open: usize) {
     let metrics = || async {
-        let auth = format!("Bearer {TOKEN}");
-        let response = raw_http(
-            gateway.control,
-            "GET",
-            "/metrics",
-            &[("Authorization", &auth)],
-            b"",
-        )
-        .await;
+        let response = with_token(gateway.control, "GET", "/metrics", b"").await;
         assert_eq!(response.status, 200);
         parse_metrics(&response.text())
     };
@@ -81,25 +79,10 @@ async fn every_control_request_but_healthz_needs_the_bearer_token() {
 
     // Nothing the refused requests asked for happened: the socket is open and got no push.
     assert_eq!(round_trip(&mut ws, "still open").await, "echo:still open");
-    let auth = format!("Bearer {TOKEN}");
-    let pushed = raw_http(
-        gateway.control,
-        "POST",
-        "/alice",
-        &[("Authorization", &auth)],
-        b"real push",
-    )
-    .await;
+    let pushed = with_token(gateway.control, "POST", "/alice", b"real push").await;
     assert_eq!(pushed.status, 200);
     assert_eq!(next_text(&mut ws).await, "real push");
-    let info = raw_http(
-        gateway.control,
-        "GET",
-        "/alice",
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await;
+    let info = with_token(gateway.control, "GET", "/alice", b"").await;
     assert_eq!(info.status, 200);
     assert!(info.text().contains("\"client_id\":\"alice\""));
     assert_accounting_with_token(&gateway, &api, 1).await;
