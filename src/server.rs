@@ -688,14 +688,11 @@ async fn first_byte_comes(tcp: &TcpStream) -> bool {
     matches!(tcp.peek(&mut first).await, Ok(n) if n > 0)
 }
 
-/// Whether `tcp`'s peer has already closed it (or it broke) with no byte sent; false while it
-/// is open, or once a byte came. Does not wait.
+/// Whether `tcp`'s peer has already closed it (or it broke) with no byte sent: what
+/// [`first_byte_comes`] would say at once, without waiting; false while it is open, or once a
+/// byte came.
 fn closed_before_a_byte(tcp: &TcpStream) -> bool {
-    let mut first = [0u8; 1];
-    matches!(
-        futures_util::FutureExt::now_or_never(tcp.peek(&mut first)),
-        Some(Ok(0) | Err(_))
-    )
+    futures_util::FutureExt::now_or_never(first_byte_comes(tcp)) == Some(false)
 }
 
 /// Waits for the first bytes (or the end) of a control connection; says whether any came.
