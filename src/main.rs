@@ -146,7 +146,7 @@ struct Args {
     #[argh(option, from_str_fn(parse_duration))]
     idle_timeout: Option<Duration>,
 
-    /// on SIGTERM/SIGINT, how long in-flight requests may take before sockets close (default 10s)
+    /// on SIGTERM/SIGINT/SIGHUP, how long in-flight requests may take before sockets close (default 10s)
     #[argh(
         option,
         default = "Duration::from_secs(10)",
@@ -659,22 +659,25 @@ async fn serve(
     Ok(())
 }
 
-/// How soon after the first SIGTERM or SIGINT another one is taken as the same stop, not as
+/// How soon after the first stop signal another one is taken as the same stop, not as
 /// a second signal: coreutils' `timeout`, and supervisors like it, signal the process and then
 /// its whole process group, and the two arrive microseconds apart.
 const REPEATED_SIGNAL: Duration = Duration::from_millis(250);
 
-/// SIGTERM and SIGINT, taken over from their default action (ending the process) as soon
-/// as this is made.
-struct ShutdownSignals(Option<(Signal, Signal)>);
+/// The stop signals, SIGTERM, SIGINT and SIGHUP, taken over from their default action (ending
+/// the process) as soon as this is made. SIGHUP drains like the others: a gateway started in a
+/// terminal whose session ends (a dropped SSH connection) still closes every client with
+/// `1001` and tells the API of each, instead of vanishing.
+struct ShutdownSignals(Option<[Signal; 3]>);
 
 impl ShutdownSignals {
     fn install() -> Self {
         match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) {
-            (Ok(term), Ok(int)) => ShutdownSignals(Some((term, int))),
+            (Ok(term), Ok(int), Ok(hup)) => ShutdownSignals(Some([term, int, hup])),
             _ => {
                 tracing::error!("cannot install signal handlers; stop with SIGKILL");
                 ShutdownSignals(None)
@@ -682,25 +685,19 @@ impl ShutdownSignals {
         }
     }
 
-    /// Resolves on the first SIGTERM or SIGINT (also one that came before this was polled); a
+    /// Resolves on the first stop signal (also one that came before this was polled); a
     /// second one ends the process at once (once a profile file being written is in place),
     /// unless it came within [`REPEATED_SIGNAL`] of the first: that one is the same stop.
     async fn first(self) {
-        let Some((mut term, mut int)) = self.0 else {
+        let Some(mut signals) = self.0 else {
             std::future::pending::<()>().await;
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        any_of(&mut signals).await;
         let first = tokio::time::Instant::now();
         tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
+                any_of(&mut signals).await;
                 if first.elapsed() >= REPEATED_SIGNAL {
                     break;
                 }
@@ -714,6 +711,15 @@ impl ShutdownSignals {
             let _no_more_writes = profile::writes_finished();
             std::process::exit(1);
         });
+    }
+}
+
+/// The next of any of the stop signals.
+async fn any_of([term, int, hup]: &mut [Signal; 3]) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = hup.recv() => {}
     }
 }
 

@@ -512,6 +512,28 @@ async fn sigint_drains_the_binary_like_sigterm() {
     assert_one_delete_per_connection(&api);
 }
 
+#[tokio::test]
+async fn sighup_drains_the_binary_like_sigterm() {
+    // A gateway started in a terminal gets SIGHUP when that session ends (a dropped SSH
+    // connection): by default it would vanish, its clients cut without a close frame and the
+    // API never told of them.
+    let api = MockApi::start().await;
+    let (mut binary, clients) = binary_with_clients(&api, 2).await;
+    let waiting: Vec<_> = clients
+        .into_iter()
+        .map(|ws| tokio::spawn(await_close(ws)))
+        .collect();
+    binary.signal(libc::SIGHUP);
+    let status = binary.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", binary.stderr());
+    for client in waiting {
+        assert_eq!(client.await.unwrap().0, 1001);
+    }
+    assert_eq!(api.seen_with("DELETE").len(), 2);
+    assert_one_delete_per_connection(&api);
+    assert!(binary.stderr().contains("ws2http stopped"));
+}
+
 /// The real binary against an API whose DELETE answers after `delete_delay`, with one client
 /// that has made a round trip and waits for its close.
 async fn binary_with_a_slow_delete(
