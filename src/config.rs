@@ -223,6 +223,19 @@ impl std::str::FromStr for ApiBase {
         if s.contains('#') {
             return Err(format!("`{s}` must not have a fragment (#)"));
         }
+        // A `%` not followed by two hex digits is no escape: strict servers answer `400`, and a
+        // trailing one would take the ClientId's first characters as its digits (`%` + `41…`).
+        let bytes = s.as_bytes();
+        let broken_escape = bytes.iter().enumerate().any(|(i, &b)| {
+            b == b'%'
+                && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+        });
+        if broken_escape {
+            return Err(format!(
+                "`{s}` has a % not followed by two hex digits; write a literal % as %25"
+            ));
+        }
         Ok(ApiBase(s.to_owned()))
     }
 }
@@ -561,6 +574,22 @@ mod tests {
         assert!("http://api/ws/#".parse::<ApiBase>().is_err());
         // A path that ends in a prefix rather than a slash is the user's choice.
         assert!("http://api/ws/client-".parse::<ApiBase>().is_ok());
+    }
+
+    #[test]
+    fn api_base_with_a_percent_that_is_no_escape_is_refused() {
+        // A trailing `%` would take the ClientId's first two characters as its hex digits.
+        for broken in [
+            "http://api/%",
+            "http://api/%4",
+            "http://api/x%zz/",
+            "http://api/a%",
+        ] {
+            let error = broken.parse::<ApiBase>().unwrap_err();
+            assert!(error.contains("%25"), "{broken}: {error}");
+        }
+        assert!("http://api/a%20b/".parse::<ApiBase>().is_ok());
+        assert!("http://api/%2Fx/%25".parse::<ApiBase>().is_ok());
     }
 
     #[test]
