@@ -744,6 +744,11 @@ fn network_connector(config: &Config) -> Result<HttpsConnector<HttpConnector>, U
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout(config)));
+    // One socket per attempt, as the pool counts it: with happy eyeballs (hyper-util's default),
+    // a host name with both IPv4 and IPv6 addresses could hold a second socket per attempt,
+    // outside the open-file budget. The addresses are tried one after the other instead, each
+    // with its share of the connect timeout.
+    http.set_happy_eyeballs_timeout(None);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
