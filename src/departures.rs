@@ -541,6 +541,166 @@ mod tests {
         );
     }
 
+    /// What the API of [`a_sender_gives_back_its_delete_to_retry_when_the_api_slots_go_down`]
+    /// has seen, and what it waits for before it answers.
+    #[derive(Default)]
+    struct ScriptedApi {
+        /// The ClientIds of the DELETEs it received, in order, with when each came.
+        deletes: Mutex<Vec<(String, std::time::Instant)>>,
+        /// Cancelled once the limit went down: the first DELETE of `a` is answered `503` then.
+        limit_lowered: CancellationToken,
+        /// Cancelled once `a` went back to the queue: the DELETE of `b` is answered then.
+        a_handed_back: CancellationToken,
+    }
+
+    impl ScriptedApi {
+        /// The ClientIds of the DELETEs received so far, in order.
+        fn deletes(&self) -> Vec<String> {
+            let deletes = self.deletes.lock().unwrap();
+            deletes.iter().map(|(client, _)| client.clone()).collect()
+        }
+
+        /// Serves this script on a loopback port: a DELETE of `a` is answered `503` the first
+        /// time, once [`ScriptedApi::limit_lowered`], and `200` after; one of `b` `200` once
+        /// [`ScriptedApi::a_handed_back`]; any other `200` at once. A POST to `slow` is
+        /// answered `504` after a second (past the slow mark of a 50 ms pace); any other
+        /// POST `200` after 50 ms. Its URL.
+        async fn serve(self: &Arc<Self>) -> String {
+            let script = Arc::clone(self);
+            crate::upstream::loopback_api(hyper::service::service_fn(
+                move |request: http::Request<hyper::body::Incoming>| {
+                    let script = Arc::clone(&script);
+                    async move {
+                        let client = request.uri().path().trim_start_matches('/').to_owned();
+                        let status = if request.method() == http::Method::DELETE {
+                            let first_of_a = {
+                                let mut deletes = script.deletes.lock().unwrap();
+                                deletes.push((client.clone(), std::time::Instant::now()));
+                                client == "a"
+                                    && deletes.iter().filter(|(c, _)| c == "a").count() == 1
+                            };
+                            if first_of_a {
+                                script.limit_lowered.cancelled().await;
+                                503
+                            } else if client == "b" {
+                                script.a_handed_back.cancelled().await;
+                                200
+                            } else {
+                                200
+                            }
+                        } else if client == "slow" {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            504
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            200
+                        };
+                        http::Response::builder()
+                            .status(status)
+                            .body(http_body_util::Full::new(Bytes::new()))
+                    }
+                },
+            ))
+            .await
+        }
+    }
+
+    /// Waits, at most 5 s, until `done`.
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waited 5 s for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sender_gives_back_its_delete_to_retry_when_the_api_slots_go_down() {
+        let api = Arc::new(ScriptedApi::default());
+        let config = Config {
+            api: api.serve().await.parse().unwrap(),
+            upstream_min_concurrency: 2,
+            upstream_max_connections: Some(4),
+            ..Config::default()
+        };
+        let gateway = crate::Gateway::bind_on_free_ports(config).await;
+        let shared = Arc::clone(&gateway.shared);
+        let queue = &shared.departures;
+        // Two API slots to start with; four messages at once, answered at the API's pace while
+        // every slot is taken, grow the limit to its maximum, four: two senders allowed.
+        let grow = departure(&shared.upstream, "/grow").context;
+        let grown = futures_util::future::join_all(
+            (0..4).map(|_| shared.upstream.message(&grow, Bytes::new(), false)),
+        )
+        .await;
+        assert!(grown
+            .iter()
+            .all(|r| r.as_ref().is_ok_and(|a| a.status == 200)));
+        assert_eq!(shared.upstream.concurrency_limit(), 4, "the limit grew");
+        assert_eq!(senders_allowed(&shared), 2);
+        // Two senders take `a` and `b`; `c` waits in the queue.
+        Departures::push(&shared, departure(&shared.upstream, "/a"));
+        wait_until("the DELETE of a", || api.deletes() == ["a"]).await;
+        Departures::push(&shared, departure(&shared.upstream, "/b"));
+        wait_until("the DELETE of b", || api.deletes() == ["a", "b"]).await;
+        Departures::push(&shared, departure(&shared.upstream, "/c"));
+        assert_eq!(queue.state().senders, 2);
+        // A message answered `504` past the API's pace is a slow answer: the limit goes down
+        // to three slots, one sender allowed.
+        let slow = departure(&shared.upstream, "/slow").context;
+        let answer = shared.upstream.message(&slow, Bytes::new(), false).await;
+        assert_eq!(answer.unwrap().status, 504);
+        assert_eq!(
+            shared.upstream.concurrency_limit(),
+            3,
+            "the limit went down"
+        );
+        assert_eq!(senders_allowed(&shared), 1);
+        // The DELETE of `a` could not be sent (503): its sender is one too many now, and
+        // gives it back to the head of the queue, with its one try, rather than hold its slot
+        // through the backoff and the retries.
+        api.limit_lowered.cancel();
+        wait_until("a sender to stop", || queue.state().senders == 1).await;
+        let queued: Vec<(String, u8)> = queue
+            .state()
+            .waiting
+            .iter()
+            .map(|d| (d.context.client_id.as_str().to_owned(), d.tries))
+            .collect();
+        assert_eq!(
+            queued,
+            [("a".to_owned(), 1), ("c".to_owned(), 0)],
+            "the DELETE to retry went back to the head of the queue (the API has seen {:?})",
+            api.deletes()
+        );
+        assert_eq!(
+            api.deletes(),
+            ["a", "b"],
+            "not retried by the sender that stopped"
+        );
+        // The sender that remains, done with `b`, retries `a` after the backoff of its second
+        // try (its tries came with it), then sends `c`.
+        let b_answered = std::time::Instant::now();
+        api.a_handed_back.cancel();
+        wait_until("every DELETE done", || {
+            queue.load() == DisconnectLoad::default() && queue.state().senders == 0
+        })
+        .await;
+        assert_eq!(api.deletes(), ["a", "b", "a", "c"]);
+        let a_retried = api.deletes.lock().unwrap()[2].1;
+        assert!(
+            a_retried.duration_since(b_answered) >= DELETE_RETRY_BACKOFF,
+            "retried {:?} after b, with no backoff: its tries were lost",
+            a_retried.duration_since(b_answered)
+        );
+        let notified = shared.metrics.disconnects_notified.load(Ordering::Relaxed);
+        let failed = shared.metrics.disconnects_failed.load(Ordering::Relaxed);
+        assert_eq!((notified, failed), (3, 0));
+    }
+
     #[test]
     fn a_drain_allows_the_shutdown_delete_concurrency_up_to_every_api_slot() {
         // Outside a drain: half the slots, whatever the flag.
