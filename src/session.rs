@@ -223,7 +223,14 @@ impl SessionHandle {
         if take_message {
             if let Some(message) = mailbox.queue.pop_front() {
                 mailbox.queued_bytes -= message.payload.len();
-                return MailboxEvent::Message(message, mailbox.queue.len());
+                let behind = mailbox.queue.len();
+                if behind == 0 {
+                    // Its room is given back once emptied (40 bytes a place, up to
+                    // `--max-queued-messages` of them after a backlog), not kept for the
+                    // connection's life.
+                    mailbox.queue = VecDeque::new();
+                }
+                return MailboxEvent::Message(message, behind);
             }
         }
         MailboxEvent::Empty
@@ -272,11 +279,7 @@ impl Answered {
 /// Moves the answers at the head of `in_flight` that have already come in (in message order,
 /// up to the first still at the API) to the end of `answered`, each to go out once
 /// `after_pushes` pushes have.
-fn take_finished(
-    in_flight: &mut FuturesOrdered<AnswerFuture>,
-    answered: &mut VecDeque<Answered>,
-    after_pushes: u32,
-) {
+fn take_finished(in_flight: &mut InFlight, answered: &mut VecDeque<Answered>, after_pushes: u32) {
     use futures_util::FutureExt as _;
     while let Some(Some(answer)) = in_flight.next().now_or_never() {
         answered.push_back(Answered {
@@ -323,6 +326,44 @@ fn in_arrival_order(
 }
 
 type AnswerFuture = Pin<Box<dyn Future<Output = Result<ApiAnswer, UpstreamError>> + Send>>;
+
+/// The API requests of one connection's messages, answered in the order they were sent.
+/// Allocated only while one is at the API: an empty `FuturesOrdered` still holds two
+/// allocations (about 150 bytes), which every idle connection would otherwise keep.
+#[derive(Default)]
+struct InFlight(Option<FuturesOrdered<AnswerFuture>>);
+
+impl InFlight {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(FuturesOrdered::is_empty)
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    fn push_back(&mut self, request: AnswerFuture) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(request);
+    }
+}
+
+impl futures_util::Stream for InFlight {
+    type Item = Result<ApiAnswer, UpstreamError>;
+
+    /// The next answer in message order; the allocations are given back once none is left.
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Some(requests) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = requests.poll_next_unpin(cx);
+        if requests.is_empty() {
+            self.0 = None;
+        }
+        polled
+    }
+}
 
 enum Event {
     Frame(Option<Result<Message, tokio_websockets::Error>>),
@@ -443,7 +484,7 @@ where
         let now = Instant::now();
         let mut session = Session {
             socket,
-            in_flight: FuturesOrdered::new(),
+            in_flight: InFlight::default(),
             answered: VecDeque::new(),
             pushes_taken: 0,
             handle,
@@ -684,7 +725,7 @@ fn depart(
 struct Session<S> {
     socket: WebSocketStream<S>,
     /// The API requests of this connection's messages, answered in the order they were sent.
-    in_flight: FuturesOrdered<AnswerFuture>,
+    in_flight: InFlight,
     /// Answers taken from `in_flight` while the socket took no writes (or pushes queued before
     /// them waited), waiting for it in order: a request never waits on the client, so its API
     /// slot and connection go back at once.
@@ -818,6 +859,11 @@ where
         }
         if writable {
             if let Some(answered) = self.answered.pop_front() {
+                if self.answered.is_empty() {
+                    // Room for several answers (about 150 bytes each) is not kept once they
+                    // have gone out.
+                    self.answered = VecDeque::new();
+                }
                 return Poll::Ready(Event::Answer(answered.answer));
             }
         } else {
@@ -1666,6 +1712,75 @@ mod tests {
         (session, handle, permit, written)
     }
 
+    #[test]
+    fn requests_in_flight_hold_no_allocation_while_none_is_at_the_api() {
+        use futures_util::FutureExt as _;
+        let mut in_flight = InFlight::default();
+        assert!(
+            in_flight.0.is_none(),
+            "a new connection allocates nothing for them"
+        );
+        in_flight.push_back(answer("a1"));
+        in_flight.push_back(answer("a2"));
+        assert_eq!(in_flight.len(), 2);
+        let first = in_flight.next().now_or_never().flatten().unwrap().unwrap();
+        assert_eq!(first.body, "a1");
+        assert!(in_flight.0.is_some(), "kept while one is still at the API");
+        let second = in_flight.next().now_or_never().flatten().unwrap().unwrap();
+        assert_eq!(second.body, "a2");
+        assert!(
+            in_flight.0.is_none(),
+            "given back once the last is answered"
+        );
+        assert!(in_flight.is_empty());
+        assert!(matches!(in_flight.next().now_or_never(), Some(None)));
+    }
+
+    #[test]
+    fn the_push_queue_gives_back_its_room_once_emptied() {
+        let handle = handle();
+        for _ in 0..64 {
+            assert_eq!(handle.push(message(8), 64, 1 << 20, &ACCEPTED), Ok(()));
+        }
+        assert!(handle.mailbox().queue.capacity() >= 64);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for behind in (0..64).rev() {
+            match handle.poll_mailbox(&mut cx, true) {
+                MailboxEvent::Message(_, left) => assert_eq!(left, behind),
+                _ => panic!("a queued push is taken"),
+            }
+        }
+        assert_eq!(handle.mailbox().queue.capacity(), 0);
+        assert_eq!(handle.info().queued_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn answers_that_waited_for_the_socket_give_back_their_room_once_sent() {
+        let config = crate::Config {
+            ping_interval: None,
+            pipeline: 4,
+            ..crate::Config::default()
+        };
+        let (mut session, _handle, _permit, _written) = recorded_session(config).await;
+        for body in ["a1", "a2", "a3"] {
+            session.answered.push_back(Answered {
+                answer: Ok(ok_answer(body)),
+                after_pushes: 0,
+            });
+        }
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for expected in ["a1", "a2", "a3"] {
+            match session.poll_event(&mut cx) {
+                Poll::Ready(Event::Answer(Ok(answer))) => assert_eq!(answer.body, expected),
+                _ => panic!("the waiting answer {expected} goes out"),
+            }
+        }
+        assert!(session.answered.is_empty());
+        assert_eq!(session.answered.capacity(), 0);
+    }
+
     #[tokio::test]
     async fn after_an_api_failure_the_replies_before_it_go_out_and_none_after_it() {
         let config = crate::Config {
@@ -1770,7 +1885,7 @@ mod tests {
 
     #[test]
     fn answers_that_came_in_before_the_close_was_seen_are_kept_in_order() {
-        let mut in_flight = FuturesOrdered::new();
+        let mut in_flight = InFlight::default();
         in_flight.push_back(answer("a1"));
         in_flight.push_back(answer("a2"));
         in_flight.push_back(Box::pin(std::future::pending()) as AnswerFuture);
