@@ -64,12 +64,25 @@ if [ "$what" = test ]; then
     echo "install-deps: node/npm still missing" >&2; exit 1
   fi
   browser_dir="$root_dir/tests/browser"
-  if [ ! -d "$browser_dir/node_modules/playwright-core" ]; then
-    echo "install-deps: npm install in tests/browser"
-    if [ -f "$browser_dir/package-lock.json" ]; then
+  # playwright-core's start-up exits 1 on a node older than its "engines" (in the lock
+  # file), which the browser test would only report as a failed script: say so now.
+  need_node="$(grep -o '"node": *">= *[0-9]*' "$browser_dir/package-lock.json" \
+    | grep -o '[0-9]*$' | sort -n | tail -n 1 || true)"
+  have_node="$(node -p 'process.versions.node.split(".")[0]')"
+  if [ -n "$need_node" ] && [ "$have_node" -lt "$need_node" ]; then
+    echo "install-deps: node $(node --version) is too old: tests/browser's playwright-core needs Node.js $need_node or later (a distribution's nodejs that new, or nodesource's packages)" >&2
+    exit 1
+  fi
+  # Installed when missing, and again when it is not the version the lock file pins.
+  installed="$(cd "$browser_dir" && node -p "try { require('./node_modules/playwright-core/package.json').version } catch (e) { '' }")"
+  if [ -f "$browser_dir/package-lock.json" ]; then
+    pinned="$(cd "$browser_dir" && node -p "require('./package-lock.json').packages['node_modules/playwright-core'].version")"
+    if [ "$installed" != "$pinned" ]; then
+      echo "install-deps: npm ci in tests/browser (playwright-core ${installed:-missing}, pinned $pinned)"
       (cd "$browser_dir" && npm ci --no-audit --no-fund)
-    else
-      (cd "$browser_dir" && npm install --no-audit --no-fund)
     fi
+  elif [ -z "$installed" ]; then
+    echo "install-deps: npm install in tests/browser"
+    (cd "$browser_dir" && npm install --no-audit --no-fund)
   fi
 fi

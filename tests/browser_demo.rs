@@ -8,12 +8,13 @@
 //! closes its socket on the first refusal and never reads the second. The screenshot is
 //! kept as `target/test-artifacts/demo.png`.
 //!
-//! Needs php-cli + php-sqlite3, chromium, node and `npm ci` in tests/browser; `make test`
-//! (or `scripts/install-deps.sh test`) installs them. Missing ones fail the test.
+//! Needs php-cli + php-sqlite3, chromium, node (18 or later, as playwright-core's `engines`
+//! says) and `npm ci` in tests/browser; `make test` (or `scripts/install-deps.sh test`)
+//! installs them. Missing ones, or too old a node, fail the test.
 
 mod stack;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,43 @@ fn artifacts_dir() -> PathBuf {
     dir
 }
 
+/// Leading digits of `s` as a number (the major of "18.20.4", of ">=18").
+fn major(s: &str) -> Option<u32> {
+    s.trim_start_matches(['v', '>', '=', ' '])
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Checks that the `node` on PATH runs the installed playwright-core: on a node older than
+/// its `engines` that exits 1 at start-up, and the test would only say the script failed.
+fn check_node(browser_dir: &Path) {
+    let out = Command::new("node")
+        .args([
+            "-p",
+            "const p = require('./node_modules/playwright-core/package.json'); \
+                     [process.versions.node, p.version, p.engines.node].join('|')",
+        ])
+        .current_dir(browser_dir)
+        .output()
+        .unwrap_or_else(|e| panic!("node is missing ({e}): install nodejs (`make test` does)"));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let [node, playwright, engines] = said.trim().split('|').collect::<Vec<_>>()[..] else {
+        panic!(
+            "node could not read playwright-core's package.json: {said:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (have, need) = (major(node), major(engines));
+    assert!(
+        have.zip(need).is_some_and(|(have, need)| have >= need),
+        "node {node} is too old: the playwright-core {playwright} in tests/browser needs Node.js \
+         {engines} (get a newer nodejs, e.g. nodesource's packages; or, if package-lock.json \
+         pins an older playwright-core, `npm ci` there)"
+    );
+}
+
 #[test]
 fn two_tabs_of_the_demo_page_chat_through_the_gateway() {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -41,6 +79,7 @@ fn two_tabs_of_the_demo_page_chat_through_the_gateway() {
         browser_dir.join("node_modules/playwright-core").is_dir(),
         "playwright-core is not installed: run `npm ci` in tests/browser (`make test` does)"
     );
+    check_node(&browser_dir);
 
     let control_port = stack::free_port();
     let php = PhpExample::start(&format!("http://127.0.0.1:{control_port}/"));
