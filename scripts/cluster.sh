@@ -36,6 +36,27 @@ for arg in "$@"; do
   esac
 done
 
+# HAProxy's connection limits (haproxy/haproxy.cfg): the public and push entries' shares
+# and the stats page's 10 must fit in the global one, or websockets can take every
+# connection and leave pushes none. The file's .if cannot add, so the sum is checked here:
+# the variables as set, else the file's presetenv defaults.
+if [ "$proxy" = haproxy ]; then
+  limits=()
+  for name in WS2HTTP_MAXCONN WS2HTTP_PUBLIC_MAXCONN WS2HTTP_PUSH_MAXCONN; do
+    value="${!name:-$(awk -v n="$name" '$1 == "presetenv" && $2 == n { print $3 }' \
+      "$root_dir/haproxy/haproxy.cfg")}"
+    if ! [[ "$value" =~ ^[0-9]+$ ]]; then
+      echo "cluster.sh: $name must be a number of connections, not '$value'" >&2
+      exit 1
+    fi
+    limits+=("$((10#$value))")
+  done
+  if ((limits[1] + limits[2] + 10 > limits[0])); then
+    echo "cluster.sh: WS2HTTP_PUBLIC_MAXCONN (${limits[1]}) + WS2HTTP_PUSH_MAXCONN (${limits[2]}) + 10 must not exceed WS2HTTP_MAXCONN (${limits[0]}); see haproxy/haproxy.cfg" >&2
+    exit 1
+  fi
+fi
+
 php_port="${PHP_PORT:-8000}"
 run_dir="$root_dir/target/cluster"
 mkdir -p "$run_dir"

@@ -8,7 +8,7 @@
 
 mod cluster;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use cluster::{
     run_busy_node_scenario, run_draining_node_scenario, run_failover_scenario,
@@ -54,6 +54,64 @@ fn haproxy_cfg_refuses_one_connection_limit_without_the_other() {
             !out.status.success()
                 && stderr.contains("set WS2HTTP_MAXCONN and WS2HTTP_PUBLIC_MAXCONN together"),
             "haproxy -c with only {set} set: {}\n{}{stderr}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+/// A push share that does not fit next to the public one (`WS2HTTP_PUSH_MAXCONN=5000` with
+/// the defaults: 7990 + 5000 + 10 > 9000) would let websockets take every connection
+/// HAProxy has and leave pushes none. HAProxy's `.if` cannot add, so `scripts/cluster.sh`
+/// (`make cluster`) refuses the sum before it starts anything; the shipped file itself
+/// refuses the push share set without the global limit.
+#[test]
+fn a_push_share_over_the_connection_limit_is_refused() {
+    let root = cluster::repo_root();
+    let out = Command::new(cluster::tool("haproxy"))
+        .arg("-c")
+        .arg("-f")
+        .arg(root.join("haproxy/haproxy.cfg"))
+        .env_remove("WS2HTTP_MAXCONN")
+        .env_remove("WS2HTTP_PUBLIC_MAXCONN")
+        .env("WS2HTTP_PUSH_MAXCONN", "5000")
+        .output()
+        .expect("run haproxy -c (is haproxy installed? `make test` installs it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("set WS2HTTP_PUSH_MAXCONN only with WS2HTTP_MAXCONN"),
+        "haproxy -c with only WS2HTTP_PUSH_MAXCONN=5000 set: {}\n{}{stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // (total, public, push): unset takes haproxy.cfg's default. The second has all three
+    // set, which haproxy.cfg cannot tell from a sum that fits.
+    for (total, public, push, said) in [
+        (None, None, "5000", "WS2HTTP_PUBLIC_MAXCONN (7990) + WS2HTTP_PUSH_MAXCONN (5000) + 10 must not exceed WS2HTTP_MAXCONN (9000)"),
+        (Some("3000"), Some("2000"), "991", "WS2HTTP_PUBLIC_MAXCONN (2000) + WS2HTTP_PUSH_MAXCONN (991) + 10 must not exceed WS2HTTP_MAXCONN (3000)"),
+    ] {
+        let mut cmd = Command::new(root.join("scripts/cluster.sh"));
+        cmd.env_remove("WS2HTTP_MAXCONN")
+            .env_remove("WS2HTTP_PUBLIC_MAXCONN")
+            .env("WS2HTTP_PUSH_MAXCONN", push)
+            // Without the check the script would go on; this way it builds nothing, starts
+            // no API, and gives up when no gateway comes up.
+            .env("WS2HTTP_BIN", "/nonexistent/ws2http")
+            .env("WS2HTTP_API_URL", "http://127.0.0.1:9/")
+            .stdin(Stdio::null());
+        if let Some(total) = total {
+            cmd.env("WS2HTTP_MAXCONN", total);
+        }
+        if let Some(public) = public {
+            cmd.env("WS2HTTP_PUBLIC_MAXCONN", public);
+        }
+        let out = cmd.output().expect("run scripts/cluster.sh");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(said) && out.stdout.is_empty(),
+            "scripts/cluster.sh with limits {total:?}/{public:?}/{push}: {}\n{}{stderr}",
             out.status,
             String::from_utf8_lossy(&out.stdout)
         );
