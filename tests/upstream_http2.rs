@@ -862,13 +862,367 @@ async fn h2c_flood_against_an_api_with_few_streams_that_recycles_its_connections
     drop(done);
 }
 
+/// When [`GoAwayEachStreamApi`] answers a request with a body.
+#[derive(Clone, Copy, PartialEq)]
+enum BodyAnswer {
+    /// Once its whole body came and [`GoAwayEachStreamApi::release`] let one more answer go.
+    WhenReleased,
+    /// At once, on its HEADERS, before its body; and it grants no flow-control window for the
+    /// rest of a body larger than the 64 KiB HTTP/2 starts with, nor resets the stream to say
+    /// that it wants no more: the client's half of the stream stays open, its body unsent.
+    BeforeTheBody,
+}
+
+/// An h2c API written frame by frame that recycles its connections after every request: on
+/// each connection it takes the first stream, sends a GOAWAY whose last stream id is that one
+/// (as a server with `http2_max_requests 1` does, or one restarting in a loop), ignores the
+/// streams above it, and never closes the connection itself (the client closes it once nothing
+/// of its own is left on it). It answers `200` with the body `ok`: a request without a body at
+/// once, one with a body as its [`BodyAnswer`] says. It answers pings.
+struct GoAwayEachStreamApi {
+    addr: SocketAddr,
+    /// Connections it holds open now: accepted, and not yet ended by the client.
+    open: Arc<AtomicUsize>,
+    /// Requests with a body it took (their HEADERS came).
+    posts: Arc<AtomicUsize>,
+    /// Answers to requests with a body that may go ([`BodyAnswer::WhenReleased`]).
+    released: Arc<tokio::sync::Semaphore>,
+    /// Its accept loop, stopped when the API is dropped.
+    _task: AbortOnDropHandle<()>,
+}
+
+impl GoAwayEachStreamApi {
+    async fn start(body_answer: BodyAnswer) -> GoAwayEachStreamApi {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let posts = Arc::new(AtomicUsize::new(0));
+        let released = Arc::new(tokio::sync::Semaphore::new(0));
+        let (counted, taken, release) = (open.clone(), posts.clone(), released.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                socket.set_nodelay(true).unwrap();
+                let (counted, taken, release) = (counted.clone(), taken.clone(), release.clone());
+                let (mut reader, writer) = socket.into_split();
+                let writer = Arc::new(tokio::sync::Mutex::new(writer));
+                tokio::spawn(async move {
+                    let served = async {
+                        let mut preface = [0u8; 24];
+                        reader.read_exact(&mut preface).await?;
+                        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+                        writer
+                            .lock()
+                            .await
+                            .write_all(&frame(0x4, 0, 0, &[]))
+                            .await?;
+                        // The one stream it takes.
+                        let mut taken_stream = None;
+                        loop {
+                            let mut head = [0u8; 9];
+                            reader.read_exact(&mut head).await?;
+                            let length =
+                                u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                            let (kind, flags) = (head[3], head[4]);
+                            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                            let mut payload = vec![0u8; length];
+                            reader.read_exact(&mut payload).await?;
+                            let end_stream = flags & 0x1 != 0;
+                            let reply = match kind {
+                                // SETTINGS (not an ACK): acknowledge.
+                                0x4 if flags & 0x1 == 0 => frame(0x4, 0x1, 0, &[]),
+                                // PING: answer.
+                                0x6 if flags & 0x1 == 0 => frame(0x6, 0x1, 0, &payload),
+                                // The first request: taken, and the last this connection takes.
+                                0x1 if taken_stream.is_none() => {
+                                    taken_stream = Some(stream);
+                                    let mut reply = go_away(stream);
+                                    if end_stream {
+                                        reply.extend(answer_ok(stream));
+                                    } else {
+                                        taken.fetch_add(1, Ordering::SeqCst);
+                                        if body_answer == BodyAnswer::BeforeTheBody {
+                                            reply.extend(answer_ok(stream));
+                                        }
+                                    }
+                                    reply
+                                }
+                                // The end of its body: answered once released.
+                                0x0 if end_stream
+                                    && taken_stream == Some(stream)
+                                    && body_answer == BodyAnswer::WhenReleased =>
+                                {
+                                    let (writer, release) = (writer.clone(), release.clone());
+                                    tokio::spawn(async move {
+                                        release.acquire().await.unwrap().forget();
+                                        let answer = answer_ok(stream);
+                                        let _ = writer.lock().await.write_all(&answer).await;
+                                    });
+                                    continue;
+                                }
+                                _ => continue,
+                            };
+                            writer.lock().await.write_all(&reply).await?;
+                        }
+                        #[allow(unreachable_code)]
+                        Ok::<(), std::io::Error>(())
+                    };
+                    // Ended by the client (an end of stream, a reset).
+                    let _ = served.await;
+                    counted.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        GoAwayEachStreamApi {
+            addr,
+            open,
+            posts,
+            released,
+            _task: AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// Lets `answers` more answers to requests with a body go.
+    fn release(&self, answers: usize) {
+        self.released.add_permits(answers);
+    }
+
+    /// Waits (20 s at most) until the API has taken `count` requests with a body.
+    async fn wait_for_posts(&self, count: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.posts.load(Ordering::SeqCst) < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited 20s for {count} POSTs; saw {}",
+                self.posts.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The most sockets this process held to a port at once ([`sockets_to`]), looked at every
+/// 2 ms by a thread of its own (a look reads two `/proc` tables: on the test's runtime it
+/// would hold up the gateway and the API) until dropped.
+struct MostSockets {
+    most: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MostSockets {
+    fn watch(port: u16) -> MostSockets {
+        let most = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, stopped) = (most.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                seen.fetch_max(sockets_to(port), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        MostSockets { most, stop }
+    }
+
+    fn most(&self) -> usize {
+        self.most.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for MostSockets {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Waits (20 s at most) until `gateway` holds `sockets` sockets to `api`, the API holds as
+/// many open, and `upstream_connections_open` says so; panics with the three counts if not.
+async fn assert_sockets_counted(gateway: &TestGateway, api: &GoAwayEachStreamApi, sockets: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let gauge = gateway.metrics().await["upstream_connections_open"] as usize;
+        let held = sockets_to(api.addr.port());
+        let at_api = api.open.load(Ordering::SeqCst);
+        if (gauge, held, at_api) == (sockets, sockets, sockets) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after 20s, upstream_connections_open is {gauge}, the gateway holds {held} sockets \
+             to the API and the API {at_api} open; {sockets} wanted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn h2c_connections_draining_after_a_goaway_count_as_open_until_their_sockets_close() {
+    // Each connection takes one request and then goes away: each message held at the API
+    // keeps a connection of its own open, draining, after the gateway has stopped sending on
+    // it. Those are sockets the gateway holds: `upstream_connections_open` counts them until
+    // they are closed, and no more than --upstream-max-connections are ever open.
+    const MAX: usize = 3;
+    let api = GoAwayEachStreamApi::start(BodyAnswer::WhenReleased).await;
+    let watch = MostSockets::watch(api.addr.port());
+    let gateway = TestGateway::start(Config {
+        upstream_max_connections: Some(MAX),
+        // The messages held at the API wait for the test, however slow the machine.
+        upstream_timeout: Duration::from_secs(60),
+        ..h2c_config(api.addr)
+    })
+    .await;
+    let mut clients = Vec::new();
+    for n in 0..=MAX {
+        clients.push(gateway.connect(&format!("/held-{n}")).await);
+    }
+    // The connects' connections are closed once answered.
+    assert_sockets_counted(&gateway, &api, 0).await;
+
+    // Three messages held at the API, each on a connection of its own; the fourth waits for
+    // an API slot.
+    for (n, client) in clients.iter_mut().enumerate() {
+        client.send(Message::text(format!("m{n}"))).await.unwrap();
+    }
+    api.wait_for_posts(MAX).await;
+    assert_sockets_counted(&gateway, &api, MAX).await;
+    // One is answered: its connection closes, and the fourth message goes on a new one.
+    api.release(1);
+    api.wait_for_posts(MAX + 1).await;
+    assert_sockets_counted(&gateway, &api, MAX).await;
+    // All are answered: every connection closes.
+    api.release(MAX);
+    for client in &mut clients {
+        let reply = next_reply_within(client, Duration::from_secs(30)).await;
+        assert_eq!(reply.as_deref(), Ok("ok"));
+    }
+    assert_sockets_counted(&gateway, &api, 0).await;
+    assert!(
+        watch.most() <= MAX,
+        "{} sockets to the API at once",
+        watch.most()
+    );
+}
+
+#[tokio::test]
+async fn h2c_burst_against_an_api_that_goes_away_after_every_request_holds_no_more_sockets_than_the_pool(
+) {
+    // Twelve clients send fifteen messages each, as fast as they are answered, to an API that
+    // takes one request per connection: every request goes on a new connection, while those
+    // before it drain. The gateway never holds more sockets to the API than
+    // --upstream-max-connections, and once the burst is over it holds none, as
+    // `upstream_connections_open` says.
+    const MAX: usize = 4;
+    const CLIENTS: usize = 12;
+    const MESSAGES: usize = 15;
+    let api = GoAwayEachStreamApi::start(BodyAnswer::WhenReleased).await;
+    api.release(tokio::sync::Semaphore::MAX_PERMITS);
+    let watch = MostSockets::watch(api.addr.port());
+    let gateway = TestGateway::start(Config {
+        upstream_max_connections: Some(MAX),
+        // A request that finds each new connection taken by another is turned away again and
+        // again, after pauses of up to a second: on a busy machine, a few seconds in all.
+        upstream_timeout: Duration::from_secs(60),
+        ..h2c_config(api.addr)
+    })
+    .await;
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        clients.push(gateway.connect(&format!("/burst-{client}")).await);
+    }
+    let bursts: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(client, mut ws)| {
+            tokio::spawn(async move {
+                for n in 0..MESSAGES {
+                    ws.send(Message::text(format!("{client}-{n}")))
+                        .await
+                        .unwrap();
+                    match next_reply_within(&mut ws, Duration::from_secs(60)).await {
+                        Ok(reply) if reply == "ok" => {}
+                        other => return Err(format!("client {client}, message {n}: {other:?}")),
+                    }
+                }
+                Ok(ws)
+            })
+        })
+        .collect();
+    let mut lost = Vec::new();
+    let mut done = Vec::new();
+    for burst in bursts {
+        match burst.await.unwrap() {
+            Ok(ws) => done.push(ws),
+            Err(why) => lost.push(why),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} clients lost a message: {lost:?}",
+        lost.len()
+    );
+    assert_sockets_counted(&gateway, &api, 0).await;
+    assert!(
+        watch.most() <= MAX,
+        "{} sockets to the API at once, with --upstream-max-connections {MAX}",
+        watch.most()
+    );
+    drop(done);
+}
+
+#[tokio::test]
+async fn h2c_connections_an_api_never_finishes_after_its_goaway_are_closed_and_never_pile_up_past_the_pool(
+) {
+    // The API answers each message of 256 KiB on its HEADERS and goes away, but neither takes
+    // the rest of its body (no flow-control window past the first 64 KiB) nor resets its
+    // stream: each such connection stays open, its stream half sent, for as long as the API
+    // answers its pings. The gateway closes one a second after no request is left on it (once
+    // the next request found it gone), and meanwhile counts it: the next messages wait for
+    // a place of --upstream-max-connections 2, rather than leave one more such socket open
+    // each.
+    const MAX: usize = 2;
+    let api = GoAwayEachStreamApi::start(BodyAnswer::BeforeTheBody).await;
+    let watch = MostSockets::watch(api.addr.port());
+    let gateway = TestGateway::start(Config {
+        upstream_max_connections: Some(MAX),
+        // Each message waits for a place about a second: on a busy machine, a few.
+        upstream_timeout: Duration::from_secs(60),
+        ..h2c_config(api.addr)
+    })
+    .await;
+    let mut client = gateway.connect("/early-answer").await;
+
+    let within = Duration::from_secs(60);
+    for _ in 0..4 {
+        client
+            .send(Message::text("x".repeat(256 * 1024)))
+            .await
+            .unwrap();
+        assert_eq!(next_reply_within(&mut client, within).await.unwrap(), "ok");
+    }
+    // A small one's body goes whole: its connection closes once it is answered; so, a second
+    // later, does the last of the others.
+    client.send(Message::text("small")).await.unwrap();
+    assert_eq!(next_reply_within(&mut client, within).await.unwrap(), "ok");
+    assert_sockets_counted(&gateway, &api, 0).await;
+    assert!(
+        watch.most() <= MAX,
+        "{} sockets to the API at once, with --upstream-max-connections {MAX}",
+        watch.most()
+    );
+}
+
 /// The next text message's text, or what came instead: a close frame (its code and reason),
 /// the socket's end, or nothing within 5 s.
 async fn next_reply(ws: &mut Ws) -> Result<String, String> {
+    next_reply_within(ws, Duration::from_secs(5)).await
+}
+
+/// [`next_reply`], waiting up to `within`.
+async fn next_reply_within(ws: &mut Ws, within: Duration) -> Result<String, String> {
     use futures_util::StreamExt;
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-            Err(_) => return Err("no reply within 5s".to_owned()),
+        match tokio::time::timeout(within, ws.next()).await {
+            Err(_) => return Err(format!("no reply within {within:?}")),
             Ok(None) => return Err("the socket ended".to_owned()),
             Ok(Some(Err(error))) => return Err(format!("websocket error: {error}")),
             Ok(Some(Ok(message))) if message.is_close() => {

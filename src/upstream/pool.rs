@@ -5,9 +5,13 @@
 //! or for an API slot before) fails with an attempt to open one that failed meanwhile (the API
 //! host unreachable) instead of trying again past its deadline. HTTP/2 (`--upstream-http2`) shares one multiplexed connection instead, whose
 //! streams requests take as the API allows (its SETTINGS_MAX_CONCURRENT_STREAMS): the others
-//! wait here, known unsent when that connection ends. Connections go over TCP (or TLS) to the
-//! API's host, or to a Unix socket on this machine (`--api-unix-socket`).
+//! wait here, known unsent when that connection ends. One that the API sent away (a GOAWAY)
+//! while requests were on it stays open for them beside the next: it counts among the
+//! `max_open` until its socket is closed, and it is closed within [`CLOSE_GRACE`] once no
+//! request is left on it. Connections go over TCP (or TLS) to the API's host, or to a Unix
+//! socket on this machine (`--api-unix-socket`).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -26,10 +30,11 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tower_service::Service;
 
@@ -81,7 +86,8 @@ const STATUS_ONLY_BODY_WAIT: Duration = Duration::from_secs(1);
 /// that is reused still.
 const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
 /// How long the task of an HTTP/1.1 connection the pool let go of (closed idle, broken, or
-/// given up under a request whose time ran out) may take to close it: hyper's close first
+/// given up under a request whose time ran out) may take to close it (and an HTTP/2 connection
+/// that takes no more requests, once none is left on it: see [`drive_h2`]): hyper's close first
 /// flushes whatever of a request it still holds, then shuts the stream down (over TLS, a
 /// close_notify), all of which waits on the API reading. An API that completed the handshake
 /// and then stopped reading (a hung worker: its kernel keeps the socket open) would hold that
@@ -158,11 +164,11 @@ pub(super) struct Pool {
 #[derive(Default)]
 struct State {
     idle: Vec<Idle>,
-    /// HTTP/1.1 connections being opened, open, or closing: each counts from the moment a
-    /// request sets out to open it until its socket is closed (the request holds its place
-    /// while it opens it, then its [`Link`]), not only while the pool uses it, so that the
-    /// sockets of connections given up but not yet closed are no more than `max_open` less the
-    /// others.
+    /// Connections being opened, open, or closing: each counts from the moment a request sets
+    /// out to open it until its socket is closed (the request holds its place while it opens
+    /// it, then its [`Place`]), not only while the pool uses it, so that the sockets of
+    /// connections given up but not yet closed (HTTP/1.1), or sent away by the API and still
+    /// finishing their requests (HTTP/2), are no more than `max_open` less the others.
     open: usize,
     connecting: usize,
     shared: Option<SharedH2>,
@@ -194,18 +200,23 @@ impl State {
     /// The error for a request that began to wait (for an API slot or a connection) when
     /// `failures_at_wait` attempts had failed (`None`: it has not waited): the latest
     /// attempt's failure, if that attempt ended since, and failed, and no established
-    /// connection is open that could come back for it. Such a request would otherwise start an
-    /// attempt of its own only now, and run out of time in it: with an API host that never
-    /// answers, the deadline of a request that waited half of it comes in the middle of its
-    /// attempt.
-    fn failed_while_waiting(&self, failures_at_wait: Option<u64>) -> Option<UpstreamError> {
+    /// connection is open that could come back for it (`http2`: none can, as the HTTP/2
+    /// connections open beside the one being opened take no more requests). Such a request
+    /// would otherwise start an attempt of its own only now, and run out of time in it: with an
+    /// API host that never answers, the deadline of a request that waited half of it comes in
+    /// the middle of its attempt.
+    fn failed_while_waiting(
+        &self,
+        failures_at_wait: Option<u64>,
+        http2: bool,
+    ) -> Option<UpstreamError> {
         if failures_at_wait? == self.open_failures {
             return None;
         }
         // An established HTTP/1.1 connection, busy now, may come back for it: it was waiting
         // for a place, not only for the attempt that failed. (So may the place of one closing,
         // within CLOSE_GRACE.)
-        if self.open > self.connecting {
+        if !http2 && self.open > self.connecting {
             return None;
         }
         let why = self.last_open_failure.as_ref()?;
@@ -253,6 +264,9 @@ struct Streams {
     limit: AtomicUsize,
     /// Set once a byte came from the API on the connection (see [`Listened`]).
     heard: Arc<AtomicBool>,
+    /// Woken when the last stream held is given back after the connection ended (see
+    /// [`Streams::all_given_back`]).
+    given_back: Notify,
 }
 
 /// One stream of an HTTP/2 connection, held by one request; given back when dropped.
@@ -267,6 +281,24 @@ impl Streams {
             followed: Mutex::new(0),
             limit: AtomicUsize::new(limit),
             heard,
+            given_back: Notify::new(),
+        }
+    }
+
+    /// Waits until no request holds a stream of this connection, which ended (takes no more
+    /// requests: its limit is 0 and `free` closed). Each request gives its stream back when it
+    /// ends, at its deadline at the latest.
+    async fn all_given_back(&self) {
+        loop {
+            let given_back = self.given_back.notified();
+            tokio::pin!(given_back);
+            given_back.as_mut().enable();
+            // With the limit at 0, the free streams are taken away: those left are held.
+            self.follow_limit();
+            if *lock(&self.followed) == 0 {
+                return;
+            }
+            given_back.await;
         }
     }
 
@@ -329,11 +361,17 @@ impl Streams {
 impl Drop for Stream {
     fn drop(&mut self) {
         let streams = &self.0;
-        let limit = streams.limit.load(Ordering::Relaxed);
         let mut followed = lock(&streams.followed);
+        // Read under the lock: once the connection ended and `all_given_back` looked (under
+        // it), the limit read here is 0, and the last stream given back wakes it.
+        let limit = streams.limit.load(Ordering::Relaxed);
         if *followed > limit {
-            // Held beyond a limit the API lowered: given up, not freed.
+            // Held beyond a limit the API lowered (or by a request on a connection that
+            // ended): given up, not freed.
             *followed -= 1;
+            if *followed == 0 {
+                streams.given_back.notify_one();
+            }
         } else {
             // To the request waiting longest, if any.
             streams.free.add_permits(1);
@@ -375,9 +413,8 @@ struct Link {
     released: AtomicBool,
     /// The connection's task, woken when `released` is set.
     task: AtomicWaker,
-    /// The pool whose count of open connections holds this one, once it took it over from the
-    /// request that opened it ([`Pool::adopt`]).
-    pool: OnceLock<Weak<Pool>>,
+    /// Its place in the pool's count, given back when this goes.
+    place: Place,
 }
 
 impl Link {
@@ -386,15 +423,26 @@ impl Link {
             heard: AtomicBool::new(false),
             released: AtomicBool::new(false),
             task: AtomicWaker::new(),
-            pool: OnceLock::new(),
+            place: Place::default(),
         })
     }
 }
 
-impl Drop for Link {
+/// A connection's place in its pool's count of open connections ([`State::open`]), once the
+/// pool took it over from the request that opened the connection ([`Pool::adopt`]); given back
+/// when this is dropped, which is when the connection's socket is closed: it goes with an
+/// HTTP/1.1 connection's [`Link`], and with an HTTP/2 connection's stream ([`H2Socket`]).
+#[derive(Default)]
+struct Place {
+    /// The pool whose count holds it, once adopted.
+    pool: OnceLock<Weak<Pool>>,
+}
+
+impl Drop for Place {
     fn drop(&mut self) {
         // Never dropped under the pool's lock: an idle connection the pool lets go of is
-        // dropped once the lock is released (its task may have ended already).
+        // dropped once the lock is released (its task may have ended already), and so is the
+        // place an opening request held of an HTTP/2 connection.
         if let Some(pool) = self.pool.get().and_then(Weak::upgrade) {
             pool.state().open -= 1;
             pool.changed.notify_one();
@@ -488,19 +536,20 @@ impl Pool {
         self.changed.notify_one();
     }
 
-    /// Takes `connection`'s place in the count of open connections over from the request
-    /// that opened it: from now on its [`Link`] gives it back, when both the connection and
-    /// its task are gone (a [`Lease`] that holds it frees nothing).
-    fn adopt(&self, connection: &H1) {
-        let adopted = connection.link.pool.set(self.this.clone());
+    /// Takes a new connection's place in the count of open connections over from the request
+    /// that opened it: from now on the connection's [`Place`] gives it back, once its socket is
+    /// closed (an HTTP/1.1 connection's when both the connection and its task are gone; a
+    /// [`Lease`] that holds it frees nothing).
+    fn adopt(&self, place: &Place) {
+        let adopted = place.pool.set(self.this.clone());
         debug_assert!(adopted.is_ok(), "adopted twice");
     }
 
-    /// Connections open now (idle, busy, being opened, waiting to be checked in, or let go of
-    /// and not yet closed).
+    /// Connections open now (idle, busy, being opened, waiting to be checked in, let go of and
+    /// not yet closed; over HTTP/2, the shared one and those still finishing requests after the
+    /// API sent them away): the sockets the pool holds to the API.
     pub(super) fn open(&self) -> usize {
-        let state = self.state();
-        state.open + usize::from(state.shared.is_some())
+        self.state().open
     }
 
     /// Attempts to open a connection that failed so far, for a request that begins to wait
@@ -646,7 +695,7 @@ impl Pool {
                         Next::Discard(idle)
                     }
                     Some(idle) => Next::Reuse(idle),
-                    None => match state.failed_while_waiting(failures_at_wait) {
+                    None => match state.failed_while_waiting(failures_at_wait, false) {
                         Some(error) => Next::Fail(error),
                         None if state.connecting < MAX_CONNECTING
                             && (state.open < self.max_open
@@ -743,7 +792,7 @@ impl Pool {
                         state.attempt_ended(&opened);
                         match opened {
                             Ok(connection) => {
-                                self.adopt(&connection);
+                                self.adopt(&connection.link.place);
                                 lease.connection = Some(connection);
                                 Ok(lease)
                             }
@@ -884,10 +933,13 @@ impl Pool {
                     Some(shared) if !shared.sender.is_closed() => NextH2::Use(shared.clone()),
                     _ => {
                         state.shared = None;
-                        match state.failed_while_waiting(failures_at_wait) {
+                        match state.failed_while_waiting(failures_at_wait, true) {
                             Some(error) => NextH2::Fail(error),
-                            None if state.connecting == 0 => {
+                            // Beside the connections the API sent away that still finish
+                            // requests, if they leave room: else it waits for one to close.
+                            None if state.connecting == 0 && state.open < self.max_open => {
                                 state.connecting = 1;
+                                state.open += 1;
                                 NextH2::Connect
                             }
                             None => {
@@ -906,24 +958,47 @@ impl Pool {
                     self.forget_h2(shared.number);
                 }
                 NextH2::Connect => {
+                    // As for HTTP/1.1 (see `checkout`): the place in the count, given back if
+                    // the attempt fails or this future is dropped, is given back before the
+                    // requests waiting for the attempt are woken (by `opening`).
                     let opening = Opening { pool: self };
+                    let place = Lease {
+                        pool: self,
+                        connection: None,
+                        reused: false,
+                        idled: false,
+                    };
                     let opened = self.connect_h2().await;
                     let mut state = self.state();
                     // Noted before the requests waiting for it are woken (by `opening`).
                     state.attempt_ended(&opened);
-                    let opened = opened.map(|(sender, streams)| {
-                        state.h2_opened += 1;
-                        let shared = SharedH2 {
+                    let opened = match opened {
+                        Ok(OpenedH2 {
                             sender,
                             streams,
-                            number: state.h2_opened,
-                        };
-                        state.shared = Some(shared.clone());
-                        shared
-                    });
+                            place: socket,
+                        }) => {
+                            self.adopt(&socket);
+                            place.handed_over();
+                            state.h2_opened += 1;
+                            let shared = SharedH2 {
+                                sender,
+                                streams,
+                                number: state.h2_opened,
+                            };
+                            state.shared = Some(shared.clone());
+                            Ok((shared, socket))
+                        }
+                        Err(error) => {
+                            place.give_back(&mut state);
+                            Err(error)
+                        }
+                    };
                     drop(state);
                     drop(opening);
-                    return opened;
+                    // The socket's place is dropped here, the lock released: if the socket
+                    // closed already, it gives its place back now.
+                    return opened.map(|(shared, _socket)| shared);
                 }
                 NextH2::Wait => changed.await,
                 NextH2::Fail(error) => return Err(error),
@@ -1158,15 +1233,15 @@ where
     );
 }
 
-/// Where a [`Listened`] stream notes that bytes came: an HTTP/2 connection's flag, or an
-/// HTTP/1.1 connection's [`Link`].
+/// Where a [`Listened`] stream notes that bytes came: an HTTP/2 connection's flag (in its
+/// [`H2Socket`]), or an HTTP/1.1 connection's [`Link`].
 trait Hearing {
     fn heard(&self) -> &AtomicBool;
 }
 
-impl Hearing for Arc<AtomicBool> {
+impl Hearing for H2Socket {
     fn heard(&self) -> &AtomicBool {
-        self
+        &self.heard
     }
 }
 
@@ -1232,8 +1307,45 @@ impl<T: tokio::io::AsyncWrite + Unpin, H: Unpin> tokio::io::AsyncWrite for Liste
     }
 }
 
-/// A new HTTP/2 connection to the API: its sender and its streams.
-type OpenedH2 = (http2::SendRequest<Body>, Arc<Streams>);
+/// A new HTTP/2 connection to the API: its sender, its streams, and its socket's place in the
+/// count of open connections, for the pool to adopt ([`Pool::adopt`]).
+struct OpenedH2 {
+    sender: http2::SendRequest<Body>,
+    streams: Arc<Streams>,
+    place: Arc<Place>,
+}
+
+/// What an HTTP/2 connection's stream holds beside its socket (see [`Listened`]), all dropped
+/// with it, when the socket is closed, whatever task of hyper's holds it then: the flag its
+/// reads set, its place in the pool's count, and the sender whose drop tells the task that
+/// drives the connection that the socket is closed (see [`drive_h2`]).
+struct H2Socket {
+    heard: Arc<AtomicBool>,
+    _place: Arc<Place>,
+    _open: oneshot::Sender<Infallible>,
+}
+
+/// Spawns the tasks hyper runs for one HTTP/2 connection (the one that holds its socket and
+/// drives it, and some for each request), and ends them all, the socket with them, once told
+/// to: how a connection that takes no more requests and does not close is closed (see
+/// [`drive_h2`]).
+#[derive(Clone, Default)]
+struct H2Tasks(CancellationToken);
+
+impl<F> hyper::rt::Executor<F> for H2Tasks
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, task: F) {
+        let ended = self.0.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = ended.cancelled() => {}
+            }
+        });
+    }
+}
 
 /// Starts HTTP/2 (prior knowledge) on an open connection and spawns the task that drives it.
 async fn handshake_h2<T>(io: T) -> Result<OpenedH2, UpstreamError>
@@ -1241,11 +1353,18 @@ where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let heard = Arc::new(AtomicBool::new(false));
+    let place = Arc::new(Place::default());
+    let (open, closed) = oneshot::channel();
     let io = TokioIo::new(Listened {
         io: TokioIo::new(io),
-        heard: heard.clone(),
+        heard: H2Socket {
+            heard: heard.clone(),
+            _place: place.clone(),
+            _open: open,
+        },
     });
-    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+    let tasks = H2Tasks::default();
+    let (sender, connection) = http2::Builder::new(tasks.clone())
         .timer(TokioTimer::new())
         // A dead API host or a dropped flow shows as an unanswered ping, not only when the
         // kernel gives up retransmitting minutes later.
@@ -1255,16 +1374,33 @@ where
         .handshake(io)
         .await
         .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
-    Ok((sender, drive_h2(connection, heard)))
+    let streams = drive_h2(connection, heard, closed, tasks);
+    Ok(OpenedH2 {
+        sender,
+        streams,
+        place,
+    })
 }
 
-/// Spawns the task that drives an HTTP/2 connection until it closes, and returns its
-/// [`Streams`], which read the API's limit as the task last saw it (after each poll of the
-/// connection: the API's SETTINGS are read in one; 0 once it ended), and `heard`, set by the
-/// connection's reads.
+/// Spawns the task that drives an HTTP/2 connection until it takes no more requests, and
+/// returns its [`Streams`], which read the API's limit as the task last saw it (after each poll
+/// of the connection: the API's SETTINGS are read in one; 0 once it ended), and `heard`, set
+/// by the connection's reads.
+///
+/// A connection ends so when the API sent it away (a GOAWAY), it failed, or the pool is gone;
+/// its socket, driven by a task of hyper's (spawned by `tasks`), stays open for the streams
+/// still on it, and closes once they ended (after a GOAWAY, h2 closes a connection with no
+/// stream left). The task then waits until no request holds one of its streams (each gives
+/// its stream back when it ends, at its deadline at the latest), and then at most
+/// [`CLOSE_GRACE`] for the socket to close (`closed`): a stream the API never ended (say, an
+/// answer that came before the request's body, and no window for the rest of it, nor a reset)
+/// would keep it open as long as the API answers pings, holding a place of the pool. Past that,
+/// its tasks are ended, and the socket closed with them.
 fn drive_h2<T>(
-    mut connection: http2::Connection<T, Body, TokioExecutor>,
+    mut connection: http2::Connection<T, Body, H2Tasks>,
     heard: Arc<AtomicBool>,
+    closed: oneshot::Receiver<Infallible>,
+    tasks: H2Tasks,
 ) -> Arc<Streams>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -1280,12 +1416,23 @@ where
                 polled
             })
             .await;
-            // The connection's state (h2's handle on the socket among it) ends with it.
             drop(connection);
             ended.limit.store(0, Ordering::Relaxed);
             // The requests waiting for one of its streams go to another connection.
             ended.free.close();
-            outcome
+            if let Err(error) = &outcome {
+                tracing::debug!(%error, "HTTP/2 API connection ended with an error");
+            }
+            ended.all_given_back().await;
+            if tokio::time::timeout(CLOSE_GRACE, closed).await.is_err() {
+                tracing::debug!(
+                    grace = ?CLOSE_GRACE,
+                    "an HTTP/2 API connection that takes no more requests, and has none left, \
+                     did not close in time (a stream the API never ended); its socket is closed"
+                );
+                tasks.0.cancel();
+            }
+            Ok(())
         },
         "HTTP/2",
     );
@@ -1382,6 +1529,13 @@ impl Lease<'_> {
             }
             // Else it is let go of here, and closed within CLOSE_GRACE.
         });
+    }
+
+    /// Ends the hold on the place of a connection being opened, which the connection itself
+    /// holds now (the pool adopted its [`Place`]): nothing is given back.
+    fn handed_over(self) {
+        debug_assert!(self.connection.is_none());
+        std::mem::forget(self);
     }
 
     /// Frees the slot of a connection that could not be opened, in `state` (the pool's,
@@ -1627,7 +1781,7 @@ async fn close_expired(pool: Weak<Pool>) {
         );
         shrink_idle_list(&mut state.idle);
         drop(state);
-        // Let go of once the lock is released (see `Link`'s drop); each gives its place back
+        // Let go of once the lock is released (see `Place`'s drop); each gives its place back
         // once its task ended.
         drop(closed);
     }
@@ -1682,16 +1836,21 @@ mod tests {
         // Waiting since before the failure, with only attempts open: it fails as they did.
         let state = after_a_failure(1, 1);
         assert!(matches!(
-            state.failed_while_waiting(Some(0)),
+            state.failed_while_waiting(Some(0), false),
             Some(UpstreamError::Unreachable(_))
         ));
         // A busy established connection will come back: it waits on.
         assert!(after_a_failure(2, 1)
-            .failed_while_waiting(Some(0))
+            .failed_while_waiting(Some(0), false)
             .is_none());
+        // Over HTTP/2 the connections open beside the attempt are ones the API sent away,
+        // which take no more requests: it fails.
+        assert!(after_a_failure(2, 1)
+            .failed_while_waiting(Some(0), true)
+            .is_some());
         // No failure since it began to wait, or it never waited.
-        assert!(state.failed_while_waiting(Some(1)).is_none());
-        assert!(state.failed_while_waiting(None).is_none());
+        assert!(state.failed_while_waiting(Some(1), false).is_none());
+        assert!(state.failed_while_waiting(None, false).is_none());
     }
 
     use super::*;
@@ -1723,7 +1882,7 @@ mod tests {
     async fn http2_connection_whose_pings_go_unanswered_is_closed() {
         // The API's end stays open but never reads nor answers: a host gone dark.
         let (gateway_end, _api_end) = tokio::io::duplex(1 << 16);
-        let (sender, _streams) = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
+        let OpenedH2 { sender, .. } = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
         tokio::time::sleep(H2_KEEP_ALIVE_INTERVAL - Duration::from_secs(1)).await;
         assert!(!sender.is_closed(), "open until a ping is due");
         tokio::time::sleep(H2_KEEP_ALIVE_TIMEOUT + Duration::from_secs(2)).await;
@@ -1741,7 +1900,7 @@ mod tests {
         tokio::io::DuplexStream,
     ) {
         let (gateway_end, api_end) = tokio::io::duplex(1 << 16);
-        let (sender, _) = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
+        let OpenedH2 { sender, .. } = handshake_h2(TokioIo::new(gateway_end)).await.unwrap();
         (
             sender,
             Arc::new(Streams::new(limit, Arc::new(AtomicBool::new(true)))),
@@ -2015,7 +2174,7 @@ mod tests {
     /// A connection of `pool`'s held by a request, as [`Pool::checkout`] hands one out.
     fn busy(pool: &Pool, connection: H1) -> Lease<'_> {
         pool.state().open += 1;
-        pool.adopt(&connection);
+        pool.adopt(&connection.link.place);
         Lease {
             pool,
             connection: Some(connection),
@@ -2108,7 +2267,7 @@ mod tests {
         }
         fn wake_by_ref(self: &Arc<Self>) {
             let pool = self.pool.upgrade().unwrap();
-            let fails = pool.state().failed_while_waiting(Some(0)).is_some();
+            let fails = pool.state().failed_while_waiting(Some(0), false).is_some();
             lock(&self.would_fail).push(fails);
         }
     }
@@ -2239,7 +2398,7 @@ mod tests {
     {
         let (connection, api_end) = piped_connection().await;
         tokio::spawn(api(api_end));
-        pool.adopt(&connection);
+        pool.adopt(&connection.link.place);
         let mut state = pool.state();
         state.open += 1;
         state.idle.push(Idle {
