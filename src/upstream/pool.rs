@@ -436,13 +436,22 @@ impl Link {
 struct Place {
     /// The pool whose count holds it, once adopted.
     pool: OnceLock<Weak<Pool>>,
+    /// The request that closed this (idle) connection to open another in its place, and waits
+    /// for it (see [`Inheritance`]).
+    heir: OnceLock<oneshot::Sender<()>>,
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        // Never dropped under the pool's lock: an idle connection the pool lets go of is
-        // dropped once the lock is released (its task may have ended already), and so is the
-        // place an opening request held of an HTTP/2 connection.
+        // Passed on to the request waiting for it, if it still waits: the count stays.
+        if let Some(heir) = self.heir.take() {
+            if heir.send(()).is_ok() {
+                return;
+            }
+        }
+        // Else given back. Never dropped under the pool's lock: an idle connection the pool
+        // lets go of is dropped once the lock is released (its task may have ended already),
+        // and so is the place an opening request held of an HTTP/2 connection.
         if let Some(pool) = self.pool.get().and_then(Weak::upgrade) {
             pool.state().open -= 1;
             pool.changed.notify_one();
@@ -463,9 +472,11 @@ struct Idle {
 enum Next {
     Reuse(Idle),
     /// An idle connection closed, or idle too long: let go of (once the lock is released, see
-    /// [`Link`]'s drop), and the request looks again.
+    /// [`Place`]'s drop), and the request looks again.
     Discard(Idle),
-    Connect,
+    /// Open a new connection: in a place of its own (counted already), or in that of an idle
+    /// connection being closed to make room, once its socket is closed (see [`Inheritance`]).
+    Connect(Option<oneshot::Receiver<()>>),
     Wait,
     /// The attempt the request waited for failed: it fails the same way.
     Fail(UpstreamError),
@@ -682,7 +693,7 @@ impl Pool {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             // An idle connection this request closes to make room for a new one (dropped once
-            // the lock is released: see `Link`'s drop).
+            // the lock is released: see `Place`'s drop).
             let mut replaced = None;
             let next = {
                 let mut state = self.state();
@@ -701,16 +712,24 @@ impl Pool {
                             && (state.open < self.max_open
                                 || (fresh && !state.idle.is_empty())) =>
                         {
-                            if state.open >= self.max_open {
+                            let place = if state.open >= self.max_open {
                                 // The oldest idle connection, the first to be closed when
                                 // idle too long, is closed to make room. It counts until its
-                                // socket is closed, a moment from now (at most CLOSE_GRACE),
-                                // beside this request's new one.
-                                replaced = Some(state.idle.remove(0));
-                            }
-                            state.open += 1;
+                                // socket is closed, a moment from now (at most CLOSE_GRACE:
+                                // nothing is in flight on it), and then its place passes to
+                                // this request, which opens its new one only then: the two
+                                // never count, nor are open, at once.
+                                let idle = state.idle.remove(0);
+                                let (heir, inheritance) = oneshot::channel();
+                                let _ = idle.connection.link.place.heir.set(heir);
+                                replaced = Some(idle);
+                                Some(inheritance)
+                            } else {
+                                state.open += 1;
+                                None
+                            };
                             state.connecting += 1;
-                            Next::Connect
+                            Next::Connect(place)
                         }
                         None => {
                             failures_at_wait.get_or_insert(state.open_failures);
@@ -753,13 +772,22 @@ impl Pool {
                     // Dropping the lease lets the dead connection go (its slot given back once
                     // its task ended).
                 }
-                Next::Connect => {
+                Next::Connect(inheritance) => {
                     // Both guards give their counts back if this future is dropped mid-way:
                     // the lease first (dropped in the reverse order of these lines), so that,
                     // as when the attempt fails, its slot is given back before the waiting
                     // requests are woken (by `opening`), and none counts it as an established
-                    // connection that may come back for it.
+                    // connection that may come back for it. (So does the inheritance, while
+                    // the request waits for it.)
                     let opening = Opening { pool: self };
+                    if let Some(place) = inheritance {
+                        Inheritance {
+                            pool: self,
+                            place: Some(place),
+                        }
+                        .received()
+                        .await;
+                    }
                     let mut lease = Lease {
                         pool: self,
                         connection: None,
@@ -1462,6 +1490,46 @@ type OutOfLine<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[inline(never)]
 fn out_of_line<'a, T>(future: impl Future<Output = T> + Send + 'a) -> OutOfLine<'a, T> {
     Box::pin(future)
+}
+
+/// The place in the count of an idle connection that a request closes to open a new one in a
+/// full pool (see [`Pool::checkout`]): the connection's [`Place`] passes it on when its socket is
+/// closed, instead of giving it back, so that the two connections never count, nor are open, at
+/// once. If the request goes away first, the place is given back: by this, if it was passed on
+/// already, else by the connection's [`Place`] once it is closed.
+struct Inheritance<'a> {
+    pool: &'a Pool,
+    /// Told when the place is passed on (`None` once the request has it).
+    place: Option<oneshot::Receiver<()>>,
+}
+
+impl Inheritance<'_> {
+    /// Waits until the place is the request's (the idle connection's socket closed, within
+    /// [`CLOSE_GRACE`]), whose lease then holds it.
+    async fn received(mut self) {
+        if let Some(place) = self.place.as_mut() {
+            // Never an error: a `Place` with an heir passes its place on when dropped, or
+            // gives it back only once the heir stopped waiting. Either way, the place counted
+            // until now is the request's.
+            let _ = place.await;
+        }
+        self.place = None;
+    }
+}
+
+impl Drop for Inheritance<'_> {
+    fn drop(&mut self) {
+        let Some(mut place) = self.place.take() else {
+            return;
+        };
+        // From now on the connection gives its place back itself; if it passed it on already,
+        // that is done here.
+        place.close();
+        if place.try_recv().is_ok() {
+            self.pool.state().open -= 1;
+            self.pool.changed.notify_one();
+        }
+    }
 }
 
 /// A connection being opened: gives the "opening" count back however the attempt ends.
@@ -2672,6 +2740,85 @@ mod tests {
         // The next request goes on a new connection, at once.
         let next = tokio::time::timeout(Duration::from_secs(1), post(&pool)).await;
         assert_eq!(next.ok(), Some(Ok(Bytes::from("fresh"))));
+    }
+
+    #[tokio::test]
+    async fn a_retry_in_a_full_pool_opens_its_connection_in_the_place_of_the_idle_one_it_closes() {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncReadExt;
+        let (origin, address) = answering_api().await;
+        let pool = http1_pool(address, &origin, 1);
+        let (idle, mut idle_api_end) = piped_connection().await;
+        busy(&pool, idle).checkin(pool.idle_timeout);
+        let retry = pool.checkout(None, true);
+        tokio::pin!(retry);
+        assert!(retry.as_mut().now_or_never().is_none(), "under way");
+        assert_eq!(
+            pool.open(),
+            1,
+            "the retry's connection counted beside the idle one it closes, still open"
+        );
+        // The idle connection's socket closes; its place passes to the retry, which has not
+        // been polled since: not given back meanwhile, for another request to take.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(CLOSE_GRACE * 2, idle_api_end.read_to_end(&mut rest));
+        assert!(
+            matches!(closed.await, Ok(Ok(0))),
+            "the idle one was not closed"
+        );
+        assert_eq!(pool.open(), 1, "its place given back, not passed on");
+        let lease = tokio::time::timeout(Duration::from_secs(5), retry)
+            .await
+            .expect("the retry went on once the idle connection was closed")
+            .unwrap();
+        assert!(!lease.reused, "a new connection");
+        let state = pool.state();
+        assert_eq!((state.open, state.connecting, state.idle.len()), (1, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_retry_that_goes_away_while_the_idle_connection_it_closes_closes_leaves_its_place_free(
+    ) {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncReadExt;
+        let (origin, address) = answering_api().await;
+        let pool = http1_pool(address, &origin, 1);
+        // Gone before the idle connection's socket closed, and after.
+        for after_the_close in [false, true] {
+            let (idle, mut idle_api_end) = piped_connection().await;
+            busy(&pool, idle).checkin(pool.idle_timeout);
+            let mut retry = Box::pin(pool.checkout(None, true));
+            assert!(retry.as_mut().now_or_never().is_none(), "under way");
+            let mut rest = Vec::new();
+            if after_the_close {
+                idle_api_end.read_to_end(&mut rest).await.unwrap();
+                assert_eq!(pool.open(), 1, "after the close: the retry's place");
+            }
+            drop(retry);
+            idle_api_end.read_to_end(&mut rest).await.unwrap();
+            let waited = tokio::time::timeout(Duration::from_secs(5), async {
+                while pool.open() > 0 {
+                    tokio::task::yield_now().await;
+                }
+            });
+            assert!(waited.await.is_ok(), "a place left counted");
+            // Free indeed: a request opens a connection in it.
+            let lease = tokio::time::timeout(Duration::from_secs(5), pool.checkout(None, false))
+                .await
+                .expect("the place was free")
+                .unwrap();
+            assert_eq!((pool.open(), pool.state().connecting), (1, 0));
+            drop(lease);
+            let gone = tokio::time::timeout(Duration::from_secs(5), async {
+                while pool.open() > 0 {
+                    tokio::task::yield_now().await;
+                }
+            });
+            assert!(
+                gone.await.is_ok(),
+                "the new connection's place left counted"
+            );
+        }
     }
 
     #[tokio::test]
