@@ -1163,7 +1163,12 @@ async fn assert_stalled_uploads_hold_no_more_sockets_than_the_pool(tls: bool) {
     }
     watching.abort();
     let most = most.load(Ordering::Relaxed);
-    assert!(most <= 2, "{most} API sockets at once, with a pool of 2");
+    // Seen at all: two uploads at a time held the pool's sockets for a second each, so a
+    // count that found none would be a reading of `/proc/net/tcp` that matched nothing.
+    assert!(
+        (1..=2).contains(&most),
+        "{most} API sockets at once, with a pool of 2"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
