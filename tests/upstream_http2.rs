@@ -512,13 +512,21 @@ async fn h2c_api_that_drops_every_connection_without_a_byte_gets_the_handshake_r
         }
     });
     let gateway = TestGateway::start(Config {
-        upstream_timeout: Duration::from_secs(4),
+        upstream_timeout: Duration::from_secs(8),
         ..h2c_config(api)
     })
     .await;
 
+    let asked = std::time::Instant::now();
     let refused = raw_exchange(gateway.public, &upgrade_request("/dropped", &[])).await;
+    let took = asked.elapsed();
     assert_eq!(refused.status, 502, "{}", refused.text());
+    // At once: not when the 8 s --upstream-timeout runs out, nor the 4 s of a connection
+    // attempt (half of it).
+    assert!(
+        took < Duration::from_secs(2),
+        "answered {took:?} after the request"
+    );
     assert_eq!(connections.load(Ordering::SeqCst), 3);
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0);
