@@ -2125,6 +2125,151 @@ async fn control_connections_over_the_budget_that_send_part_of_the_h2c_preface_a
     );
 }
 
+/// A gateway with one control connection, held by a request head that never ends, and one
+/// place to refuse from: while a refusal holds that place the listener takes no other
+/// connection, so when the next one over the budget is answered tells when the refusal before
+/// it ended. Returns the API, the gateway and the held connection.
+async fn with_one_place_to_refuse_from() -> (MockApi, TestGateway, TcpStream) {
+    let api = MockApi::start().await;
+    let config = test_config(&api);
+    let budget = ws2http::DescriptorBudget {
+        control_connections: 1,
+        control_refusals: 1,
+        ..ws2http::DescriptorBudget::plan(&config, 20_000).unwrap()
+    };
+    let gateway = TestGateway::start_with_budget(config, budget).await;
+    // Taken first (the listener takes connections in the order they came), it holds the one
+    // connection place for the whole test (--handshake-timeout is 10 s).
+    let mut held = TcpStream::connect(gateway.control).await.unwrap();
+    held.write_all(b"POST /x HTTP/1.1\r\n").await.unwrap();
+    (api, gateway, held)
+}
+
+/// Opens a control connection that asks for `/healthz`: over the budget, it waits for the
+/// place to refuse from and is answered once it has it.
+async fn next_over_the_budget(gateway: &TestGateway) -> TcpStream {
+    let mut next = TcpStream::connect(gateway.control).await.unwrap();
+    next.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    next
+}
+
+#[tokio::test]
+async fn control_connections_over_the_budget_have_what_follows_their_answer_read_until_they_close()
+{
+    let (_api, gateway, _held) = with_one_place_to_refuse_from().await;
+    let opened = Instant::now();
+    let mut refused = TcpStream::connect(gateway.control).await.unwrap();
+    // A head and the start of its body: the answer comes after the first bytes, the rest is
+    // read and dropped...
+    let mut request =
+        b"POST /x HTTP/1.1\r\nHost: gateway\r\nContent-Length: 32768\r\n\r\n".to_vec();
+    request.extend_from_slice(&[b'x'; 16 * 1024]);
+    refused.write_all(&request).await.unwrap();
+    assert_eq!(read_until_closed(&mut refused).await, BUSY_HTTP1);
+    // ...and so is what comes after the answer: the socket still takes it (one closed with
+    // unread bytes would have been reset).
+    refused
+        .write_all(&[b'x'; 16 * 1024])
+        .await
+        .expect("the rest of the body is taken after the answer");
+    // The refusal holds its place while the client stays. (Nothing tells that the next one
+    // waits for it: watched for a fixed time.)
+    let mut next = next_over_the_budget(&gateway).await;
+    assert!(
+        stays_unanswered(&mut next, Duration::from_millis(150)).await,
+        "the place was free again before the refused client closed"
+    );
+    // The client closes: the place is free at once, not when the refusal's second is up.
+    drop(refused);
+    assert_eq!(read_until_closed(&mut next).await, BUSY_HTTP1);
+    let took = opened.elapsed();
+    assert!(
+        took < Duration::from_millis(800),
+        "the next one answered {took:?} after the refused one connected"
+    );
+}
+
+#[tokio::test]
+async fn control_connections_over_the_budget_that_stay_after_their_answer_are_closed_when_the_second_is_up(
+) {
+    let (_api, gateway, _held) = with_one_place_to_refuse_from().await;
+    let opened = Instant::now();
+    let mut refused = next_over_the_budget(&gateway).await;
+    assert_eq!(read_until_closed(&mut refused).await, BUSY_HTTP1);
+    // It goes on sending, 512 bytes every 100 ms (well under 64 KiB in all), for 5 s if it
+    // can, and never closes.
+    let trickling = tokio::spawn(async move {
+        for _ in 0..50 {
+            if refused.write_all(&[b'x'; 512]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    let mut next = next_over_the_budget(&gateway).await;
+    assert_eq!(read_until_closed(&mut next).await, BUSY_HTTP1);
+    let took = opened.elapsed();
+    // The refusal has its second from its accept (after `opened`), no more.
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+        "the next one answered {took:?} after the refused one connected"
+    );
+    assert!(
+        trickling.await.unwrap(),
+        "the refused client could still send after 5 s"
+    );
+}
+
+#[tokio::test]
+async fn control_connections_over_the_budget_that_send_more_than_64_kib_after_their_answer_are_closed_then(
+) {
+    let (_api, gateway, _held) = with_one_place_to_refuse_from().await;
+    let opened = Instant::now();
+    let mut refused = next_over_the_budget(&gateway).await;
+    assert_eq!(read_until_closed(&mut refused).await, BUSY_HTTP1);
+    // 1 MiB after the answer, and the socket kept open for 5 s: read and dropped up to 64 KiB,
+    // then closed (with a reset, the rest unread).
+    let flooding = tokio::spawn(async move {
+        let sent = refused.write_all(&vec![b'x'; 1 << 20]).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        sent
+    });
+    let mut next = next_over_the_budget(&gateway).await;
+    assert_eq!(read_until_closed(&mut next).await, BUSY_HTTP1);
+    let took = opened.elapsed();
+    // Well before the refusal's second is up.
+    assert!(
+        took < Duration::from_millis(800),
+        "the next one answered {took:?} after the refused one connected"
+    );
+    flooding.abort();
+}
+
+#[tokio::test]
+async fn control_connections_over_the_budget_answered_at_the_end_of_their_second_have_100_ms_more_to_close(
+) {
+    let (_api, gateway, _held) = with_one_place_to_refuse_from().await;
+    let opened = Instant::now();
+    // The start of the h2c preface, then nothing: answered HTTP/1.1 once the second is up...
+    let mut refused = TcpStream::connect(gateway.control).await.unwrap();
+    refused.write_all(&H2_PREFACE[..12]).await.unwrap();
+    let mut next = next_over_the_budget(&gateway).await;
+    assert_eq!(read_until_closed(&mut refused).await, BUSY_HTTP1);
+    // ...and what follows is still read for 100 ms after that, while it stays open: the place
+    // comes free 1.1 s after its accept (after `opened`; timers fire late, never early, so
+    // that is a floor), not at the second.
+    assert_eq!(read_until_closed(&mut next).await, BUSY_HTTP1);
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_millis(1050) && took < Duration::from_secs(3),
+        "the next one answered {took:?} after the refused one connected"
+    );
+    drop(refused);
+}
+
 #[tokio::test]
 async fn control_connections_over_the_budget_wait_while_every_place_to_refuse_them_is_taken() {
     let api = MockApi::start().await;
