@@ -467,7 +467,13 @@ async fn the_tls_listener_speaks_no_plain_http_and_drops_a_silent_tls_client() {
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "still open: {read:?}"
     );
-    assert!(started.elapsed() < Duration::from_millis(1500));
+    // Held until the 300 ms timeout (`started` is taken before the connect), not dropped at
+    // once.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(180) && took < Duration::from_millis(1500),
+        "dropped after {took:?}"
+    );
     assert!(api.seen().is_empty(), "{:?}", api.seen());
     let metrics = gateway.metrics().await;
     assert_eq!(metrics["handshakes_refused{reason=\"bad_request\"}"], 1.0);
