@@ -225,6 +225,33 @@ async fn a_client_that_does_not_read_gets_pushes_refused_with_503_then_is_closed
 }
 
 #[tokio::test]
+async fn a_client_that_reads_again_as_it_is_closed_as_a_slow_consumer_gets_the_1008_close_frame() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.write_timeout = Duration::from_secs(1);
+    let gateway = TestGateway::start(config).await;
+    // A 4 KiB receive buffer that it does not read: the gateway's writes stall.
+    let mut raw = RawWs::connect_with_recv_buffer(gateway.public, "/slow", Some(4096)).await;
+    push_until_stalled(&gateway, "/slow").await;
+    // At the write timeout the gateway gives up on it: the connection leaves the registry (a
+    // look at it finds it gone), and then has a moment to finish the frame cut off halfway and
+    // send its close frame. The client reads again as soon as it is gone: the close now fits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateway.control("GET", "/slow", b"").await.status != 404 {
+        assert!(Instant::now() < deadline, "still connected after 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_received, close) = raw.messages_until_close(Duration::from_secs(5)).await;
+    let close = close.expect("a close frame, read as it was sent");
+    assert_eq!(close.close_code(), Some(1008));
+    assert_eq!(close.close_reason(), "slow consumer");
+    let delete = api.wait_for("DELETE", 1).await[0].clone();
+    assert_eq!(delete.body, Bytes::from_static(b"slow consumer"));
+    assert_eq!(closed_by(&gateway.metrics().await, "slow_consumer"), 1.0);
+    assert_accounting(&gateway, &api, 0).await;
+}
+
+#[tokio::test]
 async fn a_client_that_reads_slowly_but_steadily_is_not_closed_as_slow_consumer() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
