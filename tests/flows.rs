@@ -1893,7 +1893,9 @@ async fn an_api_connection_still_writing_a_request_body_is_not_reused_for_the_ne
     // Past the 100 ms the gateway waits for a connection to be ready at check-in: had it put
     // the stuck one back then, b's message would take it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let answered = tokio::time::timeout(Duration::from_secs(1), reply_or_close(&mut b, "x")).await;
+    // Answered on a new connection in milliseconds; one that waited for the stuck connection
+    // would wait out its --upstream-timeout (5 s).
+    let answered = tokio::time::timeout(Duration::from_secs(3), reply_or_close(&mut b, "x")).await;
     assert_eq!(
         answered.as_deref(),
         Ok("echo:x"),
