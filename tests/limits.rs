@@ -1624,7 +1624,7 @@ async fn an_h2c_control_connection_in_use_stays_open_past_the_handshake_timeout(
 async fn a_control_client_that_never_reads_its_answers_is_dropped_after_the_write_timeout() {
     let api = MockApi::start().await;
     let mut config = test_config(&api);
-    config.write_timeout = Duration::from_millis(500);
+    config.write_timeout = Duration::from_secs(2);
     let gateway = TestGateway::start(config).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -1642,7 +1642,15 @@ async fn a_control_client_that_never_reads_its_answers_is_dropped_after_the_writ
             Err(_) => break "stalled for 3 s without hanging up",
         }
     };
+    let took = started.elapsed();
     assert_eq!(outcome, "hung up");
+    // Dropped once a write has made no progress for the 2 s write timeout: the writes stalled
+    // after `started` (here some 0.5 s after), so not sooner than 2 s after it (a drop as
+    // soon as they stall would come well before), and well before 20 s.
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(8),
+        "hung up {took:?} after the first request"
+    );
     // The slot is back: the listener still serves.
     assert_eq!(gateway.control("GET", "/healthz", b"").await.status, 200);
 }
