@@ -483,6 +483,173 @@ async fn a_client_that_floods_pings_without_reading_is_not_read_further() {
     assert_accounting(&gateway, &api, 0).await;
 }
 
+/// Clients that send one-byte pings, each in a TCP segment of its own, and never read: the
+/// gateway's memory does not grow with the pings it reads once its writes to them stall. Before,
+/// each ping read queued a pong until 8 KiB of them waited (about 2,700 three-byte pongs), and
+/// each pong pinned the 1 KiB read buffer its ping came in: these 32 clients took the test
+/// process from 18.3 to 113.4 MiB resident (+95 MiB in each of four runs, one of them on a loaded
+/// machine); after the change (one pong kept, in a buffer of its own), +0.1 to +0.3 MiB.
+#[tokio::test]
+async fn clients_pinging_one_byte_at_a_time_without_reading_do_not_grow_the_gateways_memory() {
+    const CLIENTS: usize = 32;
+    const PINGS: usize = 6_000;
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    // No pings of its own, and no slow-consumer close while the test looks.
+    config.ping_interval = None;
+    config.write_timeout = Duration::from_secs(60);
+    let gateway = TestGateway::start(config).await;
+    let mut streams = Vec::new();
+    for i in 0..CLIENTS {
+        let raw =
+            RawWs::connect_with_recv_buffer(gateway.public, &format!("/pinger{i}"), Some(4096))
+                .await;
+        raw.stream.set_nodelay(true).expect("TCP_NODELAY");
+        shrink_gateway_send_buffer(gateway.public, &raw.stream);
+        streams.push(raw.stream);
+    }
+    let before = resident_bytes();
+    let ping = encode_client_frame(true, PING, b"p");
+    let writers: Vec<_> = streams
+        .into_iter()
+        .map(|stream| {
+            let ping = ping.clone();
+            tokio::spawn(async move {
+                let mut sent = 0;
+                let mut left = &ping[..];
+                while sent < PINGS {
+                    // Not writable for a second: the gateway has stopped reading this client.
+                    let writable = tokio::time::timeout(Duration::from_secs(1), stream.writable());
+                    if !matches!(writable.await, Ok(Ok(()))) {
+                        break;
+                    }
+                    match stream.try_write(left) {
+                        Ok(n) => left = &left[n..],
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => panic!("write: {e}"),
+                    }
+                    if left.is_empty() {
+                        sent += 1;
+                        left = &ping[..];
+                        // The other clients write before this one's next ping: the gateway
+                        // reads each ping on its own.
+                        tokio::task::yield_now().await;
+                    }
+                }
+                (stream, sent)
+            })
+        })
+        .collect();
+    let mut streams = Vec::new();
+    let mut sent = 0;
+    for writer in writers {
+        let (stream, n) = writer.await.unwrap();
+        streams.push(stream);
+        sent += n;
+    }
+    // The gateway is done with what it read once its memory stops changing.
+    let mut after = resident_bytes();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = resident_bytes();
+        let settled = now.abs_diff(after) < 256 * 1024;
+        after = now;
+        if settled || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let growth = after.saturating_sub(before);
+    eprintln!(
+        "{sent} pings from {CLIENTS} clients: {:.1} -> {:.1} MiB resident",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0
+    );
+    // The clients are all still there, stalled, not closed (which would free their memory).
+    assert_eq!(
+        gateway.metrics().await["connections_active"],
+        CLIENTS as f64
+    );
+    assert!(api.seen_with("DELETE").is_empty());
+    // A tenth of what the pongs held before.
+    assert!(
+        growth < 10 << 20,
+        "{sent} pings from {CLIENTS} clients took the process from {before} to {after} bytes \
+         resident"
+    );
+    drop(streams);
+}
+
+/// This process's resident memory (`VmRSS`), in bytes.
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+    kib * 1024
+}
+
+/// Gives the gateway's end of `client`'s connection (a socket of this process: the gateway
+/// runs in the test) a send buffer of 8 KiB, as over a slow link: its writes then stall after a
+/// few KiB of pongs, where loopback's autotuned buffer takes MiBs of them.
+fn shrink_gateway_send_buffer(gateway: std::net::SocketAddr, client: &TcpStream) {
+    let client = client.local_addr().unwrap();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+        let Some(fd) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if socket_address(fd, libc::getsockname) == Some(gateway)
+            && socket_address(fd, libc::getpeername) == Some(client)
+        {
+            // Doubled by the kernel, and no longer autotuned.
+            let bytes: libc::c_int = 4096;
+            // SAFETY: setsockopt(2) on a descriptor of this process, with a pointer to a c_int
+            // and its size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&raw const bytes).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
+            return;
+        }
+    }
+    panic!("no gateway socket connected to {client}");
+}
+
+/// The IPv4 address `call` (`getsockname` or `getpeername`) gives for descriptor `fd`, if it is
+/// an IPv4 socket.
+fn socket_address(
+    fd: libc::c_int,
+    call: unsafe extern "C" fn(
+        libc::c_int,
+        *mut libc::sockaddr,
+        *mut libc::socklen_t,
+    ) -> libc::c_int,
+) -> Option<std::net::SocketAddr> {
+    // SAFETY: an all-zero sockaddr_in is valid; the call writes at most `len` bytes into it.
+    let mut address: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: the address and its length point to this function's own variables; a
+    // descriptor that is no socket (or no longer open) only makes the call fail.
+    let rc = unsafe { call(fd, (&raw mut address).cast(), &mut len) };
+    if rc != 0 || i32::from(address.sin_family) != libc::AF_INET {
+        return None;
+    }
+    let ip = std::net::Ipv4Addr::from(u32::from_be(address.sin_addr.s_addr));
+    Some((ip, u16::from_be(address.sin_port)).into())
+}
+
 #[tokio::test]
 async fn a_request_beyond_the_waiter_bound_closes_the_socket_with_1013() {
     let api = MockApi::with_slow_posts("late", Duration::from_secs(5)).await;

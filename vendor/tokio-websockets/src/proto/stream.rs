@@ -10,7 +10,7 @@ use std::{
     task::{Context, Poll, Waker, ready},
 };
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_core::Stream;
 use futures_sink::Sink;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -68,6 +68,14 @@ struct FrameQueue {
     bytes_written: usize,
     /// Total amount of bytes remaining to be sent in the frame queue.
     pending_bytes: usize,
+    /// Position in `queue` of the pong answering the latest ping, until it has
+    /// been written in full.
+    pong: Option<usize>,
+    /// Bytes of the pongs that a later one replaced since a pong was last
+    /// written in full. They count toward the flush threshold as if they were
+    /// still queued, so that a peer that pings without reading holds up the
+    /// writer as soon as it did when every ping got a pong of its own.
+    replaced_pong_bytes: usize,
 }
 
 impl FrameQueue {
@@ -78,6 +86,8 @@ impl FrameQueue {
             queue: VecDeque::with_capacity(1),
             bytes_written: 0,
             pending_bytes: 0,
+            pong: None,
+            replaced_pong_bytes: 0,
         }
     }
 
@@ -85,6 +95,32 @@ impl FrameQueue {
     fn push(&mut self, item: EncodedFrame) {
         self.pending_bytes += item.len();
         self.queue.push_back(item);
+    }
+
+    /// Queue the pong answering a ping. A pong for an earlier ping that is
+    /// still waiting, none of it written yet, is replaced in its place in the
+    /// queue (RFC 6455, 5.5.3: only the most recent ping needs an answer), so
+    /// a peer that pings without reading makes at most one pong wait (two,
+    /// while one is partly written).
+    fn push_pong(&mut self, item: EncodedFrame) {
+        match self.pong {
+            Some(index) if index > 0 || self.bytes_written == 0 => {
+                self.pending_bytes += item.len();
+                let replaced = replace(&mut self.queue[index], item);
+                self.pending_bytes -= replaced.len();
+                self.replaced_pong_bytes = self.replaced_pong_bytes.saturating_add(replaced.len());
+            }
+            _ => {
+                self.push(item);
+                self.pong = Some(self.queue.len() - 1);
+            }
+        }
+    }
+
+    /// Bytes waiting to be written, with those of the pongs that were replaced
+    /// while they waited.
+    fn backlog(&self) -> usize {
+        self.pending_bytes.saturating_add(self.replaced_pong_bytes)
     }
 }
 
@@ -122,6 +158,11 @@ impl Buf for FrameQueue {
 
             if cnt >= item_len {
                 self.queue.pop_front();
+                self.pong = self.pong.and_then(|index| index.checked_sub(1));
+                if self.pong.is_none() {
+                    // The latest pong is out: the ones it replaced are answered.
+                    self.replaced_pong_bytes = 0;
+                }
                 self.bytes_written = 0;
                 cnt -= item_len;
             } else {
@@ -403,10 +444,16 @@ where
                 }
             },
             OpCode::Ping if self.state == StreamState::Active => {
-                let mut frame = frame.clone();
-                frame.opcode = OpCode::Pong;
-
-                self.queue_frame(frame);
+                // The pong gets a copy of the payload (at most 125 bytes): a slice of
+                // the ping's would keep the whole read buffer it was read into alive for
+                // as long as the pong waits.
+                let pong = Frame {
+                    opcode: OpCode::Pong,
+                    is_final: true,
+                    payload: Bytes::copy_from_slice(&frame.payload).into(),
+                };
+                let pong = self.encode_frame(pong);
+                self.frame_queue.push_pong(pong);
             }
             _ => {}
         }
@@ -415,14 +462,20 @@ where
     }
 
     /// Masks and queues a frame for sending when [`poll_flush`] gets called.
-    fn queue_frame(
-        &mut self,
-        #[cfg_attr(not(feature = "client"), allow(unused_mut))] mut frame: Frame,
-    ) {
+    fn queue_frame(&mut self, frame: Frame) {
         if frame.opcode == OpCode::Close && self.state != StreamState::ClosedByPeer {
             self.state = StreamState::ClosedByUs;
         }
 
+        let item = self.encode_frame(frame);
+        self.frame_queue.push(item);
+    }
+
+    /// Encodes (and, for a client, masks) a frame, ready to be queued.
+    fn encode_frame(
+        &mut self,
+        #[cfg_attr(not(feature = "client"), allow(unused_mut))] mut frame: Frame,
+    ) -> EncodedFrame {
         #[cfg_attr(not(feature = "client"), allow(unused_variables))]
         let mask = frame.encode(&mut self.header_buf);
 
@@ -442,11 +495,10 @@ where
             }
         }
 
-        let item = EncodedFrame {
+        EncodedFrame {
             header: self.header_buf,
             payload: frame.payload,
-        };
-        self.frame_queue.push(item);
+        }
     }
 
     /// Drops an empty read buffer if [`Config::release_idle_read_buffer`] is
@@ -537,8 +589,11 @@ where
 
     fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // tokio-util calls poll_flush when more than 8096 bytes are pending, otherwise
-        // it returns Ready. We will just replicate that behavior
-        if self.frame_queue.remaining() >= self.config.flush_threshold {
+        // it returns Ready. We will just replicate that behavior.
+        // The pongs that a later one replaced count as queued: otherwise a peer that
+        // pings without reading would never bring the queue to the threshold, and a
+        // caller that waits for the sink before reading would read its pings forever.
+        if self.frame_queue.backlog() >= self.config.flush_threshold {
             self.as_mut().poll_flush(cx)
         } else {
             Poll::Ready(Ok(()))
@@ -832,5 +887,270 @@ mod read_buffer_tests {
         }
         assert!(poll_once(&mut ws).is_pending());
         assert!(ws.inner.read_buffer().capacity() <= 1024);
+    }
+}
+
+#[cfg(all(test, feature = "server"))]
+mod pong_tests {
+    //! Tests for the answers to pings (at most one pong waits, in a buffer of its own).
+    use std::{
+        collections::VecDeque,
+        io,
+        pin::Pin,
+        sync::{Arc, Mutex},
+        task::{Context, Poll, Waker},
+    };
+
+    use futures_core::Stream;
+    use futures_sink::Sink;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    use super::WebSocketStream;
+    #[cfg(feature = "client")]
+    use crate::ClientBuilder;
+    use crate::{Config, Message, ServerBuilder};
+
+    /// The far end of a [`TestIo`].
+    #[derive(Default)]
+    struct Peer {
+        /// What the stream will read: one chunk per read, as one TCP segment each.
+        incoming: VecDeque<Vec<u8>>,
+        /// What the stream wrote.
+        written: Vec<u8>,
+        /// How many more bytes the stream may write before its writes pend.
+        allowance: usize,
+    }
+
+    /// An I/O stream over a shared [`Peer`]: reads pend once nothing is left, writes pend
+    /// once the allowance is used up (nothing is woken: the tests poll by hand).
+    struct TestIo(Arc<Mutex<Peer>>);
+
+    impl AsyncRead for TestIo {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let mut peer = self.0.lock().unwrap();
+            let Some(chunk) = peer.incoming.front_mut() else {
+                return Poll::Pending;
+            };
+            let n = buf.remaining().min(chunk.len());
+            buf.put_slice(&chunk[..n]);
+            chunk.drain(..n);
+            if chunk.is_empty() {
+                peer.incoming.pop_front();
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for TestIo {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut peer = self.0.lock().unwrap();
+            let n = buf.len().min(peer.allowance);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            peer.allowance -= n;
+            peer.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A server stream with a 1 KiB read buffer over a [`TestIo`] whose writes pend, and
+    /// its peer.
+    fn server() -> (WebSocketStream<TestIo>, Arc<Mutex<Peer>>) {
+        server_with(Config::default())
+    }
+
+    /// Like [`server`], with `config` (its read buffer set to 1 KiB).
+    fn server_with(config: Config) -> (WebSocketStream<TestIo>, Arc<Mutex<Peer>>) {
+        let peer = Arc::new(Mutex::new(Peer::default()));
+        let config = config.read_buffer_size(1024);
+        let ws = ServerBuilder::new()
+            .config(config)
+            .serve(TestIo(Arc::clone(&peer)));
+        (ws, peer)
+    }
+
+    /// A masked ping as a client sends it.
+    fn client_ping(payload: &[u8]) -> Vec<u8> {
+        let mask = [0x5a, 0x01, 0xc3, 0x7e];
+        let mut frame = vec![0x89, 0x80 | u8::try_from(payload.len()).unwrap()];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        frame
+    }
+
+    /// An unmasked pong as a server sends it.
+    fn server_pong(payload: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0x8a, u8::try_from(payload.len()).unwrap()];
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// Data that the stream will find in one read.
+    fn arrive(peer: &Mutex<Peer>, bytes: Vec<u8>) {
+        peer.lock().unwrap().incoming.push_back(bytes);
+    }
+
+    /// Lets the stream write `bytes` more bytes.
+    fn allow(peer: &Mutex<Peer>, bytes: usize) {
+        peer.lock().unwrap().allowance = bytes;
+    }
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(Waker::noop())
+    }
+
+    /// Reads the next message, which must be there already.
+    fn read<T: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<T>) -> Message {
+        match Pin::new(ws).poll_next(&mut cx()) {
+            Poll::Ready(Some(Ok(message))) => message,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Lets writes through and flushes everything queued.
+    fn flush_all(ws: &mut WebSocketStream<TestIo>, peer: &Mutex<Peer>) -> Vec<u8> {
+        allow(peer, usize::MAX);
+        assert!(matches!(
+            Pin::new(&mut *ws).poll_flush(&mut cx()),
+            Poll::Ready(Ok(()))
+        ));
+        std::mem::take(&mut peer.lock().unwrap().written)
+    }
+
+    #[test]
+    fn pings_read_while_no_pong_can_be_written_leave_one_pong_queued_for_the_latest() {
+        let (mut ws, peer) = server();
+        for i in 0..1000u16 {
+            arrive(&peer, client_ping(&i.to_be_bytes()));
+        }
+        for i in 0..1000u16 {
+            let ping = read(&mut ws);
+            assert!(ping.is_ping());
+            assert_eq!(&ping.as_payload()[..], &i.to_be_bytes());
+        }
+        // RFC 6455, 5.5.3: a pong for the most recent ping only.
+        assert_eq!(ws.frame_queue.queue.len(), 1);
+        assert_eq!(ws.frame_queue.pending_bytes, 4);
+        assert_eq!(
+            flush_all(&mut ws, &peer),
+            server_pong(&999u16.to_be_bytes())
+        );
+        // Written, it is no longer replaced: the next ping gets a pong of its own.
+        allow(&peer, 0);
+        arrive(&peer, client_ping(b"next"));
+        assert!(read(&mut ws).is_ping());
+        assert_eq!(flush_all(&mut ws, &peer), server_pong(b"next"));
+    }
+
+    #[test]
+    fn a_queued_pong_does_not_hold_on_to_the_read_buffer() {
+        let (mut ws, peer) = server();
+        arrive(&peer, client_ping(b"hello"));
+        let ping = read(&mut ws);
+        assert_eq!(&ping.as_payload()[..], b"hello");
+        drop(ping);
+        // The pong waits; the read buffer can still take back its whole allocation, which
+        // it could not if the pong's payload were a slice of it.
+        assert_eq!(ws.frame_queue.queue.len(), 1);
+        assert!(ws.inner.read_buffer_mut().try_reclaim(1024));
+        assert_eq!(flush_all(&mut ws, &peer), server_pong(b"hello"));
+    }
+
+    #[test]
+    fn a_pong_partly_written_goes_out_whole_and_the_latest_ping_gets_the_next() {
+        let (mut ws, peer) = server();
+        allow(&peer, 1);
+        for payload in [&b"first"[..], b"second", b"third", b"fourth"] {
+            arrive(&peer, client_ping(payload));
+        }
+        assert!(read(&mut ws).is_ping());
+        // Reading the next ping first writes what it can of the first pong: one byte.
+        for _ in 0..3 {
+            assert!(read(&mut ws).is_ping());
+        }
+        assert_eq!(peer.lock().unwrap().written, [0x8a]);
+        assert_eq!(ws.frame_queue.queue.len(), 2);
+        let expected = [server_pong(b"first"), server_pong(b"fourth")].concat();
+        assert_eq!(flush_all(&mut ws, &peer), expected);
+    }
+
+    #[test]
+    fn poll_ready_counts_the_replaced_pongs_toward_the_flush_threshold() {
+        let (mut ws, peer) = server_with(Config::default().flush_threshold(16));
+        // Pongs of 4 bytes: the fourth ping brings them to the threshold, though only one
+        // is kept.
+        for i in 0..4u8 {
+            arrive(&peer, client_ping(&[i; 2]));
+            assert!(matches!(
+                Pin::new(&mut ws).poll_ready(&mut cx()),
+                Poll::Ready(Ok(()))
+            ));
+            assert!(read(&mut ws).is_ping());
+        }
+        assert_eq!(ws.frame_queue.queue.len(), 1);
+        // The caller is held back (and one that waits for the sink before reading, as a
+        // server that stops reading a peer it cannot write to, reads no more).
+        assert!(Pin::new(&mut ws).poll_ready(&mut cx()).is_pending());
+        allow(&peer, usize::MAX);
+        assert!(matches!(
+            Pin::new(&mut ws).poll_ready(&mut cx()),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(peer.lock().unwrap().written, server_pong(&[3; 2]));
+        // Once the pong is out, the ones it replaced no longer count.
+        allow(&peer, 0);
+        for i in 4..7u8 {
+            arrive(&peer, client_ping(&[i; 2]));
+            assert!(read(&mut ws).is_ping());
+        }
+        assert!(matches!(
+            Pin::new(&mut ws).poll_ready(&mut cx()),
+            Poll::Ready(Ok(()))
+        ));
+    }
+
+    #[test]
+    #[cfg(feature = "client")]
+    fn a_client_replacing_its_queued_pong_masks_the_new_one() {
+        let peer = Arc::new(Mutex::new(Peer::default()));
+        let mut ws = ClientBuilder::new().take_over(TestIo(Arc::clone(&peer)));
+        for payload in [&b"one"[..], b"two"] {
+            let mut ping = vec![0x89, u8::try_from(payload.len()).unwrap()];
+            ping.extend_from_slice(payload);
+            arrive(&peer, ping);
+            assert!(read(&mut ws).is_ping());
+        }
+        allow(&peer, usize::MAX);
+        assert!(matches!(
+            Pin::new(&mut ws).poll_flush(&mut cx()),
+            Poll::Ready(Ok(()))
+        ));
+        let written = std::mem::take(&mut peer.lock().unwrap().written);
+        assert_eq!(written.len(), 2 + 4 + 3, "one masked pong: {written:?}");
+        assert_eq!(written[..2], [0x8a, 0x80 | 3]);
+        let mask = &written[2..6];
+        let payload: Vec<u8> = written[6..]
+            .iter()
+            .zip(mask.iter().cycle())
+            .map(|(b, m)| b ^ m)
+            .collect();
+        assert_eq!(payload, b"two");
     }
 }

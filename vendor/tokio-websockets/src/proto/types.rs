@@ -566,7 +566,8 @@ pub struct Config {
     /// payload size. The default is 4MiB.
     pub(super) frame_size: usize,
     /// Threshold of queued up bytes after which the underlying I/O is flushed
-    /// before the sink is declared ready. The default is 8 KiB.
+    /// before the sink is declared ready. The default is 8 KiB. Pongs replaced
+    /// by a later one while they waited count as queued.
     pub(super) flush_threshold: usize,
     /// Initial capacity of the read buffer, and the capacity it is shrunk back
     /// to once idle after it had to grow for a large frame. The default is 8
@@ -597,6 +598,13 @@ impl Config {
 
     /// Sets the threshold of queued up bytes after which the underlying I/O is
     /// flushed before the sink is declared ready. The default is 8 KiB.
+    ///
+    /// A ping read while the pong for an earlier one waits replaces that pong
+    /// (only the most recent ping is answered, as RFC 6455 allows), so one
+    /// pong at most is kept for a peer that pings without reading. The pongs
+    /// replaced count toward this threshold as if they were still queued,
+    /// until a pong is written: such a peer holds up the writer as soon as it
+    /// would if every ping got a pong of its own.
     #[must_use]
     pub fn flush_threshold(mut self, threshold: usize) -> Self {
         self.flush_threshold = threshold;
