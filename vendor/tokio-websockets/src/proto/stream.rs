@@ -79,11 +79,18 @@ struct FrameQueue {
 }
 
 impl FrameQueue {
+    /// Capacity of a new queue, and of one that gave back a grown allocation.
+    const INITIAL_CAPACITY: usize = 1;
+    /// A queue that drains with room for more frames than this gives the
+    /// allocation back. Bursts up to this size keep theirs, so they do not
+    /// reallocate each time the queue empties.
+    const SHRINK_ABOVE: usize = 32;
+
     /// Creates a new, empty [`FrameQueue`].
     #[cfg(any(feature = "client", feature = "server"))]
     fn new() -> Self {
         Self {
-            queue: VecDeque::with_capacity(1),
+            queue: VecDeque::with_capacity(Self::INITIAL_CAPACITY),
             bytes_written: 0,
             pending_bytes: 0,
             pong: None,
@@ -169,6 +176,12 @@ impl Buf for FrameQueue {
                 self.bytes_written = cnt;
                 return;
             }
+        }
+
+        // Drained after a burst: give back the grown allocation (only then, so a
+        // queue that keeps filling and draining does not reallocate each time).
+        if self.queue.is_empty() && self.queue.capacity() > Self::SHRINK_ABOVE {
+            self.queue.shrink_to(Self::INITIAL_CAPACITY);
         }
     }
 
@@ -892,7 +905,8 @@ mod read_buffer_tests {
 
 #[cfg(all(test, feature = "server"))]
 mod pong_tests {
-    //! Tests for the answers to pings (at most one pong waits, in a buffer of its own).
+    //! Tests for the answers to pings (at most one pong waits, in a buffer of its own)
+    //! and for the memory of the write queue.
     use std::{
         collections::VecDeque,
         io,
@@ -1152,5 +1166,31 @@ mod pong_tests {
             .map(|(b, m)| b ^ m)
             .collect();
         assert_eq!(payload, b"two");
+    }
+
+    #[test]
+    fn the_write_queue_gives_back_its_grown_capacity_once_drained() {
+        let (mut ws, peer) = server();
+        for i in 0..1000u16 {
+            let message = Message::binary(i.to_be_bytes().to_vec());
+            Pin::new(&mut ws).start_send(message).unwrap();
+        }
+        assert!(ws.frame_queue.queue.capacity() >= 1000);
+        assert_eq!(flush_all(&mut ws, &peer).len(), 1000 * 4);
+        assert!(
+            ws.frame_queue.queue.capacity() <= 4,
+            "capacity {} kept",
+            ws.frame_queue.queue.capacity()
+        );
+        // A small burst keeps its room: no reallocation each time the queue drains.
+        for i in 0..20u8 {
+            Pin::new(&mut ws)
+                .start_send(Message::binary(vec![i]))
+                .unwrap();
+        }
+        let capacity = ws.frame_queue.queue.capacity();
+        assert!(capacity >= 20);
+        assert_eq!(flush_all(&mut ws, &peer).len(), 20 * 3);
+        assert_eq!(ws.frame_queue.queue.capacity(), capacity);
     }
 }
