@@ -256,10 +256,8 @@ struct Streams {
     /// The streams free now: the limit `followed` less those held. A fair semaphore: a
     /// stream given back goes to the request waiting longest. Closed when the connection ends.
     free: Semaphore,
-    /// The API's limit as `free` follows it (see [`Streams::follow_limit`]): streams held and
-    /// free, and those held beyond a limit the API lowered, which are not freed when given
-    /// back.
-    followed: Mutex<usize>,
+    /// The streams `free` follows, and those held.
+    counts: Mutex<StreamCounts>,
     /// The API's limit as the connection's task last saw it (0 once the connection ended).
     limit: AtomicUsize,
     /// Set once a byte came from the API on the connection (see [`Listened`]).
@@ -269,8 +267,30 @@ struct Streams {
     given_back: Notify,
 }
 
+/// What [`Streams`] counts, under one lock.
+struct StreamCounts {
+    /// The API's limit as `free` follows it (see [`Streams::follow_limit`]): streams held and
+    /// free, and those held beyond a limit the API lowered, which are not freed when given
+    /// back.
+    followed: usize,
+    /// The streams held now: one for each [`Stream`] not yet dropped. Counted apart from
+    /// `followed`, which can go on counting a stream no request holds (a stream given back
+    /// to a waiter that went away before it took it, a limit a request followed just after
+    /// the connection ended); what [`Streams::all_given_back`] waits for.
+    held: usize,
+}
+
 /// One stream of an HTTP/2 connection, held by one request; given back when dropped.
 struct Stream(Arc<Streams>);
+
+impl Stream {
+    /// A stream of `streams` for the request that took its permit (forgotten: a `Stream`
+    /// gives it back when dropped).
+    fn taken(streams: &Arc<Streams>) -> Stream {
+        lock(&streams.counts).held += 1;
+        Stream(streams.clone())
+    }
+}
 
 impl Streams {
     /// Streams limited to `limit` (until [`Streams::limit`] says another), none taken yet, of
@@ -278,7 +298,10 @@ impl Streams {
     fn new(limit: usize, heard: Arc<AtomicBool>) -> Streams {
         Streams {
             free: Semaphore::new(0),
-            followed: Mutex::new(0),
+            counts: Mutex::new(StreamCounts {
+                followed: 0,
+                held: 0,
+            }),
             limit: AtomicUsize::new(limit),
             heard,
             given_back: Notify::new(),
@@ -293,9 +316,7 @@ impl Streams {
             let given_back = self.given_back.notified();
             tokio::pin!(given_back);
             given_back.as_mut().enable();
-            // With the limit at 0, the free streams are taken away: those left are held.
-            self.follow_limit();
-            if *lock(&self.followed) == 0 {
+            if lock(&self.counts).held == 0 {
                 return;
             }
             given_back.await;
@@ -319,7 +340,7 @@ impl Streams {
         // longest waiting first): taken without the wait's timer.
         if let Ok(permit) = self.free.try_acquire() {
             permit.forget();
-            return Some(Stream(self.clone()));
+            return Some(Stream::taken(self));
         }
         // Kept across the looks below: its place in the queue stays.
         let acquire = self.free.acquire();
@@ -329,7 +350,7 @@ impl Streams {
                 Ok(Ok(permit)) => {
                     // Given back by the stream's drop, not by the permit's.
                     permit.forget();
-                    return Some(Stream(self.clone()));
+                    return Some(Stream::taken(self));
                 }
                 Ok(Err(_)) => return None,
                 // A limit the API raised frees no stream and wakes no one: look again now and
@@ -344,11 +365,14 @@ impl Streams {
     /// limit it lowered (those held beyond it are not freed when given back: [`Stream`]'s
     /// drop).
     fn follow_limit(&self) {
+        let mut counts = lock(&self.counts);
+        let followed = &mut counts.followed;
+        // Read under the lock: a limit read before the connection ended is not followed after
+        // it (once its task stored 0 and looked under this lock).
         let limit = self
             .limit
             .load(Ordering::Relaxed)
             .min(Semaphore::MAX_PERMITS);
-        let mut followed = lock(&self.followed);
         if limit > *followed {
             self.free.add_permits(limit - *followed);
             *followed = limit;
@@ -361,17 +385,18 @@ impl Streams {
 impl Drop for Stream {
     fn drop(&mut self) {
         let streams = &self.0;
-        let mut followed = lock(&streams.followed);
+        let mut counts = lock(&streams.counts);
         // Read under the lock: once the connection ended and `all_given_back` looked (under
         // it), the limit read here is 0, and the last stream given back wakes it.
         let limit = streams.limit.load(Ordering::Relaxed);
-        if *followed > limit {
+        counts.held -= 1;
+        if counts.held == 0 && limit == 0 {
+            streams.given_back.notify_one();
+        }
+        if counts.followed > limit {
             // Held beyond a limit the API lowered (or by a request on a connection that
             // ended): given up, not freed.
-            *followed -= 1;
-            if *followed == 0 {
-                streams.given_back.notify_one();
-            }
+            counts.followed -= 1;
         } else {
             // To the request waiting longest, if any.
             streams.free.add_permits(1);
@@ -2019,6 +2044,66 @@ mod tests {
         assert!(matches!(raised, Ok(Some(_))), "a raised limit went unseen");
         let _fourth = streams.take(&sender).await.expect("three of three");
         assert!(streams.take(&sender).now_or_never().is_none(), "four held");
+    }
+
+    /// What one poll of `future` gives.
+    async fn polled_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
+    }
+
+    /// Ends `streams`' connection as its task does: its limit 0, its requests waiting turned
+    /// away.
+    fn end_connection(streams: &Streams) {
+        streams.limit.store(0, Ordering::Relaxed);
+        streams.free.close();
+    }
+
+    #[tokio::test]
+    async fn an_ended_connection_has_all_streams_back_once_the_last_held_is_dropped_after_a_stale_limit_was_followed(
+    ) {
+        let (sender, streams, _api_end) = silent_h2_connection(2).await;
+        let held = streams.take(&sender).await.expect("one of two");
+        end_connection(&streams);
+        let all_given_back = streams.all_given_back();
+        tokio::pin!(all_given_back);
+        let at_once = polled_once(all_given_back.as_mut()).await.is_ready();
+        // A request that read the limit (2) just before the connection ended follows it only
+        // now.
+        streams.limit.store(2, Ordering::Relaxed);
+        streams.follow_limit();
+        streams.limit.store(0, Ordering::Relaxed);
+        drop(held);
+        assert!(
+            at_once
+                || tokio::time::timeout(Duration::from_secs(1), all_given_back)
+                    .await
+                    .is_ok(),
+            "no stream is held, yet the connection's task still waits for one"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ended_connection_has_all_streams_back_though_a_stream_went_to_a_waiter_that_went_away(
+    ) {
+        let (sender, streams, _api_end) = silent_h2_connection(1).await;
+        let held = streams.take(&sender).await.expect("the only stream");
+        // Boxed, to be dropped below.
+        let mut waiter = Box::pin(streams.free.acquire());
+        assert!(polled_once(waiter.as_mut()).await.is_pending(), "queued");
+        // Given back to the waiter, which never takes it.
+        drop(held);
+        end_connection(&streams);
+        let all_given_back = streams.all_given_back();
+        tokio::pin!(all_given_back);
+        let at_once = polled_once(all_given_back.as_mut()).await.is_ready();
+        drop(waiter);
+        assert!(
+            at_once
+                || tokio::time::timeout(Duration::from_secs(1), all_given_back)
+                    .await
+                    .is_ok(),
+            "no stream is held, yet the connection's task still waits for one"
+        );
     }
 
     /// A body of `chunks`, one data frame each, that does not say its length.
