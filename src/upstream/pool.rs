@@ -34,7 +34,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tower_service::Service;
 
@@ -1379,24 +1378,37 @@ struct H2Socket {
 }
 
 /// Spawns the tasks hyper runs for one HTTP/2 connection (the one that holds its socket and
-/// drives it, and some for each request), and ends them all, the socket with them, once told
-/// to: how a connection that takes no more requests and does not close is closed (see
-/// [`drive_h2`]).
+/// drives it, and some for each request), and can end the first, closing the socket: how a
+/// connection that takes no more requests and does not close is closed (see [`drive_h2`]).
+///
+/// It relies on hyper 1.x's HTTP/2 client: the first task its `handshake` spawns is the
+/// connection's, which owns the socket (h2's `Connection`); ended, it drops them, which fails
+/// the streams left and so ends hyper's tasks for their requests. Cloned by hyper for each
+/// request: only an `Arc` to clone, and nothing done beside each task's own polls.
+/// `h2c_connections_an_api_never_finishes_after_its_goaway_are_closed_and_never_pile_up_past_the_pool`
+/// (tests/upstream_http2.rs) fails if hyper stops doing so.
 #[derive(Clone, Default)]
-struct H2Tasks(CancellationToken);
+struct H2Tasks(Arc<OnceLock<tokio::task::AbortHandle>>);
+
+impl H2Tasks {
+    /// Ends the connection's task (if it has not ended), closing its socket.
+    fn end(&self) {
+        if let Some(connection) = self.0.get() {
+            connection.abort();
+        }
+    }
+}
 
 impl<F> hyper::rt::Executor<F> for H2Tasks
 where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, task: F) {
-        let ended = self.0.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = task => {}
-                () = ended.cancelled() => {}
-            }
-        });
+        let spawned = tokio::spawn(task);
+        if self.0.get().is_none() {
+            // The first: the connection's.
+            let _ = self.0.set(spawned.abort_handle());
+        }
     }
 }
 
@@ -1483,7 +1495,7 @@ where
                     "an HTTP/2 API connection that takes no more requests, and has none left, \
                      did not close in time (a stream the API never ended); its socket is closed"
                 );
-                tasks.0.cancel();
+                tasks.end();
             }
             Ok(())
         },
