@@ -745,7 +745,11 @@ impl Pool {
                                 // never count, nor are open, at once.
                                 let idle = state.idle.remove(0);
                                 let (heir, inheritance) = oneshot::channel();
-                                let _ = idle.connection.link.place.heir.set(heir);
+                                let set = idle.connection.link.place.heir.set(heir);
+                                // Else the connection would give its place back when closed,
+                                // while this request counts it as its own (see
+                                // `Inheritance::received`).
+                                debug_assert!(set.is_ok(), "an idle connection had an heir");
                                 replaced = Some(idle);
                                 Some(inheritance)
                             } else {
