@@ -69,13 +69,15 @@ struct FrameQueue {
     /// Total amount of bytes remaining to be sent in the frame queue.
     pending_bytes: usize,
     /// Position in `queue` of the pong answering the latest ping, until it has
-    /// been written in full.
-    pong: Option<usize>,
+    /// been written in full (32 bits, as the next field, to keep the stream
+    /// small: a gateway holds one per connection; a pong further back than
+    /// that is not tracked, and the next one is queued behind it).
+    pong: Option<u32>,
     /// Bytes of the pongs that a later one replaced since a pong was last
     /// written in full. They count toward the flush threshold as if they were
     /// still queued, so that a peer that pings without reading holds up the
     /// writer as soon as it did when every ping got a pong of its own.
-    replaced_pong_bytes: usize,
+    replaced_pong_bytes: u32,
 }
 
 impl FrameQueue {
@@ -113,13 +115,15 @@ impl FrameQueue {
         match self.pong {
             Some(index) if index > 0 || self.bytes_written == 0 => {
                 self.pending_bytes += item.len();
-                let replaced = replace(&mut self.queue[index], item);
+                let replaced = replace(&mut self.queue[index as usize], item);
                 self.pending_bytes -= replaced.len();
-                self.replaced_pong_bytes = self.replaced_pong_bytes.saturating_add(replaced.len());
+                self.replaced_pong_bytes = self
+                    .replaced_pong_bytes
+                    .saturating_add(u32::try_from(replaced.len()).unwrap_or(u32::MAX));
             }
             _ => {
                 self.push(item);
-                self.pong = Some(self.queue.len() - 1);
+                self.pong = u32::try_from(self.queue.len() - 1).ok();
             }
         }
     }
@@ -127,7 +131,8 @@ impl FrameQueue {
     /// Bytes waiting to be written, with those of the pongs that were replaced
     /// while they waited.
     fn backlog(&self) -> usize {
-        self.pending_bytes.saturating_add(self.replaced_pong_bytes)
+        self.pending_bytes
+            .saturating_add(self.replaced_pong_bytes as usize)
     }
 }
 
