@@ -1675,20 +1675,11 @@ async fn assert_a_delete_answered_so_counts_as_told(fate: fn() -> Fate, name: &s
     // log.
     drop(gateway.connect("/marker").await);
     raw_wait_for(&log, "DELETE", "/marker").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let metrics = gateway.metrics().await;
-        if metrics["upstream_disconnects_waiting"] == 0.0
-            && metrics["upstream_disconnects_in_flight"] == 0.0
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "DELETEs still queued or unfinished after 5 s: {metrics:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gateway
+        .wait_until_no_delete_is_queued_or_unfinished(
+            tokio::time::Instant::now() + Duration::from_secs(5),
+        )
+        .await;
     assert_eq!(raw_requests(&log, "DELETE", name), ["/leaving EOF"]);
 }
 

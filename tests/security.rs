@@ -1058,38 +1058,6 @@ where
         .await;
 }
 
-/// The TCP sockets this process holds open (by a descriptor) whose peer is 127.0.0.1:`port`:
-/// a gateway's connections to an API on that port (the API's own sockets have it as their
-/// local port). Counted by inode: a read of `/proc/net/tcp` while sockets come and go can
-/// show one twice.
-fn sockets_to(port: u16) -> usize {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-        .filter_map(|target| {
-            let target = target.to_str()?;
-            Some(
-                target
-                    .strip_prefix("socket:[")?
-                    .strip_suffix(']')?
-                    .to_owned(),
-            )
-        })
-        .collect();
-    let peer = format!("0100007F:{port:04X}");
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() > 9 && fields[2] == peer && inodes.contains(fields[9]))
-                .then(|| fields[9].to_owned())
-        })
-        .collect::<std::collections::HashSet<_>>()
-        .len()
-}
-
 /// Ten clients, two at a time, each send one 8 MiB message to an API (`tls` or not) that
 /// stops reading it: each times out (or, waiting for one of the two API connections, is
 /// never sent), and the gateway never holds more API sockets than `--upstream-max-connections`,

@@ -498,36 +498,16 @@ async fn sigterm_drains_the_binary_every_client_gets_1001_the_api_every_delete_a
     assert!(binary.stderr().contains("ws2http stopped"));
 }
 
-#[tokio::test]
-async fn sigint_drains_the_binary_like_sigterm() {
+/// Sends `signal` to the binary with two clients: each gets `1001`, the API one DELETE
+/// each, and the binary exits 0 having logged its stop.
+async fn a_stop_signal_drains_the_binary(signal: libc::c_int) {
     let api = MockApi::start().await;
     let (mut binary, clients) = binary_with_clients(&api, 2).await;
     let waiting: Vec<_> = clients
         .into_iter()
         .map(|ws| tokio::spawn(await_close(ws)))
         .collect();
-    binary.signal(libc::SIGINT);
-    let status = binary.wait_exit(Duration::from_secs(20)).await;
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", binary.stderr());
-    for client in waiting {
-        assert_eq!(client.await.unwrap().0, 1001);
-    }
-    assert_eq!(api.seen_with("DELETE").len(), 2);
-    assert_one_delete_per_connection(&api);
-}
-
-#[tokio::test]
-async fn sighup_drains_the_binary_like_sigterm() {
-    // A gateway started in a terminal gets SIGHUP when that session ends (a dropped SSH
-    // connection): by default it would vanish, its clients cut without a close frame and the
-    // API never told of them.
-    let api = MockApi::start().await;
-    let (mut binary, clients) = binary_with_clients(&api, 2).await;
-    let waiting: Vec<_> = clients
-        .into_iter()
-        .map(|ws| tokio::spawn(await_close(ws)))
-        .collect();
-    binary.signal(libc::SIGHUP);
+    binary.signal(signal);
     let status = binary.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "stderr:\n{}", binary.stderr());
     for client in waiting {
@@ -536,6 +516,19 @@ async fn sighup_drains_the_binary_like_sigterm() {
     assert_eq!(api.seen_with("DELETE").len(), 2);
     assert_one_delete_per_connection(&api);
     assert!(binary.stderr().contains("ws2http stopped"));
+}
+
+#[tokio::test]
+async fn sigint_drains_the_binary_like_sigterm() {
+    a_stop_signal_drains_the_binary(libc::SIGINT).await;
+}
+
+#[tokio::test]
+async fn sighup_drains_the_binary_like_sigterm() {
+    // A gateway started in a terminal gets SIGHUP when that session ends (a dropped SSH
+    // connection): by default it would vanish, its clients cut without a close frame and the
+    // API never told of them.
+    a_stop_signal_drains_the_binary(libc::SIGHUP).await;
 }
 
 /// The real binary against an API whose DELETE answers after `delete_delay`, with one client

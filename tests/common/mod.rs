@@ -335,6 +335,28 @@ pub fn test_config(api: &MockApi) -> Config {
 }
 
 impl TestGateway {
+    /// Waits until the gateway has no DELETE queued or unfinished
+    /// (`upstream_disconnects_waiting` and `upstream_disconnects_in_flight` both 0); fails the
+    /// test at `deadline`.
+    pub async fn wait_until_no_delete_is_queued_or_unfinished(
+        &self,
+        deadline: tokio::time::Instant,
+    ) {
+        loop {
+            let metrics = self.metrics().await;
+            if metrics["upstream_disconnects_waiting"] == 0.0
+                && metrics["upstream_disconnects_in_flight"] == 0.0
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "DELETEs still queued or unfinished at the deadline: {metrics:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub async fn start(config: Config) -> TestGateway {
         TestGateway::serve(Gateway::bind(config).await.expect("gateway binds"))
     }
@@ -719,19 +741,9 @@ pub async fn deletes_before_a_later_one(
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    loop {
-        let metrics = gateway.metrics().await;
-        if metrics["upstream_disconnects_waiting"] == 0.0
-            && metrics["upstream_disconnects_in_flight"] == 0.0
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "DELETEs still queued or unfinished after 15 s: {metrics:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gateway
+        .wait_until_no_delete_is_queued_or_unfinished(deadline)
+        .await;
     api.seen_with("DELETE")
         .into_iter()
         .filter(|d| d.uri != marker)
