@@ -840,19 +840,7 @@ async fn h2c_flood_against_an_api_with_few_streams_that_recycles_its_connections
             })
         })
         .collect();
-    let mut lost = Vec::new();
-    let mut done = Vec::new();
-    for flood in floods {
-        match flood.await.unwrap() {
-            Ok(ws) => done.push(ws),
-            Err(why) => lost.push(why),
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} clients lost a message: {lost:?}",
-        lost.len()
-    );
+    let done = every_client_got_every_reply(floods).await;
     // Each message was processed once: none that the API took was sent again.
     let mut answered = api.answered.lock().unwrap().clone();
     answered.sort();
@@ -1155,19 +1143,7 @@ async fn h2c_burst_against_an_api_that_goes_away_after_every_request_holds_no_mo
             })
         })
         .collect();
-    let mut lost = Vec::new();
-    let mut done = Vec::new();
-    for burst in bursts {
-        match burst.await.unwrap() {
-            Ok(ws) => done.push(ws),
-            Err(why) => lost.push(why),
-        }
-    }
-    assert!(
-        lost.is_empty(),
-        "{} clients lost a message: {lost:?}",
-        lost.len()
-    );
+    let done = every_client_got_every_reply(bursts).await;
     assert_sockets_counted(&gateway, &api, 0).await;
     assert!(
         watch.most() <= MAX,
@@ -1217,6 +1193,27 @@ async fn h2c_connections_an_api_never_finishes_after_its_goaway_are_closed_and_n
         "{} sockets to the API at once, with --upstream-max-connections {MAX}",
         watch.most()
     );
+}
+
+/// The websockets of `clients`, each a task that sent its messages and checked their replies;
+/// fails the test, naming each, if any client lost a message.
+async fn every_client_got_every_reply(
+    clients: Vec<tokio::task::JoinHandle<Result<Ws, String>>>,
+) -> Vec<Ws> {
+    let mut lost = Vec::new();
+    let mut done = Vec::new();
+    for client in clients {
+        match client.await.unwrap() {
+            Ok(ws) => done.push(ws),
+            Err(why) => lost.push(why),
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} clients lost a message: {lost:?}",
+        lost.len()
+    );
+    done
 }
 
 /// The next text message's text, or what came instead: a close frame (its code and reason),

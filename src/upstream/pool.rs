@@ -2074,26 +2074,38 @@ mod tests {
         streams.free.close();
     }
 
+    /// Whether `streams.all_given_back()` was over at its first poll, and whether it is over
+    /// within a second after `meanwhile` ran (at once, if it was over at the first poll).
+    async fn all_given_back_around(streams: &Streams, meanwhile: impl FnOnce()) -> (bool, bool) {
+        let all_given_back = streams.all_given_back();
+        tokio::pin!(all_given_back);
+        let at_once = polled_once(all_given_back.as_mut()).await.is_ready();
+        meanwhile();
+        let over = at_once
+            || tokio::time::timeout(Duration::from_secs(1), all_given_back)
+                .await
+                .is_ok();
+        (at_once, over)
+    }
+
     #[tokio::test]
     async fn an_ended_connection_has_all_streams_back_once_the_last_held_is_dropped_after_a_stale_limit_was_followed(
     ) {
         let (sender, streams, _api_end) = silent_h2_connection(2).await;
         let held = streams.take(&sender).await.expect("one of two");
         end_connection(&streams);
-        let all_given_back = streams.all_given_back();
-        tokio::pin!(all_given_back);
-        let at_once = polled_once(all_given_back.as_mut()).await.is_ready();
-        // A request that read the limit (2) just before the connection ended follows it only
-        // now.
-        streams.limit.store(2, Ordering::Relaxed);
-        streams.follow_limit();
-        streams.limit.store(0, Ordering::Relaxed);
-        drop(held);
+        let (at_once, over) = all_given_back_around(&streams, || {
+            // A request that read the limit (2) just before the connection ended follows it
+            // only now.
+            streams.limit.store(2, Ordering::Relaxed);
+            streams.follow_limit();
+            streams.limit.store(0, Ordering::Relaxed);
+            drop(held);
+        })
+        .await;
+        assert!(!at_once, "over while a stream was still held");
         assert!(
-            at_once
-                || tokio::time::timeout(Duration::from_secs(1), all_given_back)
-                    .await
-                    .is_ok(),
+            over,
             "no stream is held, yet the connection's task still waits for one"
         );
     }
@@ -2109,15 +2121,9 @@ mod tests {
         // Given back to the waiter, which never takes it.
         drop(held);
         end_connection(&streams);
-        let all_given_back = streams.all_given_back();
-        tokio::pin!(all_given_back);
-        let at_once = polled_once(all_given_back.as_mut()).await.is_ready();
-        drop(waiter);
+        let (_, over) = all_given_back_around(&streams, || drop(waiter)).await;
         assert!(
-            at_once
-                || tokio::time::timeout(Duration::from_secs(1), all_given_back)
-                    .await
-                    .is_ok(),
+            over,
             "no stream is held, yet the connection's task still waits for one"
         );
     }
