@@ -20,11 +20,11 @@ const SLOW_SLACK: Duration = Duration::from_millis(5);
 const PACE_WINDOW: Duration = Duration::from_secs(10);
 /// After a slow answer, the limit grows by one per round of answers for this long.
 const CAUTIOUS_FOR: Duration = Duration::from_secs(10);
-/// How far over the slow mark (see [`Pace::slow_mark`]) the time of a request that went
-/// unanswered past it is recorded: it counts as one slow answer, whatever it held its slot
-/// for (a 30 s timeout recorded whole against a 1 ms pace would keep the recent answers slow
-/// for the next fifty, each lowering the limit once more).
-const UNANSWERED_OVER_SLOW_MARK: Duration = Duration::from_millis(1);
+/// How far over the slow mark (see [`Pace::slow_mark`]) the time of a slow answer, or of a
+/// request that went unanswered past the mark, is recorded at most: it counts as one slow
+/// answer, whatever it held its slot for (a 30 s wait recorded whole against a 1 ms pace
+/// would keep the recent answers slow for the next fifty, each lowering the limit once more).
+const RECORDED_OVER_SLOW_MARK: Duration = Duration::from_millis(1);
 
 /// Which of the API's paces an answer counts towards: connecting, a message and disconnecting
 /// are different work for the API and may take very different times.
@@ -212,12 +212,12 @@ impl LimitState {
 
     /// A request of `kind` gave its slot back at `now` with this `outcome`, while
     /// `every_slot_taken` or some were free: moves the limit and says how many slots to free
-    /// (none, when the limit shrank by this one; two, when it grew). A request sent but not
-    /// answered (it failed, timed out, got a 5xx) says nothing of the API's pace unless it was
-    /// out longer than a slow answer would take (a timeout, an API that hung up after a long
-    /// wait): then it counts as one slow answer, recorded as just over the slow mark
-    /// ([`UNANSWERED_OVER_SLOW_MARK`]) however long it was out, so that the answers after it
-    /// are judged on their own times.
+    /// (none, when the limit shrank by this one; two, when it grew). An answer is slow as
+    /// [`Pace::answered`] judges it. A request sent but not answered (it failed, timed out,
+    /// got a 5xx) says nothing of the API's pace unless it was out longer than a slow answer
+    /// would take (a timeout, an API that hung up after a long wait): then it counts as one
+    /// slow answer, recorded as just over the slow mark ([`RECORDED_OVER_SLOW_MARK`]) however
+    /// long it was out, so that the answers after it are judged on their own times.
     fn release(
         &mut self,
         kind: RequestKind,
@@ -226,16 +226,18 @@ impl LimitState {
         now: Instant,
     ) -> usize {
         let pace = &mut self.paces[kind.index()];
-        let (took, slow_by_itself) = match outcome {
-            Outcome::Answered(took) => (took, false),
+        let slow = match outcome {
+            Outcome::Answered(took) => pace.answered(took, now),
             Outcome::Unanswered(out) => match pace.slow_mark() {
-                Some(mark) if out > mark => (out.min(mark + UNANSWERED_OVER_SLOW_MARK), true),
+                Some(mark) if out > mark => {
+                    pace.record(out.min(mark + RECORDED_OVER_SLOW_MARK), now);
+                    true
+                }
                 _ => return 1,
             },
             Outcome::NotSent => return 1,
         };
-        pace.record(took, now);
-        if slow_by_itself || pace.slow() {
+        if slow {
             self.last_slow = Some(now);
             if self.limit > self.floor {
                 self.limit -= 1;
@@ -280,7 +282,31 @@ struct Pace {
 }
 
 impl Pace {
+    /// Records an answer that took `took`, at `now`, and says whether it came back slow:
+    /// whether the recent answers, this one counted at its full time, took well over the
+    /// fastest one. A slow one enters the recent answers at most just over the slow mark
+    /// ([`RECORDED_OVER_SLOW_MARK`]), so that one very late answer counts as one slow answer
+    /// and the answers after it are judged on their own times.
+    fn answered(&mut self, took: Duration, now: Instant) -> bool {
+        self.record_fastest(took, now);
+        let slow = self.slow_answer(self.averaged_with(took));
+        let counted = match self.slow_mark() {
+            Some(mark) if slow => took.min(mark + RECORDED_OVER_SLOW_MARK),
+            _ => took,
+        };
+        self.recent = Some(self.averaged_with(counted));
+        slow
+    }
+
+    /// Records `took` at `now`, whole, as an answer's time.
     fn record(&mut self, took: Duration, now: Instant) {
+        self.record_fastest(took, now);
+        self.recent = Some(self.averaged_with(took));
+    }
+
+    /// Counts `took` towards the fastest answer of the window at `now`, starting a new one if
+    /// the current one is over.
+    fn record_fastest(&mut self, took: Duration, now: Instant) {
         match self.window_started {
             Some(started) if now.saturating_duration_since(started) < PACE_WINDOW => {}
             _ => {
@@ -289,19 +315,24 @@ impl Pace {
             }
         }
         self.fastest[0] = Some(self.fastest[0].map_or(took, |fastest| fastest.min(took)));
-        self.recent = Some(match self.recent {
+    }
+
+    /// The moving average of the answer times with `took` added.
+    fn averaged_with(&self, took: Duration) -> Duration {
+        match self.recent {
             Some(recent) => (recent * 7 + took) / 8,
             None => took,
-        });
+        }
     }
 
     /// Whether the recent answers took well over the fastest one: the API is queueing them.
+    #[cfg(test)]
     fn slow(&self) -> bool {
         self.recent.is_some_and(|recent| self.slow_answer(recent))
     }
 
-    /// Whether an answer that took `took` would be well over the fastest one (never, before
-    /// the first answer).
+    /// Whether `took` (an answer's time, or the recent answers' average) is well over the
+    /// fastest answer (never, before the first answer).
     fn slow_answer(&self, took: Duration) -> bool {
         self.slow_mark().is_some_and(|mark| took > mark)
     }
@@ -495,17 +526,51 @@ mod tests {
     }
 
     #[test]
+    fn one_slow_answer_lowers_the_limit_once_and_the_fast_answers_after_it_grow_it_again() {
+        let (mut state, now) = grown_to_ten();
+        // One answer after 29 s against a 1 ms pace.
+        let late = Duration::from_secs(29);
+        assert_eq!(
+            state.release(MESSAGE, Outcome::Answered(late), true, now),
+            0,
+            "shrank: its slot is not given back"
+        );
+        assert_eq!(state.limit, 9, "one slow answer");
+        let mut lowest = state.limit;
+        for _ in 0..20 {
+            state.release(MESSAGE, Outcome::Answered(FAST), true, now);
+            lowest = lowest.min(state.limit);
+        }
+        assert_eq!(lowest, 9, "no answer after the late one counted as slow");
+        assert!(state.limit >= 10, "grew again: {}", state.limit);
+        // Each further late answer is one more slow answer, however late.
+        let limit = state.limit;
+        state.release(MESSAGE, Outcome::Answered(late), true, now);
+        state.release(MESSAGE, Outcome::Answered(late * 2), true, now);
+        assert_eq!(state.limit, limit - 2);
+    }
+
+    #[test]
+    fn an_api_slowed_to_a_steady_pace_over_the_slow_mark_takes_the_limit_to_the_minimum() {
+        let (mut state, now) = grown_to_ten();
+        // From now on every answer takes three times the slow mark (7 ms).
+        for _ in 0..20 {
+            state.release(MESSAGE, Outcome::Answered(FAST * 21), true, now);
+        }
+        assert_eq!(state.limit, 4, "each answer once the recent ones are slow");
+    }
+
+    #[test]
     fn a_slow_api_that_keeps_its_pace_is_not_slow() {
         let mut pace = Pace::default();
         let now = Instant::now();
         for _ in 0..100 {
-            pace.record(Duration::from_millis(300), now);
+            assert!(!pace.answered(Duration::from_millis(300), now));
         }
-        assert!(!pace.slow());
-        for _ in 0..3 {
-            pace.record(Duration::from_millis(2000), now);
-        }
-        assert!(pace.slow(), "far over its pace");
+        let slow: Vec<bool> = (0..3)
+            .map(|_| pace.answered(Duration::from_millis(2000), now))
+            .collect();
+        assert_eq!(slow, [false, true, true], "far over its pace");
     }
 
     #[test]
