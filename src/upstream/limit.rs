@@ -16,7 +16,8 @@ use tokio::sync::{AcquireError, Semaphore, TryAcquireError};
 
 /// The API is slow when its recent answers took longer than twice the fastest one plus this.
 const SLOW_SLACK: Duration = Duration::from_millis(5);
-/// The fastest answer is that of the last one to two of these.
+/// The fastest answer is that of the last one to two of these; a request sent two or more
+/// of these after the current one began finds the pace forgotten (see [`Pace::forget_if_idle`]).
 const PACE_WINDOW: Duration = Duration::from_secs(10);
 /// After a slow answer, the limit grows by one per round of answers for this long.
 const CAUTIOUS_FOR: Duration = Duration::from_secs(10);
@@ -228,7 +229,7 @@ impl LimitState {
         let pace = &mut self.paces[kind.index()];
         let slow = match outcome {
             Outcome::Answered(took) => pace.answered(took, now),
-            Outcome::Unanswered(out) => match pace.slow_mark() {
+            Outcome::Unanswered(out) => match pace.forget_if_idle(out, now).slow_mark() {
                 Some(mark) if out > mark => {
                     pace.record(out.min(mark + RECORDED_OVER_SLOW_MARK), now);
                     true
@@ -288,6 +289,7 @@ impl Pace {
     /// ([`RECORDED_OVER_SLOW_MARK`]), so that one very late answer counts as one slow answer
     /// and the answers after it are judged on their own times.
     fn answered(&mut self, took: Duration, now: Instant) -> bool {
+        self.forget_if_idle(took, now);
         self.record_fastest(took, now);
         let slow = self.slow_answer(self.averaged_with(took));
         let counted = match self.slow_mark() {
@@ -296,6 +298,23 @@ impl Pace {
         };
         self.recent = Some(self.averaged_with(counted));
         slow
+    }
+
+    /// Forgets every answer recorded if the request that ended at `now`, out for `out`, went
+    /// out two [`PACE_WINDOW`]s or more after the current window began: no answer came in the
+    /// window before it went out, so the answers kept are not those of the last one to two
+    /// windows, nor is their average recent (after an idle hour, the fastest answer of an
+    /// hour ago would judge the next ones). Counted from when the request went
+    /// out, not from its end, so that the requests an API held through a long pause are
+    /// judged against its pace before it.
+    fn forget_if_idle(&mut self, out: Duration, now: Instant) -> &mut Pace {
+        let idle = self.window_started.is_some_and(|started| {
+            now.saturating_duration_since(started).saturating_sub(out) >= PACE_WINDOW * 2
+        });
+        if idle {
+            *self = Pace::default();
+        }
+        self
     }
 
     /// Records `took` at `now`, whole, as an answer's time.
@@ -585,6 +604,72 @@ mod tests {
             pace.record(slower, start + PACE_WINDOW * 2 + FAST * 2);
         }
         assert!(!pace.slow(), "the new pace is the API's pace");
+    }
+
+    #[test]
+    fn after_two_windows_without_answers_the_pace_starts_afresh() {
+        let mut pace = Pace::default();
+        let start = Instant::now();
+        pace.answered(FAST, start);
+        // An hour later the API answers in 50 ms: not slow against a 1 ms answer of an
+        // hour ago.
+        let an_hour_later = start + Duration::from_secs(3600);
+        assert!(!pace.answered(Duration::from_millis(50), an_hour_later));
+        assert!(
+            !pace.slow(),
+            "the fastest answer of an hour ago is forgotten"
+        );
+        // Nor do slow answers of an hour ago make the first fast one after them slow.
+        let mut pace = Pace::default();
+        pace.answered(FAST, start);
+        for _ in 0..100 {
+            pace.answered(FAST * 20, start);
+        }
+        assert!(pace.slow());
+        assert!(
+            !pace.answered(FAST, an_hour_later),
+            "the recent answers of an hour ago are forgotten"
+        );
+    }
+
+    #[test]
+    fn a_request_held_up_by_a_long_pause_is_judged_against_the_pace_when_it_went_out() {
+        let (mut state, now) = grown_to_ten();
+        // The API stops for 25 s: the answers to the requests it held come back then, more
+        // than two windows after the last answer at its pace.
+        let paused = Duration::from_secs(25);
+        assert_eq!(
+            state.release(MESSAGE, Outcome::Answered(paused), true, now + paused),
+            0,
+            "a slow answer"
+        );
+        // A longer one: its requests time out.
+        let timed_out = Duration::from_secs(30);
+        assert_eq!(
+            state.release(
+                MESSAGE,
+                Outcome::Unanswered(timed_out),
+                true,
+                now + timed_out
+            ),
+            0,
+            "a slow event"
+        );
+        assert_eq!(state.limit, 8);
+    }
+
+    #[test]
+    fn a_request_unanswered_after_two_windows_without_answers_says_nothing() {
+        let (mut state, now) = grown_to_ten();
+        // The first request after an hour without any times out: the pace of an hour ago
+        // does not tell whether that is slow for the API.
+        let timed_out = Duration::from_secs(30);
+        let then = now + Duration::from_secs(3600);
+        assert_eq!(
+            state.release(MESSAGE, Outcome::Unanswered(timed_out), true, then),
+            1
+        );
+        assert_eq!(state.limit, 10);
     }
 
     #[test]
