@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -80,10 +80,15 @@ pub(crate) fn health(shared: &Shared) -> Response<Full<Bytes>> {
 pub(crate) struct Peer {
     pub remote: SocketAddr,
     pub tls: bool,
-    /// Whether the connection's handshake has been counted as refused (see [`Peer::refused`]);
-    /// shared by the listener and the connection's request.
-    pub refusal_counted: Arc<AtomicBool>,
+    /// What the listener and the connection's request have seen of it ([`HEAD_ARRIVED`],
+    /// [`REFUSAL_COUNTED`]), shared by the two.
+    seen: Arc<AtomicU8>,
 }
+
+/// [`Peer::seen`]: the request head arrived, and its request is being answered.
+const HEAD_ARRIVED: u8 = 1;
+/// [`Peer::seen`]: the handshake has been counted as refused (see [`Peer::refused`]).
+const REFUSAL_COUNTED: u8 = 2;
 
 impl Peer {
     /// The facts of a connection just accepted from `remote`.
@@ -91,7 +96,7 @@ impl Peer {
         Peer {
             remote,
             tls,
-            refusal_counted: Arc::new(AtomicBool::new(false)),
+            seen: Arc::new(AtomicU8::new(0)),
         }
     }
 
@@ -100,9 +105,20 @@ impl Peer {
     /// may still cut the connection while the answer is written (a large API refusal page the
     /// client does not read), which is no second refusal.
     pub(crate) fn refused(&self, metrics: &Metrics, reason: RefusalReason) {
-        if !self.refusal_counted.swap(true, Ordering::AcqRel) {
+        if self.seen.fetch_or(REFUSAL_COUNTED, Ordering::AcqRel) & REFUSAL_COUNTED == 0 {
             metrics.handshake_refused(reason);
         }
+    }
+
+    /// Notes that the connection's request head has arrived (hyper parsed it and hands the
+    /// request to [`handle`]).
+    pub(crate) fn head_arrived(&self) {
+        self.seen.fetch_or(HEAD_ARRIVED, Ordering::AcqRel);
+    }
+
+    /// Whether the connection's request head has arrived (see [`Peer::head_arrived`]).
+    pub(crate) fn has_head(&self) -> bool {
+        self.seen.load(Ordering::Acquire) & HEAD_ARRIVED != 0
     }
 }
 

@@ -55,6 +55,10 @@ pub(crate) struct Shared {
     pub(crate) push_bodies: Semaphore,
     pub(crate) departures: Departures,
     pub(crate) tasks: TaskTracker,
+    /// Fires when the shutdown begins: the public listener stops accepting, and its
+    /// connections whose request head has not arrived (silent, a head still coming, a TLS
+    /// handshake not done) are closed rather than waited for.
+    pub(crate) stop_public: CancellationToken,
     draining: AtomicBool,
     shutdown_deadline: OnceLock<Instant>,
 }
@@ -234,6 +238,7 @@ impl Gateway {
             registry: Registry::default(),
             metrics,
             tasks: TaskTracker::new(),
+            stop_public: CancellationToken::new(),
             draining: AtomicBool::new(false),
             shutdown_deadline: OnceLock::new(),
         });
@@ -280,7 +285,7 @@ impl Gateway {
             control_unix,
             tls,
         } = self;
-        let stop_public = CancellationToken::new();
+        let stop_public = shared.stop_public.clone();
         let stop_control = CancellationToken::new();
         let public_task = tokio::spawn(server::accept_public(
             public,

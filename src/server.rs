@@ -562,6 +562,13 @@ async fn refuse_busy_control(mut stream: impl AsyncRead + AsyncWrite + Unpin) {
     answer_and_drain(stream, reply, deadline, REFUSAL_DRAIN - read).await;
 }
 
+/// Serves one socket on the public listener, holding a handshake slot, until its upgrade
+/// request is answered (the `101`: the session takes the socket over) or the handshake's time
+/// limit. When the shutdown begins ([`Shared::stop_public`]) before its request head has
+/// arrived (a silent socket, a head still coming, a TLS handshake not done), it is closed at
+/// once, counted `handshakes_refused{reason="overloaded"}` (shutting down), instead of holding
+/// up the drain until `--handshake-timeout`; a request whose head arrived is answered as
+/// usual (`503` once the gateway drains).
 async fn serve_public(
     stream: TcpStream,
     remote: SocketAddr,
@@ -592,7 +599,15 @@ async fn serve_public(
                     }
                     Some(acceptor.accept(stream).await)
                 };
-                match tokio::time::timeout(handshake_timeout, handshake).await {
+                let handshake = tokio::select! {
+                    biased;
+                    within = tokio::time::timeout(handshake_timeout, handshake) => within,
+                    _ = shared.stop_public.cancelled() => {
+                        stopped_before_the_head(&peer, &metrics);
+                        return;
+                    }
+                };
+                match handshake {
                     Ok(None) => {
                         tracing::debug!(%remote, "closed before its TLS handshake began");
                     }
@@ -622,15 +637,29 @@ async fn serve_public(
     }
 }
 
-/// Serves the upgrade request on `io`, whose head must arrive within `head_deadline`.
+/// Counts and logs a public connection closed because the shutdown began before its request
+/// head arrived (the caller drops it).
+fn stopped_before_the_head(peer: &Peer, metrics: &crate::metrics::Metrics) {
+    peer.refused(metrics, RefusalReason::Overloaded);
+    tracing::debug!(
+        remote = %peer.remote,
+        "the gateway is stopping and the request head had not arrived; connection closed"
+    );
+}
+
+/// Serves the upgrade request on `io`, whose head must arrive within `head_deadline`; closes
+/// the connection at once if the shutdown begins before it has arrived.
 async fn serve_http<S>(io: TokioIo<S>, peer: Peer, shared: Arc<Shared>, head_deadline: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let metrics = Arc::clone(&shared.metrics);
-    let refusals = peer.clone();
-    let service =
-        service_fn(move |request| handshake::handle(request, peer.clone(), Arc::clone(&shared)));
+    let service_peer = peer.clone();
+    let service_shared = Arc::clone(&shared);
+    let service = service_fn(move |request| {
+        // Called as soon as hyper has parsed the head, before the select below can look.
+        service_peer.head_arrived();
+        handshake::handle(request, service_peer.clone(), Arc::clone(&service_shared))
+    });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(head_deadline)
@@ -639,14 +668,29 @@ where
         .max_buf_size(MAX_REQUEST_HEAD)
         .serve_connection(io, service)
         .with_upgrades();
-    if let Err(error) = connection.await {
+    tokio::pin!(connection);
+    // hyper's own graceful_shutdown would close only a connection that has read no byte yet;
+    // one with part of a head (or a whole one not read yet) would still hold up the drain
+    // until its header timeout. Dropping the connection closes it, whatever it has read.
+    let ended = tokio::select! {
+        biased;
+        ended = connection.as_mut() => ended,
+        _ = shared.stop_public.cancelled() => {
+            if !peer.has_head() {
+                stopped_before_the_head(&peer, &shared.metrics);
+                return;
+            }
+            connection.await
+        }
+    };
+    if let Err(error) = ended {
         if error.is_timeout() {
             // The request head did not arrive within --handshake-timeout.
-            refusals.refused(&metrics, RefusalReason::Timeout);
+            peer.refused(&shared.metrics, RefusalReason::Timeout);
         } else if error.is_parse() {
             // A head hyper could not parse, answered by hyper itself: 400, or 431 for one
             // over MAX_REQUEST_HEAD.
-            refusals.refused(&metrics, RefusalReason::BadRequest);
+            peer.refused(&shared.metrics, RefusalReason::BadRequest);
         }
         tracing::debug!(%error, "public connection ended with an error");
     }

@@ -12,6 +12,8 @@ use bytes::Bytes;
 use common::binary::Binary;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_websockets::{ClientBuilder, Message};
 
@@ -196,6 +198,142 @@ async fn a_silent_control_connection_does_not_hold_up_the_shutdown() {
         "the shutdown took {:?}: it waited for the silent connection's first bytes",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn public_connections_whose_request_has_not_arrived_are_closed_when_the_shutdown_begins() {
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = Duration::from_secs(8);
+    let mut gateway = TestGateway::start(config).await;
+    // One connected and silent, one that sent part of its request head and stalled.
+    let silent = TcpStream::connect(gateway.public).await.unwrap();
+    let mut partial = TcpStream::connect(gateway.public).await.unwrap();
+    partial
+        .write_all(b"GET /partial HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let report = gateway.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the shutdown took {:?}: it waited for the sockets still in their handshake",
+        started.elapsed()
+    );
+    assert!(report.completed);
+    for (name, socket) in [("silent", silent), ("partial head", partial)] {
+        assert_closed(name, socket).await;
+    }
+    assert!(api.seen().is_empty(), "{:?}", api.seen());
+}
+
+#[tokio::test]
+async fn tls_connections_still_in_their_tls_handshake_are_closed_when_the_shutdown_begins() {
+    let cert = TestCert::new();
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    config.tls = Some(cert.files());
+    config.handshake_timeout = Duration::from_secs(8);
+    let mut gateway = TestGateway::start(config).await;
+    // One connected and silent, one that sent the start of a ClientHello (a record header
+    // announcing 512 bytes, and 4 of them) and stalled: the TLS handshake has begun.
+    let silent = TcpStream::connect(gateway.public).await.unwrap();
+    let mut stalled = TcpStream::connect(gateway.public).await.unwrap();
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let report = gateway.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the shutdown took {:?}: it waited for the sockets still in their TLS handshake",
+        started.elapsed()
+    );
+    assert!(report.completed);
+    for (name, socket) in [("silent", silent), ("mid TLS handshake", stalled)] {
+        assert_closed(name, socket).await;
+    }
+}
+
+#[tokio::test]
+async fn a_connection_closed_at_the_shutdown_before_its_request_counts_as_overloaded() {
+    // A POST at the API for 2 s holds the drain open, so that /metrics still answers.
+    let api = MockApi::with_slow_posts("done", Duration::from_secs(2)).await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = Duration::from_secs(8);
+    let mut gateway = TestGateway::start(config).await;
+    let mut busy = gateway.connect("/busy").await;
+    busy.send(Message::text("work")).await.unwrap();
+    api.wait_for("POST", 1).await;
+    let silent = TcpStream::connect(gateway.public).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let control = gateway.control;
+    let shutdown = tokio::spawn(async move { gateway.shutdown().await });
+    let started = Instant::now();
+    assert_closed("silent", silent).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "closed {:?} after the shutdown began: not at once, while the POST kept the drain open",
+        started.elapsed()
+    );
+    let metrics = parse_metrics(&raw_http(control, "GET", "/metrics", &[], b"").await.text());
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"overloaded\"}"], 1.0,
+        "{metrics:?}"
+    );
+    assert_eq!(metrics["handshakes_refused{reason=\"timeout\"}"], 0.0);
+    assert!(shutdown.await.unwrap().completed);
+    assert_eq!(next_text(&mut busy).await, "done");
+}
+
+/// Fails unless the gateway has closed `socket` (named `name` in the message): a read ends (or
+/// fails: a reset) within 2 s, without a byte.
+async fn assert_closed(name: &str, mut socket: TcpStream) {
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), socket.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the {name} socket was not closed: {read:?}"
+    );
+}
+
+/// A self-signed certificate for 127.0.0.1, written as PEM files for `--tls-cert` and
+/// `--tls-key` (removed on drop).
+struct TestCert {
+    dir: std::path::PathBuf,
+}
+
+impl TestCert {
+    fn new() -> TestCert {
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let generated =
+            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("rcgen");
+        let dir = std::env::temp_dir().join(format!(
+            "ws2http-shutdown-{}-{}",
+            std::process::id(),
+            COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), generated.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), generated.signing_key.serialize_pem()).unwrap();
+        TestCert { dir }
+    }
+
+    fn files(&self) -> ws2http::config::TlsFiles {
+        ws2http::config::TlsFiles {
+            cert: self.dir.join("cert.pem"),
+            key: self.dir.join("key.pem"),
+        }
+    }
+}
+
+impl Drop for TestCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[tokio::test]
