@@ -803,19 +803,27 @@ async fn start_session(
                 )
             })
             .ok(),
-        _ => None,
-    };
-    let io = match io {
-        Some(io) => io,
-        None => {
+        Ok(Err(error)) => {
+            tracing::debug!(
+                %error,
+                client_id = %handle.client_id,
+                connection_id = %handle.connection_id,
+                "upgrade failed; the API is told EOF (or the reason of a control DELETE that came first)"
+            );
+            None
+        }
+        Err(_) => {
             tracing::debug!(
                 client_id = %handle.client_id,
                 connection_id = %handle.connection_id,
-                "upgrade never completed; the API is told EOF (or the reason of a control DELETE that came first)"
+                "upgrade not done within --handshake-timeout; the API is told EOF (or the reason of a control DELETE that came first)"
             );
-            session::abandoned(handle, context, shared, permit);
-            return;
+            None
         }
+    };
+    let Some(io) = io else {
+        session::abandoned(handle, context, shared, permit);
+        return;
     };
     let socket = ServerBuilder::new()
         .config(

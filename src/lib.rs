@@ -310,7 +310,7 @@ impl Gateway {
         });
         shutdown.await;
         stop_public.cancel();
-        let _ = public_task.await;
+        joined("public", public_task).await;
         let sessions_at_shutdown = shared.registry.len();
         tracing::info!(
             sessions = sessions_at_shutdown,
@@ -334,9 +334,9 @@ impl Gateway {
             disconnects_untold = shared.departures.given_up();
         }
         stop_control.cancel();
-        let _ = control_task.await;
+        joined("control", control_task).await;
         if let Some(task) = control_unix_task {
-            let _ = task.await;
+            joined("control Unix socket", task).await;
             if let Some(path) = &shared.config.control_unix_socket {
                 let _ = std::fs::remove_file(path);
             }
@@ -346,6 +346,14 @@ impl Gateway {
             completed,
             disconnects_untold,
         }
+    }
+}
+
+/// Waits for the accept loop of the `which` listener to end; one that panicked is logged (it
+/// would otherwise end unseen: the drain goes on without it).
+async fn joined(which: &str, accept_loop: tokio::task::JoinHandle<()>) {
+    if let Err(error) = accept_loop.await {
+        tracing::error!(%error, "the {which} listener's accept loop failed");
     }
 }
 

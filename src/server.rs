@@ -899,7 +899,10 @@ pub(crate) async fn accept_control(
             let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
             let stopping = tokio::select! {
-                _ = connection.as_mut() => None,
+                ended = connection.as_mut() => {
+                    control_connection_ended(ended);
+                    None
+                }
                 _ = activity.idle_for(idle_limit, None) => Some(false),
                 _ = stop.cancelled() => Some(true),
             };
@@ -919,7 +922,7 @@ pub(crate) async fn accept_control(
                     tokio::time::sleep(CONTROL_CLOSING_GRACE).await;
                 };
                 tokio::select! {
-                    _ = connection.as_mut() => {}
+                    ended = connection.as_mut() => control_connection_ended(ended),
                     _ = activity.idle_for(CONTROL_CLOSING_GRACE, Some(quiet)) => {}
                     _ = stop_waiting => {}
                 }
@@ -929,6 +932,14 @@ pub(crate) async fn accept_control(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Logs a control connection that ended with an error (a peer that reset it, a head hyper
+/// could not parse, h2c's ping timeout), at debug as the public listener does.
+fn control_connection_ended(ended: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(error) = ended {
+        tracing::debug!(%error, "control connection ended with an error");
+    }
 }
 
 /// Whether a control connection is busy (requests in flight, or an answer waiting for the
