@@ -713,7 +713,13 @@ fn api_failure(
         _ => (StatusCode::BAD_GATEWAY, "the API could not be reached\n"),
     };
     tracing::warn!(%client_id, %connection_id, %error, "connect request failed; client told {status}");
-    let refusal = Refusal::new(status, RefusalReason::ApiFailure, body);
+    // No API slot came free (or too many requests wait for one): the gateway's own overload,
+    // nothing the API did.
+    let reason = match error {
+        UpstreamError::Overloaded => RefusalReason::Overloaded,
+        _ => RefusalReason::ApiFailure,
+    };
+    let refusal = Refusal::new(status, reason, body);
     if status == StatusCode::SERVICE_UNAVAILABLE {
         refusal.with_header(RETRY_AFTER, HeaderValue::from_static("1"))
     } else {

@@ -1033,7 +1033,8 @@ async fn a_connect_whose_api_connection_breaks_after_sending_gets_502_and_a_dele
 }
 
 #[tokio::test]
-async fn a_connect_still_waiting_for_an_api_slot_at_the_timeout_gets_503_and_is_dropped() {
+async fn a_connect_still_waiting_for_an_api_slot_at_the_timeout_gets_503_counted_overloaded_and_is_dropped(
+) {
     // One API slot, held by a slow connect GET (for twice --upstream-timeout: its handshake
     // gives up after one, the GET goes on) past the next client's --upstream-timeout.
     let api = MockApi::with_script(|seen| match seen.uri.as_str() {
@@ -1054,6 +1055,16 @@ async fn a_connect_still_waiting_for_an_api_slot_at_the_timeout_gets_503_and_is_
     assert_eq!(response.status, 503, "{}", response.text());
     assert_eq!(response.header("retry-after"), Some("1"));
     assert_eq!(holder.await.unwrap().status, 504);
+    // The gateway's own overload, not the API's failure (which the holder's 504 is).
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"overloaded\"}"], 1.0,
+        "{metrics:?}"
+    );
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"api_failure\"}"], 1.0,
+        "{metrics:?}"
+    );
     // The holder's GET lets go of the slot at 1 s, and its DELETE follows (it times out too:
     // the API takes 1.5 s over anything of /holder's). The dropped GET counts as a failed
     // request: then nothing is left as started and unfinished.
@@ -1077,6 +1088,44 @@ async fn a_connect_still_waiting_for_an_api_slot_at_the_timeout_gets_503_and_is_
     assert!(
         for_waiting.is_empty(),
         "the API heard of it: {for_waiting:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connect_that_waits_past_the_max_wait_gets_503_counted_overloaded() {
+    // One API slot, held by a slow connect GET (1.5 s) past the next connect's max wait.
+    let api = MockApi::with_script(|seen| match seen.uri.as_str() {
+        "/holder" => Reply::ok("ok").after(Duration::from_millis(1500)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.upstream_max_connections = Some(1);
+    config.upstream_min_concurrency = 1;
+    config.upstream_max_wait = Duration::from_millis(300);
+    let gateway = TestGateway::start(config).await;
+    let public = gateway.public;
+    let holder =
+        tokio::spawn(async move { raw_exchange(public, &upgrade_request("/holder", &[])).await });
+    api.wait_for("GET", 1).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/waiting", &[])).await;
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert_eq!(response.header("retry-after"), Some("1"));
+    assert_eq!(response.text(), "the API is overloaded\n");
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"overloaded\"}"], 1.0,
+        "{metrics:?}"
+    );
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"api_failure\"}"], 0.0,
+        "{metrics:?}"
+    );
+    assert_eq!(holder.await.unwrap().status, 101);
+    assert!(
+        api.seen().iter().all(|s| s.uri != "/waiting"),
+        "the API heard of it: {:?}",
+        api.seen()
     );
 }
 
