@@ -1537,15 +1537,30 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
+/// Whether `--only` (as recorded in a run's `only`) left out a scenario of the set: a run of a
+/// subset is no full-set run, though each scenario in it ran as in the full set. A run that did
+/// not record `only` (every run before it was recorded ran the whole set) and one whose `only`
+/// names every scenario are not.
+fn subset(only: &Value) -> bool {
+    only.as_str().is_some_and(|only| {
+        !scenarios(false)
+            .iter()
+            .all(|sc| selected(sc.id, Some(only)))
+    })
+}
+
 /// Why `--tally` leaves a run out (`None`: it counts): the quick set, whose sizes are not the
-/// targets', and runs of anything but the standard set-up: gateway flags under test, a
-/// `--label` or a gateway binary given (`--gateway-bin`: the A/B experiments, one build
-/// against another), Unix sockets, or a mock API with other than [`DEFAULT_MOCK_THREADS`]
-/// threads (a run that did not record its thread count had the default).
+/// targets', a subset of the scenarios (`--only`, [`subset`]), and runs of anything but the
+/// standard set-up: gateway flags under test, a `--label` or a gateway binary given
+/// (`--gateway-bin`: the A/B experiments, one build against another), Unix sockets, or a mock
+/// API with other than [`DEFAULT_MOCK_THREADS`] threads (a run that did not record its thread
+/// count had the default).
 fn left_out(run: &Value) -> Option<&'static str> {
     let gateway_args = &run["gateway_args"];
     if run["quick"].as_bool() == Some(true) {
         Some("quick (their sizes are not the targets')")
+    } else if subset(&run["only"]) {
+        Some("with --only (a subset of the scenarios, not a full set)")
     } else if !gateway_args.is_null() && gateway_args.as_array().is_none_or(|a| !a.is_empty()) {
         Some("with --gateway-arg (not the default gateway)")
     } else if run["label"].as_str().is_some_and(|label| !label.is_empty()) {
@@ -2178,6 +2193,8 @@ fn main() {
         "started_utc": started,
         "elapsed_s": t0.elapsed().as_secs(),
         "quick": args.quick,
+        // The subset of scenarios run, as given (null: all): `--tally` leaves a subset out.
+        "only": args.only,
         "label": args.label,
         "git_head": git(&root, &["rev-parse", "--short", "HEAD"]),
         "git_uncommitted_in_src": git(&root, &["status", "--porcelain", "--", "src", "Cargo.toml"])
@@ -2809,6 +2826,36 @@ mod tests {
             tally(&runs[..1]).starts_with("1 full-set run counted (none left out)"),
             "{}",
             tally(&runs[..1])
+        );
+    }
+
+    #[test]
+    fn tally_leaves_out_a_run_of_a_subset_and_counts_one_that_recorded_none() {
+        let s2 = api_saw_the_clients(
+            json!({"id": "S2", "load": {"errors_total": 0, "established": 10, "conns": 10,
+                   "gateway": {"cpu_us_per_conn": 30.0, "cpu_from_clock": true}}}),
+        );
+        let runs = [
+            // From before the runner recorded `only`: every such run was of the whole set.
+            json!({"scenarios": [s2.clone()]}),
+            json!({"only": null, "scenarios": [s2.clone()]}),
+            // `--only S2`: its S2 ran as in the full set, but the run is no full set.
+            json!({"only": "S2", "scenarios": [s2.clone()]}),
+            json!({"only": "S1,S3", "scenarios": [s2.clone()]}),
+            // `--only` naming every scenario of the set runs the whole set.
+            json!({"only": "s1, S2,S3,S4,S5", "scenarios": [s2.clone()]}),
+        ];
+        let report = tally(&runs);
+        assert!(
+            report.starts_with(
+                "3 full-set runs counted (2 left out: 2 with --only (a subset of the \
+                 scenarios, not a full set))\n"
+            ),
+            "{report}"
+        );
+        assert!(
+            report.contains("S2: target met in 3 of 3 runs\n"),
+            "{report}"
         );
     }
 
