@@ -775,7 +775,9 @@ fn children_cpu_us() -> u64 {
 /// timeline's), its RSS per connection when connected and at the end, and its CPU figures
 /// ([`gateway_cpu`]). A sample that could not be taken (the gateway gone, or `/proc`
 /// unreadable) is null, and so is every figure that needs it: recorded as 0, a "≤ 4 KiB" or
-/// "≤ 12 µs" criterion would count as met by a gateway that had died.
+/// "≤ 12 µs" criterion would count as met by a gateway that had died. So is a figure per
+/// connection with no connection established: there is nothing to divide by, and 0 would meet
+/// "≤ 4 KiB" too.
 fn gateway_figures(
     pid: u32,
     [before, connected, end]: [Option<procstat::Sample>; 3],
@@ -801,7 +803,6 @@ fn gateway_figures(
                 later.rss_kib.saturating_sub(before.rss_kib) as f64 / established as f64
             ))
         }
-        (Some(_), Some(_)) => json!(0.0),
         _ => Value::Null,
     };
     let mut figures = json!({
@@ -833,7 +834,9 @@ fn gateway_figures(
 /// from the gateway's CPU-time clock when the samples read it (`cpu_from_clock`), else from
 /// clock ticks; the kernel's share always from ticks (`stime`). A phase whose sample at either
 /// end is missing has its figures null; `cpu_from_clock` speaks of the phases that have them
-/// (null when neither has).
+/// (null when neither has). A figure per connection with none established, per message with
+/// none answered, or a share of a phase that took no time, is null too: no figure, rather than
+/// a 0 that would meet "≤ 12 µs".
 fn gateway_cpu(
     [before, connected, end]: [Option<&procstat::Sample>; 3],
     established: u64,
@@ -841,7 +844,7 @@ fn gateway_cpu(
     message_phase_s: f64,
 ) -> Value {
     let r2 = |x: f64| (x * 100.0).round() / 100.0;
-    let per = |total: f64, n: u64| if n > 0 { r2(total / n as f64) } else { 0.0 };
+    let per = |total: f64, n: u64| (n > 0).then(|| r2(total / n as f64));
     let ticks = |later: &procstat::Sample, earlier: &procstat::Sample| {
         later.sys_us.saturating_sub(earlier.sys_us) as f64
     };
@@ -855,13 +858,13 @@ fn gateway_cpu(
         .map(|(earlier, later)| later.cpu_clock_since(earlier))
         .reduce(|a, b| a && b);
     json!({
-        "cpu_us_per_conn": connect.map(|us| per(us, established)),
-        "cpu_us_per_msg": message.map(|us| per(us, msgs)),
+        "cpu_us_per_conn": connect.and_then(|us| per(us, established)),
+        "cpu_us_per_msg": message.and_then(|us| per(us, msgs)),
         // The kernel's share of the two figures above (system time: syscalls, and on
         // loopback the peer's TCP receive path that a send runs).
-        "sys_us_per_conn": connect_phase.map(|(before, connected)| per(ticks(connected, before), established)),
-        "sys_us_per_msg": message_phase.map(|(connected, end)| per(ticks(end, connected), msgs)),
-        "cpu_pct_message_phase": message.map(|us| if message_phase_s > 0.0 { r2(us / 1e4 / message_phase_s) } else { 0.0 }),
+        "sys_us_per_conn": connect_phase.and_then(|(before, connected)| per(ticks(connected, before), established)),
+        "sys_us_per_msg": message_phase.and_then(|(connected, end)| per(ticks(end, connected), msgs)),
+        "cpu_pct_message_phase": message.filter(|_| message_phase_s > 0.0).map(|us| r2(us / 1e4 / message_phase_s)),
         "cpu_from_clock": from_clock,
     })
 }
@@ -1188,7 +1191,8 @@ async fn parent(args: Args, mode: Mode) -> i32 {
         "tcp_whole_run": procstat::counters_delta(&tcp_before, &procstat::tcp_counters()),
         "gateway": gateway,
         "load_cpu_us": own_cpu_us,
-        "load_cpu_us_per_msg": if replies + pushes > 0 { ((own_cpu_us as f64 / (replies + pushes) as f64) * 100.0).round() / 100.0 } else { 0.0 },
+        // Null with no message answered: nothing to divide by.
+        "load_cpu_us_per_msg": (replies + pushes > 0).then(|| ((own_cpu_us as f64 / (replies + pushes) as f64) * 100.0).round() / 100.0),
         "timeline": timeline,
     });
     println!("{report}");
@@ -1484,6 +1488,47 @@ mod tests {
         ] {
             assert!(never[missing].is_null(), "{missing}: {never}");
         }
+    }
+
+    #[test]
+    fn with_no_connection_or_no_reply_the_figures_per_connection_and_per_message_are_null() {
+        let at = |rss_kib, cpu_us| procstat::Sample {
+            rss_kib,
+            cpu_us,
+            sys_us: cpu_us / 2,
+            cpu_ns: Some(cpu_us * 1000),
+            ..Default::default()
+        };
+        let samples = [
+            Some(at(8_000, 0)),
+            Some(at(8_100, 10_000)),
+            Some(at(8_200, 20_000)),
+        ];
+        // Every client refused: no connection to share the RSS or the CPU over, and no
+        // message. A 0 here met S1's "≤ 4 KiB" and S3's "≤ 12 µs".
+        let none = gateway_figures(7, samples, &[], 0, 0, 10.0);
+        for missing in [
+            "kib_per_conn",
+            "kib_per_conn_end",
+            "cpu_us_per_conn",
+            "sys_us_per_conn",
+            "cpu_us_per_msg",
+            "sys_us_per_msg",
+        ] {
+            assert!(none[missing].is_null(), "{missing}: {none}");
+        }
+        assert_eq!(none["cpu_pct_message_phase"], 0.1, "{none}");
+        // Connected, but not one reply: the figures per connection stand, those per message
+        // do not.
+        let silent = gateway_figures(7, samples, &[], 100, 0, 10.0);
+        assert_eq!(silent["kib_per_conn"], 1.0, "{silent}");
+        assert_eq!(silent["cpu_us_per_conn"], 100.0, "{silent}");
+        assert!(silent["cpu_us_per_msg"].is_null(), "{silent}");
+        assert!(silent["sys_us_per_msg"].is_null(), "{silent}");
+        // A message phase that took no time has no share of a core.
+        let instant = gateway_figures(7, samples, &[], 100, 10, 0.0);
+        assert!(instant["cpu_pct_message_phase"].is_null(), "{instant}");
+        assert_eq!(instant["cpu_us_per_msg"], 1000.0, "{instant}");
     }
 
     #[test]

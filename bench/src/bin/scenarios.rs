@@ -1164,10 +1164,15 @@ fn tick_rounding(
     })
 }
 
-/// The criteria of a scenario's target with the measured values (`None` when a figure is
-/// missing, so the scenario cannot be judged).
+/// The criteria of a scenario's target with the measured values, to judge it by: all of them;
+/// or, when a figure is missing, those recorded if one of them is missed (a figure missing
+/// cannot make up for a miss: a run whose clients never connected has no figure per
+/// connection, and is missed all the same); else `None`, the scenario cannot be judged.
 fn checks(r: &Value, quick: bool) -> Option<Vec<Check>> {
-    criteria(r, quick)?.into_iter().map(Result::ok).collect()
+    let all = criteria(r, quick)?;
+    let complete = all.iter().all(Result::is_ok);
+    let recorded: Vec<Check> = all.into_iter().filter_map(Result::ok).collect();
+    (complete || recorded.iter().any(|c| c.standing() == Standing::Missed)).then_some(recorded)
 }
 
 /// A criterion of a target whose figure a run did not record (an older bench wrote fewer).
@@ -1805,8 +1810,9 @@ fn tally_files(files: &[PathBuf]) -> Result<String, String> {
     Ok(tally(&runs))
 }
 
-/// How the scenario stands against its target (`None` when it could not be judged): missed if
-/// any criterion is, else undecided if any is, else met.
+/// How the scenario stands against its target (`None` when it could not be judged: a figure
+/// missing, and no criterion recorded missed; [`checks`]): missed if any criterion is, else
+/// undecided if any is, else met.
 fn standing(r: &Value, quick: bool) -> Option<Standing> {
     checks(r, quick).map(|cs| overall(&cs))
 }
@@ -2732,6 +2738,29 @@ mod tests {
         );
         assert_eq!(verdict(&s1, false), None);
         assert!(markdown(std::slice::from_ref(&s1), false).contains("(not judged)"));
+        // Every client refused: `load` has no connection to divide by and writes null, not 0
+        // (which met "≤ 4 KiB"); the run is missed by its other criteria, and the missing
+        // figure counts as not met.
+        let refused = api_saw_the_clients(
+            json!({"id": "S1", "load": {"errors_total": 10, "established": 0, "conns": 10,
+                   "gateway": {"kib_per_conn_end": null}},
+                   "gateway_baseline": {"rss_kib": 1000}, "gateway_after_leave": {"rss_kib": 1000}}),
+        );
+        assert_eq!(verdict(&refused, false), Some(false));
+        let table = markdown(std::slice::from_ref(&refused), false);
+        assert!(
+            table.contains("**missed**: errors 10 vs ≤ 0; connections established 0 vs ≥ 10"),
+            "{table}"
+        );
+        let report = tally(&[json!({"scenarios": [refused]})]);
+        assert!(
+            report.contains("S1: target met in 0 of 1 run\n"),
+            "{report}"
+        );
+        assert!(
+            report.contains("KiB/conn ≤ 4: met in 0 of 1; 1 did not record it"),
+            "{report}"
+        );
         let report = tally(&[json!({"scenarios": [s1]})]);
         assert!(
             report.contains("S1: target met in 0 of 1 run; 1 did not record every figure"),
