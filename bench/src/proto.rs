@@ -5,7 +5,8 @@
 //! cross-talk (another connection's reply), out of order (a later request of ours answered
 //! first), or unexpected (no such request, or not our format at all). A reply that names the
 //! right request must also be, byte for byte, what `mock-api` sends back for it ([`EchoShape`]),
-//! else it is corrupted.
+//! else it is corrupted, and come in the frame type the gateway promises for that answer
+//! ([`reply_is_binary`]), else it is of the wrong type.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -40,8 +41,18 @@ pub fn request_payload(conn: u64, seq: u64, size: usize) -> Vec<u8> {
     v
 }
 
+/// The frame type the gateway sends an API answer back in: binary (`true`) if the answer says
+/// `Content-Type: application/octet-stream` (`octet_stream`) or its body is not UTF-8, text
+/// otherwise (README, "The flows, as the API sees them": "binary if `Content-Type:
+/// application/octet-stream` or not UTF-8, text otherwise"). The request's own type plays no
+/// part: a binary message whose answer is UTF-8 text without that header comes back as text.
+pub fn reply_is_binary(octet_stream: bool, body: &[u8]) -> bool {
+    octet_stream || std::str::from_utf8(body).is_err()
+}
+
 /// What the reply to a request of `load` must be, byte for byte: the request's payload as
-/// `mock-api` echoes it, in full or (`--reply-bytes`) its first bytes only.
+/// `mock-api` echoes it, in full or (`--reply-bytes`) its first bytes only; and in which frame
+/// type ([`EchoShape::binary`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EchoShape {
     /// The request size asked (`load --payload`): the head, padded with `x` up to it.
@@ -65,6 +76,14 @@ impl EchoShape {
         reply.len() == len
             && reply[..in_head] == head[..in_head]
             && reply[in_head..].iter().all(|&b| b == PAD)
+    }
+
+    /// Whether the gateway must send `body`, `mock-api`'s answer, back as a binary frame
+    /// ([`reply_is_binary`]): `mock-api` answers a POST with no `Content-Type`, so only a body
+    /// that is not UTF-8 would be. The requests `load` sends are ASCII, and so is any first
+    /// part of one: their replies come back as text, whether the request was text or binary.
+    pub fn binary(&self, body: &[u8]) -> bool {
+        reply_is_binary(false, body)
     }
 }
 
@@ -231,6 +250,9 @@ pub enum Verdict {
     /// The reply names the oldest request in flight, which it answers, but its bytes are not
     /// what the API sends back for it (a tail changed, cut short or extended).
     Corrupted,
+    /// The reply answers the oldest request in flight with the right bytes, but in a frame of
+    /// the other type (binary for a text answer, or text for a binary one: [`EchoShape::binary`]).
+    WrongType,
     /// The reply answers a request already given up on and counted missing
     /// ([`InFlight::give_up`]): neither a reply nor a second error.
     Late,
@@ -245,18 +267,19 @@ impl Verdict {
             Verdict::OutOfOrder => Some("reply_out_of_order"),
             Verdict::Unexpected => Some("reply_unexpected"),
             Verdict::Corrupted => Some("reply_corrupted"),
+            Verdict::WrongType => Some("reply_wrong_type"),
         }
     }
 
     /// True when the verdict took a request in flight off the queue as answered: the oldest
-    /// (well or corrupted) or a later one (out of order). In flood mode its slot is free for
+    /// (well, corrupted or in the wrong frame type) or a later one (out of order). In flood mode its slot is free for
     /// the next request: were it not refilled, each reply out of order would leave its
     /// connection one request fewer in flight for the rest of the run, and the figures after
     /// it (replies/s, CPU per message) would be of a lighter load than asked.
     pub fn answered(self) -> bool {
         matches!(
             self,
-            Verdict::Ok(_) | Verdict::Corrupted | Verdict::OutOfOrder
+            Verdict::Ok(_) | Verdict::Corrupted | Verdict::WrongType | Verdict::OutOfOrder
         )
     }
 }
@@ -314,12 +337,15 @@ impl InFlight {
         self.queue.is_empty()
     }
 
-    /// Checks an echo reply `body`, naming (`conn`, `seq`), received at `now`: first as
-    /// [`InFlight::check`] does, then, if it answers the oldest request in flight, its whole
-    /// body against `shape` ([`Verdict::Corrupted`] when it differs).
+    /// Checks an echo reply `body`, naming (`conn`, `seq`), received at `now` in a binary
+    /// frame (`binary`) or a text one: first as [`InFlight::check`] does, then, if it answers
+    /// the oldest request in flight, its whole body against `shape` ([`Verdict::Corrupted`]
+    /// when it differs), then its frame type ([`Verdict::WrongType`] when it is not the one
+    /// the gateway promises for that body: [`EchoShape::binary`]).
     pub fn check_echo(
         &mut self,
         body: &[u8],
+        binary: bool,
         conn: u64,
         seq: u64,
         shape: &EchoShape,
@@ -327,6 +353,7 @@ impl InFlight {
     ) -> Verdict {
         match self.check(conn, seq, now) {
             Verdict::Ok(_) if !shape.matches(body, conn, seq) => Verdict::Corrupted,
+            Verdict::Ok(_) if binary != shape.binary(body) => Verdict::WrongType,
             v => v,
         }
     }
@@ -464,18 +491,66 @@ mod tests {
         f.sent(t0);
         f.sent(t0);
         let bad = b"c5:0;xxxxxxxxxxz";
-        assert_eq!(f.check_echo(bad, 5, 0, &shape, t0), Verdict::Corrupted);
+        assert_eq!(
+            f.check_echo(bad, false, 5, 0, &shape, t0),
+            Verdict::Corrupted
+        );
         assert_eq!(f.len(), 1, "the request it answers is no longer in flight");
         assert!(Verdict::Corrupted.answered());
         assert_eq!(Verdict::Corrupted.error_kind(), Some("reply_corrupted"));
         let good = request_payload(5, 1, 16);
         assert!(matches!(
-            f.check_echo(&good, 5, 1, &shape, t0),
+            f.check_echo(&good, false, 5, 1, &shape, t0),
             Verdict::Ok(_)
         ));
         // The other verdicts come first: a corrupted cross-talk reply is cross-talk.
         f.sent(t0);
-        assert_eq!(f.check_echo(bad, 6, 2, &shape, t0), Verdict::CrossTalk);
+        assert_eq!(
+            f.check_echo(bad, false, 6, 2, &shape, t0),
+            Verdict::CrossTalk
+        );
+    }
+
+    #[test]
+    fn a_reply_comes_in_the_frame_type_the_gateway_promises_for_its_body() {
+        // The gateway's rule: binary for an octet-stream answer or a body not UTF-8, else text;
+        // not the request's type.
+        assert!(!reply_is_binary(false, b"c1:2;xxxx"));
+        assert!(reply_is_binary(true, b"c1:2;xxxx"));
+        assert!(reply_is_binary(false, &[0xff, 0xfe]));
+        assert!(reply_is_binary(false, "é".as_bytes().get(..1).unwrap()));
+        assert!(!reply_is_binary(false, b""));
+        let t0 = Instant::now();
+        let shape = EchoShape {
+            payload: 16,
+            reply_bytes: 0,
+        };
+        let mut f = InFlight::new(5);
+        for _ in 0..3 {
+            f.sent(t0);
+        }
+        // mock-api answers without a Content-Type and `load`'s requests are ASCII: the reply
+        // is text, whichever type the request was sent as.
+        let echo = request_payload(5, 0, 16);
+        assert!(!shape.binary(&echo));
+        assert!(matches!(
+            f.check_echo(&echo, false, 5, 0, &shape, t0),
+            Verdict::Ok(_)
+        ));
+        // The right bytes in a binary frame: an error, that answers its request.
+        let echo = request_payload(5, 1, 16);
+        assert_eq!(
+            f.check_echo(&echo, true, 5, 1, &shape, t0),
+            Verdict::WrongType
+        );
+        assert_eq!(f.len(), 1, "the request it answers is no longer in flight");
+        assert!(Verdict::WrongType.answered());
+        assert_eq!(Verdict::WrongType.error_kind(), Some("reply_wrong_type"));
+        // Bytes that differ are corrupted first, whatever the frame.
+        assert_eq!(
+            f.check_echo(b"c5:2;xxxxxxxxxxz", true, 5, 2, &shape, t0),
+            Verdict::Corrupted
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! End-to-end checks of the bench tools against small websocket servers written here:
 //! `load` must count clean echoes as replies, and must catch cross-talk, reordering, corrupted
-//! replies and pushes misdelivered, repeated or out of order; `push` must send one client id's
+//! replies, replies in the wrong frame type and pushes misdelivered, repeated or out of order; `push` must send one client id's
 //! pushes one after another; `mock-api` must answer GET/POST/DELETE as the gateway expects and
 //! report counters; `loopback` must report the round trips it made.
 
@@ -17,8 +17,13 @@ use tokio_websockets::{Message, ServerBuilder};
 /// How the test server answers each message.
 #[derive(Clone, Copy)]
 enum Behaviour {
-    /// Echo unchanged.
+    /// Echo the body unchanged, in the frame type the gateway would send it back in: text for
+    /// a UTF-8 body without `Content-Type: application/octet-stream` (as `mock-api` answers),
+    /// whichever type the request came in.
     Echo,
+    /// Echo the frame unchanged, in the request's type: a binary request's UTF-8 echo comes
+    /// back binary, which the gateway does not do.
+    EchoInTheRequestsType,
     /// Echo with the connection index in the prefix increased by one.
     WrongConnection,
     /// Hold a message and answer the next one first, then the held one.
@@ -111,7 +116,14 @@ async fn server(b: Behaviour) -> u16 {
                         continue;
                     }
                     let reply = match b {
-                        Behaviour::Echo => Some(m),
+                        Behaviour::Echo => {
+                            let body = m.as_payload().to_vec();
+                            Some(match String::from_utf8(body) {
+                                Ok(text) => Message::text(text),
+                                Err(e) => Message::binary(e.into_bytes()),
+                            })
+                        }
+                        Behaviour::EchoInTheRequestsType => Some(m),
                         Behaviour::CorruptLastByte
                         | Behaviour::CutLastByte
                         | Behaviour::AppendPadding
@@ -474,6 +486,25 @@ async fn replies_with_a_changed_missing_or_extra_tail_are_reported_as_corrupted(
         assert_eq!(r["sent"].as_u64(), Some(corrupted), "{r}");
         assert_eq!(r["errors_total"].as_u64(), Some(corrupted), "{r}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_in_another_frame_type_than_the_gateway_promises_is_an_error() {
+    // Binary requests, echoed as text as the gateway does (the answer is UTF-8, without an
+    // octet-stream Content-Type): clean replies.
+    let port = server(Behaviour::Echo).await;
+    let r = short_flood(port, &["--binary"]).await;
+    assert_eq!(r["errors_total"], 0, "{r}");
+    assert!(r["replies"].as_u64().unwrap() > 8, "{r}");
+    // The same bytes back in a binary frame: none is a reply, each an error that answered its
+    // request, so the flood went on.
+    let port = server(Behaviour::EchoInTheRequestsType).await;
+    let r = short_flood(port, &["--binary"]).await;
+    assert_eq!(r["replies"], 0, "{r}");
+    let wrong = r["errors"]["reply_wrong_type"].as_u64().unwrap_or(0);
+    assert!(wrong > 8, "{r}");
+    assert_eq!(r["sent"].as_u64(), Some(wrong), "{r}");
+    assert_eq!(r["errors_total"].as_u64(), Some(wrong), "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,7 +67,9 @@ struct Args {
     /// replies are checked against that; 0 = the whole message (default 0)
     #[argh(option, default = "0")]
     reply_bytes: usize,
-    /// send binary messages instead of text
+    /// send binary messages instead of text (their replies still come as text: the mock API
+    /// answers the ASCII payload without a Content-Type, and the gateway sends such an answer
+    /// back as text)
     #[argh(switch)]
     binary: bool,
     /// spread client sockets over 127.0.0.1..=N as source addresses; 0 = kernel's choice (default 16)
@@ -468,7 +470,7 @@ async fn session(
                         }
                     },
                     Reply::Echo { conn, seq } => {
-                        let verdict = flight.check_echo(m.as_payload(), conn, seq, &sh.echo, now);
+                        let verdict = flight.check_echo(m.as_payload(), m.is_binary(), conn, seq, &sh.echo, now);
                         match verdict {
                             Verdict::Ok(rtt) => {
                                 stats::record(&mut sh.latency.lock().unwrap(), rtt);
@@ -477,7 +479,7 @@ async fn session(
                             Verdict::Late => {}
                             v => sh.error(v.error_kind().unwrap_or("reply_unexpected")),
                         }
-                        // A corrupted or out-of-order reply is an error, not a reply, but it did
+                        // A corrupted, wrong-type or out-of-order reply is an error, not a reply, but it did
                         // answer a request: the closed loop goes on rather than losing a slot.
                         if verdict.answered() {
                             if sh.mode == Mode::Flood && phase == GO && !send_next(sh, &mut ws, idx, &mut flight, Instant::now()).await {
