@@ -1035,23 +1035,12 @@ async fn a_connect_whose_api_connection_breaks_after_sending_gets_502_and_a_dele
 #[tokio::test]
 async fn a_connect_still_waiting_for_an_api_slot_at_the_timeout_gets_503_counted_overloaded_and_is_dropped(
 ) {
-    // One API slot, held by a slow connect GET (for twice --upstream-timeout: its handshake
-    // gives up after one, the GET goes on) past the next client's --upstream-timeout.
-    let api = MockApi::with_script(|seen| match seen.uri.as_str() {
-        "/holder" => Reply::ok("ok").after(Duration::from_millis(1500)),
-        _ => Reply::ok("ok"),
+    // The slow connect GET holds the slot for twice --upstream-timeout (its handshake gives up
+    // after one, the GET goes on), past the next client's --upstream-timeout.
+    let (api, gateway, holder, response) = a_connect_behind_one_held_api_slot(|config| {
+        config.upstream_timeout = Duration::from_millis(500);
     })
     .await;
-    let mut config = test_config(&api);
-    config.upstream_max_connections = Some(1);
-    config.upstream_min_concurrency = 1;
-    config.upstream_timeout = Duration::from_millis(500);
-    let gateway = TestGateway::start(config).await;
-    let public = gateway.public;
-    let holder =
-        tokio::spawn(async move { raw_exchange(public, &upgrade_request("/holder", &[])).await });
-    api.wait_for("GET", 1).await;
-    let response = raw_exchange(gateway.public, &upgrade_request("/waiting", &[])).await;
     assert_eq!(response.status, 503, "{}", response.text());
     assert_eq!(response.header("retry-after"), Some("1"));
     assert_eq!(holder.await.unwrap().status, 504);
@@ -1093,22 +1082,11 @@ async fn a_connect_still_waiting_for_an_api_slot_at_the_timeout_gets_503_counted
 
 #[tokio::test]
 async fn a_connect_that_waits_past_the_max_wait_gets_503_counted_overloaded() {
-    // One API slot, held by a slow connect GET (1.5 s) past the next connect's max wait.
-    let api = MockApi::with_script(|seen| match seen.uri.as_str() {
-        "/holder" => Reply::ok("ok").after(Duration::from_millis(1500)),
-        _ => Reply::ok("ok"),
+    // The slow connect GET holds its slot past the next connect's max wait.
+    let (api, gateway, holder, response) = a_connect_behind_one_held_api_slot(|config| {
+        config.upstream_max_wait = Duration::from_millis(300);
     })
     .await;
-    let mut config = test_config(&api);
-    config.upstream_max_connections = Some(1);
-    config.upstream_min_concurrency = 1;
-    config.upstream_max_wait = Duration::from_millis(300);
-    let gateway = TestGateway::start(config).await;
-    let public = gateway.public;
-    let holder =
-        tokio::spawn(async move { raw_exchange(public, &upgrade_request("/holder", &[])).await });
-    api.wait_for("GET", 1).await;
-    let response = raw_exchange(gateway.public, &upgrade_request("/waiting", &[])).await;
     assert_eq!(response.status, 503, "{}", response.text());
     assert_eq!(response.header("retry-after"), Some("1"));
     assert_eq!(response.text(), "the API is overloaded\n");
@@ -1127,6 +1105,36 @@ async fn a_connect_that_waits_past_the_max_wait_gets_503_counted_overloaded() {
         "the API heard of it: {:?}",
         api.seen()
     );
+}
+
+/// A gateway with one API slot (`tweak` sets the rest of its config), taken by the connect GET
+/// of `/holder`, which the API answers after 1.5 s; then the answer to a connect for
+/// `/waiting`, sent while the slot is held. Returns the API, the gateway, the holder's
+/// exchange still under way and the waiting one's answer.
+async fn a_connect_behind_one_held_api_slot(
+    tweak: impl FnOnce(&mut ws2http::Config),
+) -> (
+    MockApi,
+    TestGateway,
+    tokio::task::JoinHandle<RawResponse>,
+    RawResponse,
+) {
+    let api = MockApi::with_script(|seen| match seen.uri.as_str() {
+        "/holder" => Reply::ok("ok").after(Duration::from_millis(1500)),
+        _ => Reply::ok("ok"),
+    })
+    .await;
+    let mut config = test_config(&api);
+    config.upstream_max_connections = Some(1);
+    config.upstream_min_concurrency = 1;
+    tweak(&mut config);
+    let gateway = TestGateway::start(config).await;
+    let public = gateway.public;
+    let holder =
+        tokio::spawn(async move { raw_exchange(public, &upgrade_request("/holder", &[])).await });
+    api.wait_for("GET", 1).await;
+    let response = raw_exchange(gateway.public, &upgrade_request("/waiting", &[])).await;
+    (api, gateway, holder, response)
 }
 
 /// A raw socket to the gateway that has sent the upgrade request for `path` and reads nothing.

@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_websockets::{ClientBuilder, Message};
+use ws2http::Config;
 
 /// Reads until the server's close frame, however long the shutdown takes to reach this
 /// client (60 s at most), then finishes the closing handshake; returns code and reason.
@@ -203,28 +204,13 @@ async fn a_silent_control_connection_does_not_hold_up_the_shutdown() {
 #[tokio::test]
 async fn public_connections_whose_request_has_not_arrived_are_closed_when_the_shutdown_begins() {
     let api = MockApi::start().await;
-    let mut config = test_config(&api);
-    config.handshake_timeout = Duration::from_secs(8);
-    let mut gateway = TestGateway::start(config).await;
     // One connected and silent, one that sent part of its request head and stalled.
-    let silent = TcpStream::connect(gateway.public).await.unwrap();
-    let mut partial = TcpStream::connect(gateway.public).await.unwrap();
-    partial
-        .write_all(b"GET /partial HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let started = Instant::now();
-    let report = gateway.shutdown().await;
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "the shutdown took {:?}: it waited for the sockets still in their handshake",
-        started.elapsed()
-    );
-    assert!(report.completed);
-    for (name, socket) in [("silent", silent), ("partial head", partial)] {
-        assert_closed(name, socket).await;
-    }
+    shut_down_beside_a_silent_and_a_stalled_socket(
+        test_config(&api),
+        b"GET /partial HTTP/1.1\r\nHost: x\r\n",
+        "partial head",
+    )
+    .await;
     assert!(api.seen().is_empty(), "{:?}", api.seen());
 }
 
@@ -234,26 +220,40 @@ async fn tls_connections_still_in_their_tls_handshake_are_closed_when_the_shutdo
     let api = MockApi::start().await;
     let mut config = test_config(&api);
     config.tls = Some(cert.files());
-    config.handshake_timeout = Duration::from_secs(8);
-    let mut gateway = TestGateway::start(config).await;
     // One connected and silent, one that sent the start of a ClientHello (a record header
     // announcing 512 bytes, and 4 of them) and stalled: the TLS handshake has begun.
+    shut_down_beside_a_silent_and_a_stalled_socket(
+        config,
+        &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc],
+        "mid TLS handshake",
+    )
+    .await;
+}
+
+/// Starts a gateway from `config` with an 8 s handshake timeout, opens one silent socket to
+/// its public listener and one that sends `start` and stalls (called `stalled` in messages),
+/// shuts the gateway down, and fails unless the shutdown completed well within the handshake
+/// timeout and closed both sockets.
+async fn shut_down_beside_a_silent_and_a_stalled_socket(
+    mut config: Config,
+    start: &[u8],
+    stalled: &str,
+) {
+    config.handshake_timeout = Duration::from_secs(8);
+    let mut gateway = TestGateway::start(config).await;
     let silent = TcpStream::connect(gateway.public).await.unwrap();
-    let mut stalled = TcpStream::connect(gateway.public).await.unwrap();
-    stalled
-        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc])
-        .await
-        .unwrap();
+    let mut stalled_socket = TcpStream::connect(gateway.public).await.unwrap();
+    stalled_socket.write_all(start).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     let report = gateway.shutdown().await;
     assert!(
         started.elapsed() < Duration::from_secs(4),
-        "the shutdown took {:?}: it waited for the sockets still in their TLS handshake",
+        "the shutdown took {:?}: it waited for the sockets still in their handshake",
         started.elapsed()
     );
     assert!(report.completed);
-    for (name, socket) in [("silent", silent), ("mid TLS handshake", stalled)] {
+    for (name, socket) in [("silent", silent), (stalled, stalled_socket)] {
         assert_closed(name, socket).await;
     }
 }
