@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::binary::Binary;
+use common::tls::TestCert;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -298,42 +299,6 @@ async fn assert_closed(name: &str, mut socket: TcpStream) {
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "the {name} socket was not closed: {read:?}"
     );
-}
-
-/// A self-signed certificate for 127.0.0.1, written as PEM files for `--tls-cert` and
-/// `--tls-key` (removed on drop).
-struct TestCert {
-    dir: std::path::PathBuf,
-}
-
-impl TestCert {
-    fn new() -> TestCert {
-        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let generated =
-            rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("rcgen");
-        let dir = std::env::temp_dir().join(format!(
-            "ws2http-shutdown-{}-{}",
-            std::process::id(),
-            COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cert.pem"), generated.cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), generated.signing_key.serialize_pem()).unwrap();
-        TestCert { dir }
-    }
-
-    fn files(&self) -> ws2http::config::TlsFiles {
-        ws2http::config::TlsFiles {
-            cert: self.dir.join("cert.pem"),
-            key: self.dir.join("key.pem"),
-        }
-    }
-}
-
-impl Drop for TestCert {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[tokio::test]

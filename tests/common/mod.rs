@@ -5,6 +5,7 @@
 
 pub mod binary;
 pub mod raw_ws;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
