@@ -72,12 +72,18 @@ impl Shared {
         self.shutdown_deadline.get().copied()
     }
 
-    /// Stops new websockets and asks every session to finish its work and close.
-    fn begin_drain(&self) {
+    /// Stops new websockets: every upgrade request from now on is answered `503` before the
+    /// API is asked, `/healthz` answers `404`, and the drain's deadline starts.
+    fn stop_admitting(&self) {
         let _ = self
             .shutdown_deadline
             .set(Instant::now() + self.config.shutdown_timeout);
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops new websockets and asks every session to finish its work and close.
+    fn begin_drain(&self) {
+        self.stop_admitting();
         for session in self.registry.all() {
             session.command(Command::Shutdown);
         }
@@ -309,6 +315,9 @@ impl Gateway {
             ))
         });
         shutdown.await;
+        // Before the public sockets are told to stop: a request head that arrives while the
+        // accept loop winds down is then answered `503` at once, not sent on to the API.
+        shared.stop_admitting();
         stop_public.cancel();
         joined("public", public_task).await;
         let sessions_at_shutdown = shared.registry.len();
