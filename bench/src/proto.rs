@@ -6,7 +6,8 @@
 //! first), or unexpected (no such request, or not our format at all). A reply that names the
 //! right request must also be, byte for byte, what `mock-api` sends back for it ([`EchoShape`]),
 //! else it is corrupted, and come in the frame type the gateway promises for that answer
-//! ([`reply_is_binary`]), else it is of the wrong type.
+//! ([`reply_is_binary`]), else it is of the wrong type. A push, likewise, must come in the frame
+//! type the control API promises for it ([`push_is_binary`], [`LastPush::check_frame`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -87,6 +88,20 @@ impl EchoShape {
     }
 }
 
+/// The frame type the gateway delivers a push in: binary (`true`) if the `POST /<ClientId>` to
+/// its control API said `Content-Type: application/octet-stream` (`octet_stream`), text
+/// otherwise (README, "Control API": "binary with `Content-Type: application/octet-stream`,
+/// else text, which must be UTF-8"; a text push that is not UTF-8 is refused `400`, so unlike
+/// an API answer its body plays no part: src/control.rs, `push`).
+pub fn push_is_binary(octet_stream: bool) -> bool {
+    octet_stream
+}
+
+/// Whether the pushes `push` sends come as binary frames ([`push_is_binary`]): `push` posts
+/// its ASCII bodies ([`push_payload`]) with no `Content-Type`, so the gateway delivers them as
+/// text.
+pub const PUSH_BINARY: bool = false;
+
 /// Builds a push body for client id number `target`, carrying the current wall-clock time.
 pub fn push_payload(target: u64) -> String {
     format!("push:{}:{target}", now_ns())
@@ -129,6 +144,9 @@ pub enum PushVerdict {
     Duplicate,
     /// Older than a push already seen: delivered again, or out of order.
     OutOfOrder,
+    /// Newer than every push before it, but in a frame of the other type than the gateway
+    /// promises for it (binary for a text push, or text for a binary one: [`push_is_binary`]).
+    WrongType,
 }
 
 impl PushVerdict {
@@ -138,6 +156,7 @@ impl PushVerdict {
             PushVerdict::Delivered => None,
             PushVerdict::Duplicate => Some("push_duplicate"),
             PushVerdict::OutOfOrder => Some("push_out_of_order"),
+            PushVerdict::WrongType => Some("push_wrong_type"),
         }
     }
 }
@@ -155,6 +174,20 @@ impl LastPush {
             PushVerdict::Duplicate
         } else {
             PushVerdict::OutOfOrder
+        }
+    }
+
+    /// Checks a push sent at `sent_ns` that came in a binary frame (`binary`) or a text one,
+    /// where the gateway promises a binary one when `expect_binary` ([`push_is_binary`];
+    /// [`PUSH_BINARY`] for the pushes of `push`): first as [`LastPush::check`] does (so a
+    /// repeat is a duplicate, whatever its frame), then its frame type
+    /// ([`PushVerdict::WrongType`] when it is not the one promised). A push in the wrong type
+    /// is still remembered as the newest: it did arrive, and the same push again is a
+    /// duplicate.
+    pub fn check_frame(&mut self, sent_ns: u128, binary: bool, expect_binary: bool) -> PushVerdict {
+        match self.check(sent_ns) {
+            PushVerdict::Delivered if binary != expect_binary => PushVerdict::WrongType,
+            v => v,
         }
     }
 }
@@ -578,6 +611,45 @@ mod tests {
             Some("push_out_of_order")
         );
         assert_eq!(std::mem::size_of::<LastPush>(), 8, "small per connection");
+    }
+
+    #[test]
+    fn a_push_comes_in_the_frame_type_the_control_api_promises() {
+        // The control API's rule: binary with an octet-stream Content-Type, else text; `push`
+        // sends none.
+        assert!(push_is_binary(true));
+        assert!(!push_is_binary(false));
+        assert_eq!(PUSH_BINARY, push_is_binary(false), "no octet-stream type");
+        let mut last = LastPush::default();
+        assert_eq!(
+            last.check_frame(1_000, false, PUSH_BINARY),
+            PushVerdict::Delivered
+        );
+        // A text push in a binary frame: an error, not a delivery.
+        assert_eq!(
+            last.check_frame(2_000, true, PUSH_BINARY),
+            PushVerdict::WrongType
+        );
+        assert_eq!(PushVerdict::WrongType.error_kind(), Some("push_wrong_type"));
+        // It was remembered as the newest all the same: the same push again is a duplicate.
+        assert_eq!(
+            last.check_frame(2_000, false, PUSH_BINARY),
+            PushVerdict::Duplicate
+        );
+        // Repeats and reorderings come first, whatever the frame.
+        assert_eq!(
+            last.check_frame(1_500, true, PUSH_BINARY),
+            PushVerdict::OutOfOrder
+        );
+        // A binary push (octet-stream) must come binary.
+        assert_eq!(
+            last.check_frame(3_000, false, push_is_binary(true)),
+            PushVerdict::WrongType
+        );
+        assert_eq!(
+            last.check_frame(4_000, true, push_is_binary(true)),
+            PushVerdict::Delivered
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! End-to-end checks of the bench tools against small websocket servers written here:
 //! `load` must count clean echoes as replies, and must catch cross-talk, reordering, corrupted
-//! replies, replies in the wrong frame type and pushes misdelivered, repeated or out of order; `push` must send one client id's
-//! pushes one after another; `mock-api` must answer GET/POST/DELETE as the gateway expects and
+//! replies, replies in the wrong frame type and pushes misdelivered, repeated, out of order or in
+//! the wrong frame type; `push` must send one client id's pushes one after another, as text; `mock-api` must answer GET/POST/DELETE as the gateway expects and
 //! report counters; `loopback` must report the round trips it made.
 
 use std::io::{Read, Write};
@@ -41,6 +41,10 @@ enum Behaviour {
     PushOnce,
     /// The same, but the push names the next client id: delivered to the wrong socket.
     PushToTheWrongClient,
+    /// The same push for the client id as `PushOnce`, but in a binary frame: the gateway
+    /// delivers `push`'s pushes, posted without `Content-Type: application/octet-stream`, as
+    /// text.
+    PushOnceBinary,
     /// Send two pushes for the client id, the older first.
     PushTwoInOrder,
     /// Send one push for the client id twice.
@@ -96,6 +100,10 @@ async fn server(b: Behaviour) -> u16 {
                         .send(Message::text(ws2http_bench::proto::push_payload(target)))
                         .await;
                 }
+                if let Behaviour::PushOnceBinary = b {
+                    let push = ws2http_bench::proto::push_payload(index);
+                    let _ = ws.send(Message::binary(push.into_bytes())).await;
+                }
                 let sent = ws2http_bench::proto::now_ns();
                 let (older, newer) = (
                     format!("push:{sent}:{index}"),
@@ -141,6 +149,7 @@ async fn server(b: Behaviour) -> u16 {
                         }
                         Behaviour::PushOnce
                         | Behaviour::PushToTheWrongClient
+                        | Behaviour::PushOnceBinary
                         | Behaviour::PushTwoInOrder
                         | Behaviour::PushTheSameTwice
                         | Behaviour::PushTwoNewerFirst
@@ -547,6 +556,22 @@ async fn a_push_for_another_client_id_is_reported_as_misdelivered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_in_another_frame_type_than_the_gateway_promises_is_an_error() {
+    // `push`'s pushes are text (no octet-stream Content-Type): one in a binary frame is an
+    // error, not a delivery.
+    let port = server(Behaviour::PushOnceBinary).await;
+    let r = run_load(
+        port,
+        &["--conns", "8", "--mode", "idle", "--duration", "0.5"],
+    )
+    .await;
+    assert_eq!(r["pushes"], 0, "none counted delivered: {r}");
+    assert_eq!(r["push_latency"]["count"], 0, "{r}");
+    assert_eq!(r["errors"]["push_wrong_type"], 8, "{r}");
+    assert_eq!(r["errors_total"], 8, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_delivered_twice_or_after_a_newer_one_is_an_error_not_a_delivery() {
     let idle = ["--conns", "8", "--mode", "idle", "--duration", "0.5"];
     let port = server(Behaviour::PushTwoInOrder).await;
@@ -584,6 +609,16 @@ async fn control_api() -> (u16, std::sync::Arc<std::sync::Mutex<ControlLog>>) {
                     let log = log.clone();
                     async move {
                         let id = req.uri().path().trim_start_matches("/b").to_string();
+                        // The gateway's rule: binary when the type (before any `;`) is
+                        // application/octet-stream, in any case.
+                        let octet_stream = req
+                            .headers()
+                            .get(hyper::header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.split(';').next())
+                            .is_some_and(|t| {
+                                t.trim().eq_ignore_ascii_case("application/octet-stream")
+                            });
                         let body = req.into_body().collect().await.unwrap().to_bytes();
                         let sent: u128 = String::from_utf8_lossy(&body)
                             .split(':')
@@ -596,6 +631,7 @@ async fn control_api() -> (u16, std::sync::Arc<std::sync::Mutex<ControlLog>>) {
                                 log.overlaps += 1;
                             }
                             log.sent.entry(id.clone()).or_default().push(sent);
+                            log.binary += u64::from(octet_stream);
                         }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         log.lock().unwrap().in_flight.remove(&id);
@@ -622,6 +658,9 @@ struct ControlLog {
     overlaps: u64,
     /// Per client id, the send times of its pushes in the order they came.
     sent: std::collections::HashMap<String, Vec<u128>>,
+    /// POSTs with `Content-Type: application/octet-stream`: pushes the gateway would deliver
+    /// as binary frames.
+    binary: u64,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,6 +682,14 @@ async fn push_sends_the_rounds_for_one_client_id_one_after_another() {
         "a client id's next push came before the last was answered"
     );
     assert_eq!(log.sent.len(), 3);
+    // What `load` expects of `push`'s pushes (proto::PUSH_BINARY): text frames, so no POST
+    // says octet-stream.
+    assert_eq!(
+        log.binary > 0,
+        ws2http_bench::proto::PUSH_BINARY,
+        "{} of 12 POSTs said application/octet-stream",
+        log.binary
+    );
     for (id, sent) in &log.sent {
         assert_eq!(sent.len(), 4, "client id {id}");
         assert!(

@@ -10,9 +10,10 @@
 //! `ws2http_bench::proto`): a reply naming another connection is cross-talk, one that skips the
 //! oldest request in flight is out of order, one that answers it with other bytes than the API
 //! sends back (`--reply-bytes` as given to `mock-api`) is corrupted. Pushed messages
-//! (`push:<ns>:<index>`) are timed on arrival; one for another client id is misdelivered, and
-//! one not newer than the newest its connection had is a duplicate or out of order
-//! (`proto::LastPush`).
+//! (`push:<ns>:<index>`) are timed on arrival; one for another client id is misdelivered, one
+//! not newer than the newest its connection had is a duplicate or out of order
+//! (`proto::LastPush`), and one in a binary frame is of the wrong type (`push` sends text:
+//! `proto::PUSH_BINARY`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -460,8 +461,9 @@ async fn session(
                         // Pushed to another client id: the gateway delivered it to the wrong socket.
                         sh.error("push_misdelivered");
                     }
-                    Reply::Push { sent_ns, .. } => match last_push.check(sent_ns).error_kind() {
-                        // Delivered twice, or after a newer push: an error, not a delivery.
+                    Reply::Push { sent_ns, .. } => match last_push.check_frame(sent_ns, m.is_binary(), proto::PUSH_BINARY).error_kind() {
+                        // Delivered twice, after a newer push, or in the other frame type than
+                        // the gateway promises for `push`'s text pushes: an error, not a delivery.
                         Some(kind) => sh.error(kind),
                         None => {
                             let lat_ns = proto::now_ns().saturating_sub(sent_ns);
