@@ -1549,15 +1549,27 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
-/// Whether `--only` (as recorded in a run's `only`) left out a scenario of the set: a run of a
-/// subset is no full-set run, though each scenario in it ran as in the full set. A run that did
-/// not record `only` (every run before it was recorded ran the whole set) and one whose `only`
-/// names every scenario are not.
-fn subset(only: &Value) -> bool {
-    only.as_str().is_some_and(|only| {
-        !scenarios(false)
+/// The scenarios of the set while runs recorded `only` but not yet `scenarios_not_run` (from
+/// `e26dcaa` until the runner recorded the latter): what [`subset`] judges such a run's `only`
+/// against. Frozen, so that a scenario added later cannot make such a run, whose `only` named
+/// every scenario of its day, look like a subset.
+const SET_BEFORE_SCENARIOS_NOT_RUN: &[&str] = &["S1", "S2", "S3a", "S3b", "S3c", "S4", "S5", "S5b"];
+
+/// Whether `--only` left out a scenario of the set `run` was made with: a run of a subset is no
+/// full-set run, though each scenario in it ran as in the full set. Judged by what the run
+/// recorded, never by today's set, which grows: by its `scenarios_not_run` (the scenarios of
+/// its set that `--only` did not select; empty for the whole set); for a run from before that
+/// was recorded, by whether its `only` selects every scenario of the set of its day
+/// ([`SET_BEFORE_SCENARIOS_NOT_RUN`]); a run that recorded neither (every run before `only` was
+/// recorded ran the whole set), or `only` null, is not a subset.
+fn subset(run: &Value) -> bool {
+    if let Some(not_run) = run["scenarios_not_run"].as_array() {
+        return !not_run.is_empty();
+    }
+    run["only"].as_str().is_some_and(|only| {
+        !SET_BEFORE_SCENARIOS_NOT_RUN
             .iter()
-            .all(|sc| selected(sc.id, Some(only)))
+            .all(|id| selected(id, Some(only)))
     })
 }
 
@@ -1571,7 +1583,7 @@ fn left_out(run: &Value) -> Option<&'static str> {
     let gateway_args = &run["gateway_args"];
     if run["quick"].as_bool() == Some(true) {
         Some("quick (their sizes are not the targets')")
-    } else if subset(&run["only"]) {
+    } else if subset(run) {
         Some("with --only (a subset of the scenarios, not a full set)")
     } else if !gateway_args.is_null() && gateway_args.as_array().is_none_or(|a| !a.is_empty()) {
         Some("with --gateway-arg (not the default gateway)")
@@ -2170,12 +2182,14 @@ fn main() {
         Ok(cost) => cost.to_json(),
         Err(e) => json!({"error": e.to_string()}),
     };
+    let (to_run, not_run): (Vec<Scenario>, Vec<Scenario>) = scenarios(args.quick)
+        .into_iter()
+        .partition(|sc| selected(sc.id, args.only.as_deref()));
     let mut results = Vec::new();
-    for sc in scenarios(args.quick) {
-        if selected(sc.id, args.only.as_deref()) {
-            results.push(run_scenario(&sc, &bins, &args));
-        }
+    for sc in &to_run {
+        results.push(run_scenario(sc, &bins, &args));
     }
+    let ids = |set: &[Scenario]| set.iter().map(|sc| sc.id).collect::<Vec<_>>();
     let out_dir = args
         .out
         .clone()
@@ -2206,8 +2220,12 @@ fn main() {
         "started_utc": started,
         "elapsed_s": t0.elapsed().as_secs(),
         "quick": args.quick,
-        // The subset of scenarios run, as given (null: all): `--tally` leaves a subset out.
+        // The subset of scenarios run, as given (null: all).
         "only": args.only,
+        // The scenarios run, and those of the set `--only` left out: `--tally` leaves a run out
+        // when the latter is not empty, judging it by its own set, not by a later one.
+        "scenarios_run": ids(&to_run),
+        "scenarios_not_run": ids(&not_run),
         "label": args.label,
         "git_head": git(&root, &["rev-parse", "--short", "HEAD"]),
         "git_uncommitted_in_src": git(&root, &["status", "--porcelain", "--", "src", "Cargo.toml"])
@@ -2902,6 +2920,50 @@ mod tests {
         );
         assert!(
             report.contains("S2: target met in 3 of 3 runs\n"),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_run_is_a_subset_by_what_it_recorded_not_by_todays_set() {
+        // No `only` (every run before it was recorded ran the whole set), or null: the whole set.
+        assert!(!subset(&json!({})));
+        assert!(!subset(&json!({"only": null})));
+        // Recorded `only` but not yet what it left out: judged against the set of its day,
+        // which a scenario added since cannot change.
+        assert!(subset(&json!({"only": "S2"})));
+        assert!(subset(&json!({"only": "S1,S2,S3a,S3b,S4,S5"})));
+        assert!(!subset(&json!({"only": "s1, S2,S3,S4,S5"})));
+        // Recorded what `--only` left out of its own set: that alone decides. A run whose set
+        // had no S3c yet, and whose `only` named all of it, ran the whole set, though that
+        // `only` does not select today's S3c (the old rule called it a subset).
+        let all_of_its_day = json!({
+            "only": "S1,S2,S3a,S3b,S4,S5",
+            "scenarios_run": ["S1", "S2", "S3a", "S3b", "S4", "S5"],
+            "scenarios_not_run": [],
+        });
+        assert!(!subset(&all_of_its_day));
+        assert!(subset(&json!({
+            "only": "S2",
+            "scenarios_run": ["S2"],
+            "scenarios_not_run": ["S1", "S3a", "S3b", "S3c", "S4", "S5", "S5b"],
+        })));
+        // Without `--only`, a run of a smaller set than today's ran the whole of its own.
+        assert!(!subset(&json!({
+            "only": null,
+            "scenarios_run": ["S1", "S2"],
+            "scenarios_not_run": [],
+        })));
+        // `--tally` counts it as a full-set run.
+        let s2 = api_saw_the_clients(
+            json!({"id": "S2", "load": {"errors_total": 0, "established": 10, "conns": 10,
+                   "gateway": {"cpu_us_per_conn": 30.0, "cpu_from_clock": true}}}),
+        );
+        let mut full = all_of_its_day.clone();
+        full["scenarios"] = json!([s2]);
+        let report = tally(&[full]);
+        assert!(
+            report.starts_with("1 full-set run counted (none left out)\n"),
             "{report}"
         );
     }
