@@ -350,6 +350,20 @@ pub const CONTROL_REFUSALS: usize = 16;
 /// cannot take the descriptors the websockets were promised.
 pub const CONTROL_CONNECTIONS: usize = 256;
 
+/// Lookups of the API's host name run at once (see `upstream/resolve.rs`). A lookup is a
+/// blocking getaddrinfo call that cannot be stopped: it holds its descriptors until it returns,
+/// also after the connection attempt that asked for it gave up (at half `--upstream-timeout`),
+/// and with a resolver that does not answer it returns after 10 s (glibc: 5 s a try, twice).
+/// A fixed few keep what they hold small and counted ([`LOOKUP_DESCRIPTORS`] each); further
+/// attempts wait for a place within their own time. With a resolver that answers in a
+/// millisecond, four places serve some 4,000 lookups a second.
+pub const LOOKUPS_AT_ONCE: usize = 4;
+
+/// Descriptors one lookup holds at most: glibc's getaddrinfo holds one socket (UDP, or TCP)
+/// per query at a time, and briefly opens `/etc/hosts`, `/etc/resolv.conf` and the nsswitch
+/// files; 2 covers the socket and one file.
+pub const LOOKUP_DESCRIPTORS: usize = 2;
+
 /// How the open-file limit is split between websockets and API connections, and the bound on
 /// requests waiting for an API connection that follows from it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -368,6 +382,10 @@ pub struct DescriptorBudget {
     pub handshake_waiters: usize,
     /// Control connections over their cap answered at once ([`CONTROL_REFUSALS`]).
     pub control_refusals: usize,
+    /// Descriptors of the API host name's lookups at once: [`LOOKUPS_AT_ONCE`] ×
+    /// [`LOOKUP_DESCRIPTORS`]; counted however `--api` is given, although an IP address (or
+    /// `--api-unix-socket`) needs no lookup.
+    pub lookups: usize,
     /// Requests that may wait for a free API connection at once.
     pub upstream_max_waiting: usize,
     /// Descriptors kept free for listeners, logs and profiles ([`RESERVED_DESCRIPTORS`]).
@@ -382,9 +400,10 @@ impl DescriptorBudget {
             .unwrap_or_else(|| (open_file_limit / 16).clamp(16, 1024));
         // Saturating: flags near usize::MAX must fail the check below, not wrap past it.
         let over_caps = HANDSHAKE_WAITERS + CONTROL_REFUSALS;
+        let lookups = LOOKUPS_AT_ONCE * LOOKUP_DESCRIPTORS;
         let fixed = upstream
             .saturating_add(config.max_pending_handshakes)
-            .saturating_add(CONTROL_CONNECTIONS + over_caps + RESERVED_DESCRIPTORS);
+            .saturating_add(CONTROL_CONNECTIONS + over_caps + lookups + RESERVED_DESCRIPTORS);
         let room = open_file_limit.saturating_sub(fixed);
         let max_connections = match config.max_connections {
             Some(n) if n > room => {
@@ -392,7 +411,8 @@ impl DescriptorBudget {
                     "--max-connections {n} does not fit the open-file limit {open_file_limit}: \
                      at most {room} with --upstream-max-connections {upstream}, \
                      --max-pending-handshakes {}, {CONTROL_CONNECTIONS} control connections, \
-                     {over_caps} sockets over those caps and {RESERVED_DESCRIPTORS} spare",
+                     {over_caps} sockets over those caps, {lookups} for API host name lookups \
+                     and {RESERVED_DESCRIPTORS} spare",
                     config.max_pending_handshakes
                 ))
             }
@@ -402,7 +422,8 @@ impl DescriptorBudget {
                     "the open-file limit {open_file_limit} leaves no room for websockets next to \
                      --upstream-max-connections {upstream}, --max-pending-handshakes {}, \
                      {CONTROL_CONNECTIONS} control connections, {over_caps} sockets over \
-                     those caps and {RESERVED_DESCRIPTORS} spare",
+                     those caps, {lookups} for API host name lookups and \
+                     {RESERVED_DESCRIPTORS} spare",
                     config.max_pending_handshakes
                 ))
             }
@@ -425,6 +446,7 @@ impl DescriptorBudget {
             control_connections: CONTROL_CONNECTIONS,
             handshake_waiters: HANDSHAKE_WAITERS,
             control_refusals: CONTROL_REFUSALS,
+            lookups,
             spare: RESERVED_DESCRIPTORS,
             upstream_max_waiting: config.upstream_max_waiting.unwrap_or(default_waiting),
         })
@@ -633,8 +655,18 @@ mod tests {
                 - CONTROL_CONNECTIONS
                 - HANDSHAKE_WAITERS
                 - CONTROL_REFUSALS
+                - LOOKUPS_AT_ONCE * LOOKUP_DESCRIPTORS
                 - RESERVED_DESCRIPTORS
         );
+        // The figures README.md shows: 8 descriptors for host name lookups, whatever --api is.
+        assert_eq!(budget.lookups, 8);
+        assert_eq!(budget.max_connections, 18_072);
+        assert_eq!(budget.upstream_max_waiting, 18_072 + 512);
+        let by_address = Config {
+            api: "http://10.0.0.1:8000/".parse().unwrap(),
+            ..Config::default()
+        };
+        assert_eq!(DescriptorBudget::plan(&by_address, 20_000), Ok(budget));
     }
 
     #[test]
@@ -680,6 +712,27 @@ mod tests {
         };
         let err = DescriptorBudget::plan(&config, 20_000).unwrap_err();
         assert!(err.contains("--max-pending-handshakes 99999999"), "{err}");
+    }
+
+    #[test]
+    fn the_host_name_lookups_take_their_descriptors_and_are_named_when_none_are_left() {
+        // 1024 API connections, 512 handshakes, 256 control connections, 64 over those caps,
+        // 8 for lookups and 64 spare: 1928. One fewer leaves no room for a websocket.
+        let config = Config {
+            upstream_max_connections: Some(1024),
+            ..Config::default()
+        };
+        let budget = DescriptorBudget::plan(&config, 1929).unwrap();
+        assert_eq!((budget.max_connections, budget.lookups), (1, 8));
+        let err = DescriptorBudget::plan(&config, 1928).unwrap_err();
+        assert!(err.contains("8 for API host name lookups"), "{err}");
+        let config = Config {
+            max_connections: Some(2),
+            ..config
+        };
+        let err = DescriptorBudget::plan(&config, 1929).unwrap_err();
+        assert!(err.contains("at most 1 "), "{err}");
+        assert!(err.contains("8 for API host name lookups"), "{err}");
     }
 
     #[test]

@@ -45,7 +45,7 @@ struct Args {
 
     /// websocket connections held at once (default: what the open-file limit leaves after the
     /// API connections, pending handshakes, 256 control connections, 64 sockets over those
-    /// caps and 64 spare)
+    /// caps, 8 for API host name lookups and 64 spare)
     #[argh(option)]
     max_connections: Option<usize>,
 
@@ -622,6 +622,7 @@ async fn serve(
         control_connections = budget.control_connections,
         handshake_waiters = budget.handshake_waiters,
         control_refusals = budget.control_refusals,
+        lookup_descriptors = budget.lookups,
         spare_descriptors = budget.spare,
         worker_threads = workers,
         cpus,

@@ -23,8 +23,14 @@ use crate::config::Config;
 
 mod limit;
 mod pool;
+mod resolve;
 use limit::{ConcurrencyLimit, RequestKind, Slot};
 use pool::{ApiAddress, BodyEnd, BodyLimit, Dialer, FailedAttempts, Pool};
+use resolve::BoundedResolver;
+
+/// The connector to an API over TCP (with TLS for `https://`), whose host name lookups run at
+/// most [`crate::config::LOOKUPS_AT_ONCE`] at once.
+type ApiConnector = HttpsConnector<HttpConnector<BoundedResolver>>;
 
 /// How long an unused API connection is kept open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -737,10 +743,19 @@ pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
 }
 
 /// The TCP (and, for an `https://` API, TLS) connector, offering in ALPN only the protocol the
-/// pool will speak.
-fn network_connector(config: &Config) -> Result<HttpsConnector<HttpConnector>, UpstreamSetupError> {
+/// pool will speak; a host name is looked up by a [`BoundedResolver`], whose lookups the
+/// descriptor budget counts.
+fn network_connector(config: &Config) -> Result<ApiConnector, UpstreamSetupError> {
+    network_connector_with(config, BoundedResolver::new())
+}
+
+/// [`network_connector`] with `resolver` for the host name.
+fn network_connector_with(
+    config: &Config,
+    resolver: BoundedResolver,
+) -> Result<ApiConnector, UpstreamSetupError> {
     let tls = client_tls_config(config)?;
-    let mut http = HttpConnector::new();
+    let mut http = HttpConnector::new_with_resolver(resolver);
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout(config)));

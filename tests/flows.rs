@@ -504,6 +504,23 @@ async fn an_unreachable_api_gives_502_and_a_slow_one_504() {
     assert_eq!(gateway.metrics().await["requests_failed"], 1.0);
 }
 
+#[tokio::test]
+async fn an_api_named_by_a_host_name_is_looked_up_and_serves_the_websocket() {
+    // `localhost` goes through the gateway's resolver (getaddrinfo, /etc/hosts) like any host
+    // name: the connector takes only an IP address as it is.
+    let api = MockApi::start().await;
+    let mut config = test_config(&api);
+    let port = api.addr.port();
+    config.api = format!("http://localhost:{port}/").parse().unwrap();
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect("/named").await;
+    assert_eq!(round_trip(&mut ws, "hello").await, "echo:hello");
+    let post = api.wait_for("POST", 1).await.remove(0);
+    assert_eq!(post.uri, "/named");
+    let host = format!("localhost:{port}");
+    assert_eq!(post.header("host"), Some(host.as_str()));
+}
+
 /// An address whose connection attempts hang, as with an API host that is down behind a
 /// firewall: a listener whose accept queue is full drops further SYNs. The attempts hang while
 /// the returned listener and queued connections are kept.

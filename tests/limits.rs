@@ -1375,6 +1375,7 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
             - log_field(&log, "control_connections")
             - log_field(&log, "handshake_waiters")
             - log_field(&log, "control_refusals")
+            - log_field(&log, "lookup_descriptors")
             - ws2http::config::RESERVED_DESCRIPTORS,
         "{log}"
     );
@@ -1390,6 +1391,10 @@ async fn the_binary_logs_the_connection_budget_it_derived_from_the_open_file_lim
     assert_eq!(
         log_field(&log, "control_refusals"),
         ws2http::config::CONTROL_REFUSALS
+    );
+    assert_eq!(
+        log_field(&log, "lookup_descriptors"),
+        ws2http::config::LOOKUPS_AT_ONCE * ws2http::config::LOOKUP_DESCRIPTORS
     );
     assert_eq!(
         log_field(&log, "upstream_min_concurrency"),

@@ -28,8 +28,6 @@ use http::{HeaderMap, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{oneshot, Notify, Semaphore};
@@ -37,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tower_service::Service;
 
-use super::{error_chain, Progress, UpstreamError};
+use super::{error_chain, ApiConnector, Progress, UpstreamError};
 
 /// Connections being opened at once; further requests wait for one of them or an idle one.
 const MAX_CONNECTING: usize = 32;
@@ -137,7 +135,7 @@ pub(super) struct Dialer {
 #[derive(Clone)]
 pub(super) enum ApiAddress {
     /// TCP to the origin's host and port, with TLS for `https://`.
-    Network(HttpsConnector<HttpConnector>),
+    Network(ApiConnector),
     /// A Unix stream socket at this path (plain HTTP).
     UnixSocket(Arc<PathBuf>),
 }
@@ -1186,14 +1184,14 @@ fn copy_request(request: &Request<Body>) -> Request<Body> {
 
 /// Opens a TCP (or TLS) connection to `origin`.
 async fn connect_network(
-    mut connector: HttpsConnector<HttpConnector>,
+    mut connector: ApiConnector,
     origin: Uri,
     timeout: Duration,
 ) -> Result<hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>, UpstreamError> {
     match tokio::time::timeout(timeout, connector.call(origin)).await {
         Ok(connected) => connected.map_err(|e| UpstreamError::Unreachable(error_chain(&*e))),
         Err(_) => Err(UpstreamError::Unreachable(format!(
-            "connecting (and TLS) timed out after {timeout:?}"
+            "connecting (name lookup, TCP and TLS) timed out after {timeout:?}"
         ))),
     }
 }
@@ -2521,6 +2519,46 @@ mod tests {
         .await;
         let connector = crate::upstream::network_connector(&crate::config::Config::default());
         (origin, ApiAddress::Network(connector.unwrap()))
+    }
+
+    #[tokio::test]
+    async fn attempts_whose_host_name_lookup_gets_no_answer_are_unreachable_at_their_timeout() {
+        // A resolver that does not answer, with one place: the first attempt's lookup holds
+        // it, the second waits for it; each attempt's own time bounds both.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let resolver = super::super::BoundedResolver::with_lookup(
+            1,
+            Arc::new(move |_host: &str| {
+                let _ = released.lock().unwrap().recv();
+                Err(std::io::Error::other("no answer"))
+            }),
+        );
+        let connector =
+            super::super::network_connector_with(&crate::config::Config::default(), resolver)
+                .unwrap();
+        let origin: Uri = "http://api.internal:8000/".parse().unwrap();
+        let timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let (first, second) = tokio::join!(
+            connect_network(connector.clone(), origin.clone(), timeout),
+            connect_network(connector, origin, timeout)
+        );
+        for attempt in [first, second] {
+            match attempt {
+                Err(UpstreamError::Unreachable(text)) => {
+                    assert!(text.contains("timed out after 200ms"), "{text}")
+                }
+                Err(other) => panic!("{other:?}"),
+                Ok(_) => panic!("connected"),
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(release);
     }
 
     #[tokio::test]
