@@ -16,8 +16,9 @@ use tokio::sync::{AcquireError, Semaphore, TryAcquireError};
 
 /// The API is slow when its recent answers took longer than twice the fastest one plus this.
 const SLOW_SLACK: Duration = Duration::from_millis(5);
-/// The fastest answer is that of the last one to two of these; a request sent two or more
-/// of these after the current one began finds the pace forgotten (see [`Pace::forget_if_idle`]).
+/// The fastest answer is that of the last one to two of these; a slot taken after two or more
+/// of these with no request of its kind at the API finds the pace forgotten (see
+/// [`Pace::taken`]).
 const PACE_WINDOW: Duration = Duration::from_secs(10);
 /// After a slow answer, the limit grows by one per round of answers for this long.
 const CAUTIOUS_FOR: Duration = Duration::from_secs(10);
@@ -93,6 +94,7 @@ impl ConcurrencyLimit {
 
     fn taken(&self, kind: RequestKind) -> Slot<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.state().taken(kind, Instant::now());
         Slot {
             limit: self,
             kind,
@@ -211,6 +213,11 @@ impl LimitState {
         }
     }
 
+    /// A slot for a request of `kind` was taken at `now` (see [`Pace::taken`]).
+    fn taken(&mut self, kind: RequestKind, now: Instant) {
+        self.paces[kind.index()].taken(now);
+    }
+
     /// A request of `kind` gave its slot back at `now` with this `outcome`, while
     /// `every_slot_taken` or some were free: moves the limit and says how many slots to free
     /// (none, when the limit shrank by this one; two, when it grew). An answer is slow as
@@ -227,9 +234,10 @@ impl LimitState {
         now: Instant,
     ) -> usize {
         let pace = &mut self.paces[kind.index()];
+        pace.given_back(outcome != Outcome::NotSent, now);
         let slow = match outcome {
             Outcome::Answered(took) => pace.answered(took, now),
-            Outcome::Unanswered(out) => match pace.forget_if_idle(out, now).slow_mark() {
+            Outcome::Unanswered(out) => match pace.slow_mark() {
                 Some(mark) if out > mark => {
                     pace.record(out.min(mark + RECORDED_OVER_SLOW_MARK), now);
                     true
@@ -280,6 +288,10 @@ struct Pace {
     window_started: Option<Instant>,
     /// Moving average of the answer times, each new one weighing an eighth.
     recent: Option<Duration>,
+    /// Slots of this kind held now, whether their request went out yet or not.
+    held: usize,
+    /// When a request of this kind that went out last gave its slot back (answered or not).
+    last_back: Option<Instant>,
 }
 
 impl Pace {
@@ -289,7 +301,6 @@ impl Pace {
     /// ([`RECORDED_OVER_SLOW_MARK`]), so that one very late answer counts as one slow answer
     /// and the answers after it are judged on their own times.
     fn answered(&mut self, took: Duration, now: Instant) -> bool {
-        self.forget_if_idle(took, now);
         self.record_fastest(took, now);
         let slow = self.slow_answer(self.averaged_with(took));
         let counted = match self.slow_mark() {
@@ -300,21 +311,34 @@ impl Pace {
         slow
     }
 
-    /// Forgets every answer recorded if the request that ended at `now`, out for `out`, went
-    /// out two [`PACE_WINDOW`]s or more after the current window began: no answer came in the
-    /// window before it went out, so the answers kept are not those of the last one to two
-    /// windows, nor is their average recent (after an idle hour, the fastest answer of an
-    /// hour ago would judge the next ones). Counted from when the request went
-    /// out, not from its end, so that the requests an API held through a long pause are
-    /// judged against its pace before it.
-    fn forget_if_idle(&mut self, out: Duration, now: Instant) -> &mut Pace {
-        let idle = self.window_started.is_some_and(|started| {
-            now.saturating_duration_since(started).saturating_sub(out) >= PACE_WINDOW * 2
-        });
+    /// A slot of this kind was taken at `now`: if none was held and no request of this kind
+    /// that went out gave its slot back in the last two [`PACE_WINDOW`]s, the kind was idle
+    /// (no answer came, and the API held none of its requests), so every answer recorded is
+    /// forgotten and the next answer starts the pace afresh: after an idle hour, the fastest
+    /// answer of an hour ago would judge the next ones, and their average would be an hour
+    /// old. Not while a request is held (it went out or waits for a connection): the answers
+    /// an API held through a long pause, however long and in whatever order they come back,
+    /// are judged against its pace before it, not against the first of them.
+    fn taken(&mut self, now: Instant) {
+        let idle = self.held == 0
+            && self
+                .last_back
+                .is_some_and(|back| now.saturating_duration_since(back) >= PACE_WINDOW * 2);
         if idle {
-            *self = Pace::default();
+            self.fastest = [None, None];
+            self.window_started = None;
+            self.recent = None;
         }
-        self
+        self.held += 1;
+    }
+
+    /// A slot of this kind was given back at `now`, its request having `went_out` or not.
+    fn given_back(&mut self, went_out: bool, now: Instant) {
+        // Saturating: the unit tests give back slots they never took.
+        self.held = self.held.saturating_sub(1);
+        if went_out {
+            self.last_back = Some(now);
+        }
     }
 
     /// Records `took` at `now`, whole, as an answer's time.
@@ -606,44 +630,63 @@ mod tests {
         assert!(!pace.slow(), "the new pace is the API's pace");
     }
 
+    /// A request of `kind` that took its slot at `at - took` and was answered at `at`, while
+    /// every slot was taken: how many slots that freed.
+    fn answer(state: &mut LimitState, kind: RequestKind, took: Duration, at: Instant) -> usize {
+        state.taken(kind, at - took);
+        state.release(kind, Outcome::Answered(took), true, at)
+    }
+
     #[test]
-    fn after_two_windows_without_answers_the_pace_starts_afresh() {
-        let mut pace = Pace::default();
+    fn after_two_windows_without_requests_the_pace_starts_afresh() {
+        let mut state = LimitState::new(4, 100);
         let start = Instant::now();
-        pace.answered(FAST, start);
+        answer(&mut state, MESSAGE, FAST, start);
         // An hour later the API answers in 50 ms: not slow against a 1 ms answer of an
         // hour ago.
         let an_hour_later = start + Duration::from_secs(3600);
-        assert!(!pace.answered(Duration::from_millis(50), an_hour_later));
+        let later = Duration::from_millis(50);
+        assert_eq!(answer(&mut state, MESSAGE, later, an_hour_later), 2);
         assert!(
-            !pace.slow(),
+            !state.paces[MESSAGE.index()].slow(),
             "the fastest answer of an hour ago is forgotten"
         );
         // Nor do slow answers of an hour ago make the first fast one after them slow.
-        let mut pace = Pace::default();
-        pace.answered(FAST, start);
+        let mut state = LimitState::new(4, 100);
+        answer(&mut state, MESSAGE, FAST, start);
         for _ in 0..100 {
-            pace.answered(FAST * 20, start);
+            answer(&mut state, MESSAGE, FAST * 20, start);
         }
-        assert!(pace.slow());
-        assert!(
-            !pace.answered(FAST, an_hour_later),
+        assert!(state.paces[MESSAGE.index()].slow());
+        assert_eq!(
+            answer(&mut state, MESSAGE, FAST, an_hour_later),
+            2,
             "the recent answers of an hour ago are forgotten"
         );
+        // Two windows are enough; less is not.
+        let mut state = LimitState::new(4, 100);
+        answer(&mut state, MESSAGE, FAST, start);
+        let almost = start + PACE_WINDOW * 2 - FAST;
+        assert_eq!(answer(&mut state, MESSAGE, later, almost + later), 0);
+        let mut state = LimitState::new(4, 100);
+        answer(&mut state, MESSAGE, FAST, start);
+        let idle = start + PACE_WINDOW * 2;
+        assert_eq!(answer(&mut state, MESSAGE, later, idle + later), 2);
     }
 
     #[test]
     fn a_request_held_up_by_a_long_pause_is_judged_against_the_pace_when_it_went_out() {
         let (mut state, now) = grown_to_ten();
-        // The API stops for 25 s: the answers to the requests it held come back then, more
-        // than two windows after the last answer at its pace.
+        // Two requests go out, and the API stops: the answer to one comes back after 25 s,
+        // more than two windows after the last answer at its pace; the other times out.
+        state.taken(MESSAGE, now);
+        state.taken(MESSAGE, now);
         let paused = Duration::from_secs(25);
         assert_eq!(
             state.release(MESSAGE, Outcome::Answered(paused), true, now + paused),
             0,
             "a slow answer"
         );
-        // A longer one: its requests time out.
         let timed_out = Duration::from_secs(30);
         assert_eq!(
             state.release(
@@ -659,12 +702,52 @@ mod tests {
     }
 
     #[test]
-    fn a_request_unanswered_after_two_windows_without_answers_says_nothing() {
+    fn answers_held_through_a_pause_are_judged_against_the_pace_before_it_in_any_order() {
+        // Answers at a 1 ms pace from S to S+9 s, every slot taken: the limit grows to 30.
+        let mut state = LimitState::new(4, 100);
+        let start = Instant::now();
+        for n in 0..26 {
+            answer(
+                &mut state,
+                MESSAGE,
+                FAST,
+                start + Duration::from_millis(350 * n),
+            );
+        }
+        assert_eq!(state.limit, 30);
+        // Then the API stops until S+34 s, while requests keep going out every second from
+        // S+10 s on (the slots held by the ones before are not all of them).
+        let sent: Vec<Instant> = (10..=30)
+            .map(|second| start + Duration::from_secs(second))
+            .collect();
+        for &at in &sent {
+            state.taken(MESSAGE, at);
+        }
+        // At S+34 s the API answers them all, the last one sent counted first (4 s), then the
+        // one sent at S+27 (7 s) and the one at S+15 (19 s), then the others.
+        let back = start + Duration::from_secs(34);
+        let mut order = vec![20, 17, 5];
+        order.extend((0..20).filter(|i| ![17, 5].contains(i)).rev());
+        let freed: Vec<usize> = order
+            .iter()
+            .map(|&i| {
+                let took = back - sent[i];
+                state.release(MESSAGE, Outcome::Answered(took), true, back)
+            })
+            .collect();
+        // Each one slow against the 1 ms pace before the pause: none grows the limit.
+        assert_eq!(freed, [0; 21], "every held answer judged slow");
+        assert_eq!(state.limit, 9);
+    }
+
+    #[test]
+    fn a_request_unanswered_after_two_windows_without_requests_says_nothing() {
         let (mut state, now) = grown_to_ten();
         // The first request after an hour without any times out: the pace of an hour ago
         // does not tell whether that is slow for the API.
         let timed_out = Duration::from_secs(30);
         let then = now + Duration::from_secs(3600);
+        state.taken(MESSAGE, then - timed_out);
         assert_eq!(
             state.release(MESSAGE, Outcome::Unanswered(timed_out), true, then),
             1
