@@ -16,9 +16,9 @@ use tokio::sync::{AcquireError, Semaphore, TryAcquireError};
 
 /// The API is slow when its recent answers took longer than twice the fastest one plus this.
 const SLOW_SLACK: Duration = Duration::from_millis(5);
-/// The fastest answer is that of the last one to two of these; a slot taken after two or more
-/// of these with no request of its kind at the API finds the pace forgotten (see
-/// [`Pace::taken`]).
+/// The fastest answer is that of the last one to two of these that had an answer at the API's
+/// pace (see [`Pace::record_fastest`]); a slot taken after two or more of these with no
+/// request of its kind at the API finds the pace forgotten (see [`Pace::taken`]).
 const PACE_WINDOW: Duration = Duration::from_secs(10);
 /// After a slow answer, the limit grows by one per round of answers for this long.
 const CAUTIOUS_FOR: Duration = Duration::from_secs(10);
@@ -224,8 +224,10 @@ impl LimitState {
     /// [`Pace::answered`] judges it. A request sent but not answered (it failed, timed out,
     /// got a 5xx) says nothing of the API's pace unless it was out longer than a slow answer
     /// would take (a timeout, an API that hung up after a long wait): then it counts as one
-    /// slow answer, recorded as just over the slow mark ([`RECORDED_OVER_SLOW_MARK`]) however
-    /// long it was out, so that the answers after it are judged on their own times.
+    /// slow answer, recorded among the recent answers as just over the slow mark
+    /// ([`RECORDED_OVER_SLOW_MARK`]) however long it was out, so that the answers after it
+    /// are judged on their own times; never as the fastest answer (see
+    /// [`Pace::record_fastest`]).
     fn release(
         &mut self,
         kind: RequestKind,
@@ -239,7 +241,8 @@ impl LimitState {
             Outcome::Answered(took) => pace.answered(took, now),
             Outcome::Unanswered(out) => match pace.slow_mark() {
                 Some(mark) if out > mark => {
-                    pace.record(out.min(mark + RECORDED_OVER_SLOW_MARK), now);
+                    let counted = out.min(mark + RECORDED_OVER_SLOW_MARK);
+                    pace.recent = Some(pace.averaged_with(counted));
                     true
                 }
                 _ => return 1,
@@ -283,7 +286,7 @@ impl LimitState {
 /// How fast the API answers now against how fast it can.
 #[derive(Debug, Default)]
 struct Pace {
-    /// The fastest answer of the current window and of the one before.
+    /// The fastest answer at the API's pace of the current window and of the one before.
     fastest: [Option<Duration>; 2],
     window_started: Option<Instant>,
     /// Moving average of the answer times, each new one weighing an eighth.
@@ -299,9 +302,12 @@ impl Pace {
     /// whether the recent answers, this one counted at its full time, took well over the
     /// fastest one. A slow one enters the recent answers at most just over the slow mark
     /// ([`RECORDED_OVER_SLOW_MARK`]), so that one very late answer counts as one slow answer
-    /// and the answers after it are judged on their own times.
+    /// and the answers after it are judged on their own times. Only an answer not over the
+    /// slow mark by itself counts towards the fastest one (see [`Pace::record_fastest`]).
     fn answered(&mut self, took: Duration, now: Instant) -> bool {
-        self.record_fastest(took, now);
+        if !self.slow_answer(took) {
+            self.record_fastest(took, now);
+        }
         let slow = self.slow_answer(self.averaged_with(took));
         let counted = match self.slow_mark() {
             Some(mark) if slow => took.min(mark + RECORDED_OVER_SLOW_MARK),
@@ -341,14 +347,14 @@ impl Pace {
         }
     }
 
-    /// Records `took` at `now`, whole, as an answer's time.
-    fn record(&mut self, took: Duration, now: Instant) {
-        self.record_fastest(took, now);
-        self.recent = Some(self.averaged_with(took));
-    }
-
-    /// Counts `took` towards the fastest answer of the window at `now`, starting a new one if
-    /// the current one is over.
+    /// Counts `took`, the time of an answer at the API's pace (not over the slow mark, or the
+    /// first one), towards the fastest answer of the window at `now`, starting a new one if
+    /// the current one is over. A slow answer, or a request unanswered past the mark, never
+    /// counts, nor starts a window: as the fastest of a window, the time of a timeout
+    /// (clipped to just over the mark) or of an answer from the backlog after an outage
+    /// would raise the mark with each window (from 7 ms to seconds over minutes of timeouts
+    /// against a 1 ms pace), and the backlog's answers under it would grow the limit. A
+    /// window without an answer at pace keeps the fastest answer from before it.
     fn record_fastest(&mut self, took: Duration, now: Instant) {
         match self.window_started {
             Some(started) if now.saturating_duration_since(started) < PACE_WINDOW => {}
@@ -620,14 +626,77 @@ mod tests {
     fn the_fastest_answer_is_forgotten_after_two_windows() {
         let mut pace = Pace::default();
         let start = Instant::now();
-        pace.record(FAST, start);
-        let slower = Duration::from_millis(50);
-        pace.record(slower, start + PACE_WINDOW + FAST);
-        assert!(pace.slow(), "still measured against the fast one");
-        for _ in 0..50 {
-            pace.record(slower, start + PACE_WINDOW * 2 + FAST * 2);
+        pace.answered(FAST, start);
+        // 5 ms: under the 7 ms slow mark, at the API's pace.
+        let slower = Duration::from_millis(5);
+        pace.answered(slower, start + PACE_WINDOW + FAST);
+        assert_eq!(
+            pace.slow_mark(),
+            Some(FAST * 2 + SLOW_SLACK),
+            "still measured against the fast one"
+        );
+        pace.answered(slower, start + PACE_WINDOW * 2 + FAST * 2);
+        assert_eq!(
+            pace.slow_mark(),
+            Some(slower * 2 + SLOW_SLACK),
+            "the new pace is the API's pace"
+        );
+    }
+
+    #[test]
+    fn a_slow_answer_never_becomes_the_fastest() {
+        let mut pace = Pace::default();
+        let start = Instant::now();
+        pace.answered(FAST, start);
+        // Answers over the 7 ms mark, each opening a window of its own: the mark stays.
+        for n in 1..10 {
+            let at = start + PACE_WINDOW * n;
+            assert!(pace.answered(Duration::from_millis(50), at));
+            assert_eq!(pace.slow_mark(), Some(FAST * 2 + SLOW_SLACK), "window {n}");
         }
-        assert!(!pace.slow(), "the new pace is the API's pace");
+    }
+
+    #[test]
+    fn after_a_long_outage_the_slow_mark_is_the_pace_before_it_and_slow_answers_lower_the_limit() {
+        // A 1 ms pace, every slot taken, grows the limit from 4 to 400.
+        let mut state = LimitState::new(4, 1000);
+        let start = Instant::now();
+        for _ in 0..396 {
+            answer(&mut state, MESSAGE, FAST, start);
+        }
+        assert_eq!(state.limit, 400);
+        let mark = Some(FAST * 2 + SLOW_SLACK);
+        // Then the API hangs for five minutes: a request goes out every second, and each
+        // times out after 30 s, every slot taken.
+        let timeout = Duration::from_secs(30);
+        let mut highest = mark;
+        for second in 1..=300 {
+            let at = start + Duration::from_secs(second);
+            if second > 30 {
+                state.release(MESSAGE, Outcome::Unanswered(timeout), true, at);
+            }
+            state.taken(MESSAGE, at);
+            highest = highest.max(state.paces[MESSAGE.index()].slow_mark());
+        }
+        assert_eq!(
+            highest, mark,
+            "the timeouts left the slow mark where it was"
+        );
+        assert_eq!(state.limit, 400 - 270, "one lower for each timeout");
+        // The API comes back with a backlog: it answers the 30 requests still out (1 to 30 s),
+        // then the next ones in 200 ms each. Each is slow against the pace before the outage.
+        let back = start + Duration::from_secs(301);
+        let limit = state.limit;
+        for second in 271..=300 {
+            let took = back - (start + Duration::from_secs(second));
+            state.release(MESSAGE, Outcome::Answered(took), true, back);
+        }
+        let next = Duration::from_millis(200);
+        for n in 1..=20 {
+            answer(&mut state, MESSAGE, next, back + next * n);
+        }
+        assert_eq!(state.limit, limit - 50, "each answer lowered the limit");
+        assert_eq!(state.paces[MESSAGE.index()].slow_mark(), mark);
     }
 
     /// A request of `kind` that took its slot at `at - took` and was answered at `at`, while
