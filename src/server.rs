@@ -262,7 +262,10 @@ pub(crate) async fn accept_public(
                 continue;
             }
             Some(Admission::OverCap(place)) => place,
-            None => break,
+            None => {
+                stopped_waiting_for_a_place(&stream, remote, &shared.metrics);
+                break;
+            }
         };
         let task = wait_for_handshake_slot(
             stream,
@@ -277,6 +280,26 @@ pub(crate) async fn accept_public(
     }
 }
 
+/// Counts and logs a public connection closed because the shutdown began while it waited for
+/// a place (every handshake slot and every place for sockets over the cap taken): closed
+/// unread, as one whose request head had not arrived, and counted the same way
+/// (`handshakes_refused{reason="overloaded"}`), unless its peer had already closed it without
+/// a byte, which was never a handshake (the caller drops it).
+fn stopped_waiting_for_a_place(
+    stream: &TcpStream,
+    remote: SocketAddr,
+    metrics: &crate::metrics::Metrics,
+) {
+    if closed_before_a_byte(stream) {
+        return;
+    }
+    metrics.handshake_refused(RefusalReason::Overloaded);
+    tracing::debug!(
+        %remote,
+        "the gateway is stopping and the socket was waiting for a handshake place; connection closed"
+    );
+}
+
 /// What becomes of an accepted socket: served in a slot, or handled in a place for sockets over
 /// the cap (waiting for a slot, or being answered `503`).
 enum Admission {
@@ -288,7 +311,9 @@ enum Admission {
 
 /// A permit of `slots`, or else of `over_cap`, for the socket just accepted. With neither free
 /// it waits for whichever frees first, and the sockets behind it wait in the listen backlog:
-/// held back, not dropped. `None` when `stop` fires first.
+/// held back, not dropped. `None` when `stop` fires first, also when a permit has come free
+/// by then: the stop closes the sockets still in their handshake, and the slots it frees so
+/// are not handed to one it would close or refuse next.
 async fn admit(
     slots: &Arc<Semaphore>,
     over_cap: &Arc<Semaphore>,
@@ -301,6 +326,7 @@ async fn admit(
         return Some(Admission::OverCap(place));
     }
     tokio::select! {
+        biased;
         _ = stop.cancelled() => None,
         slot = Arc::clone(slots).acquire_owned() => slot.ok().map(Admission::Slot),
         place = Arc::clone(over_cap).acquire_owned() => place.ok().map(Admission::OverCap),

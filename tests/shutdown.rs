@@ -290,6 +290,54 @@ async fn a_connection_closed_at_the_shutdown_before_its_request_counts_as_overlo
     assert_eq!(next_text(&mut busy).await, "done");
 }
 
+#[tokio::test]
+async fn a_socket_waiting_for_a_handshake_place_at_the_shutdown_counts_as_overloaded() {
+    // A POST at the API for 2 s holds the drain open, so that /metrics still answers.
+    let api = MockApi::with_slow_posts("done", Duration::from_secs(2)).await;
+    let mut config = test_config(&api);
+    config.handshake_timeout = Duration::from_secs(8);
+    // One handshake slot, and one place for a socket over it.
+    let budget = ws2http::DescriptorBudget {
+        pending_handshakes: 1,
+        handshake_waiters: 1,
+        ..ws2http::DescriptorBudget::plan(&config, 20_000).unwrap()
+    };
+    let mut gateway = TestGateway::start_with_budget(config, budget).await;
+    let mut busy = gateway.connect("/busy").await;
+    busy.send(Message::text("work")).await.unwrap();
+    api.wait_for("POST", 1).await;
+    // A socket that began its request holds the slot; a silent one over the cap holds the
+    // place (250 ms waiting for a slot, then a 503 drained until it closes it: 1.25 s); a
+    // third, its request sent, is accepted and waits for a place, and the accept loop with
+    // it. The shutdown begins 200 ms after it connected, well within the 1.25 s.
+    let mut holder = TcpStream::connect(gateway.public).await.unwrap();
+    holder.write_all(b"GET /holder HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let over_the_cap = TcpStream::connect(gateway.public).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut third = TcpStream::connect(gateway.public).await.unwrap();
+    third
+        .write_all(&upgrade_request("/third", &[]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let control = gateway.control;
+    let shutdown = tokio::spawn(async move { gateway.shutdown().await });
+    // Closed unanswered, as the holder is (not served in the slot that closing the holder
+    // frees, only to be refused), and counted.
+    assert_closed("third", third).await;
+    let metrics = parse_metrics(&raw_http(control, "GET", "/metrics", &[], b"").await.text());
+    assert_eq!(
+        metrics["handshakes_refused{reason=\"overloaded\"}"], 3.0,
+        "the one holding the slot, the one holding the place, and the one waiting for a \
+         place: {metrics:?}"
+    );
+    assert!(shutdown.await.unwrap().completed);
+    assert_eq!(next_text(&mut busy).await, "done");
+    assert!(api.seen_with("GET").iter().all(|g| g.uri == "/busy"));
+    drop((holder, over_the_cap));
+}
+
 /// Fails unless the gateway has closed `socket` (named `name` in the message): a read ends (or
 /// fails: a reset) within 2 s, without a byte.
 async fn assert_closed(name: &str, mut socket: TcpStream) {
