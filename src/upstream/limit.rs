@@ -16,8 +16,8 @@ use tokio::sync::{AcquireError, Semaphore, TryAcquireError};
 
 /// The API is slow when its recent answers took longer than twice the fastest one plus this.
 const SLOW_SLACK: Duration = Duration::from_millis(5);
-/// The fastest answer is that of the last one to two of these that had an answer at the API's
-/// pace (see [`Pace::record_fastest`]); a slot taken after two or more of these with no
+/// The fastest answer is that of the last one to two of these that had an answer
+/// (see [`Pace::record_fastest`]); a slot taken after two or more of these with no
 /// request of its kind at the API finds the pace forgotten (see [`Pace::taken`]).
 const PACE_WINDOW: Duration = Duration::from_secs(10);
 /// After a slow answer, the limit grows by one per round of answers for this long.
@@ -286,7 +286,7 @@ impl LimitState {
 /// How fast the API answers now against how fast it can.
 #[derive(Debug, Default)]
 struct Pace {
-    /// The fastest answer at the API's pace of the current window and of the one before.
+    /// The fastest answer of the current window and of the one before.
     fastest: [Option<Duration>; 2],
     window_started: Option<Instant>,
     /// Moving average of the answer times, each new one weighing an eighth.
@@ -302,12 +302,11 @@ impl Pace {
     /// whether the recent answers, this one counted at its full time, took well over the
     /// fastest one. A slow one enters the recent answers at most just over the slow mark
     /// ([`RECORDED_OVER_SLOW_MARK`]), so that one very late answer counts as one slow answer
-    /// and the answers after it are judged on their own times. Only an answer not over the
-    /// slow mark by itself counts towards the fastest one (see [`Pace::record_fastest`]).
+    /// and the answers after it are judged on their own times. Every answer counts towards
+    /// the fastest one, slow or not, so that an API that turns slower for good sets a new pace
+    /// within one or two windows (see [`Pace::record_fastest`]).
     fn answered(&mut self, took: Duration, now: Instant) -> bool {
-        if !self.slow_answer(took) {
-            self.record_fastest(took, now);
-        }
+        self.record_fastest(took, now);
         let slow = self.slow_answer(self.averaged_with(took));
         let counted = match self.slow_mark() {
             Some(mark) if slow => took.min(mark + RECORDED_OVER_SLOW_MARK),
@@ -347,14 +346,13 @@ impl Pace {
         }
     }
 
-    /// Counts `took`, the time of an answer at the API's pace (not over the slow mark, or the
-    /// first one), towards the fastest answer of the window at `now`, starting a new one if
-    /// the current one is over. A slow answer, or a request unanswered past the mark, never
-    /// counts, nor starts a window: as the fastest of a window, the time of a timeout
-    /// (clipped to just over the mark) or of an answer from the backlog after an outage
-    /// would raise the mark with each window (from 7 ms to seconds over minutes of timeouts
-    /// against a 1 ms pace), and the backlog's answers under it would grow the limit. A
-    /// window without an answer at pace keeps the fastest answer from before it.
+    /// Counts `took`, an answer's time, towards the fastest answer of the window at `now`,
+    /// starting a new one if the current one is over. A request unanswered past the mark
+    /// never counts, nor starts a window: as the fastest of a window, the time of a timeout
+    /// (clipped to just over the mark) would raise the mark with each window (from 7 ms to
+    /// seconds over minutes of timeouts against a 1 ms pace), and the backlog's answers
+    /// under it would grow the limit. A window without an answer keeps the fastest answer
+    /// from before it.
     fn record_fastest(&mut self, took: Duration, now: Instant) {
         match self.window_started {
             Some(started) if now.saturating_duration_since(started) < PACE_WINDOW => {}
@@ -644,16 +642,20 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_answer_never_becomes_the_fastest() {
+    fn an_api_that_turns_slower_for_good_sets_a_new_pace_within_two_windows() {
         let mut pace = Pace::default();
         let start = Instant::now();
         pace.answered(FAST, start);
-        // Answers over the 7 ms mark, each opening a window of its own: the mark stays.
-        for n in 1..10 {
-            let at = start + PACE_WINDOW * n;
-            assert!(pace.answered(Duration::from_millis(50), at));
-            assert_eq!(pace.slow_mark(), Some(FAST * 2 + SLOW_SLACK), "window {n}");
+        let slower = Duration::from_millis(50);
+        assert!(
+            pace.answered(slower, start + PACE_WINDOW),
+            "slow against 1 ms"
+        );
+        for n in 0..50 {
+            pace.answered(slower, start + PACE_WINDOW * 2 + FAST * n);
         }
+        assert_eq!(pace.slow_mark(), Some(slower * 2 + SLOW_SLACK));
+        assert!(!pace.answered(slower, start + PACE_WINDOW * 2 + FAST * 60));
     }
 
     #[test]
