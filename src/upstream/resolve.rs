@@ -133,7 +133,12 @@ mod tests {
                 places,
                 Arc::new(move |_host: &str| {
                     gate.started.fetch_add(1, Ordering::SeqCst);
-                    gate.released.lock().unwrap().recv().unwrap();
+                    // Not for ever: a test that fails while a lookup waits here must end, not hang.
+                    let _ = gate
+                        .released
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(10));
                     Ok(vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))])
                 }),
             )
